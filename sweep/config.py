@@ -1,0 +1,578 @@
+"""space.yaml -> a typed, validated SweepConfig.
+
+Every problem in a file is collected and reported at once, each naming its key path, the bad value
+and what would be accepted. Nothing here starts Ray, opens MLflow or writes a file. YAML is read
+with a safe loader: python tags are refused, never executed; duplicate keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+
+from sweep.space import Dimension, HyperparamSpec, Range, Ratio, Space, parse_dimension
+
+TINY_MODEL = "tiny-gemma3"
+TARGET_PRESETS = ("attention", "mlp", "all-linear")
+# Metrics a trial reports (the MLflow names); any may be the search metric.
+METRICS = ("eval_loss", "train_loss", "tokens_per_sec", "peak_vram_gb", "peak_rss_gb")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(Exception):
+    """A space file (or its overrides) is invalid; `problems` lists every one of them."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        lines = [f"{self.source}: {n} problem{'s' if n != 1 else ''}"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# value types with their own error text
+
+
+def _target_modules(value: Any) -> Any:
+    if isinstance(value, str):
+        if value in TARGET_PRESETS:
+            return value
+        raise ValueError(f"expected a preset ({', '.join(TARGET_PRESETS)}) or a list of module names like [q_proj, v_proj]")
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) and re.fullmatch(r"[A-Za-z_][\w.]*", v) for v in value):
+        if len(set(value)) != len(value):
+            raise ValueError("module names repeat; list each once")
+        return tuple(value)
+    raise ValueError(f"expected a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of module names like [q_proj, v_proj]")
+
+
+def _batch(value: Any) -> Any:
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ValueError("expected [micro_batch, accumulation], two positive integers, e.g. [4, 8]")
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: Any) -> float | None:
+    """'8h', '1h30m', '45m', '90s', or a number of seconds -> seconds."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("expected a positive duration like 8h, 1h30m, 45m, 90s or seconds")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value.strip())
+        if m and any(m.groups()):
+            d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+            total = d * 86400 + h * 3600 + mi * 60 + s
+            if total > 0:
+                return total
+    raise ValueError("expected a duration like 8h, 1h30m, 45m, 90s, or a number of seconds")
+
+
+TargetModules = Annotated[Union[str, tuple[str, ...]], BeforeValidator(_target_modules)]
+Batch = Annotated[tuple[int, int], BeforeValidator(_batch)]
+Duration = Annotated[Union[float, None], BeforeValidator(parse_duration)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    id: str = Field(description="a hub id (google/gemma-3-1b-pt), a local folder, or tiny-gemma3 (offline random tiny model)")
+    chat_template_from: str | None = Field(None, description="hub id or folder whose chat template replaces the tokenizer's own (e.g. the -it model)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of model.id")
+
+
+class DataSection(Section):
+    train: str = Field(description="a .jsonl/.json/.parquet file (relative to the space file) or a hub dataset id")
+    eval: str | None = Field(None, description="held-out file or hub id; or use eval_fraction")
+    eval_fraction: float | None = Field(None, gt=0, lt=0.5, description="fraction of train held out for eval, 0 < x < 0.5")
+    split: str = Field("train", description="split of a hub dataset used for training")
+    eval_split: str | None = Field(None, description="split of a hub dataset used for eval")
+    max_seq_len: int = Field(1024, ge=16, le=131072, description="tokens per training sequence, 16..131072")
+    packing: bool = Field(True, description="pack several examples into each sequence (true/false)")
+
+
+class TrainSection(Section):
+    """Fixed for every trial. The hyperparameters below `seed` may instead be searched in `space:`."""
+
+    max_steps: int = Field(400, gt=0, description="optimizer steps per trial, > 0")
+    eval_every: int = Field(50, gt=0, description="evaluate (and report to the scheduler) every N steps, > 0")
+    log_every: int = Field(10, gt=0, description="log train_loss every N steps, > 0")
+    eval_batch_size: int | None = Field(None, gt=0, description="sequences per eval batch; default: the micro-batch")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto (bf16 on GPUs that have it, else fp32), bfloat16, float16, float32")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="sdpa, eager or flash_attention_2")
+    seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
+    # searchable hyperparameters
+    method: Literal["lora", "qlora"] = Field("lora", description="lora or qlora (4-bit NF4 base)")
+    lora_r: int = Field(16, gt=0, le=4096, description="LoRA rank, 1..4096")
+    lora_alpha: float = Field(16, gt=0, description="LoRA alpha, > 0")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout, 0 <= x < 1")
+    target_modules: TargetModules = Field("all-linear", description=f"a preset ({', '.join(TARGET_PRESETS)}) or a list of module names")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="peak learning rate, 0 < x < 1")
+    batch: Batch = Field((4, 8), description="[micro_batch, accumulation]")
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay, 0 <= x < 1")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of max_steps spent warming up, 0 <= x < 1")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine, linear or constant (after warmup)")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="adamw, adamw_8bit or paged_adamw_8bit")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory (true/false)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, > 0")
+
+
+SEARCHABLE = (
+    "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "batch",
+    "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "gradient_checkpointing", "max_grad_norm",
+)  # fmt: skip
+
+
+class SchedulerSection(Section):
+    type: Literal["asha", "none"] = Field("asha", description="asha (stop poor trials early) or none")
+    grace_period: int | None = Field(None, gt=0, description="training steps before a trial can be stopped; default: train.eval_every")
+    reduction_factor: float = Field(3, gt=1, description="ASHA keeps 1/reduction_factor at each rung, > 1")
+    max_t: int | None = Field(None, gt=0, description="step of the last rung; default: train.max_steps")
+
+
+class SearchSection(Section):
+    algorithm: Literal["tpe", "random", "grid"] = Field("tpe", description="tpe, random or grid")
+    metric: str = Field("eval_loss", description=f"one of {', '.join(METRICS)}")
+    mode: Literal["min", "max"] = Field("min", description="min or max")
+    num_trials: int | None = Field(None, gt=0, description="number of trials, > 0 (grid: defaults to the grid size)")
+    max_concurrent: int | Literal["auto"] = Field("auto", description="auto (as many as resources allow) or a positive integer")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="{type: asha, grace_period, reduction_factor, max_t}")
+    time_budget: Duration = Field(None, description="stop launching and end running trials after e.g. 8h, 45m")
+    seed: int | None = Field(None, ge=0, description="sampler seed, >= 0")
+    n_startup_trials: int | None = Field(None, gt=0, description="random trials before TPE models the space; default min(10, num_trials // 3) (at least 1)")
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="configs to try first, e.g. [{lora_r: 16, learning_rate: 2.0e-4}]")
+
+
+class ResourcesSection(Section):
+    gpus_per_trial: float | Literal["auto"] = Field("auto", description="auto (1 GPU per trial when GPUs exist, else 0) or a number; fractions below 1 share a GPU")
+    cpus_per_trial: float = Field(1, gt=0, description="CPU cores per trial, > 0")
+
+
+class TrackingSection(Section):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<results_dir>/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the sweep name")
+    results_dir: str | None = Field(None, description="folder holding one subfolder per sweep; default ./sweeps in the current directory")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "search": SearchSection,
+    "resources": ResourcesSection,
+    "tracking": TrackingSection,
+}
+TOP_KEYS = ("name", "model", "data", "train", "search", "space", "resources", "tracking")
+REQUIRED = ("name", "model", "data", "search", "space")
+
+
+def hyperparam_specs() -> dict[str, HyperparamSpec]:
+    """How to check one value of each searchable hyperparameter, taken from TrainSection's fields."""
+    specs = {}
+    for name in SEARCHABLE:
+        info = TrainSection.model_fields[name]
+        adapter = TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation)
+        ann = info.annotation
+        kind = "int" if ann is int else "float" if ann is float else "pair" if name == "batch" else "modules" if name == "target_modules" else "other"
+
+        def check(value: Any, adapter: TypeAdapter = adapter, info: Any = info, kind: str = kind) -> Any:
+            if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"expected a number: {info.description}")
+            if kind == "int" and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected a whole number: {info.description}")
+            try:
+                return adapter.validate_python(value)
+            except ValidationError as exc:
+                raise ValueError(f"{exc.errors()[0]['msg'].rstrip('.')}; expected {info.description}") from None
+
+        specs[name] = HyperparamSpec(check=check, kind=kind)
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads 1e-5 as a float (YAML 1.1 wants 1.0e-5)."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _mapping(loader: _SafeLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Plain data only: python/object tags are refused with the line they are on."""
+    try:
+        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader derives from SafeLoader
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}" if mark else "?"
+        if "could not determine a constructor" in str(exc.problem):
+            tag = str(exc.problem).split("tag", 1)[-1].strip(" '")
+            raise ConfigError(source, [f"{where}: YAML tag {tag} is refused; a space file holds plain data only (no python tags)"]) from None
+        raise ConfigError(source, [f"{where}: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(source, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> None:
+    """`key.path=value` (value parsed as YAML) set into the raw mapping, before validation."""
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key.path=value, e.g. search.num_trials=4")
+            continue
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        if not all(keys):
+            problems.append(f"override {item!r}: empty key in {path!r}")
+            continue
+        try:
+            value = parse_yaml(text, f"override {item!r}")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                problems.append(f"override {item!r}: {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# pydantic errors -> our messages
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        if not isinstance(part, str) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        candidates = [ann, *get_args(ann)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        cls = nested[0]
+    return cls
+
+
+def _field_info(cls: type[BaseModel], loc: tuple) -> Any:
+    parent = _model_at(cls, loc[:-1])
+    if parent is None or not isinstance(loc[-1], str):
+        return None
+    return parent.model_fields.get(loc[-1])
+
+
+def _join(section: str, loc: tuple) -> str:
+    out = section
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _describe_errors(section: str, cls: type[BaseModel], exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = _join(section, loc)
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(cls, loc[:-1])
+            accepted = ", ".join(parent.model_fields) if parent else "?"
+            problems.append(f"{path}: unknown key; {_join(section, loc[:-1])} accepts: {accepted}")
+            continue
+        info = _field_info(cls, loc)
+        hint = f"; expected {info.description}" if info is not None and info.description else ""
+        if err["type"] == "missing":
+            problems.append(f"{path}: required{hint}")
+        elif err["type"] == "model_type":
+            parent = _model_at(cls, loc)
+            keys = ", ".join(parent.model_fields) if parent else "?"
+            problems.append(f"{path}: got {err['input']!r}; expected a mapping with keys: {keys}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ").rstrip(".")
+            problems.append(f"{path}: {msg} (got {err['input']!r}){hint if 'expected' not in msg else ''}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# the config
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A validated space file. Paths are absolute; defaults are filled in."""
+
+    name: str
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    search: SearchSection
+    space: Space
+    resources: ResourcesSection
+    tracking: TrackingSection
+    source: Path
+    source_text: str
+    overrides: tuple[str, ...] = ()
+    study_points: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the file text plus overrides: two sweeps with the same hash searched the same thing."""
+        return hashlib.sha256((self.source_text + "\n" + "\n".join(self.overrides)).encode()).hexdigest()
+
+    @property
+    def fixed_hyperparams(self) -> dict[str, Any]:
+        """Train-section values of the hyperparameters that are not searched."""
+        return {k: getattr(self.train, k) for k in SEARCHABLE if k not in self.space.names}
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.tracking.results_dir or "sweeps").resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking.mlflow_uri or f"sqlite:///{self.results_dir / 'mlflow.db'}"
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def num_trials(self) -> int:
+        return self.search.num_trials or (self.space.size() or 0)
+
+    @property
+    def grace_period(self) -> int:
+        return self.search.scheduler.grace_period or self.train.eval_every
+
+    @property
+    def max_t(self) -> int:
+        return self.search.scheduler.max_t or self.train.max_steps
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as it will run: defaults filled in, paths absolute, the space described."""
+        out: dict[str, Any] = {"name": self.name}
+        for key in ("model", "data", "train", "search", "resources", "tracking"):
+            out[key] = getattr(self, key).model_dump(mode="json")
+        out["search"]["num_trials"] = self.num_trials
+        out["search"]["scheduler"]["grace_period"] = self.grace_period
+        out["search"]["scheduler"]["max_t"] = self.max_t
+        out["tracking"].update(results_dir=str(self.results_dir), mlflow_uri=self.mlflow_uri, experiment=self.experiment)
+        out["train"] = {k: v for k, v in out["train"].items() if k not in self.space.names}
+        out["space"] = {d.name: d.describe() for d in self.space.dims}
+        return out
+
+
+def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list[str]) -> str | None:
+    """A local path (made absolute, relative to the space file) or a hub id; else a problem."""
+    if kind == "model" and value == TINY_MODEL:
+        return value
+    candidate = (base / Path(value).expanduser()).resolve()
+    if candidate.exists():
+        if kind == "data" and candidate.is_file() and candidate.suffix not in DATA_SUFFIXES:
+            problems.append(f"{path}: {candidate} has suffix {candidate.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
+            return None
+        if kind == "data" and candidate.is_dir():
+            problems.append(f"{path}: {candidate} is a folder; expected a {'/'.join(DATA_SUFFIXES)} file or a hub dataset id")
+            return None
+        return str(candidate)
+    looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in DATA_SUFFIXES
+    if _HUB_ID.match(value) and not looks_local:
+        return value
+    what = "a local folder, a hub id (org/name)" + (" or tiny-gemma3" if kind == "model" else "")
+    if kind == "data":
+        what = f"a {'/'.join(DATA_SUFFIXES)} file or a hub dataset id (org/name)"
+    problems.append(f"{path}: {value!r} not found (looked for {candidate}); expected {what}")
+    return None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read, validate and resolve a space file; raise ConfigError listing every problem."""
+    source = Path(path)
+    label = str(source)
+    try:
+        text = source.read_text()
+    except FileNotFoundError:
+        raise ConfigError(label, [f"file not found: {source.resolve()}"]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(label, [f"cannot read: {exc}"]) from None
+    raw = parse_yaml(text, label)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(label, [f"the file holds {type(raw).__name__}; expected a mapping with keys: {', '.join(TOP_KEYS)}"])
+    problems: list[str] = []
+    apply_overrides(raw, list(overrides), problems)
+    return _validate(raw, source.resolve(), text, tuple(overrides), problems, label)
+
+
+def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], problems: list[str], label: str) -> SweepConfig:
+    base = source.parent
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.append(f"{key}: unknown key; the top level accepts: {', '.join(TOP_KEYS)}")
+    for key in REQUIRED:
+        if key not in raw:
+            problems.append(f"{key}: required; see search_spaces/demo.yaml for a complete example")
+
+    name = raw.get("name")
+    if "name" in raw and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name)):
+        problems.append(f"name: got {name!r}; expected letters, digits, '.', '_' or '-' (up to 100), starting with a letter or digit")
+
+    sections: dict[str, Any] = {}
+    for key, cls in SECTIONS.items():
+        value = raw.get(key, {} if key not in REQUIRED else None)
+        if value is None and key in REQUIRED:
+            if key in raw:
+                problems.append(f"{key}: empty; expected a mapping with keys: {', '.join(cls.model_fields)}")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{key}: got {value!r}; expected a mapping with keys: {', '.join(cls.model_fields)}")
+            continue
+        try:
+            sections[key] = cls.model_validate(value)
+        except ValidationError as exc:
+            problems.extend(_describe_errors(key, cls, exc))
+
+    specs = hyperparam_specs()
+    dims: list[Dimension] = []
+    raw_space = raw.get("space")
+    if "space" in raw:
+        if not isinstance(raw_space, dict) or not raw_space:
+            problems.append(f"space: got {raw_space!r}; expected a mapping of hyperparameters to search, e.g. lora_r: [8, 16]; searchable: {', '.join(SEARCHABLE)}")
+        else:
+            for dim_name, dim_raw in raw_space.items():
+                dim = parse_dimension(str(dim_name), dim_raw, specs, problems)
+                if dim is not None:
+                    dims.append(dim)
+    space = Space(tuple(dims))
+
+    # cross-section checks, each on the sections that validated
+    model, data, train, search = (sections.get(k) for k in ("model", "data", "train", "search"))
+    if model is not None:
+        resolved = _resolve_source(model.id, base, "model.id", "model", problems)
+        template = model.chat_template_from and _resolve_source(model.chat_template_from, base, "model.chat_template_from", "model", problems)
+        if resolved:
+            sections["model"] = model = model.model_copy(update={"id": resolved, "chat_template_from": template or model.chat_template_from})
+    if data is not None:
+        updates = {}
+        for key in ("train", "eval"):
+            value = getattr(data, key)
+            if value is not None:
+                updates[key] = _resolve_source(value, base, f"data.{key}", "data", problems)
+        if data.eval is not None and data.eval_fraction is not None:
+            problems.append("data.eval and data.eval_fraction: give one, not both")
+        if data.eval is None and data.eval_fraction is None:
+            updates["eval_fraction"] = 0.05
+        sections["data"] = data.model_copy(update=updates)
+    if train is not None:
+        explicit = sorted(set(raw.get("train", {}) or {}) & set(space.names))
+        for key in explicit:
+            problems.append(f"train.{key} and space.{key}: search it in space or fix it in train, not both")
+        if train.eval_every > train.max_steps:
+            problems.append(f"train.eval_every: {train.eval_every} is beyond train.max_steps {train.max_steps}; no trial would be evaluated")
+        for d in space.dims:
+            if isinstance(d, Ratio) and any(isinstance(o, Ratio) and o.name == d.of for o in space.dims):
+                problems.append(f"space.{d.name}.ratio_of: {d.of} is itself a ratio; chain ratios from a sampled or fixed value")
+    if search is not None:
+        if search.metric not in METRICS:
+            problems.append(f"search.metric: got {search.metric!r}; expected one of {', '.join(METRICS)}")
+        size = space.size()
+        if search.algorithm == "grid":
+            continuous = [d.name for d in space.dims if d.size() is None]
+            for d_name in continuous:
+                problems.append(f"space.{d_name}: grid search needs discrete dimensions; give choices or a uniform range with a step")
+            if not continuous and size and search.num_trials and search.num_trials > size:
+                problems.append(f"search.num_trials: {search.num_trials} exceeds the grid's {size} points; give at most {size} (or leave it out)")
+        elif search.num_trials is None:
+            problems.append("search.num_trials: required for tpe and random search; expected a positive integer")
+        if train is not None and search.scheduler.type == "asha":
+            sched = search.scheduler
+            if sched.grace_period and sched.grace_period > train.max_steps:
+                problems.append(f"search.scheduler.grace_period: {sched.grace_period} steps is beyond train.max_steps {train.max_steps}")
+            if sched.max_t and sched.max_t > train.max_steps:
+                problems.append(f"search.scheduler.max_t: {sched.max_t} steps is beyond train.max_steps {train.max_steps}")
+        points = []
+        for i, point in enumerate(search.points_to_evaluate):
+            points.append(space.encode(point, f"search.points_to_evaluate[{i}]", problems))
+        sections["study_points"] = tuple(points)
+
+    if problems:
+        raise ConfigError(label, problems)
+    return SweepConfig(
+        name=name,
+        model=sections["model"],
+        data=sections["data"],
+        train=sections["train"],
+        search=sections["search"],
+        space=space,
+        resources=sections["resources"],
+        tracking=_resolve_tracking(sections["tracking"], base),
+        source=source,
+        source_text=text,
+        overrides=overrides,
+        study_points=sections.get("study_points", ()),
+    )
+
+
+def _resolve_tracking(tracking: TrackingSection, base: Path) -> TrackingSection:
+    if tracking.results_dir is None:
+        return tracking
+    return tracking.model_copy(update={"results_dir": str((base / Path(tracking.results_dir).expanduser()).resolve())})
+

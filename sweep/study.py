@@ -1,0 +1,97 @@
+"""The Optuna study behind a sweep: its sampler, its storage, and correct feedback from Ray Tune.
+
+Ray's OptunaSearch reports intermediate values by Tune iteration and tells Optuna that a trial the
+scheduler stopped early is COMPLETE or PRUNED depending on what the last result happened to hold.
+SweepSearch reports by training step and derives the state from the same `outcome()` MLflow uses:
+completed -> COMPLETE, pruned/stopped -> PRUNED (with its intermediate values), oom/nan/failed -> FAIL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from sweep.config import SweepConfig
+from sweep.space import Space
+from sweep.trials import Ledger, finite, outcome
+
+
+class DefineByRun:
+    """Picklable define-by-run function (Tune pickles the searcher into its experiment state)."""
+
+    def __init__(self, space: Space, fixed: dict[str, Any]):
+        self.space = space
+        self.fixed = fixed
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        return self.space.sample(trial, self.fixed)
+
+
+def make_sampler(cfg: SweepConfig) -> Any:
+    import optuna
+
+    search = cfg.search
+    if search.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=search.seed)
+    if search.algorithm == "grid":
+        return optuna.samplers.GridSampler(cfg.space.grid(), seed=search.seed)
+    startup = search.n_startup_trials or max(1, min(10, cfg.num_trials // 3))
+    return optuna.samplers.TPESampler(
+        seed=search.seed, n_startup_trials=startup, multivariate=True, constant_liar=True
+    )
+
+
+def storage_url(sweep_dir: Any) -> str:
+    return f"sqlite:///{sweep_dir}/optuna.db"
+
+
+class SweepSearch(OptunaSearch):
+    """OptunaSearch with step-indexed intermediate values and outcome-based final states."""
+
+    def __init__(self, cfg: SweepConfig, storage: str, ledger: Ledger):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.ledger = ledger
+        super().__init__(
+            space=DefineByRun(cfg.space, cfg.fixed_hyperparams),
+            metric=cfg.search.metric,
+            mode=cfg.search.mode,
+            points_to_evaluate=[dict(p) for p in cfg.study_points] or None,
+            sampler=make_sampler(cfg),
+            study_name=cfg.name,
+            storage=optuna.storages.RDBStorage(storage),
+        )
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("ray_trial_id", trial_id)
+        self.ledger.labels[trial_id] = f"t{ot_trial.number:03d}"
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials or not finite(value):
+            return
+        self._ot_trials[trial_id].report(float(value), step=int(result["step"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        status = outcome(result, error, self.ledger.pruned(trial_id))
+        ot_trial.set_user_attr("trial_status", status)
+        if result and result.get("error"):
+            ot_trial.set_user_attr("error", str(result["error"])[:1000])
+        value = (result or {}).get(self.metric)
+        if status == "completed" and finite(value):
+            self._ot_study.tell(ot_trial, float(value), state=optuna.trial.TrialState.COMPLETE)
+        elif status in ("pruned", "stopped"):
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)

@@ -1,0 +1,188 @@
+"""MLflow: one parent run per sweep, one child run per trial, written from the driver only.
+
+Trials report to Ray Tune; a Tune callback in the driver turns those reports into MLflow calls.
+One writer means an embedded sqlite store never sees concurrent writers, and the driver is the
+one place that knows whether the scheduler stopped a trial (pruned) or it finished.
+
+Names (the contract, see DESIGN.md): params = every sampled value plus derived ones; metrics by
+step = train_loss, eval_loss, learning_rate, tokens_per_sec, peak_vram_gb (or peak_rss_gb on CPU);
+final = train_seconds, load_seconds; tag trial_status (+ error).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from sweep.config import SweepConfig
+from sweep.trials import Ledger, finite, outcome, param_value, summary
+
+STEP_METRICS = (
+    "eval_loss", "tokens_per_sec", "loss_tokens_per_sec",
+    "peak_vram_gb", "peak_vram_reserved_gb", "peak_rss_gb",
+)  # fmt: skip
+FINAL_METRICS = ("train_seconds", "load_seconds")
+MAX_TAG = 5000
+
+
+def git_commit() -> str:
+    """The commit of the lora-sweep checkout running this sweep ('+dirty' with local changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class SweepRun:
+    """The sweep's parent run."""
+
+    def __init__(self, cfg: SweepConfig, sweep_dir: Path):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+        experiment = self.client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            artifacts = None
+            if cfg.mlflow_uri.startswith("sqlite:"):
+                # Without a server, keep artifacts beside the database instead of ./mlruns.
+                artifacts = (cfg.results_dir / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts)
+        else:
+            self.experiment_id = experiment.experiment_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=sweep_dir.name,
+            tags={"sweep_dir": str(sweep_dir), "kind": "sweep", "mlflow.note.content": f"lora-sweep {cfg.name}: {cfg.source}"},
+        )
+        self.run_id = run.info.run_id
+        params = {
+            "sweep_name": cfg.name,
+            "space_file": str(cfg.source),
+            "space_sha256": cfg.sha256,
+            "git_commit": git_commit(),
+            "overrides": " ".join(cfg.overrides) or "-",
+            "model": cfg.model.id,
+            "chat_template_from": cfg.model.chat_template_from or "-",
+            "data_train": cfg.data.train,
+            "data_eval": cfg.data.eval or f"{cfg.data.eval_fraction} of train",
+            "max_seq_len": cfg.data.max_seq_len,
+            "packing": cfg.data.packing,
+            "algorithm": cfg.search.algorithm,
+            "metric": cfg.search.metric,
+            "mode": cfg.search.mode,
+            "num_trials": cfg.num_trials,
+            "scheduler": cfg.search.scheduler.type,
+            "max_steps": cfg.train.max_steps,
+            "searched": ",".join(cfg.space.names),
+            **{f"fixed.{k}": param_value(v) for k, v in cfg.fixed_hyperparams.items()},
+        }
+        self.log_params(self.run_id, params)
+        self.client.log_text(self.run_id, cfg.source_text, "space.yaml")
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def finish(self, counts: dict[str, int], best: dict[str, Any] | None, metric: str, status: str = "FINISHED") -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"trials_{k}", v, now, 0) for k, v in counts.items()]
+        if best is not None:
+            metrics.append(Metric(f"best_{metric}", best[metric], now, 0))
+            self.client.set_tag(self.run_id, "best_trial", best["label"])
+            self.client.set_tag(self.run_id, "best_run_id", best.get("run_id", ""))
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        self.client.set_terminated(self.run_id, status)
+
+
+class TrialRuns(Callback):
+    """Tune callback: a child run per trial, metrics by step, trial_status on the way out."""
+
+    def __init__(self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any]):
+        self.sweep = sweep
+        self.client = sweep.client
+        self.ledger = ledger
+        self.fixed = fixed
+        self.run_ids: dict[str, str] = {}  # Ray trial id -> MLflow run id
+        self.trials: dict[str, Any] = {}  # Ray trial id -> Tune Trial (config, last_result)
+        self.outcomes: dict[str, tuple[str, str | None]] = {}  # Ray trial id -> (status, error)
+        self._logged_derived: set[str] = set()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials[trial.trial_id] = trial
+        if trial.trial_id in self.run_ids:
+            return
+        config = dict(trial.config)
+        name = f"{self.ledger.label(trial.trial_id)} {summary({**self.fixed, **config})}"
+        run = self.client.create_run(
+            self.sweep.experiment_id,
+            run_name=name,
+            tags={"mlflow.parentRunId": self.sweep.run_id, "trial_id": trial.trial_id, "trial": self.ledger.label(trial.trial_id), "trial_status": "running"},
+        )
+        self.run_ids[trial.trial_id] = run.info.run_id
+        self.sweep.log_params(run.info.run_id, {k: param_value(v) for k, v in config.items()})
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            return
+        now = int(time.time() * 1000)
+        step = int(result.get("step", 0))
+        metrics = []
+        for h_step, loss, lr in result.get("history") or []:
+            if finite(loss):
+                metrics.append(Metric("train_loss", float(loss), now, int(h_step)))
+            metrics.append(Metric("learning_rate", float(lr), now, int(h_step)))
+        for key in STEP_METRICS:
+            if finite(result.get(key)):
+                metrics.append(Metric(key, float(result[key]), now, step))
+        for key in FINAL_METRICS:
+            if finite(result.get(key)):
+                metrics.append(Metric(key, float(result[key]), now, step))
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 500])
+        derived = result.get("derived")
+        if derived and trial.trial_id not in self._logged_derived:
+            self._logged_derived.add(trial.trial_id)
+            self.sweep.log_params(run_id, {k: param_value(v) for k, v in derived.items()})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id))
+        self._close(trial, status, (trial.last_result or {}).get("error"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = None
+        try:
+            err = trial.get_error()
+            error = str(err) if err else None
+        except Exception:  # the error file may be missing if the worker died hard
+            error = None
+        self._close(trial, "failed", error or "trial failed (see the Ray logs in the sweep folder)")
+
+    def _close(self, trial: Any, status: str, error: str | None) -> None:
+        self.outcomes[trial.trial_id] = (status, error)
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, "trial_status", status)
+        if status == "pruned":
+            self.client.set_tag(run_id, "stopped_at_step", str((trial.last_result or {}).get("step", "")))
+        if error:
+            self.client.set_tag(run_id, "error", str(error)[-MAX_TAG:])
+        self.client.set_terminated(run_id, "FINISHED" if status in ("completed", "pruned", "stopped") else "FAILED")

@@ -1,0 +1,79 @@
+"""What the driver knows about one trial: its label, a one-line summary, and how it ended.
+
+The Optuna study, MLflow and the terminal all read a trial's outcome from `outcome()`, so they
+always agree on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+STATUSES = ("completed", "pruned", "stopped", "oom", "nan", "failed", "infeasible")
+# completed: ran max_steps; pruned: stopped early by the scheduler (ASHA); stopped: ended by the
+# time budget or the user; oom: out of memory; nan: non-finite loss; failed: any other error.
+
+
+class Ledger:
+    """Driver-side facts about the sweep's trials, shared by the searcher, scheduler and callbacks.
+
+    labels: Ray trial id -> 't007', where 7 is the Optuna trial number (set when Optuna samples it),
+    so a name in the terminal, in MLflow and in the study all point to the same trial.
+    stopped: Ray trial id -> the step at which the scheduler stopped it.
+    """
+
+    def __init__(self) -> None:
+        self.labels: dict[str, str] = {}
+        self.stopped: dict[str, int] = {}
+
+    def label(self, trial_id: str) -> str:
+        return self.labels.get(trial_id, trial_id)
+
+    def pruned(self, trial_id: str) -> bool:
+        return trial_id in self.stopped
+
+
+def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_scheduler: bool) -> str:
+    if errored:
+        return "failed"
+    status = (last_result or {}).get("trial_status")
+    if status in ("completed", "oom", "nan"):
+        return status
+    return "pruned" if stopped_by_scheduler else "stopped"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def summary(hyper: dict[str, Any]) -> str:
+    """'qlora r16 a32 lr2e-4 b4x8 attention': the values people compare trials by."""
+    parts = []
+    if "method" in hyper:
+        parts.append(str(hyper["method"]))
+    if "lora_r" in hyper:
+        parts.append(f"r{hyper['lora_r']}")
+    if "lora_alpha" in hyper:
+        parts.append(f"a{_number(hyper['lora_alpha'])}")
+    if "learning_rate" in hyper:
+        parts.append(f"lr{_number(float(hyper['learning_rate']))}")
+    if "batch" in hyper:
+        micro, accum = hyper["batch"]
+        parts.append(f"b{micro}x{accum}")
+    if "target_modules" in hyper:
+        t = hyper["target_modules"]
+        parts.append(t if isinstance(t, str) else "+".join(t))
+    return " ".join(parts)
+
+
+def param_value(value: Any) -> str:
+    """MLflow params are strings: lists/tuples read as they were written in the space file."""
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,343 @@
+"""One trial, top to bottom: load -> (resume) -> train with periodic eval + checkpoint -> final report.
+
+The loop reports to a `Reporter` (Ray Tune in a sweep; a list in tests) at every eval: the metrics
+ASHA and Optuna act on, the train-loss history since the last report, and a checkpoint of the
+adapter + optimizer so the trial can resume. OOM and a non-finite loss end the trial with a final
+report whose `trial_status` says so; other exceptions propagate (the sweep records them as failed).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from sweep.config import TrainSection
+
+CHECKPOINT_STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial needs: the fixed settings plus this trial's sampled hyperparameters."""
+
+    model_id: str
+    revision: str | None
+    data_dir: str
+    train: TrainSection
+    sampled: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
+
+    def with_sampled(self, sampled: dict[str, Any]) -> "TrialSpec":
+        known = {k: v for k, v in sampled.items() if k in TrainSection.model_fields}
+        return replace(self, train=self.train.model_copy(update=known), sampled=dict(sampled))
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
+
+    def restore(self) -> Any:  # a context manager yielding a checkpoint folder or None
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak is this trial's, not the worker's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device: Any) -> dict[str, float]:
+    import torch
+
+    if device.type == "cuda":
+        return {
+            "peak_vram_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_vram_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return {"peak_rss_gb": int(line.split()[1]) / 2**20}
+    except OSError:
+        pass
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces of the loop
+
+
+def build_optimizer(params: list, train: TrainSection, device: Any) -> Any:
+    import torch
+
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay, fused=device.type == "cuda")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if train.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
+def build_schedule(optimizer: Any, train: TrainSection) -> Any:
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
+    warmup = int(round(train.warmup_ratio * train.max_steps))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=train.max_steps)
+
+
+def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any) -> float:
+    """Token-weighted mean loss over every reply token of the eval set."""
+    import torch
+
+    from trainable.data import eval_batches
+
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for batch in eval_batches(ds, batch_size, pad_id):
+            if batch["loss_tokens"] == 0:
+                continue
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                position_ids=batch["position_ids"].to(device),
+                labels=batch["labels"].to(device),
+                num_items_in_batch=1,  # loss comes back as a sum over tokens
+                use_cache=False,
+            )
+            total += out.loss.double()
+            count += batch["loss_tokens"]
+    model.train()
+    return float(total) / max(count, 1)
+
+
+def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, state: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from trainable.model import adapter_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}, str(folder / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(folder))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / "optimizer.pt")
+    (folder / CHECKPOINT_STATE).write_text(json.dumps(state))
+
+
+def load_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    from trainable.model import load_adapter_state
+
+    load_adapter_state(model, load_file(str(folder / "adapter_model.safetensors")))
+    opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    schedule.load_state_dict(opt["schedule"])
+    return json.loads((folder / CHECKPOINT_STATE).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# the trial
+
+
+def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
+    """Train one trial; returns the last metrics reported."""
+    import torch
+
+    from trainable.data import load_split, train_batches
+    from trainable.model import load_model
+
+    train = spec.train
+    torch.set_num_threads(max(1, spec.threads))
+    _reset_peak_rss()
+    started = time.perf_counter()
+    loaded = None
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
+    try:
+        loaded = load_model(spec.model_id, train, spec.revision)
+        model, device = loaded.model, loaded.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        train_ds, eval_ds = load_split(spec.data_dir, "train"), load_split(spec.data_dir, "eval")
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, train, device)
+        schedule = build_schedule(optimizer, train)
+        with reporter.restore() as folder:
+            if folder is not None:
+                state = load_checkpoint(Path(folder), model, optimizer, schedule)
+        load_seconds = time.perf_counter() - started
+        micro, accum = train.batch
+        derived = {
+            **loaded.info,
+            "micro_batch": micro,
+            "grad_accum": accum,
+            "effective_batch": micro * accum,
+            "tokens_per_sec_counts": "all non-padding input tokens (loss_tokens_per_sec: reply tokens only)",
+        }
+        return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        message = str(exc).splitlines()[0][:500]
+    # OOM is a result, not a crash. Out here the exception and its traceback (which pin the model,
+    # optimizer and activations) are gone, so the memory can really be given back.
+    loaded = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    metrics = {"step": state["step"], "trial_status": "oom", "error": message}
+    reporter.report(metrics, None)
+    return metrics
+
+
+def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches) -> dict[str, Any]:
+    import torch
+
+    train = spec.train
+    micro, accum = train.batch
+    eval_batch = train.eval_batch_size or micro
+    batches = train_batches(train_ds, micro, train.seed, state["step"] * accum, pad_id)
+    history: list[list[float]] = []  # [step, train_loss, learning_rate] since the last report
+    window_loss = torch.zeros((), device=device)
+    window_steps = 0
+    report_losses: list[float] = []
+    first_report = state["step"] == 0
+    model.train()
+    metrics: dict[str, Any] = {}
+    while state["step"] < train.max_steps:
+        tick = time.perf_counter()
+        batch_list = [next(batches) for _ in range(accum)]
+        n_loss = sum(b["loss_tokens"] for b in batch_list)
+        for b in batch_list:
+            out = model(
+                input_ids=b["input_ids"].to(device, non_blocking=True),
+                position_ids=b["position_ids"].to(device, non_blocking=True),
+                labels=b["labels"].to(device, non_blocking=True),
+                num_items_in_batch=max(n_loss, 1),  # token-weighted mean over the whole step
+                use_cache=False,
+            )
+            out.loss.backward()
+            window_loss += out.loss.detach()
+            state["tokens"] += b["tokens"]
+            state["loss_tokens"] += b["loss_tokens"]
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train.max_grad_norm)
+        lr = schedule.get_last_lr()[0]
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        window_steps += 1
+        step = state["step"]
+        is_eval = step % train.eval_every == 0 or step == train.max_steps
+        if step % train.log_every == 0 or is_eval:
+            loss = float(window_loss) / window_steps  # one host sync per logging window
+            window_loss.zero_()
+            window_steps = 0
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            state["train_seconds"] += time.perf_counter() - tick
+            if not math.isfinite(loss):
+                metrics = {"step": step, "trial_status": "nan", "error": f"train loss is {loss} at step {step}"}
+                reporter.report(metrics, None)
+                return metrics
+            history.append([step, loss, lr])
+            report_losses.append(loss)
+        else:
+            state["train_seconds"] += time.perf_counter() - tick
+        if not is_eval:
+            continue
+        eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device)
+        seconds = max(state["train_seconds"], 1e-9)
+        done = step == train.max_steps
+        metrics = {
+            "step": step,
+            "eval_loss": eval_loss,
+            "train_loss": sum(report_losses) / len(report_losses),
+            "learning_rate": lr,
+            "tokens_per_sec": state["tokens"] / seconds,
+            "loss_tokens_per_sec": state["loss_tokens"] / seconds,
+            **peak_memory(device),
+            "trial_status": "completed" if done else "running",
+            "history": history,
+        }
+        if not math.isfinite(eval_loss):
+            metrics.update(trial_status="nan", error=f"eval loss is {eval_loss} at step {step}")
+            reporter.report(metrics, None)
+            return metrics
+        if first_report:
+            metrics["derived"] = derived
+            first_report = False
+        if done:
+            metrics.update(train_seconds=state["train_seconds"], load_seconds=load_seconds)
+        with _scratch() as folder:
+            save_checkpoint(folder, model, optimizer, schedule, state)
+            reporter.report(metrics, str(folder))
+        history, report_losses = [], []
+    return metrics
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="lora-sweep-ckpt-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Tune entry point
+
+
+class TuneReporter:
+    """Reports through ray.tune (only ray.tune.* works inside a Tune trainable in Ray 2.60)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield folder
+
+
+def tune_trial(config: dict[str, Any], base: TrialSpec) -> None:
+    """The Ray Tune trainable: `config` is what Optuna sampled; `base` the sweep's fixed settings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(base.with_sampled(config), TuneReporter())
