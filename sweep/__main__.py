@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainable.data import DataError
 
     try:
-        run_sweep(cfg, address=args.address)
+        run_sweep(cfg, address=args.address, log=lambda line: print(line, flush=True))
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID

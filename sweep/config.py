@@ -205,7 +205,8 @@ def hyperparam_specs() -> dict[str, HyperparamSpec]:
             try:
                 return adapter.validate_python(value)
             except ValidationError as exc:
-                raise ValueError(f"{exc.errors()[0]['msg'].rstrip('.')}; expected {info.description}") from None
+                msg = exc.errors()[0]["msg"].removeprefix("Value error, ").rstrip(".")
+                raise ValueError(msg if "expected" in msg else f"{msg}; expected {info.description}") from None
 
         specs[name] = HyperparamSpec(check=check, kind=kind)
     return specs
@@ -503,19 +504,20 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
                     dims.append(dim)
     space = Space(tuple(dims))
 
-    # cross-section checks, each on the sections that validated
+    # cross-section checks, each on the sections that validated. Sources are resolved from the raw
+    # values so that a missing file is reported even when its section has other problems.
     model, data, train, search = (sections.get(k) for k in ("model", "data", "train", "search"))
+    resolved: dict[str, str | None] = {}
+    for section, key, kind in (("model", "id", "model"), ("model", "chat_template_from", "model"), ("data", "train", "data"), ("data", "eval", "data")):
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str):
+            resolved[f"{section}.{key}"] = _resolve_source(value, base, f"{section}.{key}", kind, problems)
     if model is not None:
-        resolved = _resolve_source(model.id, base, "model.id", "model", problems)
-        template = model.chat_template_from and _resolve_source(model.chat_template_from, base, "model.chat_template_from", "model", problems)
-        if resolved:
-            sections["model"] = model = model.model_copy(update={"id": resolved, "chat_template_from": template or model.chat_template_from})
+        sections["model"] = model.model_copy(
+            update={"id": resolved.get("model.id"), "chat_template_from": resolved.get("model.chat_template_from")}
+        )
     if data is not None:
-        updates = {}
-        for key in ("train", "eval"):
-            value = getattr(data, key)
-            if value is not None:
-                updates[key] = _resolve_source(value, base, f"data.{key}", "data", problems)
+        updates: dict[str, Any] = {"train": resolved.get("data.train"), "eval": resolved.get("data.eval")}
         if data.eval is not None and data.eval_fraction is not None:
             problems.append("data.eval and data.eval_fraction: give one, not both")
         if data.eval is None and data.eval_fraction is None:

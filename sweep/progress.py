@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -20,17 +19,17 @@ def _memory(result: dict[str, Any]) -> str:
 
 
 class Progress(Callback):
-    def __init__(self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], out: TextIO | None = None):
+    def __init__(self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], log: Callable[[str], None] = print):
         self.metric, self.mode, self.max_steps = metric, mode, max_steps
         self.ledger = ledger
         self.fixed = fixed
-        self.out = out or sys.stdout
+        self.log = log  # a function, not a stream: Tune pickles its callbacks
         self.start = time.monotonic()
         self.best: float | None = None
 
     def say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.start)
-        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=self.out, flush=True)
+        self.log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}")
 
     def _better(self, value: float) -> bool:
         return self.best is None or (value < self.best if self.mode == "min" else value > self.best)

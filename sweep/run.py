@@ -89,8 +89,6 @@ def connect_ray(address: str | None, log: Log) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     log(f"ray: {'attaching to ' + address if address else 'starting a local instance'} ...")
-    # Tune's own console reporter would print a banner and tables; our Progress callback says it.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     return True
 
@@ -201,6 +199,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         trial_runs = TrialRuns(sweep_run, ledger, fixed)
         # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # Tune's own console reporter would print a banner and tables; our Progress callback says it.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
         # here (small state) and Tune's warning about it would drown the progress lines.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -217,7 +217,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(sweep_dir),
-                callbacks=[trial_runs, Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, ledger, fixed)],
+                callbacks=[trial_runs, Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, ledger, fixed, log)],
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0),

@@ -46,6 +46,19 @@ def storage_url(sweep_dir: Any) -> str:
     return f"sqlite:///{sweep_dir}/optuna.db"
 
 
+def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) -> None:
+    """study.tell that tolerates GridSampler's end-of-grid stop.
+
+    GridSampler calls study.stop() once every grid point was asked, which raises outside
+    study.optimize(); the trial's state is stored before that, so there is nothing to undo.
+    """
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+
+
 class SweepSearch(OptunaSearch):
     """OptunaSearch with step-indexed intermediate values and outcome-based final states."""
 
@@ -54,6 +67,7 @@ class SweepSearch(OptunaSearch):
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.ledger = ledger
+        self._steps: dict[str, set[int]] = {}  # Ray trial id -> steps already reported
         super().__init__(
             space=DefineByRun(cfg.space, cfg.fixed_hyperparams),
             metric=cfg.search.metric,
@@ -75,7 +89,13 @@ class SweepSearch(OptunaSearch):
         value = result.get(self.metric)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials or not finite(value):
             return
-        self._ot_trials[trial_id].report(float(value), step=int(result["step"]))
+        self._report(trial_id, float(value), int(result["step"]))
+
+    def _report(self, trial_id: str, value: float, step: int) -> None:
+        steps = self._steps.setdefault(trial_id, set())
+        if step not in steps:
+            steps.add(step)
+            self._ot_trials[trial_id].report(value, step=step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
@@ -88,10 +108,14 @@ class SweepSearch(OptunaSearch):
         if result and result.get("error"):
             ot_trial.set_user_attr("error", str(result["error"])[:1000])
         value = (result or {}).get(self.metric)
+        if finite(value):
+            # A result that makes the scheduler say STOP (a pruning decision, or reaching max_t)
+            # reaches on_trial_complete only, never on_trial_result: record it here.
+            self._report(trial_id, float(value), int(result["step"]))
         if status == "completed" and finite(value):
-            self._ot_study.tell(ot_trial, float(value), state=optuna.trial.TrialState.COMPLETE)
+            tell(self._ot_study, ot_trial, float(value), optuna.trial.TrialState.COMPLETE)
         elif status in ("pruned", "stopped"):
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.PRUNED)
         else:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)

@@ -43,8 +43,9 @@ def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_schedu
 
 
 def _number(value: Any) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    """16 -> '16', 8.5 -> '8.5', 0.0002 -> '2e-4'."""
+    if isinstance(value, float) and not value.is_integer() and abs(value) < 0.01:
+        return f"{value:.0e}".replace("e-0", "e-")
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

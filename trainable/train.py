@@ -145,7 +145,8 @@ def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, sta
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}, str(folder / "adapter_model.safetensors"))
     model.peft_config["default"].save_pretrained(str(folder))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng}, folder / "optimizer.pt")
     (folder / CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
@@ -159,6 +160,10 @@ def load_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any) -> 
     opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     schedule.load_state_dict(opt["schedule"])
+    # Dropout draws from these: restoring them makes a resumed trial continue exactly.
+    torch.set_rng_state(opt["rng"]["cpu"])
+    if opt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(opt["rng"]["cuda"])
     return json.loads((folder / CHECKPOINT_STATE).read_text())
 
 

@@ -1,0 +1,73 @@
+"""The README's demo command, run as a user runs it: real Ray, Optuna, MLflow on the tiny model."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import mlflow_runs, study_trials
+
+pytestmark = pytest.mark.e2e
+STATE_OF = {"completed": "COMPLETE", "pruned": "PRUNED", "stopped": "PRUNED", "oom": "FAIL", "nan": "FAIL", "failed": "FAIL"}
+
+
+def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep", "run", str(ROOT / "search_spaces" / "demo.yaml"), f"tracking.results_dir={tmp_path}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert elapsed < 300, f"the demo took {elapsed:.0f}s"
+
+    best = re.search(r"best trial: (t\d{3})\s+eval_loss ([0-9.]+)", out)
+    assert best, out[-2000:]
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
+
+    parent, children = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "demo")
+    assert len(children) == 8
+    assert parent.data.params["space_sha256"] and parent.data.params["num_trials"] == "8"
+    assert parent.data.tags["best_trial"] == best.group(1)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    finals = {}
+    for run in children:
+        status = run.data.tags["trial_status"]
+        assert status in ("completed", "pruned"), (run.info.run_name, status, run.data.tags.get("error"))
+        assert run.info.status == "FINISHED"
+        assert re.match(r"t\d{3} (lora|qlora) r\d+ a[0-9.]+ lr\S+ b\dx\d \S+", run.info.run_name)
+        for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_rss_gb", "learning_rate"):
+            assert math.isfinite(run.data.metrics[key]), (run.info.run_name, key)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 4
+        for key in ("lora_r", "lora_alpha", "learning_rate", "batch", "trainable_params", "effective_batch", "quantization"):
+            assert key in run.data.params, key
+        if status == "completed":
+            finals[run.data.tags["trial"]] = run.data.metrics["eval_loss"]
+            assert run.data.metrics["train_seconds"] > 0 and run.data.metrics["load_seconds"] > 0
+    assert len(finals) >= 2
+    assert finals[best.group(1)] == pytest.approx(float(best.group(2)), abs=1e-4) == pytest.approx(min(finals.values()), abs=1e-4)
+    assert min(finals.values()) < 0.8 * max(finals.values()), finals  # settings matter on this task
+
+    # the study agrees with MLflow, trial by trial
+    (sweep_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
+    trials = study_trials(sweep_dir, "demo")
+    assert len(trials) == 8
+    by_label = {r.data.tags["trial"]: r.data.tags["trial_status"] for r in children}
+    for t in trials:
+        assert STATE_OF[by_label[f"t{t.number:03d}"]] == t.state.name
+        assert t.user_attrs["trial_status"] == by_label[f"t{t.number:03d}"]
+    assert (sweep_dir / "space.yaml").read_text() == (ROOT / "search_spaces" / "demo.yaml").read_text()

@@ -1,0 +1,65 @@
+"""Sweeps run in-process against a local Ray: ASHA pruning, QLoRA trials, grid search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweep.config import load_config
+from sweep.run import run_sweep
+from tests.conftest import MINIMAL, write_space
+from tests.e2e.conftest import mlflow_runs, study_trials
+
+pytestmark = pytest.mark.e2e
+
+
+def sweep(tmp_path: Path, body: str):
+    cfg = load_config(write_space(tmp_path, body + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+    lines: list[str] = []
+    result = run_sweep(cfg, log=lines.append)
+    return cfg, result, "\n".join(lines)
+
+
+def test_asha_prunes_a_poor_trial_and_everyone_agrees(tmp_path: Path, ray_cluster: None) -> None:
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 6, eval_every: 2, log_every: 1, batch: [2, 1]}").replace(
+        "search: {num_trials: 2}",
+        """search:
+  num_trials: 2
+  max_concurrent: 1
+  scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
+  points_to_evaluate: [{learning_rate: 2.0e-2}, {learning_rate: 1.0e-6}]""",
+    ).replace("  lora_r: [4, 8]\n", "  learning_rate: {loguniform: [1.0e-6, 5.0e-2]}\n")
+    cfg, result, out = sweep(tmp_path, body)
+    assert result.counts == {"completed": 1, "pruned": 1}, out
+    assert result.best["label"] == "t000"
+    parent, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    tags = {r.data.tags["trial"]: r.data.tags for r in children}
+    assert tags["t000"]["trial_status"] == "completed"
+    assert tags["t001"]["trial_status"] == "pruned" and tags["t001"]["stopped_at_step"] == "2"
+    trials = study_trials(result.sweep_dir, cfg.name)
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
+    assert list(trials[1].intermediate_values) == [2]  # reported by training step
+    assert list(trials[0].intermediate_values) == [2, 4, 6]
+    assert trials[1].params["learning_rate"] == pytest.approx(1e-6)
+    assert "t001 pruned" in out and "best trial: t000" in out
+
+
+def test_a_qlora_trial_on_cpu(tmp_path: Path, ray_cluster: None) -> None:
+    body = MINIMAL.replace("search: {num_trials: 2}", "search: {algorithm: grid}").replace("  lora_r: [4, 8]\n", "  method: [qlora]\n")
+    cfg, result, out = sweep(tmp_path, body)
+    assert result.counts == {"completed": 1}, out
+    _, (child,) = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    assert child.data.params["method"] == "qlora" and child.data.params["quantization"] == "nf4-double-quant"
+    assert child.data.tags["trial_status"] == "completed"
+    assert child.data.metrics["eval_loss"] > 0
+
+
+def test_grid_covers_every_point_once(tmp_path: Path, ray_cluster: None) -> None:
+    body = MINIMAL.replace("search: {num_trials: 2}", "search: {algorithm: grid, scheduler: {type: none}}").replace(
+        "  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  batch: [[1, 2], [2, 1]]\n"
+    )
+    cfg, result, _ = sweep(tmp_path, body)
+    assert result.counts == {"completed": 4}
+    seen = {(r["config"]["lora_r"], tuple(r["config"]["batch"])) for r in result.trials}
+    assert seen == {(4, (1, 2)), (4, (2, 1)), (8, (1, 2)), (8, (2, 1))}

@@ -1,0 +1,172 @@
+"""One trial on CPU with the tiny model: metrics, resume, packing, OOM and NaN as results."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from sweep.config import DataSection, TrainSection
+from tests.conftest import DEMO_DATA
+from trainable import model as model_module
+from trainable.data import IGNORE, prepare
+from trainable.model import check_targets, load_model, load_tokenizer
+from trainable.train import TrialSpec, run
+
+
+class ListReporter:
+    def __init__(self, keep_dir: Path | None = None, restore_from: Path | None = None):
+        self.reports: list[dict[str, Any]] = []
+        self.keep_dir, self.restore_from = keep_dir, restore_from
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir and self.keep_dir:
+            shutil.copytree(checkpoint_dir, self.keep_dir / f"step{metrics['step']}")
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        yield str(self.restore_from) if self.restore_from else None
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    tokenizer = load_tokenizer("tiny-gemma3")
+    section = DataSection(train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"), max_seq_len=128)
+    return str(prepare(section, tokenizer, tmp_path_factory.mktemp("data"), seed=0, log=lambda s: None).folder)
+
+
+def spec(data_dir: str, **train: Any) -> TrialSpec:
+    values = {"max_steps": 6, "eval_every": 2, "log_every": 1, "batch": (2, 2), "learning_rate": 5e-3, "lora_r": 4, "target_modules": "attention", **train}
+    return TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=TrainSection(**values))
+
+
+def test_a_trial_reports_at_every_eval(data_dir: str) -> None:
+    reporter = ListReporter()
+    last = run(spec(data_dir), reporter)
+    steps = [r["step"] for r in reporter.reports]
+    assert steps == [2, 4, 6]
+    assert [r["trial_status"] for r in reporter.reports] == ["running", "running", "completed"]
+    for r in reporter.reports:
+        for key in ("eval_loss", "train_loss", "learning_rate", "tokens_per_sec", "loss_tokens_per_sec", "peak_rss_gb"):
+            assert isinstance(r[key], float) and r[key] == r[key] and r[key] > 0 or key == "learning_rate", key
+    assert [h[0] for r in reporter.reports for h in r["history"]] == [1, 2, 3, 4, 5, 6]
+    derived = reporter.reports[0]["derived"]
+    assert derived["effective_batch"] == 4 and derived["trainable_params"] > 0 and derived["quantization"] == "none"
+    assert "derived" not in reporter.reports[1]
+    assert last["train_seconds"] > 0 and last["load_seconds"] > 0
+    assert reporter.reports[-1]["eval_loss"] < reporter.reports[0]["eval_loss"]
+
+
+def test_resume_continues_exactly(data_dir: str, tmp_path: Path) -> None:
+    full = ListReporter(keep_dir=tmp_path)
+    run(spec(data_dir, lora_dropout=0.1), full)
+    resumed = ListReporter(restore_from=tmp_path / "step2")
+    run(spec(data_dir, lora_dropout=0.1), resumed)
+    assert [r["step"] for r in resumed.reports] == [4, 6]
+    for a, b in zip(full.reports[1:], resumed.reports):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+
+
+def test_packing_does_not_leak_across_examples() -> None:
+    tokenizer = load_tokenizer("tiny-gemma3")
+    loaded = load_model("tiny-gemma3", TrainSection(lora_r=4, target_modules="attention"))
+    net = loaded.model.eval()
+    a = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    b = torch.tensor([[2, 50, 51, 52]])
+
+    def loss_sum(ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(net(input_ids=ids, position_ids=pos, labels=labels, num_items_in_batch=1, use_cache=False).loss)
+
+    def lab(ids: torch.Tensor) -> torch.Tensor:
+        out = ids.clone()
+        out[:, 0] = IGNORE
+        return out
+
+    separate = loss_sum(a, torch.arange(6)[None], lab(a)) + loss_sum(b, torch.arange(4)[None], lab(b))
+    packed_ids = torch.cat([a, b], dim=1)
+    packed = loss_sum(packed_ids, torch.cat([torch.arange(6), torch.arange(4)])[None], torch.cat([lab(a), lab(b)], dim=1))
+    assert packed == pytest.approx(separate, rel=1e-5)
+    # without restarting positions the second example would see the first: the loss changes
+    leaky = loss_sum(packed_ids, torch.arange(10)[None], torch.cat([lab(a), lab(b)], dim=1))
+    assert leaky != pytest.approx(separate, rel=1e-5)
+    assert tokenizer.bos_token_id == 2
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, at_call: int, make: Any) -> None:
+    """Wrap load_model so that the adapter's forward misbehaves from the n-th call on."""
+    real = model_module.load_model
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        loaded = real(*args, **kwargs)
+        forward, calls = loaded.model.forward, {"n": 0}
+
+        def bad_forward(*a: Any, **k: Any) -> Any:
+            calls["n"] += loaded.model.training  # count training micro-batches only
+            out = forward(*a, **k)
+            return make(out) if calls["n"] >= at_call and loaded.model.training else out
+
+        loaded.model.forward = bad_forward
+        return loaded
+
+    monkeypatch.setattr(model_module, "load_model", patched)
+
+
+def test_out_of_memory_is_a_result(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(out: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    _poison(monkeypatch, at_call=7, make=oom)  # 2 micro-batches per step: fails in step 4
+    reporter = ListReporter()
+    last = run(spec(data_dir), reporter)
+    assert last == {"step": 3, "trial_status": "oom", "error": "CUDA out of memory. Tried to allocate 20.00 GiB"}
+    assert [r["trial_status"] for r in reporter.reports] == ["running", "oom"]
+
+
+def test_non_finite_loss_stops_the_trial(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def nan(out: Any) -> Any:
+        out.loss = out.loss * float("nan")
+        return out
+
+    _poison(monkeypatch, at_call=5, make=nan)
+    reporter = ListReporter()
+    last = run(spec(data_dir), reporter)
+    assert last["trial_status"] == "nan" and last["step"] == 3 and "train loss is nan at step 3" in last["error"]
+
+
+def test_qlora_on_cpu(data_dir: str) -> None:
+    import bitsandbytes as bnb
+
+    loaded = load_model("tiny-gemma3", TrainSection(method="qlora", lora_r=4, target_modules="all-linear"))
+    base = loaded.model.get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert loaded.info["quantization"] == "nf4-double-quant"
+    reporter = ListReporter()
+    last = run(spec(data_dir, method="qlora", optimizer="paged_adamw_8bit", max_steps=2), reporter)
+    assert last["trial_status"] == "completed" and last["eval_loss"] == last["eval_loss"]
+
+
+def test_gradient_checkpointing_and_8bit_adam(data_dir: str) -> None:
+    last = run(spec(data_dir, gradient_checkpointing=True, optimizer="adamw_8bit", max_steps=2), ListReporter())
+    assert last["trial_status"] == "completed"
+
+
+def test_target_check_names_the_missing_layers() -> None:
+    assert check_targets("tiny-gemma3", ["all-linear", ("q_proj", "v_proj")]) == []
+    (problem,) = check_targets("tiny-gemma3", [("q_proj", "qkv")])
+    assert problem.startswith("target_modules [q_proj, qkv]: no linear layer named qkv in tiny-gemma3; its linear layers are: down_proj, gate_proj")
+
+
+def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
+    from trainable.tiny import build
+
+    build(tmp_path / "a")
+    build(tmp_path / "b")
+    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
