@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from sweep.trials import Ledger, finite, outcome, summary
+from sweep.trials import Ledger, error_text, finite, last_line, outcome, summary
 
 
 def _memory(result: dict[str, Any]) -> str:
@@ -62,14 +62,7 @@ class Progress(Callback):
         self.say(text)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        first = ""
-        try:
-            err = trial.get_error()
-            lines = [line for line in str(err).splitlines() if line.strip()] if err else []
-            first = lines[-1] if lines else ""
-        except Exception:  # no error file: the worker died
-            first = "worker died"
-        self.say(f"{self.ledger.label(trial.trial_id)} failed     {first[:300]}")
+        self.say(f"{self.ledger.label(trial.trial_id)} failed     {last_line(error_text(trial))[:300] or 'worker died'}")
 
 
 def table(rows: list[dict[str, Any]], metric: str, write: Callable[[str], None]) -> None:

@@ -204,10 +204,11 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
         # here (small state) and Tune's warning about it would drown the progress lines.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        search = SweepSearch(cfg, storage_url(sweep_dir), ledger)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=SweepSearch(cfg, storage_url(sweep_dir), ledger),
+                search_alg=search,
                 scheduler=make_scheduler(cfg, ledger),
                 num_samples=cfg.num_trials,
                 max_concurrent_trials=concurrent,
@@ -230,6 +231,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         except BaseException:
             sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
             raise
+        search.close_open_trials({tid: t.last_result for tid, t in trial_runs.trials.items()})
         result = summarize(cfg, trial_runs, fixed)
         result.sweep_dir, result.parent_run_id = sweep_dir, sweep_run.run_id
         sweep_run.finish(result.counts, result.best, cfg.search.metric, status=status)
@@ -260,7 +262,7 @@ def summarize(cfg: SweepConfig, trial_runs: Any, fixed: dict[str, Any]) -> Sweep
     rows = []
     for trial_id, trial in trial_runs.trials.items():
         last = trial.last_result or {}
-        status, error = trial_runs.outcomes.get(trial_id, ("stopped", None))
+        status, error = trial_runs.outcomes[trial_id]
         row = {
             "trial_id": trial_id,
             "label": trial_runs.ledger.label(trial_id),

@@ -97,6 +97,12 @@ class SweepSearch(OptunaSearch):
             steps.add(step)
             self._ot_trials[trial_id].report(value, step=step)
 
+    def close_open_trials(self, last_results: dict[str, dict]) -> None:
+        """Trials still open when Tune returns (ended by the time budget) get their outcome too."""
+        for trial_id in list(self._ot_trials):
+            if trial_id not in self._completed_trials:
+                self.on_trial_complete(trial_id, last_results.get(trial_id))
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
 

@@ -19,7 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sweep.config import SweepConfig
-from sweep.trials import Ledger, finite, outcome, param_value, summary
+from sweep.trials import Ledger, error_text, finite, outcome, param_value, summary
 
 STEP_METRICS = (
     "eval_loss", "tokens_per_sec", "loss_tokens_per_sec",
@@ -167,13 +167,13 @@ class TrialRuns(Callback):
         self._close(trial, status, (trial.last_result or {}).get("error"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = None
-        try:
-            err = trial.get_error()
-            error = str(err) if err else None
-        except Exception:  # the error file may be missing if the worker died hard
-            error = None
-        self._close(trial, "failed", error or "trial failed (see the Ray logs in the sweep folder)")
+        self._close(trial, "failed", error_text(trial) or "the trial's worker died without an error message")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Tune ends trials still running at the time budget without on_trial_complete: close them."""
+        for trial in trials:
+            if trial.trial_id in self.run_ids and trial.trial_id not in self.outcomes:
+                self._close(trial, outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id)), None)
 
     def _close(self, trial: Any, status: str, error: str | None) -> None:
         self.outcomes[trial.trial_id] = (status, error)

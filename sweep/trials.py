@@ -76,5 +76,26 @@ def param_value(value: Any) -> str:
     return str(value)
 
 
+def error_text(trial: Any) -> str | None:
+    """The error a failed Tune trial left: the full text (traceback included), or None.
+
+    Tune writes it under the trial's local folder first and syncs it to storage later, so read
+    the local file rather than trial.get_error(), which looks in storage.
+    """
+    for read in (lambda: open(trial.error_file).read(), lambda: trial.get_error()):
+        try:
+            text = read()
+        except Exception:  # no such file (the worker died before Tune wrote one)
+            continue
+        if text:
+            return str(text).strip()
+    return None
+
+
+def last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -120,7 +120,11 @@ def load_model(model_id: str, train: TrainSection, revision: str | None = None) 
         param.requires_grad_(False)
     if train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads and works with frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers 5.x renamed the method (and its keyword); older 5.x only has the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     lora = LoraConfig(
         r=train.lora_r,

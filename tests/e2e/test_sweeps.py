@@ -63,3 +63,29 @@ def test_grid_covers_every_point_once(tmp_path: Path, ray_cluster: None) -> None
     assert result.counts == {"completed": 4}
     seen = {(r["config"]["lora_r"], tuple(r["config"]["batch"])) for r in result.trials}
     assert seen == {(4, (1, 2)), (4, (2, 1)), (8, (1, 2)), (8, (2, 1))}
+
+
+def test_time_budget_stops_running_trials(tmp_path: Path, ray_cluster: None) -> None:
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 100000, eval_every: 5, log_every: 5, batch: [1, 1]}").replace(
+        "search: {num_trials: 2}", "search: {num_trials: 4, time_budget: 25s, scheduler: {type: none}}"
+    )
+    cfg, result, out = sweep(tmp_path, body)
+    assert set(result.counts) == {"stopped"}, out
+    _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    assert {r.data.tags["trial_status"] for r in children} == {"stopped"}
+    assert {t.state.name for t in study_trials(result.sweep_dir, cfg.name)} == {"PRUNED"}
+    assert "best trial: none completed" in out
+
+
+def test_a_trial_that_raises_is_recorded_as_failed(tmp_path: Path, ray_cluster: None) -> None:
+    # flash-attention is not installed on a CPU machine: loading the model fails inside the trial.
+    body = MINIMAL.replace("log_every: 1}", "log_every: 1, attn_implementation: flash_attention_2}").replace(
+        "search: {num_trials: 2}", "search: {algorithm: grid}"
+    ).replace("  lora_r: [4, 8]\n", "  lora_r: [4]\n")
+    cfg, result, out = sweep(tmp_path, body)
+    assert result.counts == {"failed": 1}, out
+    _, (child,) = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    assert child.data.tags["trial_status"] == "failed" and child.info.status == "FAILED"
+    assert "flash" in child.data.tags["error"].lower()
+    assert [t.state.name for t in study_trials(result.sweep_dir, cfg.name)] == ["FAIL"]
+    assert "t000 failed" in out

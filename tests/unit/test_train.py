@@ -153,6 +153,8 @@ def test_qlora_on_cpu(data_dir: str) -> None:
 
 
 def test_gradient_checkpointing_and_8bit_adam(data_dir: str) -> None:
+    base = load_model("tiny-gemma3", TrainSection(gradient_checkpointing=True, lora_r=4)).model.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     last = run(spec(data_dir, gradient_checkpointing=True, optimizer="adamw_8bit", max_steps=2), ListReporter())
     assert last["trial_status"] == "completed"
 
