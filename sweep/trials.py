@@ -43,10 +43,13 @@ def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_schedu
 
 
 def _number(value: Any) -> str:
-    """16 -> '16', 8.5 -> '8.5', 0.0002 -> '2e-4'."""
-    if isinstance(value, float) and not value.is_integer() and abs(value) < 0.01:
-        return f"{value:.0e}".replace("e-0", "e-")
+    """16 -> '16', 8.5 -> '8.5'."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _rate(value: float) -> str:
+    """0.0002 -> '2e-4', 0.0151 -> '2e-2': one significant digit is how people name rates."""
+    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
 def summary(hyper: dict[str, Any]) -> str:
@@ -59,7 +62,7 @@ def summary(hyper: dict[str, Any]) -> str:
     if "lora_alpha" in hyper:
         parts.append(f"a{_number(hyper['lora_alpha'])}")
     if "learning_rate" in hyper:
-        parts.append(f"lr{_number(float(hyper['learning_rate']))}")
+        parts.append(f"lr{_rate(float(hyper['learning_rate']))}")
     if "batch" in hyper:
         micro, accum = hyper["batch"]
         parts.append(f"b{micro}x{accum}")

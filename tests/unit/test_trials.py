@@ -18,6 +18,7 @@ def test_summary_and_params() -> None:
     hyper = {"method": "qlora", "lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-4, "batch": (4, 8), "target_modules": "attention"}
     assert summary(hyper) == "qlora r16 a32 lr2e-4 b4x8 attention"
     assert summary({"lora_alpha": 8.5, "target_modules": ("q_proj", "v_proj")}) == "a8.5 q_proj+v_proj"
+    assert summary({"learning_rate": 0.0151}) == "lr2e-2" and summary({"learning_rate": 1.0}) == "lr1e0"
     assert param_value((4, 8)) == "[4, 8]" and param_value("x") == "x"
 
 
