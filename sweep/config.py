@@ -19,6 +19,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from sweep.space import Dimension, HyperparamSpec, Range, Ratio, Space, parse_dimension
 
 TINY_MODEL = "tiny-gemma3"
+TINY_VISION_MODEL = "tiny-gemma3-vision"  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
+TINY_MODELS = (TINY_MODEL, TINY_VISION_MODEL)
+EMBEDDING_POLICIES = ("auto", "full", "new_tokens", "frozen")
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 # Metrics a trial reports (the MLflow names); any may be the search metric.
 METRICS = ("eval_loss", "train_loss", "tokens_per_sec", "peak_vram_gb", "peak_rss_gb")
@@ -97,10 +100,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _switch(value: Any) -> Any:
+    """on | off | auto; YAML reads bare on/off as booleans already."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.lower() in ("on", "off"):
+        return value.lower() == "on"
+    raise ValueError("expected on, off or auto")
+
+
+Switch = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_switch)]
+
+
 class ModelSection(Section):
-    id: str = Field(description="a hub id (google/gemma-3-1b-pt), a local folder, or tiny-gemma3 (offline random tiny model)")
+    id: str = Field(description="a hub id (google/gemma-3-1b-pt), a local folder, tiny-gemma3 or tiny-gemma3-vision (offline random tiny models)")
     chat_template_from: str | None = Field(None, description="hub id or folder whose chat template replaces the tokenizer's own (e.g. the -it model)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of model.id")
+    embeddings: Literal["auto", "full", "new_tokens", "frozen"] = Field(
+        "auto", description="auto, full (train embed_tokens + tied lm_head), new_tokens (train only the chat-template token rows) or frozen"
+    )
 
 
 class DataSection(Section):
@@ -134,8 +152,8 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay, 0 <= x < 1")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of max_steps spent warming up, 0 <= x < 1")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="cosine, linear or constant (after warmup)")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="adamw, adamw_8bit or paged_adamw_8bit")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory (true/false)")
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("auto", description="auto (paged_adamw_8bit for qlora, adamw for lora), adamw, adamw_8bit or paged_adamw_8bit")
+    gradient_checkpointing: Switch = Field("auto", description="on, off or auto (on when activations would take over a quarter of the GPU)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, > 0")
 
 
@@ -422,7 +440,7 @@ class SweepConfig:
 
 def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list[str]) -> str | None:
     """A local path (made absolute, relative to the space file) or a hub id; else a problem."""
-    if kind == "model" and value == TINY_MODEL:
+    if kind == "model" and value in TINY_MODELS:
         return value
     candidate = (base / Path(value).expanduser()).resolve()
     if candidate.exists():
@@ -436,7 +454,7 @@ def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list
     looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in DATA_SUFFIXES
     if _HUB_ID.match(value) and not looks_local:
         return value
-    what = "a local folder, a hub id (org/name)" + (" or tiny-gemma3" if kind == "model" else "")
+    what = "a local folder, a hub id (org/name)" + (f" or {' / '.join(TINY_MODELS)}" if kind == "model" else "")
     if kind == "data":
         what = f"a {'/'.join(DATA_SUFFIXES)} file or a hub dataset id (org/name)"
     problems.append(f"{path}: {value!r} not found (looked for {candidate}); expected {what}")

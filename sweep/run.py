@@ -158,7 +158,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
     stats = prepared.stats
     log(
         f"data: {stats['train']['examples']} train examples -> {stats['train']['rows']} sequences "
-        f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples"
+        f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples; "
+        f"template tokens: {', '.join(stats['template_tokens']) or 'none'}"
     )
     started_ray = connect_ray(address, log)
     try:
@@ -194,6 +195,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
             data_dir=str(prepared.folder),
             train=cfg.train,
             threads=max(1, int(cpus)),
+            embeddings=cfg.model.embeddings,
+            template_ids=tuple(stats["template_tokens"].values()),
+            max_seq_len=cfg.data.max_seq_len,
         )
         trainable = tune.with_resources(tune.with_parameters(tune_trial, base=base), {"cpu": cpus, "gpu": gpus})
         trial_runs = TrialRuns(sweep_run, ledger, fixed)

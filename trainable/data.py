@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from sweep.config import DataSection
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 20
@@ -259,6 +259,18 @@ def _encode_all(tokenizer: Any, rows: list[tuple[str, Any]], max_seq_len: int) -
     return examples, {"examples": len(examples), "truncated": truncated, "dropped_no_reply_left": dropped}
 
 
+def template_tokens(tokenizer: Any, examples: list[tuple[list[int], list[int]]]) -> dict[str, int]:
+    """Special / added tokens the rendered data uses (e.g. <start_of_turn>, <end_of_turn>): the rows
+    the `new_tokens` embedding policy trains. BOS and padding are left out: every base model has
+    trained those."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    special -= {tokenizer.bos_token_id, tokenizer.pad_token_id}
+    used = set()
+    for ids, _ in examples:
+        used.update(i for i in ids if i in special)
+    return {tokenizer.convert_ids_to_tokens(i): i for i in sorted(used)}
+
+
 def _rows_to_dataset(examples: list, packing: bool, max_seq_len: int, seed: int) -> tuple[Any, dict]:
     import datasets
 
@@ -312,7 +324,11 @@ def prepare(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int, log: 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=folder.parent))
     try:
-        stats: dict[str, Any] = {"max_seq_len": data.max_seq_len, "packing": data.packing}
+        stats: dict[str, Any] = {
+            "max_seq_len": data.max_seq_len,
+            "packing": data.packing,
+            "template_tokens": template_tokens(tokenizer, train_ex),
+        }
         for name, ex, ex_stats in (("train", train_ex, train_stats), ("eval", eval_ex, eval_stats)):
             ds, row_stats = _rows_to_dataset(ex, data.packing, data.max_seq_len, seed)
             ds.save_to_disk(str(tmp / name))

@@ -1,8 +1,13 @@
 """Load a causal LM and its tokenizer, quantize it for QLoRA, and wrap it with a LoRA adapter.
 
-Gemma 3 rules from the seed live here: the chat template may come from the instruct model while
-the base model's tokenizer is kept (`chat_template_from`); LoRA targets are named presets of the
-projection layers.
+Gemma 3 rules from the seed live here:
+- the chat template may come from the instruct model while the base model's tokenizer is kept
+  (`chat_template_from`);
+- LoRA goes on the language model only: Gemma 3 4B+ checkpoints are
+  Gemma3ForConditionalGeneration, whose SigLIP vision tower also has q/k/v projections;
+- the embedding policy (`model.embeddings`): `full` trains embed_tokens (the seed's
+  modules_to_save), `new_tokens` only the rows of the chat template's special tokens, `frozen`
+  none; Gemma 3 ties lm_head to embed_tokens, and every policy keeps that tie.
 """
 
 from __future__ import annotations
@@ -11,19 +16,23 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.config import TINY_MODEL, TrainSection
+from sweep.config import TINY_MODELS, TrainSection
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 PRESETS: dict[str, tuple[str, ...]] = {"attention": ATTENTION, "mlp": MLP, "all-linear": ATTENTION + MLP}
+# auto: a template token whose embedding row is this much shorter than the median row, or points
+# where the mean row points, was never (or hardly) updated in pre-training.
+UNTRAINED_NORM_RATIO = 0.1
+UNTRAINED_MEAN_COSINE = 0.99
 
 
 def resolve_model_path(model_id: str) -> str:
-    """tiny-gemma3 -> its locally built folder; anything else is passed to from_pretrained as is."""
-    if model_id == TINY_MODEL:
+    """tiny-gemma3[-vision] -> its locally built folder; anything else goes to from_pretrained as is."""
+    if model_id in TINY_MODELS:
         from trainable.tiny import ensure_tiny
 
-        return str(ensure_tiny())
+        return str(ensure_tiny(model_id))
     return model_id
 
 
@@ -50,30 +59,133 @@ def load_tokenizer(model_id: str, chat_template_from: str | None = None, revisio
     return tokenizer
 
 
-def linear_module_names(model_id: str, revision: str | None = None) -> set[str]:
-    """Leaf names of the model's nn.Linear layers, from its config alone (meta device, no weights)."""
+# ----------------------------------------------------------------------------------------------
+# where LoRA goes
+
+
+def decoder_prefix(model: Any) -> str:
+    """Module path of the text decoder: 'model' (Gemma3ForCausalLM), 'model.language_model' (4B+)."""
+    decoder = model.get_decoder()
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    raise ValueError(f"{type(model).__name__}: cannot find its text decoder")
+
+
+def language_linear_names(model: Any) -> set[str]:
+    """Leaf names of the nn.Linear layers inside the text decoder (never a vision tower)."""
+    import torch
+
+    prefix = decoder_prefix(model) + "."
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(prefix)
+    }
+
+
+def lora_target_pattern(model: Any, target_modules: str | tuple[str, ...]) -> str:
+    """A PEFT target regex that matches the named projections inside the text decoder only."""
+    names = "|".join(re.escape(n) for n in target_names(target_modules))
+    return rf"^{re.escape(decoder_prefix(model))}\..*\.({names})$"
+
+
+def meta_model(model_id: str, revision: str | None = None) -> Any:
+    """The model built from its config on the meta device: its structure, without weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_id), revision=revision)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        return AutoModelForCausalLM.from_config(config)
 
 
 def check_targets(model_id: str, choices: list[str | tuple[str, ...]], revision: str | None = None) -> list[str]:
-    """Problems with target module choices for this model (empty when all match)."""
-    available = linear_module_names(model_id, revision) - {"lm_head"}
+    """Problems with target module choices for this model's language model (empty when all match)."""
+    available = language_linear_names(meta_model(model_id, revision))
     problems = []
     for choice in choices:
         missing = [n for n in target_names(choice) if n not in available]
         if missing:
             label = choice if isinstance(choice, str) else "[" + ", ".join(choice) + "]"
             problems.append(
-                f"target_modules {label}: no linear layer named {', '.join(missing)} in {model_id}; "
+                f"target_modules {label}: no linear layer named {', '.join(missing)} in {model_id}'s language model; "
                 f"its linear layers are: {', '.join(sorted(available))}"
             )
     return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# embeddings
+
+
+def untrained_rows(weight: Any, ids: list[int]) -> list[int]:
+    """Which of `ids` have embedding rows that look untrained.
+
+    A row counts as untrained when its norm is under UNTRAINED_NORM_RATIO x the median row norm
+    (never updated, or decayed towards zero), or when it points where the mean of all rows points
+    (cosine > UNTRAINED_MEAN_COSINE: the usual initialisation of added tokens). Computed in chunks
+    so a 262k-row matrix never needs an fp32 copy.
+    """
+    import torch
+
+    if not ids:
+        return []
+    norms, total = [], torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], 16384):
+        chunk = weight[start : start + 16384].float()
+        norms.append(chunk.norm(dim=1))
+        total += chunk.sum(dim=0)
+    norms_all = torch.cat(norms)
+    median = norms_all.median()
+    mean_row = total / weight.shape[0]
+    rows = weight[ids].float()
+    short = norms_all[ids] < UNTRAINED_NORM_RATIO * median
+    like_mean = torch.nn.functional.cosine_similarity(rows, mean_row[None], dim=1) > UNTRAINED_MEAN_COSINE
+    if float(mean_row.norm()) < 1e-6 * float(median):  # a zero-mean matrix says nothing by direction
+        like_mean = torch.zeros_like(short)
+    return [i for i, flag in zip(ids, (short | like_mean).tolist()) if flag]
+
+
+def resolve_embeddings(policy: str, model: Any, template_ids: list[int]) -> tuple[str, str]:
+    """(policy actually used, why) for `model.embeddings`."""
+    if policy == "new_tokens" and not template_ids:
+        return "frozen", "new_tokens requested, but the data uses no special tokens beyond <bos>"
+    if policy != "auto":
+        return policy, "as configured"
+    untrained = untrained_rows(model.get_input_embeddings().weight, template_ids)
+    if untrained:
+        return "new_tokens", f"auto: {len(untrained)} of {len(template_ids)} template tokens look untrained (ids {untrained})"
+    if not template_ids:
+        return "frozen", "auto: the data uses no special tokens beyond <bos>"
+    return "frozen", f"auto: all {len(template_ids)} template tokens look trained"
+
+
+def _leaf_name(model: Any, target: Any) -> str:
+    return next(name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is target)
+
+
+def embedding_config(model: Any, policy: str, template_ids: list[int]) -> dict[str, Any]:
+    """LoraConfig keywords for an embedding policy, keeping Gemma 3's lm_head <-> embed_tokens tie."""
+    if policy == "frozen":
+        return {}
+    embed = _leaf_name(model, model.get_input_embeddings())
+    head = _leaf_name(model, model.get_output_embeddings())
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False))
+    if policy == "full":
+        # Tied: one trainable copy serves both (the seed's two modules_to_save would untie them and
+        # hold two copies of the 262k-row matrix).
+        return {"modules_to_save": [embed, head], "ensure_weight_tying": tied}
+    # new_tokens: only these rows get a trainable delta; PEFT ties it into a tied lm_head by itself
+    # (same indices); an untied lm_head gets its own delta for the same rows.
+    indices = {embed: list(template_ids)}
+    if not tied:
+        indices[head] = list(template_ids)
+    return {"trainable_token_indices": indices}
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
 
 
 @dataclass
@@ -96,7 +208,35 @@ def pick_device_and_dtype(requested: str) -> tuple[Any, Any]:
     return device, torch.float32
 
 
-def load_model(model_id: str, train: TrainSection, revision: str | None = None) -> LoadedModel:
+def resolve_checkpointing(train: TrainSection, config: Any, tokens: int, device: Any) -> bool:
+    """on / off as configured; auto: on when the decoder's activations would take over a quarter of
+    the GPU (never on a CPU, where memory is not the constraint)."""
+    if train.gradient_checkpointing != "auto":
+        return bool(train.gradient_checkpointing)
+    if device.type != "cuda":
+        return False
+    import torch
+
+    from sweep.estimate import TextShape, wants_checkpointing
+
+    return wants_checkpointing(TextShape.from_config(config), tokens, torch.cuda.get_device_properties(device).total_memory)
+
+
+def resolve_optimizer(train: TrainSection) -> str:
+    """auto: paged 8-bit AdamW for QLoRA (the seed's choice), plain AdamW for LoRA."""
+    if train.optimizer != "auto":
+        return train.optimizer
+    return "paged_adamw_8bit" if train.method == "qlora" else "adamw"
+
+
+def load_model(
+    model_id: str,
+    train: TrainSection,
+    revision: str | None = None,
+    embeddings: str = "frozen",
+    template_ids: list[int] | None = None,
+    tokens_per_micro_batch: int = 0,
+) -> LoadedModel:
     """The base model (4-bit NF4 for QLoRA) with a fresh LoRA adapter built from `train`'s values."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -118,7 +258,8 @@ def load_model(model_id: str, train: TrainSection, revision: str | None = None) 
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
-    if train.gradient_checkpointing:
+    checkpointing = resolve_checkpointing(train, model.config, tokens_per_micro_batch, device)
+    if checkpointing:
         # Non-reentrant checkpointing needs no input grads and works with frozen embeddings.
         # Newer transformers 5.x renamed the method (and its keyword); older 5.x only has the old one.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -126,13 +267,16 @@ def load_model(model_id: str, train: TrainSection, revision: str | None = None) 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    template_ids = list(template_ids or [])
+    policy, reason = resolve_embeddings(embeddings, model, template_ids)
     lora = LoraConfig(
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
-        target_modules=list(target_names(train.target_modules)),
+        target_modules=lora_target_pattern(model, train.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
+        **embedding_config(model, policy, template_ids),
     )
     # The adapter's initial weights depend only on the seed, never on what ran before.
     torch.manual_seed(train.seed)
@@ -146,7 +290,13 @@ def load_model(model_id: str, train: TrainSection, revision: str | None = None) 
         "compute_dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "lora_targets": ",".join(target_names(train.target_modules)),
+        "lora_layers": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
         "model_class": type(model.get_base_model()).__name__,
+        "embeddings": policy,
+        "embeddings_reason": reason,
+        "embedding_rows_trained": len(template_ids) if policy == "new_tokens" else ("all" if policy == "full" else 0),
+        "gradient_checkpointing": checkpointing,
+        "optimizer": resolve_optimizer(train),
     }
     return LoadedModel(model=model, device=device, dtype=dtype, info=info)
 
@@ -161,6 +311,6 @@ def load_adapter_state(model: Any, state: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, state)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if re.search(r"lora_", k)]
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if re.search(r"lora_|trainable_tokens|modules_to_save", k)]
     if unexpected:
         raise RuntimeError(f"checkpoint holds adapter weights this model lacks: {unexpected[:5]}")

@@ -162,31 +162,56 @@ def text_config(vocab_size: int):
     )
 
 
-def build(folder: Path) -> None:
-    """Write a tiny random Gemma3ForCausalLM and its tokenizer to `folder` (deterministic)."""
+def vision_config(tokenizer):
+    """Gemma 3 4B+ layout (Gemma3ForConditionalGeneration): the tiny text model plus a tiny SigLIP tower."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=28, patch_size=14, vision_use_head=False,
+    )  # fmt: skip
+    return Gemma3Config(
+        text_config=text_config(len(tokenizer)).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+    )
+
+
+def build(folder: Path, vision: bool = False) -> None:
+    """Write a tiny random Gemma 3 (text-only, or with a vision tower) and its tokenizer (deterministic)."""
     import torch
-    from transformers import Gemma3ForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
     tokenizer = build_tokenizer()
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        model = Gemma3ForCausalLM(text_config(len(tokenizer)))
+        if vision:
+            model = Gemma3ForConditionalGeneration(vision_config(tokenizer))
+        else:
+            model = Gemma3ForCausalLM(text_config(len(tokenizer)))
     finally:
         torch.random.set_rng_state(state)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-def ensure_tiny(root: Path | None = None) -> Path:
+def ensure_tiny(name: str = "tiny-gemma3", root: Path | None = None) -> Path:
     """The tiny model's folder, built on first use. Safe when several processes race to build it."""
-    folder = (root or cache_root()) / f"tiny-gemma3-{TINY_VERSION}"
+    if name not in ("tiny-gemma3", "tiny-gemma3-vision"):
+        raise ValueError(f"unknown tiny model {name!r}")
+    folder = (root or cache_root()) / f"{name}-{TINY_VERSION}"
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
-        build(tmp)
+        build(tmp, vision=name.endswith("-vision"))
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first; theirs is identical

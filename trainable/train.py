@@ -36,6 +36,9 @@ class TrialSpec:
     train: TrainSection
     sampled: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
+    embeddings: str = "frozen"  # model.embeddings: auto | full | new_tokens | frozen
+    template_ids: tuple[int, ...] = ()  # special tokens the data uses (rows new_tokens trains)
+    max_seq_len: int = 1024
 
     def with_sampled(self, sampled: dict[str, Any]) -> "TrialSpec":
         known = {k: v for k, v in sampled.items() if k in TrainSection.model_fields}
@@ -94,11 +97,14 @@ def is_oom(exc: BaseException) -> bool:
 def build_optimizer(params: list, train: TrainSection, device: Any) -> Any:
     import torch
 
-    if train.optimizer == "adamw":
+    from trainable.model import resolve_optimizer
+
+    name = resolve_optimizer(train)
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay, fused=device.type == "cuda")
     import bitsandbytes as bnb
 
-    cls = bnb.optim.PagedAdamW8bit if train.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
@@ -183,14 +189,21 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
     _reset_peak_rss()
     started = time.perf_counter()
     loaded = None
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0}
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "warm": None}
     try:
-        loaded = load_model(spec.model_id, train, spec.revision)
+        loaded = load_model(
+            spec.model_id,
+            train,
+            spec.revision,
+            embeddings=spec.embeddings,
+            template_ids=list(spec.template_ids),
+            tokens_per_micro_batch=train.batch[0] * spec.max_seq_len,
+        )
         model, device = loaded.model, loaded.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         train_ds, eval_ds = load_split(spec.data_dir, "train"), load_split(spec.data_dir, "eval")
-        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        pad_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, train, device)
         schedule = build_schedule(optimizer, train)
@@ -204,7 +217,7 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
             "micro_batch": micro,
             "grad_accum": accum,
             "effective_batch": micro * accum,
-            "tokens_per_sec_counts": "all non-padding input tokens (loss_tokens_per_sec: reply tokens only)",
+            "tokens_per_sec_counts": "all non-padding input tokens, after the first logging window (loss_tokens_per_sec: reply tokens only)",
         }
         return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
     except Exception as exc:
@@ -274,20 +287,27 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
                 return metrics
             history.append([step, loss, lr])
             report_losses.append(loss)
+            if state["warm"] is None:
+                # Throughput is counted from here on: the first window pays for lazy init and
+                # allocator warm-up, which a long trial does not see again.
+                state["warm"] = [state["tokens"], state["loss_tokens"], state["train_seconds"]]
         else:
             state["train_seconds"] += time.perf_counter() - tick
         if not is_eval:
             continue
         eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device)
-        seconds = max(state["train_seconds"], 1e-9)
         done = step == train.max_steps
+        tokens, loss_tokens, seconds = state["tokens"], state["loss_tokens"], state["train_seconds"]
+        if state["warm"] is not None and state["train_seconds"] > state["warm"][2]:
+            tokens, loss_tokens, seconds = (state[k] - w for k, w in zip(("tokens", "loss_tokens", "train_seconds"), state["warm"]))
+        seconds = max(seconds, 1e-9)
         metrics = {
             "step": step,
             "eval_loss": eval_loss,
             "train_loss": sum(report_losses) / len(report_losses),
             "learning_rate": lr,
-            "tokens_per_sec": state["tokens"] / seconds,
-            "loss_tokens_per_sec": state["loss_tokens"] / seconds,
+            "tokens_per_sec": tokens / seconds,
+            "loss_tokens_per_sec": loss_tokens / seconds,
             **peak_memory(device),
             "trial_status": "completed" if done else "running",
             "history": history,

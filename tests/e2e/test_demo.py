@@ -53,7 +53,7 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
         for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_rss_gb", "learning_rate"):
             assert math.isfinite(run.data.metrics[key]), (run.info.run_name, key)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 4
-        for key in ("lora_r", "lora_alpha", "learning_rate", "batch", "trainable_params", "effective_batch", "quantization"):
+        for key in ("lora_r", "lora_alpha", "learning_rate", "batch", "trainable_params", "effective_batch", "quantization", "embeddings", "embeddings_reason", "optimizer", "gradient_checkpointing"):
             assert key in run.data.params, key
         if status == "completed":
             finals[run.data.tags["trial"]] = run.data.metrics["eval_loss"]

@@ -56,5 +56,5 @@ def test_unknown_lora_targets_are_caught_before_trials_start(tmp_path: Path) -> 
     space = write_space(tmp_path, MINIMAL.replace("  lora_r: [4, 8]\n", "  target_modules: [attention, [q_proj, qkv_proj]]\n") + "tracking: {results_dir: out}\n")
     result = sweep("run", str(space), cwd=tmp_path)
     assert result.returncode == 2
-    assert "space.target_modules: target_modules [q_proj, qkv_proj]: no linear layer named qkv_proj in tiny-gemma3" in result.stderr
+    assert "space.target_modules: target_modules [q_proj, qkv_proj]: no linear layer named qkv_proj in tiny-gemma3's language model" in result.stderr
     assert "ray:" not in result.stdout

@@ -162,7 +162,7 @@ def test_gradient_checkpointing_and_8bit_adam(data_dir: str) -> None:
 def test_target_check_names_the_missing_layers() -> None:
     assert check_targets("tiny-gemma3", ["all-linear", ("q_proj", "v_proj")]) == []
     (problem,) = check_targets("tiny-gemma3", [("q_proj", "qkv")])
-    assert problem.startswith("target_modules [q_proj, qkv]: no linear layer named qkv in tiny-gemma3; its linear layers are: down_proj, gate_proj")
+    assert problem.startswith("target_modules [q_proj, qkv]: no linear layer named qkv in tiny-gemma3's language model; its linear layers are: down_proj, gate_proj")
 
 
 def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
