@@ -184,6 +184,55 @@ def embedding_config(model: Any, policy: str, template_ids: list[int]) -> dict[s
     return {"trainable_token_indices": indices}
 
 
+def _rows_forward(layer: Any, x: Any, active_adapters: Any, *args: Any, **kwargs: Any) -> Any:
+    """TrainableTokensLayer's forward without the merged weight matrix.
+
+    PEFT computes `W.index_copy(rows, delta)` on every call: a full copy of the 262k-row matrix for
+    the embedding, and another for the tied lm_head that backward keeps alive. Here the base
+    weight is used as is and only the trained rows are swapped in: embedding outputs at those token
+    positions, lm_head logits in those columns. Same values and gradients, no copy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if layer.disable_adapters or layer.merged or len(active_adapters) != 1:
+        return layer._peft_forward_adapters(x, active_adapters, *args, **kwargs)
+    (name,) = active_adapters
+    base = layer.base_layer
+    weight = base.weight
+    index = torch.as_tensor(layer.token_indices[name], device=weight.device)
+    delta = layer.trainable_tokens_delta[name].to(weight.dtype)
+    if isinstance(base, torch.nn.Embedding):
+        out = F.embedding(x, weight, padding_idx=base.padding_idx)
+        slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slot[index] = torch.arange(len(index), device=weight.device)
+        rows = slot[x]
+        trained = F.embedding(rows.clamp(min=0), delta)
+        out = torch.where((rows >= 0).unsqueeze(-1), trained, out)
+        scale = layer._get_embed_scale()
+        return out * scale.to(out.dtype) if scale is not None else out
+    if isinstance(base, torch.nn.Linear):
+        out = F.linear(x, weight, base.bias)
+        out[..., index] = F.linear(x, delta, base.bias[index] if base.bias is not None else None)
+        return out
+    return layer._peft_forward_adapters(x, active_adapters, *args, **kwargs)
+
+
+def copy_free_token_rows(model: Any) -> int:
+    """Give every PEFT TrainableTokensLayer in `model` the copy-free forward; returns how many."""
+    import types
+
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and not hasattr(module, "_peft_forward_adapters"):
+            module._peft_forward_adapters = module.forward_adapters
+            module.forward_adapters = types.MethodType(_rows_forward, module)
+            count += 1
+    return count
+
+
 # ----------------------------------------------------------------------------------------------
 # loading
 
@@ -281,6 +330,8 @@ def load_model(
     # The adapter's initial weights depend only on the seed, never on what ran before.
     torch.manual_seed(train.seed)
     model = get_peft_model(model, lora)
+    if policy == "new_tokens":
+        copy_free_token_rows(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     info = {

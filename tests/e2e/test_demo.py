@@ -25,7 +25,7 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sweep", "run", str(ROOT / "search_spaces" / "demo.yaml"), f"tracking.results_dir={tmp_path}"],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
         capture_output=True,
         text=True,
         timeout=600,

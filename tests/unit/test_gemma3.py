@@ -145,6 +145,32 @@ def test_new_tokens_trains_only_template_rows(model_id: str) -> None:
     assert head.token_adapter.tied_adapter is adapter
 
 
+@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-gemma3-vision"])
+def test_copy_free_rows_match_peft(model_id: str) -> None:
+    """Our forward for trainable token rows gives PEFT's values and gradients, without the copy."""
+    loaded = load_model(model_id, TrainSection(lora_r=4, lora_dropout=0.0), embeddings="new_tokens", template_ids=[SOT, EOT])
+    model = loaded.model
+    adapter = model.get_input_embeddings().token_adapter
+    with torch.no_grad():
+        adapter.trainable_tokens_delta["default"].add_(torch.randn_like(adapter.trainable_tokens_delta["default"]))
+    ids = torch.tensor([[2, SOT, 40, 41, EOT, SOT, 50, 51, 52, EOT]])
+
+    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), out.loss.detach(), adapter.trainable_tokens_delta["default"].grad.clone()
+
+    ours = loss_and_grad()
+    layers = [m for m in model.modules() if hasattr(m, "_peft_forward_adapters")]
+    assert len(layers) == 2  # the embedding and the tied lm_head
+    for m in layers:
+        m.forward_adapters = m._peft_forward_adapters
+    peft = loss_and_grad()
+    for a, b in zip(ours, peft):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_trains_no_embedding() -> None:
     loaded = load_model("tiny-gemma3", TrainSection(lora_r=4), embeddings="frozen", template_ids=[SOT, EOT])
     trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]

@@ -1,0 +1,163 @@
+"""Gemma 3 at real size on one GPU: the three embedding policies for 1B LoRA, 4B LoRA and 12B QLoRA.
+
+    python bench/gemma3_policies.py --sizes 1b,4b,12b --out results.json
+
+For each size, a random-weight checkpoint of the real architecture is built on the GPU (bf16),
+saved to --workdir with the tiny Gemma-format tokenizer (its token ids are valid in the real
+vocabulary; throughput and memory do not depend on the weights' values), and loaded back through
+the normal path (`from_pretrained`, with BitsAndBytesConfig for QLoRA). Then each policy runs as
+one trial in a fresh process (clean CUDA peak statistics) via trainable.train.run:
+seq 1024 packed, the seed's LoRA settings (r=16, alpha=16, dropout 0.05, q/k/v/o/gate/up/down),
+micro-batch 1 x --accum accumulation, paged_adamw_8bit, gradient checkpointing on (as the seed).
+Each trial's figures (peak allocated / reserved VRAM, tokens/sec after the first step, load
+seconds, trainable params) go to --out as JSON, and a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The published Gemma 3 text shapes; 4B and 12B are Gemma3ForConditionalGeneration (SigLIP tower).
+ARCH = {
+    "1b": {"multimodal": False, "hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+           "head_dim": 256, "vocab_size": 262144, "intermediate_size": 6912, "sliding_window": 512, "method": "lora"},
+    "4b": {"multimodal": True, "hidden_size": 2560, "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "head_dim": 256, "vocab_size": 262208, "intermediate_size": 10240, "sliding_window": 1024, "method": "lora"},
+    "12b": {"multimodal": True, "hidden_size": 3840, "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "head_dim": 256, "vocab_size": 262208, "intermediate_size": 15360, "sliding_window": 1024, "method": "qlora"},
+}  # fmt: skip
+POLICIES = ("full", "new_tokens", "frozen")
+
+
+def build_checkpoint(size: str, folder: Path) -> float:
+    """Random weights, real architecture, saved like a hub checkpoint. Returns seconds taken."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from trainable.tiny import build_tokenizer
+
+    started = time.perf_counter()
+    arch = {k: v for k, v in ARCH[size].items() if k not in ("multimodal", "method")}
+    text = Gemma3TextConfig(**arch, query_pre_attn_scalar=256, max_position_embeddings=32768, tie_word_embeddings=True)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        if ARCH[size]["multimodal"]:
+            vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                        image_size=896, patch_size=14, vision_use_head=False)  # fmt: skip
+            config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=256)
+            model = Gemma3ForConditionalGeneration(config)
+        else:
+            model = Gemma3ForCausalLM(text)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return time.perf_counter() - started
+
+
+def prepare_data(folder: Path, cache: Path) -> tuple[str, list[int]]:
+    from sweep.config import DataSection
+    from trainable.data import prepare
+    from trainable.model import load_tokenizer
+
+    demo = ROOT / "search_spaces" / "data" / "demo"
+    section = DataSection(train=str(demo / "train.jsonl"), eval=str(demo / "eval.jsonl"), max_seq_len=1024, packing=True)
+    prepared = prepare(section, load_tokenizer(str(folder)), cache, seed=0, log=lambda s: None)
+    return str(prepared.folder), list(prepared.stats["template_tokens"].values())
+
+
+def one_trial(model_dir: str, data_dir: str, template_ids: list[int], method: str, policy: str, steps: int, accum: int) -> dict:
+    """Runs in its own process; returns the final metrics plus what the trial derived."""
+    from contextlib import contextmanager
+
+    from sweep.config import TrainSection
+    from trainable.train import TrialSpec, run
+
+    class Reporter:
+        def __init__(self) -> None:
+            self.reports: list[dict] = []
+
+        def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+            self.reports.append(metrics)
+
+        @contextmanager
+        def restore(self):
+            yield None
+
+    train = TrainSection(
+        method=method, lora_r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", learning_rate=2e-4,
+        batch=(1, accum), max_steps=steps, eval_every=steps, log_every=1, optimizer="paged_adamw_8bit", gradient_checkpointing=True,
+    )  # fmt: skip
+    spec = TrialSpec(model_id=model_dir, revision=None, data_dir=data_dir, train=train, embeddings=policy,
+                     template_ids=tuple(template_ids), max_seq_len=1024, threads=8)  # fmt: skip
+    reporter = Reporter()
+    last = run(spec, reporter)
+    derived = reporter.reports[0].get("derived", {}) if reporter.reports else {}
+    keep = ("trainable_params", "total_params", "embeddings", "embeddings_reason", "model_class", "lora_layers", "quantization")
+    return {**{k: v for k, v in last.items() if k not in ("history", "derived")}, **{k: derived.get(k) for k in keep}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1b,4b,12b")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--workdir", default="/tmp/gemma3-bench")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--one", nargs=6, metavar=("MODEL_DIR", "DATA_DIR", "IDS", "METHOD", "POLICY", "STEPS_ACCUM"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        model_dir, data_dir, ids, method, policy, steps_accum = args.one
+        steps, accum = (int(x) for x in steps_accum.split("x"))
+        result = one_trial(model_dir, data_dir, json.loads(ids), method, policy, steps, accum)
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes.split(","):
+        folder = work / f"gemma3-{size}"
+        build_seconds = build_checkpoint(size, folder)
+        data_dir, ids = prepare_data(folder, work / "data")
+        for policy in args.policies.split(","):
+            out = work / f"{size}-{policy}.json"
+            started = time.perf_counter()
+            cmd = [sys.executable, __file__, "--out", str(out), "--one", str(folder), data_dir, json.dumps(ids),
+                   ARCH[size]["method"], policy, f"{args.steps}x{args.accum}"]  # fmt: skip
+            path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+            row = {"size": size, "method": ARCH[size]["method"], "policy": policy, "build_seconds": round(build_seconds, 1),
+                   "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+            if proc.returncode == 0:
+                row.update(json.loads(out.read_text()))
+            else:
+                row.update(trial_status="error", error=proc.stderr[-2000:])
+            rows.append(row)
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+            print(json.dumps(row)[:600], flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    print(f"\n{'size':<5} {'method':<6} {'policy':<11} {'status':<10} {'peak alloc GB':>13} {'peak resv GB':>12} {'tok/s':>8} {'load s':>7} {'trainable':>12}")
+    for r in rows:
+        print(
+            f"{r['size']:<5} {r['method']:<6} {r['policy']:<11} {r.get('trial_status', '?'):<10} {r.get('peak_vram_gb', float('nan')):>13.2f} "
+            f"{r.get('peak_vram_reserved_gb', float('nan')):>12.2f} {r.get('tokens_per_sec', float('nan')):>8.0f} "
+            f"{r.get('load_seconds', float('nan')):>7.1f} {r.get('trainable_params') or 0:>12,}"
+        )
+
+
+if __name__ == "__main__":
+    main()
