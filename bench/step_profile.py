@@ -39,7 +39,7 @@ def timed(fn, repeat: int) -> float:
 def main() -> None:
     import torch
 
-    from gemma3_policies import ARCH, build_checkpoint, prepare_data
+    from realsize import ARCH, build_checkpoint, prepare_data
     from sweep.config import TrainSection
     from trainable.data import load_split, train_batches
     from trainable.model import load_model

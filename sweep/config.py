@@ -140,6 +140,7 @@ class TrainSection(Section):
     eval_batch_size: int | None = Field(None, gt=0, description="sequences per eval batch; default: the micro-batch")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto (bf16 on GPUs that have it, else fp32), bfloat16, float16, float32")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="sdpa, eager or flash_attention_2")
+    loss: Literal["chunked", "model"] = Field("chunked", description="chunked (lm_head + cross-entropy over reply tokens, a chunk at a time) or model (the model's own loss)")
     seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
     # searchable hyperparameters
     method: Literal["lora", "qlora"] = Field("lora", description="lora or qlora (4-bit NF4 base)")

@@ -370,8 +370,18 @@ def collate(rows: dict[str, list], pad_id: int) -> dict[str, Any]:
         position_ids[i, :k] = torch.tensor(pos)
         position_ids[i, k:] = torch.arange(length - k)
         tokens += k
-    loss_tokens = int((labels[:, 1:] != IGNORE).sum())
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "tokens": tokens, "loss_tokens": loss_tokens}
+    from trainable.loss import loss_positions
+
+    loss_index, targets = loss_positions(labels)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "loss_index": loss_index,
+        "targets": targets,
+        "tokens": tokens,
+        "loss_tokens": int(loss_index.numel()),
+    }
 
 
 def row_order(n_rows: int, seed: int, start: int) -> Iterator[int]:

@@ -116,7 +116,37 @@ def build_schedule(optimizer: Any, train: TrainSection) -> Any:
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=train.max_steps)
 
 
-def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any) -> float:
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Tensors to the device without blocking the host (pinned first on CUDA)."""
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            if device.type == "cuda":
+                value = value.pin_memory()
+            value = value.to(device, non_blocking=True)
+        out[key] = value
+    return out
+
+
+def summed_batch_loss(model: Any, batch: dict[str, Any], impl: str) -> Any:
+    """Sum of the cross-entropy over the batch's reply tokens (`batch` already on the device)."""
+    if impl == "chunked":
+        from trainable.loss import summed_loss
+
+        return summed_loss(model, batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["targets"])
+    out = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        labels=batch["labels"],
+        num_items_in_batch=1,  # the model's loss comes back as a sum over tokens
+        use_cache=False,
+    )
+    return out.loss
+
+
+def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any, impl: str = "chunked") -> float:
     """Token-weighted mean loss over every reply token of the eval set."""
     import torch
 
@@ -129,14 +159,7 @@ def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any) -> 
         for batch in eval_batches(ds, batch_size, pad_id):
             if batch["loss_tokens"] == 0:
                 continue
-            out = model(
-                input_ids=batch["input_ids"].to(device),
-                position_ids=batch["position_ids"].to(device),
-                labels=batch["labels"].to(device),
-                num_items_in_batch=1,  # loss comes back as a sum over tokens
-                use_cache=False,
-            )
-            total += out.loss.double()
+            total += summed_batch_loss(model, to_device(batch, device), impl).double()
             count += batch["loss_tokens"]
     model.train()
     return float(total) / max(count, 1)
@@ -144,12 +167,14 @@ def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any) -> 
 
 def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, state: dict[str, Any]) -> None:
     import torch
-    from safetensors.torch import save_file
 
     from trainable.model import adapter_state
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}, str(folder / "adapter_model.safetensors"))
+    # torch.save, not safetensors: with `embeddings: full` the trainable embed_tokens and lm_head
+    # are one tied tensor, which safetensors refuses and torch.save stores once. PEFT loads
+    # adapter_model.bin as readily as adapter_model.safetensors.
+    torch.save({k: v.detach().cpu() for k, v in adapter_state(model).items()}, folder / "adapter_model.bin")
     model.peft_config["default"].save_pretrained(str(folder))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng}, folder / "optimizer.pt")
@@ -158,11 +183,10 @@ def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, sta
 
 def load_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any) -> dict[str, Any]:
     import torch
-    from safetensors.torch import load_file
 
     from trainable.model import load_adapter_state
 
-    load_adapter_state(model, load_file(str(folder / "adapter_model.safetensors")))
+    load_adapter_state(model, torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True))
     opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     schedule.load_state_dict(opt["schedule"])
@@ -254,15 +278,10 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
         batch_list = [next(batches) for _ in range(accum)]
         n_loss = sum(b["loss_tokens"] for b in batch_list)
         for b in batch_list:
-            out = model(
-                input_ids=b["input_ids"].to(device, non_blocking=True),
-                position_ids=b["position_ids"].to(device, non_blocking=True),
-                labels=b["labels"].to(device, non_blocking=True),
-                num_items_in_batch=max(n_loss, 1),  # token-weighted mean over the whole step
-                use_cache=False,
-            )
-            out.loss.backward()
-            window_loss += out.loss.detach()
+            # token-weighted mean over the whole optimizer step, whatever the micro-batch split
+            loss = summed_batch_loss(model, to_device(b, device), train.loss) / max(n_loss, 1)
+            loss.backward()
+            window_loss += loss.detach()
             state["tokens"] += b["tokens"]
             state["loss_tokens"] += b["loss_tokens"]
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train.max_grad_norm)
@@ -295,7 +314,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             state["train_seconds"] += time.perf_counter() - tick
         if not is_eval:
             continue
-        eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device)
+        eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device, train.loss)
         done = step == train.max_steps
         tokens, loss_tokens, seconds = state["tokens"], state["loss_tokens"], state["train_seconds"]
         if state["warm"] is not None and state["train_seconds"] > state["warm"][2]:

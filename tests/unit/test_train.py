@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,7 +13,6 @@ import torch
 
 from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
-from trainable import model as model_module
 from trainable.data import IGNORE, prepare
 from trainable.model import check_targets, load_model, load_tokenizer
 from trainable.train import TrialSpec, run
@@ -62,11 +62,13 @@ def test_a_trial_reports_at_every_eval(data_dir: str) -> None:
     assert reporter.reports[-1]["eval_loss"] < reporter.reports[0]["eval_loss"]
 
 
-def test_resume_continues_exactly(data_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("embeddings", ["frozen", "full", "new_tokens"])
+def test_resume_continues_exactly(data_dir: str, tmp_path: Path, embeddings: str) -> None:
     full = ListReporter(keep_dir=tmp_path)
-    run(spec(data_dir, lora_dropout=0.1), full)
+    run(replace(spec(data_dir, lora_dropout=0.1), embeddings=embeddings, template_ids=(5, 6)), full)
+    assert (tmp_path / "step2" / "adapter_config.json").exists()
     resumed = ListReporter(restore_from=tmp_path / "step2")
-    run(spec(data_dir, lora_dropout=0.1), resumed)
+    run(replace(spec(data_dir, lora_dropout=0.1), embeddings=embeddings, template_ids=(5, 6)), resumed)
     assert [r["step"] for r in resumed.reports] == [4, 6]
     for a, b in zip(full.reports[1:], resumed.reports):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
@@ -100,26 +102,21 @@ def test_packing_does_not_leak_across_examples() -> None:
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, at_call: int, make: Any) -> None:
-    """Wrap load_model so that the adapter's forward misbehaves from the n-th call on."""
-    real = model_module.load_model
+    """Make the training loss misbehave from the n-th training micro-batch on."""
+    import trainable.train as train_module
 
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        loaded = real(*args, **kwargs)
-        forward, calls = loaded.model.forward, {"n": 0}
+    real, calls = train_module.summed_batch_loss, {"n": 0}
 
-        def bad_forward(*a: Any, **k: Any) -> Any:
-            calls["n"] += loaded.model.training  # count training micro-batches only
-            out = forward(*a, **k)
-            return make(out) if calls["n"] >= at_call and loaded.model.training else out
+    def patched(model: Any, batch: Any, impl: str) -> Any:
+        calls["n"] += model.training  # count training micro-batches only
+        loss = real(model, batch, impl)
+        return make(loss) if calls["n"] >= at_call and model.training else loss
 
-        loaded.model.forward = bad_forward
-        return loaded
-
-    monkeypatch.setattr(model_module, "load_model", patched)
+    monkeypatch.setattr(train_module, "summed_batch_loss", patched)
 
 
 def test_out_of_memory_is_a_result(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(out: Any) -> Any:
+    def oom(loss: Any) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     _poison(monkeypatch, at_call=7, make=oom)  # 2 micro-batches per step: fails in step 4
@@ -130,14 +127,40 @@ def test_out_of_memory_is_a_result(data_dir: str, monkeypatch: pytest.MonkeyPatc
 
 
 def test_non_finite_loss_stops_the_trial(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def nan(out: Any) -> Any:
-        out.loss = out.loss * float("nan")
-        return out
-
-    _poison(monkeypatch, at_call=5, make=nan)
+    _poison(monkeypatch, at_call=5, make=lambda loss: loss * float("nan"))
     reporter = ListReporter()
     last = run(spec(data_dir), reporter)
     assert last["trial_status"] == "nan" and last["step"] == 3 and "train loss is nan at step 3" in last["error"]
+
+
+@pytest.mark.parametrize("embeddings", ["frozen", "new_tokens", "full"])
+@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-gemma3-vision"])
+def test_chunked_loss_matches_the_models_own(model_id: str, embeddings: str) -> None:
+    from trainable.data import collate
+    from trainable.loss import summed_loss
+
+    loaded = load_model(model_id, TrainSection(lora_r=4, lora_dropout=0.0), embeddings=embeddings, template_ids=[5, 6])
+    model = loaded.model
+    rows = {
+        "input_ids": [[2, 5, 40, 41, 6, 5, 50, 51, 52, 6, 2, 60, 61], [2, 70, 71, 72]],
+        "labels": [[IGNORE, IGNORE, IGNORE, 41, 6, IGNORE, IGNORE, 51, 52, 6, IGNORE, IGNORE, 61], [IGNORE, 70, IGNORE, 72]],
+        "position_ids": [list(range(10)) + [0, 1, 2], [0, 1, 2, 3]],
+    }
+    batch = collate(rows, pad_id=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    ours = loss_and_grads(lambda: summed_loss(model, batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["targets"], chunk_tokens=3))
+    theirs = loss_and_grads(lambda: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss)
+    assert batch["loss_tokens"] == 8
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_qlora_on_cpu(data_dir: str) -> None:
