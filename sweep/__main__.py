@@ -1,4 +1,4 @@
-"""python -m sweep {validate,run} SPACE.yaml [key.path=value ...]   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,estimate} ...   (argv -> subcommands; no logic)
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid (nothing was started);
 1 the sweep itself failed.
@@ -22,13 +22,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("space", help="the space.yaml file")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
     r.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
+    e = sub.add_parser("estimate", help="predicted peak GPU memory: the corners of a space, or each trial of a finished sweep")
+    e.add_argument("space", metavar="SPACE.yaml|SWEEP_DIR", help="a space file, or a sweep's results folder")
+    e.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values (space files only)")
+    e.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="GPU memory to check against (default: this machine's GPU)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from pathlib import Path
+
     from sweep.config import ConfigError, load_config
 
+    if args.command == "estimate" and Path(args.space).is_dir():
+        from sweep.memory import estimate_sweep, local_gpu_bytes
+
+        if not (Path(args.space) / "sweep.json").exists():
+            print(f"{args.space}: not a sweep folder (no sweep.json); give a space file or a folder made by `run`", file=sys.stderr)
+            return EXIT_INVALID
+        gpu = args.gpu_memory * 2**30 if args.gpu_memory else local_gpu_bytes()
+        estimate_sweep(Path(args.space), gpu)
+        return 0
     try:
         cfg = load_config(args.space, args.overrides)
     except ConfigError as exc:
@@ -40,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.resolved(), sort_keys=False), end="")
         print(f"# space: {cfg.space.describe_size()}")
         print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid")
+        return 0
+
+    if args.command == "estimate":
+        from sweep.memory import estimate_space, load_profile, local_gpu_bytes
+
+        try:
+            profile = load_profile(cfg)
+        except OSError as exc:
+            print(f"model.id: cannot read the config of {cfg.model.id}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return EXIT_INVALID
+        estimate_space(cfg, profile, args.gpu_memory * 2**30 if args.gpu_memory else local_gpu_bytes())
         return 0
 
     from sweep.run import run_sweep

@@ -22,7 +22,12 @@ TINY_MODEL = "tiny-gemma3"
 TINY_VISION_MODEL = "tiny-gemma3-vision"  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
 TINY_MODELS = (TINY_MODEL, TINY_VISION_MODEL)
 EMBEDDING_POLICIES = ("auto", "full", "new_tokens", "frozen")
-TARGET_PRESETS = ("attention", "mlp", "all-linear")
+TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}  # the seed's seven projections = all-linear
+TARGET_PRESETS = tuple(TARGET_MODULES)
 # Metrics a trial reports (the MLflow names); any may be the search metric.
 METRICS = ("eval_loss", "train_loss", "tokens_per_sec", "peak_vram_gb", "peak_rss_gb")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -1,12 +1,34 @@
-"""Memory estimates from a model's shape alone (pure arithmetic; no torch).
+"""Peak GPU memory of a trial, predicted from the model's shape and the trial's settings.
 
-For now: the activation memory a decoder keeps for backward, which decides
-`gradient_checkpointing: auto`.
+Pure arithmetic (no torch): the model is described by a ModelProfile (parameter counts per kind of
+layer, read once from the model's config on the meta device by trainable.model.profile_model), the
+trial by TrialShape. The prediction is the sum of what is alive at the peak of a training step,
+the end of the forward pass, when every saved activation and the loss's logits coexist:
+
+  weights      decoder linears in bf16 (QLoRA: NF4 with double quantization, ~0.516 bytes/param),
+               embeddings and norms in bf16, a vision tower if the checkpoint has one
+  adapter      LoRA A/B in fp32 + their gradients + optimizer state
+  embeddings   `full`: a trainable copy of embed_tokens + gradient + optimizer state (twice if the
+               head is untied); `new_tokens`: a few rows
+  activations  the decoder's saved tensors (all layers, or with checkpointing only each layer's
+               input plus one layer being recomputed); the fp32 copies of every LoRA input that PEFT
+               keeps for backward; eager attention's score matrices; QLoRA's dequantised weight
+  logits       model loss: every token's logits in bf16 (kept by the model's output), the fp32
+               log-softmax and its gradient, ~12 bytes per token and vocabulary entry;
+               chunked loss: the same for one chunk of at most 4096 reply tokens
+
+It answers "peak allocated" (torch.cuda.max_memory_allocated). Calibrated on an H200 against
+bench/results-*.json (see bench/BENCH.md); the CUDA context (~0.5 GB) is not in that figure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+GB = 2**30
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values, 8-bit absmax per 64, fp32 per 256 absmax blocks
+LOSS_CHUNK = 4096
+OVERHEAD = 0.25 * GB  # cuBLAS workspaces, small buffers, allocator rounding
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,62 @@ class TextShape:
         )
 
 
+@dataclass(frozen=True)
+class ModelProfile:
+    """Parameter counts of a causal LM, by what memory they cost."""
+
+    text: TextShape
+    linears: dict[str, tuple[int, int, int]]  # decoder leaf name -> (in_features, out_features, layers that have it)
+    embedding_params: int  # vocab x hidden
+    tied: bool  # lm_head shares embed_tokens
+    other_params: int  # norms and anything else in the language model, kept in the compute dtype
+    vision_linear_params: int = 0  # a vision tower's linears (quantized with the rest under QLoRA)
+    vision_other_params: int = 0
+
+    @property
+    def decoder_linear_params(self) -> int:
+        return sum(i * o * n for i, o, n in self.linears.values())
+
+
+@dataclass(frozen=True)
+class TrialShape:
+    """The settings of one trial that memory depends on."""
+
+    method: str = "lora"
+    lora_r: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_dropout: float = 0.05
+    embeddings: str = "frozen"  # full | new_tokens | frozen
+    embedding_rows: int = 2
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    micro_batch: int = 1
+    seq_len: int = 1024
+    checkpointing: bool = False
+    attn: str = "sdpa"
+    loss: str = "chunked"
+    reply_fraction: float = 0.5  # share of tokens that carry loss (chunked loss only sends those to lm_head)
+    dtype_bytes: int = 2
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float] = field(default_factory=dict)  # bytes by component
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def gb(self) -> float:
+        return self.total / GB
+
+
+def _state_bytes(optimizer: str, param_bytes: int) -> float:
+    """Optimizer state per parameter: torch AdamW keeps two moments in the parameter's dtype; the
+    bitsandbytes 8-bit ones one byte each."""
+    return 2.0 if optimizer.endswith("8bit") else 2.0 * param_bytes
+
+
 def layer_activation_bytes(shape: TextShape, tokens: int, bytes_per_value: int = 2) -> int:
     """Activations the decoder layers save for backward without checkpointing.
 
@@ -53,3 +131,131 @@ def layer_activation_bytes(shape: TextShape, tokens: int, bytes_per_value: int =
 def wants_checkpointing(shape: TextShape, tokens: int, device_bytes: int, share: float = 0.25) -> bool:
     """auto: recompute activations when keeping them would take more than `share` of the device."""
     return layer_activation_bytes(shape, tokens) > share * device_bytes
+
+
+def estimate(profile: ModelProfile, trial: TrialShape) -> Estimate:
+    t, b = profile.text, trial.dtype_bytes
+    tokens = trial.micro_batch * trial.seq_len
+    qlora = trial.method == "qlora"
+    parts: dict[str, float] = {}
+
+    linear_bytes = NF4_BYTES if qlora else b
+    head = 0 if profile.tied else profile.embedding_params
+    parts["weights"] = (
+        profile.decoder_linear_params * linear_bytes
+        + (profile.embedding_params + head + profile.other_params) * b
+        + profile.vision_linear_params * linear_bytes
+        + profile.vision_other_params * b
+    )
+
+    targeted = [profile.linears[n] for n in trial.targets if n in profile.linears]
+    lora_params = sum(trial.lora_r * (i + o) * n for i, o, n in targeted)
+    parts["adapter"] = lora_params * (4 + 4 + _state_bytes(trial.optimizer, 4))
+
+    if trial.embeddings == "full":
+        copies = 1 if profile.tied else 2
+        parts["embeddings"] = copies * profile.embedding_params * (b + b + _state_bytes(trial.optimizer, b))
+    elif trial.embeddings == "new_tokens":
+        parts["embeddings"] = (1 if profile.tied else 2) * trial.embedding_rows * t.hidden * (3 * b + 4)
+
+    # inputs of the LoRA layers, cast to fp32 and kept for the A-gradient (+ dropout's mask)
+    lora_saved_per_token_layer = sum(i * n for i, _, n in targeted) / t.layers * (4 + (1 if trial.lora_dropout > 0 else 0))
+    per_layer = layer_activation_bytes(t, tokens, b) / t.layers + tokens * lora_saved_per_token_layer
+    attn_scores = trial.micro_batch * t.heads * trial.seq_len**2 * (b + 4) if trial.attn == "eager" else 0
+    if trial.checkpointing:
+        parts["activations"] = t.layers * tokens * t.hidden * b + per_layer + attn_scores
+    else:
+        parts["activations"] = t.layers * (per_layer + attn_scores)
+    if qlora:
+        biggest = max((i * o for i, o, _ in profile.linears.values()), default=0)
+        parts["dequantized"] = 2 * biggest * b
+
+    through_head = tokens if trial.loss == "model" else min(tokens * trial.reply_fraction, LOSS_CHUNK)
+    parts["logits"] = through_head * t.vocab * (b + 10)
+    parts["overhead"] = OVERHEAD
+    return Estimate(parts)
+
+
+def trial_shape(
+    hyper: dict,
+    max_seq_len: int,
+    text: TextShape,
+    embeddings: str = "auto",
+    device_bytes: float | None = None,
+    attn: str = "sdpa",
+    loss: str = "chunked",
+    reply_fraction: float = 0.5,
+    embedding_rows: int = 2,
+) -> TrialShape:
+    """A trial's hyperparameters (train section + sampled values) as the estimator sees them.
+
+    `auto` settings resolve as the trainable resolves them: optimizer by method, checkpointing by
+    activation size against `device_bytes`; `embeddings: auto` is assumed to train a few rows (it
+    costs the same as frozen either way).
+    """
+    from sweep.config import TARGET_MODULES
+
+    targets = hyper["target_modules"]
+    names = TARGET_MODULES[targets] if isinstance(targets, str) else tuple(targets)
+    micro = int(hyper["batch"][0])
+    optimizer = hyper["optimizer"]
+    if optimizer == "auto":
+        optimizer = "paged_adamw_8bit" if hyper["method"] == "qlora" else "adamw"
+    checkpointing = hyper["gradient_checkpointing"]
+    if checkpointing == "auto":
+        checkpointing = device_bytes is not None and wants_checkpointing(text, micro * max_seq_len, int(device_bytes))
+    return TrialShape(
+        method=hyper["method"],
+        lora_r=int(hyper["lora_r"]),
+        targets=names,
+        lora_dropout=float(hyper["lora_dropout"]),
+        embeddings="new_tokens" if embeddings == "auto" else embeddings,
+        embedding_rows=embedding_rows,
+        optimizer=optimizer,
+        micro_batch=micro,
+        seq_len=max_seq_len,
+        checkpointing=bool(checkpointing),
+        attn=attn,
+        loss=loss,
+        reply_fraction=reply_fraction,
+    )
+
+
+# Dimensions that change memory; the others (learning rate, alpha, ...) never do.
+MEMORY_DIMENSIONS = ("method", "lora_r", "target_modules", "batch", "gradient_checkpointing", "optimizer", "lora_dropout")
+
+
+def corners(space: object, fixed: dict) -> list[dict]:
+    """Every combination of the extreme values of the memory-relevant searched dimensions.
+
+    Numeric dimensions contribute their lowest and highest value, `batch` the pairs with the
+    smallest and the largest micro-batch, `target_modules` the choices with the fewest and most
+    modules, categorical switches (method, checkpointing, optimizer) every value.
+    """
+    import itertools
+
+    from sweep.config import TARGET_MODULES
+    from sweep.space import Choice, Range
+
+    axes: list[tuple[str, list]] = []
+    for d in space.dims:
+        if d.name not in MEMORY_DIMENSIONS:
+            continue
+        if isinstance(d, Range):
+            values = [int(d.low), int(d.high)] if d.integer else [d.low, d.high]
+        elif d.name == "batch":
+            values = [min(d.options, key=lambda p: (p[0], p[1])), max(d.options, key=lambda p: (p[0], p[1]))]
+        elif d.name == "target_modules":
+            size = lambda t: len(TARGET_MODULES[t] if isinstance(t, str) else t)  # noqa: E731
+            values = [min(d.options, key=size), max(d.options, key=size)]
+        elif isinstance(d, Choice) and all(isinstance(o, int | float) and not isinstance(o, bool) for o in d.options):
+            values = [min(d.options), max(d.options)]
+        else:
+            values = list(d.options)
+        unique = []
+        for v in values:
+            if v not in unique:
+                unique.append(v)
+        axes.append((d.name, unique))
+    names = [n for n, _ in axes]
+    return [{**fixed, **dict(zip(names, combo))} for combo in itertools.product(*(v for _, v in axes))]

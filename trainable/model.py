@@ -16,11 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.config import TINY_MODELS, TrainSection
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-PRESETS: dict[str, tuple[str, ...]] = {"attention": ATTENTION, "mlp": MLP, "all-linear": ATTENTION + MLP}
+from sweep.config import TARGET_MODULES, TINY_MODELS, TrainSection
 # auto: a template token whose embedding row is this much shorter than the median row, or points
 # where the mean row points, was never (or hardly) updated in pre-training.
 UNTRAINED_NORM_RATIO = 0.1
@@ -37,7 +33,7 @@ def resolve_model_path(model_id: str) -> str:
 
 
 def target_names(target_modules: str | tuple[str, ...]) -> tuple[str, ...]:
-    return PRESETS[target_modules] if isinstance(target_modules, str) else tuple(target_modules)
+    return TARGET_MODULES[target_modules] if isinstance(target_modules, str) else tuple(target_modules)
 
 
 def load_tokenizer(model_id: str, chat_template_from: str | None = None, revision: str | None = None) -> Any:
@@ -98,6 +94,48 @@ def meta_model(model_id: str, revision: str | None = None) -> Any:
     config = AutoConfig.from_pretrained(resolve_model_path(model_id), revision=revision)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def profile_model(model: Any) -> Any:
+    """A ModelProfile (sweep.estimate) from a model, typically built on the meta device."""
+    import torch
+
+    from sweep.estimate import ModelProfile, TextShape
+
+    prefix = decoder_prefix(model) + "."
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    linears: dict[str, list[int]] = {}
+    counted: set[int] = set()
+    vision_linear = vision_other = other = 0
+    for name, module in model.named_modules():
+        if module is embed or module is head:
+            continue
+        params = [p for p in module.parameters(recurse=False) if id(p) not in counted]
+        counted.update(id(p) for p in params)
+        n = sum(p.numel() for p in params)
+        inside = name.startswith(prefix)
+        if isinstance(module, torch.nn.Linear) and inside:
+            leaf = name.rsplit(".", 1)[-1]
+            entry = linears.setdefault(leaf, [module.in_features, module.out_features, 0])
+            entry[2] += 1
+            other += n - module.in_features * module.out_features  # biases
+        elif isinstance(module, torch.nn.Linear):
+            vision_linear += n
+        elif inside:
+            other += n
+        else:
+            vision_other += n
+    tied = head is not None and head.weight is embed.weight
+    return ModelProfile(
+        text=TextShape.from_config(model.config),
+        linears={k: (v[0], v[1], v[2]) for k, v in linears.items()},
+        embedding_params=embed.weight.numel(),
+        tied=tied,
+        other_params=other,
+        vision_linear_params=vision_linear,
+        vision_other_params=vision_other,
+    )
 
 
 def check_targets(model_id: str, choices: list[str | tuple[str, ...]], revision: str | None = None) -> list[str]:

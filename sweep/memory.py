@@ -1,0 +1,103 @@
+"""`python -m sweep estimate`: predicted peak GPU memory for a space's corners, or for every trial
+of a finished sweep beside what it measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from sweep.config import SEARCHABLE, SweepConfig, load_config
+from sweep.estimate import GB, ModelProfile, corners, estimate, trial_shape
+
+Write = Callable[[str], None]
+
+
+def load_profile(cfg: SweepConfig) -> ModelProfile:
+    """The model's parameter counts, from its config alone (meta device: no weights are loaded)."""
+    from trainable.model import meta_model, profile_model
+
+    return profile_model(meta_model(cfg.model.id, cfg.model.revision))
+
+
+def local_gpu_bytes() -> int | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    except Exception:  # no usable CUDA runtime
+        return None
+
+
+def _row(cfg: SweepConfig, profile: ModelProfile, hyper: dict, device_bytes: float | None) -> dict[str, Any]:
+    shape = trial_shape(
+        hyper, cfg.data.max_seq_len, profile.text, cfg.model.embeddings, device_bytes, cfg.train.attn_implementation, cfg.train.loss
+    )
+    result = estimate(profile, shape)
+    targets = hyper["target_modules"]
+    return {
+        "method": shape.method,
+        "r": shape.lora_r,
+        "targets": targets if isinstance(targets, str) else "+".join(targets),
+        "batch": f"{hyper['batch'][0]}x{hyper['batch'][1]}",
+        "ckpt": "on" if shape.checkpointing else "off",
+        "dropout": shape.lora_dropout,
+        "optimizer": shape.optimizer,
+        "estimate_gb": result.gb,
+        "parts": {k: v / GB for k, v in result.parts.items()},
+    }
+
+
+def _table(rows: list[dict], device_bytes: float | None, write: Write, measured: bool = False) -> None:
+    head = f"{'method':<6} {'r':>4} {'targets':<22} {'batch':>6} {'ckpt':>4} {'dropout':>7} {'optimizer':<16} {'estimate GB':>11}"
+    head += f" {'measured GB':>11} {'error':>7}" if measured else ""
+    head += "  fits" if device_bytes else ""
+    write(head)
+    write("-" * len(head))
+    for r in rows:
+        line = f"{r['method']:<6} {r['r']:>4} {r['targets']:<22} {r['batch']:>6} {r['ckpt']:>4} {r['dropout']:>7.3g} {r['optimizer']:<16} {r['estimate_gb']:>11.2f}"
+        if measured:
+            m = r.get("measured_gb")
+            line += f" {m:>11.2f} {r['estimate_gb'] / m - 1:>+7.1%}" if m else f" {'-':>11} {'-':>7}"
+        if device_bytes:
+            line += "  yes" if r["estimate_gb"] * GB <= device_bytes else "  NO"
+        write(line)
+
+
+def estimate_space(cfg: SweepConfig, profile: ModelProfile, device_bytes: float | None, write: Write = print) -> list[dict]:
+    fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
+    rows = sorted((_row(cfg, profile, hyper, device_bytes) for hyper in corners(cfg.space, fixed)), key=lambda r: r["estimate_gb"])
+    gpu = f"{device_bytes / GB:.3g} GB GPU" if device_bytes else "no GPU memory given (--gpu-memory GB)"
+    write(f"{cfg.model.id}: {len(rows)} corners of the space, seq {cfg.data.max_seq_len}, {gpu}")
+    _table(rows, device_bytes, write)
+    return rows
+
+
+def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = print) -> list[dict]:
+    """Each trial of a finished sweep: its estimate, and the peak it measured (MLflow)."""
+    import optuna
+    from mlflow import MlflowClient
+
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    cfg = load_config(meta["space_file"], meta.get("overrides", []))
+    profile = load_profile(cfg)
+    fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
+    study = optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
+    client = MlflowClient(meta["mlflow_uri"])
+    children = client.search_runs(
+        [client.get_run(meta["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'",
+        max_results=10000,
+    )
+    peaks = {r.data.tags.get("trial"): r.data.metrics.get("peak_vram_gb") for r in children}
+    rows = []
+    for trial in study.trials:
+        if not trial.params:
+            continue
+        hyper = {**fixed, **cfg.space.decode(trial.params, cfg.fixed_hyperparams)}
+        row = {"trial": f"t{trial.number:03d}", **_row(cfg, profile, hyper, device_bytes)}
+        row["measured_gb"] = peaks.get(row["trial"])
+        rows.append(row)
+    write(f"{sweep_dir.name}: {len(rows)} trials, estimate against measured peak allocated (peak_vram_gb)")
+    _table(rows, device_bytes, write, measured=True)
+    return rows

@@ -1,0 +1,116 @@
+"""The VRAM estimator: calibrated against H200 measurements, and behaving as memory does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweep.config import SEARCHABLE, load_config
+from sweep.estimate import GB, TrialShape, corners, estimate, trial_shape
+from tests.conftest import MINIMAL, ROOT, write_space
+from trainable.model import meta_model, profile_model
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def real_size_profile(size: str):
+    from realsize import ARCH
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    arch = {k: v for k, v in ARCH[size].items() if k not in ("multimodal", "method")}
+    text = Gemma3TextConfig(**arch, query_pre_attn_scalar=256, max_position_embeddings=32768, tie_word_embeddings=True)
+    with torch.device("meta"):
+        if ARCH[size]["multimodal"]:
+            vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                        image_size=896, patch_size=14, vision_use_head=False)  # fmt: skip
+            model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=256))
+        else:
+            model = Gemma3ForCausalLM(text)
+    return profile_model(model)
+
+
+@pytest.fixture(scope="module")
+def profiles() -> dict:
+    return {size: real_size_profile(size) for size in ("1b", "4b", "12b")}
+
+
+def test_profiles_count_what_they_should(profiles: dict) -> None:
+    p1, p12 = profiles["1b"], profiles["12b"]
+    assert p1.embedding_params == 262144 * 1152 and p1.tied and p1.vision_linear_params == 0
+    assert p1.linears["q_proj"] == (1152, 1024, 26) and p1.linears["down_proj"] == (6912, 1152, 26)
+    assert 0.69e9 < p1.decoder_linear_params < 0.71e9
+    assert 10.7e9 < p12.decoder_linear_params < 10.8e9 and 0.40e9 < p12.vision_linear_params < 0.42e9
+
+
+def test_within_15_percent_of_every_h200_measurement(profiles: dict) -> None:
+    """bench/results-gemma3-policies-h200.json: 1B/4B LoRA, 12B QLoRA x three embedding policies."""
+    rows = json.loads((ROOT / "bench" / "results-gemma3-policies-h200.json").read_text())
+    assert len(rows) == 9
+    for r in rows:
+        shape = TrialShape(method=r["method"], embeddings=r["policy"], optimizer="paged_adamw_8bit", micro_batch=1, checkpointing=True, loss="model")
+        predicted = estimate(profiles[r["size"]], shape).gb
+        assert predicted == pytest.approx(r["peak_vram_gb"], rel=0.15), (r["size"], r["policy"], predicted, r["peak_vram_gb"])
+
+
+def test_memory_moves_the_right_way(profiles: dict) -> None:
+    p = profiles["12b"]
+    base = TrialShape(method="lora", micro_batch=4, checkpointing=False, loss="model")
+    gb = lambda **kw: estimate(p, replace(base, **kw)).gb  # noqa: E731
+    assert gb() - gb(method="qlora") > 15  # 10.8B decoder weights: 2 bytes vs ~0.52
+    assert gb(micro_batch=8) > gb() > gb(micro_batch=1)
+    assert gb(checkpointing=True) < 0.5 * gb()
+    assert gb(loss="chunked") < gb()
+    assert gb(embeddings="full") > gb(embeddings="new_tokens") >= gb(embeddings="frozen")
+    assert gb(lora_r=64) > gb(lora_r=8)
+    assert gb(optimizer="paged_adamw_8bit") < gb(optimizer="adamw")
+    assert gb(attn="eager") > gb()
+
+
+def test_trial_shape_resolves_auto(profiles: dict) -> None:
+    text = profiles["1b"].text
+    hyper = {"method": "qlora", "lora_r": 8, "target_modules": "attention", "lora_dropout": 0.0, "optimizer": "auto",
+             "batch": (16, 2), "gradient_checkpointing": "auto"}  # fmt: skip
+    shape = trial_shape(hyper, 1024, text, device_bytes=40 * GB)
+    assert shape.optimizer == "paged_adamw_8bit" and shape.checkpointing and shape.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert not trial_shape({**hyper, "batch": (1, 32)}, 1024, text, device_bytes=40 * GB).checkpointing
+    assert not trial_shape(hyper, 1024, text, device_bytes=None).checkpointing  # CPU: never
+
+
+def test_corners_take_the_extremes(tmp_path: Path) -> None:
+    body = MINIMAL.replace(
+        "  lora_r: [4, 8]\n",
+        "  method: [lora, qlora]\n  lora_r: {uniform: [4, 64], step: 4}\n  learning_rate: {loguniform: [1e-5, 1e-3]}\n"
+        "  batch: {pairs: [[1, 32], [4, 8], [8, 4]]}\n  target_modules: [attention, all-linear, [q_proj]]\n",
+    )
+    cfg = load_config(write_space(tmp_path, body))
+    rows = corners(cfg.space, {k: getattr(cfg.train, k) for k in SEARCHABLE})
+    assert len(rows) == 2 * 2 * 2 * 2  # learning rate never changes memory
+    assert {r["lora_r"] for r in rows} == {4, 64} and {r["batch"] for r in rows} == {(1, 32), (8, 4)}
+    assert {r["target_modules"] for r in rows} == {("q_proj",), "all-linear"}
+
+
+def test_estimate_command(tmp_path: Path) -> None:
+    from sweep.__main__ import main
+
+    lines: list[str] = []
+    import builtins
+
+    real_print = builtins.print
+    builtins.print = lambda *a, **k: lines.append(" ".join(str(x) for x in a))
+    try:
+        assert main(["estimate", str(ROOT / "search_spaces" / "demo.yaml"), "--gpu-memory", "1"]) == 0
+    finally:
+        builtins.print = real_print
+    assert lines[0] == "tiny-gemma3: 32 corners of the space, seq 256, 1 GB GPU"
+    assert len(lines) == 3 + 32 and all(line.endswith("yes") for line in lines[3:])
+
+
+def test_tiny_profile_matches_the_model() -> None:
+    profile = profile_model(meta_model("tiny-gemma3-vision"))
+    assert profile.text.hidden == 128 and profile.linears["q_proj"][2] == 2
+    assert profile.vision_linear_params > 0 and profile.tied
