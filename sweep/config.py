@@ -147,6 +147,7 @@ class TrainSection(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="sdpa, eager or flash_attention_2")
     loss: Literal["chunked", "model"] = Field("chunked", description="chunked (lm_head + cross-entropy over reply tokens, a chunk at a time) or model (the model's own loss)")
     seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
+    reuse_base_model: bool = Field(True, description="a warm worker keeps its loaded base model for the next trial with the same model and quantization (true/false)")
     # searchable hyperparameters
     method: Literal["lora", "qlora"] = Field("lora", description="lora or qlora (4-bit NF4 base)")
     lora_r: int = Field(16, gt=0, le=4096, description="LoRA rank, 1..4096")
@@ -190,8 +191,12 @@ class SearchSection(Section):
 
 
 class ResourcesSection(Section):
-    gpus_per_trial: float | Literal["auto"] = Field("auto", description="auto (1 GPU per trial when GPUs exist, else 0) or a number; fractions below 1 share a GPU")
+    gpus_per_trial: float | Literal["auto"] = Field(
+        "auto", description="auto (each trial asks for the GPU share its memory estimate needs; 0 on a cluster without GPUs) or a number; fractions below 1 share a GPU"
+    )
     cpus_per_trial: float = Field(1, gt=0, description="CPU cores per trial, > 0")
+    gpu_memory_gb: float | Literal["auto"] = Field("auto", description="memory of one GPU for auto placement: auto (read from a GPU of the cluster) or GB, > 0")
+    memory_margin: float = Field(0.2, ge=0, le=2, description="safety margin on the memory estimate for auto placement, 0..2 (0.2 = +20%)")
 
 
 class TrackingSection(Section):
@@ -556,6 +561,9 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
         for d in space.dims:
             if isinstance(d, Ratio) and any(isinstance(o, Ratio) and o.name == d.of for o in space.dims):
                 problems.append(f"space.{d.name}.ratio_of: {d.of} is itself a ratio; chain ratios from a sampled or fixed value")
+    resources = sections.get("resources")
+    if resources is not None and resources.gpu_memory_gb != "auto" and resources.gpu_memory_gb <= 0:
+        problems.append(f"resources.gpu_memory_gb: got {resources.gpu_memory_gb!r}; expected auto or a positive number of GB")
     if search is not None:
         if search.metric not in METRICS:
             problems.append(f"search.metric: got {search.metric!r}; expected one of {', '.join(METRICS)}")

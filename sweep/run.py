@@ -93,27 +93,78 @@ def connect_ray(address: str | None, log: Log) -> bool:
     return True
 
 
-def placement(cfg: SweepConfig) -> tuple[float, float, int]:
-    """(gpus_per_trial, cpus_per_trial, max_concurrent) for this cluster; ConfigError if it cannot fit."""
+@dataclass
+class Resources:
+    """What each trial asks Ray for."""
+
+    cpus: float
+    gpus: float | None  # None: each trial's own share, from its memory estimate (auto placement)
+    concurrent: int
+    placement: Any = None  # sweep.placement.Placement when gpus is None
+
+    def describe(self) -> str:
+        gpu = "a GPU share sized by its memory estimate" if self.gpus is None else f"{self.gpus:g} GPU"
+        return f"{gpu} + {self.cpus:g} CPU each"
+
+
+def probe_gpu_bytes() -> int:
+    """Memory of one of the cluster's GPUs, read by a tiny task on a GPU node."""
     import ray
+
+    @ray.remote(num_gpus=0.01)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(total_memory.remote(), timeout=300)
+
+
+def plan_resources(cfg: SweepConfig, log: Log) -> Resources:
+    """Per-trial resources for this cluster; ConfigError if a trial could never be placed."""
+    import ray
+
+    from sweep.config import SEARCHABLE
+    from sweep.estimate import GB
+    from sweep.placement import STEP, Placement
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     res = cfg.resources
-    gpt = (1.0 if gpus >= 1 else 0.0) if res.gpus_per_trial == "auto" else float(res.gpus_per_trial)
     cpt = float(res.cpus_per_trial)
     problems = []
-    if gpt > gpus:
-        problems.append(f"resources.gpus_per_trial: {gpt:g} but the Ray cluster has {gpus:g} GPU(s); lower it or use auto")
-    if gpt > 1 and not float(gpt).is_integer():
-        problems.append(f"resources.gpus_per_trial: {gpt:g}; above 1 it must be a whole number of GPUs")
     if cpt > cpus:
         problems.append(f"resources.cpus_per_trial: {cpt:g} but the Ray cluster has {cpus:g} CPU(s)")
+    if res.gpus_per_trial != "auto":
+        gpt = float(res.gpus_per_trial)
+        if gpt > gpus:
+            problems.append(f"resources.gpus_per_trial: {gpt:g} but the Ray cluster has {gpus:g} GPU(s); lower it or use auto")
+        if gpt > 1 and not gpt.is_integer():
+            problems.append(f"resources.gpus_per_trial: {gpt:g}; above 1 it must be a whole number of GPUs")
     if problems:
         raise ConfigError(str(cfg.source), problems)
-    fit = math.floor(gpus / gpt) if gpt > 0 else math.floor(cpus / cpt)
-    limit = fit if cfg.search.max_concurrent == "auto" else int(cfg.search.max_concurrent)
-    return gpt, cpt, max(1, min(limit, cfg.num_trials))
+    by_cpu = math.floor(cpus / cpt)
+    limit = (lambda fit: fit if cfg.search.max_concurrent == "auto" else int(cfg.search.max_concurrent))
+    if res.gpus_per_trial == "auto" and gpus > 0:
+        from sweep.memory import load_profile
+
+        gpu_bytes = res.gpu_memory_gb * GB if res.gpu_memory_gb != "auto" else probe_gpu_bytes()
+        log(f"placement: trials share {gpus:g} GPU(s) of {gpu_bytes / GB:.0f} GB by their memory estimates (+{res.memory_margin:.0%} margin)")
+        placement = Placement(
+            profile=load_profile(cfg),
+            gpu_bytes=gpu_bytes,
+            margin=res.memory_margin,
+            max_seq_len=cfg.data.max_seq_len,
+            embeddings=cfg.model.embeddings,
+            attn=cfg.train.attn_implementation,
+            loss=cfg.train.loss,
+            fixed={k: getattr(cfg.train, k) for k in SEARCHABLE},
+        )
+        fit = min(by_cpu, math.floor(gpus / STEP))
+        return Resources(cpt, None, max(1, min(limit(fit), cfg.num_trials)), placement)
+    gpt = 0.0 if res.gpus_per_trial == "auto" else float(res.gpus_per_trial)
+    fit = math.floor(gpus / gpt) if gpt > 0 else by_cpu
+    return Resources(cpt, gpt, max(1, min(limit(fit), by_cpu, cfg.num_trials)))
 
 
 def make_scheduler(cfg: SweepConfig, ledger: Any) -> Any:
@@ -151,7 +202,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
     from sweep.progress import Progress, table
     from sweep.study import SweepSearch, storage_url
     from sweep.tracking import SweepRun, TrialRuns
-    from sweep.trials import Ledger
+    from sweep.trials import Ledger, summary
     from trainable.train import TrialSpec, tune_trial
 
     prepared = preflight(cfg, log)
@@ -163,7 +214,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
     )
     started_ray = connect_ray(address, log)
     try:
-        gpus, cpus, concurrent = placement(cfg)
+        resources = plan_resources(cfg, log)
         sweep_dir = new_sweep_dir(cfg)
         (sweep_dir / "space.yaml").write_text(cfg.source_text)
         (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
@@ -183,7 +234,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         (sweep_dir / "sweep.json").write_text(json.dumps(meta, indent=2))
         log(f"sweep folder: {sweep_dir}")
         log(
-            f"{cfg.num_trials} trials, {concurrent} at a time, {gpus:g} GPU + {cpus:g} CPU each; "
+            f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
             f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
         )
 
@@ -194,13 +245,24 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
             revision=cfg.model.revision,
             data_dir=str(prepared.folder),
             train=cfg.train,
-            threads=max(1, int(cpus)),
+            threads=max(1, int(resources.cpus)),
             embeddings=cfg.model.embeddings,
             template_ids=tuple(stats["template_tokens"].values()),
             max_seq_len=cfg.data.max_seq_len,
         )
-        trainable = tune.with_resources(tune.with_parameters(tune_trial, base=base), {"cpu": cpus, "gpu": gpus})
+        trainable = tune.with_parameters(tune_trial, base=base)
+        if resources.gpus is None:
+            from ray.tune import PlacementGroupFactory
+
+            cpus = resources.cpus
+            trainable = tune.with_resources(trainable, lambda config: PlacementGroupFactory([{"CPU": cpus, "GPU": config["gpu_share"]}]))
+        else:
+            trainable = tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
         trial_runs = TrialRuns(sweep_run, ledger, fixed)
+
+        def on_infeasible(label: str, config: dict, verdict: Any) -> None:
+            trial_runs.record_infeasible(label, config, verdict)
+            log(f"{label} infeasible  {summary({**fixed, **config})}: {verdict.reason}")
         # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # Tune's own console reporter would print a banner and tables; our Progress callback says it.
@@ -208,14 +270,15 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
         # here (small state) and Tune's warning about it would drown the progress lines.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        search = SweepSearch(cfg, storage_url(sweep_dir), ledger)
+        judge = resources.placement.judge if resources.placement else None
+        search = SweepSearch(cfg, storage_url(sweep_dir), ledger, judge=judge, on_infeasible=on_infeasible)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=search,
                 scheduler=make_scheduler(cfg, ledger),
                 num_samples=cfg.num_trials,
-                max_concurrent_trials=concurrent,
+                max_concurrent_trials=resources.concurrent,
                 time_budget_s=cfg.search.time_budget,
                 reuse_actors=True,
             ),
@@ -285,6 +348,9 @@ def summarize(cfg: SweepConfig, trial_runs: Any, fixed: dict[str, Any]) -> Sweep
         v = r.get(metric)
         return (r["status"] != "completed", not finite(v), sign * v if finite(v) else 0.0, r["label"])
 
+    for item in trial_runs.infeasible:
+        rows.append({"trial_id": "", "label": item["label"], "status": "infeasible", "step": None, "run_id": item["run_id"],
+                     "config": item["config"], "summary": summary({**fixed, **item["config"]}), "error": item["reason"]})  # fmt: skip
     rows.sort(key=order)
     completed = [r for r in rows if r["status"] == "completed" and finite(r.get(metric))]
     counts: dict[str, int] = {}

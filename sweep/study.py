@@ -8,8 +8,9 @@ completed -> COMPLETE, pruned/stopped -> PRUNED (with its intermediate values), 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep.config import SweepConfig
@@ -59,14 +60,32 @@ def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) 
             raise
 
 
-class SweepSearch(OptunaSearch):
-    """OptunaSearch with step-indexed intermediate values and outcome-based final states."""
+MAX_INFEASIBLE_IN_A_ROW = 200
 
-    def __init__(self, cfg: SweepConfig, storage: str, ledger: Ledger):
+
+class SweepSearch(OptunaSearch):
+    """OptunaSearch with step-indexed intermediate values and outcome-based final states.
+
+    With `judge` (auto placement), each sampled config is checked against the GPU before Tune sees
+    it: a feasible one carries its `gpu_share` (what it asks Ray for) and `estimated_vram_gb`; an
+    infeasible one is closed in the study as FAIL (trial_status=infeasible), reported through
+    `on_infeasible`, and another config is sampled for the same Ray trial. It costs no GPU time.
+    """
+
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        storage: str,
+        ledger: Ledger,
+        judge: Callable[[dict], Any] | None = None,
+        on_infeasible: Callable[[str, dict, Any], None] | None = None,
+    ):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.ledger = ledger
+        self.judge = judge
+        self.on_infeasible = on_infeasible
         self._steps: dict[str, set[int]] = {}  # Ray trial id -> steps already reported
         super().__init__(
             space=DefineByRun(cfg.space, cfg.fixed_hyperparams),
@@ -79,11 +98,28 @@ class SweepSearch(OptunaSearch):
         )
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        ot_trial.set_user_attr("ray_trial_id", trial_id)
-        self.ledger.labels[trial_id] = f"t{ot_trial.number:03d}"
-        return config
+        import optuna
+
+        for _ in range(MAX_INFEASIBLE_IN_A_ROW):
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials[trial_id]
+            label = f"t{ot_trial.number:03d}"
+            verdict = self.judge(config) if self.judge else None
+            if verdict is None or verdict.feasible:
+                ot_trial.set_user_attr("ray_trial_id", trial_id)
+                if verdict is not None:
+                    config.update(gpu_share=verdict.share, estimated_vram_gb=round(verdict.estimate_gb, 2))
+                    ot_trial.set_user_attr("estimated_vram_gb", round(verdict.estimate_gb, 2))
+                self.ledger.labels[trial_id] = label
+                return config
+            del self._ot_trials[trial_id]
+            ot_trial.set_user_attr("trial_status", "infeasible")
+            ot_trial.set_user_attr("error", verdict.reason)
+            tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
+            if self.on_infeasible:
+                self.on_infeasible(label, config, verdict)
+        # Everything sampled lately needs more than a GPU: stop asking rather than spin.
+        return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)

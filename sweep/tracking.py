@@ -25,6 +25,8 @@ STEP_METRICS = (
     "eval_loss", "tokens_per_sec", "loss_tokens_per_sec",
     "peak_vram_gb", "peak_vram_reserved_gb", "peak_rss_gb",
 )  # fmt: skip
+# sampled values the driver adds to a config: logged as params, not hyperparameters
+PLACEMENT_KEYS = ("gpu_share", "estimated_vram_gb")
 FINAL_METRICS = ("train_seconds", "load_seconds")
 MAX_TAG = 5000
 
@@ -120,7 +122,22 @@ class TrialRuns(Callback):
         self.run_ids: dict[str, str] = {}  # Ray trial id -> MLflow run id
         self.trials: dict[str, Any] = {}  # Ray trial id -> Tune Trial (config, last_result)
         self.outcomes: dict[str, tuple[str, str | None]] = {}  # Ray trial id -> (status, error)
+        self.infeasible: list[dict[str, Any]] = []  # configs refused before launch
         self._logged_derived: set[str] = set()
+
+    def record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
+        """A config the placement check refused: a child run that says so, and no GPU time spent."""
+        from mlflow.entities import Metric
+
+        run = self.client.create_run(
+            self.sweep.experiment_id,
+            run_name=f"{label} {summary({**self.fixed, **config})}",
+            tags={"mlflow.parentRunId": self.sweep.run_id, "trial": label, "trial_status": "infeasible", "error": verdict.reason},
+        )
+        self.sweep.log_params(run.info.run_id, {k: param_value(v) for k, v in config.items()})
+        self.client.log_batch(run.info.run_id, metrics=[Metric("estimated_vram_gb", verdict.estimate_gb, int(time.time() * 1000), 0)])
+        self.client.set_terminated(run.info.run_id, "FAILED")
+        self.infeasible.append({"label": label, "config": dict(config), "reason": verdict.reason, "run_id": run.info.run_id})
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials[trial.trial_id] = trial

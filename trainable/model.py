@@ -281,6 +281,72 @@ class LoadedModel:
     device: Any  # torch.device
     dtype: Any  # compute dtype
     info: dict[str, Any]  # derived params for MLflow: trainable_params, quantization, ...
+    cache_key: tuple | None = None  # set when the base model is kept for reuse
+
+
+# A warm worker (Ray reuses a trial's process for the next trial of the same resource shape) keeps
+# the last base model it loaded, keyed by everything that changes its weights or layout. A trial
+# that finds its base here only builds a fresh adapter and optimizer on it. "wrapped" is the PEFT
+# model currently built on the base, so that a trial that ended without release() (killed by
+# the scheduler, say) cannot leave its adapter behind for the next one.
+_BASE_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+def clear_base_cache() -> None:
+    import gc
+
+    import torch
+
+    _BASE_CACHE.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def strip_adapter(model: Any) -> Any:
+    """The base model exactly as it was before get_peft_model.
+
+    PeftModel.unload() removes the LoRA layers but keeps a modules_to_save wrapper's *trained* copy
+    in the base (it treats it as merged), which would leak one trial's embeddings into the next:
+    every wrapper is swapped back to its original module first.
+    """
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper | TrainableTokensWrapper):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, module.original_module)
+    base = model.unload()
+    for param in base.parameters():
+        param.requires_grad_(False)
+    return base
+
+
+def release(loaded: LoadedModel | None, keep_base: bool) -> None:
+    """End of a trial: strip the adapter off a cached base (kept for the next trial), or drop it."""
+    if loaded is None:
+        return
+    entry = _BASE_CACHE.get(loaded.cache_key) if loaded.cache_key else None
+    if keep_base and entry is not None:
+        if entry["wrapped"] is not None:
+            strip_adapter(entry["wrapped"])
+            entry["wrapped"] = None
+    else:
+        clear_base_cache()
+
+
+def _set_checkpointing(model: Any, on: bool) -> None:
+    """Newer transformers 5.x renamed the methods (and keyword); older 5.x only has the old ones."""
+    if on:
+        # Non-reentrant checkpointing needs no input grads and works with frozen embeddings.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def pick_device_and_dtype(requested: str) -> tuple[Any, Any]:
@@ -316,20 +382,9 @@ def resolve_optimizer(train: TrainSection) -> str:
     return "paged_adamw_8bit" if train.method == "qlora" else "adamw"
 
 
-def load_model(
-    model_id: str,
-    train: TrainSection,
-    revision: str | None = None,
-    embeddings: str = "frozen",
-    template_ids: list[int] | None = None,
-    tokens_per_micro_batch: int = 0,
-) -> LoadedModel:
-    """The base model (4-bit NF4 for QLoRA) with a fresh LoRA adapter built from `train`'s values."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+def _load_base(model_id: str, train: TrainSection, revision: str | None, device: Any, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    device, dtype = pick_device_and_dtype(train.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": train.attn_implementation, "revision": revision}
     if train.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -345,14 +400,42 @@ def load_model(
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
+    return model
+
+
+def load_model(
+    model_id: str,
+    train: TrainSection,
+    revision: str | None = None,
+    embeddings: str = "frozen",
+    template_ids: list[int] | None = None,
+    tokens_per_micro_batch: int = 0,
+    reuse_base: bool = False,
+) -> LoadedModel:
+    """The base model (4-bit NF4 for QLoRA) with a fresh LoRA adapter built from `train`'s values.
+
+    With `reuse_base`, a base model this process loaded for an earlier trial with the same model,
+    quantization, dtype and attention is reused (see release()); otherwise it is loaded anew.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    device, dtype = pick_device_and_dtype(train.dtype)
+    key = (resolve_model_path(model_id), revision, train.method, str(dtype), train.attn_implementation, str(device))
+    entry = _BASE_CACHE.get(key) if reuse_base else None
+    reused = entry is not None
+    if entry is None:
+        clear_base_cache()  # one base per worker: never hold two
+        model = _load_base(model_id, train, revision, device, dtype)
+        if reuse_base:
+            entry = _BASE_CACHE[key] = {"base": model, "wrapped": None}
+    else:
+        if entry["wrapped"] is not None:  # the previous trial ended without release()
+            strip_adapter(entry["wrapped"])
+            entry["wrapped"] = None
+        model = entry["base"]
     checkpointing = resolve_checkpointing(train, model.config, tokens_per_micro_batch, device)
-    if checkpointing:
-        # Non-reentrant checkpointing needs no input grads and works with frozen embeddings.
-        # Newer transformers 5.x renamed the method (and its keyword); older 5.x only has the old one.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _set_checkpointing(model, checkpointing)
 
     template_ids = list(template_ids or [])
     policy, reason = resolve_embeddings(embeddings, model, template_ids)
@@ -368,6 +451,8 @@ def load_model(
     # The adapter's initial weights depend only on the seed, never on what ran before.
     torch.manual_seed(train.seed)
     model = get_peft_model(model, lora)
+    if entry is not None:
+        entry["wrapped"] = model
     if policy == "new_tokens":
         copy_free_token_rows(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -386,8 +471,9 @@ def load_model(
         "embedding_rows_trained": len(template_ids) if policy == "new_tokens" else ("all" if policy == "full" else 0),
         "gradient_checkpointing": checkpointing,
         "optimizer": resolve_optimizer(train),
+        "base_model_reused": reused,
     }
-    return LoadedModel(model=model, device=device, dtype=dtype, info=info)
+    return LoadedModel(model=model, device=device, dtype=dtype, info=info, cache_key=key if reuse_base else None)
 
 
 def adapter_state(model: Any) -> dict[str, Any]:

@@ -39,10 +39,12 @@ class TrialSpec:
     embeddings: str = "frozen"  # model.embeddings: auto | full | new_tokens | frozen
     template_ids: tuple[int, ...] = ()  # special tokens the data uses (rows new_tokens trains)
     max_seq_len: int = 1024
+    gpu_share: float | None = None  # auto placement: the fraction of the GPU this trial was given
 
     def with_sampled(self, sampled: dict[str, Any]) -> "TrialSpec":
         known = {k: v for k, v in sampled.items() if k in TrainSection.model_fields}
-        return replace(self, train=self.train.model_copy(update=known), sampled=dict(sampled))
+        share = sampled.get("gpu_share", self.gpu_share)
+        return replace(self, train=self.train.model_copy(update=known), sampled=dict(sampled), gpu_share=share)
 
 
 class Reporter(Protocol):
@@ -82,6 +84,21 @@ def peak_memory(device: Any) -> dict[str, float]:
     except OSError:
         pass
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def cap_memory(share: float | None) -> float | None:
+    """On a shared GPU, keep this process inside the share Ray gave it: past that, PyTorch raises
+    OOM in this trial instead of taking memory from the trials beside it. Returns the cap used."""
+    import torch
+
+    if not share or share >= 1 or not torch.cuda.is_available():
+        return None
+    from sweep.placement import CONTEXT_BYTES
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = max(0.01, share - CONTEXT_BYTES / total)  # the share also covers the CUDA context
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return fraction
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -202,7 +219,44 @@ def load_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any) -> 
 
 
 def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
-    """Train one trial; returns the last metrics reported."""
+    """Train one trial; returns the last metrics reported.
+
+    OOM and a non-finite loss are results (a final report says so); any other exception propagates.
+    A base model kept for reuse is handed back clean on the way out, or dropped after an error.
+    """
+    import torch
+
+    holder: dict[str, Any] = {}
+    try:
+        metrics = _train(spec, reporter, holder)
+    except Exception as exc:
+        if not is_oom(exc):
+            from trainable.model import release
+
+            release(holder.get("loaded"), keep_base=False)
+            raise
+        message = str(exc).splitlines()[0][:500]
+    else:
+        from trainable.model import release
+
+        release(holder.get("loaded"), keep_base=True)
+        return metrics
+    # OOM is a result, not a crash. Out here the exception and its traceback (which pin the model,
+    # optimizer and activations) are gone, so the memory can really be given back.
+    from trainable.model import clear_base_cache
+
+    step = holder.get("state", {}).get("step", 0)
+    holder.clear()
+    clear_base_cache()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    metrics = {"step": step, "trial_status": "oom", "error": message}
+    reporter.report(metrics, None)
+    return metrics
+
+
+def _train(spec: TrialSpec, reporter: Reporter, holder: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from trainable.data import load_split, train_batches
@@ -210,53 +264,42 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
 
     train = spec.train
     torch.set_num_threads(max(1, spec.threads))
+    memory_cap = cap_memory(spec.gpu_share)
     _reset_peak_rss()
     started = time.perf_counter()
-    loaded = None
     state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "warm": None}
-    try:
-        loaded = load_model(
-            spec.model_id,
-            train,
-            spec.revision,
-            embeddings=spec.embeddings,
-            template_ids=list(spec.template_ids),
-            tokens_per_micro_batch=train.batch[0] * spec.max_seq_len,
-        )
-        model, device = loaded.model, loaded.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        train_ds, eval_ds = load_split(spec.data_dir, "train"), load_split(spec.data_dir, "eval")
-        pad_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, train, device)
-        schedule = build_schedule(optimizer, train)
-        with reporter.restore() as folder:
-            if folder is not None:
-                state = load_checkpoint(Path(folder), model, optimizer, schedule)
-        load_seconds = time.perf_counter() - started
-        micro, accum = train.batch
-        derived = {
-            **loaded.info,
-            "micro_batch": micro,
-            "grad_accum": accum,
-            "effective_batch": micro * accum,
-            "tokens_per_sec_counts": "all non-padding input tokens, after the first logging window (loss_tokens_per_sec: reply tokens only)",
-        }
-        return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        message = str(exc).splitlines()[0][:500]
-    # OOM is a result, not a crash. Out here the exception and its traceback (which pin the model,
-    # optimizer and activations) are gone, so the memory can really be given back.
-    loaded = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    metrics = {"step": state["step"], "trial_status": "oom", "error": message}
-    reporter.report(metrics, None)
-    return metrics
+    holder["state"] = state
+    loaded = holder["loaded"] = load_model(
+        spec.model_id,
+        train,
+        spec.revision,
+        embeddings=spec.embeddings,
+        template_ids=list(spec.template_ids),
+        tokens_per_micro_batch=train.batch[0] * spec.max_seq_len,
+        reuse_base=train.reuse_base_model,
+    )
+    model, device = loaded.model, loaded.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_ds, eval_ds = load_split(spec.data_dir, "train"), load_split(spec.data_dir, "eval")
+    pad_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, train, device)
+    schedule = build_schedule(optimizer, train)
+    with reporter.restore() as folder:
+        if folder is not None:
+            state.update(load_checkpoint(Path(folder), model, optimizer, schedule))
+    load_seconds = time.perf_counter() - started
+    micro, accum = train.batch
+    derived = {
+        **loaded.info,
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "effective_batch": micro * accum,
+        "tokens_per_sec_counts": "all non-padding input tokens, after the first logging window (loss_tokens_per_sec: reply tokens only)",
+        "memory_cap_fraction": memory_cap if memory_cap is not None else "none",
+    }
+    return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
 
 
 def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches) -> dict[str, Any]:
@@ -384,4 +427,7 @@ class TuneReporter:
 def tune_trial(config: dict[str, Any], base: TrialSpec) -> None:
     """The Ray Tune trainable: `config` is what Optuna sampled; `base` the sweep's fixed settings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Trials of different sizes come and go on a shared GPU: expandable segments keep the caching
+    # allocator from fragmenting (and from reserving far more than it allocates).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     run(base.with_sampled(config), TuneReporter())

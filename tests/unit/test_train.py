@@ -195,3 +195,50 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
     build(tmp_path / "b")
     for name in ("tokenizer.json", "model.safetensors", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_base_model_reuse_leaks_nothing(data_dir: str) -> None:
+    """A trial's result does not depend on what ran before it in the same worker."""
+    from trainable.model import clear_base_cache
+
+    clear_base_cache()
+    a = replace(spec(data_dir, lora_dropout=0.1), embeddings="new_tokens", template_ids=(5, 6))
+    first = ListReporter()
+    run(a, first)
+    for other in (
+        replace(spec(data_dir, lora_r=8, learning_rate=5e-2, gradient_checkpointing=True, max_steps=2), embeddings="full"),
+        replace(spec(data_dir, lora_r=4, target_modules="all-linear", max_steps=2), embeddings="new_tokens", template_ids=(5, 6)),
+    ):
+        run(other, ListReporter())
+    again = ListReporter()
+    run(a, again)
+    assert first.reports[0]["derived"]["base_model_reused"] is False
+    assert again.reports[0]["derived"]["base_model_reused"] is True
+    assert again.reports[-1]["load_seconds"] < first.reports[-1]["load_seconds"]
+    for x, y in zip(first.reports, again.reports):
+        assert x["eval_loss"] == y["eval_loss"] and x["train_loss"] == y["train_loss"]
+        assert [h[1] for h in x["history"]] == [h[1] for h in y["history"]]
+
+
+def test_a_trial_that_died_mid_way_leaves_no_adapter_behind(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainable import model as model_module
+    from trainable.model import clear_base_cache
+
+    clear_base_cache()
+    reference = ListReporter()
+    run(spec(data_dir, max_steps=2), reference)
+
+    # a trial killed between reports (as Tune stops one): no release() runs
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    broken = ListReporter()
+    monkeypatch.setattr(broken, "report", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(replace(spec(data_dir, max_steps=2, lora_r=8), embeddings="full"), broken)
+    (entry,) = model_module._BASE_CACHE.values()
+    assert entry["wrapped"] is not None  # its adapter is still on the cached base
+    again = ListReporter()
+    run(spec(data_dir, max_steps=2), again)
+    assert again.reports[0]["derived"]["base_model_reused"] is True
+    assert again.reports[-1]["eval_loss"] == reference.reports[-1]["eval_loss"]
