@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pathlib import Path
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainable.data import DataError
 
     try:
-        run_sweep(cfg, address=args.address, log=lambda line: print(line, flush=True))
+        run_sweep(cfg, address=args.address, log=say)
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID

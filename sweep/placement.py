@@ -50,4 +50,4 @@ class Placement:
                 f"exceeds one {self.gpu_bytes / GB:.0f} GB GPU"
             )
             return Verdict(gb, share, False, reason)
-        return Verdict(gb, min(1.0, math.ceil(share / STEP - 1e-9) * STEP), True)
+        return Verdict(gb, min(1.0, round(math.ceil(share / STEP - 1e-9) * STEP, 2)), True)

@@ -192,6 +192,20 @@ def make_scheduler(cfg: SweepConfig, ledger: Any) -> Any:
     )
 
 
+class InfeasibleLog:
+    """Records a config the placement check refused (MLflow + terminal). A class, not a closure:
+    Tune pickles the searcher that holds it."""
+
+    def __init__(self, trial_runs: Any, fixed: dict[str, Any], log: Log):
+        self.trial_runs, self.fixed, self.log = trial_runs, fixed, log
+
+    def __call__(self, label: str, config: dict, verdict: Any) -> None:
+        from sweep.trials import summary
+
+        self.trial_runs.record_infeasible(label, config, verdict)
+        self.log(f"{label} infeasible  {summary({**self.fixed, **config})}: {verdict.reason}")
+
+
 # ----------------------------------------------------------------------------------------------
 # the sweep
 
@@ -202,7 +216,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
     from sweep.progress import Progress, table
     from sweep.study import SweepSearch, storage_url
     from sweep.tracking import SweepRun, TrialRuns
-    from sweep.trials import Ledger, summary
+    from sweep.trials import Ledger
     from trainable.train import TrialSpec, tune_trial
 
     prepared = preflight(cfg, log)
@@ -259,10 +273,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         else:
             trainable = tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
         trial_runs = TrialRuns(sweep_run, ledger, fixed)
-
-        def on_infeasible(label: str, config: dict, verdict: Any) -> None:
-            trial_runs.record_infeasible(label, config, verdict)
-            log(f"{label} infeasible  {summary({**fixed, **config})}: {verdict.reason}")
+        on_infeasible = InfeasibleLog(trial_runs, fixed, log)
         # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # Tune's own console reporter would print a banner and tables; our Progress callback says it.

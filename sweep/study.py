@@ -97,6 +97,16 @@ class SweepSearch(OptunaSearch):
             storage=optuna.storages.RDBStorage(storage),
         )
 
+    def save(self, checkpoint_path: str) -> None:
+        """Tune pickles the searcher into its experiment state; the hooks (which hold the MLflow
+        client and the terminal) are not part of the search state and stay out of it."""
+        hooks = self.judge, self.on_infeasible
+        self.judge = self.on_infeasible = None
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self.judge, self.on_infeasible = hooks
+
     def suggest(self, trial_id: str) -> dict | None:
         import optuna
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Protocol
 from sweep.config import TrainSection
 
 CHECKPOINT_STATE = "trainer_state.json"
+FAULTS_ENV = "LORA_SWEEP_FAULTS"
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,22 @@ def cap_memory(share: float | None) -> float | None:
     fraction = max(0.01, share - CONTEXT_BYTES / total)  # the share also covers the CUDA context
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     return fraction
+
+
+def injected_fault(sampled: dict[str, Any]) -> tuple[str, int] | None:
+    """Fault injection, for testing how a sweep survives failing trials; unset in normal use.
+
+    LORA_SWEEP_FAULTS="oom@3:lora_r=8;nan@2:lora_r=16" makes trials whose sampled lora_r is 8 run
+    out of memory in step 3, and those with lora_r 16 produce a NaN loss from step 2 on. Ray
+    workers inherit the variable from the process that starts Ray.
+    """
+    for entry in filter(None, os.environ.get(FAULTS_ENV, "").split(";")):
+        head, _, condition = entry.partition(":")
+        kind, _, step = head.partition("@")
+        wanted = dict(item.split("=", 1) for item in condition.split(",") if "=" in item)
+        if kind in ("oom", "nan") and step.isdigit() and all(str(sampled.get(k)) == v for k, v in wanted.items()):
+            return kind, int(step)
+    return None
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -316,6 +333,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
     first_report = state["step"] == 0
     model.train()
     metrics: dict[str, Any] = {}
+    fault = injected_fault(spec.sampled)
     while state["step"] < train.max_steps:
         tick = time.perf_counter()
         batch_list = [next(batches) for _ in range(accum)]
@@ -323,6 +341,10 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
         for b in batch_list:
             # token-weighted mean over the whole optimizer step, whatever the micro-batch split
             loss = summed_batch_loss(model, to_device(b, device), train.loss) / max(n_loss, 1)
+            if fault and state["step"] + 1 >= fault[1]:
+                if fault[0] == "oom":
+                    raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULTS_ENV})")
+                loss = loss * float("nan")
             loss.backward()
             window_loss += loss.detach()
             state["tokens"] += b["tokens"]

@@ -71,3 +71,14 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
         assert STATE_OF[by_label[f"t{t.number:03d}"]] == t.state.name
         assert t.user_attrs["trial_status"] == by_label[f"t{t.number:03d}"]
     assert (sweep_dir / "space.yaml").read_text() == (ROOT / "search_spaces" / "demo.yaml").read_text()
+    # the estimate command reads a finished sweep back: every trial, its estimate (no GPU here: no measured VRAM)
+    estimate = subprocess.run(
+        [sys.executable, "-m", "sweep", "estimate", str(sweep_dir), "--gpu-memory", "80"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert estimate.returncode == 0, estimate.stderr[-2000:]
+    lines = estimate.stdout.splitlines()
+    assert lines[0].startswith(f"{sweep_dir.name}: 8 trials") and len(lines) == 3 + 8

@@ -94,18 +94,11 @@ def test_corners_take_the_extremes(tmp_path: Path) -> None:
     assert {r["target_modules"] for r in rows} == {("q_proj",), "all-linear"}
 
 
-def test_estimate_command(tmp_path: Path) -> None:
+def test_estimate_command(capsys: pytest.CaptureFixture) -> None:
     from sweep.__main__ import main
 
-    lines: list[str] = []
-    import builtins
-
-    real_print = builtins.print
-    builtins.print = lambda *a, **k: lines.append(" ".join(str(x) for x in a))
-    try:
-        assert main(["estimate", str(ROOT / "search_spaces" / "demo.yaml"), "--gpu-memory", "1"]) == 0
-    finally:
-        builtins.print = real_print
+    assert main(["estimate", str(ROOT / "search_spaces" / "demo.yaml"), "--gpu-memory", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "tiny-gemma3: 32 corners of the space, seq 256, 1 GB GPU"
     assert len(lines) == 3 + 32 and all(line.endswith("yes") for line in lines[3:])
 
