@@ -263,6 +263,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
             embeddings=cfg.model.embeddings,
             template_ids=tuple(stats["template_tokens"].values()),
             max_seq_len=cfg.data.max_seq_len,
+            # a fixed fraction below one GPU caps each trial to it, as auto placement caps to each share
+            gpu_share=resources.gpus if resources.gpus is not None and 0 < resources.gpus < 1 else None,
         )
         trainable = tune.with_parameters(tune_trial, base=base)
         if resources.gpus is None:
