@@ -171,10 +171,13 @@ SEARCHABLE = (
 
 
 class SchedulerSection(Section):
-    type: Literal["asha", "none"] = Field("asha", description="asha (stop poor trials early) or none")
-    grace_period: int | None = Field(None, gt=0, description="training steps before a trial can be stopped; default: train.eval_every")
-    reduction_factor: float = Field(3, gt=1, description="ASHA keeps 1/reduction_factor at each rung, > 1")
-    max_t: int | None = Field(None, gt=0, description="step of the last rung; default: train.max_steps")
+    type: Literal["asha", "hyperband", "median", "none"] = Field(
+        "asha", description="asha (async successive halving), hyperband (synchronous brackets; pauses and resumes trials), median (stop below the median of others at the same step) or none"
+    )
+    grace_period: int | None = Field(None, gt=0, description="training steps before a trial can be stopped (asha, median); default: train.eval_every")
+    reduction_factor: float = Field(3, gt=1, description="asha / hyperband keep 1/reduction_factor at each rung, > 1")
+    max_t: int | None = Field(None, gt=0, description="step of the last rung (asha, hyperband); default: train.max_steps")
+    min_samples: int = Field(3, gt=0, description="median: trials that must have reached a step before it judges there, > 0")
 
 
 class SearchSection(Section):
@@ -576,7 +579,7 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
                 problems.append(f"search.num_trials: {search.num_trials} exceeds the grid's {size} points; give at most {size} (or leave it out)")
         elif search.num_trials is None:
             problems.append("search.num_trials: required for tpe and random search; expected a positive integer")
-        if train is not None and search.scheduler.type == "asha":
+        if train is not None and search.scheduler.type != "none":
             sched = search.scheduler
             if sched.grace_period and sched.grace_period > train.max_steps:
                 problems.append(f"search.scheduler.grace_period: {sched.grace_period} steps is beyond train.max_steps {train.max_steps}")

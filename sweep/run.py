@@ -167,31 +167,6 @@ def plan_resources(cfg: SweepConfig, log: Log) -> Resources:
     return Resources(cpt, gpt, max(1, min(limit(fit), by_cpu, cfg.num_trials)))
 
 
-def make_scheduler(cfg: SweepConfig, ledger: Any) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-
-    if cfg.search.scheduler.type == "none":
-        return FIFOScheduler()
-
-    class RecordingASHA(ASHAScheduler):
-        """ASHA that writes down whom it stopped, so the study and MLflow can say 'pruned'."""
-
-        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            decision = super().on_trial_result(tune_controller, trial, result)
-            if decision == TrialScheduler.STOP and result.get("trial_status") == "running":
-                ledger.stopped[trial.trial_id] = int(result.get("step", 0))
-            return decision
-
-    return RecordingASHA(
-        time_attr="step",  # rungs in training steps, not in reports
-        metric=cfg.search.metric,
-        mode=cfg.search.mode,
-        max_t=cfg.max_t,
-        grace_period=cfg.grace_period,
-        reduction_factor=cfg.search.scheduler.reduction_factor,
-    )
-
-
 class InfeasibleLog:
     """Records a config the placement check refused (MLflow + terminal). A class, not a closure:
     Tune pickles the searcher that holds it."""
@@ -214,6 +189,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
     from ray import tune
 
     from sweep.progress import Progress, table
+    from sweep.schedulers import make_scheduler
     from sweep.study import SweepSearch, storage_url
     from sweep.tracking import SweepRun, TrialRuns
     from sweep.trials import Ledger
@@ -291,7 +267,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
                 search_alg=search,
                 scheduler=make_scheduler(cfg, ledger),
                 num_samples=cfg.num_trials,
-                max_concurrent_trials=resources.concurrent,
+                # Tune's concurrency limiter counts paused trials as running: with Hyperband, which
+                # pauses trials until their bracket fills, it would deadlock. Resources limit it.
+                max_concurrent_trials=None if cfg.search.scheduler.type == "hyperband" else resources.concurrent,
                 time_budget_s=cfg.search.time_budget,
                 reuse_actors=True,
             ),

@@ -87,6 +87,7 @@ class SweepSearch(OptunaSearch):
         self.judge = judge
         self.on_infeasible = on_infeasible
         self._steps: dict[str, set[int]] = {}  # Ray trial id -> steps already reported
+        self._last: dict[str, dict] = {}  # Ray trial id -> its last result (Tune may end a paused trial without one)
         super().__init__(
             space=DefineByRun(cfg.space, cfg.fixed_hyperparams),
             metric=cfg.search.metric,
@@ -132,10 +133,12 @@ class SweepSearch(OptunaSearch):
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(self.metric)
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials or not finite(value):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        self._report(trial_id, float(value), int(result["step"]))
+        self._last[trial_id] = {k: v for k, v in result.items() if k in ("step", "trial_status", "error", self.metric)}
+        value = result.get(self.metric)
+        if finite(value):
+            self._report(trial_id, float(value), int(result["step"]))
 
     def _report(self, trial_id: str, value: float, step: int) -> None:
         steps = self._steps.setdefault(trial_id, set())
@@ -155,6 +158,7 @@ class SweepSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        result = result or self._last.get(trial_id)
         status = outcome(result, error, self.ledger.pruned(trial_id))
         ot_trial.set_user_attr("trial_status", status)
         if result and result.get("error"):

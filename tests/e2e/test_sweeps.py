@@ -89,3 +89,59 @@ def test_a_trial_that_raises_is_recorded_as_failed(tmp_path: Path, ray_cluster: 
     assert "flash" in child.data.tags["error"].lower()
     assert [t.state.name for t in study_trials(result.sweep_dir, cfg.name)] == ["FAIL"]
     assert "t000 failed" in out
+
+
+STATE_OF = {"completed": "COMPLETE", "pruned": "PRUNED", "stopped": "PRUNED", "oom": "FAIL", "nan": "FAIL", "failed": "FAIL"}
+
+
+def _agree(cfg, result) -> dict[str, str]:
+    """MLflow's trial_status and the study's state, trial by trial; returns label -> status."""
+    _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    status = {r.data.tags["trial"]: r.data.tags["trial_status"] for r in children}
+    trials = study_trials(result.sweep_dir, cfg.name)
+    assert len(trials) == len(status)
+    for t in trials:
+        assert STATE_OF[status[f"t{t.number:03d}"]] == t.state.name, (t.number, status, t.state)
+        assert t.user_attrs["trial_status"] == status[f"t{t.number:03d}"]
+    return status
+
+
+def test_median_stopping_prunes_by_training_step(tmp_path: Path, ray_cluster: None) -> None:
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 6, eval_every: 2, log_every: 1, batch: [2, 1]}").replace(
+        "search: {num_trials: 2}",
+        """search:
+  num_trials: 2
+  max_concurrent: 1
+  scheduler: {type: median, grace_period: 2, min_samples: 1}
+  points_to_evaluate: [{learning_rate: 2.0e-2}, {learning_rate: 1.0e-6}]""",
+    ).replace("  lora_r: [4, 8]\n", "  learning_rate: {loguniform: [1.0e-6, 5.0e-2]}\n")
+    cfg, result, out = sweep(tmp_path, body)
+    assert _agree(cfg, result) == {"t000": "completed", "t001": "pruned"}, out
+    assert [r["step"] for r in result.trials if r["label"] == "t001"] == [2]
+
+
+def test_hyperband_pauses_resumes_and_prunes(tmp_path: Path, ray_cluster: None) -> None:
+    # max_t 4, reduction 2: Ray fills its no-stopping bracket first (3 trials, run to step 4), then a
+    # bracket of 3 trials whose rung is step 2: they pause there, the worst is stopped, the other two
+    # (ceil(3 / 2)) resume from their checkpoints and run to step 4.
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 4, eval_every: 2, log_every: 1, batch: [2, 1]}").replace(
+        "search: {num_trials: 2}",
+        """search:
+  num_trials: 6
+  seed: 1
+  scheduler: {type: hyperband, reduction_factor: 2}
+  points_to_evaluate: [{learning_rate: 2.0e-2}, {learning_rate: 1.0e-6}, {learning_rate: 1.0e-2},
+                       {learning_rate: 2.0e-2}, {learning_rate: 1.0e-6}, {learning_rate: 3.0e-6}]""",
+    ).replace("  lora_r: [4, 8]\n", "  learning_rate: {loguniform: [1.0e-6, 5.0e-2]}\n")
+    cfg, result, out = sweep(tmp_path, body)
+    status = _agree(cfg, result)
+    assert [status[f"t00{i}"] for i in range(6)] == ["completed"] * 4 + ["pruned", "completed"], (status, out)
+    assert {r["label"]: r["step"] for r in result.trials if r["status"] == "pruned"} == {"t004": 2}
+    # a paused trial resumed from its checkpoint: its step history has no gaps or repeats in MLflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.mlflow_uri)
+    _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == list(range(1, len(steps) + 1)), (run.info.run_name, steps)
