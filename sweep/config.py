@@ -191,6 +191,8 @@ class SearchSection(Section):
     seed: int | None = Field(None, ge=0, description="sampler seed, >= 0")
     n_startup_trials: int | None = Field(None, gt=0, description="random trials before TPE models the space; default min(10, num_trials // 3) (at least 1)")
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="configs to try first, e.g. [{lora_r: 16, learning_rate: 2.0e-4}]")
+    warm_start: str | None = Field(None, description="a previous sweep's results folder: its finished trials feed the sampler, its best configs run first")
+    warm_start_top: int = Field(3, ge=0, description="how many of the previous sweep's best configs to run first, >= 0")
 
 
 class ResourcesSection(Section):
@@ -475,8 +477,12 @@ def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list
     return None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    """Read, validate and resolve a space file; raise ConfigError listing every problem."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> SweepConfig:
+    """Read, validate and resolve a space file; raise ConfigError listing every problem.
+
+    Relative paths resolve against the file's folder, or `base_dir` (for a copy of a space file
+    kept in a sweep folder, whose paths are relative to where the original was).
+    """
     source = Path(path)
     label = str(source)
     try:
@@ -492,11 +498,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(label, [f"the file holds {type(raw).__name__}; expected a mapping with keys: {', '.join(TOP_KEYS)}"])
     problems: list[str] = []
     apply_overrides(raw, list(overrides), problems)
-    return _validate(raw, source.resolve(), text, tuple(overrides), problems, label)
+    return _validate(raw, source.resolve(), text, tuple(overrides), problems, label, Path(base_dir).resolve() if base_dir else None)
 
 
-def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], problems: list[str], label: str) -> SweepConfig:
-    base = source.parent
+def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], problems: list[str], label: str, base: Path | None = None) -> SweepConfig:
+    base = base or source.parent
     for key in raw:
         if key not in TOP_KEYS:
             problems.append(f"{key}: unknown key; the top level accepts: {', '.join(TOP_KEYS)}")
@@ -585,6 +591,12 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
                 problems.append(f"search.scheduler.grace_period: {sched.grace_period} steps is beyond train.max_steps {train.max_steps}")
             if sched.max_t and sched.max_t > train.max_steps:
                 problems.append(f"search.scheduler.max_t: {sched.max_t} steps is beyond train.max_steps {train.max_steps}")
+        if search.warm_start is not None:
+            folder = (base / Path(search.warm_start).expanduser()).resolve()
+            if not (folder / "sweep.json").is_file():
+                problems.append(f"search.warm_start: {folder} is not a sweep folder (no sweep.json); expected a folder made by `python -m sweep run`")
+            else:
+                sections["search"] = search = search.model_copy(update={"warm_start": str(folder)})
         points = []
         for i, point in enumerate(search.points_to_evaluate):
             points.append(space.encode(point, f"search.points_to_evaluate[{i}]", problems))

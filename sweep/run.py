@@ -261,6 +261,10 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         judge = resources.placement.judge if resources.placement else None
         search = SweepSearch(cfg, storage_url(sweep_dir), ledger, judge=judge, on_infeasible=on_infeasible)
+        if cfg.search.warm_start:
+            from sweep import warmstart
+
+            log(warmstart.apply(search._ot_study, cfg, Path(cfg.search.warm_start)).describe())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

@@ -317,6 +317,21 @@ class Space:
             out += f" x {len(continuous)} continuous dimension{'s' if len(continuous) > 1 else ''} ({', '.join(continuous)})"
         return out
 
+    def distributions(self) -> dict[str, Any]:
+        """The Optuna distribution of each study parameter, as the define-by-run function samples it."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            dim = d.factor if isinstance(d, Ratio) else d
+            if isinstance(dim, Choice):
+                out[dim.name] = CategoricalDistribution(list(dim.labels))
+            elif dim.integer:
+                out[dim.name] = IntDistribution(int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+            else:
+                out[dim.name] = FloatDistribution(dim.low, dim.high, step=dim.step, log=dim.log)
+        return out
+
     def grid(self) -> dict[str, list[Any]]:
         """The Optuna GridSampler search space; only valid when every dimension is discrete."""
         out: dict[str, list[Any]] = {}

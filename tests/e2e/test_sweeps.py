@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def sweep(tmp_path: Path, body: str):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = load_config(write_space(tmp_path, body + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
     lines: list[str] = []
     result = run_sweep(cfg, log=lines.append)
@@ -145,3 +146,39 @@ def test_hyperband_pauses_resumes_and_prunes(tmp_path: Path, ray_cluster: None) 
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == list(range(1, len(steps) + 1)), (run.info.run_name, steps)
+
+
+def test_warm_start_feeds_the_sampler_and_runs_the_best_first(tmp_path: Path, ray_cluster: None) -> None:
+    grid = MINIMAL.replace("search: {num_trials: 2}", "search: {algorithm: grid, scheduler: {type: none}}").replace(
+        "  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: [1.0e-3, 1.0e-2]\n"
+    )
+    first_cfg, first, _ = sweep(tmp_path / "a", grid)
+    assert first.counts == {"completed": 4}
+    best_r = first.best["config"]["lora_r"]
+
+    # learning rate 1e-3 is no longer a choice: those two trials stay behind
+    body = MINIMAL.replace(
+        "search: {num_trials: 2}", f"search: {{num_trials: 1, warm_start: {first.sweep_dir}, warm_start_top: 1, scheduler: {{type: none}}}}"
+    ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n  learning_rate: [1.0e-2, 2.0e-2]\n")
+    cfg, result, out = sweep(tmp_path / "b", body)
+    assert "2 finished trials carried over, skipped: 2 outside this space (learning_rate)" in out, out
+    trials = study_trials(result.sweep_dir, cfg.name)
+    warm = [t for t in trials if "warm_start_from" in t.user_attrs]
+    assert len(warm) == 2 and {t.params["learning_rate"] for t in warm} == {1e-2}
+    assert all(t.state.name == "COMPLETE" for t in warm)
+    (own,) = [t for t in trials if "warm_start_from" not in t.user_attrs]
+    assert own.params == {"lora_r": min(warm, key=lambda t: t.value).params["lora_r"], "learning_rate": 1e-2}
+    assert result.trials[0]["config"]["learning_rate"] == 1e-2
+
+    # lora_r fixed now: only the previous trials that ran with r = 8 carry over
+    body = MINIMAL.replace(
+        "search: {num_trials: 2}", f"search: {{num_trials: 1, warm_start: {first.sweep_dir}, scheduler: {{type: none}}}}"
+    ).replace("  lora_r: [4, 8]\n", "  learning_rate: [1.0e-3, 1.0e-2]\n").replace("train: {max_steps: 4", "train: {lora_r: 8, max_steps: 4")
+    cfg, result, out = sweep(tmp_path / "c", body)
+    assert "2 finished trials carried over, skipped: 2 ran with another fixed lora_r" in out, out
+    assert best_r in (4, 8)
+
+    # a different metric cannot warm-start
+    body = MINIMAL.replace("search: {num_trials: 2}", f"search: {{num_trials: 1, metric: train_loss, warm_start: {first.sweep_dir}}}")
+    with pytest.raises(Exception, match="optimised eval_loss"):
+        sweep(tmp_path / "d", body)
