@@ -1,4 +1,4 @@
-"""python -m sweep {validate,run,estimate} ...   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,resume,status,stop,estimate} ...   (argv -> subcommands; no logic)
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid (nothing was started);
 1 the sweep itself failed.
@@ -22,6 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("space", help="the space.yaml file")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
     r.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
+    s = sub.add_parser("resume", help="finish a sweep whose driver died or was stopped")
+    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
+    s = sub.add_parser("status", help="a sweep's trials by status, best so far, elapsed and remaining time")
+    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s = sub.add_parser("stop", help="running trials checkpoint and stop; the sweep can be resumed")
+    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s.add_argument("--wait", type=float, default=600, metavar="SECONDS", help="how long to wait for the driver to stop (default 600)")
     e = sub.add_parser("estimate", help="predicted peak GPU memory: the corners of a space, or each trial of a finished sweep")
     e.add_argument("space", metavar="SPACE.yaml|SWEEP_DIR", help="a space file, or a sweep's results folder")
     e.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values (space files only)")
@@ -39,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sweep.config import ConfigError, load_config
 
+    if args.command in ("resume", "status", "stop"):
+        return _folder_command(args)
     if args.command == "estimate" and Path(args.space).is_dir():
         from sweep.memory import estimate_sweep, local_gpu_bytes
 
@@ -77,6 +87,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_sweep(cfg, address=args.address, log=say)
+    except (ConfigError, DataError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    return 0
+
+
+def _folder_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sweep.config import ConfigError
+    from trainable.data import DataError
+
+    folder = Path(args.sweep_dir).resolve()
+    try:
+        if args.command == "status":
+            from sweep.status import sweep_status
+
+            sweep_status(folder)
+        elif args.command == "stop":
+            from sweep.status import stop_sweep
+
+            return 0 if stop_sweep(folder, args.wait) else 1
+        else:
+            from sweep.run import resume_sweep
+
+            resume_sweep(folder, address=args.address, log=say)
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID

@@ -193,6 +193,7 @@ class SearchSection(Section):
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="configs to try first, e.g. [{lora_r: 16, learning_rate: 2.0e-4}]")
     warm_start: str | None = Field(None, description="a previous sweep's results folder: its finished trials feed the sampler, its best configs run first")
     warm_start_top: int = Field(3, ge=0, description="how many of the previous sweep's best configs to run first, >= 0")
+    max_retries: int = Field(2, ge=0, description="times a trial whose worker or node died is retried from its last checkpoint, >= 0 (a trial that fails on its own is never retried)")
 
 
 class ResourcesSection(Section):
@@ -205,7 +206,8 @@ class ResourcesSection(Section):
 
 
 class TrackingSection(Section):
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<results_dir>/mlflow.db")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (a server for multi-node sweeps; ${VAR} reads the environment); default sqlite:///<results_dir>/mlflow.db")
+    optuna_storage: str | None = Field(None, description="Optuna storage URL, e.g. postgresql://user:${PGPASSWORD}@host/db for multi-node sweeps; default sqlite in the sweep's folder")
     experiment: str | None = Field(None, description="MLflow experiment; default: the sweep name")
     results_dir: str | None = Field(None, description="folder holding one subfolder per sweep; default ./sweeps in the current directory")
 
@@ -422,7 +424,16 @@ class SweepConfig:
 
     @property
     def mlflow_uri(self) -> str:
-        return self.tracking.mlflow_uri or f"sqlite:///{self.results_dir / 'mlflow.db'}"
+        """The tracking URI to connect with (${VAR} expanded: never write this one anywhere)."""
+        from sweep.secrets import expand_env
+
+        return expand_env(self.tracking.mlflow_uri) if self.tracking.mlflow_uri else f"sqlite:///{self.results_dir / 'mlflow.db'}"
+
+    def optuna_storage(self, sweep_dir: Path) -> str:
+        """The study's storage URL to connect with (${VAR} expanded: never write this one anywhere)."""
+        from sweep.secrets import expand_env
+
+        return expand_env(self.tracking.optuna_storage) if self.tracking.optuna_storage else f"sqlite:///{sweep_dir / 'optuna.db'}"
 
     @property
     def experiment(self) -> str:
@@ -448,7 +459,14 @@ class SweepConfig:
         out["search"]["num_trials"] = self.num_trials
         out["search"]["scheduler"]["grace_period"] = self.grace_period
         out["search"]["scheduler"]["max_t"] = self.max_t
-        out["tracking"].update(results_dir=str(self.results_dir), mlflow_uri=self.mlflow_uri, experiment=self.experiment)
+        from sweep.secrets import redact
+
+        out["tracking"].update(
+            results_dir=str(self.results_dir),
+            mlflow_uri=redact(self.tracking.mlflow_uri or self.mlflow_uri),
+            optuna_storage=redact(self.tracking.optuna_storage or "sqlite in the sweep folder"),
+            experiment=self.experiment,
+        )
         out["train"] = {k: v for k, v in out["train"].items() if k not in self.space.names}
         out["space"] = {d.name: d.describe() for d in self.space.dims}
         return out
@@ -570,6 +588,16 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
         for d in space.dims:
             if isinstance(d, Ratio) and any(isinstance(o, Ratio) and o.name == d.of for o in space.dims):
                 problems.append(f"space.{d.name}.ratio_of: {d.of} is itself a ratio; chain ratios from a sampled or fixed value")
+    tracking = sections.get("tracking")
+    if tracking is not None:
+        from sweep.secrets import expand_env
+
+        for key in ("mlflow_uri", "optuna_storage"):
+            value = getattr(tracking, key)
+            try:
+                value is not None and expand_env(value)
+            except KeyError as exc:
+                problems.append(f"tracking.{key}: refers to ${{{exc.args[0]}}}, which is not set in the environment; export it or write the value")
     resources = sections.get("resources")
     if resources is not None and resources.gpu_memory_gb != "auto" and resources.gpu_memory_gb <= 0:
         problems.append(f"resources.gpu_memory_gb: got {resources.gpu_memory_gb!r}; expected auto or a positive number of GB")

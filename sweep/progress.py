@@ -62,7 +62,13 @@ class Progress(Callback):
         self.say(text)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.say(f"{self.ledger.label(trial.trial_id)} failed     {last_line(error_text(trial))[:300] or 'worker died'}")
+        label = self.ledger.label(trial.trial_id)
+        if trial.trial_id in self.ledger.retrying:
+            step = (trial.last_result or {}).get("step")
+            where = f"from its checkpoint at step {step}" if step else "from the start"
+            self.say(f"{label} worker died; attempt {self.ledger.retrying[trial.trial_id]} {where}")
+            return
+        self.say(f"{label} failed     {last_line(error_text(trial))[:300] or 'worker died'}")
 
 
 def table(rows: list[dict[str, Any]], metric: str, write: Callable[[str], None]) -> None:

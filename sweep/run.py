@@ -185,130 +185,92 @@ class InfeasibleLog:
 # the sweep
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) -> SweepResult:
-    from ray import tune
+class StopFile:
+    """Tune stopper: `python -m sweep stop DIR` writes DIR/STOP; every trial then stops (each one
+    that sees the file first saves a checkpoint at its current step)."""
 
-    from sweep.progress import Progress, table
-    from sweep.schedulers import make_scheduler
-    from sweep.study import SweepSearch, storage_url
-    from sweep.tracking import SweepRun, TrialRuns
-    from sweep.trials import Ledger
-    from trainable.train import TrialSpec, tune_trial
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return os.path.exists(self.path)
+
+    def stop_all(self) -> bool:
+        return os.path.exists(self.path)
+
+
+def _tune_stopper(stop_file: Path) -> Any:
+    from ray.tune import Stopper
+
+    class _Stopper(StopFile, Stopper):
+        pass
+
+    return _Stopper(stop_file)
+
+
+class Heartbeat:
+    """Tune callback: the sweep's elapsed time in sweep.json every 30 s, for `status` and for the
+    time budget left after a resume."""
+
+    def __init__(self, sweep_dir: Path, elapsed_before: float):
+        self.sweep_dir, self.elapsed_before = sweep_dir, elapsed_before
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def beat(self, force: bool = False, **changes: Any) -> None:
+        from sweep.sweepdir import update_meta
+
+        if force or time.monotonic() - self.last > 30:
+            self.last = time.monotonic()
+            update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
+
+
+def _heartbeat_callback(heartbeat: Heartbeat) -> Any:
+    from ray.tune import Callback
+
+    class _Beat(Callback):
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            heartbeat.beat()
+
+    return _Beat()
+
+
+def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) -> SweepResult:
+    """A new sweep: preflight, a new results folder and parent run, then the trials."""
+    from sweep.secrets import redact
+    from sweep.sweepdir import write_meta
+    from sweep.tracking import SweepRun
 
     prepared = preflight(cfg, log)
-    stats = prepared.stats
-    log(
-        f"data: {stats['train']['examples']} train examples -> {stats['train']['rows']} sequences "
-        f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples; "
-        f"template tokens: {', '.join(stats['template_tokens']) or 'none'}"
-    )
     started_ray = connect_ray(address, log)
     try:
         resources = plan_resources(cfg, log)
         sweep_dir = new_sweep_dir(cfg)
-        (sweep_dir / "space.yaml").write_text(cfg.source_text)
+        (sweep_dir / "space.yaml").write_text(redact(cfg.source_text))
         (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         sweep_run = SweepRun(cfg, sweep_dir)
         meta = {
             "name": cfg.name,
             "space_file": str(cfg.source),
-            "overrides": list(cfg.overrides),
-            "mlflow_uri": cfg.mlflow_uri,
+            "overrides": [redact(o) for o in cfg.overrides],
+            "mlflow_uri": redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri),
             "experiment": cfg.experiment,
             "parent_run_id": sweep_run.run_id,
-            "optuna_storage": storage_url(sweep_dir),
+            "optuna_storage": redact(cfg.tracking.optuna_storage or cfg.optuna_storage(sweep_dir)),
             "study_name": cfg.name,
             "data_dir": str(prepared.folder),
+            "num_trials": cfg.num_trials,
+            "concurrency": resources.concurrent,
             "started": datetime.now().isoformat(timespec="seconds"),
+            "elapsed_seconds": 0.0,
+            "state": "running",
         }
-        (sweep_dir / "sweep.json").write_text(json.dumps(meta, indent=2))
-        log(f"sweep folder: {sweep_dir}")
-        log(
-            f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
-            f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
-        )
-
-        ledger = Ledger()
-        fixed = cfg.fixed_hyperparams
-        base = TrialSpec(
-            model_id=cfg.model.id,
-            revision=cfg.model.revision,
-            data_dir=str(prepared.folder),
-            train=cfg.train,
-            threads=max(1, int(resources.cpus)),
-            embeddings=cfg.model.embeddings,
-            template_ids=tuple(stats["template_tokens"].values()),
-            max_seq_len=cfg.data.max_seq_len,
-            # a fixed fraction below one GPU caps each trial to it, as auto placement caps to each share
-            gpu_share=resources.gpus if resources.gpus is not None and 0 < resources.gpus < 1 else None,
-        )
-        trainable = tune.with_parameters(tune_trial, base=base)
-        if resources.gpus is None:
-            from ray.tune import PlacementGroupFactory
-
-            cpus = resources.cpus
-            trainable = tune.with_resources(trainable, lambda config: PlacementGroupFactory([{"CPU": cpus, "GPU": config["gpu_share"]}]))
-        else:
-            trainable = tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
-        trial_runs = TrialRuns(sweep_run, ledger, fixed)
-        on_infeasible = InfeasibleLog(trial_runs, fixed, log)
-        # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        # Tune's own console reporter would print a banner and tables; our Progress callback says it.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
-        # here (small state) and Tune's warning about it would drown the progress lines.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        judge = resources.placement.judge if resources.placement else None
-        search = SweepSearch(cfg, storage_url(sweep_dir), ledger, judge=judge, on_infeasible=on_infeasible)
-        if cfg.search.warm_start:
-            from sweep import warmstart
-
-            log(warmstart.apply(search._ot_study, cfg, Path(cfg.search.warm_start)).describe())
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=search,
-                scheduler=make_scheduler(cfg, ledger),
-                num_samples=cfg.num_trials,
-                # Tune's concurrency limiter counts paused trials as running: with Hyperband, which
-                # pauses trials until their bracket fills, it would deadlock. Resources limit it.
-                max_concurrent_trials=None if cfg.search.scheduler.type == "hyperband" else resources.concurrent,
-                time_budget_s=cfg.search.time_budget,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=str(sweep_dir),
-                callbacks=[trial_runs, Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, ledger, fixed, log)],
-                verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0),
-            ),
-        )
-        t0 = time.monotonic()
-        status = "FINISHED"
-        try:
-            tuner.fit()
-        except BaseException:
-            sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
-            raise
-        search.close_open_trials({tid: t.last_result for tid, t in trial_runs.trials.items()})
-        result = summarize(cfg, trial_runs, fixed)
-        result.sweep_dir, result.parent_run_id = sweep_dir, sweep_run.run_id
-        sweep_run.finish(result.counts, result.best, cfg.search.metric, status=status)
-        log("")
-        table(result.trials, cfg.search.metric, log)
-        log("")
-        counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
-        log(f"{len(result.trials)} trials in {time.monotonic() - t0:.0f}s: {counts}")
-        if result.best:
-            b = result.best
-            log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
-        else:
-            log("best trial: none completed")
-        log(f"open the MLflow UI:  mlflow ui --backend-store-uri {cfg.mlflow_uri}")
-        return result
+        write_meta(sweep_dir, meta)
+        log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {sweep_dir})")
+        return _drive(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log)
     finally:
         if started_ray:
             import ray
@@ -316,36 +278,223 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
             ray.shutdown()
 
 
-def summarize(cfg: SweepConfig, trial_runs: Any, fixed: dict[str, Any]) -> SweepResult:
-    """One row per trial (outcome, last metrics, config), best first; the best completed trial."""
+def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) -> SweepResult:
+    """Finish a sweep whose driver died or was stopped: the same study (its whole history), the
+    same parent run; unfinished trials continue from their last checkpoint; finished ones never
+    run again; new trials fill the rest of the budget."""
+    import optuna
+
+    from sweep.study import Resumed, tell
+    from sweep.sweepdir import STOP, claim, latest_checkpoint, read_meta, release
+    from sweep.tracking import SweepRun
+
+    sweep_dir = Path(sweep_dir).resolve()
+    meta = read_meta(sweep_dir)
+    if meta.get("state") == "finished":
+        raise ConfigError(str(sweep_dir), [f"{sweep_dir.name}: finished already; nothing to resume"])
+    from sweep.sweepdir import load_sweep_config
+
+    cfg = load_sweep_config(sweep_dir)
+    claim(sweep_dir)
+    try:
+        prepared = preflight(cfg, log)
+        study = optuna.load_study(study_name=meta["study_name"], storage=cfg.optuna_storage(sweep_dir))
+        resume, finished = [], 0
+        for t in study.trials:
+            if "warm_start_from" in t.user_attrs:
+                continue
+            if t.state == optuna.trial.TrialState.RUNNING:
+                if not t.params:  # asked, never sampled: nothing ran, nothing to continue
+                    t_obj = optuna.trial.Trial(study, t._trial_id)
+                    t_obj.set_user_attr("trial_status", "lost")
+                    tell(study, t_obj, None, optuna.trial.TrialState.FAIL)
+                    continue
+                checkpoint = latest_checkpoint(sweep_dir, t.user_attrs.get("ray_trial_id"))
+                resume.append(Resumed(t.number, checkpoint, int(t.user_attrs.get("attempt", 1))))
+            elif "ray_trial_id" in t.user_attrs:
+                finished += 1
+        budget = max(0, cfg.num_trials - finished - len(resume))
+        (sweep_dir / STOP).unlink(missing_ok=True)
+        continuing = ", ".join(f"t{r.number:03d} from {'step ' + Path(r.checkpoint).name if r.checkpoint else 'the start'}" for r in resume)
+        log(f"resuming {sweep_dir.name}: {finished} trials finished; continuing {len(resume)} ({continuing or 'none'}); {budget} new to run")
+        started_ray = connect_ray(address, log)
+        try:
+            resources = plan_resources(cfg, log)
+            sweep_run = SweepRun.attach(cfg, meta["parent_run_id"])
+            return _drive(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    finally:
+        release(sweep_dir)
+
+
+def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, resources: Resources, resume: list, budget: int, elapsed_before: float, log: Log) -> SweepResult:
+    """The trials of one driver run: Tune + the study + MLflow, until the budget is spent."""
+    import optuna
+    from ray import tune
+
+    from sweep.progress import Progress, table
+    from sweep.schedulers import make_scheduler
+    from sweep.study import SweepSearch
+    from sweep.sweepdir import STOP, claim, next_tune_name, release
+    from sweep.tracking import TrialRuns
+    from sweep.trials import Ledger
+    from trainable.train import TrialSpec, tune_trial
+
+    stats = prepared.stats
+    log(
+        f"data: {stats['train']['examples']} train examples -> {stats['train']['rows']} sequences "
+        f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples; "
+        f"template tokens: {', '.join(stats['template_tokens']) or 'none'}"
+    )
+    log(
+        f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
+        f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
+    )
+    if not (sweep_dir / "driver.pid").exists():
+        claim(sweep_dir)
+    stop_file = sweep_dir / STOP
+    heartbeat = Heartbeat(sweep_dir, elapsed_before)
+    heartbeat.beat(force=True, state="running")
+    ledger = Ledger()
+    fixed = cfg.fixed_hyperparams
+    base = TrialSpec(
+        model_id=cfg.model.id,
+        revision=cfg.model.revision,
+        data_dir=str(prepared.folder),
+        train=cfg.train,
+        threads=max(1, int(resources.cpus)),
+        embeddings=cfg.model.embeddings,
+        template_ids=tuple(stats["template_tokens"].values()),
+        max_seq_len=cfg.data.max_seq_len,
+        # a fixed fraction below one GPU caps each trial to it, as auto placement caps to each share
+        gpu_share=resources.gpus if resources.gpus is not None and 0 < resources.gpus < 1 else None,
+        stop_file=str(stop_file),
+    )
+    trainable = tune.with_parameters(tune_trial, base=base)
+    if resources.gpus is None:
+        from ray.tune import PlacementGroupFactory
+
+        cpus = resources.cpus
+        trainable = tune.with_resources(trainable, lambda config: PlacementGroupFactory([{"CPU": cpus, "GPU": config["gpu_share"]}]))
+    else:
+        trainable = tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
+    trial_runs = TrialRuns(sweep_run, ledger, fixed, max_retries=cfg.search.max_retries, stop_file=str(stop_file))
+    # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's own console reporter would print a banner and tables; our Progress callback says it.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
+    # here (small state) and Tune's warning about it would drown the progress lines.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    judge = resources.placement.judge if resources.placement else None
+    search = SweepSearch(
+        cfg, cfg.optuna_storage(sweep_dir), ledger, judge=judge, on_infeasible=InfeasibleLog(trial_runs, fixed, log),
+        budget=budget, resume=resume, stop_file=str(stop_file),
+    )  # fmt: skip
+    trial_runs.search = search
+    if cfg.search.warm_start and not resume and budget == cfg.num_trials:
+        from sweep import warmstart
+
+        log(warmstart.apply(search._ot_study, cfg, Path(cfg.search.warm_start)).describe())
+    time_left = None
+    if cfg.search.time_budget:
+        time_left = max(1.0, cfg.search.time_budget - elapsed_before)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            scheduler=make_scheduler(cfg, ledger),
+            num_samples=-1,  # the searcher owns the budget (retries and resumes included)
+            # Tune's concurrency limiter counts paused trials as running: with Hyperband, which
+            # pauses trials until their bracket fills, it would deadlock. Resources limit it.
+            max_concurrent_trials=None if cfg.search.scheduler.type == "hyperband" else resources.concurrent,
+            time_budget_s=time_left,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=next_tune_name(sweep_dir),
+            storage_path=str(sweep_dir),
+            callbacks=[trial_runs, Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, ledger, fixed, log), _heartbeat_callback(heartbeat)],
+            stop=_tune_stopper(stop_file),
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    t0 = time.monotonic()
+    try:
+        tuner.fit()
+    except BaseException:
+        sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
+        heartbeat.beat(force=True, state="failed")
+        release(sweep_dir)
+        raise
+    stopped = stop_file.exists()
+    search.close_open_trials({tid: t.last_result for tid, t in trial_runs.trials.items()})
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.optuna_storage(sweep_dir))
+    result = summarize(cfg, study, sweep_run)
+    result.sweep_dir, result.parent_run_id = sweep_dir, sweep_run.run_id
+    sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED")
+    heartbeat.beat(force=True, state="stopped" if stopped else "finished")
+    release(sweep_dir)
+    log("")
+    table(result.trials, cfg.search.metric, log)
+    log("")
+    counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
+    log(f"{len(result.trials)} trials ({time.monotonic() - t0:.0f}s in this run): {counts}")
+    if result.best:
+        b = result.best
+        log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
+    else:
+        log("best trial: none completed")
+    if stopped:
+        log(f"stopped on request; continue with:  python -m sweep resume {sweep_dir}")
+    from sweep.secrets import redact
+
+    log(f"open the MLflow UI:  mlflow ui --backend-store-uri {redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri)}")
+    return result
+
+
+def summarize(cfg: SweepConfig, study: Any, sweep_run: Any) -> SweepResult:
+    """One row per trial of the whole sweep (all driver runs), from the study and MLflow, best first."""
     from sweep.trials import finite, summary
 
     metric, sign = cfg.search.metric, (1 if cfg.search.mode == "min" else -1)
+    runs = {r.data.tags.get("trial"): r for r in sweep_run.children()}
+    fixed = cfg.fixed_hyperparams
     rows = []
-    for trial_id, trial in trial_runs.trials.items():
-        last = trial.last_result or {}
-        status, error = trial_runs.outcomes[trial_id]
+    for t in study.trials:
+        label = f"t{t.number:03d}"
+        run = runs.get(label)
+        if run is None or "warm_start_from" in t.user_attrs or not t.params:
+            continue
+        config = cfg.space.decode(t.params, fixed)
+        for key in ("gpu_share", "estimated_vram_gb"):
+            if key in run.data.params:
+                config[key] = float(run.data.params[key])
+        m = run.data.metrics
         row = {
-            "trial_id": trial_id,
-            "label": trial_runs.ledger.label(trial_id),
-            "status": status,
-            "step": last.get("step"),
-            "run_id": trial_runs.run_ids.get(trial_id, ""),
-            "config": dict(trial.config),
-            "summary": summary({**fixed, **trial.config}),
-            "error": error,
+            "trial_id": t.user_attrs.get("ray_trial_id", ""),
+            "label": label,
+            "status": run.data.tags.get("trial_status", "?"),
+            "step": int(run.data.tags["last_step"]) if run.data.tags.get("last_step", "").isdigit() else None,
+            "run_id": run.info.run_id,
+            "config": config,
+            "summary": summary({**fixed, **config}),
+            "error": run.data.tags.get("error"),
         }
         for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_vram_gb", "peak_rss_gb"):
-            row[key] = last.get(key)
+            row[key] = m.get(key)
         rows.append(row)
 
     def order(r: dict) -> tuple:
         v = r.get(metric)
         return (r["status"] != "completed", not finite(v), sign * v if finite(v) else 0.0, r["label"])
 
-    for item in trial_runs.infeasible:
-        rows.append({"trial_id": "", "label": item["label"], "status": "infeasible", "step": None, "run_id": item["run_id"],
-                     "config": item["config"], "summary": summary({**fixed, **item["config"]}), "error": item["reason"]})  # fmt: skip
     rows.sort(key=order)
     completed = [r for r in rows if r["status"] == "completed" and finite(r.get(metric))]
     counts: dict[str, int] = {}

@@ -8,6 +8,7 @@ completed -> COMPLETE, pruned/stopped -> PRUNED (with its intermediate values), 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ray.tune.search import Searcher
@@ -63,13 +64,32 @@ def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) 
 MAX_INFEASIBLE_IN_A_ROW = 200
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """An Optuna trial to run (again) under a new Ray trial: unfinished when a driver died, or its
+    worker died. It continues from `checkpoint` when there is one."""
+
+    number: int
+    checkpoint: str | None
+    attempt: int = 1
+
+
 class SweepSearch(OptunaSearch):
-    """OptunaSearch with step-indexed intermediate values and outcome-based final states.
+    """OptunaSearch with step-indexed intermediate values, outcome-based final states, and the
+    sweep's trial budget.
+
+    Budget: Tune runs with an open number of samples; this searcher hands out queued trials first
+    (resumed or retried ones), then new ones until `budget` new trials were launched, and says it
+    is finished only once nothing is queued or running (a running trial may still need a retry).
 
     With `judge` (auto placement), each sampled config is checked against the GPU before Tune sees
     it: a feasible one carries its `gpu_share` (what it asks Ray for) and `estimated_vram_gb`; an
     infeasible one is closed in the study as FAIL (trial_status=infeasible), reported through
     `on_infeasible`, and another config is sampled for the same Ray trial. It costs no GPU time.
+
+    A trial that errored is left open until the sweep decides (`requeue` if its worker died and it
+    has retries left, `fail` otherwise). A trial stopped by `python -m sweep stop` stays RUNNING in
+    the study, so that `resume` continues it.
     """
 
     def __init__(
@@ -79,6 +99,9 @@ class SweepSearch(OptunaSearch):
         ledger: Ledger,
         judge: Callable[[dict], Any] | None = None,
         on_infeasible: Callable[[str, dict, Any], None] | None = None,
+        budget: int | None = None,
+        resume: list[Resumed] | None = None,
+        stop_file: str | None = None,
     ):
         import optuna
 
@@ -86,10 +109,17 @@ class SweepSearch(OptunaSearch):
         self.ledger = ledger
         self.judge = judge
         self.on_infeasible = on_infeasible
+        self.budget = cfg.num_trials if budget is None else budget
+        self.launched = 0
+        self.queue: list[Resumed] = list(resume or [])
+        self.stop_file = stop_file
+        self.attempts: dict[str, int] = {}  # Ray trial id -> attempt number of its Optuna trial
+        self.errored: dict[str, dict | None] = {}  # Ray trial id -> last result, awaiting requeue() or fail()
         self._steps: dict[str, set[int]] = {}  # Ray trial id -> steps already reported
         self._last: dict[str, dict] = {}  # Ray trial id -> its last result (Tune may end a paused trial without one)
+        self._space_def = DefineByRun(cfg.space, cfg.fixed_hyperparams)
         super().__init__(
-            space=DefineByRun(cfg.space, cfg.fixed_hyperparams),
+            space=self._space_def,
             metric=cfg.search.metric,
             mode=cfg.search.mode,
             points_to_evaluate=[dict(p) for p in cfg.study_points] or None,
@@ -108,7 +138,47 @@ class SweepSearch(OptunaSearch):
         finally:
             self.judge, self.on_infeasible = hooks
 
+    # -- handing out trials -------------------------------------------------------------------
+
+    def _running(self) -> bool:
+        return any(t not in self._completed_trials for t in self._ot_trials)
+
+    def _stop_requested(self) -> bool:
+        import os
+
+        return bool(self.stop_file) and os.path.exists(self.stop_file)
+
     def suggest(self, trial_id: str) -> dict | None:
+        if self._stop_requested():
+            return Searcher.FINISHED
+        if self.queue:
+            return self._suggest_queued(trial_id, self.queue.pop(0))
+        if self.launched >= self.budget:
+            return None if self._running() else Searcher.FINISHED
+        return self._suggest_new(trial_id)
+
+    def _suggest_queued(self, trial_id: str, item: Resumed) -> dict | None:
+        import optuna
+
+        study = self._ot_study
+        storage_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, item.number)
+        ot_trial = optuna.trial.Trial(study, storage_id)
+        frozen = study._storage.get_trial(storage_id)
+        config = self._space_def.space.decode(frozen.params, self._space_def.fixed)
+        if item.checkpoint:
+            config["resume_checkpoint"] = item.checkpoint
+        verdict = self.judge(config) if self.judge else None
+        if verdict is not None and verdict.feasible:
+            config.update(gpu_share=verdict.share, estimated_vram_gb=round(verdict.estimate_gb, 2))
+        self._ot_trials[trial_id] = ot_trial
+        self._steps[trial_id] = set(frozen.intermediate_values)  # reported before: not again
+        self.attempts[trial_id] = item.attempt
+        ot_trial.set_user_attr("ray_trial_id", trial_id)
+        ot_trial.set_user_attr("attempt", item.attempt)
+        self.ledger.labels[trial_id] = f"t{item.number:03d}"
+        return config
+
+    def _suggest_new(self, trial_id: str) -> dict | None:
         import optuna
 
         for _ in range(MAX_INFEASIBLE_IN_A_ROW):
@@ -122,6 +192,8 @@ class SweepSearch(OptunaSearch):
                     config.update(gpu_share=verdict.share, estimated_vram_gb=round(verdict.estimate_gb, 2))
                     ot_trial.set_user_attr("estimated_vram_gb", round(verdict.estimate_gb, 2))
                 self.ledger.labels[trial_id] = label
+                self.attempts[trial_id] = 1
+                self.launched += 1
                 return config
             del self._ot_trials[trial_id]
             ot_trial.set_user_attr("trial_status", "infeasible")
@@ -130,12 +202,17 @@ class SweepSearch(OptunaSearch):
             if self.on_infeasible:
                 self.on_infeasible(label, config, verdict)
         # Everything sampled lately needs more than a GPU: stop asking rather than spin.
-        return Searcher.FINISHED
+        return None if self._running() else Searcher.FINISHED
+
+    # -- feedback -----------------------------------------------------------------------------
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         self._last[trial_id] = {k: v for k, v in result.items() if k in ("step", "trial_status", "error", self.metric)}
+        for record in result.get("evals_replay") or []:  # a resumed trial's evaluations the study may lack
+            if finite(record.get(self.metric)):
+                self._report(trial_id, float(record[self.metric]), int(record["step"]))
         value = result.get(self.metric)
         if finite(value):
             self._report(trial_id, float(value), int(result["step"]))
@@ -147,9 +224,12 @@ class SweepSearch(OptunaSearch):
             self._ot_trials[trial_id].report(value, step=step)
 
     def close_open_trials(self, last_results: dict[str, dict]) -> None:
-        """Trials still open when Tune returns (ended by the time budget) get their outcome too."""
+        """Trials still open when Tune returns (ended by the time budget, or errored without a
+        decision) get their outcome too."""
         for trial_id in list(self._ot_trials):
-            if trial_id not in self._completed_trials:
+            if trial_id in self.errored:
+                self.fail(trial_id, "the trial failed")
+            elif trial_id not in self._completed_trials:
                 self.on_trial_complete(trial_id, last_results.get(trial_id))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -157,21 +237,47 @@ class SweepSearch(OptunaSearch):
 
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
         result = result or self._last.get(trial_id)
-        status = outcome(result, error, self.ledger.pruned(trial_id))
-        ot_trial.set_user_attr("trial_status", status)
-        if result and result.get("error"):
-            ot_trial.set_user_attr("error", str(result["error"])[:1000])
+        if error:
+            self.errored[trial_id] = result  # the sweep decides: requeue() or fail()
+            return
+        ot_trial = self._ot_trials[trial_id]
+        status = outcome(result, False, self.ledger.pruned(trial_id))
         value = (result or {}).get(self.metric)
         if finite(value):
             # A result that makes the scheduler say STOP (a pruning decision, or reaching max_t)
             # reaches on_trial_complete only, never on_trial_result: record it here.
             self._report(trial_id, float(value), int(result["step"]))
+        self._completed_trials.add(trial_id)
+        if status == "stopped" and self._stop_requested():
+            return  # stopped by the user: stays RUNNING in the study, for `resume`
+        ot_trial.set_user_attr("trial_status", status)
+        if result and result.get("error"):
+            ot_trial.set_user_attr("error", str(result["error"])[:1000])
         if status == "completed" and finite(value):
             tell(self._ot_study, ot_trial, float(value), optuna.trial.TrialState.COMPLETE)
         elif status in ("pruned", "stopped"):
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.PRUNED)
         else:
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
+
+    def requeue(self, trial_id: str, checkpoint: str | None) -> int:
+        """Run this trial's Optuna trial again (its worker died): returns the new attempt number."""
+        ot_trial = self._ot_trials[trial_id]
+        attempt = self.attempts.get(trial_id, 1) + 1
+        self.errored.pop(trial_id, None)
+        self._completed_trials.add(trial_id)
+        self.queue.append(Resumed(ot_trial.number, checkpoint, attempt))
+        return attempt
+
+    def fail(self, trial_id: str, error: str) -> None:
+        import optuna
+
+        self.errored.pop(trial_id, None)
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("trial_status", "failed")
+        ot_trial.set_user_attr("error", error[-1000:])
+        tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)

@@ -11,6 +11,8 @@ final = train_seconds, load_seconds; tag trial_status (+ error).
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sweep.config import SweepConfig
+from sweep.secrets import redact
 from sweep.trials import Ledger, error_text, finite, outcome, param_value, summary
 
 STEP_METRICS = (
@@ -47,6 +50,23 @@ def git_commit() -> str:
 class SweepRun:
     """The sweep's parent run."""
 
+    @classmethod
+    def attach(cls, cfg: SweepConfig, run_id: str) -> "SweepRun":
+        """The parent run of an existing sweep (resume): reopened, nothing logged twice."""
+        from mlflow import MlflowClient
+
+        self = cls.__new__(cls)
+        self.client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+        run = self.client.get_run(run_id)
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        return self
+
+    def children(self) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000
+        )
+
     def __init__(self, cfg: SweepConfig, sweep_dir: Path):
         from mlflow import MlflowClient
 
@@ -71,7 +91,7 @@ class SweepRun:
             "space_file": str(cfg.source),
             "space_sha256": cfg.sha256,
             "git_commit": git_commit(),
-            "overrides": " ".join(cfg.overrides) or "-",
+            "overrides": redact(" ".join(cfg.overrides)) or "-",
             "model": cfg.model.id,
             "chat_template_from": cfg.model.chat_template_from or "-",
             "data_train": cfg.data.train,
@@ -88,7 +108,7 @@ class SweepRun:
             **{f"fixed.{k}": param_value(v) for k, v in cfg.fixed_hyperparams.items()},
         }
         self.log_params(self.run_id, params)
-        self.client.log_text(self.run_id, cfg.source_text, "space.yaml")
+        self.client.log_text(self.run_id, redact(cfg.source_text), "space.yaml")
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -111,19 +131,33 @@ class SweepRun:
         self.client.set_terminated(self.run_id, status)
 
 
-class TrialRuns(Callback):
-    """Tune callback: a child run per trial, metrics by step, trial_status on the way out."""
+WORKER_DIED = re.compile(r"ActorDiedError|RayActorError|NodeDiedError|WorkerCrashedError|OwnerDiedError|ActorUnavailableError|actor died|node .{0,80} died|worker died", re.I)
 
-    def __init__(self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any]):
+
+class TrialRuns(Callback):
+    """Tune callback: a child run per trial, metrics by step, trial_status on the way out.
+
+    A trial is identified by its label (the Optuna trial number): a trial resumed after a crash,
+    or retried after its worker died, continues its child run instead of opening another, so a
+    sweep ends with exactly one child run per trial. A trial whose worker died is retried from its
+    last checkpoint while it has retries left (search.max_retries); a trial that failed for its
+    own reasons (an exception, OOM, NaN) is not.
+    """
+
+    def __init__(self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any], max_retries: int = 0, stop_file: str | None = None):
         self.sweep = sweep
         self.client = sweep.client
         self.ledger = ledger
         self.fixed = fixed
+        self.max_retries = max_retries
+        self.stop_file = stop_file
+        self.search: Any = None  # the SweepSearch, set by the driver: it decides retries with it
         self.run_ids: dict[str, str] = {}  # Ray trial id -> MLflow run id
         self.trials: dict[str, Any] = {}  # Ray trial id -> Tune Trial (config, last_result)
         self.outcomes: dict[str, tuple[str, str | None]] = {}  # Ray trial id -> (status, error)
         self.infeasible: list[dict[str, Any]] = []  # configs refused before launch
         self._logged_derived: set[str] = set()
+        self._logged: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already in MLflow
 
     def record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
         """A config the placement check refused: a child run that says so, and no GPU time spent."""
@@ -139,19 +173,34 @@ class TrialRuns(Callback):
         self.client.set_terminated(run.info.run_id, "FAILED")
         self.infeasible.append({"label": label, "config": dict(config), "reason": verdict.reason, "run_id": run.info.run_id})
 
+    def _existing_run(self, label: str) -> Any:
+        runs = self.client.search_runs(
+            [self.sweep.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.sweep.run_id}' and tags.trial = '{label}'",
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials[trial.trial_id] = trial
         if trial.trial_id in self.run_ids:
             return
-        config = dict(trial.config)
-        name = f"{self.ledger.label(trial.trial_id)} {summary({**self.fixed, **config})}"
-        run = self.client.create_run(
-            self.sweep.experiment_id,
-            run_name=name,
-            tags={"mlflow.parentRunId": self.sweep.run_id, "trial_id": trial.trial_id, "trial": self.ledger.label(trial.trial_id), "trial_status": "running"},
-        )
-        self.run_ids[trial.trial_id] = run.info.run_id
-        self.sweep.log_params(run.info.run_id, {k: param_value(v) for k, v in config.items()})
+        label = self.ledger.label(trial.trial_id)
+        config = {k: v for k, v in trial.config.items() if k != "resume_checkpoint"}
+        existing = self._existing_run(label)
+        if existing is not None:  # resumed or retried: carry on in the same child run
+            run_id, have = existing.info.run_id, set(existing.data.params)
+            self.client.update_run(run_id, status="RUNNING")
+            self._logged[run_id] = {
+                name: {m.step for m in self.client.get_metric_history(run_id, name)} for name in ("train_loss", "learning_rate", *STEP_METRICS)
+            }
+        else:
+            name = f"{label} {summary({**self.fixed, **config})}"
+            run_id, have = self.client.create_run(self.sweep.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.sweep.run_id, "trial": label}).info.run_id, set()
+        self.client.set_tag(run_id, "trial_status", "running")
+        self.client.set_tag(run_id, "trial_id", trial.trial_id)
+        self.run_ids[trial.trial_id] = run_id
+        self.sweep.log_params(run_id, {k: param_value(v) for k, v in config.items() if k not in have})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         from mlflow.entities import Metric
@@ -161,45 +210,83 @@ class TrialRuns(Callback):
             return
         now = int(time.time() * 1000)
         step = int(result.get("step", 0))
+        logged = self._logged.setdefault(run_id, {})
         metrics = []
+
+        def add(name: str, value: Any, at: int) -> None:
+            # each (metric, step) once, also when a resumed trial re-sends what it logged before
+            if finite(value) and at not in logged.setdefault(name, set()):
+                logged[name].add(at)
+                metrics.append(Metric(name, float(value), now, at))
+
         for h_step, loss, lr in result.get("history") or []:
-            if finite(loss):
-                metrics.append(Metric("train_loss", float(loss), now, int(h_step)))
-            metrics.append(Metric("learning_rate", float(lr), now, int(h_step)))
+            add("train_loss", loss, int(h_step))
+            add("learning_rate", lr, int(h_step))
+        for record in result.get("evals_replay") or []:
+            for key in STEP_METRICS:
+                add(key, record.get(key), int(record["step"]))
         for key in STEP_METRICS:
-            if finite(result.get(key)):
-                metrics.append(Metric(key, float(result[key]), now, step))
+            add(key, result.get(key), step)
         for key in FINAL_METRICS:
-            if finite(result.get(key)):
-                metrics.append(Metric(key, float(result[key]), now, step))
+            add(key, result.get(key), step)
         for i in range(0, len(metrics), 500):
             self.client.log_batch(run_id, metrics=metrics[i : i + 500])
         derived = result.get("derived")
         if derived and trial.trial_id not in self._logged_derived:
             self._logged_derived.add(trial.trial_id)
-            self.sweep.log_params(run_id, {k: param_value(v) for k, v in derived.items()})
+            have = set(self.client.get_run(run_id).data.params)
+            self.sweep.log_params(run_id, {k: param_value(v) for k, v in derived.items() if k not in have})
+
+    def _stop_requested(self) -> bool:
+        return bool(self.stop_file) and os.path.exists(self.stop_file)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id))
+        if status == "stopped" and self._stop_requested():
+            self._close(trial, "stopped", None, run_status="KILLED")  # resumable
+            return
         self._close(trial, status, (trial.last_result or {}).get("error"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "failed", error_text(trial) or "the trial's worker died without an error message")
+        error = error_text(trial) or "the trial's worker died without an error message"
+        search = self.search
+        attempt = search.attempts.get(trial.trial_id, 1) if search is not None else 1
+        if search is not None and WORKER_DIED.search(error) and attempt <= self.max_retries:
+            checkpoint = getattr(trial.checkpoint, "path", None) if trial.checkpoint else None
+            next_attempt = search.requeue(trial.trial_id, checkpoint)
+            self.ledger.retrying[trial.trial_id] = next_attempt
+            self.outcomes[trial.trial_id] = ("retrying", error)
+            run_id = self.run_ids.pop(trial.trial_id, None)
+            if run_id:
+                self.client.set_tag(run_id, "trial_status", "retrying")
+                self.client.set_tag(run_id, "retries", str(next_attempt - 1))
+                self.client.set_tag(run_id, "error", f"attempt {attempt}: worker died; retrying from {'its last checkpoint' if checkpoint else 'the start'}")
+            return
+        if search is not None:
+            search.fail(trial.trial_id, error)
+        self._close(trial, "failed", error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Tune ends trials still running at the time budget without on_trial_complete: close them."""
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.outcomes:
-                self._close(trial, outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id)), None)
+                status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id))
+                if status == "stopped" and self._stop_requested():
+                    self._close(trial, "stopped", None, run_status="KILLED")
+                else:
+                    self._close(trial, status, None)
 
-    def _close(self, trial: Any, status: str, error: str | None) -> None:
+    def _close(self, trial: Any, status: str, error: str | None, run_status: str | None = None) -> None:
         self.outcomes[trial.trial_id] = (status, error)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
         self.client.set_tag(run_id, "trial_status", status)
+        step = (trial.last_result or {}).get("step")
+        if step is not None:
+            self.client.set_tag(run_id, "last_step", str(int(step)))
         if status == "pruned":
             self.client.set_tag(run_id, "stopped_at_step", str((trial.last_result or {}).get("step", "")))
         if error:
             self.client.set_tag(run_id, "error", str(error)[-MAX_TAG:])
-        self.client.set_terminated(run_id, "FINISHED" if status in ("completed", "pruned", "stopped") else "FAILED")
+        self.client.set_terminated(run_id, run_status or ("FINISHED" if status in ("completed", "pruned", "stopped") else "FAILED"))

@@ -20,11 +20,13 @@ class Ledger:
     labels: Ray trial id -> 't007', where 7 is the Optuna trial number (set when Optuna samples it),
     so a name in the terminal, in MLflow and in the study all point to the same trial.
     stopped: Ray trial id -> the step at which the scheduler stopped it.
+    retrying: Ray trial id -> next attempt, for a trial whose worker died and that runs again.
     """
 
     def __init__(self) -> None:
         self.labels: dict[str, str] = {}
         self.stopped: dict[str, int] = {}
+        self.retrying: dict[str, int] = {}  # Ray trial id -> the attempt its Optuna trial goes on with
 
     def label(self, trial_id: str) -> str:
         return self.labels.get(trial_id, trial_id)

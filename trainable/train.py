@@ -41,11 +41,15 @@ class TrialSpec:
     template_ids: tuple[int, ...] = ()  # special tokens the data uses (rows new_tokens trains)
     max_seq_len: int = 1024
     gpu_share: float | None = None  # auto placement: the fraction of the GPU this trial was given
+    stop_file: str | None = None  # `python -m sweep stop` writes it: checkpoint and stop
+    resume_checkpoint: str | None = None  # resumed / retried trial: continue from this checkpoint
 
     def with_sampled(self, sampled: dict[str, Any]) -> "TrialSpec":
         known = {k: v for k, v in sampled.items() if k in TrainSection.model_fields}
         share = sampled.get("gpu_share", self.gpu_share)
-        return replace(self, train=self.train.model_copy(update=known), sampled=dict(sampled), gpu_share=share)
+        resume = sampled.get("resume_checkpoint", self.resume_checkpoint)
+        hyper = {k: v for k, v in sampled.items() if k not in ("resume_checkpoint",)}
+        return replace(self, train=self.train.model_copy(update=known), sampled=hyper, gpu_share=share, resume_checkpoint=resume)
 
 
 class Reporter(Protocol):
@@ -330,7 +334,13 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
     window_loss = torch.zeros((), device=device)
     window_steps = 0
     report_losses: list[float] = []
-    first_report = state["step"] == 0
+    # The checkpoint carries everything this trial logged. A restored trial re-sends it once, with
+    # its first report: what the driver logged before a crash is skipped there, what it never saw
+    # (a checkpoint persisted just before the driver died) is logged now.
+    state.setdefault("log", [])
+    state.setdefault("evals", [])
+    replay = {"history": list(state["log"]), "evals": list(state["evals"])} if state["step"] > 0 else None
+    first_report = True
     model.train()
     metrics: dict[str, Any] = {}
     fault = injected_fault(spec.sampled)
@@ -370,6 +380,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
                 reporter.report(metrics, None)
                 return metrics
             history.append([step, loss, lr])
+            state["log"].append([step, loss, lr])
             report_losses.append(loss)
             if state["warm"] is None:
                 # Throughput is counted from here on: the first window pays for lazy init and
@@ -377,6 +388,15 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
                 state["warm"] = [state["tokens"], state["loss_tokens"], state["train_seconds"]]
         else:
             state["train_seconds"] += time.perf_counter() - tick
+        if spec.stop_file and os.path.exists(spec.stop_file) and not is_eval:
+            # `python -m sweep stop`: keep this step's work; `resume` continues from here.
+            metrics = {"step": step, "trial_status": "stopped", "history": history}
+            if replay:
+                metrics.update(history=replay["history"] + history, evals_replay=replay["evals"])
+            with _scratch() as folder:
+                save_checkpoint(folder, model, optimizer, schedule, state)
+                reporter.report(metrics, str(folder))
+            return metrics
         if not is_eval:
             continue
         eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device, train.loss)
@@ -403,8 +423,12 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
         if first_report:
             metrics["derived"] = derived
             first_report = False
+            if replay:
+                metrics.update(history=replay["history"] + history, evals_replay=replay["evals"])
+                replay = None
         if done:
             metrics.update(train_seconds=state["train_seconds"], load_seconds=load_seconds)
+        state["evals"].append({k: metrics[k] for k in ("step", "eval_loss", "tokens_per_sec", "loss_tokens_per_sec")})
         with _scratch() as folder:
             save_checkpoint(folder, model, optimizer, schedule, state)
             reporter.report(metrics, str(folder))
@@ -426,7 +450,14 @@ def _scratch() -> Iterator[Path]:
 
 
 class TuneReporter:
-    """Reports through ray.tune (only ray.tune.* works inside a Tune trainable in Ray 2.60)."""
+    """Reports through ray.tune (only ray.tune.* works inside a Tune trainable in Ray 2.60).
+
+    Restores from Tune's own checkpoint of this trial (a paused and resumed trial), else from
+    `resume` (a trial continued by `python -m sweep resume` or retried after its worker died).
+    """
+
+    def __init__(self, resume: str | None = None):
+        self.resume = resume
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         from ray import tune
@@ -440,7 +471,7 @@ class TuneReporter:
 
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
-            yield None
+            yield self.resume if self.resume and os.path.isdir(self.resume) else None
             return
         with checkpoint.as_directory() as folder:
             yield folder
@@ -452,4 +483,5 @@ def tune_trial(config: dict[str, Any], base: TrialSpec) -> None:
     # Trials of different sizes come and go on a shared GPU: expandable segments keep the caching
     # allocator from fragmenting (and from reserving far more than it allocates).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    run(base.with_sampled(config), TuneReporter())
+    spec = base.with_sampled(config)
+    run(spec, TuneReporter(spec.resume_checkpoint))

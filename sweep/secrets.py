@@ -1,0 +1,44 @@
+"""Keep secrets out of everything a sweep writes: logs, MLflow params/tags/artifacts, the results
+folder. Two kinds: passwords inside store URIs (scheme://user:password@host) and the values of
+credential environment variables (hub tokens and the like). Store URIs may reference the
+environment as ${VAR}; they are expanded only where a connection is made, so files keep the
+reference, never the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+SECRET_ENV = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "HUGGINGFACEHUB_API_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "WANDB_API_KEY", "RAY_AUTH_TOKEN",
+)  # fmt: skip
+_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/\s:@]+:)(?P<password>[^@\s]+)(?P<tail>@)")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MASK = "***"
+
+
+def expand_env(value: str) -> str:
+    """${VAR} -> the variable's value; a missing variable is an error naming it."""
+
+    def one(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise KeyError(name)
+        return os.environ[name]
+
+    return _ENV_REF.sub(one, value)
+
+
+def redact(text: str) -> str:
+    """The text with URI passwords and credential values replaced by ***."""
+    if not text:
+        return text
+    text = _URI_PASSWORD.sub(lambda m: m.group("head") + (m.group("password") if _ENV_REF.fullmatch(m.group("password")) else MASK) + m.group("tail"), text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 6:
+            text = text.replace(value, MASK)
+    return text

@@ -1,0 +1,93 @@
+"""`python -m sweep status DIR` and `python -m sweep stop DIR`: read a sweep back while it runs
+(or after), and ask its driver to checkpoint and stop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sweep.config import ConfigError
+from sweep.sweepdir import STOP, driver, load_sweep_config, read_meta
+
+Write = Callable[[str], None]
+
+
+def _stores(folder: Path, meta: dict) -> tuple[str, str]:
+    """(MLflow URI, Optuna storage) to connect with: from the space file when it still loads
+    (it can expand ${VAR} secrets), else as recorded in sweep.json."""
+    try:
+        cfg = load_sweep_config(folder)
+        return cfg.mlflow_uri, cfg.optuna_storage(folder)
+    except ConfigError:
+        return meta["mlflow_uri"], meta["optuna_storage"]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
+    import optuna
+    from mlflow import MlflowClient
+
+    meta = read_meta(folder)
+    mlflow_uri, storage = _stores(folder, meta)
+    holder = driver(folder)
+    state = meta.get("state", "?")
+    if state == "running" and holder is None:
+        state = "interrupted (its driver is gone; resume it)"
+    elif holder is not None:
+        state = f"running (driver pid {holder['pid']} on {holder['host']})"
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(meta["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'", max_results=50000)
+    counts: dict[str, int] = {}
+    for run in children:
+        status = run.data.tags.get("trial_status", "?")
+        counts[status] = counts.get(status, 0) + 1
+    study = optuna.load_study(study_name=meta["study_name"], storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "warm_start_from" not in t.user_attrs]
+    best = (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(complete, key=lambda t: t.value) if complete else None
+    elapsed = float(meta.get("elapsed_seconds", 0.0))
+    num_trials = int(meta.get("num_trials", 0))
+    finished = sum(n for s, n in counts.items() if s not in ("running", "retrying", "infeasible"))
+    durations = [r.data.metrics.get("train_seconds", 0) + r.data.metrics.get("load_seconds", 0) for r in children if r.data.tags.get("trial_status") == "completed"]
+    remaining = None
+    if durations and num_trials > finished:
+        remaining = (num_trials - finished) * sum(durations) / len(durations) / max(1, int(meta.get("concurrency", 1)))
+    info = {"state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
+            "remaining_seconds": remaining, "best": {"trial": f"t{best.number:03d}", "value": best.value} if best else None}  # fmt: skip
+    write(f"{folder.name}: {state}")
+    write(f"trials: {finished} of {num_trials} done; " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started"))
+    if best:
+        write(f"best so far: t{best.number:03d}  {meta.get('metric', 'eval_loss')} {best.value:.4f}  {best.params}")
+    else:
+        write("best so far: none completed")
+    eta = f"; about {_duration(remaining)} left at the pace so far" if remaining is not None else ""
+    write(f"elapsed: {_duration(elapsed)}{eta}")
+    return info
+
+
+def stop_sweep(folder: Path, wait: float, write: Write = print) -> bool:
+    """Ask the driver to stop: trials checkpoint and end; `resume` continues them. True once stopped."""
+    meta = read_meta(folder)
+    if meta.get("state") == "finished":
+        write(f"{folder.name}: finished already")
+        return True
+    (folder / STOP).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    holder = driver(folder)
+    if holder is None:
+        write(f"{folder.name}: no driver is running; it will resume with:  python -m sweep resume {folder}")
+        return True
+    write(f"{folder.name}: asked the driver (pid {holder['pid']}) to stop; trials checkpoint and end ...")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if driver(folder) is None:
+            write(f"stopped. Continue with:  python -m sweep resume {folder}")
+            return True
+        time.sleep(1)
+    write(f"still stopping after {wait:.0f}s; it will finish on its own. Then:  python -m sweep resume {folder}")
+    return False

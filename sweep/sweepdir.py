@@ -1,0 +1,116 @@
+"""A sweep's results folder, and how to read it back (status, stop, resume, estimate, warm start).
+
+    <results_dir>/<name>-<timestamp>/
+        sweep.json      what the sweep is and where its stores are (secrets redacted), its state
+        space.yaml      the space file as written (secrets redacted)
+        resolved.yaml   the config as it ran
+        optuna.db       the study (unless tracking.optuna_storage points elsewhere)
+        tune*/          Ray Tune's trial folders and checkpoints, one folder per driver run
+        driver.pid      the live driver's pid and host, while one runs
+        STOP            written by `python -m sweep stop`: trials checkpoint and stop
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sweep.config import ConfigError, SweepConfig, load_config
+
+META = "sweep.json"
+STOP = "STOP"
+LOCK = "driver.pid"
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "adapter_model.bin")
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Atomically: a reader (status) never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sweep-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, folder / META)
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / META
+    if not path.is_file():
+        raise ConfigError(str(folder), [f"{folder}: not a sweep folder (no {META}); give a folder made by `python -m sweep run`"])
+    return json.loads(path.read_text())
+
+
+def update_meta(folder: Path, **changes: Any) -> dict[str, Any]:
+    meta = read_meta(folder)
+    meta.update(changes)
+    write_meta(folder, meta)
+    return meta
+
+
+def load_sweep_config(folder: Path) -> SweepConfig:
+    """The sweep's config: the original space file if it is still where it was (it may hold
+    secrets the redacted copy lacks), else the copy, with paths relative to the original's folder."""
+    meta = read_meta(folder)
+    original = Path(meta["space_file"])
+    overrides = meta.get("overrides", [])
+    if original.is_file() and original.read_text() == (folder / "space.yaml").read_text():
+        return load_config(original, overrides)
+    return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
+
+
+def claim(folder: Path) -> None:
+    """Mark this process as the sweep's driver; refuse if a live one holds it."""
+    holder = driver(folder)
+    if holder is not None:
+        raise ConfigError(str(folder), [f"{folder.name}: a driver is running it already (pid {holder['pid']} on {holder['host']}); stop it first (`python -m sweep stop {folder}`)"])
+    (folder / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def release(folder: Path) -> None:
+    lock = folder / LOCK
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def driver(folder: Path) -> dict[str, Any] | None:
+    """The live driver of this sweep ({pid, host}), or None. A lock left by a killed driver is stale."""
+    try:
+        holder = json.loads((folder / LOCK).read_text())
+    except (OSError, ValueError):
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder  # another machine's driver: assume alive, it cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return holder
+
+
+def latest_checkpoint(folder: Path, ray_trial_id: str | None) -> str | None:
+    """The newest complete checkpoint a Ray trial left in any of the sweep's Tune folders."""
+    if not ray_trial_id:
+        return None
+    candidates = []
+    for trial_dir in folder.glob(f"tune*/*{ray_trial_id}*"):
+        for ckpt in trial_dir.glob("checkpoint_*"):
+            if all((ckpt / name).is_file() for name in CHECKPOINT_FILES):
+                candidates.append(ckpt)
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: json.loads((p / "trainer_state.json").read_text()).get("step", 0)))
+
+
+def next_tune_name(folder: Path) -> str:
+    """tune, then tune-resume-1, -2, ...: each driver run keeps its own Tune folder."""
+    if not (folder / "tune").exists():
+        return "tune"
+    n = 1
+    while (folder / f"tune-resume-{n}").exists():
+        n += 1
+    return f"tune-resume-{n}"
