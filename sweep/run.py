@@ -89,7 +89,16 @@ def connect_ray(address: str | None, log: Log) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     log(f"ray: {'attaching to ' + address if address else 'starting a local instance'} ...")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    else:
+        # A local Ray serves this machine only, so every server it starts (GCS, raylet, object
+        # store) listens on loopback. Ray picks the node's address from its own "no cluster" switch
+        # (what it uses on macOS and Windows); --address is how to use a cluster.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     return True
 
 

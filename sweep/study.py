@@ -128,15 +128,23 @@ class SweepSearch(OptunaSearch):
             storage=optuna.storages.RDBStorage(storage),
         )
 
+    # Tune writes the searcher into its experiment folder (searcher-state-*.pkl, tuner.pkl) for
+    # its own Tuner.restore, which lora-sweep never uses: `resume` rebuilds everything from the
+    # study. Those files would carry the study's storage URL (a password, maybe) and the hooks'
+    # MLflow client, so what gets pickled is only a note.
+    _NOTE = {"lora_sweep": "resume continues from the Optuna study and MLflow, not from this file"}
+
     def save(self, checkpoint_path: str) -> None:
-        """Tune pickles the searcher into its experiment state; the hooks (which hold the MLflow
-        client and the terminal) are not part of the search state and stay out of it."""
-        hooks = self.judge, self.on_infeasible
-        self.judge = self.on_infeasible = None
-        try:
-            super().save(checkpoint_path)
-        finally:
-            self.judge, self.on_infeasible = hooks
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self._NOTE, f)
+
+    def __getstate__(self) -> dict:
+        return dict(self._NOTE)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     # -- handing out trials -------------------------------------------------------------------
 

@@ -52,10 +52,12 @@ def update_meta(folder: Path, **changes: Any) -> dict[str, Any]:
 def load_sweep_config(folder: Path) -> SweepConfig:
     """The sweep's config: the original space file if it is still where it was (it may hold
     secrets the redacted copy lacks), else the copy, with paths relative to the original's folder."""
+    from sweep.secrets import redact
+
     meta = read_meta(folder)
     original = Path(meta["space_file"])
     overrides = meta.get("overrides", [])
-    if original.is_file() and original.read_text() == (folder / "space.yaml").read_text():
+    if original.is_file() and redact(original.read_text()) == (folder / "space.yaml").read_text():
         return load_config(original, overrides)
     return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
 

@@ -62,6 +62,10 @@ class SweepRun:
         self.client.update_run(run_id, status="RUNNING")
         return self
 
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks into tuner.pkl: never the client (its URI may hold a password)."""
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id}
+
     def children(self) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000
@@ -158,6 +162,10 @@ class TrialRuns(Callback):
         self.infeasible: list[dict[str, Any]] = []  # configs refused before launch
         self._logged_derived: set[str] = set()
         self._logged: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already in MLflow
+
+    def __getstate__(self) -> dict:
+        """Pickled by Tune into tuner.pkl, which lora-sweep never restores: nothing that connects."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("sweep", "client", "search", "trials")}
 
     def record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
         """A config the placement check refused: a child run that says so, and no GPU time spent."""

@@ -1,0 +1,125 @@
+"""Multi-node stores, for real: MLflow through `mlflow server` on a PostgreSQL backend, the Optuna
+study on PostgreSQL. Also: no secret (a password written in a store URI, a hub token in the
+environment) reaches the logs, MLflow or the results folder.
+
+Needs a PostgreSQL server: LORA_SWEEP_TEST_PG=postgresql://USER:PASSWORD@HOST:PORT for a role that
+may create databases (.ci/run installs and starts one); skipped otherwise."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import MINIMAL, ROOT, write_space
+
+pytestmark = pytest.mark.e2e
+needs_postgres = pytest.mark.skipif(not os.environ.get("LORA_SWEEP_TEST_PG"), reason="LORA_SWEEP_TEST_PG is not set (no PostgreSQL server)")
+FAKE_TOKEN = "hf_FAKE0123456789abcdefTOKEN"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_database(base: str) -> str:
+    import psycopg2
+
+    name = f"lora_sweep_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(base + "/sweep_base")
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return f"{base}/{name}"
+
+
+@pytest.fixture()
+@needs_postgres
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    backend = create_database(os.environ["LORA_SWEEP_TEST_PG"])
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--default-artifact-root", (tmp_path / "artifacts").as_uri(),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],  # fmt: skip
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / "mlflow-server.log").read_text()[-3000:])
+    else:
+        raise AssertionError("mlflow server did not come up")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@needs_postgres
+def test_sweep_on_mlflow_server_and_postgres_keeps_secrets(tmp_path: Path, mlflow_server: str) -> None:
+    import optuna
+    from mlflow import MlflowClient
+
+    optuna_url = create_database(os.environ["LORA_SWEEP_TEST_PG"])
+    password = optuna_url.split(":")[2].split("@")[0]
+    body = MINIMAL + f"tracking: {{mlflow_uri: '{mlflow_server}', optuna_storage: '{optuna_url}', results_dir: {tmp_path / 'out'}, experiment: shared}}\n"
+    space = write_space(tmp_path, body)
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-m", "sweep", "run", str(space)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("shared")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    statuses = {r.data.tags["trial"]: r.data.tags["trial_status"] for r in children}
+    assert len(children) == 2 and set(statuses.values()) <= {"completed", "pruned"}
+    assert all(r.data.metrics["eval_loss"] > 0 for r in children)
+    (sweep_dir,) = (tmp_path / "out").glob("t-*")
+    study = optuna.load_study(study_name="t", storage=optuna_url)
+    assert [t.state.name for t in study.trials] == [{"completed": "COMPLETE", "pruned": "PRUNED"}[statuses[f"t{i:03d}"]] for i in range(2)]
+    assert not (sweep_dir / "optuna.db").exists()
+
+    # the secrets: nowhere in what the sweep printed, wrote, or logged to MLflow
+    for secret in (password, FAKE_TOKEN):
+        assert secret not in result.stdout and secret not in result.stderr
+        for path in sweep_dir.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+        for run in runs:
+            texts = list(run.data.params.values()) + list(run.data.tags.values())
+            assert not any(secret in t for t in texts), run.info.run_name
+        artifact = client.download_artifacts(parent.info.run_id, "space.yaml", str(tmp_path / "dl"))
+        assert secret not in Path(artifact).read_text()
+    assert "***@127.0.0.1" in (sweep_dir / "space.yaml").read_text()
+
+    # status and resume find the study through the original space file (which has the password)
+    status = subprocess.run([sys.executable, "-m", "sweep", "status", str(sweep_dir)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "2 of 2 done;" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
+    code = (
+        "from sweep.run import connect_ray; import ray; connect_ray(None, print); "
+        "node = ray._private.worker.global_worker.node; print('GCS', node.gcs_address, 'NODE', node.node_ip_address); ray.shutdown()"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "GCS 127.0.0.1:" in out.stdout and "NODE 127.0.0.1" in out.stdout, out.stdout + out.stderr
