@@ -135,7 +135,12 @@ class SweepRun:
         self.client.set_terminated(self.run_id, status)
 
 
-WORKER_DIED = re.compile(r"ActorDiedError|RayActorError|NodeDiedError|WorkerCrashedError|OwnerDiedError|ActorUnavailableError|actor died|node .{0,80} died|worker died", re.I)
+# How Ray says a trial's process or node went away (as opposed to the trial raising an error).
+WORKER_DIED = re.compile(
+    r"ActorDiedError|RayActorError|NodeDiedError|WorkerCrashedError|OwnerDiedError|ActorUnavailableError"
+    r"|actor died|actor [0-9a-f]+ is unavailable|temporarily unavailable|node .{0,80} died|worker died|worker process has died",
+    re.I,
+)
 
 
 class TrialRuns(Callback):

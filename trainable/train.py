@@ -106,6 +106,16 @@ def cap_memory(share: float | None) -> float | None:
     return fraction
 
 
+def _ray_node() -> str:
+    """The Ray node this trial runs on (a cluster sweep spreads trials over nodes), or 'local'."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # no Ray here (tests, benchmarks)
+        return "local"
+
+
 def injected_fault(sampled: dict[str, Any]) -> tuple[str, int] | None:
     """Fault injection, for testing how a sweep survives failing trials; unset in normal use.
 
@@ -319,6 +329,7 @@ def _train(spec: TrialSpec, reporter: Reporter, holder: dict[str, Any]) -> dict[
         "effective_batch": micro * accum,
         "tokens_per_sec_counts": "all non-padding input tokens, after the first logging window (loss_tokens_per_sec: reply tokens only)",
         "memory_cap_fraction": memory_cap if memory_cap is not None else "none",
+        "ray_node": _ray_node(),
     }
     return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
 

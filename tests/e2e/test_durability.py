@@ -37,9 +37,9 @@ def sweep_cli(*args: str, cwd: Path, timeout: int = 400) -> subprocess.Completed
 class Driver:
     """`python -m sweep run` in the background, its output watched line by line."""
 
-    def __init__(self, space: Path, cwd: Path):
+    def __init__(self, space: Path, cwd: Path, extra: list[str] | None = None):
         self.log = cwd / "driver.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweep", "run", str(space)], cwd=cwd, env=env(),
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweep", "run", str(space), *(extra or [])], cwd=cwd, env=env(),
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def wait_for(self, pattern: str, timeout: float = 240) -> str:

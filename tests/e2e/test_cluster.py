@@ -1,0 +1,82 @@
+"""A sweep over a real two-node Ray cluster on this machine (`ray start` head + a second node on
+loopback): trials spread over both nodes; the second node is killed mid-trial; its trial is retried
+from its checkpoint on the survivor and every trial is accounted for."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import MINIMAL, write_space
+from tests.e2e.conftest import mlflow_runs
+from tests.e2e.test_durability import Driver, env
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raylets() -> dict[int, str]:
+    """pid -> command line of every raylet on this machine."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split(None, 1)[0]): line for line in out.splitlines() if "raylet/raylet " in line}
+
+
+@pytest.fixture()
+def two_nodes(tmp_path: Path) -> Iterator[tuple[str, dict]]:
+    port = free_port()
+    cluster_env = {**env(), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(["ray", "stop", "--force"], env=cluster_env, capture_output=True)
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=cluster_env, capture_output=True)
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head = subprocess.run(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common], env=cluster_env, capture_output=True, text=True)
+    assert head.returncode == 0, head.stdout + head.stderr
+    worker = subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", *common], env=cluster_env, capture_output=True, text=True)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    yield f"127.0.0.1:{port}", cluster_env
+    subprocess.run(["ray", "stop", "--force"], env=cluster_env, capture_output=True)
+
+
+def test_sweep_spreads_over_two_nodes_and_survives_losing_one(tmp_path: Path, two_nodes: tuple[str, dict]) -> None:
+    address, cluster_env = two_nodes
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 200, eval_every: 20, log_every: 20, batch: [2, 1]}").replace(
+        "search: {num_trials: 2}", "search: {num_trials: 3, max_concurrent: 2, seed: 0, scheduler: {type: none}, max_retries: 1}"
+    ) + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"
+    os.environ.update({k: cluster_env[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")})
+    try:
+        driver = Driver(write_space(tmp_path, body), tmp_path, extra=["--address", address])
+        sweep_dir = driver.sweep_dir()
+        # both first trials running, one on each node (1 CPU each), before the second node goes
+        driver.wait_for(r"t000 step\s+20/200")
+        driver.wait_for(r"t001 step\s+20/200")
+        (second,) = [pid for pid, line in raylets().items() if "__internal_head__" not in line]
+        os.kill(second, signal.SIGKILL)  # the second node is lost
+        assert driver.proc.wait(timeout=600) == 0, driver.log.read_text()[-4000:]
+    finally:
+        for key in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
+            os.environ.pop(key, None)
+    log = driver.log.read_text()
+    assert "attaching to " + address in log
+    assert re.search(r"t00[01] worker died; attempt 2 from its checkpoint at step \d+", log), log[-3000:]
+
+    import json
+
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    _, children = mlflow_runs(meta["mlflow_uri"], meta["experiment"])
+    assert sorted(r.data.tags["trial"] for r in children) == ["t000", "t001", "t002"]
+    assert {r.data.tags["trial_status"] for r in children} == {"completed"}
+    assert sum(r.data.tags.get("retries") == "1" for r in children) == 1
+    nodes = {r.data.params["ray_node"] for r in children}
+    assert len(nodes) == 2, nodes  # the first two trials ran on different nodes (one per CPU)
