@@ -44,9 +44,10 @@ def load_tokenizer(model_id: str, chat_template_from: str | None = None, revisio
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id), revision=revision)
+    # Never run code shipped with a checkpoint: a space file names models, it must not execute them.
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id), revision=revision, trust_remote_code=False)
     if chat_template_from:
-        source = AutoTokenizer.from_pretrained(resolve_model_path(chat_template_from))
+        source = AutoTokenizer.from_pretrained(resolve_model_path(chat_template_from), trust_remote_code=False)
         if not source.chat_template:
             raise ValueError(f"model.chat_template_from: {chat_template_from} has no chat template")
         tokenizer.chat_template = source.chat_template
@@ -91,7 +92,7 @@ def meta_model(model_id: str, revision: str | None = None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model_id), revision=revision)
+    config = AutoConfig.from_pretrained(resolve_model_path(model_id), revision=revision, trust_remote_code=False)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -385,7 +386,7 @@ def resolve_optimizer(train: TrainSection) -> str:
 def _load_base(model_id: str, train: TrainSection, revision: str | None, device: Any, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": train.attn_implementation, "revision": revision}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": train.attn_implementation, "revision": revision, "trust_remote_code": False}
     if train.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

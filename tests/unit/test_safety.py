@@ -1,0 +1,61 @@
+"""Safe defaults: nothing a space file names is executed, one sweep never overwrites another's
+folder, secrets are redacted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sweep.config import ConfigError, load_config
+from sweep.run import new_sweep_dir, preflight
+from sweep.secrets import redact
+from tests.conftest import MINIMAL, write_space
+from trainable.tiny import ensure_tiny
+
+
+def test_code_shipped_with_a_checkpoint_is_never_run(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny(), model)
+    marker = tmp_path / "executed"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\nfrom transformers import Gemma3TextConfig as EvilConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    cfg = load_config(write_space(tmp_path, MINIMAL.replace("id: tiny-gemma3", f"id: {model}") + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+    try:
+        preflight(cfg, log=lambda s: None)
+    except ConfigError:
+        pass  # refusing the model is fine too; running its code is not
+    assert not marker.exists()
+
+
+def test_a_sweep_never_overwrites_another_folder(tmp_path: Path) -> None:
+    cfg = load_config(write_space(tmp_path, MINIMAL + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+    first = new_sweep_dir(cfg)
+    (first / "keep.txt").write_text("mine")
+    others = {new_sweep_dir(cfg) for _ in range(5)}  # the same second: suffixes, never the same folder
+    assert first not in others and len(others) == 5
+    assert (first / "keep.txt").read_text() == "mine"
+
+
+def test_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijkl")
+    text = "postgresql://sweep:hunter2@db:5432/optuna and http://u:p%40ss@h:5000 token hf_abcdefghijkl"
+    assert redact(text) == "postgresql://sweep:***@db:5432/optuna and http://u:***@h:5000 token ***"
+    assert redact("postgresql://u:${PGPASSWORD}@db/x") == "postgresql://u:${PGPASSWORD}@db/x"  # a reference is no secret
+
+
+def test_store_uris_read_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWEEP_DB_PW", "s3cr3t")
+    body = MINIMAL + "tracking: {optuna_storage: 'postgresql://u:${SWEEP_DB_PW}@db/optuna'}\n"
+    cfg = load_config(write_space(tmp_path, body))
+    assert cfg.optuna_storage(tmp_path) == "postgresql://u:s3cr3t@db/optuna"
+    assert "s3cr3t" not in json.dumps(cfg.resolved())
+    monkeypatch.delenv("SWEEP_DB_PW")
+    with pytest.raises(ConfigError, match=r"tracking.optuna_storage: refers to \$\{SWEEP_DB_PW\}, which is not set"):
+        load_config(write_space(tmp_path, body))
+    assert os.environ.get("SWEEP_DB_PW") is None
