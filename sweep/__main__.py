@@ -1,4 +1,4 @@
-"""python -m sweep {validate,run,resume,status,stop,estimate} ...   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,resume,status,stop,report,best,estimate} ...   (argv -> subcommands; no logic)
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid (nothing was started);
 1 the sweep itself failed.
@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stop", help="running trials checkpoint and stop; the sweep can be resumed")
     s.add_argument("sweep_dir", help="the sweep's results folder")
     s.add_argument("--wait", type=float, default=600, metavar="SECONDS", help="how long to wait for the driver to stop (default 600)")
+    s = sub.add_parser("report", help="an HTML report with plots of a sweep (also logged to its MLflow parent run)")
+    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s = sub.add_parser("best", help="the best trial (under constraints); export its config and adapter")
+    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s.add_argument("--where", default=None, metavar="CONSTRAINTS", help='e.g. "peak_vram_gb<=20, eval_loss<2.5"')
+    s.add_argument("--export", default=None, metavar="DIR", help="write the ready-to-run space file, the adapter (PEFT format) and a README here")
+    s.add_argument("--merge", action="store_true", help="with --export: also the base model with the adapter merged in")
     e = sub.add_parser("estimate", help="predicted peak GPU memory: the corners of a space, or each trial of a finished sweep")
     e.add_argument("space", metavar="SPACE.yaml|SWEEP_DIR", help="a space file, or a sweep's results folder")
     e.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values (space files only)")
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sweep.config import ConfigError, load_config
 
-    if args.command in ("resume", "status", "stop"):
+    if args.command in ("resume", "status", "stop", "report", "best"):
         return _folder_command(args)
     if args.command == "estimate" and Path(args.space).is_dir():
         from sweep.memory import estimate_sweep, local_gpu_bytes
@@ -109,6 +116,18 @@ def _folder_command(args: argparse.Namespace) -> int:
             from sweep.status import stop_sweep
 
             return 0 if stop_sweep(folder, args.wait) else 1
+        elif args.command == "report":
+            from sweep.report import build_report
+
+            build_report(folder)
+        elif args.command == "best":
+            from sweep.export import best
+
+            try:
+                return 0 if best(folder, args.where, Path(args.export) if args.export else None, args.merge) else 1
+            except (ValueError, FileExistsError) as exc:
+                print(exc, file=sys.stderr)
+                return EXIT_INVALID
         else:
             from sweep.run import resume_sweep
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-from sweep.space import Dimension, HyperparamSpec, Range, Ratio, Space, parse_dimension
+from sweep.space import Dimension, HyperparamSpec, Ratio, Space, parse_dimension
 
 TINY_MODEL = "tiny-gemma3"
 TINY_VISION_MODEL = "tiny-gemma3-vision"  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
@@ -181,9 +181,12 @@ class SchedulerSection(Section):
 
 
 class SearchSection(Section):
-    algorithm: Literal["tpe", "random", "grid"] = Field("tpe", description="tpe, random or grid")
+    algorithm: Literal["tpe", "random", "grid", "nsga2"] = Field("tpe", description="tpe, random, grid or nsga2 (multi-objective)")
     metric: str = Field("eval_loss", description=f"one of {', '.join(METRICS)}")
     mode: Literal["min", "max"] = Field("min", description="min or max")
+    objectives: list[dict[str, Literal["min", "max"]]] | None = Field(
+        None, description="several objectives instead of metric/mode, e.g. [{eval_loss: min}, {peak_vram_gb: min}]; the first also drives the scheduler"
+    )
     num_trials: int | None = Field(None, gt=0, description="number of trials, > 0 (grid: defaults to the grid size)")
     max_concurrent: int | Literal["auto"] = Field("auto", description="auto (as many as resources allow) or a positive integer")
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="{type: asha, grace_period, reduction_factor, max_t}")
@@ -440,6 +443,17 @@ class SweepConfig:
         return self.tracking.experiment or self.name
 
     @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, min|max) pairs: several for a multi-objective sweep, else the one metric."""
+        if self.search.objectives:
+            return [next(iter(o.items())) for o in self.search.objectives]
+        return [(self.search.metric, self.search.mode)]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
     def num_trials(self) -> int:
         return self.search.num_trials or (self.space.size() or 0)
 
@@ -604,6 +618,30 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
     if search is not None:
         if search.metric not in METRICS:
             problems.append(f"search.metric: got {search.metric!r}; expected one of {', '.join(METRICS)}")
+        if search.objectives is not None:
+            explicit = {"metric", "mode"} & set((raw.get("search") or {}).keys())
+            first = next(iter(search.objectives[0].items()), None) if search.objectives else None
+            if explicit and first is not None and (("metric" in explicit and search.metric != first[0]) or ("mode" in explicit and search.mode != first[1])):
+                problems.append(
+                    f"search.objectives and search.{'metric' if 'metric' in explicit else 'mode'}: the first objective is {first[0]} ({first[1]}), "
+                    f"metric/mode say {search.metric} ({search.mode}); drop metric and mode, or make them the first objective"
+                )
+            names = []
+            for i, objective in enumerate(search.objectives):
+                if len(objective) != 1:
+                    problems.append(f"search.objectives[{i}]: got {objective!r}; expected one metric and its direction, e.g. {{eval_loss: min}}")
+                    continue
+                (metric,) = objective
+                if metric not in METRICS:
+                    problems.append(f"search.objectives[{i}]: got {metric!r}; expected one of {', '.join(METRICS)}")
+                names.append(metric)
+            if len(search.objectives) < 2:
+                problems.append("search.objectives: give two or more (one objective is search.metric and search.mode)")
+            if len(set(names)) != len(names):
+                problems.append(f"search.objectives: {names} repeats a metric")
+            elif not problems and search.objectives:
+                (first, direction), = search.objectives[0].items()
+                sections["search"] = search = search.model_copy(update={"metric": first, "mode": direction})
         size = space.size()
         if search.algorithm == "grid":
             continuous = [d.name for d in space.dims if d.size() is None]

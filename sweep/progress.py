@@ -18,14 +18,54 @@ def _memory(result: dict[str, Any]) -> str:
     return "-"
 
 
+def gpu_memory_in_use() -> str:
+    """Used / total memory of this machine's GPUs (nvidia-smi), or '-' where there are none."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return "-"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
+        pairs = [tuple(float(x) for x in line.split(",")) for line in out.splitlines() if line.strip()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return "-"
+    used, total = sum(p[0] for p in pairs) / 1024, sum(p[1] for p in pairs) / 1024
+    return f"{used:.1f}/{total:.0f} GB" if pairs else "-"
+
+
 class Progress(Callback):
-    def __init__(self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], log: Callable[[str], None] = print):
+    """One line per trial event, and every `every` seconds (and after each trial ends) a status
+    line: how many trials run, finished, were pruned or failed; the best so far; GPU memory."""
+
+    def __init__(self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], log: Callable[[str], None] = print, every: float = 60):
         self.metric, self.mode, self.max_steps = metric, mode, max_steps
         self.ledger = ledger
         self.fixed = fixed
         self.log = log  # a function, not a stream: Tune pickles its callbacks
         self.start = time.monotonic()
         self.best: float | None = None
+        self.best_label = ""
+        self.every = every
+        self.last_status = time.monotonic()
+        self.running: set[str] = set()
+        self.ended: dict[str, int] = {}
+
+    def status_line(self) -> str:
+        parts = [f"running {len(self.running)}"] + [f"{s} {n}" for s, n in sorted(self.ended.items())]
+        best = f"best {self.best_label} {self.metric} {self.best:.4f}" if self.best is not None else "best -"
+        return "status: " + ", ".join(parts) + f" | {best} | GPU memory {gpu_memory_in_use()}"
+
+    def _ended(self, trial_id: str, status: str) -> None:
+        self.running.discard(trial_id)
+        self.ended[status] = self.ended.get(status, 0) + 1
+        self.say(self.status_line())
+        self.last_status = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.running and time.monotonic() - self.last_status > self.every:
+            self.last_status = time.monotonic()
+            self.say(self.status_line())
 
     def say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.start)
@@ -35,6 +75,7 @@ class Progress(Callback):
         return self.best is None or (value < self.best if self.mode == "min" else value > self.best)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
         self.say(f"{self.ledger.label(trial.trial_id)} start      {summary({**self.fixed, **trial.config})}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -55,11 +96,12 @@ class Progress(Callback):
         if finite(value):
             text += f" {self.metric} {value:.4f} at step {result.get('step')}"
             if status == "completed" and self._better(value):
-                self.best = value
+                self.best, self.best_label = value, self.ledger.label(trial.trial_id)
                 text += "  (best so far)"
         if result.get("error"):
             text += f"  {result['error']}"
         self.say(text)
+        self._ended(trial.trial_id, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         label = self.ledger.label(trial.trial_id)
@@ -67,8 +109,10 @@ class Progress(Callback):
             step = (trial.last_result or {}).get("step")
             where = f"from its checkpoint at step {step}" if step else "from the start"
             self.say(f"{label} worker died; attempt {self.ledger.retrying[trial.trial_id]} {where}")
+            self.running.discard(trial.trial_id)
             return
         self.say(f"{label} failed     {last_line(error_text(trial))[:300] or 'worker died'}")
+        self._ended(trial.trial_id, "failed")
 
 
 def table(rows: list[dict[str, Any]], metric: str, write: Callable[[str], None]) -> None:

@@ -10,12 +10,11 @@ Config and data problems are found before anything starts (no Ray, no MLflow run
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -23,17 +22,9 @@ from typing import Any, Callable
 import yaml
 
 from sweep.config import ConfigError, SweepConfig
+from sweep.results import SweepResult, collect
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class SweepResult:
-    sweep_dir: Path
-    parent_run_id: str
-    trials: list[dict[str, Any]] = field(default_factory=list)  # one row per trial, best first
-    best: dict[str, Any] | None = None
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,6 +37,7 @@ def preflight(cfg: SweepConfig, log: Log) -> Any:
     from trainable.data import prepare
     from trainable.model import check_targets, load_tokenizer
 
+    download_model(cfg, log)
     log(f"model {cfg.model.id}: loading tokenizer ...")
     try:
         tokenizer = load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision)
@@ -61,6 +53,25 @@ def preflight(cfg: SweepConfig, log: Log) -> Any:
         where = "space.target_modules" if dim is not None else "train.target_modules"
         raise ConfigError(str(cfg.source), [f"{where}: {p}" for p in problems])
     return prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
+
+
+def download_model(cfg: SweepConfig, log: Log) -> None:
+    """A hub model is fetched here, once, with a progress bar, rather than silently by the first
+    trial (trials on this machine then read the local cache). Local folders and the tiny models
+    need nothing; without network, loading the tokenizer reports the problem."""
+    from pathlib import Path as _Path
+
+    from sweep.config import TINY_MODELS
+
+    if cfg.model.id in TINY_MODELS or _Path(cfg.model.id).exists():
+        return
+    try:
+        from huggingface_hub import snapshot_download
+
+        log(f"model {cfg.model.id}: downloading (or checking the local cache) ...")
+        snapshot_download(cfg.model.id, revision=cfg.model.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    except Exception as exc:  # offline, gated, no such repo: the tokenizer load says so clearly
+        log(f"model {cfg.model.id}: not downloaded ({str(exc).splitlines()[0][:200]})")
 
 
 def new_sweep_dir(cfg: SweepConfig) -> Path:
@@ -391,7 +402,9 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
         trainable = tune.with_resources(trainable, lambda config: PlacementGroupFactory([{"CPU": cpus, "GPU": config["gpu_share"]}]))
     else:
         trainable = tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
-    trial_runs = TrialRuns(sweep_run, ledger, fixed, max_retries=cfg.search.max_retries, stop_file=str(stop_file))
+    trial_runs = TrialRuns(
+        sweep_run, ledger, fixed, max_retries=cfg.search.max_retries, stop_file=str(stop_file), objectives=tuple(m for m, _ in cfg.objectives)
+    )
     # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's own console reporter would print a banner and tables; our Progress callback says it.
@@ -445,9 +458,9 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
     stopped = stop_file.exists()
     search.close_open_trials({tid: t.last_result for tid, t in trial_runs.trials.items()})
     study = optuna.load_study(study_name=cfg.name, storage=cfg.optuna_storage(sweep_dir))
-    result = summarize(cfg, study, sweep_run)
+    result = collect(cfg, study, sweep_run.children())
     result.sweep_dir, result.parent_run_id = sweep_dir, sweep_run.run_id
-    sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED")
+    sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
     heartbeat.beat(force=True, state="stopped" if stopped else "finished")
     release(sweep_dir)
     log("")
@@ -455,58 +468,19 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
     log("")
     counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
     log(f"{len(result.trials)} trials ({time.monotonic() - t0:.0f}s in this run): {counts}")
+    if cfg.multi_objective:
+        names = [m for m, _ in cfg.objectives]
+        log(f"Pareto set ({' / '.join(f'{m} {d}' for m, d in cfg.objectives)}): " + (", ".join(
+            f"{r['label']} (" + ", ".join(f"{r[m]:.4g}" for m in names) + ")" for r in result.pareto) or "none"))
     if result.best:
         b = result.best
         log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
     else:
         log("best trial: none completed")
+    log(f"report: python -m sweep report {sweep_dir}    best adapter: python -m sweep best {sweep_dir} --export DIR")
     if stopped:
         log(f"stopped on request; continue with:  python -m sweep resume {sweep_dir}")
     from sweep.secrets import redact
 
     log(f"open the MLflow UI:  mlflow ui --backend-store-uri {redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri)}")
     return result
-
-
-def summarize(cfg: SweepConfig, study: Any, sweep_run: Any) -> SweepResult:
-    """One row per trial of the whole sweep (all driver runs), from the study and MLflow, best first."""
-    from sweep.trials import finite, summary
-
-    metric, sign = cfg.search.metric, (1 if cfg.search.mode == "min" else -1)
-    runs = {r.data.tags.get("trial"): r for r in sweep_run.children()}
-    fixed = cfg.fixed_hyperparams
-    rows = []
-    for t in study.trials:
-        label = f"t{t.number:03d}"
-        run = runs.get(label)
-        if run is None or "warm_start_from" in t.user_attrs or not t.params:
-            continue
-        config = cfg.space.decode(t.params, fixed)
-        for key in ("gpu_share", "estimated_vram_gb"):
-            if key in run.data.params:
-                config[key] = float(run.data.params[key])
-        m = run.data.metrics
-        row = {
-            "trial_id": t.user_attrs.get("ray_trial_id", ""),
-            "label": label,
-            "status": run.data.tags.get("trial_status", "?"),
-            "step": int(run.data.tags["last_step"]) if run.data.tags.get("last_step", "").isdigit() else None,
-            "run_id": run.info.run_id,
-            "config": config,
-            "summary": summary({**fixed, **config}),
-            "error": run.data.tags.get("error"),
-        }
-        for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_vram_gb", "peak_rss_gb"):
-            row[key] = m.get(key)
-        rows.append(row)
-
-    def order(r: dict) -> tuple:
-        v = r.get(metric)
-        return (r["status"] != "completed", not finite(v), sign * v if finite(v) else 0.0, r["label"])
-
-    rows.sort(key=order)
-    completed = [r for r in rows if r["status"] == "completed" and finite(r.get(metric))]
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return SweepResult(sweep_dir=Path(), parent_run_id="", trials=rows, best=completed[0] if completed else None, counts=counts)

@@ -16,7 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweep.config import SweepConfig
 from sweep.space import Space
-from sweep.trials import Ledger, finite, outcome
+from sweep.trials import Ledger, finite, missing_objectives, outcome
 
 
 class DefineByRun:
@@ -38,6 +38,8 @@ def make_sampler(cfg: SweepConfig) -> Any:
         return optuna.samplers.RandomSampler(seed=search.seed)
     if search.algorithm == "grid":
         return optuna.samplers.GridSampler(cfg.space.grid(), seed=search.seed)
+    if search.algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=search.seed)
     startup = search.n_startup_trials or max(1, min(10, cfg.num_trials // 3))
     return optuna.samplers.TPESampler(
         seed=search.seed, n_startup_trials=startup, multivariate=True, constant_liar=True
@@ -118,10 +120,13 @@ class SweepSearch(OptunaSearch):
         self._steps: dict[str, set[int]] = {}  # Ray trial id -> steps already reported
         self._last: dict[str, dict] = {}  # Ray trial id -> its last result (Tune may end a paused trial without one)
         self._space_def = DefineByRun(cfg.space, cfg.fixed_hyperparams)
+        self.objectives = cfg.objectives
+        self.primary = cfg.search.metric
+        multi = len(self.objectives) > 1
         super().__init__(
             space=self._space_def,
-            metric=cfg.search.metric,
-            mode=cfg.search.mode,
+            metric=[m for m, _ in self.objectives] if multi else cfg.search.metric,
+            mode=[d for _, d in self.objectives] if multi else cfg.search.mode,
             points_to_evaluate=[dict(p) for p in cfg.study_points] or None,
             sampler=make_sampler(cfg),
             study_name=cfg.name,
@@ -217,11 +222,14 @@ class SweepSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        self._last[trial_id] = {k: v for k, v in result.items() if k in ("step", "trial_status", "error", self.metric)}
+        keep = ("step", "trial_status", "error", *(m for m, _ in self.objectives))
+        self._last[trial_id] = {k: v for k, v in result.items() if k in keep}
+        if len(self.objectives) > 1:
+            return  # Optuna keeps no intermediate values for multi-objective studies
         for record in result.get("evals_replay") or []:  # a resumed trial's evaluations the study may lack
-            if finite(record.get(self.metric)):
-                self._report(trial_id, float(record[self.metric]), int(record["step"]))
-        value = result.get(self.metric)
+            if finite(record.get(self.primary)):
+                self._report(trial_id, float(record[self.primary]), int(record["step"]))
+        value = result.get(self.primary)
         if finite(value):
             self._report(trial_id, float(value), int(result["step"]))
 
@@ -250,20 +258,23 @@ class SweepSearch(OptunaSearch):
             self.errored[trial_id] = result  # the sweep decides: requeue() or fail()
             return
         ot_trial = self._ot_trials[trial_id]
-        status = outcome(result, False, self.ledger.pruned(trial_id))
-        value = (result or {}).get(self.metric)
-        if finite(value):
+        names = tuple(m for m, _ in self.objectives)
+        status = outcome(result, False, self.ledger.pruned(trial_id), names)
+        values = [(result or {}).get(m) for m in names]
+        if len(values) == 1 and finite(values[0]):
             # A result that makes the scheduler say STOP (a pruning decision, or reaching max_t)
             # reaches on_trial_complete only, never on_trial_result: record it here.
-            self._report(trial_id, float(value), int(result["step"]))
+            self._report(trial_id, float(values[0]), int(result["step"]))
         self._completed_trials.add(trial_id)
         if status == "stopped" and self._stop_requested():
             return  # stopped by the user: stays RUNNING in the study, for `resume`
+        if (result or {}).get("trial_status") == "completed" and status == "failed":
+            result = {**result, "error": missing_objectives(result, names)}
         ot_trial.set_user_attr("trial_status", status)
         if result and result.get("error"):
             ot_trial.set_user_attr("error", str(result["error"])[:1000])
-        if status == "completed" and finite(value):
-            tell(self._ot_study, ot_trial, float(value), optuna.trial.TrialState.COMPLETE)
+        if status == "completed":
+            tell(self._ot_study, ot_trial, [float(v) for v in values] if len(values) > 1 else float(values[0]), optuna.trial.TrialState.COMPLETE)
         elif status in ("pruned", "stopped"):
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.PRUNED)
         else:

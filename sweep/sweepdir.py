@@ -56,7 +56,9 @@ def load_sweep_config(folder: Path) -> SweepConfig:
 
     meta = read_meta(folder)
     original = Path(meta["space_file"])
-    overrides = meta.get("overrides", [])
+    # The results folder is where this sweep folder lies, whatever the current directory is now
+    # (the default, ./sweeps, depends on where `run` was started).
+    overrides = [*meta.get("overrides", []), f"tracking.results_dir={folder.resolve().parent}"]
     if original.is_file() and redact(original.read_text()) == (folder / "space.yaml").read_text():
         return load_config(original, overrides)
     return load_config(folder / "space.yaml", overrides, base_dir=original.parent)

@@ -22,7 +22,7 @@ from ray.tune import Callback
 
 from sweep.config import SweepConfig
 from sweep.secrets import redact
-from sweep.trials import Ledger, error_text, finite, outcome, param_value, summary
+from sweep.trials import Ledger, error_text, finite, missing_objectives, outcome, param_value, summary
 
 STEP_METRICS = (
     "eval_loss", "tokens_per_sec", "loss_tokens_per_sec",
@@ -121,7 +121,7 @@ class SweepRun:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def finish(self, counts: dict[str, int], best: dict[str, Any] | None, metric: str, status: str = "FINISHED") -> None:
+    def finish(self, counts: dict[str, int], best: dict[str, Any] | None, metric: str, status: str = "FINISHED", pareto: list[dict] | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -130,6 +130,8 @@ class SweepRun:
             metrics.append(Metric(f"best_{metric}", best[metric], now, 0))
             self.client.set_tag(self.run_id, "best_trial", best["label"])
             self.client.set_tag(self.run_id, "best_run_id", best.get("run_id", ""))
+        if pareto:
+            self.client.set_tag(self.run_id, "pareto_trials", ",".join(r["label"] for r in pareto))
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
         self.client.set_terminated(self.run_id, status)
@@ -153,7 +155,10 @@ class TrialRuns(Callback):
     own reasons (an exception, OOM, NaN) is not.
     """
 
-    def __init__(self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any], max_retries: int = 0, stop_file: str | None = None):
+    def __init__(
+        self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any], max_retries: int = 0, stop_file: str | None = None, objectives: tuple[str, ...] = ()
+    ):
+        self.objectives = objectives
         self.sweep = sweep
         self.client = sweep.client
         self.ledger = ledger
@@ -254,11 +259,12 @@ class TrialRuns(Callback):
         return bool(self.stop_file) and os.path.exists(self.stop_file)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id))
+        status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id), self.objectives)
         if status == "stopped" and self._stop_requested():
             self._close(trial, "stopped", None, run_status="KILLED")  # resumable
             return
-        self._close(trial, status, (trial.last_result or {}).get("error"))
+        error = (trial.last_result or {}).get("error") or (missing_objectives(trial.last_result, self.objectives) if status == "failed" else None)
+        self._close(trial, status, error)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = error_text(trial) or "the trial's worker died without an error message"
@@ -283,7 +289,7 @@ class TrialRuns(Callback):
         """Tune ends trials still running at the time budget without on_trial_complete: close them."""
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.outcomes:
-                status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id))
+                status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id), self.objectives)
                 if status == "stopped" and self._stop_requested():
                     self._close(trial, "stopped", None, run_status="KILLED")
                 else:

@@ -35,13 +35,24 @@ class Ledger:
         return trial_id in self.stopped
 
 
-def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_scheduler: bool) -> str:
+def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_scheduler: bool, objectives: tuple[str, ...] = ()) -> str:
+    """completed, pruned, stopped, oom, nan or failed. A trial that finished without reporting one
+    of the sweep's objectives (peak_vram_gb on a CPU, say) cannot be ranked: failed."""
     if errored:
         return "failed"
     status = (last_result or {}).get("trial_status")
+    if status == "completed" and any(not finite((last_result or {}).get(m)) for m in objectives):
+        return "failed"
     if status in ("completed", "oom", "nan"):
         return status
     return "pruned" if stopped_by_scheduler else "stopped"
+
+
+def missing_objectives(last_result: dict[str, Any] | None, objectives: tuple[str, ...]) -> str | None:
+    missing = [m for m in objectives if not finite((last_result or {}).get(m))]
+    if not missing:
+        return None
+    return f"objective {', '.join(missing)} was not reported (peak_vram_gb exists on GPUs only; on a CPU use peak_rss_gb)"
 
 
 def _number(value: Any) -> str:

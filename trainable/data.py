@@ -236,10 +236,13 @@ def cache_key(data: DataSection, tokenizer: Any, seed: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _encode_all(tokenizer: Any, rows: list[tuple[str, Any]], max_seq_len: int) -> tuple[list, dict]:
+def _encode_all(tokenizer: Any, rows: list[tuple[str, Any]], max_seq_len: int, desc: str = "tokenizing") -> tuple[list, dict]:
+    from tqdm.auto import tqdm
+
     examples, problems = [], []
     truncated = dropped = 0
-    for where, row in rows:
+    # A progress bar on a terminal for large datasets (silent in logs and for small ones).
+    for where, row in tqdm(rows, desc=desc, unit="ex", disable=None if len(rows) >= 2000 else True, leave=False):
         messages = to_messages(row)
         if isinstance(messages, str):
             problems.append(f"{where}: {messages}")
@@ -316,8 +319,8 @@ def prepare(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int, log: 
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
     log(f"tokenizing {len(train_rows)} train and {len(eval_rows)} eval examples (max_seq_len {data.max_seq_len}) ...")
-    train_ex, train_stats = _encode_all(tokenizer, train_rows, data.max_seq_len)
-    eval_ex, eval_stats = _encode_all(tokenizer, eval_rows, data.max_seq_len)
+    train_ex, train_stats = _encode_all(tokenizer, train_rows, data.max_seq_len, "tokenizing train")
+    eval_ex, eval_stats = _encode_all(tokenizer, eval_rows, data.max_seq_len, "tokenizing eval")
     for name, ex in (("train", train_ex), ("eval", eval_ex)):
         if not ex:
             raise DataError([f"{name}: no usable examples after tokenization (all truncated to nothing?)"])

@@ -44,7 +44,6 @@ def create_database(base: str) -> str:
 
 
 @pytest.fixture()
-@needs_postgres
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     backend = create_database(os.environ["LORA_SWEEP_TEST_PG"])
     port = free_port()

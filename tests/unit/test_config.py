@@ -122,7 +122,7 @@ space:
         "data.max_seq_len: Input should be greater than or equal to 16 (got 4)",
         "train.max_steps: Input should be greater than 0 (got 0)",
         "train.learning_rate: Input should be less than 1 (got 2)",
-        "search.algorithm: Input should be 'tpe', 'random' or 'grid' (got 'bayes')",
+        "search.algorithm: Input should be 'tpe', 'random', 'grid' or 'nsga2' (got 'bayes')",
         "search.num_trials: Input should be greater than 0 (got -1)",
         "space.lora_r[1]: got -8; Input should be greater than 0; expected LoRA rank",
         "space.learning_rate.loguniform: low 0 must be > 0",
@@ -183,6 +183,22 @@ def test_cross_section_errors(tmp_path: Path) -> None:
     assert one_problem(tmp_path, body) == "data.eval and data.eval_fraction: give one, not both"
     body = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 2, metric: accuracy}")
     assert one_problem(tmp_path, body).startswith("search.metric: got 'accuracy'; expected one of eval_loss")
+
+
+def test_objectives(tmp_path: Path) -> None:
+    body = MINIMAL.replace("search: {num_trials: 2}", "search: {algorithm: nsga2, num_trials: 4, objectives: [{eval_loss: min}, {tokens_per_sec: max}]}")
+    cfg = load_config(write_space(tmp_path, body))
+    assert cfg.name == "t" and cfg.experiment == "t"
+    assert cfg.objectives == [("eval_loss", "min"), ("tokens_per_sec", "max")] and cfg.multi_objective
+    assert (cfg.search.metric, cfg.search.mode) == ("eval_loss", "min")
+    bad = body.replace("{tokens_per_sec: max}", "{accuracy: max}")
+    assert one_problem(tmp_path, bad).startswith("search.objectives[1]: got 'accuracy'; expected one of eval_loss")
+    bad = body.replace("{tokens_per_sec: max}", "{eval_loss: max}")
+    assert one_problem(tmp_path, bad) == "search.objectives: ['eval_loss', 'eval_loss'] repeats a metric"
+    bad = body.replace(", {tokens_per_sec: max}", "")
+    assert one_problem(tmp_path, bad).startswith("search.objectives: give two or more")
+    bad = body.replace("nsga2, ", "nsga2, metric: train_loss, ")
+    assert "drop metric and mode" in one_problem(tmp_path, bad)
 
 
 def test_sources_that_do_not_exist(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
-from trainable.data import collate, load_split, prepare, train_batches
+from trainable.data import load_split, prepare, train_batches
 from trainable.model import lora_target_pattern, load_tokenizer, resolve_model_path
 from trainable.train import TrialSpec, run
 

@@ -1,0 +1,179 @@
+"""The morning after: a multi-objective sweep's Pareto set, the HTML report (generated here, never
+committed), the best trial under constraints with its adapter exported (and merged), the live
+status lines, and the MLflow UI in a real browser."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sweep.config import load_config
+from sweep.run import run_sweep
+from tests.conftest import MINIMAL, ROOT, write_space
+from tests.e2e.conftest import mlflow_runs, study_trials
+
+pytestmark = pytest.mark.e2e
+OUTPUT = ROOT / "tests" / "output"  # screenshots and reports kept for whoever reads the test run
+
+BODY = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 6, eval_every: 3, log_every: 1, batch: [2, 1]}").replace(
+    "search: {num_trials: 2}",
+    "search: {algorithm: nsga2, seed: 0, num_trials: 5, scheduler: {type: none}, objectives: [{eval_loss: min}, {tokens_per_sec: max}]}",
+).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-4, 3.0e-2]}\n  target_modules: [attention, all-linear]\n")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple:
+    folder = tmp_path_factory.mktemp("reporting")
+    cfg = load_config(write_space(folder, BODY + f"tracking: {{results_dir: {folder / 'out'}}}\n"))
+    lines: list[str] = []
+    result = run_sweep(cfg, log=lines.append)
+    return cfg, result, "\n".join(lines), folder
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "sweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_multi_objective_sweep_reports_its_pareto_set(sweep: tuple) -> None:
+    cfg, result, out, _ = sweep
+    assert result.counts == {"completed": 5}, out
+    trials = study_trials(result.sweep_dir, cfg.name)
+    assert all(len(t.values) == 2 for t in trials)
+    front = {r["label"] for r in result.pareto}
+    assert front and "Pareto set (eval_loss min / tokens_per_sec max): " in out
+    for r in result.trials:  # nothing outside the front beats a front member on both objectives
+        if r["label"] not in front:
+            assert any(p["eval_loss"] <= r["eval_loss"] and p["tokens_per_sec"] >= r["tokens_per_sec"] for p in result.pareto)
+    parent, _ = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    assert set(parent.data.tags["pareto_trials"].split(",")) == front
+    assert re.search(r"status: running \d+, completed \d+ \| best t\d{3} eval_loss [0-9.]+ \| GPU memory -", out), out
+
+
+def test_report(sweep: tuple) -> None:
+    cfg, result, _, folder = sweep
+    done = cli("report", str(result.sweep_dir), cwd=folder)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = result.sweep_dir / "report"
+    for name in ("history", "parallel", "importance", "pareto", "curves"):
+        png = (report / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name  # a real, non-empty plot
+    html = (report / "report.html").read_text()
+    assert html.count("<tr class=") == len(result.trials) == 5
+    assert html.count("data:image/png;base64,") == 5  # self-contained
+    from mlflow import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(cfg.mlflow_uri).list_artifacts(result.parent_run_id, "report")}
+    assert {"report/report.html", "report/pareto.png", "report/importance.png"} <= artifacts
+    OUTPUT.mkdir(exist_ok=True)
+    shutil.copytree(report, OUTPUT / "report", dirs_exist_ok=True)
+
+
+def test_best_with_constraints_and_export(sweep: tuple, tmp_path: Path) -> None:
+    import torch
+
+    cfg, result, _, folder = sweep
+    fastest = max(r["tokens_per_sec"] for r in result.trials)
+    bound = sorted(r["tokens_per_sec"] for r in result.trials)[2]
+    picked = cli("best", str(result.sweep_dir), "--where", f"tokens_per_sec>={bound}", "--export", str(tmp_path / "best"), "--merge", cwd=folder)
+    assert picked.returncode == 0, picked.stdout[-2000:] + picked.stderr[-2000:]
+    label = re.search(r"best trial with tokens_per_sec>=\S+: (t\d{3})", picked.stdout).group(1)
+    row = next(r for r in result.trials if r["label"] == label)
+    eligible = [r for r in result.trials if r["tokens_per_sec"] >= bound]
+    front = [r for r in eligible if not any(o["eval_loss"] <= r["eval_loss"] and o["tokens_per_sec"] >= r["tokens_per_sec"] and o is not r for o in eligible)]
+    assert row["eval_loss"] == min(r["eval_loss"] for r in front) and fastest >= bound
+
+    export = tmp_path / "best"
+    assert (export / "adapter" / "adapter_config.json").exists() and list((export / "adapter").glob("adapter_model.*"))
+    exported = load_config(export / "space.yaml")  # ready to run
+    assert exported.train.lora_r == row["config"]["lora_r"] or exported.space.dims[0].options == (row["config"]["lora_r"],)
+    assert "python -m sweep run" in (export / "README.txt").read_text()
+
+    # the merged model computes what base + adapter computes
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 5, 40, 41, 6, 5, 50]])
+    with torch.no_grad():
+        with_adapter = AutoPeftModelForCausalLM.from_pretrained(str(export / "adapter")).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(export / "merged")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
+
+    none = cli("best", str(result.sweep_dir), "--where", "tokens_per_sec>=1e12", cwd=folder)
+    assert none.returncode == 1 and "no completed trial with tokens_per_sec>=1e12" in none.stdout
+    bad = cli("best", str(result.sweep_dir), "--where", "__import__('os')", cwd=folder)
+    assert bad.returncode == 2 and "--where: cannot read" in bad.stderr
+    again = cli("best", str(result.sweep_dir), "--export", str(export), cwd=folder)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ui(sweep: tuple, tmp_path: Path) -> Iterator[str]:
+    cfg = sweep[0]
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", cfg.mlflow_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_the_trials_under_the_sweep(sweep: tuple, ui: str) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's)")
+    cfg, result, _, _ = sweep
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(ui).get_experiment_by_name(cfg.experiment).experiment_id
+    parent_name = result.sweep_dir.name
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+    OUTPUT.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{ui}/#/experiments/{experiment}/runs")
+        page.wait_for_selector(f"text={parent_name}", timeout=60_000)
+        assert "t000" not in page.inner_text("body")  # trials are nested, folded under the sweep run
+        page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # unfold it
+        page.wait_for_selector("text=t000", timeout=30_000)
+        text = page.inner_text("body")
+        for row in result.trials:
+            assert row["label"] in text, row["label"]
+        assert re.search(r"t\d{3} lora r\d+ a\d+ lr\S+ b2x1 (attention|all-linear)", text)
+        page.screenshot(path=str(OUTPUT / "mlflow-ui-runs.png"))
+        print(f"screenshot: {OUTPUT / 'mlflow-ui-runs.png'}")
+        # one trial's page: its metrics, with steps
+        child = result.trials[0]
+        page.goto(f"{ui}/#/experiments/{experiment}/runs/{child['run_id']}")
+        page.wait_for_selector("text=eval_loss", timeout=60_000)
+        text = page.inner_text("body")
+        assert "train_loss" in text and "tokens_per_sec" in text and child["label"] in text
+        page.screenshot(path=str(OUTPUT / "mlflow-ui-trial.png"))
+        browser.close()
