@@ -82,3 +82,18 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     assert estimate.returncode == 0, estimate.stderr[-2000:]
     lines = estimate.stdout.splitlines()
     assert lines[0].startswith(f"{sweep_dir.name}: 8 trials") and len(lines) == 3 + 8
+    # the morning-after report of the demo sweep: generated here, never committed
+    report = subprocess.run(
+        [sys.executable, "-m", "sweep", "report", str(sweep_dir)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    for name in ("history", "parallel", "importance", "pareto", "curves"):
+        png = (sweep_dir / "report" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+    html = (sweep_dir / "report" / "report.html").read_text()
+    assert html.count("<tr class=") == 8 and all(label in html for label in by_label)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html", "report/history.png"}
