@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="6,10,16,24")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--reuse-grid", action="store_true", help="take the grid's curves from --out if it has them")
+    ap.add_argument("--reuse-grid", action="store_true", help="take the grid's curves and the replays done so far from --out")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="search-efficiency-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -185,14 +185,17 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2))
     grid = results["grid"]
     print(f"grid: best {grid['best']:.4f} ({grid['best_config']}), {grid['steps']} steps, {grid['wall_seconds']:.0f}s", flush=True)
-    results["replays"] = []
+    results.setdefault("replays", [])
+    done = {(r["method"], r["budget"], r["seed"]) for r in results["replays"]}  # --reuse-grid: an interrupted run goes on
     for method in METHODS:
         for budget in (int(b) for b in args.budgets.split(",")):
             for seed in range(args.seeds):
+                if (method, budget, seed) in done:
+                    continue
                 row = run_replay(space_file, method, budget, seed, grid["curves"], work)
                 results["replays"].append(row)
                 print(json.dumps(row), flush=True)
-        out.write_text(json.dumps(results, indent=2))
+                out.write_text(json.dumps(results, indent=2))
     results["real_check"] = real_check(space_file, grid["curves"])
     print("real check:", json.dumps(results["real_check"]), flush=True)
     out.write_text(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""python -m sweep {validate,run,resume,status,stop,report,best,estimate} ...   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,submit,resume,status,stop,report,best,estimate} ...   (argv -> subcommands; no logic)
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid (nothing was started);
 1 the sweep itself failed.
@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 the space file, its overrides or the data are invalid (not
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_INVALID = 2
@@ -22,13 +23,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("space", help="the space.yaml file")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
     r.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--sweep-dir", default=None, help="the new sweep's folder (must not exist; default RESULTS_DIR/NAME-TIMESTAMP)")
+    j = sub.add_parser("submit", help="send the sweep to a Ray cluster as a Ray job (it runs on without this machine)")
+    j.add_argument("space", help="the space.yaml file")
+    j.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. tracking.results_dir=/shared/sweeps")
+    j.add_argument("--address", default=None, help="the head node's dashboard URL, http://HEAD:8265 (default: RAY_ADDRESS)")
+    on_cluster = "; with --address http://HEAD:8265 (or RAY_ADDRESS): a submitted sweep's id, or its folder on the cluster"
     s = sub.add_parser("resume", help="finish a sweep whose driver died or was stopped")
-    s.add_argument("sweep_dir", help="the sweep's results folder")
-    s.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
+    s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
+    s.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray); a dashboard URL resumes a submitted sweep as a new job")
     s = sub.add_parser("status", help="a sweep's trials by status, best so far, elapsed and remaining time")
-    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
+    s.add_argument("--address", default=None, help="for a submitted sweep: the head node's dashboard URL")
     s = sub.add_parser("stop", help="running trials checkpoint and stop; the sweep can be resumed")
-    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
+    s.add_argument("--address", default=None, help="for a submitted sweep: the head node's dashboard URL")
     s.add_argument("--wait", type=float, default=600, metavar="SECONDS", help="how long to wait for the driver to stop (default 600)")
     s = sub.add_parser("report", help="an HTML report with plots of a sweep (also logged to its MLflow parent run)")
     s.add_argument("sweep_dir", help="the sweep's results folder")
@@ -54,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from sweep.config import ConfigError, load_config
 
+    if args.command in ("resume", "status", "stop") and not (Path(args.sweep_dir) / "sweep.json").is_file():
+        from sweep.submit import is_job_address
+
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if is_job_address(address):
+            return _submitted_command(args, address)
     if args.command in ("resume", "status", "stop", "report", "best"):
         return _folder_command(args)
     if args.command == "estimate" and Path(args.space).is_dir():
@@ -89,12 +104,43 @@ def main(argv: list[str] | None = None) -> int:
         estimate_space(cfg, profile, args.gpu_memory * 2**30 if args.gpu_memory else local_gpu_bytes())
         return 0
 
+    if args.command == "submit":
+        from sweep.submit import is_job_address, submit
+
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not is_job_address(address):
+            print(f"--address: got {address!r}; expected the head node's dashboard URL, e.g. http://HEAD:8265 (or set RAY_ADDRESS to it)", file=sys.stderr)
+            return EXIT_INVALID
+        try:
+            submit(cfg, address, write=say)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_INVALID
+        return 0
+
     from sweep.run import run_sweep
     from trainable.data import DataError
 
     try:
-        run_sweep(cfg, address=args.address, log=say)
+        run_sweep(cfg, address=args.address, log=say, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None)
     except (ConfigError, DataError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    return 0
+
+
+def _submitted_command(args: argparse.Namespace, address: str) -> int:
+    """status / stop / resume of a sweep submitted as a Ray job (its folder is on the cluster)."""
+    from sweep.config import ConfigError
+    from sweep.submit import remote_resume, remote_status, remote_stop
+
+    try:
+        if args.command == "status":
+            return 0 if remote_status(address, args.sweep_dir, write=say) else 1
+        if args.command == "stop":
+            return 0 if remote_stop(address, args.sweep_dir, args.wait, write=say) else 1
+        remote_resume(address, args.sweep_dir, write=say)
+    except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
     return 0

@@ -74,9 +74,15 @@ def download_model(cfg: SweepConfig, log: Log) -> None:
         log(f"model {cfg.model.id}: not downloaded ({str(exc).splitlines()[0][:200]})")
 
 
-def new_sweep_dir(cfg: SweepConfig) -> Path:
+def new_sweep_dir(cfg: SweepConfig, wanted: Path | None = None) -> Path:
     """A fresh folder per sweep; an existing one is never reused (resume is a separate command)."""
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    if wanted is not None:  # chosen by `submit`, which tells the user where it will be
+        try:
+            wanted.mkdir(parents=True)
+        except FileExistsError:
+            raise ConfigError(str(wanted), [f"--sweep-dir {wanted}: exists already; a new sweep needs a new folder (resume is `python -m sweep resume {wanted}`)"]) from None
+        return wanted
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         folder = cfg.results_dir / (f"{cfg.name}-{stamp}" + (f"-{n}" if n > 1 else ""))
@@ -258,7 +264,7 @@ def _heartbeat_callback(heartbeat: Heartbeat) -> Any:
     return _Beat()
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) -> SweepResult:
+def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None) -> SweepResult:
     """A new sweep: preflight, a new results folder and parent run, then the trials."""
     from sweep.secrets import redact
     from sweep.sweepdir import write_meta
@@ -268,7 +274,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print) ->
     started_ray = connect_ray(address, log)
     try:
         resources = plan_resources(cfg, log)
-        sweep_dir = new_sweep_dir(cfg)
+        sweep_dir = new_sweep_dir(cfg, Path(sweep_dir).resolve() if sweep_dir else None)
         (sweep_dir / "space.yaml").write_text(redact(cfg.source_text))
         (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         sweep_run = SweepRun(cfg, sweep_dir)
