@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 
 SECRET_ENV = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "HUGGINGFACEHUB_API_TOKEN",
@@ -21,13 +22,17 @@ MASK = "***"
 
 
 def expand_env(value: str) -> str:
-    """${VAR} -> the variable's value; a missing variable is an error naming it."""
+    """${VAR} -> the variable's value; a missing variable is an error naming it. Inside a URI's
+    user:password@ part the value is percent-encoded, so a password may hold any character."""
+    userinfo = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@]*)@", value)
+    start, end = userinfo.span(1) if userinfo else (-1, -1)
 
     def one(match: re.Match) -> str:
         name = match.group(1)
         if name not in os.environ:
             raise KeyError(name)
-        return os.environ[name]
+        inside = start <= match.start() and match.end() <= end
+        return urllib.parse.quote(os.environ[name], safe="") if inside else os.environ[name]
 
     return _ENV_REF.sub(one, value)
 

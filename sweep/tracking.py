@@ -39,12 +39,12 @@ def git_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if commit.returncode != 0:
-            return "unknown"
+        if commit.returncode != 0:  # an installed copy, e.g. in the docker images (built with GIT_COMMIT)
+            return os.environ.get("LORA_SWEEP_GIT_COMMIT", "unknown")
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
         return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("LORA_SWEEP_GIT_COMMIT", "unknown")
 
 
 class SweepRun:

@@ -33,13 +33,11 @@ def free_port() -> int:
 
 
 def create_database(base: str) -> str:
-    import psycopg2
+    import psycopg
 
     name = f"lora_sweep_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(base + "/sweep_base")
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    conn.close()
+    with psycopg.connect(base + "/sweep_base", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
     return f"{base}/{name}"
 
 

@@ -59,3 +59,26 @@ def test_store_uris_read_the_environment(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match=r"tracking.optuna_storage: refers to \$\{SWEEP_DB_PW\}, which is not set"):
         load_config(write_space(tmp_path, body))
     assert os.environ.get("SWEEP_DB_PW") is None
+
+
+def test_a_password_from_the_environment_may_hold_any_character(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweep.secrets import expand_env
+
+    monkeypatch.setenv("PW", "p@ss:w/rd #1%")
+    monkeypatch.setenv("HOST", "db.example:5432")
+    assert expand_env("postgresql://sweep:${PW}@${HOST}/optuna") == "postgresql://sweep:p%40ss%3Aw%2Frd%20%231%25@db.example:5432/optuna"
+    monkeypatch.setenv("URL", "postgresql://u:p@db/x")  # a whole URI in a variable is taken as it is
+    assert expand_env("${URL}") == "postgresql://u:p@db/x"
+    from sqlalchemy.engine import make_url
+
+    assert make_url(expand_env("postgresql://sweep:${PW}@${HOST}/optuna")).password == "p@ss:w/rd #1%"
+
+
+def test_an_installed_copy_reports_the_commit_it_was_built_from(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import subprocess
+
+    from sweep import tracking
+
+    monkeypatch.setenv("LORA_SWEEP_GIT_COMMIT", "abc123")
+    monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repository"))
+    assert tracking.git_commit() == "abc123"
