@@ -186,6 +186,18 @@ def plan_resources(cfg: SweepConfig, log: Log) -> Resources:
             loss=cfg.train.loss,
             fixed={k: getattr(cfg.train, k) for k in SEARCHABLE},
         )
+        # Memory grows with every memory dimension, so if no corner of the space fits, nothing does:
+        # say so now rather than sample infeasible configs until the searcher gives up.
+        from sweep.estimate import corners
+
+        verdicts = [placement.judge(c) for c in corners(cfg.space, {})]
+        if not any(v.feasible for v in verdicts):
+            smallest = min(verdicts, key=lambda v: v.share)
+            raise ConfigError(str(cfg.source), [
+                f"resources: no configuration of this space fits one {gpu_bytes / GB:.1f} GB GPU (resources.gpu_memory_gb): the smallest "
+                f"needs an estimated {smallest.estimate_gb:.1f} GB (+{res.memory_margin:.0%} margin, + CUDA context); use QLoRA, smaller "
+                "micro-batches, gradient checkpointing or fewer target modules, or bigger GPUs (python -m sweep estimate shows the corners)"
+            ])  # fmt: skip
         fit = min(by_cpu, math.floor(gpus / STEP))
         return Resources(cpt, None, max(1, min(limit(fit), cfg.num_trials)), placement)
     gpt = 0.0 if res.gpus_per_trial == "auto" else float(res.gpus_per_trial)
@@ -341,7 +353,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
                 finished += 1
         budget = max(0, cfg.num_trials - finished - len(resume))
         (sweep_dir / STOP).unlink(missing_ok=True)
-        continuing = ", ".join(f"t{r.number:03d} from {'step ' + Path(r.checkpoint).name if r.checkpoint else 'the start'}" for r in resume)
+        continuing = ", ".join(f"t{r.number:03d} from {Path(r.checkpoint).name if r.checkpoint else 'the start'}" for r in resume)
         log(f"resuming {sweep_dir.name}: {finished} trials finished; continuing {len(resume)} ({continuing or 'none'}); {budget} new to run")
         started_ray = connect_ray(address, log)
         try:
@@ -398,6 +410,7 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
         max_seq_len=cfg.data.max_seq_len,
         # a fixed fraction below one GPU caps each trial to it, as auto placement caps to each share
         gpu_share=resources.gpus if resources.gpus is not None and 0 < resources.gpus < 1 else None,
+        gpu_bytes=int(resources.placement.gpu_bytes) if resources.placement is not None else None,
         stop_file=str(stop_file),
     )
     trainable = tune.with_parameters(tune_trial, base=base)

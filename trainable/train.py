@@ -41,6 +41,7 @@ class TrialSpec:
     template_ids: tuple[int, ...] = ()  # special tokens the data uses (rows new_tokens trains)
     max_seq_len: int = 1024
     gpu_share: float | None = None  # auto placement: the fraction of the GPU this trial was given
+    gpu_bytes: int | None = None  # the GPU size that share is of (resources.gpu_memory_gb); None: the device's
     stop_file: str | None = None  # `python -m sweep stop` writes it: checkpoint and stop
     resume_checkpoint: str | None = None  # resumed / retried trial: continue from this checkpoint
 
@@ -91,17 +92,22 @@ def peak_memory(device: Any) -> dict[str, float]:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def cap_memory(share: float | None) -> float | None:
+def cap_memory(share: float | None, gpu_bytes: int | None = None) -> float | None:
     """On a shared GPU, keep this process inside the share Ray gave it: past that, PyTorch raises
-    OOM in this trial instead of taking memory from the trials beside it. Returns the cap used."""
+    OOM in this trial instead of taking memory from the trials beside it. The share is of
+    `gpu_bytes` (the GPU size placement planned with: resources.gpu_memory_gb, which may be set
+    below the device's memory), else of the whole device. Returns the fraction of the device used."""
     import torch
 
-    if not share or share >= 1 or not torch.cuda.is_available():
+    if not share or not torch.cuda.is_available():
         return None
     from sweep.placement import CONTEXT_BYTES
 
     total = torch.cuda.get_device_properties(0).total_memory
-    fraction = max(0.01, share - CONTEXT_BYTES / total)  # the share also covers the CUDA context
+    allowed = share * min(gpu_bytes or total, total)
+    if allowed >= total:
+        return None
+    fraction = max(0.01, (allowed - CONTEXT_BYTES) / total)  # the share also covers the CUDA context
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     return fraction
 
@@ -114,6 +120,17 @@ def _ray_node() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:  # no Ray here (tests, benchmarks)
         return "local"
+
+
+def _gpu_ids() -> str:
+    """The GPU(s) Ray gave this trial (a fractional share names the GPU it shares), or 'none'."""
+    try:
+        import ray
+
+        ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # no Ray here (tests, benchmarks)
+        ids = []
+    return ",".join(str(i) for i in ids) or "none"
 
 
 def injected_fault(sampled: dict[str, Any]) -> tuple[str, int] | None:
@@ -295,7 +312,7 @@ def _train(spec: TrialSpec, reporter: Reporter, holder: dict[str, Any]) -> dict[
 
     train = spec.train
     torch.set_num_threads(max(1, spec.threads))
-    memory_cap = cap_memory(spec.gpu_share)
+    memory_cap = cap_memory(spec.gpu_share, spec.gpu_bytes)
     _reset_peak_rss()
     started = time.perf_counter()
     state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "warm": None}
@@ -330,6 +347,7 @@ def _train(spec: TrialSpec, reporter: Reporter, holder: dict[str, Any]) -> dict[
         "tokens_per_sec_counts": "all non-padding input tokens, after the first logging window (loss_tokens_per_sec: reply tokens only)",
         "memory_cap_fraction": memory_cap if memory_cap is not None else "none",
         "ray_node": _ray_node(),
+        "gpu_ids": _gpu_ids(),
     }
     return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
 

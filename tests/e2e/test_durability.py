@@ -106,7 +106,7 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path, point: str, pattern: 
     resumed = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     if point == "mid-trial":
-        assert re.search(r"continuing 1 \(t000 from step checkpoint_\d+\)", resumed.stdout), resumed.stdout
+        assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.stdout), resumed.stdout
     if point == "between trials":
         assert "1 trials finished" in resumed.stdout, resumed.stdout
     check_finished(sweep_dir)
@@ -133,7 +133,7 @@ def test_stop_checkpoints_and_resume_continues(tmp_path: Path) -> None:
 
     resumed = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert re.search(r"continuing 1 \(t000 from step checkpoint_\d+\)", resumed.stdout)
+    assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.stdout)
     check_finished(sweep_dir)
     status = sweep_cli("status", str(sweep_dir), cwd=tmp_path)
     assert f"{sweep_dir.name}: finished" in status.stdout and "3 of 3 done; 3 completed" in status.stdout, status.stdout

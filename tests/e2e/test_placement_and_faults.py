@@ -74,3 +74,12 @@ def test_auto_placement_shares_the_gpu_and_never_launches_infeasible_configs(tmp
     trials = study_trials(result.sweep_dir, cfg.name)
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs["trial_status"] == "infeasible"
     assert {t.state.name for t in trials if t.user_attrs.get("trial_status") != "infeasible"} == {"COMPLETE"}
+
+
+def test_a_space_where_nothing_fits_is_refused_before_any_trial(tmp_path: Path, fake_gpu_cluster: None) -> None:
+    from sweep.config import ConfigError
+
+    body = MINIMAL.replace("  lora_r: [4, 8]\n", "  batch: [[256, 1], [512, 1]]\n") + "resources: {gpus_per_trial: auto, gpu_memory_gb: 1.3}\n"
+    with pytest.raises(ConfigError, match=r"resources: no configuration of this space fits one 1.3 GB GPU .*: the smallest needs an estimated 0\.\d GB"):
+        sweep(tmp_path, body)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != ".cache"]  # no sweep folder (only the tokenized-data cache)

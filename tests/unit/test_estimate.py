@@ -107,3 +107,24 @@ def test_tiny_profile_matches_the_model() -> None:
     profile = profile_model(meta_model("tiny-gemma3-vision"))
     assert profile.text.hidden == 128 and profile.linears["q_proj"][2] == 2
     assert profile.vision_linear_params > 0 and profile.tied
+
+
+def test_a_trial_caps_its_memory_to_its_share_of_the_planned_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is share x the GPU size placement planned with (resources.gpu_memory_gb), less the
+    CUDA context, as a fraction of the device: 4 logical 35 GB GPUs on one 140 GB device give each
+    trial a quarter of it at most."""
+    from types import SimpleNamespace
+
+    from sweep.placement import CONTEXT_BYTES
+    from trainable.train import cap_memory
+
+    device = 140 * GB
+    caps: list[float] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=device))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: caps.append(f))
+    assert cap_memory(0.5) == pytest.approx(0.5 - CONTEXT_BYTES / device)
+    assert cap_memory(1.0, 35 * GB) == pytest.approx((35 * GB - CONTEXT_BYTES) / device)
+    assert cap_memory(0.5, 35 * GB) == pytest.approx((17.5 * GB - CONTEXT_BYTES) / device)
+    assert cap_memory(1.0) is None and cap_memory(1.0, 200 * GB) is None and cap_memory(None) is None  # a whole device: no cap
+    assert len(caps) == 3

@@ -1,0 +1,51 @@
+"""Memory-aware placement over several GPUs, on a Ray cluster that advertises four logical GPUs
+(trials still train on the CPU): trials are spread over the GPUs by their memory shares, never more
+on one GPU than fits, and each trial's MLflow run says which GPU it had (issue 10's placement
+logic, exercised without a multi-GPU host)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sweep.config import load_config
+from sweep.run import run_sweep
+from tests.conftest import MINIMAL, write_space
+from tests.e2e.conftest import mlflow_runs
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture()
+def four_gpus() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_trials_spread_over_four_gpus_by_their_shares(tmp_path: Path, four_gpus: None) -> None:
+    # tiny model, micro-batch 2: share 0.85 of a 1.3 GB GPU, so one trial per GPU at a time
+    body = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 6, seed: 0, scheduler: {type: none}}").replace(
+        "  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n"
+    ) + f"resources: {{gpus_per_trial: auto, gpu_memory_gb: 1.3, cpus_per_trial: 0.5}}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"
+    cfg = load_config(write_space(tmp_path, body))
+    lines: list[str] = []
+    result = run_sweep(cfg, log=lines.append)
+    out = "\n".join(lines)
+    assert "placement: trials share 4 GPU(s) of 1 GB" in out and "4 at a time" in out, out
+    assert result.counts == {"completed": 6}, out
+    _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    gpus = [r.data.params["gpu_ids"] for r in children]
+    assert all(g in {"0", "1", "2", "3"} for g in gpus), gpus  # one GPU each, a fractional share of it
+    assert len(set(gpus)) >= 3, gpus  # spread, not stacked on GPU 0
+    assert {r.data.params["gpu_share"] for r in children} == {"0.85"}
+    # never two trials on one GPU at once: their shares (0.85 + 0.85) would not fit
+    spans = [(r.info.start_time, r.info.end_time, r.data.params["gpu_ids"]) for r in children]
+    for i, (s1, e1, g1) in enumerate(spans):
+        for s2, e2, g2 in spans[i + 1 :]:
+            assert g1 != g2 or e1 <= s2 or e2 <= s1, (spans, Counter(gpus))
