@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule, TrialScheduler
 
 from sweep.config import SweepConfig
@@ -42,6 +43,28 @@ class RecordingHyperBand(_Records, HyperBandScheduler):
     def __init__(self, ledger: Ledger, **kwargs: Any):
         self.ledger = ledger
         super().__init__(**kwargs)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is not None:
+            return trial
+        # Deadlock breaker. A trial that Hyperband pauses on its final report (it reached max_t)
+        # races with the end of its function; seen (rarely) on 2 cores: every live trial PAUSED,
+        # none due to resume, no new trial to come, and the sweep waiting forever. Then: stop the
+        # paused trials that had finished (nothing is left to run) and resume one that had not.
+        trials = tune_controller.get_trials()
+        if any(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials):
+            return None
+        paused = [t for t in trials if t.status == Trial.PAUSED and t in self._trial_info]
+        for t in paused:
+            if (t.last_result or {}).get("trial_status", "running") != "running":
+                tune_controller.stop_trial(t)
+        for t in paused:
+            if t.status == Trial.PAUSED:
+                bracket, _ = self._trial_info[t]
+                bracket.trials_to_unpause.add(t)
+                return t
+        return None
 
     def _process_bracket(self, tune_controller: Any, bracket: Any) -> str:
         stop = tune_controller.stop_trial
