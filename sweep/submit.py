@@ -32,6 +32,16 @@ RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+INFO job_manager|
 HELPER_TIMEOUT = 900  # seconds a status/stop helper job may take
 
 
+def _state(status: Any) -> str:
+    """A Ray JobStatus as its bare name (RUNNING, SUCCEEDED, ...)."""
+    return str(status).split(".")[-1]
+
+
+def _free_id(taken: set[str], candidates: Any) -> str:
+    """The first candidate submission id not used on the cluster yet."""
+    return next(c for c in candidates if c not in taken)
+
+
 def is_job_address(address: str | None) -> bool:
     return bool(address) and address.startswith(("http://", "https://"))
 
@@ -98,7 +108,7 @@ def submit(cfg: SweepConfig, address: str, write: Write = print) -> str:
     results = Path(cfg.tracking.results_dir or "")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     taken = {j.submission_id for j in jobs.list_jobs()}
-    submission = next(f"{cfg.name}-{stamp}" + (f"-{n}" if n > 1 else "") for n in range(1, 1000) if f"{cfg.name}-{stamp}" + (f"-{n}" if n > 1 else "") not in taken)
+    submission = _free_id(taken, (f"{cfg.name}-{stamp}" + (f"-{n}" if n > 1 else "") for n in range(1, 1000)))
     sweep_dir, inputs = results / submission, results / ".submitted" / submission
     with tempfile.TemporaryDirectory(prefix="lora-sweep-submit-") as tmp:
         overrides = stage(cfg, Path(tmp))
@@ -134,7 +144,7 @@ def _helper(jobs: Any, args: list[str], write: Write) -> bool:
     """Run `python -m sweep ARGS` on the cluster (where the sweep folder is) and print its output."""
     helper = jobs.submit_job(entrypoint=shlex.join(["python", "-m", "sweep", *args]), metadata={"lora_sweep": "helper"})
     deadline = time.monotonic() + HELPER_TIMEOUT
-    while (status := str(jobs.get_job_status(helper)).split(".")[-1]) in ACTIVE and time.monotonic() < deadline:
+    while (status := _state(jobs.get_job_status(helper))) in ACTIVE and time.monotonic() < deadline:
         time.sleep(0.5)
     for line in jobs.get_job_logs(helper).splitlines():
         if not RAY_LINE.match(line):  # Ray's own lines about setting the job up
@@ -144,7 +154,7 @@ def _helper(jobs: Any, args: list[str], write: Write) -> bool:
 
 def _job_line(job: Any) -> str:
     started = datetime.fromtimestamp(job.start_time / 1000).isoformat(timespec="seconds") if job.start_time else "?"
-    return f"job {job.submission_id} ({job.metadata.get('lora_sweep')}): {str(job.status).split('.')[-1]}, started {started}"
+    return f"job {job.submission_id} ({job.metadata.get('lora_sweep')}): {_state(job.status)}, started {started}"
 
 
 def remote_status(address: str, target: str, write: Write = print) -> bool:
@@ -164,11 +174,11 @@ def remote_stop(address: str, target: str, wait: float, write: Write = print) ->
     """The stop file, written on the cluster: trials checkpoint and end, then the driver job ends."""
     jobs = client(address)
     folder, drivers = sweep_dir_of(jobs, target)
-    if not any(str(j.status).split(".")[-1] in ACTIVE for j in drivers):
+    if not any(_state(j.status) in ACTIVE for j in drivers):
         write(f"{Path(folder).name}: no job is driving it (" + ("; ".join(_job_line(j) for j in drivers) or "none found") + ")")
     ok = _helper(jobs, ["stop", folder, "--wait", str(wait)], write)
     deadline = time.monotonic() + 60
-    while any(str(jobs.get_job_status(j.submission_id)).split(".")[-1] in ACTIVE for j in drivers) and time.monotonic() < deadline:
+    while any(_state(jobs.get_job_status(j.submission_id)) in ACTIVE for j in drivers) and time.monotonic() < deadline:
         time.sleep(0.5)
     return ok
 
@@ -177,12 +187,12 @@ def remote_resume(address: str, target: str, write: Write = print) -> str:
     """A new driver job for the sweep: `python -m sweep resume FOLDER` on the cluster."""
     jobs = client(address)
     folder, drivers = sweep_dir_of(jobs, target)
-    active = [j for j in drivers if str(j.status).split(".")[-1] in ACTIVE]
+    active = [j for j in drivers if _state(j.status) in ACTIVE]
     if active:
         raise ConfigError(target, [f"{Path(folder).name}: job {active[0].submission_id} is still driving it; stop it first (python -m sweep stop {target} --address {address})"])
     taken = {j.submission_id for j in jobs.list_jobs()}
     base = Path(folder).name
-    submission = next(f"{base}-resume-{n}" for n in range(1, 10_000) if f"{base}-resume-{n}" not in taken)
+    submission = _free_id(taken, (f"{base}-resume-{n}" for n in range(1, 10_000)))
     jobs.submit_job(entrypoint=shlex.join(["python", "-m", "sweep", "resume", folder]), submission_id=submission,
                     metadata={"lora_sweep": "resume", "sweep_dir": folder})  # fmt: skip
     write(f"submitted {submission}: resumes {folder}")
