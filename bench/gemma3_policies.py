@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from provenance import with_provenance  # noqa: E402
 from realsize import ARCH, build_checkpoint, prepare_data  # noqa: E402
 
 POLICIES = ("full", "new_tokens", "frozen")
@@ -102,7 +103,7 @@ def main() -> None:
             else:
                 row.update(trial_status="error", error=proc.stderr[-2000:])
             rows.append(row)
-            Path(args.out).write_text(json.dumps(rows, indent=2))
+            Path(args.out).write_text(json.dumps(with_provenance(rows), indent=2))
             print(json.dumps(row)[:600], flush=True)
         shutil.rmtree(folder, ignore_errors=True)
 

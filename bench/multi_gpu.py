@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from provenance import estimated_vram_gb, with_provenance  # noqa: E402
+
 SPACE = """\
 name: {name}
 model: {{id: {model}, embeddings: new_tokens}}
@@ -85,7 +87,7 @@ def sweep_rows(results: Path, name: str) -> list[dict[str, Any]]:
             continue
         m, p = r.data.metrics, r.data.params
         rows.append({"sweep": name, "trial": r.data.tags.get("trial"), "status": r.data.tags.get("trial_status"), "gpu_ids": p.get("gpu_ids"),
-                     "gpu_share": p.get("gpu_share"), "estimated_vram_gb": p.get("estimated_vram_gb"), "peak_vram_gb": m.get("peak_vram_gb"),
+                     "gpu_share": p.get("gpu_share"), "estimated_vram_gb": estimated_vram_gb(r), "peak_vram_gb": m.get("peak_vram_gb"),
                      "tokens_per_sec": m.get("tokens_per_sec"), "train_seconds": m.get("train_seconds"), "load_seconds": m.get("load_seconds"),
                      "tokens": (m.get("tokens_per_sec") or 0) * (m.get("train_seconds") or 0), "start": r.info.start_time / 1000,
                      "end": (r.info.end_time or 0) / 1000, "batch": p.get("batch"), "lora_r": p.get("lora_r")})  # fmt: skip
@@ -194,7 +196,7 @@ def main() -> None:
         n = runs[0]["ray_gpus"]
         result["scaling"] = {"trials_per_hour": runs[0]["trials_per_hour"] / runs[1]["trials_per_hour"],
                              "tokens_per_hour": runs[0]["tokens_per_hour"] / max(1e-9, runs[1]["tokens_per_hour"]), "n": n, "target": 0.9 * n}  # fmt: skip
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance(result), indent=2))
     print(f"\n{'run':<10} {'GPUs':>4} {'wall s':>7} {'trials':>6} {'trials/h':>8} {'Mtok/h':>7}  spread / GPU busy")
     for r in runs:
         busy = " ".join(f"gpu{g}:{v['busy_fraction']:.0%}" for g, v in r["gpu"].items()) or "-"

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from provenance import estimated_vram_gb, with_provenance  # noqa: E402
 from realsize import build_checkpoint  # noqa: E402
 
 DEMO = ROOT / "search_spaces" / "data" / "demo"
@@ -132,7 +133,8 @@ def read_trials(sweep_dir: Path) -> list[dict]:
             "reused": r.data.params.get("base_model_reused") == "True",
             "gpu_share": r.data.params.get("gpu_share"),
             "batch": r.data.params.get("batch"),
-            **{k: r.data.metrics.get(k) for k in ("load_seconds", "train_seconds", "peak_vram_gb", "peak_vram_reserved_gb", "estimated_vram_gb", "eval_loss", "tokens_per_sec")},
+            **{k: r.data.metrics.get(k) for k in ("load_seconds", "train_seconds", "peak_vram_gb", "peak_vram_reserved_gb", "eval_loss", "tokens_per_sec")},
+            "estimated_vram_gb": estimated_vram_gb(r),  # a param of the trial (its config), not a metric
         })  # fmt: skip
     return sorted(rows, key=lambda x: x["trial"] or "")
 
@@ -168,7 +170,7 @@ def main() -> None:
             continue
         algorithm, extra = ("grid", OVERSIZED_TRAIN) if key == "oom" else ("random", ", gradient_checkpointing: auto")
         results[key] = run_sweep(work, name, space, resources, trials, args.steps, concurrent, algorithm, extra)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps(with_provenance(results), indent=2))
         print(json.dumps({k: v for k, v in results[key].items() if k not in ("trials", "stdout_tail")}), flush=True)
     for key in ("serial", "packed"):
         if key in results and "trials" in results[key]:
@@ -178,7 +180,7 @@ def main() -> None:
             results[key]["oom"] = sum(1 for t in trials if t["status"] == "oom")
     if "serial" in results and "packed" in results and results["serial"].get("returncode") == 0:
         results["packed_over_serial_wall"] = results["packed"]["wall_seconds"] / results["serial"]["wall_seconds"]
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance(results), indent=2))
     print(f"\n{'sweep':<20} {'wall s':>7} {'busy':>6} {'util':>6} {'completed':>9} {'oom':>4} {'load fresh':>10} {'load warm':>9} {'warm/train':>10}")
     for key, r in results.items():
         if not isinstance(r, dict) or "trials" not in r:

@@ -33,6 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from provenance import with_provenance  # noqa: E402
 
 SPACE = """\
 name: {name}
@@ -182,7 +185,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     if "grid" not in results:
         results["grid"] = run_grid(space_file)
-        out.write_text(json.dumps(results, indent=2))
+        out.write_text(json.dumps(with_provenance(results), indent=2))
     grid = results["grid"]
     print(f"grid: best {grid['best']:.4f} ({grid['best_config']}), {grid['steps']} steps, {grid['wall_seconds']:.0f}s", flush=True)
     results.setdefault("replays", [])
@@ -195,10 +198,10 @@ def main() -> None:
                 row = run_replay(space_file, method, budget, seed, grid["curves"], work)
                 results["replays"].append(row)
                 print(json.dumps(row), flush=True)
-                out.write_text(json.dumps(results, indent=2))
+                out.write_text(json.dumps(with_provenance(results), indent=2))
     results["real_check"] = real_check(space_file, grid["curves"])
     print("real check:", json.dumps(results["real_check"]), flush=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(with_provenance(results), indent=2))
     plot(results, Path(args.plot))
     print(f"\n{'method':<12} {'trials':>6} {'steps (median)':>14} {'% of grid':>9} {'best (median)':>13} {'within 2%':>9}")
     for method in METHODS:

@@ -1,7 +1,21 @@
-"""The seed's training recipe against our trainable, side by side on one GPU (issue 4).
+"""The seed's training recipe, Hugging Face's best plain settings and our trainable, side by side (issues 4, 16).
 
-    python bench/seed_vs_ours.py --sizes 1b,12b --out results.json
-    python bench/seed_vs_ours.py --dry-run --out /tmp/dry.json      # CPU, tiny model: checks the code paths
+    # two GPUs, one size each, at the same time (~8 min for 1B, ~9 min for 12B on H200s):
+    CUDA_VISIBLE_DEVICES=0 python bench/seed_vs_ours.py --sizes 1b --out 1b.json &
+    CUDA_VISIBLE_DEVICES=1 python bench/seed_vs_ours.py --sizes 12b --out 12b.json &
+    python bench/seed_vs_ours.py --dry-run --out /tmp/dry.json      # CPU, tiny model: every code path
+
+Rows run in order of importance (seed, HF best, ours, ours fast, then one switch at a time, the
+50-loss check, then extras) and the JSON is rewritten after every row, so a run cut short keeps
+what finished. Each row's label names every setting (optimizer included); rows that cannot run
+here (liger-kernel without CUDA) are recorded as skipped, with the reason.
+
+HF best: Hugging Face Trainer + PEFT with the seed's LoRA at Trainer's best plain settings:
+micro-batch 8 (1B) / 4 (12B), sdpa, no gradient checkpointing (retried with it on OOM), torch's
+fused AdamW (adamw_torch_fused), frozen embeddings, packed rows with position_ids (as
+DataCollatorWithFlattening feeds them); "+ liger" adds TrainingArguments(use_liger_kernel=True).
+The 50-loss check (1B): our first 50 losses (fp32 LoRA; bf16 LoRA; liger loss where it runs)
+against HF Trainer + PEFT on the same micro-batches, same init, bf16 on the GPU.
 
 The seed recipe, exactly as written: Hugging Face Trainer + PEFT LoRA (r=16, alpha=16, dropout 0.05,
 q/k/v/o/gate/up/down) + modules_to_save=['embed_tokens', 'lm_head'] + paged_adamw_8bit + gradient
@@ -10,7 +24,8 @@ quantization and bf16 compute. Ours: trainable.train.run, first with the seed's 
 with one switch more at a time (sdpa, new_tokens embeddings, chunked loss, a large micro-batch with
 checkpointing only if needed), so each switch is measured. Every run: random-weight real
 architecture (bench/realsize.py), seq 1024 packed rows, 32 sequences per optimizer step, --warmup
-untimed steps then --timed timed steps, in its own process (clean CUDA peak statistics).
+untimed steps then --timed timed steps (per row: long mb-1 steps 1 + 2, 1B fast rows 2 + 10,
+12B rows 1 + 3; --warmup/--timed override all), in its own process (clean CUDA peak statistics).
 
 MFU, per token: 4 x (decoder linear params) [frozen weights: forward + input gradient]
 + 6 x layers x seq x heads x head_dim [causal attention, QK^T and AV, forward + backward]
@@ -37,20 +52,88 @@ sys.path.insert(0, str(ROOT / "bench"))
 from realsize import ARCH, build_checkpoint, prepare_data  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
+# Seconds per size on an H200, so both sizes fit one 10-minute command on two GPUs; rows past it are
+# recorded as skipped (finish them with --start-row). Estimated from the 2026-11-30 run: a row costs
+# ~20-30 s of process start, load and eval besides its steps; 1B fast steps ~1.5 s, seed steps ~15 s;
+# 12B QLoRA steps ~10 s, seed steps ~36 s; a compiled row adds ~60 s; building 12B ~90 s.
+BUDGET_S = {"1b": 470, "4b": 500, "12b": 540}
 SEQ = 1024
 SEQS_PER_STEP = 32
 SEED_TARGETS = ["k_proj", "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
-# Our trainable, one switch more at a time. The last one is what a sweep would use.
-OURS = [
-    ("ours: seed settings", dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit"), "full"),
-    ("+ sdpa", dict(batch=(1, 32), attn_implementation="sdpa", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit"), "full"),
-    ("+ new_tokens", dict(batch=(1, 32), attn_implementation="sdpa", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit"), "new_tokens"),
-    ("+ chunked loss", dict(batch=(1, 32), attn_implementation="sdpa", gradient_checkpointing=True, loss="chunked", optimizer="paged_adamw_8bit"), "new_tokens"),
-    ("+ micro-batch 8, checkpointing auto", dict(batch=(8, 4), attn_implementation="sdpa", gradient_checkpointing="auto", loss="chunked", optimizer="auto"), "new_tokens"),
-]  # fmt: skip
-# A leaner split of the same 32 sequences, for where memory is the target (12B QLoRA: <= 60% of the seed).
-LEAN = ("micro-batch 2, checkpointing auto", dict(batch=(2, 16), attn_implementation="sdpa", gradient_checkpointing="auto", loss="chunked", optimizer="auto"), "new_tokens")
+
+def hf_recipe(size: str, **changes) -> dict:
+    """HF Trainer's best plain settings for this size (the fair reference), with `changes`."""
+    micro = 8 if size == "1b" else 4
+    base = dict(batch=(micro, SEQS_PER_STEP // micro), attn="sdpa", ckpt=False, optim="adamw_torch_fused", embeddings="frozen", liger=False, packed=True)
+    return {**base, **changes}
+
+
+SEED_RECIPE = dict(batch=(1, 32), attn="eager", ckpt=True, optim="paged_adamw_8bit", embeddings="full", liger=False, packed=False)
+
+
+def ours_settings(size: str, **changes) -> dict:
+    """Our base row: the same split and attention as HF best, our loop and chunked loss, fp32 LoRA."""
+    micro = 8 if size == "1b" else 4
+    base = dict(batch=(micro, SEQS_PER_STEP // micro), attn_implementation="sdpa", gradient_checkpointing=False, loss="chunked",
+                optimizer="adamw", lora_dtype="float32", compile=False, embeddings="frozen")  # fmt: skip
+    return {**base, **changes}
+
+
+def label(kind: str, s: dict) -> str:
+    """Every setting of a row, named (so two rows' labels show all that differs)."""
+    if kind in ("seed", "hf"):
+        name = "seed (HF Trainer)" if s == SEED_RECIPE else "HF best" + (" + liger" if s["liger"] else "")
+        return (f"{name}: mb {s['batch'][0]}x{s['batch'][1]}, {s['attn']}, ckpt {'on' if s['ckpt'] else 'off'}, {s['optim']}, "
+                f"emb {s['embeddings']}, LoRA fp32, {'liger' if s['liger'] else 'model'} loss, {'packed' if s['packed'] else 'no position_ids'}")  # fmt: skip
+    ckpt = {True: "on", False: "off"}.get(s["gradient_checkpointing"], s["gradient_checkpointing"])
+    optim = {"adamw": "torch fused AdamW"}.get(s["optimizer"], s["optimizer"])
+    return (f"ours: mb {s['batch'][0]}x{s['batch'][1]}, {s['attn_implementation']}, ckpt {ckpt}, {optim}, emb {s['embeddings']}, "
+            f"LoRA {'bf16' if s['lora_dtype'] == 'bfloat16' else 'fp32'}, {s['loss']} loss{', compiled layers' if s['compile'] else ''}")  # fmt: skip
+
+
+def rows_for(size: str, ablations: bool) -> list[dict]:
+    """The rows of one size, most important first. warmup/timed: steps before / while timing."""
+    slow, fast = (1, 2), ((2, 10) if size == "1b" else (1, 3))
+    o = lambda **c: ours_settings(size, **c)  # noqa: E731
+    fast_all = dict(lora_dtype="bfloat16", loss="liger", compile=size == "1b")  # 12B QLoRA: compile is its own row (bnb 4-bit ops)
+    rows = [
+        dict(kind="seed", recipe=SEED_RECIPE, steps=slow),
+        dict(kind="hf", recipe=hf_recipe(size), steps=fast),
+        dict(kind="ours", settings=o(), steps=fast),
+        dict(kind="ours", settings=o(**fast_all), steps=(fast[0] + int(fast_all["compile"]), fast[1])),
+    ]
+    if size == "1b":
+        rows.append(dict(kind="losses"))
+    if size != "1b":  # the memory target: <= 0.6x the seed's peak allocated at >= 3x its tokens/s
+        rows.append(dict(kind="ours", settings=o(batch=(2, 16), gradient_checkpointing=True, lora_dtype="bfloat16", loss="liger"), steps=fast))
+    rows += [
+        dict(kind="hf", recipe=hf_recipe(size, liger=True), steps=fast),
+        dict(kind="ours", settings=o(lora_dtype="bfloat16"), steps=fast),
+        dict(kind="ours", settings=o(loss="liger"), steps=fast),
+        dict(kind="ours", settings=o(compile=True), steps=(fast[0] + 1, fast[1])),
+    ]
+    if size == "1b":
+        rows += [
+            dict(kind="ours", settings=o(attn_implementation="flex_attention"), steps=(fast[0] + 1, fast[1])),
+            dict(kind="ours", settings=o(batch=(16, 2), **fast_all), steps=(fast[0] + 1, fast[1])),
+            dict(kind="ours", settings=dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit",
+                                            lora_dtype="float32", compile=False, embeddings="full"), steps=slow),  # fmt: skip
+        ]
+    else:
+        rows += [
+            dict(kind="ours", settings=o(compile=True, lora_dtype="bfloat16", loss="liger"), steps=(fast[0] + 1, fast[1])),
+            dict(kind="ours", settings=o(batch=(2, 16), gradient_checkpointing=True, lora_dtype="bfloat16"), steps=fast),
+        ]
+    if ablations:  # the issue-4 ladder at micro-batch 1, one switch more at a time
+        ladder = dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit",
+                      lora_dtype="float32", compile=False, embeddings="full")  # fmt: skip
+        for change in (dict(attn_implementation="sdpa"), dict(embeddings="new_tokens"), dict(loss="chunked")):
+            ladder = {**ladder, **change}
+            rows.append(dict(kind="ours", settings=dict(ladder), steps=(1, 3)))
+    for r in rows:
+        r["name"] = "50-loss check: ours vs HF Trainer + PEFT" if r["kind"] == "losses" else label(r["kind"], r.get("recipe") or r["settings"])
+    return rows
 
 
 def flops_per_token(size: str, lm_head_fraction: float, head_trains: bool) -> float:
@@ -74,15 +157,15 @@ def micro_batches(data_dir: str, micro: int, steps: int) -> list[dict]:
     return [next(stream) for _ in range(steps * SEQS_PER_STEP // micro)]
 
 
-def seed_run(model_dir: str, data_dir: str, method: str, warmup: int, timed: int) -> dict:
-    """HF Trainer + PEFT, the seed's recipe; times steps after `warmup` with CUDA syncs."""
+def hf_run(model_dir: str, data_dir: str, method: str, recipe: dict, warmup: int, timed: int) -> dict:
+    """HF Trainer + PEFT with the seed's LoRA under `recipe`; times steps after `warmup` with CUDA syncs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
-    kwargs: dict = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "eager"}
+    kwargs: dict = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": recipe["attn"]}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=kwargs["dtype"])  # fmt: skip
@@ -90,18 +173,21 @@ def seed_run(model_dir: str, data_dir: str, method: str, warmup: int, timed: int
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if method != "qlora" and cuda:
         model.to("cuda")
-    config = LoraConfig(lora_alpha=16, lora_dropout=0.05, r=16, bias="none", task_type="CAUSAL_LM",
-                        target_modules=SEED_TARGETS, modules_to_save=["embed_tokens", "lm_head"])  # fmt: skip
+    extra = {"modules_to_save": ["embed_tokens", "lm_head"]} if recipe["embeddings"] == "full" else {}
+    config = LoraConfig(lora_alpha=16, lora_dropout=0.05, r=16, bias="none", task_type="CAUSAL_LM", target_modules=SEED_TARGETS, **extra)
     model = get_peft_model(model, config)
     load_seconds = time.perf_counter() - started
+    micro, accum = recipe["batch"]
     steps = warmup + timed
-    batches = micro_batches(data_dir, 1, steps)
-    step_tokens = [sum(b["tokens"] for b in batches[i * SEQS_PER_STEP : (i + 1) * SEQS_PER_STEP]) for i in range(steps)]
+    batches = micro_batches(data_dir, micro, steps)
+    step_tokens = [sum(b["tokens"] for b in batches[i * accum : (i + 1) * accum]) for i in range(steps)]
+    keys = ("input_ids", "labels", "position_ids") if recipe["packed"] else ("input_ids", "labels")
 
     class Rows(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            for b in batches:  # the seed knows nothing of packing: plain causal attention over each row
-                yield {"input_ids": b["input_ids"][0], "labels": b["labels"][0]}
+        def __iter__(self):  # the seed knows nothing of packing: plain causal attention over each row
+            for b in batches:
+                for i in range(micro):
+                    yield {k: b[k][i] for k in keys}
 
     times: list[float] = []
 
@@ -116,11 +202,13 @@ def seed_run(model_dir: str, data_dir: str, method: str, warmup: int, timed: int
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
 
+    optim = recipe["optim"] if cuda else "adamw_torch"  # bitsandbytes' paged optimizer needs CUDA
     args = TrainingArguments(
-        output_dir="/tmp/seed-run", per_device_train_batch_size=1, gradient_accumulation_steps=SEQS_PER_STEP,
-        bf16=cuda, gradient_checkpointing=True, optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        output_dir="/tmp/hf-run", per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        bf16=cuda, gradient_checkpointing=recipe["ckpt"], optim=optim, use_liger_kernel=recipe["liger"],
+        gradient_checkpointing_kwargs=None if recipe == SEED_RECIPE or not recipe["ckpt"] else {"use_reentrant": False},
         learning_rate=2e-4, max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda,
-        remove_unused_columns=False, disable_tqdm=True,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=cuda,
     )  # fmt: skip
     collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate, callbacks=[Clock()])
@@ -129,52 +217,209 @@ def seed_run(model_dir: str, data_dir: str, method: str, warmup: int, timed: int
     trainer.train()
     tokens, seconds = sum(step_tokens[warmup:]), sum(times[warmup:])
     out = {"tokens_per_sec": tokens / seconds, "step_seconds": times, "load_seconds": load_seconds, "trial_status": "completed",
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "lm_head_fraction": 1.0, "head_trains": True}  # fmt: skip
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "lm_head_fraction": 1.0,
+           "head_trains": recipe["embeddings"] == "full", "optimizer": optim, "recipe": recipe}  # fmt: skip
     if cuda:
         out.update(peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30, peak_vram_reserved_gb=torch.cuda.max_memory_reserved() / 2**30)
     return out
 
 
-def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str, settings: dict, embeddings: str, warmup: int, timed: int) -> dict:
-    """trainable.train.run; its tokens/sec already leaves out the first logging window (= warm-up)."""
-    from contextlib import contextmanager
+# the 50-loss check: the test in tests/unit/test_reference.py, at real size on the GPU
+CHECK_STEPS, CHECK_MICRO, CHECK_ACCUM, CHECK_LR, CHECK_RTOL = 50, 2, 2, 1e-3, 2e-2
 
+
+def check_train(**changes):
+    from sweep.config import TrainSection
+
+    return TrainSection(max_steps=CHECK_STEPS, eval_every=CHECK_STEPS, log_every=1, batch=(CHECK_MICRO, CHECK_ACCUM), learning_rate=CHECK_LR,
+                        warmup_ratio=0.1, lr_scheduler="cosine", optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0, lora_r=16, lora_alpha=16,
+                        lora_dropout=0.0, target_modules="all-linear", gradient_checkpointing=False, seed=0, reuse_base_model=False, **changes)  # fmt: skip
+
+
+def hf_losses(model_dir: str, data_dir: str, method: str) -> list[float]:
+    """HF Trainer + PEFT fed our micro-batches in our order, with our adapter init and schedule."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
+
+    from trainable.model import lora_target_pattern
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if method == "qlora":
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+                      device_map={"": 0 if cuda else "cpu"})  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method != "qlora" and cuda:
+        model.to("cuda")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=lora_target_pattern(model, "all-linear"), bias="none", task_type="CAUSAL_LM"))
+    batches = micro_batches(data_dir, CHECK_MICRO, CHECK_STEPS * CHECK_ACCUM * CHECK_MICRO // SEQS_PER_STEP + 1)[: CHECK_STEPS * CHECK_ACCUM]
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for b in batches:
+                for i in range(CHECK_MICRO):
+                    yield {k: b[k][i] for k in ("input_ids", "labels", "position_ids")}
+
+    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    args = TrainingArguments(
+        output_dir="/tmp/hf-losses", per_device_train_batch_size=CHECK_MICRO, gradient_accumulation_steps=CHECK_ACCUM,
+        learning_rate=CHECK_LR, lr_scheduler_type="cosine", warmup_steps=int(round(0.1 * CHECK_STEPS)), max_steps=CHECK_STEPS, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch_fused" if cuda else "adamw_torch", logging_steps=1, report_to=[], save_strategy="no", use_cpu=not cuda,
+        bf16=cuda, seed=0, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def losses_run(model_dir: str, data_dir: str, template_ids: list[int], method: str) -> dict:
+    """Our first 50 losses (fp32 LoRA, bf16 LoRA, liger loss where it runs) against HF Trainer's."""
+    import gc
+
+    import torch
+
+    from trainable.fast import liger_unavailable
+    from trainable.train import TrialSpec, run
+
+    variants = {"ours (fp32 LoRA, chunked loss)": check_train(), "ours (bf16 LoRA, chunked loss)": check_train(lora_dtype="bfloat16")}
+    liger_reason = liger_unavailable()
+    if liger_reason is None:
+        variants["ours (bf16 LoRA, liger loss)"] = check_train(lora_dtype="bfloat16", loss="liger")
+    if not torch.cuda.is_available():  # CPU: fp32 compute, so bf16 LoRA keeps fp32 (said in its derived info)
+        variants = dict(list(variants.items())[:1])
+    out: dict = {"steps": CHECK_STEPS, "micro_batch": CHECK_MICRO, "grad_accum": CHECK_ACCUM, "learning_rate": CHECK_LR, "rtol": CHECK_RTOL, "losses": {}}
+    if liger_reason:
+        out["liger_skipped"] = liger_reason
+    for name, train in variants.items():
+        reporter = _Reporter()
+        spec = TrialSpec(model_id=model_dir, revision=None, data_dir=data_dir, train=train, embeddings="frozen", template_ids=tuple(template_ids), max_seq_len=SEQ, threads=8)
+        run(spec, reporter)
+        out["losses"][name] = [h[1] for r in reporter.reports for h in r.get("history", [])]
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    theirs = out["losses"]["HF Trainer + PEFT"] = hf_losses(model_dir, data_dir, method)
+    out["max_rel_diff"] = {}
+    for name, ours in out["losses"].items():
+        if name.startswith("ours"):
+            n = min(len(ours), len(theirs))
+            out["max_rel_diff"][name] = max((abs(a - b) / max(abs(b), 1e-9) for a, b in zip(ours[:n], theirs[:n])), default=None)
+            out.setdefault("within_tolerance", {})[name] = n == CHECK_STEPS and out["max_rel_diff"][name] is not None and out["max_rel_diff"][name] <= CHECK_RTOL
+    out["trial_status"] = "completed"
+    return out
+
+
+class _Reporter:
+    def __init__(self) -> None:
+        self.reports: list = []
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(metrics)
+
+    def restore(self):
+        from contextlib import nullcontext
+
+        return nullcontext(None)
+
+
+def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str, settings: dict, warmup: int, timed: int) -> dict:
+    """trainable.train.run; its tokens/sec already leaves out the first logging window (= warm-up)."""
     from sweep.config import TrainSection
     from trainable.train import TrialSpec, run
 
-    class Reporter:
-        reports: list = []
-
-        def report(self, metrics, checkpoint_dir):
-            self.reports.append(metrics)
-
-        @contextmanager
-        def restore(self):
-            yield None
-
+    settings = dict(settings)
+    embeddings = settings.pop("embeddings")
     steps = warmup + timed
     train = TrainSection(method=method, lora_r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", learning_rate=2e-4,
                          max_steps=steps, eval_every=steps, log_every=warmup, lr_scheduler="constant", warmup_ratio=0.0, **settings)  # fmt: skip
     spec = TrialSpec(model_id=model_dir, revision=None, data_dir=data_dir, train=train, embeddings=embeddings,
                      template_ids=tuple(template_ids), max_seq_len=SEQ, threads=8)  # fmt: skip
-    reporter = Reporter()
+    reporter = _Reporter()
     last = run(spec, reporter)
     derived = reporter.reports[0].get("derived", {})
     out = {k: v for k, v in last.items() if k not in ("history", "derived")}
-    out.update(trainable_params=derived.get("trainable_params"), gradient_checkpointing=derived.get("gradient_checkpointing"),
-               head_trains=embeddings == "full", lm_head_fraction=last["loss_tokens_per_sec"] / last["tokens_per_sec"] if settings["loss"] == "chunked" else 1.0)  # fmt: skip
+    reply_only = settings["loss"] in ("chunked", "liger")  # only reply positions go through lm_head
+    out.update(trainable_params=derived.get("trainable_params"), gradient_checkpointing=derived.get("gradient_checkpointing"), derived=derived,
+               head_trains=embeddings == "full", lm_head_fraction=last["loss_tokens_per_sec"] / last["tokens_per_sec"] if reply_only else 1.0)  # fmt: skip
     return out
+
+
+def skip_reason(row: dict, dry_run: bool) -> str | None:
+    """Why a row cannot run on this machine (None: it can)."""
+    from trainable.fast import liger_unavailable
+
+    import torch
+
+    if (row.get("recipe") or {}).get("liger") or (row.get("settings") or {}).get("loss") == "liger":
+        return liger_unavailable()
+    if (row.get("settings") or {}).get("attn_implementation") == "flex_attention" and not torch.cuda.is_available():
+        return "torch's flex_attention has no backward on CPU (forward parity with sdpa: tests/unit/test_fast.py)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
 
 
+def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids: list[int], work: Path, args: argparse.Namespace) -> dict:
+    """One row in its own process; a failure becomes an error row (stderr tail) instead of stopping the run."""
+    out = work / f"one-{size}.json"
+    warmup, timed = row.get("steps", (1, 1))
+    if args.warmup is not None:
+        warmup = args.warmup
+    if args.timed is not None:
+        timed = args.timed
+    if args.dry_run:
+        warmup, timed = 1, 1
+        env_extra = {"LORA_SWEEP_COMPILE_BACKEND": "aot_eager"}  # traces every compiled layer without inductor's C++ builds on 2 CPUs
+    else:
+        env_extra = {}
+    job = {"kind": row["kind"], "model_dir": str(folder), "data_dir": data_dir, "ids": ids, "method": method, "warmup": warmup, "timed": timed, "out": str(out)}
+    if row["kind"] in ("seed", "hf"):
+        job["recipe"] = dict(row["recipe"])
+    elif row["kind"] == "ours":
+        job["settings"] = dict(row["settings"])
+    if args.dry_run and row["kind"] != "losses":  # tiny model, two micro-batches of one sequence per step
+        if "recipe" in job:
+            job["recipe"]["batch"] = (1, 2)
+        else:
+            job["settings"]["batch"] = (1, 2)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", **env_extra}
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # every row alike: less fragmentation
+    started = time.perf_counter()
+    out.unlink(missing_ok=True)
+    limit = max(20.0, args.deadline - time.perf_counter()) if getattr(args, "deadline", None) else None
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env=env, timeout=limit)
+    except subprocess.TimeoutExpired as exc:  # the size's time budget ran out in this row
+        tail = (exc.stderr or b"")[-2000:]
+        proc = subprocess.CompletedProcess(exc.cmd, 124, "", f"stopped at the time budget after {limit:.0f} s\n" + (tail.decode(errors="replace") if isinstance(tail, bytes) else tail))
+    result = {"size": size, "method": method, "run": row["name"], "kind": row["kind"], "warmup_steps": warmup, "timed_steps": timed,
+              "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    if proc.returncode == 0 and out.exists():
+        result.update(json.loads(out.read_text()))
+        if result.get("tokens_per_sec"):
+            result["mfu"] = flops_per_token(size, result["lm_head_fraction"], result["head_trains"]) * result["tokens_per_sec"] / PEAK_FLOPS
+    else:
+        oom = "out of memory" in proc.stderr.lower()
+        result.update(trial_status="oom" if oom else "error", error=proc.stderr[-3000:])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1b,12b")
-    ap.add_argument("--ablations", default="1b", help="sizes that also run every intermediate 'ours' row")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--timed", type=int, default=2)
+    ap.add_argument("--sizes", default="1b,12b", help="comma list of 1b, 4b, 12b; run one size per GPU for parallel runs")
+    ap.add_argument("--ablations", default="", help="sizes that also run the issue-4 micro-batch-1 ladder (+ sdpa, + new_tokens, + chunked loss)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps for every row (default: per row)")
+    ap.add_argument("--timed", type=int, default=None, help="timed steps for every row (default: per row)")
+    ap.add_argument("--only", default="", help="comma list of substrings: run only rows whose label contains one")
+    ap.add_argument("--start-row", type=int, default=0, help="skip the first N rows of each size (finish a run that its time budget cut)")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds per size; rows that would start later are recorded as skipped "
+                    "and a running row is stopped at the limit (default: 1b 470, 4b 500, 12b 540; 0: none)")
     ap.add_argument("--workdir", default="/tmp/seed-vs-ours")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 1 + 1 steps: exercise the code paths")
     ap.add_argument("--out", required=True)
@@ -182,57 +427,90 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         job = json.loads(args.one)
-        if job["kind"] == "seed":
-            result = seed_run(job["model_dir"], job["data_dir"], job["method"], job["warmup"], job["timed"])
+        if job["kind"] in ("seed", "hf"):
+            job["recipe"]["batch"] = tuple(job["recipe"]["batch"])
+            result = hf_run(job["model_dir"], job["data_dir"], job["method"], job["recipe"], job["warmup"], job["timed"])
+        elif job["kind"] == "losses":
+            result = losses_run(job["model_dir"], job["data_dir"], job["ids"], job["method"])
         else:
-            result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["embeddings"], job["warmup"], job["timed"])
-        Path(job["out"]).write_text(json.dumps(result))
+            job["settings"]["batch"] = tuple(job["settings"]["batch"])
+            result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["warmup"], job["timed"])
+        Path(job["out"]).write_text(json.dumps(result, default=str))
         return
 
+    from provenance import provenance, with_provenance
+
+    provenance()  # taken now: the date is the run's start
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
+    started = time.perf_counter()
     for size in args.sizes.split(","):
         folder = work / f"gemma3-{size}"
+        build_seconds = 0.0
         if args.dry_run:
             from trainable.tiny import ensure_tiny
 
-            folder, args.warmup, args.timed = ensure_tiny(), 1, 1
-        else:
-            build_checkpoint(size, folder)
-        data_dir, ids = prepare_data(folder, work / "data")
+            folder = ensure_tiny()
+        elif not (folder / "BUILT").exists():  # a rerun on the same machine reuses the checkpoint
+            build_seconds = build_checkpoint(size, folder)
+            (folder / "BUILT").write_text("ok")
+        data_dir, ids = prepare_data(folder, work / f"data-{size}")  # one cache per size: two sizes may run at once
         method = ARCH[size]["method"]
-        variants = OURS if size in args.ablations.split(",") else [OURS[-1], LEAN]
-        jobs = [("seed", {"kind": "seed"})] + [(name, {"kind": "ours", "settings": s, "embeddings": e}) for name, s, e in variants]
-        for name, job in jobs:
-            out = work / "one.json"
-            job.update(model_dir=str(folder), data_dir=data_dir, ids=ids, method=method, warmup=args.warmup, timed=args.timed, out=str(out))
-            if args.dry_run:
-                job["settings"] = {**job.get("settings", {}), "batch": (1, 2)} if job["kind"] == "ours" else None
-            path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-            started = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-            row = {"size": size, "method": method, "run": name, "wall_seconds": round(time.perf_counter() - started, 1)}
-            if proc.returncode == 0:
-                row.update(json.loads(out.read_text()))
-                row["mfu"] = flops_per_token(size, row["lm_head_fraction"], row["head_trains"]) * row["tokens_per_sec"] / PEAK_FLOPS
+        plan = rows_for(size, size in args.ablations.split(","))[args.start_row :]
+        budget = args.budget_s if args.budget_s is not None else 0 if args.dry_run else BUDGET_S.get(size, 540)
+        size_started = time.perf_counter()
+        args.deadline = size_started + budget if budget else None
+        if args.only:
+            plan = [r for r in plan if any(w in r["name"] for w in args.only.split(","))]
+        print(f"{size}: {len(plan)} rows; checkpoint built in {build_seconds:.0f} s", flush=True)
+        for row in plan:
+            reason = skip_reason(row, args.dry_run)
+            if args.deadline and time.perf_counter() > args.deadline - 20:
+                reason = f"time budget: {budget:.0f} s for {size} spent (run it with --start-row {rows_for(size, size in args.ablations.split(',')).index(row)})"
+            if reason and row["kind"] == "ours" and (row["settings"]["lora_dtype"] == "bfloat16" or row["settings"]["compile"]):
+                # the all-switches row still measures the others: chunked loss instead, said in its label
+                row = {**row, "settings": {**row["settings"], "loss": "chunked"}}
+                row["name"] = label("ours", row["settings"]) + " [liger unavailable]"
+                result = run_row(row, size, method, folder, data_dir, ids, work, args)
+                result["liger_skipped"] = reason
+            elif reason:
+                result = {"size": size, "method": method, "run": row["name"], "kind": row["kind"], "trial_status": "skipped", "reason": reason}
             else:
-                row.update(trial_status="error", error=proc.stderr[-3000:])
-            rows.append(row)
-            Path(args.out).write_text(json.dumps(rows, indent=2))
-            print(json.dumps({k: v for k, v in row.items() if k != "error"})[:500], flush=True)
-            if row.get("trial_status") == "error":
-                print(row["error"][-1500:], flush=True)
+                result = run_row(row, size, method, folder, data_dir, ids, work, args)
+                if result["trial_status"] == "oom" and row["kind"] == "hf" and not row["recipe"]["ckpt"]:
+                    rows.append(result)  # HF best does not fit without checkpointing: measure it with
+                    row = {**row, "recipe": {**row["recipe"], "ckpt": True}}
+                    row["name"] = label("hf", row["recipe"])
+                    result = run_row(row, size, method, folder, data_dir, ids, work, args)
+            result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(result)
+            Path(args.out).write_text(json.dumps(with_provenance({"build_seconds": build_seconds, "rows": rows}), indent=2, default=str))
+            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe")}, default=str)[:600], flush=True)
+            if result.get("trial_status") == "error":
+                print(result["error"][-1500:], flush=True)
+    summary(rows, args.sizes.split(","))
 
-    print(f"\n{'size':<4} {'run':<38} {'tok/s':>8} {'x seed':>7} {'alloc GB':>9} {'x seed':>7} {'resv GB':>8} {'MFU':>6}")
-    for size in args.sizes.split(","):
+
+def summary(rows: list[dict], sizes: list[str]) -> None:
+    print(f"\n{'size':<4} {'run':<100} {'tok/s':>8} {'x seed':>7} {'x HF':>6} {'alloc GB':>9} {'x seed':>7} {'resv GB':>8} {'MFU':>6}")
+    for size in sizes:
         group = [r for r in rows if r["size"] == size and r.get("tokens_per_sec")]
-        seed = next((r for r in group if r["run"] == "seed"), None)
+        seed = next((r for r in group if r["kind"] == "seed"), None)
+        hf = next((r for r in group if r["kind"] == "hf"), None)
+        nan = float("nan")
         for r in group:
-            speed = r["tokens_per_sec"] / seed["tokens_per_sec"] if seed else float("nan")
-            mem = r.get("peak_vram_gb", float("nan")) / seed.get("peak_vram_gb", float("nan")) if seed and seed.get("peak_vram_gb") else float("nan")
-            print(f"{size:<4} {r['run']:<38} {r['tokens_per_sec']:>8.0f} {speed:>7.2f} {r.get('peak_vram_gb', float('nan')):>9.2f} {mem:>7.2f} "
-                  f"{r.get('peak_vram_reserved_gb', float('nan')):>8.2f} {r['mfu']:>6.1%}")  # fmt: skip
+            speed = r["tokens_per_sec"] / seed["tokens_per_sec"] if seed else nan
+            vs_hf = r["tokens_per_sec"] / hf["tokens_per_sec"] if hf else nan
+            mem = r.get("peak_vram_gb", nan) / seed["peak_vram_gb"] if seed and seed.get("peak_vram_gb") else nan
+            print(f"{size:<4} {r['run'][:100]:<100} {r['tokens_per_sec']:>8.0f} {speed:>7.2f} {vs_hf:>6.2f} {r.get('peak_vram_gb', nan):>9.2f} {mem:>7.2f} "
+                  f"{r.get('peak_vram_reserved_gb', nan):>8.2f} {r['mfu']:>6.1%}")  # fmt: skip
+        for r in rows:
+            if r["size"] == size and r["kind"] == "losses" and r.get("max_rel_diff"):
+                for name, diff in r["max_rel_diff"].items():
+                    print(f"{size:<4} 50-loss check, {name} vs HF Trainer: max rel diff {diff:.4f} (within {r['rtol']}: {r['within_tolerance'][name]})")
+            elif r["size"] == size and r.get("trial_status") in ("skipped", "error", "oom"):
+                print(f"{size:<4} {r['run'][:100]:<100} {r['trial_status']}: {(r.get('reason') or r.get('error') or '')[-160:]!r}")
 
 
 if __name__ == "__main__":

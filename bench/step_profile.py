@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from provenance import with_provenance  # noqa: E402
+
 
 def timed(fn, repeat: int) -> float:
     import torch
@@ -91,7 +93,7 @@ def main() -> None:
                 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
             del model, opt, loaded
             torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).write_text(json.dumps(with_provenance(rows), indent=2))
     print(f"\n{'attn':<6} {'ckpt':<5} {'batch':<7} {'fwd s':>7} {'fwd+bwd s':>9} {'opt s':>7} {'tok/s':>9}")
     for r in rows:
         print(f"{r['attn']:<6} {r['checkpointing']!s:<5} {r['batch']:<7} {r['forward_s']:>7.3f} {r['forward_backward_s']:>9.3f} {r['optimizer_step_s']:>7.4f} {r['tokens_per_sec_fwd_bwd']:>9.0f}")

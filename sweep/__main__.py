@@ -1,7 +1,8 @@
 """python -m sweep {validate,run,submit,resume,status,stop,report,best,estimate} ...   (argv -> subcommands; no logic)
 
-Exit codes: 0 done; 2 the space file, its overrides or the data are invalid (nothing was started);
-1 the sweep itself failed.
+Exit codes: 0 done; 2 the space file, its overrides or the data are invalid, or a folder, the
+cluster or a sweep's store fails its check (nothing was started or changed); 1 the sweep itself failed; 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM: trials checkpointed
+and stopped, `resume` continues.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 
 EXIT_INVALID = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, as shells report Ctrl-C (SIGTERM: 143)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INVALID
         return 0
 
-    from sweep.run import run_sweep
+    from sweep.run import Interrupted, run_sweep
     from trainable.data import DataError
 
     try:
@@ -137,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
+    except Interrupted as exc:  # Ctrl-C / SIGTERM: trials checkpointed; it said how to resume
+        return exc.exit_code
+    except KeyboardInterrupt:  # before the trials started: nothing to resume unless a folder was printed
+        print("interrupted before the trials started; a sweep folder printed above resumes with `python -m sweep resume DIR`", file=sys.stderr)
+        return EXIT_SIGINT
     return 0
 
 
@@ -186,9 +194,15 @@ def _folder_command(args: argparse.Namespace) -> int:
                 print(exc, file=sys.stderr)
                 return EXIT_INVALID
         else:
-            from sweep.run import resume_sweep
+            from sweep.run import Interrupted, resume_sweep
 
-            resume_sweep(folder, address=args.address, log=say)
+            try:
+                resume_sweep(folder, address=args.address, log=say)
+            except Interrupted as exc:
+                return exc.exit_code
+            except KeyboardInterrupt:
+                print(f"interrupted before the trials started; resume again with `python -m sweep resume {shlex.quote(str(folder))}`", file=sys.stderr)
+                return EXIT_SIGINT
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import yaml
 
+from sweep.checks import quote
 from sweep.config import SEARCHABLE, SweepConfig
 from sweep.results import choose, open_sweep, parse_where
 from sweep.sweepdir import latest_checkpoint
@@ -94,13 +95,13 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     if export is None:
         write("its config, ready to run:")
         write(text.rstrip())
-        write(f"export it (config, adapter):  python -m sweep best {folder} --export DIR")
+        write(f"export it (config, adapter):  python -m sweep best {quote(folder)} --export DIR")
         return row
     export = Path(export).resolve()
     if export.exists() and any(export.iterdir()):
         raise FileExistsError(f"--export {export}: not empty; give a new folder (nothing is overwritten)")
     export.mkdir(parents=True, exist_ok=True)
-    (export / "space.yaml").write_text(f"# python -m sweep run {export / 'space.yaml'} train.max_steps=N\n"
+    (export / "space.yaml").write_text(f"# python -m sweep run {quote(export / 'space.yaml')} train.max_steps=N\n"
                                        f"# {row['label']} of {folder.name}: {metric} {row[metric]:.4f}\n" + text)  # fmt: skip
     ray_trial = study.trials[row["number"]].user_attrs.get("ray_trial_id")
     checkpoint = latest_checkpoint(folder, ray_trial)
@@ -110,13 +111,13 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     else:
         written.update(export_adapter(cfg, Path(checkpoint), export, merge))
         written["checkpoint"] = checkpoint
-    command = f"python -m sweep run {export / 'space.yaml'} train.max_steps={cfg.train.max_steps * 5}"
+    command = f"python -m sweep run {quote(export / 'space.yaml')} train.max_steps={cfg.train.max_steps * 5}"
     (export / "README.txt").write_text(
         f"{row['label']} of sweep {folder.name} ({cfg.name}): {metric} {row[metric]:.4f}\n{row['summary']}\n\n"
         f"Train this configuration to completion (pick the number of steps):\n  {command}\n\n"
         "Load the adapter:\n"
         "  from peft import AutoPeftModelForCausalLM\n"
-        f"  model = AutoPeftModelForCausalLM.from_pretrained('{export / 'adapter'}')\n"
+        f"  model = AutoPeftModelForCausalLM.from_pretrained({str(export / 'adapter')!r})\n"
     )
     (export / "export.json").write_text(json.dumps({"trial": row["label"], metric: row[metric], **written}, indent=2))
     for kind, path in written.items():

@@ -7,14 +7,15 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from core.contract import ERROR, PEAK_RSS_GB, PEAK_VRAM_GB, STEP, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
 from sweep.trials import Ledger, error_text, finite, last_line, outcome, summary
 
 
 def _memory(result: dict[str, Any]) -> str:
-    if finite(result.get("peak_vram_gb")):
-        return f"{result['peak_vram_gb']:.1f} GB VRAM"
-    if finite(result.get("peak_rss_gb")):
-        return f"{result['peak_rss_gb']:.2f} GB RSS"
+    if finite(result.get(PEAK_VRAM_GB)):
+        return f"{result[PEAK_VRAM_GB]:.1f} GB VRAM"
+    if finite(result.get(PEAK_RSS_GB)):
+        return f"{result[PEAK_RSS_GB]:.2f} GB RSS"
     return "-"
 
 
@@ -38,8 +39,12 @@ class Progress(Callback):
     """One line per trial event, and every `every` seconds (and after each trial ends) a status
     line: how many trials run, finished, were pruned or failed; the best so far; GPU memory."""
 
-    def __init__(self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], log: Callable[[str], None] = print, every: float = 60):
+    def __init__(
+        self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], log: Callable[[str], None] = print, every: float = 60,
+        objectives: tuple[str, ...] = (),
+    ):  # fmt: skip
         self.metric, self.mode, self.max_steps = metric, mode, max_steps
+        self.objectives = objectives  # a multi-objective sweep's metrics: outcome() needs them to agree with MLflow and the study
         self.ledger = ledger
         self.fixed = fixed
         self.log = log  # a function, not a stream: Tune pickles its callbacks
@@ -81,25 +86,25 @@ class Progress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if not finite(result.get(self.metric)):
             return
-        tps = result.get("tokens_per_sec")
+        tps = result.get(TOKENS_PER_SEC)
         speed = f"{tps / 1000:.1f}k tok/s" if finite(tps) else ""
         self.say(
-            f"{self.ledger.label(trial.trial_id)} step {result['step']:>4}/{self.max_steps}  {self.metric} {result[self.metric]:.4f}"
-            f"  train_loss {result.get('train_loss', float('nan')):.4f}  {speed}  {_memory(result)}"
+            f"{self.ledger.label(trial.trial_id)} step {result[STEP]:>4}/{self.max_steps}  {self.metric} {result[self.metric]:.4f}"
+            f"  train_loss {result.get(TRAIN_LOSS, float('nan')):.4f}  {speed}  {_memory(result)}"
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
-        status = outcome(result, False, self.ledger.pruned(trial.trial_id))
+        status = outcome(result, False, self.ledger.pruned(trial.trial_id), self.objectives)
         value = result.get(self.metric)
         text = f"{self.ledger.label(trial.trial_id)} {status:<10}"
         if finite(value):
-            text += f" {self.metric} {value:.4f} at step {result.get('step')}"
-            if status == "completed" and self._better(value):
+            text += f" {self.metric} {value:.4f} at step {result.get(STEP)}"
+            if status == TrialStatus.COMPLETED and self._better(value):
                 self.best, self.best_label = value, self.ledger.label(trial.trial_id)
                 text += "  (best so far)"
-        if result.get("error"):
-            text += f"  {result['error']}"
+        if result.get(ERROR):
+            text += f"  {result[ERROR]}"
         self.say(text)
         self._ended(trial.trial_id, status)
 
@@ -112,7 +117,7 @@ class Progress(Callback):
             self.running.discard(trial.trial_id)
             return
         self.say(f"{label} failed     {last_line(error_text(trial))[:300] or 'worker died'}")
-        self._ended(trial.trial_id, "failed")
+        self._ended(trial.trial_id, TrialStatus.FAILED)
 
 
 def table(rows: list[dict[str, Any]], metric: str, write: Callable[[str], None]) -> None:
@@ -123,5 +128,5 @@ def table(rows: list[dict[str, Any]], metric: str, write: Callable[[str], None])
     for r in rows:
         value = r.get(metric)
         shown = f"{value:.4f}" if finite(value) else "-"
-        tps = f"{r['tokens_per_sec']:.0f}" if finite(r.get("tokens_per_sec")) else "-"
+        tps = f"{r[TOKENS_PER_SEC]:.0f}" if finite(r.get(TOKENS_PER_SEC)) else "-"
         write(f"{r['label']:<6} {r['status']:<10} {r.get('step') or '-':>5} {shown:>11} {tps:>8} {_memory(r):>14}  {r['summary']}")

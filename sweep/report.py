@@ -16,6 +16,7 @@ import html
 from pathlib import Path
 from typing import Any, Callable
 
+from core.contract import TrialStatus
 from sweep.results import SweepResult, open_sweep, pareto
 from sweep.trials import finite
 
@@ -56,11 +57,11 @@ def plot_history(result: SweepResult, metric: str, mode: str, path: Path) -> Pat
         return _note(path, "Optimisation history", f"no trial has reported {metric} yet")
     done.sort(key=lambda r: r["number"])
     fig, ax = _figure()
-    colours = {"completed": "tab:blue", "pruned": "tab:orange", "stopped": "tab:gray"}
+    colours = {TrialStatus.COMPLETED: "tab:blue", TrialStatus.PRUNED: "tab:orange", TrialStatus.STOPPED: "tab:gray"}
     for status, colour in colours.items():
         pts = [r for r in done if r["status"] == status]
-        ax.scatter([r["number"] for r in pts], [r[metric] for r in pts], color=colour, label=f"{status} (last value)" if status != "completed" else status, s=24)
-    completed = [r for r in done if r["status"] == "completed"]
+        ax.scatter([r["number"] for r in pts], [r[metric] for r in pts], color=colour, label=f"{status} (last value)" if status != TrialStatus.COMPLETED else str(status), s=24)
+    completed = [r for r in done if r["status"] == TrialStatus.COMPLETED]
     best, xs, ys = None, [], []
     for r in completed:
         if best is None or (r[metric] < best if mode == "min" else r[metric] > best):
@@ -115,8 +116,8 @@ def plot_parallel(result: SweepResult, metric: str, mode: str, path: Path) -> Pa
     cmap = matplotlib.colormaps["viridis_r" if mode == "min" else "viridis"]
     for i, r in enumerate(rows):
         shade = (r[metric] - smin) / ((smax - smin) or 1.0)
-        ax.plot(range(len(axes)), [a[1][i] for a in axes], color=cmap(shade), alpha=0.8, linewidth=1.5 if r["status"] == "completed" else 0.8,
-                linestyle="-" if r["status"] == "completed" else ":")  # fmt: skip
+        ax.plot(range(len(axes)), [a[1][i] for a in axes], color=cmap(shade), alpha=0.8, linewidth=1.5 if r["status"] == TrialStatus.COMPLETED else 0.8,
+                linestyle="-" if r["status"] == TrialStatus.COMPLETED else ":")  # fmt: skip
     ax.set_xticks(range(len(axes)))
     ax.set_xticklabels([a[0] for a in axes], rotation=20, ha="right", fontsize=8)
     ax.set_yticks([])
@@ -154,7 +155,7 @@ def plot_importance(study: Any, multi: bool, metric: str, path: Path) -> Path:
 
 
 def plot_pareto(result: SweepResult, path: Path) -> Path:
-    done = [r for r in result.trials if r["status"] == "completed" and finite(r.get("eval_loss"))]
+    done = [r for r in result.trials if r["status"] == TrialStatus.COMPLETED and finite(r.get("eval_loss"))]
     memory = "peak_vram_gb" if any(finite(r.get("peak_vram_gb")) for r in done) else "peak_rss_gb"
     if not done:
         return _note(path, "Pareto fronts", "no completed trial yet")
@@ -177,7 +178,7 @@ def plot_pareto(result: SweepResult, path: Path) -> Path:
 
 
 def plot_curves(result: SweepResult, client: Any, metric: str, path: Path) -> Path:
-    top = [r for r in result.trials if r["status"] == "completed"][:TOP_CURVES]
+    top = [r for r in result.trials if r["status"] == TrialStatus.COMPLETED][:TOP_CURVES]
     if not top:
         return _note(path, "Loss curves", "no completed trial yet")
     import matplotlib.pyplot as plt

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus
 from sweep.config import METRICS, SweepConfig
 from sweep.trials import finite, summary
-
-ROW_METRICS = ("eval_loss", "train_loss", "tokens_per_sec", "peak_vram_gb", "peak_vram_reserved_gb", "peak_rss_gb", "train_seconds", "load_seconds")
 
 
 @dataclass
@@ -37,14 +36,14 @@ def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, An
         if run is None or "warm_start_from" in t.user_attrs or not t.params:
             continue
         config = cfg.space.decode(t.params, fixed)
-        for key in ("gpu_share", "estimated_vram_gb"):
+        for key in PLACEMENT_KEYS:  # placement data: logged as params beside the hyperparameters
             if key in run.data.params:
                 config[key] = float(run.data.params[key])
         row = {
             "trial_id": t.user_attrs.get("ray_trial_id", ""),
             "number": t.number,
             "label": label,
-            "status": run.data.tags.get("trial_status", "?"),
+            "status": run.data.tags.get(STATUS, "?"),
             "step": int(run.data.tags["last_step"]) if run.data.tags.get("last_step", "").isdigit() else None,
             "run_id": run.info.run_id,
             "config": config,
@@ -63,14 +62,14 @@ def order(rows_: list[dict], metric: str, mode: str) -> list[dict]:
 
     def key(r: dict) -> tuple:
         v = r.get(metric)
-        return (r["status"] != "completed", not finite(v), sign * v if finite(v) else 0.0, r["label"])
+        return (r["status"] != TrialStatus.COMPLETED, not finite(v), sign * v if finite(v) else 0.0, r["label"])
 
     return sorted(rows_, key=key)
 
 
 def pareto(rows_: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
     """Completed trials that no other completed trial beats on every objective."""
-    points = [r for r in rows_ if r["status"] == "completed" and all(finite(r.get(m)) for m, _ in objectives)]
+    points = [r for r in rows_ if r["status"] == TrialStatus.COMPLETED and all(finite(r.get(m)) for m, _ in objectives)]
 
     def as_min(r: dict) -> list[float]:
         return [r[m] if d == "min" else -r[m] for m, d in objectives]
@@ -110,7 +109,7 @@ def satisfies(row: dict, constraints: list[tuple[str, str, float]]) -> bool:
 def choose(rows_: list[dict], cfg: SweepConfig, constraints: list[tuple[str, str, float]]) -> dict | None:
     """The best completed trial that meets the constraints: by the (first) objective; in a
     multi-objective sweep, among the Pareto set of the trials that meet them."""
-    ok = [r for r in rows_ if r["status"] == "completed" and satisfies(r, constraints)]
+    ok = [r for r in rows_ if r["status"] == TrialStatus.COMPLETED and satisfies(r, constraints)]
     if cfg.multi_objective:
         ok = pareto(ok, cfg.objectives)
     ranked = [r for r in order(ok, cfg.search.metric, cfg.search.mode) if finite(r.get(cfg.search.metric))]
@@ -139,15 +138,15 @@ class FinishedSweep:
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
-    import optuna
-    from mlflow import MlflowClient
-
+    from sweep.checks import load_study
     from sweep.sweepdir import load_sweep_config, read_meta
 
     folder = Path(folder).resolve()
     meta = read_meta(folder)
     cfg = load_sweep_config(folder)
-    study = optuna.load_study(study_name=meta["study_name"], storage=cfg.optuna_storage(folder))
+    study = load_study(folder, cfg.mlflow_uri, cfg.optuna_storage(folder), meta["study_name"])  # never creates a missing store
+    from mlflow import MlflowClient
+
     client = MlflowClient(cfg.mlflow_uri)
     parent = client.get_run(meta["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'", max_results=50000)

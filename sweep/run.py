@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +35,7 @@ Log = Callable[[str], None]
 def preflight(cfg: SweepConfig, log: Log) -> Any:
     """Tokenizer, LoRA target check and the tokenized data (cached). Raises ConfigError / DataError."""
     from sweep.space import Choice
-    from trainable.data import prepare
+    from trainable.data import notes, prepare
     from trainable.model import check_targets, load_tokenizer
 
     download_model(cfg, log)
@@ -52,7 +53,10 @@ def preflight(cfg: SweepConfig, log: Log) -> Any:
     if problems:
         where = "space.target_modules" if dim is not None else "train.target_modules"
         raise ConfigError(str(cfg.source), [f"{where}: {p}" for p in problems])
-    return prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
+    prepared = prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
+    for note in notes(prepared.stats):  # replies cut short by max_seq_len, and where
+        log(note)
+    return prepared
 
 
 def download_model(cfg: SweepConfig, log: Log) -> None:
@@ -81,7 +85,7 @@ def new_sweep_dir(cfg: SweepConfig, wanted: Path | None = None) -> Path:
         try:
             wanted.mkdir(parents=True)
         except FileExistsError:
-            raise ConfigError(str(wanted), [f"--sweep-dir {wanted}: exists already; a new sweep needs a new folder (resume is `python -m sweep resume {wanted}`)"]) from None
+            raise ConfigError(str(wanted), [f"--sweep-dir {wanted}: exists already; a new sweep needs a new folder (resume is `python -m sweep resume {shlex.quote(str(wanted))}`)"]) from None
         return wanted
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
@@ -107,7 +111,11 @@ def connect_ray(address: str | None, log: Log) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     log(f"ray: {'attaching to ' + address if address else 'starting a local instance'} ...")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        except ConnectionError as exc:  # something listens there, but not a Ray head (checks.reachable ruled out silence)
+            raise ConfigError(address, [f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0][:200]}); give the head's "
+                                        "GCS address (`ray start --head` prints it, port 6379 by default), or leave --address out for a local Ray"]) from None  # fmt: skip
     else:
         # A local Ray serves this machine only, so every server it starts (GCS, raylet, object
         # store) listens on loopback. Ray picks the node's address from its own "no cluster" switch
@@ -116,7 +124,27 @@ def connect_ray(address: str | None, log: Log) -> bool:
 
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        # If this driver is killed (kill -9, a second Ctrl-C), its Ray's agents and idle workers
+        # would outlive it by a minute or more: a small watcher ends them at once.
+        from sweep import reaper
+
+        global _reaper
+        _reaper = reaper.start()
     return True
+
+
+_reaper: Any = None  # the watcher of the local Ray this driver started (sweep.reaper)
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray this driver started, and its watcher."""
+    import ray
+
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.done()
+        _reaper = None
 
 
 @dataclass
@@ -247,8 +275,11 @@ def _tune_stopper(stop_file: Path) -> Any:
 
 
 class Heartbeat:
-    """Tune callback: the sweep's elapsed time in sweep.json every 30 s, for `status` and for the
-    time budget left after a resume."""
+    """Tune callback: the sweep's elapsed time in sweep.json every few seconds, for `status` and for
+    the time budget left after a resume. Often, because a killed driver's last beat is what its
+    resume counts: a crash under-counts the time budget by at most INTERVAL."""
+
+    INTERVAL = 2.0  # s; a beat is one small atomic file write
 
     def __init__(self, sweep_dir: Path, elapsed_before: float):
         self.sweep_dir, self.elapsed_before = sweep_dir, elapsed_before
@@ -261,7 +292,7 @@ class Heartbeat:
     def beat(self, force: bool = False, **changes: Any) -> None:
         from sweep.sweepdir import update_meta
 
-        if force or time.monotonic() - self.last > 30:
+        if force or time.monotonic() - self.last >= self.INTERVAL:
             self.last = time.monotonic()
             update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
 
@@ -276,12 +307,83 @@ def _heartbeat_callback(heartbeat: Heartbeat) -> Any:
     return _Beat()
 
 
+class Interrupted(Exception):
+    """The driver got SIGINT / SIGTERM: its trials checkpointed and stopped, as with `stop`; the
+    sweep resumes. The command exits with 128 + the signal (130, 143), as shells expect."""
+
+    def __init__(self, signum: int, result: SweepResult | None = None):
+        import signal
+
+        self.signum, self.result, self.exit_code = signum, result, 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) while the trials run.
+
+    The first does what `python -m sweep stop` does: it writes the STOP file, so running trials
+    checkpoint and end, nothing is marked finished, and `resume` continues them. A second exits at
+    once, leaving what kill -9 leaves, which `resume` repairs too. Ray Tune's own SIGINT handler
+    would instead end the experiment as if its time were up (trials stopped for good), so it is
+    switched off (TUNE_DISABLE_SIGINT_HANDLER) and these handlers replace it, and Ray's SIGTERM
+    handler, until `restore()`."""
+
+    def __init__(self, stop_file: Path, resume: str):
+        self.stop_file, self.resume = stop_file, resume
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "Interrupt":
+        import signal
+        import threading
+
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            self._say(f"\n{name} again: exiting now; the sweep resumes with:  {self.resume}\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        try:
+            self.stop_file.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {name}")
+        except OSError as exc:
+            self._say(f"\n{name}: cannot write {self.stop_file} ({exc}); exiting now; resume with:  {self.resume}\n")
+            os._exit(128 + signum)
+        self._say(f"\n{name}: running trials checkpoint and stop (send it again to exit at once) ...\n")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        # Straight to the file descriptor: print() from a handler could re-enter a buffered write.
+        import sys
+
+        try:
+            os.write(sys.stdout.fileno(), text.encode())
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None) -> SweepResult:
     """A new sweep: preflight, a new results folder and parent run, then the trials."""
+    from sweep.checks import before_start, quote
     from sweep.secrets import redact
     from sweep.sweepdir import write_meta
     from sweep.tracking import SweepRun
 
+    before_start(cfg, address, Path(sweep_dir).resolve() if sweep_dir else None)  # folders writable, cluster reachable: before anything starts
     prepared = preflight(cfg, log)
     started_ray = connect_ray(address, log)
     try:
@@ -307,13 +409,11 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sw
             "state": "running",
         }
         write_meta(sweep_dir, meta)
-        log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {sweep_dir})")
+        log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
         return _drive(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log)
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
 
 
 def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) -> SweepResult:
@@ -333,6 +433,9 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
     from sweep.sweepdir import load_sweep_config
 
     cfg = load_sweep_config(sweep_dir)
+    from sweep.checks import before_resume
+
+    before_resume(cfg, sweep_dir, meta["study_name"], address)  # stores present, folders writable, cluster reachable
     claim(sweep_dir)
     try:
         prepared = preflight(cfg, log)
@@ -362,9 +465,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
             return _drive(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log)
         finally:
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                shutdown_ray()
     finally:
         release(sweep_dir)
 
@@ -392,8 +493,7 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
         f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
         f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
     )
-    if not (sweep_dir / "driver.pid").exists():
-        claim(sweep_dir)
+    claim(sweep_dir)  # resume holds it already (claim is idempotent); a new run takes it here
     stop_file = sweep_dir / STOP
     heartbeat = Heartbeat(sweep_dir, elapsed_before)
     heartbeat.beat(force=True, state="running")
@@ -437,7 +537,7 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
         budget=budget, resume=resume, stop_file=str(stop_file),
     )  # fmt: skip
     trial_runs.search = search
-    if cfg.search.warm_start and not resume and budget == cfg.num_trials:
+    if cfg.search.warm_start and not any("warm_start_from" in t.user_attrs for t in search._ot_study.get_trials(deepcopy=False)):  # once per study
         from sweep import warmstart
 
         log(warmstart.apply(search._ot_study, cfg, Path(cfg.search.warm_start)).describe())
@@ -467,9 +567,11 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
         ),
     )
     t0 = time.monotonic()
+    interrupt = Interrupt(stop_file, f"python -m sweep resume {shlex.quote(str(sweep_dir))}").install()
     try:
         tuner.fit()
     except BaseException:
+        interrupt.restore()
         sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
         heartbeat.beat(force=True, state="failed")
         release(sweep_dir)
@@ -496,10 +598,16 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
         log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
     else:
         log("best trial: none completed")
-    log(f"report: python -m sweep report {sweep_dir}    best adapter: python -m sweep best {sweep_dir} --export DIR")
+    from sweep.checks import quote
+
+    log(f"report: python -m sweep report {quote(sweep_dir)}    best adapter: python -m sweep best {quote(sweep_dir)} --export DIR")
+    interrupt.restore()
+    if interrupt.signum is not None:
+        log(f"interrupted ({Interrupted(interrupt.signum)}): running trials checkpointed and stopped; continue with:  {interrupt.resume}")
+        raise Interrupted(interrupt.signum, result)
     if stopped:
-        log(f"stopped on request; continue with:  python -m sweep resume {sweep_dir}")
+        log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
     from sweep.secrets import redact
 
-    log(f"open the MLflow UI:  mlflow ui --backend-store-uri {redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri)}")
+    log(f"open the MLflow UI:  mlflow ui --backend-store-uri {quote(redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri))}")
     return result

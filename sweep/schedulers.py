@@ -12,10 +12,11 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule, TrialScheduler
 
+from core.contract import STATUS, STEP, TrialStatus
 from sweep.config import SweepConfig
 from sweep.trials import Ledger
 
-TIME_ATTR = "step"  # rungs, brackets and grace periods count training steps, not reports
+TIME_ATTR = STEP  # rungs, brackets and grace periods count training steps, not reports
 
 
 class _Records:
@@ -24,7 +25,7 @@ class _Records:
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
         # A finished trial that reaches max_t is stopped too; only a running one was pruned.
-        if decision == TrialScheduler.STOP and result.get("trial_status") == "running":
+        if decision == TrialScheduler.STOP and result.get(STATUS) == TrialStatus.RUNNING:
             self.ledger.stopped[trial.trial_id] = int(result.get(TIME_ATTR, 0))
         return decision
 
@@ -57,7 +58,7 @@ class RecordingHyperBand(_Records, HyperBandScheduler):
             return None
         paused = [t for t in trials if t.status == Trial.PAUSED and t in self._trial_info]
         for t in paused:
-            if (t.last_result or {}).get("trial_status", "running") != "running":
+            if (t.last_result or {}).get(STATUS, TrialStatus.RUNNING) != TrialStatus.RUNNING:
                 tune_controller.stop_trial(t)
         for t in paused:
             if t.status == Trial.PAUSED:
@@ -71,7 +72,7 @@ class RecordingHyperBand(_Records, HyperBandScheduler):
 
         def recording_stop(trial: Any) -> Any:
             last = trial.last_result or {}
-            if last.get("trial_status") == "running":
+            if last.get(STATUS) == TrialStatus.RUNNING:
                 self.ledger.stopped[trial.trial_id] = int(last.get(TIME_ATTR, 0))
             return stop(trial)
 

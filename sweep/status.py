@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from sweep.checks import quote
 from sweep.config import ConfigError
 from sweep.sweepdir import STOP, driver, load_sweep_config, read_meta
 
@@ -29,12 +30,24 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def remaining_seconds(meta: dict, finished: int, durations: list[float]) -> float | None:
+    """Time left at the pace of the completed trials; None when unknown, or when the sweep has
+    finished (its time budget can end it before num_trials: nothing is left to run then)."""
+    num_trials = int(meta.get("num_trials", 0))
+    if not durations or num_trials <= finished or meta.get("state") == "finished":
+        return None
+    return (num_trials - finished) * sum(durations) / len(durations) / max(1, int(meta.get("concurrency", 1)))
+
+
 def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
-    import optuna
-    from mlflow import MlflowClient
+    from sweep.checks import check_stores
 
     meta = read_meta(folder)
     mlflow_uri, storage = _stores(folder, meta)
+    check_stores(folder, mlflow_uri, storage, meta["study_name"])  # before MLflow / optuna would create a missing store
+    import optuna
+    from mlflow import MlflowClient
+
     holder = driver(folder)
     state = meta.get("state", "?")
     if state == "running" and holder is None:
@@ -55,9 +68,7 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     num_trials = int(meta.get("num_trials", 0))
     finished = sum(n for s, n in counts.items() if s not in ("running", "retrying", "infeasible"))
     durations = [r.data.metrics.get("train_seconds", 0) + r.data.metrics.get("load_seconds", 0) for r in children if r.data.tags.get("trial_status") == "completed"]
-    remaining = None
-    if durations and num_trials > finished:
-        remaining = (num_trials - finished) * sum(durations) / len(durations) / max(1, int(meta.get("concurrency", 1)))
+    remaining = remaining_seconds(meta, finished, durations)
     info = {"state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
             "remaining_seconds": remaining, "best": {"trial": f"t{best.number:03d}", "value": best.value} if best else None}  # fmt: skip
     write(f"{folder.name}: {state}")
@@ -67,6 +78,8 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     else:
         write("best so far: none completed")
     eta = f"; about {_duration(remaining)} left at the pace so far" if remaining is not None else ""
+    if meta.get("state") == "finished" and finished < num_trials:
+        eta = f"; ended after {finished} of {num_trials} trials (its time budget ran out, or the space had no more to try)"
     write(f"elapsed: {_duration(elapsed)}{eta}")
     return info
 
@@ -80,14 +93,14 @@ def stop_sweep(folder: Path, wait: float, write: Write = print) -> bool:
     (folder / STOP).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     holder = driver(folder)
     if holder is None:
-        write(f"{folder.name}: no driver is running; it will resume with:  python -m sweep resume {folder}")
+        write(f"{folder.name}: no driver is running; it will resume with:  python -m sweep resume {quote(folder)}")
         return True
     write(f"{folder.name}: asked the driver (pid {holder['pid']}) to stop; trials checkpoint and end ...")
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if driver(folder) is None:
-            write(f"stopped. Continue with:  python -m sweep resume {folder}")
+            write(f"stopped. Continue with:  python -m sweep resume {quote(folder)}")
             return True
         time.sleep(1)
-    write(f"still stopping after {wait:.0f}s; it will finish on its own. Then:  python -m sweep resume {folder}")
+    write(f"still stopping after {wait:.0f}s; it will finish on its own. Then:  python -m sweep resume {quote(folder)}")
     return False

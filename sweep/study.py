@@ -30,24 +30,32 @@ class DefineByRun:
         return self.space.sample(trial, self.fixed)
 
 
-def make_sampler(cfg: SweepConfig) -> Any:
+def make_sampler(cfg: SweepConfig, trials_before: int = 0) -> Any:
+    """The sweep's sampler. A seeded sampler's random stream restarts with every driver, so a
+    resumed one (`trials_before` trials in the study already) takes seed + trials_before: still
+    reproducible, and it does not propose again the configurations the first driver drew."""
     import optuna
 
     search = cfg.search
+    seed = None if search.seed is None else search.seed + trials_before
     if search.algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if search.algorithm == "grid":
-        return optuna.samplers.GridSampler(cfg.space.grid(), seed=search.seed)
+        return optuna.samplers.GridSampler(cfg.space.grid(), seed=seed)
     if search.algorithm == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=search.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     startup = search.n_startup_trials or max(1, min(10, cfg.num_trials // 3))
     return optuna.samplers.TPESampler(
-        seed=search.seed, n_startup_trials=startup, multivariate=True, constant_liar=True
+        seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True
     )
 
 
-def storage_url(sweep_dir: Any) -> str:
-    return f"sqlite:///{sweep_dir}/optuna.db"
+def trials_in(storage: Any, study_name: str) -> int:
+    """How many trials the study holds already (0 for a new study)."""
+    try:
+        return len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False))
+    except KeyError:
+        return 0
 
 
 def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) -> None:
@@ -123,14 +131,17 @@ class SweepSearch(OptunaSearch):
         self.objectives = cfg.objectives
         self.primary = cfg.search.metric
         multi = len(self.objectives) > 1
+        rdb = optuna.storages.RDBStorage(storage)
+        before = trials_in(rdb, cfg.name)  # > 0: a resumed sweep
         super().__init__(
             space=self._space_def,
             metric=[m for m, _ in self.objectives] if multi else cfg.search.metric,
             mode=[d for _, d in self.objectives] if multi else cfg.search.mode,
-            points_to_evaluate=[dict(p) for p in cfg.study_points] or None,
-            sampler=make_sampler(cfg),
+            # queued in the study by the first driver (those not yet run wait there): not again
+            points_to_evaluate=([dict(p) for p in cfg.study_points] or None) if not before else None,
+            sampler=make_sampler(cfg, before),
             study_name=cfg.name,
-            storage=optuna.storages.RDBStorage(storage),
+            storage=rdb,
         )
 
     # Tune writes the searcher into its experiment folder (searcher-state-*.pkl, tuner.pkl) for

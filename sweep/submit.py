@@ -51,6 +51,11 @@ def client(address: str) -> Any:
 
     from ray.exceptions import AuthenticationError
 
+    from sweep.checks import reachable
+
+    unreachable = reachable(address)  # seconds, not the HTTP client's long retries
+    if unreachable:
+        raise ConfigError(address, unreachable)
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
@@ -118,7 +123,7 @@ def submit(cfg: SweepConfig, address: str, write: Write = print) -> str:
                         metadata={"lora_sweep": "run", "sweep_dir": str(sweep_dir), "name": cfg.name})  # fmt: skip
     write(f"submitted {submission} to {address}")
     write(f"sweep folder (on the cluster): {sweep_dir}")
-    flag = f"--address {address}"
+    flag = f"--address {shlex.quote(address)}"
     write(f"follow it:  python -m sweep status {submission} {flag}   |   logs: ray job logs {submission} {flag} --follow")
     write(f"stop it:    python -m sweep stop {submission} {flag}      |   continue: python -m sweep resume {submission} {flag}")
     return submission
@@ -189,12 +194,12 @@ def remote_resume(address: str, target: str, write: Write = print) -> str:
     folder, drivers = sweep_dir_of(jobs, target)
     active = [j for j in drivers if _state(j.status) in ACTIVE]
     if active:
-        raise ConfigError(target, [f"{Path(folder).name}: job {active[0].submission_id} is still driving it; stop it first (python -m sweep stop {target} --address {address})"])
+        raise ConfigError(target, [f"{Path(folder).name}: job {active[0].submission_id} is still driving it; stop it first (python -m sweep stop {shlex.quote(target)} --address {shlex.quote(address)})"])
     taken = {j.submission_id for j in jobs.list_jobs()}
     base = Path(folder).name
     submission = _free_id(taken, (f"{base}-resume-{n}" for n in range(1, 10_000)))
     jobs.submit_job(entrypoint=shlex.join(["python", "-m", "sweep", "resume", folder]), submission_id=submission,
                     metadata={"lora_sweep": "resume", "sweep_dir": folder})  # fmt: skip
     write(f"submitted {submission}: resumes {folder}")
-    write(f"follow it:  python -m sweep status {base} --address {address}")
+    write(f"follow it:  python -m sweep status {shlex.quote(base)} --address {shlex.quote(address)}")
     return submission

@@ -64,21 +64,62 @@ def load_sweep_config(folder: Path) -> SweepConfig:
     return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
 
 
+_HELD: dict[str, int] = {}  # sweep folder -> the open, flock-ed driver.pid of this process
+
+
 def claim(folder: Path) -> None:
-    """Mark this process as the sweep's driver; refuse if a live one holds it."""
-    holder = driver(folder)
-    if holder is not None:
-        raise ConfigError(str(folder), [f"{folder.name}: a driver is running it already (pid {holder['pid']} on {holder['host']}); stop it first (`python -m sweep stop {folder}`)"])
-    (folder / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    """Mark this process as the sweep's driver; refuse if a live one holds it.
+
+    Atomic: the lock is an exclusive flock on driver.pid, held open while this process drives the
+    sweep; the kernel drops it when the process dies (kill -9 included), so a dead driver's lock is
+    never in the way, and of two claims at the same moment exactly one wins. The file's content
+    (pid, host) is for `status` and `stop`, and for drivers on other machines, which a flock on a
+    shared filesystem may not see."""
+    import fcntl
+
+    key = str(Path(folder).resolve())
+    if key in _HELD:
+        return
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            _refuse(folder, driver(folder) or {"pid": "?", "host": "?"})
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was released (unlinked) between our open and our lock: again
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except ValueError:
+        holder = None
+    if isinstance(holder, dict) and holder.get("host") not in (None, socket.gethostname()):
+        os.close(fd)
+        _refuse(folder, holder)  # another machine's driver: assume alive, it cannot be checked from here
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    _HELD[key] = fd
+
+
+def _refuse(folder: Path, holder: dict[str, Any]) -> None:
+    raise ConfigError(str(folder), [f"{folder.name}: a driver is running it already (pid {holder['pid']} on {holder['host']}); stop it first (`python -m sweep stop {folder}`)"])
 
 
 def release(folder: Path) -> None:
-    lock = folder / LOCK
+    fd = _HELD.pop(str(Path(folder).resolve()), None)
+    if fd is None:
+        return
     try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
+        (folder / LOCK).unlink()  # while still locked, so nobody locks a file about to vanish
+    except OSError:
         pass
+    os.close(fd)
 
 
 def driver(folder: Path) -> dict[str, Any] | None:

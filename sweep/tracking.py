@@ -4,7 +4,7 @@ Trials report to Ray Tune; a Tune callback in the driver turns those reports int
 One writer means an embedded sqlite store never sees concurrent writers, and the driver is the
 one place that knows whether the scheduler stopped a trial (pruned) or it finished.
 
-Names (the contract, see DESIGN.md): params = every sampled value plus derived ones; metrics by
+Names (the contract, core/contract.py): params = every sampled value plus derived ones; metrics by
 step = train_loss, eval_loss, learning_rate, tokens_per_sec, peak_vram_gb (or peak_rss_gb on CPU);
 final = train_seconds, load_seconds; tag trial_status (+ error).
 """
@@ -20,17 +20,23 @@ from typing import Any
 
 from ray.tune import Callback
 
+from core.contract import (
+    ERROR,
+    ESTIMATED_VRAM_GB,
+    FINAL_METRICS,
+    HISTORY,
+    LEARNING_RATE,
+    STATUS,
+    STEP,
+    STEP_METRICS,
+    TRAIN_LOSS,
+    TrialStatus,
+)
+from core.request import TrialRequest
 from sweep.config import SweepConfig
 from sweep.secrets import redact
 from sweep.trials import Ledger, error_text, finite, missing_objectives, outcome, param_value, summary
 
-STEP_METRICS = (
-    "eval_loss", "tokens_per_sec", "loss_tokens_per_sec",
-    "peak_vram_gb", "peak_vram_reserved_gb", "peak_rss_gb",
-)  # fmt: skip
-# sampled values the driver adds to a config: logged as params, not hyperparameters
-PLACEMENT_KEYS = ("gpu_share", "estimated_vram_gb")
-FINAL_METRICS = ("train_seconds", "load_seconds")
 MAX_TAG = 5000
 
 
@@ -184,10 +190,10 @@ class TrialRuns(Callback):
         run = self.client.create_run(
             self.sweep.experiment_id,
             run_name=f"{label} {summary({**self.fixed, **config})}",
-            tags={"mlflow.parentRunId": self.sweep.run_id, "trial": label, "trial_status": "infeasible", "error": verdict.reason},
+            tags={"mlflow.parentRunId": self.sweep.run_id, "trial": label, STATUS: TrialStatus.INFEASIBLE, ERROR: verdict.reason},
         )
         self.sweep.log_params(run.info.run_id, {k: param_value(v) for k, v in config.items()})
-        self.client.log_batch(run.info.run_id, metrics=[Metric("estimated_vram_gb", verdict.estimate_gb, int(time.time() * 1000), 0)])
+        self.client.log_batch(run.info.run_id, metrics=[Metric(ESTIMATED_VRAM_GB, verdict.estimate_gb, int(time.time() * 1000), 0)])
         self.client.set_terminated(run.info.run_id, "FAILED")
         self.infeasible.append({"label": label, "config": dict(config), "reason": verdict.reason, "run_id": run.info.run_id})
 
@@ -204,18 +210,18 @@ class TrialRuns(Callback):
         if trial.trial_id in self.run_ids:
             return
         label = self.ledger.label(trial.trial_id)
-        config = {k: v for k, v in trial.config.items() if k != "resume_checkpoint"}
+        config = TrialRequest.from_config(trial.config).params()
         existing = self._existing_run(label)
         if existing is not None:  # resumed or retried: carry on in the same child run
             run_id, have = existing.info.run_id, set(existing.data.params)
             self.client.update_run(run_id, status="RUNNING")
             self._logged[run_id] = {
-                name: {m.step for m in self.client.get_metric_history(run_id, name)} for name in ("train_loss", "learning_rate", *STEP_METRICS)
+                name: {m.step for m in self.client.get_metric_history(run_id, name)} for name in (TRAIN_LOSS, LEARNING_RATE, *STEP_METRICS)
             }
         else:
             name = f"{label} {summary({**self.fixed, **config})}"
             run_id, have = self.client.create_run(self.sweep.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.sweep.run_id, "trial": label}).info.run_id, set()
-        self.client.set_tag(run_id, "trial_status", "running")
+        self.client.set_tag(run_id, STATUS, TrialStatus.RUNNING)
         self.client.set_tag(run_id, "trial_id", trial.trial_id)
         self.run_ids[trial.trial_id] = run_id
         self.sweep.log_params(run_id, {k: param_value(v) for k, v in config.items() if k not in have})
@@ -227,7 +233,7 @@ class TrialRuns(Callback):
         if run_id is None:
             return
         now = int(time.time() * 1000)
-        step = int(result.get("step", 0))
+        step = int(result.get(STEP, 0))
         logged = self._logged.setdefault(run_id, {})
         metrics = []
 
@@ -237,9 +243,9 @@ class TrialRuns(Callback):
                 logged[name].add(at)
                 metrics.append(Metric(name, float(value), now, at))
 
-        for h_step, loss, lr in result.get("history") or []:
-            add("train_loss", loss, int(h_step))
-            add("learning_rate", lr, int(h_step))
+        for h_step, loss, lr in result.get(HISTORY) or []:
+            add(TRAIN_LOSS, loss, int(h_step))
+            add(LEARNING_RATE, lr, int(h_step))
         for record in result.get("evals_replay") or []:
             for key in STEP_METRICS:
                 add(key, record.get(key), int(record["step"]))
@@ -260,10 +266,10 @@ class TrialRuns(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id), self.objectives)
-        if status == "stopped" and self._stop_requested():
-            self._close(trial, "stopped", None, run_status="KILLED")  # resumable
+        if status == TrialStatus.STOPPED and self._stop_requested():
+            self._close(trial, TrialStatus.STOPPED, None, run_status="KILLED")  # resumable
             return
-        error = (trial.last_result or {}).get("error") or (missing_objectives(trial.last_result, self.objectives) if status == "failed" else None)
+        error = (trial.last_result or {}).get(ERROR) or (missing_objectives(trial.last_result, self.objectives) if status == TrialStatus.FAILED else None)
         self._close(trial, status, error)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -274,24 +280,24 @@ class TrialRuns(Callback):
             checkpoint = getattr(trial.checkpoint, "path", None) if trial.checkpoint else None
             next_attempt = search.requeue(trial.trial_id, checkpoint)
             self.ledger.retrying[trial.trial_id] = next_attempt
-            self.outcomes[trial.trial_id] = ("retrying", error)
+            self.outcomes[trial.trial_id] = (TrialStatus.RETRYING, error)
             run_id = self.run_ids.pop(trial.trial_id, None)
             if run_id:
-                self.client.set_tag(run_id, "trial_status", "retrying")
+                self.client.set_tag(run_id, STATUS, TrialStatus.RETRYING)
                 self.client.set_tag(run_id, "retries", str(next_attempt - 1))
-                self.client.set_tag(run_id, "error", f"attempt {attempt}: worker died; retrying from {'its last checkpoint' if checkpoint else 'the start'}")
+                self.client.set_tag(run_id, ERROR, f"attempt {attempt}: worker died; retrying from {'its last checkpoint' if checkpoint else 'the start'}")
             return
         if search is not None:
             search.fail(trial.trial_id, error)
-        self._close(trial, "failed", error)
+        self._close(trial, TrialStatus.FAILED, error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Tune ends trials still running at the time budget without on_trial_complete: close them."""
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.outcomes:
                 status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id), self.objectives)
-                if status == "stopped" and self._stop_requested():
-                    self._close(trial, "stopped", None, run_status="KILLED")
+                if status == TrialStatus.STOPPED and self._stop_requested():
+                    self._close(trial, TrialStatus.STOPPED, None, run_status="KILLED")
                 else:
                     self._close(trial, status, None)
 
@@ -300,12 +306,13 @@ class TrialRuns(Callback):
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        self.client.set_tag(run_id, "trial_status", status)
-        step = (trial.last_result or {}).get("step")
+        self.client.set_tag(run_id, STATUS, status)
+        step = (trial.last_result or {}).get(STEP)
         if step is not None:
             self.client.set_tag(run_id, "last_step", str(int(step)))
-        if status == "pruned":
-            self.client.set_tag(run_id, "stopped_at_step", str((trial.last_result or {}).get("step", "")))
+        if status == TrialStatus.PRUNED:
+            self.client.set_tag(run_id, "stopped_at_step", str((trial.last_result or {}).get(STEP, "")))
         if error:
-            self.client.set_tag(run_id, "error", str(error)[-MAX_TAG:])
-        self.client.set_terminated(run_id, run_status or ("FINISHED" if status in ("completed", "pruned", "stopped") else "FAILED"))
+            self.client.set_tag(run_id, ERROR, str(error)[-MAX_TAG:])
+        finished = (TrialStatus.COMPLETED, TrialStatus.PRUNED, TrialStatus.STOPPED)
+        self.client.set_terminated(run_id, run_status or ("FINISHED" if status in finished else "FAILED"))

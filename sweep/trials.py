@@ -1,17 +1,15 @@
 """What the driver knows about one trial: its label, a one-line summary, and how it ended.
 
-The Optuna study, MLflow and the terminal all read a trial's outcome from `outcome()`, so they
-always agree on it.
+The Optuna study, MLflow and the terminal all read a trial's outcome from `outcome()` (in
+core.contract, with the statuses and metric names; importable from here as before), so they always
+agree on it.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-STATUSES = ("completed", "pruned", "stopped", "oom", "nan", "failed", "infeasible")
-# completed: ran max_steps; pruned: stopped early by the scheduler (ASHA); stopped: ended by the
-# time budget or the user; oom: out of memory; nan: non-finite loss; failed: any other error.
+from core.contract import TrialStatus, finite, missing_objectives, outcome  # noqa: F401 - re-exported
 
 
 class Ledger:
@@ -33,26 +31,6 @@ class Ledger:
 
     def pruned(self, trial_id: str) -> bool:
         return trial_id in self.stopped
-
-
-def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_scheduler: bool, objectives: tuple[str, ...] = ()) -> str:
-    """completed, pruned, stopped, oom, nan or failed. A trial that finished without reporting one
-    of the sweep's objectives (peak_vram_gb on a CPU, say) cannot be ranked: failed."""
-    if errored:
-        return "failed"
-    status = (last_result or {}).get("trial_status")
-    if status == "completed" and any(not finite((last_result or {}).get(m)) for m in objectives):
-        return "failed"
-    if status in ("completed", "oom", "nan"):
-        return status
-    return "pruned" if stopped_by_scheduler else "stopped"
-
-
-def missing_objectives(last_result: dict[str, Any] | None, objectives: tuple[str, ...]) -> str | None:
-    missing = [m for m in objectives if not finite((last_result or {}).get(m))]
-    if not missing:
-        return None
-    return f"objective {', '.join(missing)} was not reported (peak_vram_gb exists on GPUs only; on a CPU use peak_rss_gb)"
 
 
 def _number(value: Any) -> str:
@@ -111,7 +89,3 @@ def error_text(trial: Any) -> str | None:
 def last_line(text: str | None) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

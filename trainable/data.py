@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from sweep.config import DataSection
+from core.schema import DataSection
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: stats name the truncated and dropped examples
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 20
@@ -63,12 +63,14 @@ def read_rows(source: str, split: str) -> list[tuple[str, Any]]:
 
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError([f"{path} line {exc.lineno}: not valid JSON: {exc.msg}"]) from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting deeper than Python's stack
+            raise DataError([f"{path}: not usable JSON: {_json_limit(exc)}"]) from None
         return [(f"{path} item {i}", row) for i, row in enumerate(rows)]
     out, problems = [], []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -78,11 +80,37 @@ def read_rows(source: str, split: str) -> list[tuple[str, Any]]:
             out.append((f"{path} line {n}", json.loads(line)))
         except json.JSONDecodeError as exc:
             problems.append(f"{path} line {n}: not valid JSON ({exc.msg} at column {exc.colno})")
+        except (ValueError, RecursionError) as exc:
+            problems.append(f"{path} line {n}: not usable JSON: {_json_limit(exc)}")
     if problems:
         raise DataError(problems)
     if not out:
         raise DataError([f"{path}: no rows"])
     return out
+
+
+def _utf8_text(path: Path) -> str:
+    """The file as text; DataError naming every line that is not UTF-8 (a latin-1 or cp1252 export,
+    a binary file), rather than a bare UnicodeDecodeError."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    problems = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(f"{path} line {n}: byte 0x{line[exc.start]:02x} at column {exc.start + 1} is not UTF-8; "
+                            "data files must be UTF-8 text: fix the line, or convert the file (e.g. iconv -f cp1252 -t utf-8 IN > OUT)")  # fmt: skip
+    raise DataError(problems)
+
+
+def _json_limit(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).splitlines()[0][:200]
 
 
 def _content_text(content: Any) -> str | None:
@@ -240,7 +268,8 @@ def _encode_all(tokenizer: Any, rows: list[tuple[str, Any]], max_seq_len: int, d
     from tqdm.auto import tqdm
 
     examples, problems = [], []
-    truncated = dropped = 0
+    truncated: list[str] = []
+    dropped: list[str] = []
     # A progress bar on a terminal for large datasets (silent in logs and for small ones).
     for where, row in tqdm(rows, desc=desc, unit="ex", disable=None if len(rows) >= 2000 else True, leave=False):
         messages = to_messages(row)
@@ -253,13 +282,41 @@ def _encode_all(tokenizer: Any, rows: list[tuple[str, Any]], max_seq_len: int, d
             problems.append(f"{where}: cannot render with the chat template: {exc}")
             continue
         if all(label == IGNORE for label in labels):
-            dropped += 1  # truncation removed every reply token
+            dropped.append(where)  # truncation removed every reply token
             continue
-        truncated += cut
+        if cut:
+            truncated.append(where)
         examples.append((ids, labels))
     if problems:
         raise DataError(problems)
-    return examples, {"examples": len(examples), "truncated": truncated, "dropped_no_reply_left": dropped}
+    # The first few places are kept (stats.json) so that the output can name them.
+    return examples, {"examples": len(examples), "truncated": len(truncated), "dropped_no_reply_left": len(dropped),
+                      "truncated_at": truncated[:MAX_LISTED], "dropped_at": dropped[:MAX_LISTED]}  # fmt: skip
+
+
+def places(wheres: list[str], total: int) -> str:
+    """'f.jsonl lines 3, 7, 9 and 12 more' from ['f.jsonl line 3', ...] (hub rows, json items alike)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for where in wheres:
+        prefix, unit, n = where.rsplit(" ", 2)
+        groups.setdefault((prefix, unit), []).append(n)
+    text = "; ".join(f"{prefix} {unit}{'s' if len(ns) > 1 else ''} {', '.join(ns)}" for (prefix, unit), ns in groups.items())
+    return text + (f" and {total - len(wheres)} more" if total > len(wheres) else "")
+
+
+def notes(stats: dict[str, Any]) -> list[str]:
+    """What tokenization did to the data that a user should know: replies cut short or dropped by
+    max_seq_len, with the lines where it happened."""
+    out = []
+    for split in ("train", "eval"):
+        s = stats.get(split, {})
+        if s.get("truncated"):
+            out.append(f"data: {s['truncated']} {split} example(s) longer than data.max_seq_len ({stats['max_seq_len']}) lose the end of their reply "
+                       f"({places(s.get('truncated_at', []), s['truncated'])}); raise data.max_seq_len to keep them whole")  # fmt: skip
+        if s.get("dropped_no_reply_left"):
+            out.append(f"data: {s['dropped_no_reply_left']} {split} example(s) left out: the prompt fills data.max_seq_len ({stats['max_seq_len']}), "
+                       f"no reply token is left ({places(s.get('dropped_at', []), s['dropped_no_reply_left'])})")  # fmt: skip
+    return out
 
 
 def template_tokens(tokenizer: Any, examples: list[tuple[list[int], list[int]]]) -> dict[str, int]:
@@ -321,9 +378,11 @@ def prepare(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int, log: 
     log(f"tokenizing {len(train_rows)} train and {len(eval_rows)} eval examples (max_seq_len {data.max_seq_len}) ...")
     train_ex, train_stats = _encode_all(tokenizer, train_rows, data.max_seq_len, "tokenizing train")
     eval_ex, eval_stats = _encode_all(tokenizer, eval_rows, data.max_seq_len, "tokenizing eval")
-    for name, ex in (("train", train_ex), ("eval", eval_ex)):
+    for name, ex, ex_stats in (("train", train_ex, train_stats), ("eval", eval_ex, eval_stats)):
         if not ex:
-            raise DataError([f"{name}: no usable examples after tokenization (all truncated to nothing?)"])
+            raise DataError([f"{name}: no usable examples after tokenization: in every one the prompt fills data.max_seq_len ({data.max_seq_len}), "
+                             f"leaving no reply token ({places(ex_stats['dropped_at'], ex_stats['dropped_no_reply_left'])}); "
+                             "raise data.max_seq_len or shorten those prompts"])  # fmt: skip
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=folder.parent))
     try:

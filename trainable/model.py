@@ -16,7 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.config import TARGET_MODULES, TINY_MODELS, TrainSection
+from core import rules
+from core.estimate import ModelProfile, TextShape, layer_activation_bytes
+from core.rules import target_names
+from core.schema import TINY_MODELS, TrainSection
+
 # auto: a template token whose embedding row is this much shorter than the median row, or points
 # where the mean row points, was never (or hardly) updated in pre-training.
 UNTRAINED_NORM_RATIO = 0.1
@@ -30,10 +34,6 @@ def resolve_model_path(model_id: str) -> str:
 
         return str(ensure_tiny(model_id))
     return model_id
-
-
-def target_names(target_modules: str | tuple[str, ...]) -> tuple[str, ...]:
-    return TARGET_MODULES[target_modules] if isinstance(target_modules, str) else tuple(target_modules)
 
 
 def load_tokenizer(model_id: str, chat_template_from: str | None = None, revision: str | None = None) -> Any:
@@ -98,10 +98,8 @@ def meta_model(model_id: str, revision: str | None = None) -> Any:
 
 
 def profile_model(model: Any) -> Any:
-    """A ModelProfile (sweep.estimate) from a model, typically built on the meta device."""
+    """A ModelProfile (core.estimate) from a model, typically built on the meta device."""
     import torch
-
-    from sweep.estimate import ModelProfile, TextShape
 
     prefix = decoder_prefix(model) + "."
     embed = model.get_input_embeddings()
@@ -239,7 +237,12 @@ def _rows_forward(layer: Any, x: Any, active_adapters: Any, *args: Any, **kwargs
     (name,) = active_adapters
     base = layer.base_layer
     weight = base.weight
-    index = torch.as_tensor(layer.token_indices[name], device=weight.device)
+    # Cached on the layer: building it from the Python list each call is a host-to-device copy, which
+    # blocks the host (a sync inside every forward).
+    cache = layer.__dict__.setdefault("_index_cache", {})
+    index = cache.get((name, weight.device))
+    if index is None:
+        index = cache[(name, weight.device)] = torch.as_tensor(layer.token_indices[name], device=weight.device)
     delta = layer.trainable_tokens_delta[name].to(weight.dtype)
     if isinstance(base, torch.nn.Embedding):
         out = F.embedding(x, weight, padding_idx=base.padding_idx)
@@ -365,22 +368,17 @@ def pick_device_and_dtype(requested: str) -> tuple[Any, Any]:
 def resolve_checkpointing(train: TrainSection, config: Any, tokens: int, device: Any) -> bool:
     """on / off as configured; auto: on when the decoder's activations would take over a quarter of
     the GPU (never on a CPU, where memory is not the constraint)."""
-    if train.gradient_checkpointing != "auto":
-        return bool(train.gradient_checkpointing)
-    if device.type != "cuda":
-        return False
+    if train.gradient_checkpointing != "auto" or device.type != "cuda":
+        return rules.gradient_checkpointing(train.gradient_checkpointing, 0, None)
     import torch
 
-    from sweep.estimate import TextShape, wants_checkpointing
-
-    return wants_checkpointing(TextShape.from_config(config), tokens, torch.cuda.get_device_properties(device).total_memory)
+    activations = layer_activation_bytes(TextShape.from_config(config), tokens)
+    return rules.gradient_checkpointing("auto", activations, torch.cuda.get_device_properties(device).total_memory)
 
 
 def resolve_optimizer(train: TrainSection) -> str:
-    """auto: paged 8-bit AdamW for QLoRA (the seed's choice), plain AdamW for LoRA."""
-    if train.optimizer != "auto":
-        return train.optimizer
-    return "paged_adamw_8bit" if train.method == "qlora" else "adamw"
+    """The optimizer this trial uses (core.rules decides `auto`)."""
+    return rules.optimizer(train.optimizer, train.method)
 
 
 def _load_base(model_id: str, train: TrainSection, revision: str | None, device: Any, dtype: Any) -> Any:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from sweep.config import TrainSection
+from core.estimate import CONTEXT_BYTES
+from core.request import TrialRequest
+from core.schema import TrainSection
 
 CHECKPOINT_STATE = "trainer_state.json"
 FAULTS_ENV = "LORA_SWEEP_FAULTS"
@@ -46,11 +48,12 @@ class TrialSpec:
     resume_checkpoint: str | None = None  # resumed / retried trial: continue from this checkpoint
 
     def with_sampled(self, sampled: dict[str, Any]) -> "TrialSpec":
-        known = {k: v for k, v in sampled.items() if k in TrainSection.model_fields}
-        share = sampled.get("gpu_share", self.gpu_share)
-        resume = sampled.get("resume_checkpoint", self.resume_checkpoint)
-        hyper = {k: v for k, v in sampled.items() if k not in ("resume_checkpoint",)}
-        return replace(self, train=self.train.model_copy(update=known), sampled=hyper, gpu_share=share, resume_checkpoint=resume)
+        """This spec for one trial, from Tune's config (hyperparameters, placement and resume data)."""
+        request = TrialRequest.from_config(sampled)
+        known = {k: v for k, v in request.hyper.items() if k in TrainSection.model_fields}
+        share = self.gpu_share if request.allocation.gpu_share is None else request.allocation.gpu_share
+        resume = self.resume_checkpoint if request.resume_checkpoint is None else request.resume_checkpoint
+        return replace(self, train=self.train.model_copy(update=known), sampled=dict(request.hyper), gpu_share=share, resume_checkpoint=resume)
 
 
 class Reporter(Protocol):
@@ -101,8 +104,6 @@ def cap_memory(share: float | None, gpu_bytes: int | None = None) -> float | Non
 
     if not share or not torch.cuda.is_available():
         return None
-    from sweep.placement import CONTEXT_BYTES
-
     total = torch.cuda.get_device_properties(0).total_memory
     allowed = share * min(gpu_bytes or total, total)
     if allowed >= total:
@@ -201,6 +202,10 @@ def summed_batch_loss(model: Any, batch: dict[str, Any], impl: str) -> Any:
         from trainable.loss import summed_loss
 
         return summed_loss(model, batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["targets"])
+    if impl == "liger":
+        from trainable.fast import liger_summed_loss
+
+        return liger_summed_loss(model, batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["targets"])
     out = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -230,7 +235,7 @@ def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any, imp
     return float(total) / max(count, 1)
 
 
-def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, state: dict[str, Any], fast: Any = None) -> None:
     import torch
 
     from trainable.model import adapter_state
@@ -242,17 +247,21 @@ def save_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, sta
     torch.save({k: v.detach().cpu() for k, v in adapter_state(model).items()}, folder / "adapter_model.bin")
     model.peft_config["default"].save_pretrained(str(folder))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng}, folder / "optimizer.pt")
+    # lora_dtype bfloat16: the adapter file holds the bf16 weights, the fp32 masters go with the optimizer.
+    masters = fast.state_dict() if fast is not None else None
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng, "masters": masters}, folder / "optimizer.pt")
     (folder / CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
-def load_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any) -> dict[str, Any]:
+def load_checkpoint(folder: Path, model: Any, optimizer: Any, schedule: Any, fast: Any = None) -> dict[str, Any]:
     import torch
 
     from trainable.model import load_adapter_state
 
     load_adapter_state(model, torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True))
     opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    if fast is not None:
+        fast.load_state_dict(opt.get("masters"))
     optimizer.load_state_dict(opt["optimizer"])
     schedule.load_state_dict(opt["schedule"])
     # Dropout draws from these: restoring them makes a resumed trial continue exactly.
@@ -331,16 +340,20 @@ def _train(spec: TrialSpec, reporter: Reporter, holder: dict[str, Any]) -> dict[
         torch.cuda.reset_peak_memory_stats(device)
     train_ds, eval_ds = load_split(spec.data_dir, "train"), load_split(spec.data_dir, "eval")
     pad_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
-    params = [p for p in model.parameters() if p.requires_grad]
+    from trainable import fast as fast_step
+
+    fast = fast_step.prepare(model, train, loaded.dtype)  # lora_dtype, loss: liger, compile
+    params = fast.optimizer_params([p for p in model.parameters() if p.requires_grad])
     optimizer = build_optimizer(params, train, device)
     schedule = build_schedule(optimizer, train)
     with reporter.restore() as folder:
         if folder is not None:
-            state.update(load_checkpoint(Path(folder), model, optimizer, schedule))
+            state.update(load_checkpoint(Path(folder), model, optimizer, schedule, fast))
     load_seconds = time.perf_counter() - started
     micro, accum = train.batch
     derived = {
         **loaded.info,
+        **fast.info,
         "micro_batch": micro,
         "grad_accum": accum,
         "effective_batch": micro * accum,
@@ -349,10 +362,40 @@ def _train(spec: TrialSpec, reporter: Reporter, holder: dict[str, Any]) -> dict[
         "ray_node": _ray_node(),
         "gpu_ids": _gpu_ids(),
     }
-    return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches)
+    return _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches, fast)
 
 
-def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches) -> dict[str, Any]:
+def optimizer_step(model: Any, batch_list: list[dict[str, Any]], device: Any, train: TrainSection, optimizer: Any, schedule: Any,
+                   fast: Any = None, fault: str | None = None) -> Any:
+    """One optimizer step over the accumulation's micro-batches; returns its loss as a device tensor.
+
+    No host syncs in here (no .item(), float() or bool() of a device tensor): the host queues the
+    whole step and the caller reads the loss once per logging window. Which positions carry loss
+    is computed by the collator on the CPU, so no step needs to ask the device.
+    """
+    import torch
+
+    n_loss = sum(b["loss_tokens"] for b in batch_list)
+    total = torch.zeros((), device=device)
+    for b in batch_list:
+        # token-weighted mean over the whole optimizer step, whatever the micro-batch split
+        loss = summed_batch_loss(model, to_device(b, device), train.loss) / max(n_loss, 1)
+        if fault == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULTS_ENV})")
+        if fault == "nan":
+            loss = loss * float("nan")
+        loss.backward()
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train.max_grad_norm)
+    optimizer.step()
+    if fast is not None:
+        fast.after_optimizer_step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds, pad_id, state, load_seconds, derived, train_batches, fast=None) -> dict[str, Any]:
     import torch
 
     train = spec.train
@@ -373,26 +416,26 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
     model.train()
     metrics: dict[str, Any] = {}
     fault = injected_fault(spec.sampled)
+    if replay and state["step"] >= train.max_steps and state["evals"]:
+        # Restored from the final checkpoint: the trial finished, but its driver died before it
+        # recorded that. Report the final evaluation again rather than end without a result
+        # (which would read as a trial stopped early).
+        step, loss, lr = state["log"][-1] if state["log"] else (state["step"], float("nan"), float("nan"))
+        metrics = {
+            **state["evals"][-1], **peak_memory(device), "train_loss": loss, "learning_rate": lr, "trial_status": "completed",
+            "derived": derived, "history": replay["history"], "evals_replay": replay["evals"],
+            "train_seconds": state["train_seconds"], "load_seconds": load_seconds,
+        }  # fmt: skip
+        reporter.report(metrics, None)
+        return metrics
     while state["step"] < train.max_steps:
         tick = time.perf_counter()
         batch_list = [next(batches) for _ in range(accum)]
-        n_loss = sum(b["loss_tokens"] for b in batch_list)
-        for b in batch_list:
-            # token-weighted mean over the whole optimizer step, whatever the micro-batch split
-            loss = summed_batch_loss(model, to_device(b, device), train.loss) / max(n_loss, 1)
-            if fault and state["step"] + 1 >= fault[1]:
-                if fault[0] == "oom":
-                    raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULTS_ENV})")
-                loss = loss * float("nan")
-            loss.backward()
-            window_loss += loss.detach()
-            state["tokens"] += b["tokens"]
-            state["loss_tokens"] += b["loss_tokens"]
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train.max_grad_norm)
         lr = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        due = fault[0] if fault and state["step"] + 1 >= fault[1] else None
+        window_loss += optimizer_step(model, batch_list, device, train, optimizer, schedule, fast, due)
+        state["tokens"] += sum(b["tokens"] for b in batch_list)
+        state["loss_tokens"] += sum(b["loss_tokens"] for b in batch_list)
         state["step"] += 1
         window_steps += 1
         step = state["step"]
@@ -423,7 +466,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             if replay:
                 metrics.update(history=replay["history"] + history, evals_replay=replay["evals"])
             with _scratch() as folder:
-                save_checkpoint(folder, model, optimizer, schedule, state)
+                save_checkpoint(folder, model, optimizer, schedule, state, fast)
                 reporter.report(metrics, str(folder))
             return metrics
         if not is_eval:
@@ -459,7 +502,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             metrics.update(train_seconds=state["train_seconds"], load_seconds=load_seconds)
         state["evals"].append({k: metrics[k] for k in ("step", "eval_loss", "tokens_per_sec", "loss_tokens_per_sec")})
         with _scratch() as folder:
-            save_checkpoint(folder, model, optimizer, schedule, state)
+            save_checkpoint(folder, model, optimizer, schedule, state, fast)
             reporter.report(metrics, str(folder))
         history, report_losses = [], []
     return metrics

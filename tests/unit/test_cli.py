@@ -58,3 +58,45 @@ def test_unknown_lora_targets_are_caught_before_trials_start(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "space.target_modules: target_modules [q_proj, qkv_proj]: no linear layer named qkv_proj in tiny-gemma3's language model" in result.stderr
     assert "ray:" not in result.stdout
+
+
+def test_bytes_that_are_not_utf8_exit_2_naming_file_and_line(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(json.dumps({"prompt": "a", "completion": "b"}).encode() + b'\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    space = write_space(tmp_path, MINIMAL.replace("DEMO/train.jsonl", "rows.jsonl").replace("DEMO/eval.jsonl", "rows.jsonl") + "tracking: {results_dir: out}\n")
+    result = sweep("run", str(space), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"{rows} line 2: byte 0xe9 at column 16 is not UTF-8; data files must be UTF-8 text" in result.stderr
+    assert "Traceback" not in result.stderr and "ray:" not in result.stdout
+
+
+def test_unusable_folders_and_an_unreachable_cluster_fail_before_anything_starts(tmp_path: Path) -> None:
+    """Root-proof: a results folder below a regular file cannot be made whatever the permissions."""
+    import socket
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "taken").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    space = write_space(tmp_path, MINIMAL)
+    cases = {
+        ("tracking.results_dir=afile/sweeps",): f"tracking.results_dir: {tmp_path}/afile/sweeps cannot be a folder: {tmp_path}/afile is a file",
+        ("--sweep-dir", str(tmp_path / "taken")): f"--sweep-dir {tmp_path}/taken: exists already",
+        ("--address", f"127.0.0.1:{port}"): f"--address 127.0.0.1:{port}: cannot reach 127.0.0.1:{port} (Connection refused",
+    }
+    for args, message in cases.items():
+        started = time.monotonic()
+        result = sweep("run", str(space), *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert result.stdout == ""  # no tokenizer, no Ray, no MLflow
+        assert time.monotonic() - started < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "space.yaml", "taken"]
+
+
+def test_pathological_overrides_exit_2(tmp_path: Path) -> None:
+    space = write_space(tmp_path, MINIMAL)
+    result = sweep("validate", str(space), "search.num_trials=" + "[" * 50_000, "search.num_trials=" + "9" * 5000, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "2 problems" in result.stderr and "nested too deeply" in result.stderr and "Exceeds the limit (4300 digits)" in result.stderr

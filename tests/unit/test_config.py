@@ -276,3 +276,13 @@ def test_readme_documents_every_key() -> None:
     for section, cls in {**SECTIONS, "search.scheduler": SchedulerSection}.items():
         for key in cls.model_fields:
             assert f"`{key}`" in readme, f"README lacks {section}.{key}"
+
+
+def test_pathological_overrides_are_problems_not_tracebacks(tmp_path: Path) -> None:
+    deep, digits = "search.num_trials=" + "[" * 50_000, "search.num_trials=" + "9" * 5000
+    found = problems(tmp_path, MINIMAL, (deep, digits, "search.num_trials=[1"))
+    assert found[0] == f"override {deep[:60]!r}... ({len(deep)} characters): " + \
+        "not usable YAML: nested too deeply (hundreds of levels of [ or {); a space file holds plain, shallow data"  # fmt: skip
+    assert found[1].startswith("override 'search.num_trials=999") and "not usable YAML: Exceeds the limit (4300 digits)" in found[1]
+    assert found[2] == "override 'search.num_trials=[1': line 1, column 3: not valid YAML: expected ',' or ']', but got '<stream end>'"
+    assert "nested too deeply" in one_problem(tmp_path, MINIMAL + "extra: " + "[" * 5000 + "\n")

@@ -187,3 +187,51 @@ def test_collate_pads_as_a_separate_sequence() -> None:
     assert batch["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, 7, IGNORE]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
     assert batch["tokens"] == 5 and batch["loss_tokens"] == 3
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_lines(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "a", "completion": "b"}).encode()
+    path.write_bytes(b"\n".join([good, b'{"prompt": "caf\xe9", "completion": "b"}', good, b'{"prompt": "\xff", "completion": "x"}']) + b"\n")
+    with pytest.raises(DataError) as info:
+        read_rows(str(path), "train")
+    assert [p.split(";")[0] for p in info.value.problems] == [
+        f"{path} line 2: byte 0xe9 at column 16 is not UTF-8",
+        f"{path} line 4: byte 0xff at column 13 is not UTF-8",
+    ]
+    assert "iconv" in info.value.problems[0]
+
+
+def test_json_beyond_pythons_limits_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + '{"prompt": ' + "9" * 5000 + "}\n" + "[" * 50_000 + "\n")
+    with pytest.raises(DataError) as info:
+        read_rows(str(path), "train")
+    assert info.value.problems[0].startswith(f"{path} line 2: not usable JSON: Exceeds the limit (4300 digits)")
+    assert info.value.problems[1] == f"{path} line 3: not usable JSON: nested too deeply"
+
+
+def test_prompts_longer_than_max_seq_len_are_named(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "train.jsonl"
+    long = " ".join(["word"] * 200)
+    path.write_text("\n".join(json.dumps({"prompt": long, "completion": "yes"}) for _ in range(4)) + "\n")
+    section = DataSection(train=str(path), eval=str(path), max_seq_len=32)
+    with pytest.raises(DataError) as info:
+        prepare(section, tokenizer, tmp_path / "cache", seed=0)
+    (problem,) = info.value.problems
+    assert problem.startswith("train: no usable examples after tokenization: in every one the prompt fills data.max_seq_len (32)")
+    assert f"({path} lines 1, 2, 3, 4)" in problem and "raise data.max_seq_len" in problem
+
+
+def test_truncated_and_dropped_replies_are_reported_with_their_lines(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": " ".join(["long"] * 100)}, {"prompt": " ".join(["p"] * 100), "completion": "a"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows * 2) + "\n")
+    prepared = prepare(DataSection(train=str(path), eval=str(path), max_seq_len=48), tokenizer, tmp_path / "cache", seed=0)
+    assert prepared.stats["train"]["truncated"] == 2 and prepared.stats["train"]["dropped_no_reply_left"] == 2
+    notes = data.notes(prepared.stats)
+    assert notes[0] == (f"data: 2 train example(s) longer than data.max_seq_len (48) lose the end of their reply ({path} lines 2, 5); "
+                        "raise data.max_seq_len to keep them whole")  # fmt: skip
+    assert notes[1] == f"data: 2 train example(s) left out: the prompt fills data.max_seq_len (48), no reply token is left ({path} lines 3, 6)"
+    assert len(notes) == 4  # eval reads the same file
+    assert data.places([f"{path} line {n}" for n in range(1, 21)], 25).endswith("19, 20 and 5 more")

@@ -47,14 +47,16 @@ def test_profiles_count_what_they_should(profiles: dict) -> None:
     assert 10.7e9 < p12.decoder_linear_params < 10.8e9 and 0.40e9 < p12.vision_linear_params < 0.42e9
 
 
-def test_within_15_percent_of_every_h200_measurement(profiles: dict) -> None:
-    """bench/results-gemma3-policies-h200.json: 1B/4B LoRA, 12B QLoRA x three embedding policies."""
+def test_within_6_percent_of_every_h200_measurement(profiles: dict) -> None:
+    """bench/results-gemma3-policies-h200.json: 1B/4B LoRA, 12B QLoRA x three embedding policies.
+    6% is the accuracy core/estimate.py claims (worst case measured: +5.1%, 1B full)."""
     rows = json.loads((ROOT / "bench" / "results-gemma3-policies-h200.json").read_text())
+    rows = rows["results"] if isinstance(rows, dict) else rows  # newer files carry {"provenance", "results"}
     assert len(rows) == 9
     for r in rows:
         shape = TrialShape(method=r["method"], embeddings=r["policy"], optimizer="paged_adamw_8bit", micro_batch=1, checkpointing=True, loss="model")
         predicted = estimate(profiles[r["size"]], shape).gb
-        assert predicted == pytest.approx(r["peak_vram_gb"], rel=0.15), (r["size"], r["policy"], predicted, r["peak_vram_gb"])
+        assert predicted == pytest.approx(r["peak_vram_gb"], rel=0.06), (r["size"], r["policy"], predicted, r["peak_vram_gb"])
 
 
 def test_memory_moves_the_right_way(profiles: dict) -> None:

@@ -1,5 +1,6 @@
-"""Gemma 3 rules from the seed: template from the -it model, exactly one BOS, embedding policies
-that keep the lm_head tie, LoRA on the language model only (never the SigLIP tower), optimizers."""
+"""Gemma 3 rules from the fine-tuning recipe the defaults follow: template from the -it model,
+exactly one BOS, embedding policies that keep the lm_head tie, LoRA on the language model only
+(never the SigLIP tower), optimizers."""
 
 from __future__ import annotations
 

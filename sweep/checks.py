@@ -1,0 +1,204 @@
+"""Checks that can fail, made before anything starts, and checks of the stores a command reads.
+
+    before_start   the results folder (and MLflow's sqlite file) can be written, a new --sweep-dir
+                   does not exist yet, the Ray cluster at --address answers: all before Ray,
+                   MLflow or the study start, so a problem costs seconds, not a started sweep
+    check_stores   the sweep's Optuna study and MLflow store are there and readable, checked
+                   without creating or changing them (a missing sqlite file is not made anew)
+
+Every problem is a ConfigError naming the path or address and what to do (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import sys
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from sweep.config import ConfigError, SweepConfig
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+# ----------------------------------------------------------------------------------------------
+# before a sweep starts
+
+
+def before_start(cfg: SweepConfig, address: str | None = None, sweep_dir: Path | None = None, new: bool = True) -> None:
+    """Everything `run` (new=True) or `resume` (new=False) can check before taking a resource."""
+    problems = []
+    where = "tracking.results_dir" if cfg.tracking.results_dir else "tracking.results_dir (default ./sweeps)"
+    problems += writable(cfg.results_dir, where)
+    # sqlite stores outside the results folder (the default study, in the new sweep's folder inside
+    # it, is covered by the check above)
+    new_folder = cfg.results_dir / "a-new-sweep"
+    for key, url in (("tracking.mlflow_uri", cfg.mlflow_uri), ("tracking.optuna_storage", cfg.optuna_storage(new_folder))):
+        db = sqlite_file(url)
+        if db is None or db.parent in (cfg.results_dir, new_folder):
+            continue
+        problems += writable(db.parent, key)
+        if db.is_file() and not os.access(db, os.R_OK | os.W_OK):
+            problems.append(f"{key}: {db} cannot be written by this user; fix its permissions or use another store")
+    if new and sweep_dir is not None:
+        if sweep_dir.exists():
+            problems.append(f"--sweep-dir {sweep_dir}: exists already; a new sweep needs a new folder (resume is `python -m sweep resume {quote(sweep_dir)}`)")
+        else:
+            problems += writable(sweep_dir.parent, "--sweep-dir")
+    ray = sys.modules.get("ray")
+    if not (ray is not None and ray.is_initialized()):  # connect_ray attaches to nothing then
+        problems += reachable(address or os.environ.get("RAY_ADDRESS"))
+    if problems:
+        raise ConfigError(str(cfg.source), problems)
+
+
+def before_resume(cfg: SweepConfig, sweep_dir: Path, study_name: str, address: str | None = None) -> None:
+    """`resume`: the checks of `run`, the sweep folder writable, and both stores there (a missing
+    study is reported, not recreated empty)."""
+    check_stores(sweep_dir, cfg.mlflow_uri, cfg.optuna_storage(sweep_dir), study_name)
+    problems = writable(sweep_dir, "the sweep folder")
+    if problems:
+        raise ConfigError(str(sweep_dir), problems)
+    before_start(cfg, address, new=False)
+
+
+def writable(folder: Path, key: str) -> list[str]:
+    """[] if `folder` exists or can be made, and files can be created in it; else the problem.
+
+    Probed by creating (and removing) a file in the folder, or in its nearest existing parent when
+    it does not exist yet: permission bits say nothing for root, a read-only mount or a
+    root-squashed NFS share; only a write tells."""
+    folder = Path(folder)
+    probe_in = folder
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        return [f"{key}: {folder} cannot be a folder: {probe_in} is a file; choose another path"]
+    try:
+        fd, name = tempfile.mkstemp(dir=probe_in, prefix=".lora-sweep-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        made = "write in" if probe_in == folder else f"create {folder} in"
+        return [f"{key}: cannot {made} {probe_in} ({exc.strerror or exc}); choose a folder this user can write (tracking.results_dir=PATH)"]
+    return []
+
+
+def reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> list[str]:
+    """[] if something accepts a TCP connection at the address's host:port (Ray's GCS, the Ray
+    client server or the dashboard); else why not. `auto`, `local` and addresses without a port
+    are left to Ray. Without this, ray.init waits about a minute for a GCS that is not there."""
+    if not address or address in ("auto", "local"):
+        return []
+    host, port = host_port(address)
+    if host is None or port is None:
+        return []
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        if address.startswith(("http://", "https://")):
+            hint = "is the head node's dashboard (its job server, port 8265 by default) running there, and the port open?"
+        else:
+            hint = "is the Ray head running there (`ray start --head` prints its address) and the port open? Without --address (and RAY_ADDRESS) a local Ray starts"
+        return [f"--address {address}: cannot reach {host}:{port} ({reason}, tried for up to {timeout:g}s); {hint}"]
+    return []
+
+
+def host_port(address: str) -> tuple[str | None, int | None]:
+    """('10.0.0.1', 6379) from '10.0.0.1:6379', 'ray://h:10001', 'http://h:8265/', '[::1]:6379'."""
+    parsed = urllib.parse.urlsplit(address if "://" in address else "tcp://" + address)
+    try:
+        port = parsed.port
+    except ValueError:
+        return parsed.hostname, None
+    if port is None and parsed.scheme in ("http", "https"):
+        port = 443 if parsed.scheme == "https" else 80
+    return parsed.hostname, port
+
+
+def quote(path: Any) -> str:
+    """A path as one shell word, for the commands printed for the user to copy."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# the stores of an existing sweep
+
+
+def sqlite_file(url: str | None) -> Path | None:
+    """The file of a sqlite:/// URL (None for other stores and in-memory sqlite)."""
+    if not url or not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -> None:
+    """The sweep's study and MLflow store exist and are readable: ConfigError otherwise, saying
+    what is lost and what can still be read. Opens sqlite files read-only, so nothing is created or
+    changed (optuna and MLflow would create an empty store at a missing path)."""
+    from sweep.secrets import redact
+
+    problems = []
+    study_db, mlflow_db = sqlite_file(storage), sqlite_file(mlflow_uri)
+    ui = f"mlflow ui --backend-store-uri {quote(redact(mlflow_uri))}"
+    if study_db is not None:
+        trouble = _sqlite_trouble(study_db, "SELECT 1 FROM studies WHERE study_name = ?", (study_name,), f"no study named {study_name!r}", integrity=True)
+        if trouble:
+            problems.append(
+                f"{study_db}: the sweep's Optuna study {trouble}. MLflow still holds every trial (params, metrics, status: {ui}) and "
+                f"the trials' checkpoints are in {folder}/tune*/; status, report, best and resume need the study: restore the file from a backup"
+            )
+    if mlflow_db is not None:
+        trouble = _sqlite_trouble(mlflow_db, "SELECT 1 FROM runs LIMIT 1", (), "no runs table")
+        if trouble:
+            problems.append(
+                f"{mlflow_db}: the sweep's MLflow store {trouble}. The Optuna study still holds every trial's params and results "
+                f"({redact(storage)}, study {study_name!r}); restore the MLflow file from a backup"
+            )
+    if problems:
+        raise ConfigError(str(folder), problems)
+
+
+def _sqlite_trouble(path: Path, query: str, args: tuple, empty: str, integrity: bool = False) -> str | None:
+    """None if `query` finds a row in the sqlite file, opened read-only; else what is wrong."""
+    if not path.is_file():
+        return "is missing (deleted or moved?)" if not path.exists() else "is not a file"
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes: truncated?)"
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return f"cannot be opened: {exc}"
+    try:
+        if integrity and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            return "is damaged (sqlite's integrity check fails)"
+        found = db.execute(query, args).fetchone()
+    except sqlite3.Error as exc:
+        return f"cannot be read: {exc} (damaged or truncated?)"
+    finally:
+        db.close()
+    return None if found else f"holds {empty} (an empty or unrelated database)"
+
+
+def load_study(folder: Path, mlflow_uri: str, storage: str, study_name: str) -> Any:
+    """optuna.load_study after check_stores; a study missing from a server store is a ConfigError too."""
+    import optuna
+
+    check_stores(folder, mlflow_uri, storage, study_name)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        from sweep.secrets import redact
+
+        raise ConfigError(str(folder), [f"{redact(storage)}: holds no study named {study_name!r}; MLflow still holds every trial "
+                                        f"(mlflow ui --backend-store-uri {quote(redact(mlflow_uri))})"]) from None  # fmt: skip

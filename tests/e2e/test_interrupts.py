@@ -1,0 +1,199 @@
+"""Ctrl-C never ends a sweep for good. SIGINT / SIGTERM to a real `python -m sweep run` behave like
+`python -m sweep stop` (trials checkpoint, nothing is marked finished, exit 130 / 143) and `resume`
+finishes the sweep; a seeded "chaos" run interrupts one sweep every way there is and checks that
+it still ends whole. Everything through the command line, as a user would do it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from sweep.reaper import ray_processes
+from tests.conftest import MINIMAL, write_space
+from tests.e2e.conftest import mlflow_runs
+from tests.e2e.test_durability import env
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 12
+
+
+def space(tmp_path: Path, trials: int) -> Path:
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", f"train: {{max_steps: {STEPS}, eval_every: 3, log_every: 3, batch: [2, 1]}}").replace(
+        "search: {num_trials: 2}", f"search: {{num_trials: {trials}, max_concurrent: 1, seed: 0, scheduler: {{type: none}}}}"
+    ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-3, 2.0e-2]}\n")
+    return write_space(tmp_path, body + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n")
+
+
+class Command:
+    """`python -m sweep ARGS` in the background (its own process group), its output watched."""
+
+    def __init__(self, cwd: Path, *args: str):
+        n = len(list(cwd.glob("driver-*.log")))
+        self.log = cwd / f"driver-{n}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweep", *args], cwd=cwd, env=env(),
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 240) -> bool:
+        """True once `pattern` appeared `count` times; False if the command ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(re.findall(pattern, self.text())) >= count:
+                return True
+            if self.proc.poll() is not None:
+                return len(re.findall(pattern, self.text())) >= count
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} x{count} within {timeout}s:\n{self.text()[-3000:]}")
+
+    def sweep_dir(self) -> Path:
+        assert self.wait_for(r"sweep folder: "), self.text()[-3000:]
+        return Path(re.search(r"sweep folder: (\S+)", self.text()).group(1))
+
+    def end(self, timeout: float = 300) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+def trial_workers(driver_pid: int) -> list[int]:
+    """This driver's trial processes (Tune's function trainables), never another test's."""
+    found = []
+    for pid in ray_processes(driver_pid):
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "ImplicitFunc" in name:
+            found.append(pid)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def stores(sweep_dir: Path) -> tuple[dict, list, list]:
+    """(sweep.json, the study's trials, the MLflow child runs)."""
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{sweep_dir}/optuna.db")
+    parent, children = mlflow_runs(meta["mlflow_uri"], meta["experiment"])
+    return meta, study.trials, [parent, *children]
+
+
+def check_whole(sweep_dir: Path, trials: int) -> None:
+    """The sweep ended as if nothing had happened: every trial ran once, to the end."""
+    meta, study, (parent, *children) = stores(sweep_dir)
+    assert meta["state"] == "finished" and parent.info.status == "FINISHED"
+    assert [t.state.name for t in study] == ["COMPLETE"] * trials, [t.state.name for t in study]
+    configs = [tuple(sorted(t.params.items())) for t in study]
+    assert len(set(configs)) == trials, configs  # no configuration run twice by accident
+    labels = sorted(r.data.tags["trial"] for r in children)
+    assert labels == [f"t{i:03d}" for i in range(trials)], labels  # one child run per trial
+    assert {(r.info.status, r.data.tags["trial_status"]) for r in children} == {("FINISHED", "completed")}
+    client = MlflowClient(meta["mlflow_uri"])
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == list(range(3, STEPS + 1, 3)), (run.data.tags["trial"], steps)  # each logged once
+
+
+def check_interrupted(command: Command, sweep_dir: Path, code: int) -> None:
+    """Ended by a signal like `stop` ends it: its exit code, how to resume, nothing finished."""
+    assert command.end(120) == code, command.text()[-3000:]
+    out = command.text()
+    assert f"continue with:  python -m sweep resume {shlex.quote(str(sweep_dir))}" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    meta, study, (parent, *children) = stores(sweep_dir)
+    assert meta["state"] == "stopped" and parent.info.status == "KILLED"
+    assert [t.state.name for t in study] == ["RUNNING"], [t.state.name for t in study]  # resumable, not pruned
+    assert [(r.info.status, r.data.tags["trial_status"]) for r in children] == [("KILLED", "stopped")]
+    assert not (sweep_dir / "driver.pid").exists()
+
+
+def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_path: Path) -> None:
+    """Ctrl-C to `run` (exit 130), then SIGTERM, as a scheduler preempting it sends, to the
+    `resume` that continues it (exit 143), then a `resume` that finishes it."""
+    driver = Command(tmp_path, "run", str(space(tmp_path, 2)))
+    sweep_dir = driver.sweep_dir()
+    assert driver.wait_for(r"t000 step\s+3/"), driver.text()[-3000:]  # a trial has reported
+    os.kill(driver.proc.pid, signal.SIGINT)
+    check_interrupted(driver, sweep_dir, 130)
+
+    resumed = Command(tmp_path, "resume", str(sweep_dir))
+    assert resumed.wait_for(r"t000 step"), resumed.text()[-3000:]
+    assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.text()), resumed.text()[-3000:]
+    os.kill(resumed.proc.pid, signal.SIGTERM)
+    check_interrupted(resumed, sweep_dir, 143)
+
+    final = Command(tmp_path, "resume", str(sweep_dir))
+    assert final.end(400) == 0, final.text()[-3000:]
+    check_whole(sweep_dir, 2)
+
+
+CHAOS_SEED = int(os.environ.get("LORA_SWEEP_CHAOS_SEED", "13"))
+
+
+def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) -> None:
+    """SIGINT, SIGTERM, kill -9 of the driver and kill -9 of a trial's worker, in a seeded random
+    order at seeded random points, a resume after each; then the sweep's invariants."""
+    rng = random.Random(CHAOS_SEED)
+    actions = ["SIGINT", "SIGTERM", "kill driver", "kill worker"]
+    rng.shuffle(actions)
+    trials = 4
+    spec = space(tmp_path, trials)
+    cmd = Command(tmp_path, "run", str(spec))
+    sweep_dir = cmd.sweep_dir()
+    started = time.monotonic()
+    done = []
+    for action in actions:
+        # a random point: after 1-3 more evaluations of this driver, plus up to a second
+        seen = len(re.findall(r"t\d{3} step", cmd.text()))
+        if not cmd.wait_for(r"t\d{3} step", count=seen + rng.randint(1, 3)):
+            break  # the sweep finished first: the rest is checked as it is
+        time.sleep(rng.uniform(0, 1.0))
+        if action == "kill worker":
+            workers = trial_workers(cmd.proc.pid)
+            if not workers:
+                continue  # between trials: nothing to kill here
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            done.append(action)
+            continue  # the driver retries the trial from its checkpoint by itself
+        ray = ray_processes(cmd.proc.pid)
+        os.kill(cmd.proc.pid, {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "kill driver": signal.SIGKILL}[action])
+        code = cmd.end(120)
+        if code == 0:
+            break  # it had finished on its own just then
+        assert code == {"SIGINT": 130, "SIGTERM": 143, "kill driver": -9}[action], (action, cmd.text()[-3000:])
+        done.append(action)
+        if action == "kill driver":
+            # its Ray goes with it within seconds (not a minute later), and its time was counted
+            deadline = time.monotonic() + 15
+            while [p for p in ray if alive(p)] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not [p for p in ray if alive(p)], "Ray processes outlived the killed driver"
+            assert json.loads((sweep_dir / "sweep.json").read_text())["elapsed_seconds"] > 0
+        else:  # like `stop`: the interrupted trial stays open in the study, its run is resumable
+            meta, study, (_, *children) = stores(sweep_dir)
+            assert meta["state"] == "stopped" and "PRUNED" not in [t.state.name for t in study]
+            assert "RUNNING" not in [r.info.status for r in children]
+        cmd = Command(tmp_path, "resume", str(sweep_dir))
+    assert cmd.end(400) == 0, cmd.text()[-3000:]
+    print(f"chaos seed {CHAOS_SEED}: {', '.join(done)} in {time.monotonic() - started:.0f}s")
+    assert len(done) >= 3, (done, cmd.text()[-3000:])
+    check_whole(sweep_dir, trials)

@@ -1,0 +1,303 @@
+"""A cohort of trials on one base model (issue 15) trains each member as it would train alone.
+
+"Alone" is the real single-trial path: trainable.train.run with the member's own TrainSection (PEFT
+adapter, train_batches' data order, its optimizer and schedule), fp32 on the CPU, tiny Gemma 3.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from sweep.config import DataSection, TrainSection
+from tests.conftest import DEMO_DATA
+from trainable.cohort import Cohort
+from trainable.data import prepare
+from trainable.model import load_model, load_tokenizer
+from trainable.train import TrialSpec, run
+
+SEQ = 128
+STEPS = 30
+COMMON = dict(max_steps=STEPS, eval_every=STEPS, log_every=1, lora_dropout=0.0)
+# four members that differ in everything a member may differ in
+MEMBERS = [
+    TrainSection(**COMMON, lora_r=4, lora_alpha=8, target_modules="attention", learning_rate=5e-3, batch=(2, 2), lr_scheduler="cosine", warmup_ratio=0.1),
+    TrainSection(**COMMON, lora_r=8, lora_alpha=32, target_modules="mlp", learning_rate=2e-3, batch=(1, 4), lr_scheduler="linear", seed=1),
+    TrainSection(**COMMON, lora_r=2, lora_alpha=2, target_modules=("q_proj", "v_proj"), learning_rate=1e-2, batch=(4, 1), lr_scheduler="constant", weight_decay=0.1, max_grad_norm=0.5),
+    TrainSection(**COMMON, lora_r=16, lora_alpha=8, target_modules="all-linear", learning_rate=3e-3, batch=(2, 3), warmup_ratio=0.2, seed=2),
+]  # fmt: skip
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+
+    @contextmanager
+    def restore(self) -> Iterator[None]:
+        yield None
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    section = DataSection(train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"), max_seq_len=SEQ)
+    return str(prepare(section, load_tokenizer("tiny-gemma3"), tmp_path_factory.mktemp("data"), seed=0, log=lambda s: None).folder)
+
+
+def cohort(data_dir: str, **base: Any) -> Cohort:
+    torch.set_num_threads(1)
+    return Cohort("tiny-gemma3", data_dir, TrainSection(**base), max_seq_len=SEQ)
+
+
+def train_until(c: Cohort, done: Any) -> None:
+    while c.running() and not done():
+        c.step()
+
+
+def test_a_member_starts_from_pefts_init(data_dir: str) -> None:
+    c = cohort(data_dir)
+    train = TrainSection(lora_r=4, lora_alpha=8, target_modules=("q_proj", "down_proj"), seed=3)
+    member = c.members[c.add(train)]
+    peft = dict(load_model("tiny-gemma3", train).model.named_parameters())
+    assert len(member.layers) == 4  # 2 layers x 2 targets
+    for name, lora in member.layers.items():
+        assert torch.equal(lora.lora_A, peft[f"base_model.model.{name}.lora_A.default.weight"]), name
+        assert torch.equal(lora.lora_B, peft[f"base_model.model.{name}.lora_B.default.weight"]), name
+
+
+def test_four_different_members_each_train_as_alone(data_dir: str) -> None:
+    c = cohort(data_dir)
+    slots = [c.add(t, name=f"m{i}") for i, t in enumerate(MEMBERS)]
+    train_until(c, lambda: False)
+    evals = c.evaluate()
+    for slot, train in zip(slots, MEMBERS):
+        alone = Reporter()
+        run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ), alone)
+        theirs = [h[1] for r in alone.reports for h in r["history"]]
+        ours = c.members[slot].losses()
+        assert len(ours) == len(theirs) == STEPS
+        assert theirs[-1] < 0.9 * theirs[0]  # it learned: the comparison means something
+        for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+            assert a == pytest.approx(b, rel=1e-4), f"member {slot} step {step}: cohort {a:.6f}, alone {b:.6f}"
+        assert evals[slot] == pytest.approx(alone.reports[-1]["eval_loss"], rel=1e-4)
+        assert c.members[slot].status == "completed"
+
+
+def grads(c: Cohort, rows: dict[int, list[int]]) -> dict[int, list[torch.Tensor]]:
+    for m in c.members.values():
+        m.optimizer.zero_grad(set_to_none=True)
+    c.forward_backward(rows, {s: 100 for s in rows})
+    return {s: [p.grad.clone() for p in c.members[s].params] for s in rows}
+
+
+def test_no_leakage_between_members(data_dir: str) -> None:
+    c = cohort(data_dir)
+    for train in MEMBERS[:3]:
+        c.add(train.model_copy(update={"lora_dropout": 0.1}))
+    c.step()  # B is no longer zero: every member's update is live
+    for m in c.members.values():
+        m.optimizer.step()
+    rows = {0: [0, 1], 1: [2], 2: [3, 4, 5]}
+    before = grads(c, rows)  # both passes use the dropout seeds of the last micro-step: the same masks
+    after = grads(c, {**rows, 0: [7, 8, 9]})  # member 0: other rows, another row count (another padding width)
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    for slot in (1, 2):
+        for a, b in zip(before[slot], after[slot]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_replace_a_member_mid_run(data_dir: str) -> None:
+    short = [t.model_copy(update={"max_steps": 12}) for t in MEMBERS[:3]]
+    reference = cohort(data_dir)
+    for t in short:
+        reference.add(t)
+    train_until(reference, lambda: False)
+
+    c = cohort(data_dir)
+    for t in short:
+        c.add(t)
+    train_until(c, lambda: c.members[1].step >= 5)
+    gone = c.remove(1)
+    assert gone.step == 5 and all("1" not in layer.adapters for layer in c.layers.values())
+    newcomer = MEMBERS[3].model_copy(update={"max_steps": 6})
+    assert c.add(newcomer, name="new") == 1
+    train_until(c, lambda: False)
+    for slot in (0, 2):
+        assert c.members[slot].losses() == pytest.approx(reference.members[slot].losses(), rel=1e-5)
+    # the newcomer trains as it would have from the start of a cohort
+    fresh = cohort(data_dir)
+    fresh.add(newcomer)
+    train_until(fresh, lambda: False)
+    assert c.members[1].losses() == pytest.approx(fresh.members[0].losses(), rel=1e-5)
+
+
+def test_dropout_masks_survive_gradient_checkpointing(data_dir: str) -> None:
+    """Recomputation in backward draws the same dropout masks as the forward did."""
+    runs = []
+    for checkpointing in (False, True):
+        c = cohort(data_dir, gradient_checkpointing=checkpointing)
+        for t in MEMBERS[:2]:
+            c.add(t.model_copy(update={"lora_dropout": 0.2, "max_steps": 3}))
+        train_until(c, lambda: False)
+        runs.append([[p.detach().clone() for p in m.params] for m in c.members.values()])
+    for a, b in zip(*runs):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_qlora_nf4_base_on_cpu(data_dir: str) -> None:
+    import bitsandbytes as bnb
+
+    c = cohort(data_dir, method="qlora")
+    assert isinstance(c.layers["model.layers.0.self_attn.q_proj"].base, bnb.nn.Linear4bit)
+    for t in MEMBERS[:2]:
+        c.add(t.model_copy(update={"method": "qlora", "max_steps": 3, "optimizer": "adamw"}))
+    c.add(MEMBERS[2].model_copy(update={"method": "qlora", "max_steps": 3, "optimizer": "paged_adamw_8bit", "lora_dropout": 0.1}))
+    train_until(c, lambda: False)
+    for m in c.members.values():
+        assert m.status == "completed" and len(m.losses()) == 3 and all(x == x for x in m.losses())
+    assert all(v == v for v in c.evaluate().values())
+    with pytest.raises(ValueError, match="train.method: 'lora', but this cohort's base is 'qlora'"):
+        c.add(MEMBERS[0])
+
+
+def test_checkpoint_and_restore_one_member(data_dir: str, tmp_path: Path) -> None:
+    members = [t.model_copy(update={"max_steps": 10, "lora_dropout": 0.1}) for t in MEMBERS[:3]]
+    reference = cohort(data_dir)
+    for t in members:
+        reference.add(t)
+    train_until(reference, lambda: False)
+
+    c = cohort(data_dir)
+    for t in members:
+        c.add(t)
+    # saved mid-accumulation: the checkpoint is the member as of its last optimizer step
+    train_until(c, lambda: c.members[1].step >= 4 and c.members[1].pending)
+    c.save(1, tmp_path / "m1")
+    c.remove(1)
+    other = cohort(data_dir)  # restored into a different cohort, beside a different member
+    other.add(MEMBERS[3].model_copy(update={"max_steps": 4}))
+    slot = other.restore(tmp_path / "m1")
+    assert other.members[slot].step == 4
+    train_until(other, lambda: False)
+    assert other.members[slot].losses() == pytest.approx(reference.members[1].losses(), rel=1e-5)
+
+
+def test_embedding_policies_a_cohort_refuses(data_dir: str) -> None:
+    c = cohort(data_dir)
+    with pytest.raises(ValueError) as err:
+        c.add(TrainSection(target_modules=("q_proj", "qkv")), embeddings="full")
+    assert "runs alone, not in a cohort" in str(err.value) and "no linear layer named qkv" in str(err.value)
+    with pytest.raises(ValueError, match="new_tokens is not yet supported in a cohort"):
+        c.add(TrainSection(), embeddings="new_tokens")
+
+
+# ------------------------------------------------------------------------------------------------
+# the multi-adapter layer itself: gradients, the bf16 path, no fp32 copy of the activations
+
+
+def multi_layer(dtype: torch.dtype, dropout: float = 0.1) -> tuple[Any, Any]:
+    """A frozen 24->40 linear with three members (two on it, one without an adapter there) on 2+1+3 rows."""
+    from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit
+
+    torch.manual_seed(0)
+    split = RowSplit(segments=((0, 0, 2), (1, 2, 3), (2, 3, 6)), dropout_seeds={0: 11, 2: 22}, max_len=9)
+    base = torch.nn.Linear(24, 40, bias=False).requires_grad_(False)
+    layer = MultiLoraLinear(base, split, layer_id=3)
+    for slot, r in ((0, 4), (2, 8)):
+        lora = MemberLora(24, 40, r, 2 * r, dropout, compute_dtype=dtype)
+        with torch.no_grad():
+            lora.lora_A.normal_()
+            lora.lora_B.normal_()
+        lora.refresh()
+        layer.adapters[str(slot)] = lora
+    layer.to(dtype=dtype) if dtype == torch.float64 else layer.base.to(dtype)
+    return layer, torch.randn(6, 7, 24, dtype=dtype)  # padded width 7 < max_len 9
+
+
+def test_layer_gradients_match_autograd_with_dropout() -> None:
+    """The hand-written backward (masks drawn again, not kept) against torch.autograd.gradcheck (fp64)."""
+    layer, x = multi_layer(torch.float64, dropout=0.3)
+    loras = [layer.adapters[k] for k in ("0", "2")]
+    for lora in loras:
+        lora.compute = (lora.lora_A, lora.lora_B)
+
+    def f(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        for lora, a, b in zip(loras, params[::2], params[1::2]):
+            lora.lora_A, lora.lora_B = a, b  # plain tensors stand in for the parameters
+            lora.compute = (a, b)
+        return layer(x)
+
+    params = [t.detach().clone().requires_grad_(True) for lora in loras for t in (lora.lora_A, lora.lora_B)]
+    for module in loras:
+        del module._parameters["lora_A"], module._parameters["lora_B"]
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(True), *params), eps=1e-6, atol=1e-5)
+    # and the dropout is live: the masks differ between members, layers and micro-steps
+    out = f(x, *params)
+    layer.split.dropout_seeds = {0: 12, 2: 22}
+    again = f(x, *params)
+    assert not torch.equal(out[:2], again[:2]) and torch.equal(out[2:], again[2:])
+
+
+def test_bf16_path_matches_fp32_within_bf16_tolerance() -> None:
+    ref, x = multi_layer(torch.float32)
+    fast, _ = multi_layer(torch.bfloat16)
+    assert fast.adapters["0"].compute[0].dtype == torch.bfloat16 and fast.adapters["0"].lora_A.dtype == torch.float32
+    outs, grads = [], []
+    for layer, xi in ((ref, x), (fast, x.bfloat16())):
+        xi = xi.clone().requires_grad_(True)
+        out = layer(xi)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append(out.detach().float())
+        grads.append([xi.grad.float()] + [p.grad for p in layer.adapters.parameters()])
+    assert all(g.dtype == torch.float32 for g in grads[1][1:])  # the parameters' gradients stay fp32
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=1e-2 * float(outs[0].abs().max()))
+    for g32, g16 in zip(*grads):
+        torch.testing.assert_close(g16, g32, rtol=2e-2, atol=2e-2 * float(g32.abs().max()))
+
+
+def test_bf16_path_makes_no_fp32_copy_of_x() -> None:
+    """Every tensor the layer's forward and backward create in fp32 is at most an adapter's size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer, x = multi_layer(torch.bfloat16)
+    x = x.bfloat16().requires_grad_(True)
+    largest_param = max(p.numel() for p in layer.adapters.parameters())
+
+    class Fp32Outputs(TorchDispatchMode):
+        sizes: list[tuple[str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.sizes.append((str(func), t.numel()))
+            return out
+
+    mode = Fp32Outputs()
+    with mode:
+        layer(x).sum().backward()
+    assert all(n <= largest_param for _, n in mode.sizes), mode.sizes
+    assert len(mode.sizes) >= 4  # the fp32 gradients of two members' A and B
+
+
+def test_bf16_cohort_trains_like_fp32_cohort(data_dir: str) -> None:
+    curves = []
+    for dtype in ("float32", "bfloat16"):
+        c = cohort(data_dir, dtype=dtype)
+        for t in MEMBERS[:2]:
+            c.add(t.model_copy(update={"dtype": dtype, "max_steps": 6, "lora_dropout": 0.1}))
+        train_until(c, lambda: False)
+        curves.append([m.losses() for m in c.members.values()])
+        if dtype == "bfloat16":
+            lora = next(iter(c.members[0].layers.values()))
+            assert lora.compute[0].dtype == torch.bfloat16
+            torch.testing.assert_close(lora.compute[0].float(), lora.lora_A.detach(), rtol=1e-2, atol=1e-3)  # refreshed after steps
+    for ours, ref in zip(*curves):
+        assert ours == pytest.approx(ref, rel=3e-2)

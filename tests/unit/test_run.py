@@ -1,0 +1,26 @@
+"""The driver's bookkeeping in sweep.json (sweep.run, without Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sweep import run
+from sweep.sweepdir import write_meta
+
+
+def test_elapsed_time_is_written_every_few_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver killed 25 s into a sweep has counted (nearly) all of it: the time budget left to
+    its resume is not overstated."""
+    now = [1000.0]
+    monkeypatch.setattr(run.time, "monotonic", lambda: now[0])
+    write_meta(tmp_path, {"elapsed_seconds": 0.0, "state": "running"})
+    beat = run.Heartbeat(tmp_path, elapsed_before=100.0)
+    beat.beat(force=True)
+    for _ in range(25):  # Tune's loop calls it about once a second
+        now[0] += 1.0
+        beat.beat()
+    elapsed = json.loads((tmp_path / "sweep.json").read_text())["elapsed_seconds"]
+    assert 100 + 25 - run.Heartbeat.INTERVAL <= elapsed <= 125, elapsed

@@ -1,0 +1,391 @@
+"""Many trials, one base model (issue 15): train a cohort of trials' LoRA adapters together.
+
+    cohort = Cohort("tiny-gemma3", data_dir, TrainSection(method="lora"), max_seq_len=128)
+    a = cohort.add(TrainSection(lora_r=8, learning_rate=1e-3, batch=(2, 4)))
+    b = cohort.add(TrainSection(lora_r=32, target_modules="attention", batch=(8, 1), seed=1))
+    while cohort.running():
+        cohort.step()                      # one micro-step for every running member
+    cohort.evaluate()                      # {slot: eval loss}
+    cohort.save(a, folder); cohort.remove(a); cohort.restore(folder)   # the base stays loaded
+
+One process holds one frozen base model (bf16 for LoRA, NF4 for QLoRA) and any number of members,
+each a trial with its own adapter (rank, alpha, dropout, targets), optimizer, LR schedule, weight
+decay, micro-batch x accumulation, data order, eval and checkpoint. Each micro-step concatenates
+every running member's next micro-batch (its own number of rows) into one batch; every frozen
+projection runs once on it, and each member's low-rank update is added to its own rows
+(trainable/multi_lora.py). A member steps its optimizer when its own accumulation completes.
+
+Each member trains as it would alone (trainable/train.py), to float rounding:
+- its adapter starts from the values PEFT gives the same seed (multi_lora.peft_init);
+- its data order is train_batches' order for its seed, and its loss is the sum of cross-entropy
+  over its reply tokens divided by the reply tokens of its whole optimizer step;
+- its gradients are clipped, and its optimizer and schedule built, by train.py's own helpers.
+Differences: rows are padded to the longest row of the whole cohort batch (the pad tail is its own
+packed sequence, so no real token sees it); dropout masks come from seeds of the member's own
+(drawn from its seed) rather than the global RNG, so a member's masks do not depend on who else
+trains beside it; and on a bf16 base the LoRA update is computed in bf16 (fp32 parameters, optimizer
+and gradient accumulation; bf16 copies refreshed after each optimizer step: multi_lora.py), as
+`lora_dtype: bfloat16` does for a single trial, whatever the member's lora_dtype. Embeddings: `frozen` only for now (`new_tokens` needs per-member token rows;
+`full` trains the whole embedding and runs alone).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from core.schema import TrainSection
+from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit, is_linear, peft_init, refresh_all
+
+# Settings that shape the base model itself: every member of a cohort has the cohort's values.
+SHARED = ("method", "dtype", "attn_implementation")
+# Settings a member may have but the cohort decides for everyone (they change speed, not results).
+COHORT_WIDE = ("gradient_checkpointing", "loss", "eval_batch_size", "reuse_base_model", "lora_dtype")
+
+
+@dataclass
+class Member:
+    """One trial of the cohort: its adapter, optimizer, schedule, data position and results."""
+
+    slot: int
+    name: str
+    train: TrainSection
+    layers: dict[str, MemberLora]  # wrapped layer name -> this member's adapter there
+    optimizer: Any
+    schedule: Any
+    generator: torch.Generator | None  # draws the member's dropout seed for each micro-step; None without dropout
+    step: int = 0  # optimizer steps done
+    rows_done: int = 0  # training rows consumed by those steps (the data position a checkpoint keeps)
+    tokens: int = 0  # non-padding input tokens trained on
+    loss_tokens: int = 0
+    status: str = "running"  # running | completed | nan
+    history: list[list[float]] = field(default_factory=list)  # [step, train loss, learning rate]
+    # the optimizer step in progress
+    order: Iterator[int] | None = None
+    pending: list[list[int]] = field(default_factory=list)  # its micro-batches not yet run
+    group_loss_tokens: int = 0
+    step_loss: Any = None  # device tensor: this step's loss so far
+    unchecked: list[tuple[int, Any, float]] = field(default_factory=list)  # steps whose loss is not yet on the host
+    boundary_generator: Any = None  # the generator state after the last optimizer step
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for lora in self.layers.values() for p in (lora.lora_A, lora.lora_B)]
+
+    def losses(self) -> list[float]:
+        return [h[1] for h in self.history]
+
+
+class Cohort:
+    """One frozen base model and the members training on it; see the module docstring."""
+
+    def __init__(
+        self,
+        model_id: str,
+        data_dir: str,
+        base: TrainSection,
+        revision: str | None = None,
+        max_seq_len: int = 1024,
+        max_rows: int = 8,
+        eval_batch_size: int = 4,
+        chunk_tokens: int = 4096,
+    ):
+        """`base` gives the shared settings (method, dtype, attention, gradient_checkpointing);
+        `max_rows`: the most rows one micro-step is expected to hold (gradient_checkpointing auto)."""
+        from trainable.data import IGNORE, load_split
+        from trainable.model import _load_base, _set_checkpointing, decoder_prefix, pick_device_and_dtype, resolve_checkpointing
+
+        self.model_id, self.revision, self.base_train = model_id, revision, base
+        self.max_seq_len, self.eval_batch_size, self.chunk_tokens = max_seq_len, eval_batch_size, chunk_tokens
+        self.device, self.dtype = pick_device_and_dtype(base.dtype)
+        self.model = _load_base(model_id, base, revision, self.device, self.dtype)
+        self.checkpointing = resolve_checkpointing(base, self.model.config, max_rows * max_seq_len, self.device)
+        _set_checkpointing(self.model, self.checkpointing)
+        self.split = RowSplit(max_len=max_seq_len)
+        self.layers: dict[str, MultiLoraLinear] = {}  # in named_modules order: PEFT's init order
+        prefix = decoder_prefix(self.model) + "."
+        for name, module in list(self.model.named_modules()):
+            if name.startswith(prefix) and is_linear(module):
+                parent, _, leaf = name.rpartition(".")
+                wrapper = MultiLoraLinear(module, self.split, layer_id=len(self.layers))
+                setattr(self.model.get_submodule(parent), leaf, wrapper)
+                self.layers[name] = wrapper
+        self.train_ds, self.eval_ds = load_split(data_dir, "train"), load_split(data_dir, "eval")
+        self.pad_id = getattr(self.model.config.get_text_config(), "pad_token_id", None) or 0
+        labels = self.train_ds["labels"]
+        self.row_loss_tokens = [int((row[1:] != IGNORE).sum()) for row in labels]
+        self.row_tokens = [len(row) for row in labels]
+        self.members: dict[int, Member] = {}
+
+    def plan_checkpointing(self, rows: int) -> bool:
+        """Re-decide gradient checkpointing (when the base setting is auto) for micro-steps of
+        `rows` sequences in all: the cohort's concatenated batch grows and shrinks with its members."""
+        from trainable.model import _set_checkpointing, resolve_checkpointing
+
+        self.checkpointing = resolve_checkpointing(self.base_train, self.model.config, rows * self.max_seq_len, self.device)
+        _set_checkpointing(self.model, self.checkpointing)
+        return self.checkpointing
+
+    # ------------------------------------------------------------------------------------------
+    # membership
+
+    def problems(self, train: TrainSection, embeddings: str = "frozen", slot: int | None = None) -> list[str]:
+        """Why `train` cannot join this cohort (empty when it can)."""
+        from trainable.model import target_names
+
+        out = [
+            f"train.{key}: {getattr(train, key)!r}, but this cohort's base is {getattr(self.base_train, key)!r}; a trial joins a cohort with the same {key}"
+            for key in SHARED
+            if getattr(train, key) != getattr(self.base_train, key)
+        ]
+        if embeddings == "new_tokens":
+            out.append("model.embeddings: new_tokens is not yet supported in a cohort (each member would need its own token rows); use frozen, or run the trial alone")
+        elif embeddings not in ("frozen",):
+            out.append(f"model.embeddings: {embeddings} trains the whole embedding matrix; such a trial runs alone, not in a cohort")
+        leaves = {name.rsplit(".", 1)[-1] for name in self.layers}
+        missing = [n for n in target_names(train.target_modules) if n not in leaves]
+        if missing:
+            out.append(f"train.target_modules: no linear layer named {', '.join(missing)} in the language model; its linear layers are: {', '.join(sorted(leaves))}")
+        if slot is not None and slot in self.members:
+            out.append(f"slot {slot} is taken by member {self.members[slot].name!r}; remove it first")
+        return out
+
+    def add(self, train: TrainSection, name: str | None = None, slot: int | None = None, embeddings: str = "frozen") -> int:
+        """A new member (fresh adapter, optimizer, schedule, data order) in `slot` or the first free one."""
+        from trainable.model import target_names
+        from trainable.train import build_optimizer, build_schedule
+
+        problems = self.problems(train, embeddings, slot)
+        if problems:
+            raise ValueError("cannot add this trial to the cohort:\n" + "\n".join(f"  - {p}" for p in problems))
+        if slot is None:
+            slot = next(i for i in range(len(self.members) + 1) if i not in self.members)
+        names = target_names(train.target_modules)
+        targets = [n for n in self.layers if n.rsplit(".", 1)[-1] in names]
+        init = peft_init([(self.layers[n].in_features, self.layers[n].out_features) for n in targets], train.lora_r, train.seed)
+        layers: dict[str, MemberLora] = {}
+        for layer_name, (a, b) in zip(targets, init):
+            layer = self.layers[layer_name]
+            lora = MemberLora(layer.in_features, layer.out_features, train.lora_r, train.lora_alpha, train.lora_dropout, self.device, self.dtype)
+            with torch.no_grad():
+                lora.lora_A.copy_(a)
+                lora.lora_B.copy_(b)
+            lora.refresh()
+            layer.adapters[str(slot)] = lora
+            layers[layer_name] = lora
+        generator = None
+        if train.lora_dropout > 0:  # one dropout seed per micro-step comes from here (on the CPU: no device sync)
+            generator = torch.Generator()
+            generator.manual_seed(train.seed)
+        params = [p for lora in layers.values() for p in (lora.lora_A, lora.lora_B)]
+        optimizer = build_optimizer(params, train, self.device)
+        member = Member(slot=slot, name=name or f"member-{slot}", train=train, layers=layers, optimizer=optimizer,
+                        schedule=build_schedule(optimizer, train), generator=generator)  # fmt: skip
+        member.boundary_generator = generator.get_state() if generator is not None else None
+        self._seek(member)
+        self.members[slot] = member
+        return slot
+
+    def remove(self, slot: int) -> Member:
+        """Take a member out (finished, pruned, failed): its adapter leaves every layer; the base stays."""
+        member = self.members.pop(slot)
+        for layer_name in member.layers:
+            del self.layers[layer_name].adapters[str(slot)]
+        member.optimizer.zero_grad(set_to_none=True)
+        return member
+
+    def running(self) -> list[int]:
+        return [s for s, m in self.members.items() if m.status == "running"]
+
+    def _seek(self, member: Member) -> None:
+        """Continue the member's data stream from its last optimizer step (train_batches' order)."""
+        from trainable.data import row_order
+
+        member.order = row_order(len(self.train_ds), member.train.seed, member.rows_done)
+        member.pending, member.step_loss = [], None
+
+    # ------------------------------------------------------------------------------------------
+    # training
+
+    def step(self) -> dict[int, int]:
+        """One micro-step: every running member's next micro-batch in one forward and backward; a
+        member whose accumulation completes steps its optimizer. Returns {slot: step} for those."""
+        active = [self.members[s] for s in sorted(self.running())]
+        if not active:
+            return {}
+        for m in active:
+            if not m.pending:  # a new optimizer step: draw all its micro-batches (the loss divides by their reply tokens)
+                micro, accum = m.train.batch
+                m.pending = [[next(m.order) for _ in range(micro)] for _ in range(accum)]
+                m.group_loss_tokens = sum(self.row_loss_tokens[i] for rows in m.pending for i in rows)
+        rows = {m.slot: m.pending.pop(0) for m in active}
+        self.split.dropout_seeds = {m.slot: int(torch.randint(2**62, (), generator=m.generator)) for m in active if m.generator is not None}
+        self.model.train()
+        losses = self.forward_backward(rows, {m.slot: m.group_loss_tokens for m in active})
+        stepped = {}
+        for m in active:
+            loss = losses[m.slot].detach()
+            m.step_loss = loss if m.step_loss is None else m.step_loss + loss
+            m.tokens += sum(self.row_tokens[i] for i in rows[m.slot])
+            m.loss_tokens += sum(self.row_loss_tokens[i] for i in rows[m.slot])
+            if not m.pending:
+                self._optimizer_step(m)
+                stepped[m.slot] = m.step
+        return stepped
+
+    def _optimizer_step(self, m: Member) -> None:
+        torch.nn.utils.clip_grad_norm_(m.params, m.train.max_grad_norm)
+        lr = m.schedule.get_last_lr()[0]
+        m.optimizer.step()
+        refresh_all(list(m.layers.values()))  # the compute copies (bf16 base) follow the fp32 parameters
+        m.schedule.step()
+        m.optimizer.zero_grad(set_to_none=True)
+        m.step += 1
+        micro, accum = m.train.batch
+        m.rows_done += micro * accum
+        m.unchecked.append((m.step, m.step_loss, lr))
+        m.step_loss = None
+        if m.generator is not None:
+            m.boundary_generator = m.generator.get_state()
+        if m.step % m.train.log_every == 0 or m.step >= m.train.max_steps:
+            self._check(m)  # one host sync per logging window, as a single trial does
+        if m.status == "running" and m.step >= m.train.max_steps:
+            m.status = "completed"
+
+    def _check(self, m: Member) -> None:
+        if not m.unchecked:
+            return
+        values = torch.stack([loss for _, loss, _ in m.unchecked]).tolist()
+        for (step, _, lr), value in zip(m.unchecked, values):
+            m.history.append([step, value, lr])
+            if value != value or value in (float("inf"), float("-inf")):
+                m.status = "nan"
+        m.unchecked = []
+
+    def forward_backward(self, rows: dict[int, list[int]], loss_tokens: dict[int, int]) -> dict[int, Any]:
+        """One forward of every member's training rows together, and backward of
+        sum over members m of (reply-token CE summed over m's rows) / loss_tokens[m].
+        Returns {slot: that member's term, detached}."""
+        sums, _ = self._summed_losses(self.train_ds, rows, grad=True)
+        total = sum(sums[s] / max(loss_tokens[s], 1) for s in rows)
+        try:
+            total.backward()
+        finally:
+            self.split.segments = ()
+        return {s: (sums[s] / max(loss_tokens[s], 1)).detach() for s in rows}
+
+    def _summed_losses(self, ds: Any, rows: dict[int, list[int]], grad: bool) -> tuple[dict[int, Any], dict[int, int]]:
+        """({slot: sum of reply-token CE over its rows}, {slot: its reply tokens})."""
+        from trainable.data import collate
+        from trainable.loss import decoder_and_head, loss_positions
+
+        slots = list(rows)
+        batch = collate(ds[[i for s in slots for i in rows[s]]], self.pad_id)
+        width = batch["input_ids"].shape[1] - 1
+        segments, index, targets, counts = [], [], [], []
+        start = 0
+        for s in slots:
+            stop = start + len(rows[s])
+            idx, tgt = loss_positions(batch["labels"][start:stop])
+            index.append(idx + start * width)
+            targets.append(tgt)
+            counts.append(int(idx.numel()))
+            segments.append((s, start, stop))
+            start = stop
+        decoder, lm_head, softcap = decoder_and_head(self.model)
+        self.split.segments = tuple(segments)
+        try:
+            with torch.set_grad_enabled(grad):
+                ids = batch["input_ids"].to(self.device, non_blocking=True)
+                pos = batch["position_ids"].to(self.device, non_blocking=True)
+                hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, torch.cat(index).to(self.device))
+                per_token = self._token_losses(hidden, torch.cat(targets).to(self.device), lm_head, softcap, grad)
+                sums = dict(zip(slots, (piece.sum() for piece in torch.split(per_token, counts))))
+        finally:
+            if not grad:  # with grad, backward (recomputation under checkpointing) still needs the split
+                self.split.segments = ()
+        return sums, dict(zip(slots, counts))
+
+    def _token_losses(self, hidden: Any, targets: Any, lm_head: Any, softcap: float | None, grad: bool) -> Any:
+        """Per reply token cross-entropy (fp32), a chunk of tokens at a time through lm_head (as
+        trainable/loss.py does: each chunk's logits live only inside a checkpointed function)."""
+        from torch.utils.checkpoint import checkpoint
+
+        pieces = []
+        for start in range(0, targets.shape[0], self.chunk_tokens):
+            h, t = hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens]
+            pieces.append(checkpoint(_chunk_token_losses, h, t, lm_head, softcap, use_reentrant=False) if grad else _chunk_token_losses(h, t, lm_head, softcap))
+        return torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------
+    # eval and checkpoints
+
+    def evaluate(self, slots: list[int] | None = None, batch_size: int | None = None) -> dict[int, float]:
+        """Token-weighted mean eval loss of each member (all of them in one forward per eval batch)."""
+        slots = list(self.members) if slots is None else slots
+        batch_size = batch_size or self.eval_batch_size
+        totals = {s: torch.zeros((), device=self.device, dtype=torch.float64) for s in slots}
+        counts = dict.fromkeys(slots, 0)
+        self.model.eval()
+        try:
+            for start in range(0, len(self.eval_ds), batch_size):
+                idx = list(range(start, min(start + batch_size, len(self.eval_ds))))
+                sums, n = self._summed_losses(self.eval_ds, {s: idx for s in slots}, grad=False)
+                for s in slots:
+                    if n[s]:
+                        totals[s] += sums[s].double()
+                        counts[s] += n[s]
+        finally:
+            self.model.train()
+        return {s: float(totals[s]) / max(counts[s], 1) for s in slots}
+
+    def save(self, slot: int, folder: str | Path) -> None:
+        """The member as of its last optimizer step: adapter, optimizer, schedule, dropout generator,
+        data position and history (an accumulation in progress is not kept; it is redone)."""
+        m = self.members[slot]
+        self._check(m)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        adapter = {f"{n}.{k}": getattr(lora, k).detach().cpu() for n, lora in m.layers.items() for k in ("lora_A", "lora_B")}
+        torch.save(adapter, folder / "adapter.pt")
+        torch.save({"optimizer": m.optimizer.state_dict(), "schedule": m.schedule.state_dict(), "generator": m.boundary_generator}, folder / "optimizer.pt")
+        state = {"name": m.name, "train": m.train.model_dump(mode="json"), "step": m.step, "rows_done": m.rows_done,
+                 "tokens": m.tokens, "loss_tokens": m.loss_tokens, "status": m.status, "history": m.history}  # fmt: skip
+        (folder / "member.json").write_text(json.dumps(state))
+
+    def restore(self, folder: str | Path, slot: int | None = None) -> int:
+        """A member saved by save(), into `slot` or the first free one; it continues where it was."""
+        folder = Path(folder)
+        state = json.loads((folder / "member.json").read_text())
+        slot = self.add(TrainSection(**state["train"]), name=state["name"], slot=slot)
+        m = self.members[slot]
+        adapter = torch.load(folder / "adapter.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for n, lora in m.layers.items():
+                lora.lora_A.copy_(adapter[f"{n}.lora_A"])
+                lora.lora_B.copy_(adapter[f"{n}.lora_B"])
+        refresh_all(list(m.layers.values()))
+        opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        m.optimizer.load_state_dict(opt["optimizer"])
+        m.schedule.load_state_dict(opt["schedule"])
+        if m.generator is not None and opt["generator"] is not None:
+            m.generator.set_state(opt["generator"])
+            m.boundary_generator = opt["generator"]
+        for key in ("step", "rows_done", "tokens", "loss_tokens", "status", "history"):
+            setattr(m, key, state[key])
+        self._seek(m)
+        return slot
+
+
+def _chunk_token_losses(hidden: Any, targets: Any, lm_head: Any, softcap: float | None) -> Any:
+    import torch.nn.functional as F
+
+    logits = lm_head(hidden).float()
+    if softcap:
+        logits = (logits / softcap).tanh() * softcap
+    return F.cross_entropy(logits, targets, reduction="none")

@@ -1,0 +1,225 @@
+"""The fast-step switches of a trial (train.lora_dtype, train.loss: liger, train.compile), in one place.
+
+- `MasterWeights`: LoRA A/B held in bf16 on the model, so the bf16 activations meet bf16 weights and a
+  LoRA layer computes with no dtype casts (PEFT otherwise keeps adapters in fp32 and casts the
+  input up and the output back in every layer, forward and backward). The optimizer never sees the
+  bf16 tensors: it steps fp32 master copies. Each bf16 gradient is added into its master's fp32
+  .grad as soon as autograd has it (a post-accumulate hook), so gradient accumulation over
+  micro-batches also runs in fp32; after the optimizer step the masters are rounded back into the
+  model. Nothing here is specific to one adapter: the multi-adapter cohort layer can hand it any
+  set of low-rank parameters.
+- `liger_summed_loss`: liger-kernel's fused linear + cross-entropy over the reply positions only
+  (the same positions as the chunked loss), never materialising a chunk of logits in fp32.
+  Gemma 3's final_logit_softcapping is passed through (liger supports softcap; Gemma 3 sets None).
+- `compile_layers`: torch.compile per decoder layer (regional compilation: one compiled graph per
+  distinct layer kind, reused across layers, so compile time does not grow with depth).
+
+liger-kernel and Triton are imported only when `loss: liger` is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+LORA_PARAM_NAMES = ("lora_A", "lora_B")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA in bf16, fp32 master weights
+
+
+class MasterWeights:
+    """fp32 masters for low-rank parameters kept on the model in a low-precision dtype."""
+
+    def __init__(self, params: list, dtype: Any):
+        import torch
+
+        self.params = list(params)
+        # Copied before the cast, so the masters start exactly at the fp32 initialisation.
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self._master_of = {id(p): m for p, m in zip(self.params, self.masters)}
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.to(dtype)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
+
+    @classmethod
+    def for_lora(cls, model: Any, dtype: Any) -> "MasterWeights":
+        params = [p for name, p in model.named_parameters() if p.requires_grad and any(f".{n}." in name for n in LORA_PARAM_NAMES)]
+        return cls(params, dtype)
+
+    def _accumulate(self, param: Any) -> None:
+        master = self._master_of[id(param)]
+        if master.grad is None:
+            master.grad = param.grad.float()
+        else:
+            master.grad.add_(param.grad)
+        param.grad = None
+
+    def optimizer_params(self, params: list) -> list:
+        """`params` with each low-precision LoRA tensor replaced by its fp32 master (order kept)."""
+        return [self._master_of.get(id(p), p) for p in params]
+
+    def copy_to_model(self) -> None:
+        """After optimizer.step(): the updated masters, rounded into the model's tensors."""
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.masters)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masters": [m.detach().cpu() for m in self.masters]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """From a checkpoint; without master state (an fp32-LoRA checkpoint), from the model's tensors."""
+        import torch
+
+        with torch.no_grad():
+            sources = state["masters"] if state else [p.detach() for p in self.params]
+            for master, source in zip(self.masters, sources, strict=True):
+                master.copy_(source)
+        self.copy_to_model()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# liger-kernel's fused linear + cross-entropy
+
+
+def liger_unavailable() -> str | None:
+    """Why `loss: liger` cannot run here (None when it can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "liger-kernel runs Triton kernels and needs a CUDA GPU; this machine has none (use loss: chunked)"
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: F401
+    except Exception as exc:  # ImportError, or Triton failing to initialise
+        return f"liger-kernel is not importable ({type(exc).__name__}: {exc}); pip install liger-kernel, or use loss: chunked"
+    return None
+
+
+def head_weight(lm_head: Any) -> Any:
+    """The weight the fused loss multiplies by: a plain Linear's, or the trained copy of `embeddings: full`."""
+    import torch
+
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    if isinstance(lm_head, ModulesToSaveWrapper):
+        lm_head = lm_head.original_module if lm_head.disable_adapters else lm_head.modules_to_save[lm_head.active_adapters[0]]
+    if isinstance(lm_head, TrainableTokensWrapper) or not isinstance(lm_head, torch.nn.Linear) or lm_head.bias is not None:
+        raise ValueError(
+            f"train.loss: liger needs lm_head to be a plain linear layer (embeddings: frozen or full); got {type(lm_head).__name__}. "
+            "With embeddings: new_tokens use loss: chunked."
+        )
+    return lm_head.weight
+
+
+_LIGER: dict[float | None, Any] = {}
+
+
+def liger_summed_loss(model: Any, input_ids: Any, position_ids: Any, loss_index: Any, targets: Any) -> Any:
+    """Sum of next-token cross-entropy over `loss_index` positions, lm_head + loss fused by liger-kernel."""
+    from trainable.loss import IGNORE, decoder_and_head
+
+    reason = liger_unavailable()
+    if reason:
+        raise RuntimeError(f"train.loss: liger: {reason}")
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    decoder, lm_head, softcap = decoder_and_head(model)
+    weight = head_weight(lm_head)
+    if softcap not in _LIGER:
+        _LIGER[softcap] = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", softcap=softcap)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return _LIGER[softcap](weight, hidden, targets).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile per decoder layer
+
+
+def decoder_layers(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers
+
+
+def compile_layers(model: Any, backend: str = "inductor") -> int:
+    """Compile each decoder layer in place; returns how many. Shapes are static within a trial
+    (packed rows of max_seq_len), so the graphs are too; eval batches may add a dynamic variant."""
+    import os
+
+    import torch
+
+    backend = os.environ.get("LORA_SWEEP_COMPILE_BACKEND", backend)  # aot_eager: the CPU dry run, without C++ builds
+    # Sliding-window and global layers differ in attributes the graph guards on, and eval adds its own
+    # shapes: allow for those recompiles instead of falling back to eager after the default limit.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trial's view
+
+
+@dataclass
+class FastStep:
+    """What the switches changed in one trial: masters to step (or None) and what to log."""
+
+    masters: MasterWeights | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def optimizer_params(self, params: list) -> list:
+        return self.masters.optimizer_params(params) if self.masters else params
+
+    def after_optimizer_step(self) -> None:
+        if self.masters:
+            self.masters.copy_to_model()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.masters.state_dict() if self.masters else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.masters:
+            self.masters.load_state_dict(state)
+
+
+def prepare(model: Any, train: Any, compute_dtype: Any) -> FastStep:
+    """Apply train.lora_dtype / train.loss / train.compile to a freshly built PEFT model."""
+    import torch
+
+    step = FastStep()
+    if train.lora_dtype == "bfloat16":
+        if compute_dtype == torch.bfloat16:
+            step.masters = MasterWeights.for_lora(model, torch.bfloat16)
+            step.info["lora_dtype"] = f"bfloat16 ({len(step.masters.params)} tensors, fp32 masters)"
+        else:  # dtype auto on a machine without bf16: nothing to gain, keep the adapter in fp32
+            step.info["lora_dtype"] = f"float32 (compute dtype is {str(compute_dtype).removeprefix('torch.')}, not bfloat16)"
+    else:
+        step.info["lora_dtype"] = "float32"
+    if train.loss == "liger":
+        reason = liger_unavailable()
+        if reason:
+            raise RuntimeError(f"train.loss: liger: {reason}")
+        head_weight(decoder_and_head_of(model))  # fails now, not at the first step, on new_tokens
+    step.info["loss"] = train.loss
+    step.info["compiled_layers"] = compile_layers(model) if train.compile else 0
+    return step
+
+
+def decoder_and_head_of(model: Any) -> Any:
+    from trainable.loss import decoder_and_head
+
+    return decoder_and_head(model)[1]
