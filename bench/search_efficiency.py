@@ -1,6 +1,8 @@
 """How few trials does the search need? TPE+ASHA vs random search vs exhaustive grid (issue 6).
 
     python bench/search_efficiency.py --out bench/results-search-efficiency.json --plot bench/search-efficiency.png
+    # only the real sweeps (grid and replays taken from --out; ~4 min per seed on 2 cores):
+    python bench/search_efficiency.py --out bench/results-search-efficiency.json --reuse-grid --real-seeds 0,1,2
 
 The demo task (tiny Gemma 3, CPU), one discrete space of 48 configurations
 (6 learning rates x 2 ranks x 2 target presets x 2 batch pairs), 60 steps each, eval every 10.
@@ -12,8 +14,18 @@ The demo task (tiny Gemma 3, CPU), one discrete space of 48 configurations
    scheduler), with a trainable that replays the recorded curve of whatever configuration it is
    given instead of training it again. A trial's training is deterministic for its configuration
    (fixed seed, data order and init), so the replay reports what training would; step 3 checks it.
-3. One real TPE+ASHA sweep (budget 16, seed 0): its completed trials' losses must equal the grid's
-   for the same configurations.
+3. Real TPE+ASHA sweeps (budget 16, seeds --real-seeds, default 0,1,2), each beside a fresh replay
+   of the same seed: every real trial's reported losses must equal the grid's for the same
+   configuration and step (training is deterministic), and the two are compared trial by trial.
+
+What the replay does not reproduce: with 2 trials at a time, which trial ASHA stops at a rung and what
+TPE suggests next depend on the order in which the two running trials report, and that order comes
+from their wall-clock durations (real training vs the replay's fixed 0.02 s per report). So a real
+sweep and the replay of its seed can try different configurations and spend different steps (seed 0
+on 2026-11-29: 840 real steps vs 800 replayed; the same real sweep on 2026-11-30: 800, the replay's
+trials exactly), and two real runs of one seed can differ too; only single trials' curves are exact. The replays
+measure the sampler and scheduler over many seeds cheaply; the real sweeps show how far the real
+runs land from them.
 
 Reported per method and budget: best completed eval loss (median over seeds), training steps
 spent (sum of the steps each trial ran), and how many seeds came within 2% of the grid's best.
@@ -94,7 +106,7 @@ def replay_trial(config: dict, curves: dict) -> None:
         tune.report({"step": step, "eval_loss": loss, "trial_status": "completed" if step == curve[-1][0] else "running"})
 
 
-def run_replay(space_file: Path, method: str, budget: int, seed: int, curves: dict, workdir: Path) -> dict[str, Any]:
+def run_replay(space_file: Path, method: str, budget: int, seed: int, curves: dict, workdir: Path, detail: bool = False) -> dict[str, Any]:
     from ray import tune
 
     from sweep.config import load_config
@@ -112,29 +124,36 @@ def run_replay(space_file: Path, method: str, budget: int, seed: int, curves: di
         run_config=tune.RunConfig(name="replay", storage_path=str(folder), verbose=0),
     )
     grid = tuner.fit()
-    steps, finals = 0, []
+    steps, finals, trials = 0, [], []
     for r in grid:
         last = r.metrics or {}
         steps += int(last.get("step", 0))
         if last.get("trial_status") == "completed":
             finals.append(last["eval_loss"])
-    return {"method": method, "budget": budget, "seed": seed, "steps": steps, "best": min(finals) if finals else None, "completed": len(finals)}
+        if r.config:
+            trials.append([key(r.config), int(last.get("step", 0))])
+    row = {"method": method, "budget": budget, "seed": seed, "steps": steps, "best": min(finals) if finals else None, "completed": len(finals)}
+    return {**row, "trials": sorted(trials)} if detail else row
 
 
-def real_check(space_file: Path, curves: dict) -> dict[str, Any]:
+def real_check(space_file: Path, curves: dict, seed: int = 0) -> dict[str, Any]:
+    """One real TPE+ASHA sweep (16 trials, trained for real); each trial's last loss checked against the grid."""
     from sweep.config import load_config
     from sweep.run import run_sweep
 
-    cfg = load_config(space_file, METHODS["tpe+asha"] + ["search.seed=0", "search.num_trials=16", "name=real-tpe-asha"])
+    cfg = load_config(space_file, METHODS["tpe+asha"] + [f"search.seed={seed}", "search.num_trials=16", f"name=real-tpe-asha-{seed}"])
+    started = time.perf_counter()
     result = run_sweep(cfg, log=lambda s: None)
-    mismatches, steps = [], 0
+    mismatches, steps, trials = [], 0, []
     for row in result.trials:
         steps += int(row["step"] or 0)
+        trials.append([key(row["config"]), int(row["step"] or 0)])
         expected = dict(curves[key(row["config"])]).get(row["step"])
-        if expected is None or abs(expected - row["eval_loss"]) > 1e-6:
+        if expected is None or row["eval_loss"] is None or abs(expected - row["eval_loss"]) > 1e-6:
             mismatches.append({"config": key(row["config"]), "step": row["step"], "real": row["eval_loss"], "grid": expected})
     completed = [r["eval_loss"] for r in result.trials if r["status"] == "completed"]
-    return {"steps": steps, "best": min(completed), "trials": len(result.trials), "mismatches": mismatches}
+    return {"seed": seed, "steps": steps, "best": min(completed) if completed else None, "trials": len(result.trials), "completed": len(completed),
+            "mismatches": mismatches, "wall_seconds": round(time.perf_counter() - started, 1), "configs": sorted(trials)}  # fmt: skip
 
 
 def plot(results: dict, path: Path) -> None:
@@ -170,7 +189,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--plot", required=True)
+    ap.add_argument("--plot", default=None, help="write the plot here (default: no plot)")
+    ap.add_argument("--real-seeds", default="0,1,2", help="seeds of the real TPE+ASHA sweeps (16 trials each), each beside its replay")
     ap.add_argument("--budgets", default="6,10,16,24")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--workdir", default=None)
@@ -199,10 +219,20 @@ def main() -> None:
                 results["replays"].append(row)
                 print(json.dumps(row), flush=True)
                 out.write_text(json.dumps(with_provenance(results), indent=2))
-    results["real_check"] = real_check(space_file, grid["curves"])
-    print("real check:", json.dumps(results["real_check"]), flush=True)
-    out.write_text(json.dumps(with_provenance(results), indent=2))
-    plot(results, Path(args.plot))
+    results.setdefault("real_sweeps", [])
+    real_done = {r["seed"] for r in results["real_sweeps"]}
+    for seed in (int(s) for s in args.real_seeds.split(",") if s != ""):
+        if seed in real_done:
+            continue
+        real = real_check(space_file, grid["curves"], seed)
+        replay = run_replay(space_file, "tpe+asha", 16, seed, grid["curves"], work, detail=True)
+        real["replay"] = replay
+        real["same_configs_as_replay"] = real["configs"] == replay["trials"]
+        results["real_sweeps"].append(real)
+        print("real sweep:", json.dumps({k: v for k, v in real.items() if k not in ("configs", "replay")}), "replay:", replay["steps"], replay["best"], flush=True)
+        out.write_text(json.dumps(with_provenance(results), indent=2))
+    if args.plot:
+        plot(results, Path(args.plot))
     print(f"\n{'method':<12} {'trials':>6} {'steps (median)':>14} {'% of grid':>9} {'best (median)':>13} {'within 2%':>9}")
     for method in METHODS:
         for budget in (int(b) for b in args.budgets.split(",")):

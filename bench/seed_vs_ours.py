@@ -10,6 +10,15 @@ Rows run in order of importance (seed, HF best, ours, ours fast, then one switch
 what finished. Each row's label names every setting (optimizer included); rows that cannot run
 here (liger-kernel without CUDA) are recorded as skipped, with the reason.
 
+Time budget (--budget-s, per size): a row starts only if the budget has room for its expected
+duration (expected_seconds: the 2026-11-30 H200 walls); a row still running at the limit is stopped
+and recorded as `skipped` with reason `time budget: ...` and the --start-row that resumes there, never
+as an error. A row that fails records the exception's last lines (the child writes them), not the
+stderr tail (progress bars). The `[liger unavailable]` fallback (the all-switches row measured with
+the chunked loss instead) happens only when liger-kernel cannot be imported for our own loss; a
+failing HF Trainer + liger row is an error of that row alone. --only takes labels separated by `|`
+(labels contain commas): `--only "LoRA bf16, chunked loss|mb 16x2"`.
+
 HF best: Hugging Face Trainer + PEFT with the seed's LoRA at Trainer's best plain settings:
 micro-batch 8 (1B) / 4 (12B), sdpa, no gradient checkpointing (retried with it on OOM), torch's
 fused AdamW (adamw_torch_fused), frozen embeddings, packed rows with position_ids (as
@@ -53,10 +62,52 @@ from realsize import ARCH, build_checkpoint, prepare_data  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H200 SXM dense bf16
 # Seconds per size on an H200, so both sizes fit one 10-minute command on two GPUs; rows past it are
-# recorded as skipped (finish them with --start-row). Estimated from the 2026-11-30 run: a row costs
-# ~20-30 s of process start, load and eval besides its steps; 1B fast steps ~1.5 s, seed steps ~15 s;
-# 12B QLoRA steps ~10 s, seed steps ~36 s; a compiled row adds ~60 s; building 12B ~90 s.
+# recorded as skipped (finish them with --start-row). From the 2026-11-30 run: a row costs ~20-30 s
+# of process start, load and eval besides its steps; 1B fast steps ~1.5 s, seed steps ~15 s;
+# 12B QLoRA steps ~10 s, seed steps ~36 s; a compiled row adds ~50 s; building 12B ~90 s.
 BUDGET_S = {"1b": 470, "4b": 500, "12b": 540}
+
+
+def expected_seconds(row: dict, size: str) -> float:
+    """A row's wall time on an H200 (process start to result), from the 2026-11-30 rows: 1B fast rows
+    31-40 s, compiled 82 s, the 50-loss check 122 s, seed 55 s; 12B rows 53-56 s, checkpointed
+    micro-batch 2 93 s, seed 117 s. A row starts only if its size's budget has this much left."""
+    if row["kind"] == "losses":
+        return 125.0
+    s = row.get("recipe") or row["settings"]
+    seconds = {"1b": 35.0, "4b": 45.0, "12b": 55.0}.get(size, 55.0)
+    if s["batch"][0] == 1:
+        seconds = {"1b": 60.0, "4b": 80.0, "12b": 120.0}.get(size, 120.0)
+    elif s.get("ckpt", s.get("gradient_checkpointing")) is True and size != "1b":
+        seconds = 95.0
+    if s.get("compile") or s.get("attn_implementation") == "flex_attention":
+        seconds += 50.0  # torch.compile / flex_attention's kernels, built in the row's warm-up step
+    return seconds
+
+
+def readable(text: str, lines: int = 20) -> str:
+    """The informative end of a child's stderr: progress bars (carriage returns, tqdm, 'Loading
+    weights') dropped; from the last traceback on when there is one."""
+    noise = ("Loading weights", "it/s]", "s/it]", "%|", "Saving the dataset", "Map:", "warnings.warn(")
+    kept = [ln.rstrip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not any(n in ln for n in noise)]
+    starts = [i for i, ln in enumerate(kept) if ln.startswith("Traceback")]
+    if starts:
+        kept = kept[starts[-1] :]
+        return "\n".join(kept[:3] + (["  ..."] if len(kept) > lines else []) + kept[3:][-(lines - 3) :])
+    return "\n".join(kept[-lines:])
+
+
+def exception_text(exc: BaseException, frames: int = 6) -> str:
+    """`Type: message` (long messages cut in the middle) and the innermost frames, for the JSON."""
+    import traceback
+
+    message = str(exc)
+    if len(message) > 1500:
+        message = message[:700] + " [...] " + message[-700:]
+    stack = traceback.extract_tb(exc.__traceback__)[-frames:]
+    where = "".join(f"  {f.filename}:{f.lineno} in {f.name}\n" for f in stack)
+    cause = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {message}\n{where}" + (f"caused by {type(cause).__name__}: {str(cause)[:500]}" if cause else "")
 SEQ = 1024
 SEQS_PER_STEP = 32
 SEED_TARGETS = ["k_proj", "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
@@ -107,6 +158,9 @@ def rows_for(size: str, ablations: bool) -> list[dict]:
         rows.append(dict(kind="losses"))
     if size != "1b":  # the memory target: <= 0.6x the seed's peak allocated at >= 3x its tokens/s
         rows.append(dict(kind="ours", settings=o(batch=(2, 16), gradient_checkpointing=True, lora_dtype="bfloat16", loss="liger"), steps=fast))
+        # 2026-11-30: micro-batch 2 reached 0.53x the seed's peak at only 1.8x its speed; micro-batch 4
+        # halves the per-token cost of dequantizing the NF4 weights (estimated ~11.2 GB: at the 0.6x line)
+        rows.append(dict(kind="ours", settings=o(batch=(4, 8), gradient_checkpointing=True, lora_dtype="bfloat16", loss="liger"), steps=fast))
     rows += [
         dict(kind="hf", recipe=hf_recipe(size, liger=True), steps=fast),
         dict(kind="ours", settings=o(lora_dtype="bfloat16"), steps=fast),
@@ -348,14 +402,21 @@ def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str
     return out
 
 
-def skip_reason(row: dict, dry_run: bool) -> str | None:
-    """Why a row cannot run on this machine (None: it can)."""
+def liger_reason(row: dict) -> str | None:
+    """Why this row's liger loss cannot run here: liger-kernel not importable for our loss, or no
+    CUDA (None: it can, or the row does not use liger). Checked in this process, once per row; a
+    failure inside a row (HF Trainer's own liger patching) is that row's error, nothing more."""
+    if not ((row.get("recipe") or {}).get("liger") or (row.get("settings") or {}).get("loss") == "liger"):
+        return None
     from trainable.fast import liger_unavailable
 
+    return liger_unavailable()
+
+
+def skip_reason(row: dict, dry_run: bool) -> str | None:
+    """Why a row cannot run on this machine, liger apart (None: it can)."""
     import torch
 
-    if (row.get("recipe") or {}).get("liger") or (row.get("settings") or {}).get("loss") == "liger":
-        return liger_unavailable()
     if (row.get("settings") or {}).get("attn_implementation") == "flex_attention" and not torch.cuda.is_available():
         return "torch's flex_attention has no backward on CPU (forward parity with sdpa: tests/unit/test_fast.py)"
     return None
@@ -365,7 +426,8 @@ def skip_reason(row: dict, dry_run: bool) -> str | None:
 
 
 def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids: list[int], work: Path, args: argparse.Namespace) -> dict:
-    """One row in its own process; a failure becomes an error row (stderr tail) instead of stopping the run."""
+    """One row in its own process; a failure becomes an error row (the exception's last lines) instead
+    of stopping the run; a row still running when its size's budget ends is stopped and `skipped`."""
     out = work / f"one-{size}.json"
     warmup, timed = row.get("steps", (1, 1))
     if args.warmup is not None:
@@ -392,21 +454,27 @@ def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids:
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # every row alike: less fragmentation
     started = time.perf_counter()
     out.unlink(missing_ok=True)
-    limit = max(20.0, args.deadline - time.perf_counter()) if getattr(args, "deadline", None) else None
+    limit = max(1.0, args.deadline - time.perf_counter()) if getattr(args, "deadline", None) else None
+    result = {"size": size, "method": method, "run": row["name"], "kind": row["kind"], "warmup_steps": warmup, "timed_steps": timed}
     try:
         proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env=env, timeout=limit)
-    except subprocess.TimeoutExpired as exc:  # the size's time budget ran out in this row
-        tail = (exc.stderr or b"")[-2000:]
-        proc = subprocess.CompletedProcess(exc.cmd, 124, "", f"stopped at the time budget after {limit:.0f} s\n" + (tail.decode(errors="replace") if isinstance(tail, bytes) else tail))
-    result = {"size": size, "method": method, "run": row["name"], "kind": row["kind"], "warmup_steps": warmup, "timed_steps": timed,
-              "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-    if proc.returncode == 0 and out.exists():
+    except subprocess.TimeoutExpired as exc:  # the size's time budget ran out in this row: not an error of the row
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        result.update(trial_status="skipped", wall_seconds=round(time.perf_counter() - started, 1), last_output=readable(stderr, 5),
+                      reason=f"time budget: stopped after {limit:.0f} s, at the end of {size}'s budget (it needs ~{expected_seconds(row, size):.0f} s; "
+                             f"run it with --start-row {row.get('index', '?')})")  # fmt: skip
+        return result
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if out.exists():  # the child writes its result, or its exception (trial_status error / oom)
         result.update(json.loads(out.read_text()))
-        if result.get("tokens_per_sec"):
-            result["mfu"] = flops_per_token(size, result["lm_head_fraction"], result["head_trains"]) * result["tokens_per_sec"] / PEAK_FLOPS
-    else:
-        oom = "out of memory" in proc.stderr.lower()
-        result.update(trial_status="oom" if oom else "error", error=proc.stderr[-3000:])
+    if proc.returncode == 0 and result.get("tokens_per_sec"):
+        result["mfu"] = flops_per_token(size, result["lm_head_fraction"], result["head_trains"]) * result["tokens_per_sec"] / PEAK_FLOPS
+    elif proc.returncode != 0:
+        if "error" not in result:  # died without writing (killed, segfault): the readable end of stderr
+            oom = "out of memory" in proc.stderr.lower()
+            result.update(trial_status="oom" if oom else "error", error=f"exit code {proc.returncode}\n" + readable(proc.stderr))
+        result.setdefault("trial_status", "error")
+        result["stderr_tail"] = readable(proc.stderr, 8)
     return result
 
 
@@ -416,7 +484,7 @@ def main() -> None:
     ap.add_argument("--ablations", default="", help="sizes that also run the issue-4 micro-batch-1 ladder (+ sdpa, + new_tokens, + chunked loss)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps for every row (default: per row)")
     ap.add_argument("--timed", type=int, default=None, help="timed steps for every row (default: per row)")
-    ap.add_argument("--only", default="", help="comma list of substrings: run only rows whose label contains one")
+    ap.add_argument("--only", default="", help="substrings separated by '|' (labels contain commas): run only rows whose label contains one")
     ap.add_argument("--start-row", type=int, default=0, help="skip the first N rows of each size (finish a run that its time budget cut)")
     ap.add_argument("--budget-s", type=float, default=None, help="seconds per size; rows that would start later are recorded as skipped "
                     "and a running row is stopped at the limit (default: 1b 470, 4b 500, 12b 540; 0: none)")
@@ -427,14 +495,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         job = json.loads(args.one)
-        if job["kind"] in ("seed", "hf"):
-            job["recipe"]["batch"] = tuple(job["recipe"]["batch"])
-            result = hf_run(job["model_dir"], job["data_dir"], job["method"], job["recipe"], job["warmup"], job["timed"])
-        elif job["kind"] == "losses":
-            result = losses_run(job["model_dir"], job["data_dir"], job["ids"], job["method"])
-        else:
-            job["settings"]["batch"] = tuple(job["settings"]["batch"])
-            result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["warmup"], job["timed"])
+        try:
+            if job["kind"] in ("seed", "hf"):
+                job["recipe"]["batch"] = tuple(job["recipe"]["batch"])
+                result = hf_run(job["model_dir"], job["data_dir"], job["method"], job["recipe"], job["warmup"], job["timed"])
+            elif job["kind"] == "losses":
+                result = losses_run(job["model_dir"], job["data_dir"], job["ids"], job["method"])
+            else:
+                job["settings"]["batch"] = tuple(job["settings"]["batch"])
+                result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["warmup"], job["timed"])
+        except Exception as exc:  # the row's own failure, readable (a compile error's cause included), for the JSON
+            oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+            Path(job["out"]).write_text(json.dumps({"trial_status": "oom" if oom else "error", "error": exception_text(exc)}, default=str))
+            raise
         Path(job["out"]).write_text(json.dumps(result, default=str))
         return
 
@@ -457,24 +530,31 @@ def main() -> None:
             (folder / "BUILT").write_text("ok")
         data_dir, ids = prepare_data(folder, work / f"data-{size}")  # one cache per size: two sizes may run at once
         method = ARCH[size]["method"]
-        plan = rows_for(size, size in args.ablations.split(","))[args.start_row :]
+        plan = rows_for(size, size in args.ablations.split(","))
+        for index, row in enumerate(plan):
+            row["index"] = index  # for "run it with --start-row N"
+        plan = plan[args.start_row :]
         budget = args.budget_s if args.budget_s is not None else 0 if args.dry_run else BUDGET_S.get(size, 540)
         size_started = time.perf_counter()
         args.deadline = size_started + budget if budget else None
         if args.only:
-            plan = [r for r in plan if any(w in r["name"] for w in args.only.split(","))]
+            plan = [r for r in plan if any(w.strip() and w.strip() in r["name"] for w in args.only.split("|"))]
         print(f"{size}: {len(plan)} rows; checkpoint built in {build_seconds:.0f} s", flush=True)
         for row in plan:
-            reason = skip_reason(row, args.dry_run)
-            if args.deadline and time.perf_counter() > args.deadline - 20:
-                reason = f"time budget: {budget:.0f} s for {size} spent (run it with --start-row {rows_for(size, size in args.ablations.split(',')).index(row)})"
-            if reason and row["kind"] == "ours" and (row["settings"]["lora_dtype"] == "bfloat16" or row["settings"]["compile"]):
-                # the all-switches row still measures the others: chunked loss instead, said in its label
+            reason, liger = skip_reason(row, args.dry_run), liger_reason(row)
+            left = args.deadline - time.perf_counter() if args.deadline else None
+            if left is not None and left < expected_seconds(row, size):
+                reason = (f"time budget: {max(0.0, left):.0f} s left of {budget:.0f} s for {size}, the row needs ~{expected_seconds(row, size):.0f} s "
+                          f"(run it with --start-row {row['index']})")  # fmt: skip
+            if not reason and liger and row["kind"] == "ours" and (row["settings"]["lora_dtype"] == "bfloat16" or row["settings"]["compile"]):
+                # liger-kernel cannot be imported for our loss: the all-switches row still measures the others,
+                # with the chunked loss instead, said in its label
                 row = {**row, "settings": {**row["settings"], "loss": "chunked"}}
                 row["name"] = label("ours", row["settings"]) + " [liger unavailable]"
                 result = run_row(row, size, method, folder, data_dir, ids, work, args)
-                result["liger_skipped"] = reason
-            elif reason:
+                result["liger_skipped"] = liger
+            elif reason or liger:
+                reason = reason or liger
                 result = {"size": size, "method": method, "run": row["name"], "kind": row["kind"], "trial_status": "skipped", "reason": reason}
             else:
                 result = run_row(row, size, method, folder, data_dir, ids, work, args)
@@ -486,8 +566,8 @@ def main() -> None:
             result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(result)
             Path(args.out).write_text(json.dumps(with_provenance({"build_seconds": build_seconds, "rows": rows}), indent=2, default=str))
-            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe")}, default=str)[:600], flush=True)
-            if result.get("trial_status") == "error":
+            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe", "stderr_tail")}, default=str)[:600], flush=True)
+            if result.get("trial_status") in ("error", "oom"):
                 print(result["error"][-1500:], flush=True)
     summary(rows, args.sizes.split(","))
 

@@ -270,3 +270,91 @@ class Placement:
             )
             return Verdict(gb, share, False, reason)
         return Verdict(gb, min(1.0, round(math.ceil(share / STEP - 1e-9) * STEP, 2)), True)
+
+
+# ----------------------------------------------------------------------------------------------
+# cohorts (issue 15): one base model, K members training on it (trainable/cohort.py)
+
+
+def cohort_estimate(profile: ModelProfile, members: list[TrialShape], checkpointing: bool | None = None) -> Estimate:
+    """Peak memory of a cohort: what one trial's estimate counts, with the base counted once.
+
+      weights      once, in the members' shared quantization (lora / qlora form separate cohorts)
+      adapter      every member's LoRA A/B in fp32 + gradients + optimizer state
+      activations  the decoder's saved tensors for the concatenated micro-batches (the members'
+                   micro_batch x seq_len tokens together); each targeted layer's input is saved
+                   once for all members, in the compute dtype (multi_lora.py), plus each member's
+                   [tokens, r] product; dropout masks are redrawn in backward, never kept
+      dequantized  QLoRA: one layer's weight at a time, once
+      logits       one chunk of at most 4096 reply tokens of the whole cohort (the cohort's loss)
+
+    `checkpointing`: the cohort's decision (it decides for everyone); default: any member's.
+    """
+    if not members:
+        return Estimate({})
+    first = members[0]
+    t, b = profile.text, first.dtype_bytes
+    ckpt = any(m.checkpointing for m in members) if checkpointing is None else checkpointing
+    parts = dict(estimate(profile, first).parts)  # weights, dequantized and overhead as for one trial
+    parts["adapter"] = 0.0
+    for m in members:
+        targeted = [profile.linears[n] for n in m.targets if n in profile.linears]
+        parts["adapter"] += sum(m.lora_r * (i + o) * n for i, o, n in targeted) * (4 + 4 + _state_bytes(m.optimizer, 4))
+    tokens = sum(m.micro_batch * m.seq_len for m in members)
+    union = {n for m in members for n in m.targets if n in profile.linears}
+    x_saved = sum(profile.linears[n][0] * profile.linears[n][2] for n in union) / t.layers * b  # per token and layer
+    products = sum(
+        m.micro_batch * m.seq_len * m.lora_r * sum(profile.linears[n][2] for n in m.targets if n in profile.linears) / t.layers * b for m in members
+    )
+    per_layer = layer_activation_bytes(t, tokens, b) / t.layers + tokens * x_saved + products
+    attn_scores = sum(m.micro_batch * t.heads * m.seq_len**2 * (b + 4) for m in members) if first.attn == "eager" else 0
+    if ckpt:
+        parts["activations"] = t.layers * tokens * t.hidden * b + per_layer + attn_scores
+    else:
+        parts["activations"] = t.layers * (per_layer + attn_scores)
+    through_head = min(sum(m.micro_batch * m.seq_len * m.reply_fraction for m in members), LOSS_CHUNK)
+    parts["logits"] = through_head * t.vocab * (b + 10)
+    return Estimate(parts)
+
+
+def member_share(profile: ModelProfile, member: TrialShape, members: list[TrialShape]) -> float:
+    """Bytes of a cohort's estimate that one member accounts for: its own adapter, its share of
+    the activations (by its tokens), and an equal share of what the members hold in common (the
+    base weights, the loss chunk, overhead). The shares of all members add up to the estimate."""
+    total = cohort_estimate(profile, members)
+    own = cohort_estimate(profile, [member]).parts["adapter"]
+    tokens = sum(m.micro_batch * m.seq_len for m in members) or 1
+    common = sum(v for k, v in total.parts.items() if k not in ("adapter", "activations"))
+    return own + total.parts["activations"] * member.micro_batch * member.seq_len / tokens + common / len(members)
+
+
+@dataclass(frozen=True)
+class CohortBudget:
+    """What a cohort worker may hold: the sweep's model and fixed settings, and the memory of the
+    worker's GPU share (`gpu_bytes`; None on a CPU worker: no limit, estimates only)."""
+
+    profile: ModelProfile
+    max_seq_len: int
+    fixed: dict[str, Any]
+    gpu_bytes: float | None = None
+    margin: float = 0.2
+    attn: str = "sdpa"
+    loss: str = "chunked"
+
+    def shape(self, sampled: dict[str, Any]) -> TrialShape:
+        # a cohort trains frozen embeddings only, and its own chunked loss
+        return trial_shape({**self.fixed, **sampled}, self.max_seq_len, self.profile.text, "frozen", self.gpu_bytes, self.attn, "chunked")
+
+    def need(self, members: list[dict[str, Any]]) -> float:
+        """Bytes the worker's GPU share must hold for these members: estimate, margin, context."""
+        return cohort_estimate(self.profile, [self.shape(m) for m in members]).total * (1 + self.margin) + CONTEXT_BYTES
+
+    def fits(self, members: list[dict[str, Any]]) -> bool:
+        return self.gpu_bytes is None or self.need(members) <= self.gpu_bytes
+
+    def share_gb(self, member: dict[str, Any], members: list[dict[str, Any]]) -> float:
+        return member_share(self.profile, self.shape(member), [self.shape(m) for m in members]) / GB
+
+    def size(self, member: dict[str, Any]) -> float:
+        """A member's own bytes in any cohort (adapter + its activations): whom an OOM sheds first."""
+        return member_share(self.profile, self.shape(member), [self.shape(member)]) - cohort_estimate(self.profile, [self.shape(member)]).parts["weights"]

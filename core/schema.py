@@ -185,6 +185,18 @@ class SearchSection(Section):
     max_retries: int = Field(2, ge=0, description="times a trial whose worker or node died is retried from its last checkpoint, >= 0 (a trial that fails on its own is never retried)")
 
 
+def _cohort(value: Any) -> Any:
+    """off | auto | a positive integer; YAML reads a bare off as false."""
+    if value is False or (isinstance(value, str) and value.lower() == "off"):
+        return "off"
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("expected off, auto or a positive number of trials per worker")
+
+
+COHORT_AUTO_CPU = 4  # resources.cohort: auto on a worker without a GPU (no memory estimate to fill)
+
+
 class ResourcesSection(Section):
     gpus_per_trial: float | Literal["auto"] = Field(
         "auto", description="auto (each trial asks for the GPU share its memory estimate needs; 0 on a cluster without GPUs) or a number; fractions below 1 share a GPU"
@@ -192,6 +204,9 @@ class ResourcesSection(Section):
     cpus_per_trial: float = Field(1, gt=0, description="CPU cores per trial, > 0")
     gpu_memory_gb: float | Literal["auto"] = Field("auto", description="memory of one GPU for auto placement: auto (read from a GPU of the cluster) or GB, > 0")
     memory_margin: float = Field(0.2, ge=0, le=2, description="safety margin on the memory estimate for auto placement, 0..2 (0.2 = +20%)")
+    cohort: Annotated[Union[Literal["off", "auto"], int], BeforeValidator(_cohort)] = Field(
+        "off", description="off (one trial per worker), auto (as many trials per worker as its GPU memory fits; 4 on a CPU) or N >= 1 (up to N trials training together on one loaded base model)"
+    )
 
 
 class TrackingSection(Section):

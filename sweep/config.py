@@ -439,6 +439,9 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
         explicit = sorted(set(raw.get("train", {}) or {}) & set(space.names))
         for key in explicit:
             problems.append(f"train.{key} and space.{key}: search it in space or fix it in train, not both")
+        from sweep.cohorts import config_problems  # resources.cohort: what cannot share a base model
+
+        problems += config_problems(model, train, sections.get("resources"), space.names)
         if train.eval_every > train.max_steps:
             problems.append(f"train.eval_every: {train.eval_every} is beyond train.max_steps {train.max_steps}; no trial would be evaluated")
         for d in space.dims:

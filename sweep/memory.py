@@ -3,11 +3,11 @@ of a finished sweep beside what it measured."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
-from sweep.config import SEARCHABLE, SweepConfig, load_config
+from core.contract import PEAK_VRAM_GB
+from sweep.config import SEARCHABLE, SweepConfig
 from sweep.estimate import GB, ModelProfile, corners, estimate, trial_shape
 
 Write = Callable[[str], None]
@@ -75,21 +75,14 @@ def estimate_space(cfg: SweepConfig, profile: ModelProfile, device_bytes: float 
 
 def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = print) -> list[dict]:
     """Each trial of a finished sweep: its estimate, and the peak it measured (MLflow)."""
-    import optuna
-    from mlflow import MlflowClient
+    from sweep.sweepdir import SweepFolder
 
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
-    cfg = load_config(meta["space_file"], meta.get("overrides", []))
+    folder = SweepFolder(sweep_dir)
+    cfg = folder.config
     profile = load_profile(cfg)
     fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
-    study = optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
-    client = MlflowClient(meta["mlflow_uri"])
-    children = client.search_runs(
-        [client.get_run(meta["parent_run_id"]).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'",
-        max_results=10000,
-    )
-    peaks = {r.data.tags.get("trial"): r.data.metrics.get("peak_vram_gb") for r in children}
+    study = folder.study()
+    peaks = {r.data.tags.get("trial"): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []
     for trial in study.trials:
         if not trial.params:

@@ -138,17 +138,10 @@ class FinishedSweep:
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
-    from sweep.checks import load_study
-    from sweep.sweepdir import load_sweep_config, read_meta
+    from sweep.sweepdir import SweepFolder
 
-    folder = Path(folder).resolve()
-    meta = read_meta(folder)
-    cfg = load_sweep_config(folder)
-    study = load_study(folder, cfg.mlflow_uri, cfg.optuna_storage(folder), meta["study_name"])  # never creates a missing store
-    from mlflow import MlflowClient
-
-    client = MlflowClient(cfg.mlflow_uri)
-    parent = client.get_run(meta["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'", max_results=50000)
-    return FinishedSweep(cfg, meta, study, client, collect(cfg, study, children))
-
+    sweep = SweepFolder(folder)
+    cfg = sweep.config
+    study = sweep.study()  # never creates a missing store
+    client = sweep.mlflow()
+    return FinishedSweep(cfg, sweep.meta, study, client, collect(cfg, study, sweep.children(client)))

@@ -2,7 +2,8 @@
 
     preflight   load the tokenizer, check LoRA targets against the model, tokenize the data once
     folder      <results_dir>/<name>-<timestamp>/: space.yaml, resolved.yaml, optuna.db, tune/
-    tune        Tuner(trial) + SweepSearch (Optuna, durable sqlite study) + ASHA + MLflow callback
+    tune        a `Sweep` (setup / run / finish): Tuner(trial) + SweepSearch (Optuna, durable study)
+                + scheduler + callbacks (retries, MLflow, terminal, heartbeat)
     summary     every trial's outcome, the best trial, and how to open the MLflow UI
 
 Config and data problems are found before anything starts (no Ray, no MLflow run, no folder).
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
+from core.contract import GPU_SHARE
 from sweep.config import ConfigError, SweepConfig
 from sweep.results import SweepResult, collect
 
@@ -251,27 +253,22 @@ class InfeasibleLog:
 # the sweep
 
 
-class StopFile:
-    """Tune stopper: `python -m sweep stop DIR` writes DIR/STOP; every trial then stops (each one
-    that sees the file first saves a checkpoint at its current step)."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return os.path.exists(self.path)
-
-    def stop_all(self) -> bool:
-        return os.path.exists(self.path)
-
-
-def _tune_stopper(stop_file: Path) -> Any:
+def _tune_stopper(stop: Any) -> Any:
+    """Tune stopper: once the sweep's StopFile is requested, every trial stops (each one that sees
+    the file first saves a checkpoint at its current step)."""
     from ray.tune import Stopper
 
-    class _Stopper(StopFile, Stopper):
-        pass
+    class _Stopper(Stopper):
+        def __init__(self, stop: Any):
+            self.stop = stop
 
-    return _Stopper(stop_file)
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return self.stop.requested()
+
+        def stop_all(self) -> bool:
+            return self.stop.requested()
+
+    return _Stopper(stop)
 
 
 class Heartbeat:
@@ -410,7 +407,10 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sw
         }
         write_meta(sweep_dir, meta)
         log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
-        return _drive(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log)
+        sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log)
+        sweep.setup()
+        sweep.run()
+        return sweep.finish()
     finally:
         if started_ray:
             shutdown_ray()
@@ -422,24 +422,22 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
     run again; new trials fill the rest of the budget."""
     import optuna
 
+    from core.contract import STATUS, TrialStatus
+    from sweep.checks import before_resume
     from sweep.study import Resumed, tell
-    from sweep.sweepdir import STOP, claim, latest_checkpoint, read_meta, release
+    from sweep.sweepdir import STOP, SweepFolder, claim, latest_checkpoint, release
     from sweep.tracking import SweepRun
 
-    sweep_dir = Path(sweep_dir).resolve()
-    meta = read_meta(sweep_dir)
+    folder = SweepFolder(sweep_dir)
+    sweep_dir, meta = folder.path, folder.meta
     if meta.get("state") == "finished":
         raise ConfigError(str(sweep_dir), [f"{sweep_dir.name}: finished already; nothing to resume"])
-    from sweep.sweepdir import load_sweep_config
-
-    cfg = load_sweep_config(sweep_dir)
-    from sweep.checks import before_resume
-
-    before_resume(cfg, sweep_dir, meta["study_name"], address)  # stores present, folders writable, cluster reachable
+    cfg = folder.config
+    before_resume(cfg, sweep_dir, folder.study_name, address)  # stores present, folders writable, cluster reachable
     claim(sweep_dir)
     try:
         prepared = preflight(cfg, log)
-        study = optuna.load_study(study_name=meta["study_name"], storage=cfg.optuna_storage(sweep_dir))
+        study = optuna.load_study(study_name=folder.study_name, storage=folder.optuna_storage)
         resume, finished = [], 0
         for t in study.trials:
             if "warm_start_from" in t.user_attrs:
@@ -447,7 +445,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
             if t.state == optuna.trial.TrialState.RUNNING:
                 if not t.params:  # asked, never sampled: nothing ran, nothing to continue
                     t_obj = optuna.trial.Trial(study, t._trial_id)
-                    t_obj.set_user_attr("trial_status", "lost")
+                    t_obj.set_user_attr(STATUS, str(TrialStatus.LOST))
                     tell(study, t_obj, None, optuna.trial.TrialState.FAIL)
                     continue
                 checkpoint = latest_checkpoint(sweep_dir, t.user_attrs.get("ray_trial_id"))
@@ -461,8 +459,11 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
         started_ray = connect_ray(address, log)
         try:
             resources = plan_resources(cfg, log)
-            sweep_run = SweepRun.attach(cfg, meta["parent_run_id"])
-            return _drive(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log)
+            sweep_run = SweepRun.attach(cfg, folder.parent_run_id)
+            sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log)
+            sweep.setup()
+            sweep.run()
+            return sweep.finish()
         finally:
             if started_ray:
                 shutdown_ray()
@@ -470,60 +471,220 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
         release(sweep_dir)
 
 
-def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, resources: Resources, resume: list, budget: int, elapsed_before: float, log: Log) -> SweepResult:
-    """The trials of one driver run: Tune + the study + MLflow, until the budget is spent."""
-    import optuna
-    from ray import tune
+class Sweep:
+    """One driver run of a sweep (a new sweep, or a resume), read top to bottom:
 
-    from sweep.progress import Progress, table
-    from sweep.schedulers import make_scheduler
-    from sweep.study import SweepSearch
-    from sweep.sweepdir import STOP, claim, next_tune_name, release
-    from sweep.tracking import TrialRuns
-    from sweep.trials import Ledger
-    from trainable.train import TrialSpec, tune_trial
+        setup()    the stop file, the heartbeat, the trainable and its resources, the MLflow
+                   recorder, the Optuna searcher, warm start, the scheduler and the Tuner
+        run()      Tuner.fit until the budget is spent, the time is up or a stop is requested;
+                   Ctrl-C / SIGTERM become a resumable stop (Interrupt)
+        finish()   close what Tune left open, read every trial back, close the parent run, print
+                   the summary; raises Interrupted after a signal
 
-    stats = prepared.stats
-    log(
-        f"data: {stats['train']['examples']} train examples -> {stats['train']['rows']} sequences "
-        f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples; "
-        f"template tokens: {', '.join(stats['template_tokens']) or 'none'}"
-    )
-    log(
-        f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
-        f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
-    )
-    claim(sweep_dir)  # resume holds it already (claim is idempotent); a new run takes it here
-    stop_file = sweep_dir / STOP
-    heartbeat = Heartbeat(sweep_dir, elapsed_before)
-    heartbeat.beat(force=True, state="running")
-    ledger = Ledger()
-    fixed = cfg.fixed_hyperparams
-    base = TrialSpec(
-        model_id=cfg.model.id,
-        revision=cfg.model.revision,
-        data_dir=str(prepared.folder),
-        train=cfg.train,
-        threads=max(1, int(resources.cpus)),
-        embeddings=cfg.model.embeddings,
-        template_ids=tuple(stats["template_tokens"].values()),
-        max_seq_len=cfg.data.max_seq_len,
-        # a fixed fraction below one GPU caps each trial to it, as auto placement caps to each share
-        gpu_share=resources.gpus if resources.gpus is not None and 0 < resources.gpus < 1 else None,
-        gpu_bytes=int(resources.placement.gpu_bytes) if resources.placement is not None else None,
-        stop_file=str(stop_file),
-    )
-    trainable = tune.with_parameters(tune_trial, base=base)
-    if resources.gpus is None:
-        from ray.tune import PlacementGroupFactory
+    Tune's callbacks each own one job, in this order: Retries decides whether a trial that errored
+    runs again (it tells the searcher and the Ledger), TrialRuns records to MLflow, Progress prints,
+    the heartbeat writes sweep.json. Whether a stop was requested is asked of one StopFile.
+    """
 
-        cpus = resources.cpus
-        trainable = tune.with_resources(trainable, lambda config: PlacementGroupFactory([{"CPU": cpus, "GPU": config["gpu_share"]}]))
-    else:
-        trainable = tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
-    trial_runs = TrialRuns(
-        sweep_run, ledger, fixed, max_retries=cfg.search.max_retries, stop_file=str(stop_file), objectives=tuple(m for m, _ in cfg.objectives)
-    )
+    def __init__(
+        self, cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, resources: Resources,
+        resume: list | None = None, budget: int | None = None, elapsed_before: float = 0.0, log: Log = print,
+    ):  # fmt: skip
+        self.cfg, self.sweep_dir, self.sweep_run, self.prepared, self.resources = cfg, sweep_dir, sweep_run, prepared, resources
+        self.resume = list(resume or [])
+        self.budget = cfg.num_trials if budget is None else budget
+        self.elapsed_before, self.log = elapsed_before, log
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from sweep.study import SweepSearch
+        from sweep.sweepdir import STOP, StopFile, claim
+        from sweep.tracking import TrialRuns
+        from sweep.trials import Ledger
+
+        cfg, log = self.cfg, self.log
+        self._describe()
+        claim(self.sweep_dir)  # resume holds it already (claim is idempotent); a new run takes it here
+        self.stop = StopFile(self.sweep_dir / STOP)
+        self.heartbeat = Heartbeat(self.sweep_dir, self.elapsed_before)
+        self.heartbeat.beat(force=True, state="running")
+        self.ledger = Ledger()  # what the searcher, scheduler and callbacks share about each trial
+        self.trainable = self.make_trainable()
+        self.trial_runs = TrialRuns(self.sweep_run, self.ledger, cfg.fixed_hyperparams, stop=self.stop, objectives=self.objectives)
+        _tune_environment()
+        judge = self.resources.placement.judge if self.resources.placement else None
+        self.search = SweepSearch(
+            cfg, cfg.optuna_storage(self.sweep_dir), self.ledger, judge=judge, on_infeasible=InfeasibleLog(self.trial_runs, cfg.fixed_hyperparams, log),
+            budget=self.budget, resume=self.resume, stop=self.stop,
+        )  # fmt: skip
+        self._warm_start()
+        self.tuner = self.make_tuner()
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.cfg.objectives)
+
+    def _describe(self) -> None:
+        cfg, stats, resources = self.cfg, self.prepared.stats, self.resources
+        self.log(
+            f"data: {stats['train']['examples']} train examples -> {stats['train']['rows']} sequences "
+            f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples; "
+            f"template tokens: {', '.join(stats['template_tokens']) or 'none'}"
+        )
+        self.log(
+            f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
+            f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
+        )
+
+    def make_trainable(self) -> Any:
+        """What each Ray trial runs, and the resources it asks Ray for: the one place both are chosen."""
+        from ray import tune
+
+        from trainable.train import TrialSpec, tune_trial
+
+        cfg, resources = self.cfg, self.resources
+        base = TrialSpec(
+            model_id=cfg.model.id,
+            revision=cfg.model.revision,
+            data_dir=str(self.prepared.folder),
+            train=cfg.train,
+            threads=max(1, int(resources.cpus)),
+            embeddings=cfg.model.embeddings,
+            template_ids=tuple(self.prepared.stats["template_tokens"].values()),
+            max_seq_len=cfg.data.max_seq_len,
+            # a fixed fraction below one GPU caps each trial to it, as auto placement caps to each share
+            gpu_share=resources.gpus if resources.gpus is not None and 0 < resources.gpus < 1 else None,
+            gpu_bytes=int(resources.placement.gpu_bytes) if resources.placement is not None else None,
+            stop_file=self.stop.path,  # the worker reads the file itself: it checkpoints before stopping
+        )
+        self.base = base  # resources.cohort: the cohort workers start from it too (make_tuner)
+        trainable = tune.with_parameters(tune_trial, base=base)
+        if resources.gpus is None:  # auto placement: each trial asks for the share its estimate needs
+            from ray.tune import PlacementGroupFactory
+
+            cpus = resources.cpus
+            return tune.with_resources(trainable, lambda config: PlacementGroupFactory([{"CPU": cpus, "GPU": config[GPU_SHARE]}]))
+        return tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus})
+
+    def _warm_start(self) -> None:
+        """search.warm_start: the previous sweep's trials enter the study once (not again on resume)."""
+        cfg, study = self.cfg, self.search._ot_study
+        if cfg.search.warm_start and not any("warm_start_from" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+            from sweep import warmstart
+
+            self.log(warmstart.apply(study, cfg, Path(cfg.search.warm_start)).describe())
+
+    def make_callbacks(self) -> list:
+        """Retries first: the others read its decision from the Ledger."""
+        from sweep.progress import Progress
+        from sweep.retries import Retries
+
+        cfg = self.cfg
+        progress = Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, self.ledger, cfg.fixed_hyperparams, self.log, objectives=self.objectives)
+        return [Retries(self.search, self.ledger, cfg.search.max_retries), self.trial_runs, progress, _heartbeat_callback(self.heartbeat)]
+
+    def make_tuner(self) -> Any:
+        from ray import tune
+
+        from sweep.schedulers import make_scheduler
+        from sweep.sweepdir import next_tune_name
+
+        cfg, resources = self.cfg, self.resources
+        time_left = max(1.0, cfg.search.time_budget - self.elapsed_before) if cfg.search.time_budget else None
+        tune_config = tune.TuneConfig(
+            search_alg=self.search,
+            scheduler=make_scheduler(cfg, self.ledger),
+            num_samples=-1,  # the searcher owns the budget (retries and resumes included)
+            # Tune's concurrency limiter counts paused trials as running: with Hyperband, which
+            # pauses trials until their bracket fills, it would deadlock. Resources limit it.
+            max_concurrent_trials=None if cfg.search.scheduler.type == "hyperband" else resources.concurrent,
+            time_budget_s=time_left,
+            reuse_actors=True,
+        )
+        trainable, callbacks = self.trainable, self.make_callbacks()
+        if cfg.resources.cohort != "off":  # issue 15: each Ray trial is a cohort worker; Optuna asks, tells and prunes its members
+            from sweep.cohorts import CohortPlan
+
+            plan = CohortPlan.build(cfg, self.sweep_dir, self.sweep_run, self.base, resources, self.resume, self.budget, time_left, self.log)
+            trainable, tune_config, callbacks = plan.apply(trainable, tune_config, callbacks)
+        return tune.Tuner(
+            trainable,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=next_tune_name(self.sweep_dir),
+                storage_path=str(self.sweep_dir),
+                callbacks=callbacks,
+                stop=_tune_stopper(self.stop),
+                verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from sweep.sweepdir import release
+
+        self.started = time.monotonic()
+        self.interrupt = Interrupt(Path(self.stop.path), f"python -m sweep resume {shlex.quote(str(self.sweep_dir))}").install()
+        try:
+            self.tuner.fit()
+        except BaseException:
+            self.interrupt.restore()
+            self.sweep_run.finish({}, None, self.cfg.search.metric, status="KILLED")
+            self.heartbeat.beat(force=True, state="failed")
+            release(self.sweep_dir)
+            raise
+
+    # -- finish -------------------------------------------------------------------------------
+
+    def finish(self) -> SweepResult:
+        import optuna
+
+        from sweep.checks import quote
+        from sweep.progress import table
+        from sweep.secrets import redact
+        from sweep.sweepdir import release
+
+        cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
+        stopped = self.stop.requested()
+        self.search.close_open_trials({tid: t.last_result for tid, t in self.trial_runs.trials.items()})
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.optuna_storage(sweep_dir))
+        result = collect(cfg, study, self.sweep_run.children())
+        result.sweep_dir, result.parent_run_id = sweep_dir, self.sweep_run.run_id
+        self.sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
+        self.heartbeat.beat(force=True, state="stopped" if stopped else "finished")
+        release(sweep_dir)
+        log("")
+        table(result.trials, cfg.search.metric, log)
+        log("")
+        counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
+        log(f"{len(result.trials)} trials ({time.monotonic() - self.started:.0f}s in this run): {counts}")
+        if cfg.multi_objective:
+            names = [m for m, _ in cfg.objectives]
+            log(f"Pareto set ({' / '.join(f'{m} {d}' for m, d in cfg.objectives)}): " + (", ".join(
+                f"{r['label']} (" + ", ".join(f"{r[m]:.4g}" for m in names) + ")" for r in result.pareto) or "none"))  # fmt: skip
+        if result.best:
+            b = result.best
+            log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
+        else:
+            log("best trial: none completed")
+        log(f"report: python -m sweep report {quote(sweep_dir)}    best adapter: python -m sweep best {quote(sweep_dir)} --export DIR")
+        interrupt = self.interrupt
+        interrupt.restore()
+        if interrupt.signum is not None:
+            log(f"interrupted ({Interrupted(interrupt.signum)}): running trials checkpointed and stopped; continue with:  {interrupt.resume}")
+            raise Interrupted(interrupt.signum, result)
+        if stopped:
+            log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
+        log(f"open the MLflow UI:  mlflow ui --backend-store-uri {quote(redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri))}")
+        return result
+
+
+def _tune_environment() -> None:
+    """Ray Tune settings of the driver process, set before the searcher and the Tuner are built."""
     # oom / nan reports carry no eval_loss; the scheduler and the searcher handle that.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's own console reporter would print a banner and tables; our Progress callback says it.
@@ -531,83 +692,3 @@ def _drive(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, res
     # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
     # here (small state) and Tune's warning about it would drown the progress lines.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    judge = resources.placement.judge if resources.placement else None
-    search = SweepSearch(
-        cfg, cfg.optuna_storage(sweep_dir), ledger, judge=judge, on_infeasible=InfeasibleLog(trial_runs, fixed, log),
-        budget=budget, resume=resume, stop_file=str(stop_file),
-    )  # fmt: skip
-    trial_runs.search = search
-    if cfg.search.warm_start and not any("warm_start_from" in t.user_attrs for t in search._ot_study.get_trials(deepcopy=False)):  # once per study
-        from sweep import warmstart
-
-        log(warmstart.apply(search._ot_study, cfg, Path(cfg.search.warm_start)).describe())
-    time_left = None
-    if cfg.search.time_budget:
-        time_left = max(1.0, cfg.search.time_budget - elapsed_before)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=search,
-            scheduler=make_scheduler(cfg, ledger),
-            num_samples=-1,  # the searcher owns the budget (retries and resumes included)
-            # Tune's concurrency limiter counts paused trials as running: with Hyperband, which
-            # pauses trials until their bracket fills, it would deadlock. Resources limit it.
-            max_concurrent_trials=None if cfg.search.scheduler.type == "hyperband" else resources.concurrent,
-            time_budget_s=time_left,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=next_tune_name(sweep_dir),
-            storage_path=str(sweep_dir),
-            callbacks=[trial_runs, Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, ledger, fixed, log), _heartbeat_callback(heartbeat)],
-            stop=_tune_stopper(stop_file),
-            verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
-    t0 = time.monotonic()
-    interrupt = Interrupt(stop_file, f"python -m sweep resume {shlex.quote(str(sweep_dir))}").install()
-    try:
-        tuner.fit()
-    except BaseException:
-        interrupt.restore()
-        sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
-        heartbeat.beat(force=True, state="failed")
-        release(sweep_dir)
-        raise
-    stopped = stop_file.exists()
-    search.close_open_trials({tid: t.last_result for tid, t in trial_runs.trials.items()})
-    study = optuna.load_study(study_name=cfg.name, storage=cfg.optuna_storage(sweep_dir))
-    result = collect(cfg, study, sweep_run.children())
-    result.sweep_dir, result.parent_run_id = sweep_dir, sweep_run.run_id
-    sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
-    heartbeat.beat(force=True, state="stopped" if stopped else "finished")
-    release(sweep_dir)
-    log("")
-    table(result.trials, cfg.search.metric, log)
-    log("")
-    counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
-    log(f"{len(result.trials)} trials ({time.monotonic() - t0:.0f}s in this run): {counts}")
-    if cfg.multi_objective:
-        names = [m for m, _ in cfg.objectives]
-        log(f"Pareto set ({' / '.join(f'{m} {d}' for m, d in cfg.objectives)}): " + (", ".join(
-            f"{r['label']} (" + ", ".join(f"{r[m]:.4g}" for m in names) + ")" for r in result.pareto) or "none"))
-    if result.best:
-        b = result.best
-        log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
-    else:
-        log("best trial: none completed")
-    from sweep.checks import quote
-
-    log(f"report: python -m sweep report {quote(sweep_dir)}    best adapter: python -m sweep best {quote(sweep_dir)} --export DIR")
-    interrupt.restore()
-    if interrupt.signum is not None:
-        log(f"interrupted ({Interrupted(interrupt.signum)}): running trials checkpointed and stopped; continue with:  {interrupt.resume}")
-        raise Interrupted(interrupt.signum, result)
-    if stopped:
-        log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
-    from sweep.secrets import redact
-
-    log(f"open the MLflow UI:  mlflow ui --backend-store-uri {quote(redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri))}")
-    return result

@@ -7,21 +7,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from core.contract import EVAL_LOSS, LOAD_SECONDS, STATUS, TRAIN_SECONDS, TrialStatus
 from sweep.checks import quote
-from sweep.config import ConfigError
-from sweep.sweepdir import STOP, driver, load_sweep_config, read_meta
+from sweep.sweepdir import STOP, SweepFolder, driver, read_meta
 
 Write = Callable[[str], None]
-
-
-def _stores(folder: Path, meta: dict) -> tuple[str, str]:
-    """(MLflow URI, Optuna storage) to connect with: from the space file when it still loads
-    (it can expand ${VAR} secrets), else as recorded in sweep.json."""
-    try:
-        cfg = load_sweep_config(folder)
-        return cfg.mlflow_uri, cfg.optuna_storage(folder)
-    except ConfigError:
-        return meta["mlflow_uri"], meta["optuna_storage"]
 
 
 def _duration(seconds: float) -> str:
@@ -40,13 +30,10 @@ def remaining_seconds(meta: dict, finished: int, durations: list[float]) -> floa
 
 
 def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
-    from sweep.checks import check_stores
-
-    meta = read_meta(folder)
-    mlflow_uri, storage = _stores(folder, meta)
-    check_stores(folder, mlflow_uri, storage, meta["study_name"])  # before MLflow / optuna would create a missing store
+    sweep = SweepFolder(folder)
+    meta = sweep.meta
+    sweep.check_stores()  # before MLflow / optuna would create a missing store
     import optuna
-    from mlflow import MlflowClient
 
     holder = driver(folder)
     state = meta.get("state", "?")
@@ -54,27 +41,25 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
         state = "interrupted (its driver is gone; resume it)"
     elif holder is not None:
         state = f"running (driver pid {holder['pid']} on {holder['host']})"
-    client = MlflowClient(mlflow_uri)
-    parent = client.get_run(meta["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'", max_results=50000)
+    children = sweep.children()
     counts: dict[str, int] = {}
     for run in children:
-        status = run.data.tags.get("trial_status", "?")
+        status = run.data.tags.get(STATUS, "?")
         counts[status] = counts.get(status, 0) + 1
-    study = optuna.load_study(study_name=meta["study_name"], storage=storage)
+    study = optuna.load_study(study_name=sweep.study_name, storage=sweep.optuna_storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "warm_start_from" not in t.user_attrs]
     best = (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(complete, key=lambda t: t.value) if complete else None
     elapsed = float(meta.get("elapsed_seconds", 0.0))
     num_trials = int(meta.get("num_trials", 0))
-    finished = sum(n for s, n in counts.items() if s not in ("running", "retrying", "infeasible"))
-    durations = [r.data.metrics.get("train_seconds", 0) + r.data.metrics.get("load_seconds", 0) for r in children if r.data.tags.get("trial_status") == "completed"]
+    finished = sum(n for s, n in counts.items() if s not in (TrialStatus.RUNNING, TrialStatus.RETRYING, TrialStatus.INFEASIBLE))
+    durations = [r.data.metrics.get(TRAIN_SECONDS, 0) + r.data.metrics.get(LOAD_SECONDS, 0) for r in children if r.data.tags.get(STATUS) == TrialStatus.COMPLETED]
     remaining = remaining_seconds(meta, finished, durations)
     info = {"state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
             "remaining_seconds": remaining, "best": {"trial": f"t{best.number:03d}", "value": best.value} if best else None}  # fmt: skip
     write(f"{folder.name}: {state}")
     write(f"trials: {finished} of {num_trials} done; " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started"))
     if best:
-        write(f"best so far: t{best.number:03d}  {meta.get('metric', 'eval_loss')} {best.value:.4f}  {best.params}")
+        write(f"best so far: t{best.number:03d}  {meta.get('metric', EVAL_LOSS)} {best.value:.4f}  {best.params}")
     else:
         write("best so far: none completed")
     eta = f"; about {_duration(remaining)} left at the pace so far" if remaining is not None else ""

@@ -14,6 +14,8 @@ from typing import Any, Callable
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from core.contract import ERROR, ESTIMATED_VRAM_GB, STATUS, STEP, TrialStatus
+from core.request import Allocation, TrialRequest
 from sweep.config import SweepConfig
 from sweep.space import Space
 from sweep.trials import Ledger, finite, missing_objectives, outcome
@@ -74,6 +76,11 @@ def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) 
 MAX_INFEASIBLE_IN_A_ROW = 200
 
 
+def _allocation(verdict: Any) -> Allocation:
+    """A feasible placement verdict as what the trial asks Ray for."""
+    return Allocation(gpu_share=verdict.share, estimated_vram_gb=round(verdict.estimate_gb, 2))
+
+
 @dataclass(frozen=True)
 class Resumed:
     """An Optuna trial to run (again) under a new Ray trial: unfinished when a driver died, or its
@@ -98,8 +105,8 @@ class SweepSearch(OptunaSearch):
     `on_infeasible`, and another config is sampled for the same Ray trial. It costs no GPU time.
 
     A trial that errored is left open until the sweep decides (`requeue` if its worker died and it
-    has retries left, `fail` otherwise). A trial stopped by `python -m sweep stop` stays RUNNING in
-    the study, so that `resume` continues it.
+    has retries left, `fail` otherwise: sweep.retries). A trial stopped by `python -m sweep stop`
+    (`stop`, the sweep's sweepdir.StopFile) stays RUNNING in the study, so that `resume` continues it.
     """
 
     def __init__(
@@ -111,7 +118,7 @@ class SweepSearch(OptunaSearch):
         on_infeasible: Callable[[str, dict, Any], None] | None = None,
         budget: int | None = None,
         resume: list[Resumed] | None = None,
-        stop_file: str | None = None,
+        stop: Any = None,
     ):
         import optuna
 
@@ -122,7 +129,7 @@ class SweepSearch(OptunaSearch):
         self.budget = cfg.num_trials if budget is None else budget
         self.launched = 0
         self.queue: list[Resumed] = list(resume or [])
-        self.stop_file = stop_file
+        self.stop = stop  # a sweepdir.StopFile, or None
         self.attempts: dict[str, int] = {}  # Ray trial id -> attempt number of its Optuna trial
         self.errored: dict[str, dict | None] = {}  # Ray trial id -> last result, awaiting requeue() or fail()
         self._steps: dict[str, set[int]] = {}  # Ray trial id -> steps already reported
@@ -168,9 +175,7 @@ class SweepSearch(OptunaSearch):
         return any(t not in self._completed_trials for t in self._ot_trials)
 
     def _stop_requested(self) -> bool:
-        import os
-
-        return bool(self.stop_file) and os.path.exists(self.stop_file)
+        return self.stop is not None and self.stop.requested()
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._stop_requested():
@@ -188,43 +193,41 @@ class SweepSearch(OptunaSearch):
         storage_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, item.number)
         ot_trial = optuna.trial.Trial(study, storage_id)
         frozen = study._storage.get_trial(storage_id)
-        config = self._space_def.space.decode(frozen.params, self._space_def.fixed)
-        if item.checkpoint:
-            config["resume_checkpoint"] = item.checkpoint
-        verdict = self.judge(config) if self.judge else None
-        if verdict is not None and verdict.feasible:
-            config.update(gpu_share=verdict.share, estimated_vram_gb=round(verdict.estimate_gb, 2))
+        hyper = self._space_def.space.decode(frozen.params, self._space_def.fixed)
+        verdict = self.judge(hyper) if self.judge else None
+        request = TrialRequest(hyper, _allocation(verdict) if verdict is not None and verdict.feasible else Allocation(), item.checkpoint or None)
         self._ot_trials[trial_id] = ot_trial
         self._steps[trial_id] = set(frozen.intermediate_values)  # reported before: not again
         self.attempts[trial_id] = item.attempt
         ot_trial.set_user_attr("ray_trial_id", trial_id)
         ot_trial.set_user_attr("attempt", item.attempt)
         self.ledger.labels[trial_id] = f"t{item.number:03d}"
-        return config
+        return request.to_config()
 
     def _suggest_new(self, trial_id: str) -> dict | None:
         import optuna
 
         for _ in range(MAX_INFEASIBLE_IN_A_ROW):
-            config = super().suggest(trial_id)
+            hyper = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
             label = f"t{ot_trial.number:03d}"
-            verdict = self.judge(config) if self.judge else None
+            verdict = self.judge(hyper) if self.judge else None
             if verdict is None or verdict.feasible:
                 ot_trial.set_user_attr("ray_trial_id", trial_id)
+                allocation = Allocation()
                 if verdict is not None:
-                    config.update(gpu_share=verdict.share, estimated_vram_gb=round(verdict.estimate_gb, 2))
-                    ot_trial.set_user_attr("estimated_vram_gb", round(verdict.estimate_gb, 2))
+                    allocation = _allocation(verdict)
+                    ot_trial.set_user_attr(ESTIMATED_VRAM_GB, allocation.estimated_vram_gb)
                 self.ledger.labels[trial_id] = label
                 self.attempts[trial_id] = 1
                 self.launched += 1
-                return config
+                return TrialRequest(hyper, allocation).to_config()
             del self._ot_trials[trial_id]
-            ot_trial.set_user_attr("trial_status", "infeasible")
-            ot_trial.set_user_attr("error", verdict.reason)
+            ot_trial.set_user_attr(STATUS, str(TrialStatus.INFEASIBLE))
+            ot_trial.set_user_attr(ERROR, verdict.reason)
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
             if self.on_infeasible:
-                self.on_infeasible(label, config, verdict)
+                self.on_infeasible(label, hyper, verdict)
         # Everything sampled lately needs more than a GPU: stop asking rather than spin.
         return None if self._running() else Searcher.FINISHED
 
@@ -233,16 +236,16 @@ class SweepSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        keep = ("step", "trial_status", "error", *(m for m, _ in self.objectives))
+        keep = (STEP, STATUS, ERROR, *(m for m, _ in self.objectives))
         self._last[trial_id] = {k: v for k, v in result.items() if k in keep}
         if len(self.objectives) > 1:
             return  # Optuna keeps no intermediate values for multi-objective studies
         for record in result.get("evals_replay") or []:  # a resumed trial's evaluations the study may lack
             if finite(record.get(self.primary)):
-                self._report(trial_id, float(record[self.primary]), int(record["step"]))
+                self._report(trial_id, float(record[self.primary]), int(record[STEP]))
         value = result.get(self.primary)
         if finite(value):
-            self._report(trial_id, float(value), int(result["step"]))
+            self._report(trial_id, float(value), int(result[STEP]))
 
     def _report(self, trial_id: str, value: float, step: int) -> None:
         steps = self._steps.setdefault(trial_id, set())
@@ -275,18 +278,18 @@ class SweepSearch(OptunaSearch):
         if len(values) == 1 and finite(values[0]):
             # A result that makes the scheduler say STOP (a pruning decision, or reaching max_t)
             # reaches on_trial_complete only, never on_trial_result: record it here.
-            self._report(trial_id, float(values[0]), int(result["step"]))
+            self._report(trial_id, float(values[0]), int(result[STEP]))
         self._completed_trials.add(trial_id)
-        if status == "stopped" and self._stop_requested():
+        if status == TrialStatus.STOPPED and self._stop_requested():
             return  # stopped by the user: stays RUNNING in the study, for `resume`
-        if (result or {}).get("trial_status") == "completed" and status == "failed":
-            result = {**result, "error": missing_objectives(result, names)}
-        ot_trial.set_user_attr("trial_status", status)
-        if result and result.get("error"):
-            ot_trial.set_user_attr("error", str(result["error"])[:1000])
-        if status == "completed":
+        if (result or {}).get(STATUS) == TrialStatus.COMPLETED and status == TrialStatus.FAILED:
+            result = {**result, ERROR: missing_objectives(result, names)}
+        ot_trial.set_user_attr(STATUS, str(status))
+        if result and result.get(ERROR):
+            ot_trial.set_user_attr(ERROR, str(result[ERROR])[:1000])
+        if status == TrialStatus.COMPLETED:
             tell(self._ot_study, ot_trial, [float(v) for v in values] if len(values) > 1 else float(values[0]), optuna.trial.TrialState.COMPLETE)
-        elif status in ("pruned", "stopped"):
+        elif status in (TrialStatus.PRUNED, TrialStatus.STOPPED):
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.PRUNED)
         else:
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
@@ -307,7 +310,7 @@ class SweepSearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        ot_trial.set_user_attr("trial_status", "failed")
-        ot_trial.set_user_attr("error", error[-1000:])
+        ot_trial.set_user_attr(STATUS, str(TrialStatus.FAILED))
+        ot_trial.set_user_attr(ERROR, error[-1000:])
         tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)

@@ -1,4 +1,5 @@
-"""A sweep's results folder, and how to read it back (status, stop, resume, estimate, warm start).
+"""A sweep's results folder, and how to read it back (`SweepFolder`: status, report, best, resume,
+estimate, warm start).
 
     <results_dir>/<name>-<timestamp>/
         sweep.json      what the sweep is and where its stores are (secrets redacted), its state
@@ -25,6 +26,23 @@ META = "sweep.json"
 STOP = "STOP"
 LOCK = "driver.pid"
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "adapter_model.bin")
+
+
+class StopFile:
+    """STOP in a sweep folder: `python -m sweep stop`, Ctrl-C or SIGTERM write it, and from then on
+    the driver's trials checkpoint and stop, no new trial starts, and what was stopped stays open
+    for `resume`. The one place the driver asks whether a stop was requested (the searcher, the
+    MLflow callback, Tune's stopper, the summary); trials on the workers read the file at `path`.
+    Once seen, a stop stays requested for the rest of the driver run, so they all agree."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self._seen = False
+
+    def requested(self) -> bool:
+        if not self._seen:
+            self._seen = os.path.exists(self.path)
+        return self._seen
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -62,6 +80,103 @@ def load_sweep_config(folder: Path) -> SweepConfig:
     if original.is_file() and redact(original.read_text()) == (folder / "space.yaml").read_text():
         return load_config(original, overrides)
     return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
+
+
+class SweepFolder:
+    """One sweep's folder, read back: the one reader of sweep.json, of the sweep's config, of where
+    its stores are, and of its MLflow child runs (status, report, best, estimate, warm start and
+    resume all come here).
+
+    Store URLs are the ones to connect with: from the sweep's config, whose `${VAR}` references
+    are expanded from the environment now. sweep.json's copies are redacted (a password reads
+    ***), so they serve only when the config no longer loads and they hold no masked secret.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.meta = read_meta(self.path)
+        self._cfg: SweepConfig | None = None
+        self._stores: tuple[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def study_name(self) -> str:
+        return self.meta["study_name"]
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.meta["parent_run_id"]
+
+    @property
+    def config(self) -> SweepConfig:
+        """The sweep's config (ConfigError if it no longer loads: a data file moved, say)."""
+        if self._cfg is None:
+            self._cfg = load_sweep_config(self.path)
+        return self._cfg
+
+    def stores(self) -> tuple[str, str]:
+        """(MLflow URI, Optuna storage) to connect with."""
+        if self._stores is None:
+            self._stores = self._resolve_stores()
+        return self._stores
+
+    def _resolve_stores(self) -> tuple[str, str]:
+        try:
+            return self.config.mlflow_uri, self.config.optuna_storage(self.path)
+        except ConfigError:
+            pass  # the space file no longer loads (moved data, an unset ${VAR}): sweep.json's copies
+        from sweep.secrets import MASK, expand_env
+
+        urls = []
+        for key in ("mlflow_uri", "optuna_storage"):
+            url = self.meta[key]
+            try:
+                url = expand_env(url)
+            except KeyError as exc:
+                raise ConfigError(str(self.path), [f"{META}: {key} refers to ${{{exc.args[0]}}}, which is not set in the environment; export it"]) from None
+            if MASK in url:
+                raise ConfigError(str(self.path), [f"{META}: {key} is recorded without its password and the space file no longer loads; restore {self.meta['space_file']}"])
+            urls.append(url)
+        return urls[0], urls[1]
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.stores()[0]
+
+    @property
+    def optuna_storage(self) -> str:
+        return self.stores()[1]
+
+    def check_stores(self) -> None:
+        """Both stores there and readable (ConfigError otherwise); nothing created."""
+        from sweep.checks import check_stores
+
+        check_stores(self.path, *self.stores(), self.study_name)
+
+    def study(self) -> Any:
+        """The sweep's Optuna study, after check_stores (a missing store is never created)."""
+        from sweep.checks import load_study
+
+        return load_study(self.path, *self.stores(), self.study_name)
+
+    def mlflow(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.mlflow_uri)
+
+    def children(self, client: Any = None) -> list[Any]:
+        """The sweep's trial runs in MLflow (every driver run's)."""
+        client = client or self.mlflow()
+        return child_runs(client, client.get_run(self.parent_run_id).info.experiment_id, self.parent_run_id)
+
+
+def child_runs(client: Any, experiment_id: str, parent_run_id: str, label: str | None = None) -> list[Any]:
+    """The MLflow child runs of a sweep's parent run; with `label` (t007), that trial's only."""
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and tags.trial = '{label}'" if label else "")
+    return client.search_runs([experiment_id], filter_string=where, max_results=1 if label else 50000)
 
 
 _HELD: dict[str, int] = {}  # sweep folder -> the open, flock-ed driver.pid of this process

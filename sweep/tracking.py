@@ -12,7 +12,6 @@ final = train_seconds, load_seconds; tag trial_status (+ error).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from core.contract import (
 from core.request import TrialRequest
 from sweep.config import SweepConfig
 from sweep.secrets import redact
-from sweep.trials import Ledger, error_text, finite, missing_objectives, outcome, param_value, summary
+from sweep.sweepdir import child_runs
+from sweep.trials import NO_ERROR_TEXT, Ledger, error_text, finite, missing_objectives, outcome, param_value, summary
 
 MAX_TAG = 5000
 
@@ -73,9 +73,7 @@ class SweepRun:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id}
 
     def children(self) -> list[Any]:
-        return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000
-        )
+        return child_runs(self.client, self.experiment_id, self.run_id)
 
     def __init__(self, cfg: SweepConfig, sweep_dir: Path):
         from mlflow import MlflowClient
@@ -143,35 +141,22 @@ class SweepRun:
         self.client.set_terminated(self.run_id, status)
 
 
-# How Ray says a trial's process or node went away (as opposed to the trial raising an error).
-WORKER_DIED = re.compile(
-    r"ActorDiedError|RayActorError|NodeDiedError|WorkerCrashedError|OwnerDiedError|ActorUnavailableError"
-    r"|actor died|actor [0-9a-f]+ is unavailable|temporarily unavailable|node .{0,80} died|worker died|worker process has died",
-    re.I,
-)
-
-
 class TrialRuns(Callback):
     """Tune callback: a child run per trial, metrics by step, trial_status on the way out.
 
     A trial is identified by its label (the Optuna trial number): a trial resumed after a crash,
     or retried after its worker died, continues its child run instead of opening another, so a
-    sweep ends with exactly one child run per trial. A trial whose worker died is retried from its
-    last checkpoint while it has retries left (search.max_retries); a trial that failed for its
-    own reasons (an exception, OOM, NaN) is not.
+    sweep ends with exactly one child run per trial. Whether a trial that errored runs again is
+    decided before this callback hears of it (sweep.retries, in the Ledger): here it is recorded.
     """
 
-    def __init__(
-        self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any], max_retries: int = 0, stop_file: str | None = None, objectives: tuple[str, ...] = ()
-    ):
+    def __init__(self, sweep: SweepRun, ledger: Ledger, fixed: dict[str, Any], stop: Any = None, objectives: tuple[str, ...] = ()):
         self.objectives = objectives
         self.sweep = sweep
         self.client = sweep.client
         self.ledger = ledger
         self.fixed = fixed
-        self.max_retries = max_retries
-        self.stop_file = stop_file
-        self.search: Any = None  # the SweepSearch, set by the driver: it decides retries with it
+        self.stop = stop  # the sweep's sweepdir.StopFile: a trial it stopped stays resumable
         self.run_ids: dict[str, str] = {}  # Ray trial id -> MLflow run id
         self.trials: dict[str, Any] = {}  # Ray trial id -> Tune Trial (config, last_result)
         self.outcomes: dict[str, tuple[str, str | None]] = {}  # Ray trial id -> (status, error)
@@ -181,7 +166,7 @@ class TrialRuns(Callback):
 
     def __getstate__(self) -> dict:
         """Pickled by Tune into tuner.pkl, which lora-sweep never restores: nothing that connects."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("sweep", "client", "search", "trials")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("sweep", "client", "trials")}
 
     def record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
         """A config the placement check refused: a child run that says so, and no GPU time spent."""
@@ -198,11 +183,7 @@ class TrialRuns(Callback):
         self.infeasible.append({"label": label, "config": dict(config), "reason": verdict.reason, "run_id": run.info.run_id})
 
     def _existing_run(self, label: str) -> Any:
-        runs = self.client.search_runs(
-            [self.sweep.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.sweep.run_id}' and tags.trial = '{label}'",
-            max_results=1,
-        )
+        runs = child_runs(self.client, self.sweep.experiment_id, self.sweep.run_id, label)
         return runs[0] if runs else None
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -262,7 +243,7 @@ class TrialRuns(Callback):
             self.sweep.log_params(run_id, {k: param_value(v) for k, v in derived.items() if k not in have})
 
     def _stop_requested(self) -> bool:
-        return bool(self.stop_file) and os.path.exists(self.stop_file)
+        return self.stop is not None and self.stop.requested()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id), self.objectives)
@@ -273,22 +254,17 @@ class TrialRuns(Callback):
         self._close(trial, status, error)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = error_text(trial) or "the trial's worker died without an error message"
-        search = self.search
-        attempt = search.attempts.get(trial.trial_id, 1) if search is not None else 1
-        if search is not None and WORKER_DIED.search(error) and attempt <= self.max_retries:
-            checkpoint = getattr(trial.checkpoint, "path", None) if trial.checkpoint else None
-            next_attempt = search.requeue(trial.trial_id, checkpoint)
-            self.ledger.retrying[trial.trial_id] = next_attempt
+        error = error_text(trial) or NO_ERROR_TEXT
+        next_attempt = self.ledger.retrying.get(trial.trial_id)
+        if next_attempt is not None:  # its worker died and it runs again (sweep.retries decided)
             self.outcomes[trial.trial_id] = (TrialStatus.RETRYING, error)
             run_id = self.run_ids.pop(trial.trial_id, None)
             if run_id:
+                checkpoint = getattr(trial.checkpoint, "path", None) if trial.checkpoint else None
                 self.client.set_tag(run_id, STATUS, TrialStatus.RETRYING)
                 self.client.set_tag(run_id, "retries", str(next_attempt - 1))
-                self.client.set_tag(run_id, ERROR, f"attempt {attempt}: worker died; retrying from {'its last checkpoint' if checkpoint else 'the start'}")
+                self.client.set_tag(run_id, ERROR, f"attempt {next_attempt - 1}: worker died; retrying from {'its last checkpoint' if checkpoint else 'the start'}")
             return
-        if search is not None:
-            search.fail(trial.trial_id, error)
         self._close(trial, TrialStatus.FAILED, error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:

@@ -70,6 +70,9 @@ def param_value(value: Any) -> str:
     return str(value)
 
 
+NO_ERROR_TEXT = "the trial's worker died without an error message"
+
+
 def error_text(trial: Any) -> str | None:
     """The error a failed Tune trial left: the full text (traceback included), or None.
 

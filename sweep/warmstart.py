@@ -20,13 +20,13 @@ trials teach TPE nothing and are not carried.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep.config import SEARCHABLE, ConfigError, SweepConfig, load_config
+from sweep.config import SEARCHABLE, ConfigError, SweepConfig
 from sweep.space import Ratio
+from sweep.sweepdir import SweepFolder
 
 COMPARED = ("model", "data", "max_steps", "max_seq_len")
 
@@ -47,11 +47,6 @@ class WarmStart:
         return "\n".join(lines)
 
 
-def previous_config(folder: Path) -> tuple[dict, SweepConfig]:
-    meta = json.loads((folder / "sweep.json").read_text())
-    original = Path(meta["space_file"])
-    copy = folder / "space.yaml"
-    return meta, load_config(copy, meta.get("overrides", []), base_dir=original.parent)
 
 
 def _hyperparams(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +71,8 @@ def apply(study: Any, cfg: SweepConfig, folder: Path) -> WarmStart:
     """Add the previous sweep's compatible finished trials to `study`; enqueue its best configs."""
     import optuna
 
-    meta, old = previous_config(folder)
+    previous_sweep = SweepFolder(folder)
+    old = previous_sweep.config
     report = WarmStart(folder)
     if (old.search.metric, old.search.mode) != (cfg.search.metric, cfg.search.mode):
         raise ConfigError(
@@ -90,7 +86,8 @@ def apply(study: Any, cfg: SweepConfig, folder: Path) -> WarmStart:
             report.differences.append(f"{key} was {a}, is {b}: the previous losses were measured under another setting")
     fixed_now = {k: getattr(cfg.train, k) for k in SEARCHABLE}
     distributions = cfg.space.distributions()
-    previous = optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
+    # its study as its config names it, ${VAR}s expanded here (MLflow is not needed)
+    previous = optuna.load_study(study_name=previous_sweep.study_name, storage=previous_sweep.optuna_storage)
     ranked: list[tuple[float, dict]] = []
     for trial in previous.trials:
         if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or not trial.params:

@@ -201,6 +201,19 @@ class Cohort:
     def running(self) -> list[int]:
         return [s for s, m in self.members.items() if m.status == "running"]
 
+    def rewind(self, slot: int) -> None:
+        """Back to the member's last optimizer step (after a failed micro-step, e.g. an OOM): the
+        accumulation in progress is dropped and redone, as after restore()."""
+        m = self.members[slot]
+        m.optimizer.zero_grad(set_to_none=True)
+        if m.generator is not None and m.boundary_generator is not None:
+            m.generator.set_state(m.boundary_generator)
+        self._seek(m)
+
+    def sync(self, slot: int) -> None:
+        """Bring the member's history and status up to date (its losses read from the device)."""
+        self._check(self.members[slot])
+
     def _seek(self, member: Member) -> None:
         """Continue the member's data stream from its last optimizer step (train_batches' order)."""
         from trainable.data import row_order

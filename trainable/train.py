@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from core.contract import ERROR, STATUS, STEP, TrialStatus
 from core.estimate import CONTEXT_BYTES
 from core.request import TrialRequest
 from core.schema import TrainSection
@@ -134,18 +135,19 @@ def _gpu_ids() -> str:
     return ",".join(str(i) for i in ids) or "none"
 
 
-def injected_fault(sampled: dict[str, Any]) -> tuple[str, int] | None:
+def injected_fault(sampled: dict[str, Any], kinds: tuple[str, ...] = ("oom", "nan")) -> tuple[str, int] | None:
     """Fault injection, for testing how a sweep survives failing trials; unset in normal use.
 
     LORA_SWEEP_FAULTS="oom@3:lora_r=8;nan@2:lora_r=16" makes trials whose sampled lora_r is 8 run
     out of memory in step 3, and those with lora_r 16 produce a NaN loss from step 2 on. Ray
-    workers inherit the variable from the process that starts Ray.
+    workers inherit the variable from the process that starts Ray. A cohort worker also knows
+    `oom_cohort@N`: out of memory from step N while other members train beside it (it fits alone).
     """
     for entry in filter(None, os.environ.get(FAULTS_ENV, "").split(";")):
         head, _, condition = entry.partition(":")
         kind, _, step = head.partition("@")
         wanted = dict(item.split("=", 1) for item in condition.split(",") if "=" in item)
-        if kind in ("oom", "nan") and step.isdigit() and all(str(sampled.get(k)) == v for k, v in wanted.items()):
+        if kind in kinds and step.isdigit() and all(str(sampled.get(k)) == v for k, v in wanted.items()):
             return kind, int(step)
     return None
 
@@ -308,7 +310,7 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    metrics = {"step": step, "trial_status": "oom", "error": message}
+    metrics = {STEP: step, STATUS: TrialStatus.OOM, ERROR: message}
     reporter.report(metrics, None)
     return metrics
 
@@ -422,7 +424,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
         # (which would read as a trial stopped early).
         step, loss, lr = state["log"][-1] if state["log"] else (state["step"], float("nan"), float("nan"))
         metrics = {
-            **state["evals"][-1], **peak_memory(device), "train_loss": loss, "learning_rate": lr, "trial_status": "completed",
+            **state["evals"][-1], **peak_memory(device), "train_loss": loss, "learning_rate": lr, STATUS: TrialStatus.COMPLETED,
             "derived": derived, "history": replay["history"], "evals_replay": replay["evals"],
             "train_seconds": state["train_seconds"], "load_seconds": load_seconds,
         }  # fmt: skip
@@ -448,7 +450,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
                 torch.cuda.synchronize(device)
             state["train_seconds"] += time.perf_counter() - tick
             if not math.isfinite(loss):
-                metrics = {"step": step, "trial_status": "nan", "error": f"train loss is {loss} at step {step}"}
+                metrics = {STEP: step, STATUS: TrialStatus.NAN, ERROR: f"train loss is {loss} at step {step}"}
                 reporter.report(metrics, None)
                 return metrics
             history.append([step, loss, lr])
@@ -462,7 +464,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             state["train_seconds"] += time.perf_counter() - tick
         if spec.stop_file and os.path.exists(spec.stop_file) and not is_eval:
             # `python -m sweep stop`: keep this step's work; `resume` continues from here.
-            metrics = {"step": step, "trial_status": "stopped", "history": history}
+            metrics = {STEP: step, STATUS: TrialStatus.STOPPED, "history": history}
             if replay:
                 metrics.update(history=replay["history"] + history, evals_replay=replay["evals"])
             with _scratch() as folder:
@@ -485,11 +487,11 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             "tokens_per_sec": tokens / seconds,
             "loss_tokens_per_sec": loss_tokens / seconds,
             **peak_memory(device),
-            "trial_status": "completed" if done else "running",
+            STATUS: TrialStatus.COMPLETED if done else TrialStatus.RUNNING,
             "history": history,
         }
         if not math.isfinite(eval_loss):
-            metrics.update(trial_status="nan", error=f"eval loss is {eval_loss} at step {step}")
+            metrics.update({STATUS: TrialStatus.NAN, ERROR: f"eval loss is {eval_loss} at step {step}"})
             reporter.report(metrics, None)
             return metrics
         if first_report:

@@ -7,6 +7,7 @@ may create databases (.ci/run installs and starts one); skipped otherwise."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -120,3 +121,34 @@ def test_a_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "GCS 127.0.0.1:" in out.stdout and "NODE 127.0.0.1" in out.stdout, out.stdout + out.stderr
+
+
+@needs_postgres
+def test_estimate_and_warm_start_read_a_store_whose_url_holds_a_password_variable(tmp_path: Path, mlflow_server: str) -> None:
+    """The space file says `${PGPASSWORD}`, sweep.json keeps it so: what reads a finished sweep back
+    (`estimate SWEEP_DIR`, `search.warm_start`) connects with the variable's value, never the text."""
+    base = os.environ["LORA_SWEEP_TEST_PG"]
+    password = base.split(":")[2].split("@")[0]
+    env = {**os.environ, "PGPASSWORD": password, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+    def sweep(name: str, search: str) -> tuple[subprocess.CompletedProcess, Path]:
+        url = create_database(base).replace(f":{password}@", ":${PGPASSWORD}@")
+        body = MINIMAL.replace("search: {num_trials: 2}", search) + (
+            f"tracking: {{mlflow_uri: '{mlflow_server}', optuna_storage: '{url}', results_dir: {tmp_path / name}, experiment: {name}}}\n"
+        )
+        space = write_space(tmp_path, body, f"{name}.yaml")
+        result = subprocess.run([sys.executable, "-m", "sweep", "run", str(space)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (folder,) = (tmp_path / name).glob("t-*")
+        return result, folder
+
+    _, first = sweep("first", "search: {num_trials: 2, scheduler: {type: none}}")
+    recorded = json.loads((first / "sweep.json").read_text())["optuna_storage"]
+    assert "${PGPASSWORD}" in recorded and password not in recorded
+
+    estimate = subprocess.run([sys.executable, "-m", "sweep", "estimate", str(first), "--gpu-memory", "80"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert estimate.returncode == 0, estimate.stdout[-3000:] + estimate.stderr[-3000:]
+    assert estimate.stdout.splitlines()[0].startswith(f"{first.name}: 2 trials"), estimate.stdout
+
+    second, _ = sweep("second", f"search: {{num_trials: 1, warm_start: {first}, warm_start_top: 1, scheduler: {{type: none}}}}")
+    assert f"warm start from {first.name}: 2 finished trials carried over" in second.stdout, second.stdout[-3000:]

@@ -48,3 +48,95 @@ def test_points_to_evaluate_run_once_across_resumes(tmp_path: Path) -> None:
     assert first[0]["learning_rate"] == 0.001
     again = run_trials(SweepSearch(cfg, storage, Ledger()), ["b", "c"])
     assert 0.001 not in [c["learning_rate"] for c in again], again
+
+
+# ------------------------------------------------------------------------------------------------
+# feedback from Tune: the study's state comes from the same outcome() MLflow uses
+
+import optuna  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
+
+from core.request import TrialRequest  # noqa: E402
+from sweep.sweepdir import StopFile  # noqa: E402
+
+
+def searcher(tmp_path: Path, body: str = SPACE.replace("ALGO", "random"), **kwargs) -> SweepSearch:
+    cfg = load_config(write_space(tmp_path, body))
+    return SweepSearch(cfg, f"sqlite:///{tmp_path}/optuna.db", kwargs.pop("ledger", Ledger()), **kwargs)
+
+
+def states(search: SweepSearch) -> list[tuple[str, str | None]]:
+    return [(t.state.name, t.user_attrs.get("trial_status")) for t in search._ot_study.get_trials(deepcopy=False)]
+
+
+def test_each_outcome_reaches_the_study_as_its_state(tmp_path: Path) -> None:
+    ledger = Ledger()
+    search = searcher(tmp_path, ledger=ledger)
+    for trial_id in "abcd":
+        search.suggest(trial_id)
+    search.on_trial_result("a", {"step": 2, "trial_status": "running", "eval_loss": 3.0})
+    search.on_trial_complete("a", {"step": 4, "trial_status": "completed", "eval_loss": 2.0})
+    ledger.stopped["b"] = 2  # the scheduler stopped it
+    search.on_trial_complete("b", {"step": 2, "trial_status": "running", "eval_loss": 3.5})
+    search.on_trial_complete("c", {"step": 3, "trial_status": "oom", "error": "CUDA out of memory"})
+    search.on_trial_complete("d", {"step": 4, "trial_status": "completed"})  # completed without its metric
+    assert states(search) == [("COMPLETE", "completed"), ("PRUNED", "pruned"), ("FAIL", "oom"), ("FAIL", "failed")]
+    a, b, c, d = search._ot_study.get_trials(deepcopy=False)
+    assert a.value == 2.0 and a.intermediate_values == {2: 3.0, 4: 2.0}  # by training step
+    assert b.intermediate_values == {2: 3.5}
+    assert c.user_attrs["error"] == "CUDA out of memory" and "eval_loss was not reported" in d.user_attrs["error"]
+
+
+def test_a_trial_stopped_on_request_stays_open_for_resume(tmp_path: Path) -> None:
+    stop = StopFile(tmp_path / "STOP")
+    search = searcher(tmp_path, stop=stop)
+    search.suggest("a")
+    (tmp_path / "STOP").write_text("now")
+    assert search.suggest("b") is Searcher.FINISHED  # nothing new starts
+    search.on_trial_complete("a", {"step": 2, "trial_status": "stopped"})
+    assert states(search) == [("RUNNING", None)]
+
+
+def test_the_budget_counts_new_trials_and_waits_for_running_ones(tmp_path: Path) -> None:
+    search = searcher(tmp_path, budget=1)
+    assert search.suggest("a") is not None
+    assert search.suggest("b") is None  # a runs: it may still need a retry
+    search.on_trial_complete("a", {"step": 4, "trial_status": "completed", "eval_loss": 1.0})
+    assert search.suggest("c") is Searcher.FINISHED
+
+
+def test_a_retried_trial_continues_the_same_optuna_trial(tmp_path: Path) -> None:
+    ledger = Ledger()
+    search = searcher(tmp_path, ledger=ledger)
+    search.suggest("a")
+    search.on_trial_complete("a", error=True)  # Tune: errored; the sweep decides
+    assert search.requeue("a", "/ckpt/step-2") == 2
+    config = search.suggest("a2")
+    request = TrialRequest.from_config(config)
+    assert request.resume_checkpoint == "/ckpt/step-2" and set(request.hyper) == {"lora_r", "learning_rate"}
+    assert ledger.label("a2") == "t000" and search.attempts["a2"] == 2
+    search.on_trial_complete("a2", error=True)
+    search.fail("a2", "worker died again")
+    assert states(search) == [("FAIL", "failed")]
+
+
+class Verdict:
+    def __init__(self, feasible: bool):
+        self.feasible, self.share, self.estimate_gb = feasible, 0.5, 30.123
+        self.reason = "infeasible: too big" if not feasible else ""
+
+
+def test_an_infeasible_config_is_closed_and_another_sampled(tmp_path: Path) -> None:
+    seen: list[tuple[str, dict]] = []
+    judged: list[dict] = []
+
+    def judge(hyper: dict) -> Verdict:
+        judged.append(hyper)
+        return Verdict(len(judged) > 2)  # the first two samples do not fit
+
+    search = searcher(tmp_path, judge=judge, on_infeasible=lambda label, config, verdict: seen.append((label, config)))
+    request = TrialRequest.from_config(search.suggest("a"))
+    assert request.allocation.gpu_share == 0.5 and request.allocation.estimated_vram_gb == 30.12 and dict(request.hyper) == judged[-1]
+    assert states(search) == [("FAIL", "infeasible"), ("FAIL", "infeasible"), ("RUNNING", None)]
+    assert [label for label, _ in seen] == ["t000", "t001"] and all("gpu_share" not in config for _, config in seen)
+    assert search.launched == 1 and search._ot_study.get_trials(deepcopy=False)[2].user_attrs["estimated_vram_gb"] == 30.12

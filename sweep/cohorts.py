@@ -1,0 +1,575 @@
+"""Cohort sweeps (issue 15, `resources.cohort`): each Ray Tune trial is a cohort worker that keeps
+many Optuna trials training on one loaded base model (trainable/cohort_worker.py).
+
+    plan = CohortPlan.build(cfg, sweep_dir, sweep_run, base, resources, resume, budget, time_left, log)
+    trainable, tune_config, callbacks = plan.apply(trainable, tune_config, callbacks)
+
+Ray Tune still schedules the workers (resources, placement, the cluster): one Tune trial per
+worker, found by a small searcher that lists them. Optuna still chooses every trial: a worker asks
+the durable study (`study.ask()`, the sweep's sampler) whenever a slot is free, and tells it each
+member's end (COMPLETE / PRUNED / FAIL, with the user attributes a lone trial gets). Members are
+pruned by Optuna's pruners, the equivalents of search.scheduler (asha -> SuccessiveHalvingPruner with
+the same grace period and reduction factor, hyperband -> HyperbandPruner, median -> MedianPruner,
+none -> NopPruner), through trial.report(value, step) and trial.should_prune().
+
+`StudySource` is the worker's `MemberSource`: picklable (URLs, names, folders), it opens the study
+and MLflow lazily in the worker. Workers share, through files in <sweep_dir>/cohorts/ (the results
+folder is shared by every node already, for checkpoints):
+  queue/     trials waiting for a worker: continued ones (resume), shed ones (OOM), and ones the
+             sampler chose for the other method (lora and qlora workers are separate)
+  tickets-*/ one file per new trial this driver may start (the budget), taken with O_EXCL
+  members/   each trial's member checkpoints (members/t007/step-000040/)
+Each member is a full trial in MLflow too: its own child run under the sweep's parent (one per
+trial, continued after a resume), with the contract metrics, the worker's peak memory
+(peak_vram_gb / peak_rss_gb, as a lone trial) and the member's estimated share of it
+(member_vram_share_gb), and params `cohort` (the worker) and `cohort_size`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from core.contract import ERROR, FINAL_METRICS, HISTORY, LEARNING_RATE, STATUS, STEP, STEP_METRICS, TRAIN_LOSS, TrialStatus, finite, missing_objectives
+from core.request import TrialRequest
+from core.schema import COHORT_AUTO_CPU
+
+MEMBER_SHARE = "member_vram_share_gb"  # the member's estimated share of its worker's memory (not a measurement)
+COHORT_AUTO_GPU_LIMIT = 64  # resources.cohort: auto on a GPU: memory decides, up to this many members
+MAX_ASKS = 200  # samples in a row that do not fit (infeasible, or the other method's) before a worker waits
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (sweep/config.py calls this with the validated sections)
+
+
+def config_problems(model: Any, train: Any, resources: Any, searched: tuple[str, ...]) -> list[str]:
+    """Why these settings cannot run as cohorts (empty when they can, or cohorts are off)."""
+    if resources is None or resources.cohort == "off":
+        return []
+    out = []
+    embeddings = getattr(model, "embeddings", "auto")
+    if embeddings == "full":
+        out.append(f"model.embeddings: full with resources.cohort: {resources.cohort}: a trial that trains the whole embedding matrix cannot "
+                   "share a base model; set model.embeddings: frozen, or resources.cohort: off")  # fmt: skip
+    elif embeddings == "new_tokens":
+        out.append(f"model.embeddings: new_tokens with resources.cohort: {resources.cohort}: not yet supported in a cohort (each member would "
+                   "need its own token rows); set model.embeddings: frozen, or resources.cohort: off")  # fmt: skip
+    if train is not None and train.compile:
+        out.append("train.compile: true with resources.cohort: a cohort's multi-adapter layers are not compiled; set train.compile: false, or resources.cohort: off")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# pruners: search.scheduler for members
+
+
+def make_pruner(cfg: Any) -> Any:
+    """Optuna's pruner for search.scheduler, budgets in training steps as the Tune schedulers."""
+    import optuna
+
+    sched = cfg.search.scheduler
+    if sched.type == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.grace_period, reduction_factor=max(2, round(sched.reduction_factor)))
+    if sched.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.train.eval_every, max_resource=cfg.max_t, reduction_factor=max(2, round(sched.reduction_factor)))
+    if sched.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=sched.min_samples, n_warmup_steps=cfg.grace_period - 1)
+    return optuna.pruners.NopPruner()
+
+
+def methods_of(cfg: Any) -> list[str]:
+    """The quantizations the space can sample: each gets its own workers."""
+    dim = next((d for d in cfg.space.dims if d.name == "method"), None)
+    return list(dict.fromkeys(dim.options)) if dim is not None else [cfg.train.method]
+
+
+# ----------------------------------------------------------------------------------------------
+# the source a worker's trials come from
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class StudySource:
+    """Optuna ask/tell + MLflow child runs for cohort members, opened lazily where it runs."""
+
+    def __init__(self, cfg: Any, sweep_dir: Path, study_name: str, experiment_id: str, parent_run_id: str, budget: int,
+                 deadline: float | None = None, stop_file: str | None = None, judge: Any = None, run_tag: str | None = None):  # fmt: skip
+        self.cfg = cfg
+        self.sweep_dir = Path(sweep_dir)
+        self.root = self.sweep_dir / "cohorts"
+        self.study_name = study_name
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.budget = budget
+        self.deadline = deadline  # time.time() at which running members end (search.time_budget)
+        self.stop_file = stop_file
+        self.judge = judge  # core.estimate Placement.judge of one whole GPU, or None
+        self.tickets = self.root / f"tickets-{run_tag or uuid.uuid4().hex[:12]}"
+        self.objectives = tuple(m for m, _ in cfg.objectives)
+        self._study: Any = None
+        self._client: Any = None
+        self._trials: dict[str, Any] = {}  # label -> optuna Trial
+        self._runs: dict[str, str] = {}  # label -> MLflow run id
+        self._logged: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps in MLflow
+        self._worker = ""
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_study=None, _client=None, _trials={}, _runs={}, _logged={})
+        return state
+
+    # -- stores, opened where the source runs ---------------------------------------------------
+
+    def study(self, worker: str = "") -> Any:
+        if self._study is None:
+            import optuna
+
+            from sweep.study import make_sampler, trials_in
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            url = self.cfg.optuna_storage(self.sweep_dir)
+            kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            # each worker draws its own stream (a seeded sampler would otherwise repeat across workers)
+            before = trials_in(storage, self.study_name) + zlib.crc32(worker.encode()) % 100_003
+            self._study = optuna.load_study(study_name=self.study_name, storage=storage, sampler=make_sampler(self.cfg, before), pruner=make_pruner(self.cfg))
+        return self._study
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.cfg.mlflow_uri)
+        return self._client
+
+    def _trial(self, task: Any) -> Any:
+        import optuna
+
+        if task.label not in self._trials:
+            study = self.study()
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, task.number)
+            self._trials[task.label] = optuna.trial.Trial(study, trial_id)
+        return self._trials[task.label]
+
+    # -- the queue and the budget (files: shared by every worker) ------------------------------
+
+    def enqueue(self, task: Any, method: str) -> None:
+        queue = self.root / "queue"
+        queue.mkdir(parents=True, exist_ok=True)
+        entry = {k: getattr(task, k) for k in ("label", "number", "hyper", "checkpoint", "attempt", "sheds", "alone")}
+        _write(queue / f"{time.time_ns():020d}-{task.label}.json", {**entry, "method": method})
+
+    def _entries(self) -> list[tuple[Path, dict]]:
+        out = []
+        for path in sorted((self.root / "queue").glob("*.json")):
+            try:
+                out.append((path, json.loads(path.read_text())))
+            except (OSError, ValueError):  # claimed meanwhile
+                continue
+        return out
+
+    def _claim(self, method: str, allow_alone: bool) -> Any:
+        from trainable.cohort_worker import MemberTask
+
+        claimed = self.root / "claimed"
+        claimed.mkdir(parents=True, exist_ok=True)
+        for path, entry in self._entries():
+            if entry["method"] != method or (entry["alone"] and not allow_alone):
+                continue
+            target = claimed / f"{path.stem}-{uuid.uuid4().hex[:8]}.json"
+            try:
+                os.rename(path, target)  # atomic: one worker gets it
+            except FileNotFoundError:
+                continue
+            target.unlink(missing_ok=True)
+            entry.pop("method")
+            return MemberTask(**entry)
+        return None
+
+    def _ticket(self) -> Path | None:
+        self.tickets.mkdir(parents=True, exist_ok=True)
+        for i in range(self.budget):
+            path = self.tickets / f"{i:06d}"
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            return path
+        return None
+
+    def _tickets_done(self) -> bool:
+        if self.budget <= 0:
+            return True
+        done = [p for p in self.tickets.glob("*") if p.read_text() == "done"] if self.tickets.is_dir() else []
+        return len(done) >= self.budget
+
+    # -- MemberSource ------------------------------------------------------------------------------
+
+    def take(self, worker: str, method: str, members: int) -> Any:
+        self._worker = worker
+        task = self._claim(method, allow_alone=members == 0)
+        for _ in range(len(methods_of(self.cfg)) if task is None else 0):
+            ticket = self._ticket()  # one ticket, one new trial (infeasible samples are redrawn on it)
+            if ticket is None:
+                return None
+            try:
+                task, task_method = self._ask(worker)
+                if task is not None and task_method != method:
+                    self.enqueue(task, task_method)  # a worker of that method takes it
+                    task = None
+            finally:
+                ticket.write_text("done")
+            if task is not None:
+                break
+        if task is None:
+            return None
+        trial = self._trial(task)
+        trial.set_user_attr("ray_trial_id", worker)
+        trial.set_user_attr("attempt", task.attempt)
+        trial.set_user_attr("cohort", worker)
+        return task
+
+    def _ask(self, worker: str) -> tuple[Any, str]:
+        import optuna
+
+        from sweep.study import tell
+        from trainable.cohort_worker import MemberTask
+
+        study = self.study(worker)
+        fixed = self.cfg.fixed_hyperparams
+        for _ in range(MAX_ASKS):
+            trial = study.ask()
+            config = self.cfg.space.sample(trial, fixed)
+            label = f"t{trial.number:03d}"
+            verdict = self.judge(config) if self.judge else None
+            if verdict is not None and not verdict.feasible:  # does not fit one GPU even alone: never launched
+                trial.set_user_attr("trial_status", TrialStatus.INFEASIBLE)
+                trial.set_user_attr("error", verdict.reason)
+                tell(study, trial, None, optuna.trial.TrialState.FAIL)
+                self._record_infeasible(label, config, verdict)
+                continue
+            if verdict is not None:
+                trial.set_user_attr("estimated_vram_gb", round(verdict.estimate_gb, 2))
+            self._trials[label] = trial
+            return MemberTask(label=label, number=trial.number, hyper=config), config.get("method", self.cfg.train.method)
+        return None, ""
+
+    def give_back(self, task: Any) -> None:
+        self.enqueue(task, task.hyper.get("method", self.cfg.train.method))
+        run_id = self._runs.get(task.label)
+        if run_id and task.checkpoint:
+            self.client.set_tag(run_id, STATUS, TrialStatus.RUNNING)
+            self.client.set_tag(run_id, "shed", f"{task.sheds} (an OOM in a cohort step; continues from step {Path(task.checkpoint).name})")
+
+    def waiting_alone(self, method: str) -> bool:
+        return any(e["alone"] and e["method"] == method for _, e in self._entries())
+
+    def exhausted(self, method: str) -> bool:
+        return not any(e["method"] == method for _, e in self._entries()) and self._tickets_done()
+
+    def checkpoint_dir(self, task: Any) -> str:
+        return str(self.root / "members" / task.label)
+
+    def halt(self) -> str | None:
+        if self.stop_file and os.path.exists(self.stop_file):
+            return "stop"
+        if self.deadline is not None and time.time() >= self.deadline:
+            return "time"
+        return None
+
+    def begin(self, task: Any, params: dict[str, Any]) -> None:
+        from sweep.trials import param_value, summary
+
+        client = self.client
+        config = TrialRequest(hyper=task.hyper).params()
+        runs = client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial = '{task.label}'", max_results=1)
+        if runs:  # continued (resumed, or shed and taken again): the same child run
+            run_id, have = runs[0].info.run_id, set(runs[0].data.params)
+            client.update_run(run_id, status="RUNNING")
+            self._logged[run_id] = {
+                name: {m.step for m in client.get_metric_history(run_id, name)} for name in (TRAIN_LOSS, LEARNING_RATE, MEMBER_SHARE, *STEP_METRICS)
+            }
+        else:
+            name = f"{task.label} {summary({**self.cfg.fixed_hyperparams, **task.hyper})}"
+            run_id = client.create_run(self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.parent_run_id, "trial": task.label}).info.run_id
+            have = set()
+        self._runs[task.label] = run_id
+        client.set_tag(run_id, STATUS, TrialStatus.RUNNING)
+        client.set_tag(run_id, "trial_id", self._worker)
+        client.set_tag(run_id, "cohort", str(params.get("cohort", self._worker)))
+        if task.attempt > 1:
+            client.set_tag(run_id, "retries", str(task.attempt - 1))
+        from mlflow.entities import Param
+
+        items = [Param(k, str(param_value(v))[:6000]) for k, v in {**config, **params}.items() if k not in have]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+
+    def report(self, task: Any, metrics: dict[str, Any]) -> bool:
+        self._log_metrics(task, metrics)
+        if len(self.objectives) > 1:
+            return False  # Optuna keeps no intermediate values (and prunes nothing) for multi-objective studies
+        trial = self._trial(task)
+        study = self.study()
+        have = set(study._storage.get_trial(trial._trial_id).intermediate_values)
+        primary = self.cfg.search.metric
+        for record in [*(metrics.get("evals_replay") or []), metrics]:
+            if finite(record.get(primary)) and int(record[STEP]) not in have:
+                trial.report(float(record[primary]), step=int(record[STEP]))
+                have.add(int(record[STEP]))
+        if metrics.get(STATUS) != TrialStatus.RUNNING:
+            return False
+        return bool(trial.should_prune())
+
+    def _log_metrics(self, task: Any, result: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._runs.get(task.label)
+        if run_id is None:
+            return
+        now = int(time.time() * 1000)
+        logged = self._logged.setdefault(run_id, {})
+        metrics = []
+
+        def add(name: str, value: Any, at: int) -> None:
+            if finite(value) and at not in logged.setdefault(name, set()):
+                logged[name].add(at)
+                metrics.append(Metric(name, float(value), now, at))
+
+        for h_step, loss, lr in result.get(HISTORY) or []:
+            add(TRAIN_LOSS, loss, int(h_step))
+            add(LEARNING_RATE, lr, int(h_step))
+        for record in result.get("evals_replay") or []:
+            for key in STEP_METRICS:
+                add(key, record.get(key), int(record[STEP]))
+        step = int(result.get(STEP, 0))
+        for key in (*STEP_METRICS, *FINAL_METRICS, MEMBER_SHARE):
+            add(key, result.get(key), step)
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 500])
+
+    def end(self, task: Any, metrics: dict[str, Any]) -> None:
+        import optuna
+
+        from sweep.study import tell
+
+        self._log_metrics(task, metrics)
+        status = TrialStatus(metrics.get(STATUS, TrialStatus.FAILED))
+        error = metrics.get(ERROR)
+        values = [metrics.get(m) for m in self.objectives]
+        if status == TrialStatus.COMPLETED and not all(finite(v) for v in values):
+            status, error = TrialStatus.FAILED, missing_objectives(metrics, self.objectives)
+        resumable = status == TrialStatus.STOPPED and self.halt() == "stop"
+        run_id = self._runs.pop(task.label, None)
+        if run_id is not None:
+            client = self.client
+            client.set_tag(run_id, STATUS, status)
+            client.set_tag(run_id, "last_step", str(int(metrics.get(STEP, 0))))
+            if status == TrialStatus.PRUNED:
+                client.set_tag(run_id, "stopped_at_step", str(int(metrics.get(STEP, 0))))
+            if error:
+                client.set_tag(run_id, ERROR, str(error)[-5000:])
+            finished = (TrialStatus.COMPLETED, TrialStatus.PRUNED, TrialStatus.STOPPED)
+            client.set_terminated(run_id, "KILLED" if resumable else ("FINISHED" if status in finished else "FAILED"))
+        if resumable:
+            return  # stopped by the user: stays RUNNING in the study, for `resume`
+        trial = self._trial(task)
+        trial.set_user_attr("trial_status", str(status))
+        if error:
+            trial.set_user_attr("error", str(error)[:1000])
+        study = self.study()
+        if status == TrialStatus.COMPLETED:
+            tell(study, trial, [float(v) for v in values] if len(values) > 1 else float(values[0]), optuna.trial.TrialState.COMPLETE)
+        elif status in (TrialStatus.PRUNED, TrialStatus.STOPPED):
+            tell(study, trial, None, optuna.trial.TrialState.PRUNED)
+        else:
+            tell(study, trial, None, optuna.trial.TrialState.FAIL)
+        self._trials.pop(task.label, None)
+
+    def _record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
+        from mlflow.entities import Metric, Param
+
+        from core.contract import ESTIMATED_VRAM_GB
+        from sweep.trials import param_value, summary
+
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{label} {summary({**self.cfg.fixed_hyperparams, **config})}",
+            tags={"mlflow.parentRunId": self.parent_run_id, "trial": label, STATUS: TrialStatus.INFEASIBLE, ERROR: verdict.reason},
+        )
+        self.client.log_batch(run.info.run_id, params=[Param(k, param_value(v)) for k, v in config.items()],
+                              metrics=[Metric(ESTIMATED_VRAM_GB, verdict.estimate_gb, int(time.time() * 1000), 0)])  # fmt: skip
+        self.client.set_terminated(run.info.run_id, "FAILED")
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver's side: workers for Ray Tune
+
+
+def _worker_searcher(configs: list[dict[str, Any]]) -> Any:
+    from ray.tune.search import Searcher
+
+    class WorkerList(Searcher):
+        """Hands Tune one config per cohort worker, then says it is finished."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.configs = list(configs)
+
+        def suggest(self, trial_id: str) -> dict | None:
+            return self.configs.pop(0) if self.configs else Searcher.FINISHED
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            pass
+
+    return WorkerList()
+
+
+def _progress(log: Callable[[str], None]) -> Any:
+    from ray.tune import Callback
+
+    from sweep.trials import error_text, last_line
+
+    class CohortProgress(Callback):
+        """The members' lines, as the workers report them; a worker's own failure."""
+
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+
+        def say(self, text: str) -> None:
+            elapsed = int(time.monotonic() - self.start)
+            log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}")
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.say(f"cohort worker {trial.trial_id} start ({trial.config.get('method')})")
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            for line in result.get("events") or []:
+                self.say(line)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            counts = (trial.last_result or {}).get("members") or {}
+            self.say(f"cohort worker {trial.trial_id} done: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no members"))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.say(f"cohort worker {trial.trial_id} failed: {last_line(error_text(trial))[:300] or 'worker died'} (its members' trials stay open; resume continues them)")
+
+    return CohortProgress()
+
+
+@dataclass
+class CohortPlan:
+    """How many cohort workers, what each asks Ray for, and the source their trials come from."""
+
+    workers: list[dict[str, Any]]  # one Tune config per worker: {"worker": i, "method": m}
+    capacity: int
+    cpus: float
+    gpus: float
+    source: StudySource
+    budget: Any  # core.estimate.CohortBudget
+    base: Any  # trainable.train.TrialSpec
+    log: Callable[[str], None] = print
+    resumed: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: Any, sweep_dir: Path, sweep_run: Any, base: Any, resources: Any, resume: list, budget: int,
+              time_left: float | None, log: Callable[[str], None] = print) -> "CohortPlan":  # fmt: skip
+        """Plan the workers on this Ray cluster and queue the trials a resume continues."""
+        import ray
+
+        from core.estimate import CohortBudget
+        from sweep.config import SEARCHABLE
+        from sweep.memory import load_profile
+        from trainable.cohort_worker import MemberTask, latest_checkpoint
+
+        total = ray.cluster_resources()
+        cluster_gpus = float(total.get("GPU", 0))
+        setting = cfg.resources.cohort
+        placement = resources.placement
+        fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
+        if placement is not None:  # GPUs, auto: a whole GPU per worker, filled by the memory estimate
+            gpus, gpu_bytes, profile = 1.0, placement.gpu_bytes, placement.profile
+            judge = replace(placement, embeddings="frozen").judge
+        else:
+            gpus = float(resources.gpus or 0)
+            gpu_bytes, profile, judge = None, load_profile(cfg), None
+            if gpus > 0 and cfg.resources.gpu_memory_gb != "auto":
+                gpu_bytes = gpus * cfg.resources.gpu_memory_gb * 2**30
+        cohort_budget = CohortBudget(profile=profile, max_seq_len=cfg.data.max_seq_len, fixed=fixed, gpu_bytes=gpu_bytes,
+                                     margin=cfg.resources.memory_margin, attn=cfg.train.attn_implementation)  # fmt: skip
+        capacity = int(setting) if setting != "auto" else (COHORT_AUTO_GPU_LIMIT if gpu_bytes else COHORT_AUTO_CPU)
+        methods = methods_of(cfg)
+        fit = math.floor(float(total.get("CPU", 0)) / resources.cpus) if resources.cpus else 1
+        if gpus > 0:
+            fit = min(fit, math.floor(cluster_gpus / gpus))
+        wanted = math.ceil(max(1, budget + len(resume)) / capacity)
+        if cfg.search.max_concurrent != "auto":
+            wanted = min(wanted, math.ceil(int(cfg.search.max_concurrent) / capacity))
+        n = max(len(methods), min(max(1, fit), wanted))
+        workers = [{"worker": i, "method": methods[i % len(methods)]} for i in range(n)]
+
+        # the files workers share: a fresh queue, holding the trials this driver continues
+        root = Path(sweep_dir) / "cohorts"
+        for old in (root / "queue").glob("*.json") if (root / "queue").is_dir() else []:
+            old.unlink(missing_ok=True)
+        deadline = time.time() + time_left if time_left else None
+        source = StudySource(cfg, sweep_dir, cfg.name, sweep_run.experiment_id, sweep_run.run_id, budget, deadline=deadline,
+                             stop_file=base.stop_file, judge=judge)  # fmt: skip
+        plan = cls(workers, capacity, resources.cpus, gpus, source, cohort_budget, base, log)
+        if resume:
+            import optuna
+
+            study = optuna.load_study(study_name=cfg.name, storage=cfg.optuna_storage(sweep_dir))
+            by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+            for item in resume:
+                frozen = by_number[item.number]
+                hyper = cfg.space.decode(frozen.params, cfg.fixed_hyperparams)
+                label = f"t{item.number:03d}"
+                checkpoint = latest_checkpoint(root / "members" / label)
+                source.enqueue(MemberTask(label=label, number=item.number, hyper=hyper, checkpoint=checkpoint, attempt=item.attempt), hyper.get("method", cfg.train.method))
+                plan.resumed.append(f"{label} from {Path(checkpoint).name if checkpoint else 'the start'}")
+        return plan
+
+    def describe(self) -> str:
+        limit = f"up to {self.capacity}" if self.source.judge is None else "as many as its GPU's memory fits"
+        gpu = f"{self.gpus:g} GPU + " if self.gpus else ""
+        text = f"cohorts: {len(self.workers)} worker(s) of {gpu}{self.cpus:g} CPU, each training {limit} trials on one base model"
+        methods = sorted({w["method"] for w in self.workers})
+        if len(methods) > 1:
+            text += f" ({', '.join(methods)}: separate workers)"
+        if self.resumed:
+            text += f"; continuing {', '.join(self.resumed)}"
+        return text
+
+    def apply(self, trainable: Any, tune_config: Any, callbacks: list) -> tuple[Any, Any, list]:
+        """Tune's pieces for a cohort sweep, from the lone-trial ones: the workers' trainable and
+        resources; a searcher that lists the workers (Optuna chooses the members, in the workers);
+        no Tune scheduler (Optuna's pruner judges the members); the members' time budget is
+        theirs (the source ends them at the deadline); the lone-trial MLflow and progress
+        callbacks give way to the workers' own reports."""
+        from ray import tune
+        from ray.tune.schedulers import FIFOScheduler
+
+        from trainable.cohort_worker import tune_cohort_worker
+
+        worker = tune.with_parameters(tune_cohort_worker, base=self.base, source=self.source, capacity=self.capacity, budget=self.budget)
+        worker = tune.with_resources(worker, {"cpu": self.cpus, "gpu": self.gpus})
+        self.log(self.describe())
+        tune_config = replace(tune_config, search_alg=_worker_searcher(self.workers), scheduler=FIFOScheduler(), num_samples=-1,
+                              max_concurrent_trials=len(self.workers), time_budget_s=None, reuse_actors=False)  # fmt: skip
+        # the lone-trial callbacks (retries, MLflow per Ray trial, progress per Ray trial) act on Ray trials, which are workers here
+        kept = [c for c in callbacks if type(c).__name__ not in ("Retries", "TrialRuns", "Progress")]
+        return worker, tune_config, [*kept, _progress(self.log)]

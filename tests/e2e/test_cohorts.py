@@ -1,0 +1,110 @@
+"""Cohort sweeps end to end (issue 15, resources.cohort): real Ray, Optuna, MLflow, tiny Gemma 3 on
+CPU, through the command line. A pruned member is replaced by a new trial; a driver killed while a
+cohort trains resumes with every member continuing from its own checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import write_space
+from tests.e2e.conftest import mlflow_runs
+from tests.e2e.test_durability import Driver, sweep_cli
+
+pytestmark = pytest.mark.e2e
+
+SPACE = """\
+name: c
+model: {id: tiny-gemma3, embeddings: frozen}
+data: {train: DEMO/train.jsonl, eval: DEMO/eval.jsonl, max_seq_len: 128}
+train: {max_steps: STEPS, eval_every: EVAL, log_every: EVAL, batch: [2, 1], lora_dropout: 0.0, warmup_ratio: 0.0}
+resources: {cohort: 3}
+space:
+  lora_r: [4, 8]
+  learning_rate: {loguniform: [1.0e-5, 2.0e-2]}
+"""
+
+
+def space(tmp_path: Path, steps: int, every: int, search: str) -> Path:
+    body = SPACE.replace("STEPS", str(steps)).replace("EVAL", str(every)) + f"search: {search}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"
+    return write_space(tmp_path, body)
+
+
+def stores(sweep_dir: Path) -> tuple[dict, list, dict]:
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    trials = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{sweep_dir}/optuna.db").trials
+    parent, children = mlflow_runs(meta["mlflow_uri"], meta["experiment"])
+    assert parent.info.run_id == meta["parent_run_id"]
+    runs = {}
+    for run in children:
+        assert run.data.tags["trial"] not in runs, f"two child runs for {run.data.tags['trial']}"
+        runs[run.data.tags["trial"]] = run
+    return meta, trials, runs
+
+
+def test_a_pruned_member_is_replaced_and_every_member_is_a_full_trial(tmp_path: Path) -> None:
+    search = ("{num_trials: 6, max_concurrent: 3, algorithm: random, seed: 0, scheduler: {type: asha, grace_period: 2, reduction_factor: 3}, "
+              "points_to_evaluate: [{lora_r: 8, learning_rate: 2.0e-2}, {lora_r: 4, learning_rate: 1.0e-5}]}")  # fmt: skip
+    out = sweep_cli("run", str(space(tmp_path, 6, 2, search)), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    log = out.stdout
+    assert re.search(r"cohorts: 1 worker\(s\) of 1 CPU, each training up to 3 trials", log), log[-3000:]
+    sweep_dir = Path(re.search(r"sweep folder: (\S+)", log).group(1))
+    meta, trials, runs = stores(sweep_dir)
+    assert sorted(runs) == [f"t{i:03d}" for i in range(6)] and len(trials) == 6
+
+    # t001 (lr 1e-5) is worse than t000 (lr 2e-2) at the first rung: pruned there, and a new trial took its slot
+    states = {f"t{t.number:03d}": t.state.name for t in trials}
+    assert states["t001"] == "PRUNED" and states["t000"] == "COMPLETE", states
+    assert trials[1].intermediate_values == {2: pytest.approx(runs["t001"].data.metrics["eval_loss"])}
+    assert log.index("t001 pruned") < log.index("t003 start"), log[-3000:]
+
+    worker = runs["t000"].data.params["cohort"]
+    for t in trials:
+        label = f"t{t.number:03d}"
+        run = runs[label]
+        status = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}[t.state.name]
+        assert run.data.tags["trial_status"] == t.user_attrs["trial_status"] == status, (label, run.data.tags, t.user_attrs)
+        assert t.user_attrs["ray_trial_id"] == worker and t.user_attrs["cohort"] == worker
+        assert run.data.params["cohort"] == worker and run.data.params["cohort_size"] == "3"
+        assert run.data.params["lora_r"] == str(t.params["lora_r"]) and run.data.params["effective_batch"] == "2"
+        for metric in ("eval_loss", "train_loss", "tokens_per_sec", "loss_tokens_per_sec", "peak_rss_gb", "member_vram_share_gb"):
+            assert metric in run.data.metrics, (label, metric)
+        assert run.data.metrics["member_vram_share_gb"] < run.data.metrics["peak_rss_gb"] * 100  # an estimate, named apart from the measurement
+        if status == "completed":
+            assert t.value == pytest.approx(run.data.metrics["eval_loss"]) and "train_seconds" in run.data.metrics
+            assert run.info.status == "FINISHED" and run.data.tags["last_step"] == "6"
+        if status == "pruned":
+            assert run.data.tags["stopped_at_step"] == str(max(t.intermediate_values))
+    assert meta["state"] == "finished"
+    status = sweep_cli("status", str(sweep_dir), cwd=tmp_path)
+    assert status.returncode == 0 and "6 of 6 done" in status.stdout, status.stdout
+
+
+def test_kill_9_while_a_cohort_trains_then_resume(tmp_path: Path) -> None:
+    search = "{num_trials: 3, max_concurrent: 3, seed: 0, scheduler: {type: none}}"
+    driver = Driver(space(tmp_path, 20, 5, search), tmp_path)
+    sweep_dir = driver.sweep_dir()
+    driver.wait_for(r"t002 step\s+10/20")
+    driver.kill()
+
+    resumed = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    for label in ("t000", "t001", "t002"):  # each from its own checkpoint (at step 10 or later: the worker outlives its driver briefly)
+        step = int(re.search(rf"{label} from step-(\d+)", resumed.stdout).group(1))
+        assert 10 <= step < 20 and re.search(rf"{label} start .* from its checkpoint at step {step}\b", resumed.stdout), resumed.stdout[-3000:]
+    meta, trials, runs = stores(sweep_dir)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert sorted(runs) == ["t000", "t001", "t002"]  # exactly one child run per trial
+    client = MlflowClient(meta["mlflow_uri"])
+    for label, run in runs.items():
+        assert run.data.tags["trial_status"] == "completed" and run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == list(range(1, 21)), (label, steps)  # each step logged once, none missing
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [5, 10, 15, 20]
+    assert meta["state"] == "finished"

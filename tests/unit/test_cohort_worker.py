@@ -1,0 +1,327 @@
+"""Cohort sweeps (issue 15): the worker loop with a fake cohort and a fake source, the source on a
+real Optuna study, the cohort memory estimate, and resources.cohort's validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.schema import TrainSection
+from trainable.cohort_worker import MemberTask, WorkerSpec, latest_checkpoint, run_worker
+from trainable.train import FAULTS_ENV, TrialSpec
+
+TRAIN = TrainSection(max_steps=6, eval_every=2, log_every=1, lora_dropout=0.0, batch=(1, 1))
+
+
+class FakeMember:
+    def __init__(self, slot: int, name: str, train: TrainSection):
+        self.slot, self.name, self.train = slot, name, train
+        self.step = self.tokens = self.loss_tokens = 0
+        self.status = "running"
+        self.history: list[list[float]] = []
+        self.params: list = []
+        self.layers: dict = {}
+        self.optimizer = object()
+
+
+class FakeCohort:
+    """Cohort's interface: each micro-step is an optimizer step; loss falls faster with a larger rank."""
+
+    def __init__(self) -> None:
+        self.members: dict[int, FakeMember] = {}
+        self.sizes: list[int] = []  # members per step
+        self.checkpointing = False
+
+    def loss(self, m: FakeMember) -> float:
+        return 3.0 - m.step * m.train.lora_r / 100
+
+    def add(self, train: TrainSection, name: str | None = None, slot: int | None = None) -> int:
+        slot = next(i for i in range(len(self.members) + 1) if i not in self.members) if slot is None else slot
+        self.members[slot] = FakeMember(slot, name or f"m{slot}", train)
+        return slot
+
+    def restore(self, folder: str, slot: int | None = None) -> int:
+        state = json.loads(Path(folder, "member.json").read_text())
+        slot = self.add(TrainSection(**state["train"]), state["name"], slot)
+        m = self.members[slot]
+        m.step, m.history, m.status = state["step"], state["history"], state["status"]
+        return slot
+
+    def save(self, slot: int, folder: Path) -> None:
+        m = self.members[slot]
+        Path(folder, "member.json").write_text(json.dumps({"name": m.name, "train": m.train.model_dump(mode="json"), "step": m.step, "history": m.history, "status": m.status}))
+
+    def remove(self, slot: int) -> FakeMember:
+        return self.members.pop(slot)
+
+    def running(self) -> list[int]:
+        return [s for s, m in self.members.items() if m.status == "running"]
+
+    def step(self) -> dict[int, int]:
+        active = self.running()
+        self.sizes.append(len(active))
+        out = {}
+        for s in active:
+            m = self.members[s]
+            m.step += 1
+            m.tokens += 10
+            m.history.append([m.step, self.loss(m), m.train.learning_rate])
+            if m.step >= m.train.max_steps:
+                m.status = "completed"
+            out[s] = m.step
+        return out
+
+    def evaluate(self, slots: list[int]) -> dict[int, float]:
+        return {s: self.loss(self.members[s]) for s in slots}
+
+    def sync(self, slot: int) -> None:
+        pass
+
+    def rewind(self, slot: int) -> None:
+        pass
+
+
+class FakeSource:
+    """Hands out `hypers` in order; prunes what `prune(label, step)` says; records everything."""
+
+    def __init__(self, hypers: list[dict], root: Path, prune: Any = None):
+        self.todo = [MemberTask(label=f"t{i:03d}", number=i, hyper=h) for i, h in enumerate(hypers)]
+        self.queue: list[MemberTask] = []
+        self.root, self.prune = root, prune or (lambda label, step: False)
+        self.begun: list[str] = []
+        self.reports: list[tuple[str, int]] = []
+        self.ended: dict[str, dict] = {}
+        self.given_back: list[str] = []
+
+    def take(self, worker: str, method: str, members: int) -> MemberTask | None:
+        for task in self.queue:
+            if not task.alone or members == 0:
+                self.queue.remove(task)
+                return task
+        return self.todo.pop(0) if self.todo else None
+
+    def give_back(self, task: MemberTask) -> None:
+        self.given_back.append(task.label)
+        self.queue.append(task)
+
+    def waiting_alone(self, method: str) -> bool:
+        return any(t.alone for t in self.queue)
+
+    def exhausted(self, method: str) -> bool:
+        return not self.todo and not self.queue
+
+    def checkpoint_dir(self, task: MemberTask) -> str:
+        return str(self.root / task.label)
+
+    def begin(self, task: MemberTask, params: dict) -> None:
+        self.begun.append(task.label)
+        assert params["cohort"] == "w0" and params["cohort_size"] >= 1
+
+    def report(self, task: MemberTask, metrics: dict) -> bool:
+        self.reports.append((task.label, metrics["step"]))
+        return self.prune(task.label, metrics["step"])
+
+    def end(self, task: MemberTask, metrics: dict) -> None:
+        assert task.label not in self.ended, f"{task.label} ended twice"
+        self.ended[task.label] = metrics
+
+    def halt(self) -> str | None:
+        return None
+
+
+def work(tmp_path: Path, hypers: list[dict], capacity: int, **source_args: Any) -> tuple[FakeSource, FakeCohort, list[str]]:
+    source = FakeSource(hypers, tmp_path, **source_args)
+    cohort = FakeCohort()
+    made = []
+    lines: list[str] = []
+
+    def make(spec: WorkerSpec) -> FakeCohort:
+        made.append(spec)
+        return cohort
+
+    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=capacity, poll_seconds=0.01)
+    run_worker(spec, source, lines.extend, make_cohort=make)
+    assert len(made) == 1  # the base is loaded once, whoever comes and goes
+    return source, cohort, lines
+
+
+def status(source: FakeSource) -> dict[str, str]:
+    return {label: str(m["trial_status"]) for label, m in sorted(source.ended.items())}
+
+
+def test_slots_are_refilled_without_reloading_the_base(tmp_path: Path) -> None:
+    source, cohort, lines = work(tmp_path, [{"lora_r": r} for r in (4, 8, 16, 32, 2)], capacity=2)
+    assert status(source) == dict.fromkeys(["t000", "t001", "t002", "t003", "t004"], "completed")
+    assert max(cohort.sizes) == 2 and cohort.sizes[:6] == [2] * 6  # always full while trials remain
+    assert [step for label, step in source.reports if label == "t000"] == [2, 4, 6]
+    final = source.ended["t000"]
+    assert final["train_seconds"] > 0 and final["tokens_per_sec"] > 0 and "peak_rss_gb" in final
+    assert latest_checkpoint(tmp_path / "t000").endswith("step-000006")
+    assert any(line.startswith("t004 start") for line in lines) and any(line.startswith("t004 completed") for line in lines)
+
+
+def test_a_pruned_member_is_replaced_by_the_next_trial(tmp_path: Path) -> None:
+    source, cohort, lines = work(tmp_path, [{"lora_r": 16}, {"lora_r": 1}, {"lora_r": 8}], capacity=2, prune=lambda label, step: label == "t001" and step == 2)
+    assert status(source) == {"t000": "completed", "t001": "pruned", "t002": "completed"}
+    assert source.ended["t001"]["step"] == 2
+    # t002 took t001's slot right after the prune: the cohort stayed full
+    assert source.begun == ["t000", "t001", "t002"] and cohort.sizes[:4] == [2, 2, 2, 2]
+    assert lines.index(next(x for x in lines if x.startswith("t001 pruned"))) < lines.index(next(x for x in lines if x.startswith("t002 start")))
+
+
+def test_an_oom_in_a_cohort_step_sheds_the_largest_member_which_runs_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "oom_cohort@3:lora_r=32")  # fits alone, not beside others
+    source, cohort, lines = work(tmp_path, [{"lora_r": 4}, {"lora_r": 32}, {"lora_r": 8}], capacity=3)
+    assert status(source) == dict.fromkeys(["t000", "t001", "t002"], "completed")  # nobody ends oom
+    assert source.given_back == ["t001"] and source.begun.count("t001") == 2  # shed once, continued from its checkpoint
+    assert [step for label, step in source.reports if label == "t001"] == [2, 4, 6]
+    assert max(cohort.sizes[3:]) <= 2  # the cohort shrank
+    assert any("t001 shed" in line for line in lines)
+
+
+def test_only_a_member_that_does_not_fit_alone_ends_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "oom@3:lora_r=32")
+    source, cohort, lines = work(tmp_path, [{"lora_r": 4}, {"lora_r": 32}], capacity=2)
+    assert status(source) == {"t000": "completed", "t001": "oom"}
+    assert source.given_back == ["t001"] and source.ended["t001"]["step"] == 2 and "out of memory" in source.ended["t001"]["error"]
+
+
+def test_a_nan_ends_that_member_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "nan@3:lora_r=8")
+    source, cohort, lines = work(tmp_path, [{"lora_r": 4}, {"lora_r": 8}, {"lora_r": 16}], capacity=3)
+    assert status(source) == {"t000": "completed", "t001": "nan", "t002": "completed"}
+    assert source.ended["t001"]["step"] == 3
+
+
+def test_a_member_continues_from_its_checkpoint(tmp_path: Path) -> None:
+    source = FakeSource([], tmp_path)
+    first, _, _ = work(tmp_path, [{"lora_r": 4}], capacity=1, prune=lambda label, step: step == 4)  # leaves a checkpoint at step 4
+    checkpoint = latest_checkpoint(tmp_path / "t000")
+    assert checkpoint and checkpoint.endswith("step-000004")
+    source = FakeSource([], tmp_path)
+    source.queue = [MemberTask(label="t000", number=0, hyper={"lora_r": 4}, checkpoint=checkpoint)]
+    cohort = FakeCohort()
+    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=1, poll_seconds=0.01)
+    run_worker(spec, source, make_cohort=lambda s: cohort)
+    assert source.reports == [("t000", 6)] and status(source) == {"t000": "completed"}
+    assert [h[0] for h in source.ended["t000"]["history"]] == [1, 2, 3, 4, 5, 6]  # replayed once, then new steps
+    assert [e["step"] for e in source.ended["t000"]["evals_replay"]] == [2, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# the cohort memory estimate
+
+
+def test_cohort_estimate_counts_the_base_once() -> None:
+    from core.estimate import CohortBudget, ModelProfile, TextShape, TrialShape, cohort_estimate, estimate, member_share
+
+    text = TextShape(hidden=1152, intermediate=6912, layers=26, heads=4, kv_heads=1, head_dim=256, vocab=262144)
+    linears = {"q_proj": (1152, 1024, 26), "k_proj": (1152, 256, 26), "v_proj": (1152, 256, 26), "o_proj": (1024, 1152, 26),
+               "gate_proj": (1152, 6912, 26), "up_proj": (1152, 6912, 26), "down_proj": (6912, 1152, 26)}  # fmt: skip
+    profile = ModelProfile(text=text, linears=linears, embedding_params=262144 * 1152, tied=True, other_params=100_000)
+    a, b = TrialShape(lora_r=16, micro_batch=2, seq_len=512), TrialShape(lora_r=64, micro_batch=1, seq_len=512, targets=("q_proj", "v_proj"))
+    one, four = cohort_estimate(profile, [a]), cohort_estimate(profile, [a, b, a, b])
+    assert one.parts["weights"] == four.parts["weights"] == estimate(profile, a).parts["weights"]
+    assert four.parts["adapter"] == pytest.approx(2 * (estimate(profile, a).parts["adapter"] + estimate(profile, b).parts["adapter"]))
+    assert one.parts["activations"] < four.parts["activations"]
+    assert four.total < 2 * estimate(profile, a).total + 2 * estimate(profile, b).total  # sharing the base is the point
+    shares = [member_share(profile, m, [a, b, a, b]) for m in (a, b, a, b)]
+    assert sum(shares) == pytest.approx(four.total)
+    fixed = {"method": "lora", "lora_r": 16, "lora_dropout": 0.0, "target_modules": "all-linear", "batch": (2, 4), "optimizer": "auto", "gradient_checkpointing": "auto"}
+    budget = CohortBudget(profile=profile, max_seq_len=512, fixed=fixed, gpu_bytes=2 * 2**30 + one.total * 1.2 + 0.75 * 2**30)
+    assert budget.fits([{}]) and not budget.fits([{}] * 64)
+    assert CohortBudget(profile=profile, max_seq_len=512, fixed=fixed).fits([{}] * 64)  # a CPU worker: no limit
+    assert budget.size({"lora_r": 64}) > budget.size({"lora_r": 4})
+
+
+# ----------------------------------------------------------------------------------------------
+# resources.cohort: validation, pruners, and the source on a real study
+
+
+BODY = """\
+name: c
+model: {id: tiny-gemma3, embeddings: EMB}
+data: {train: DEMO/train.jsonl, eval: DEMO/eval.jsonl, max_seq_len: 128}
+train: {max_steps: 4, eval_every: 2, log_every: 1}
+search: {num_trials: 3, seed: 0, scheduler: {type: asha, grace_period: 2, reduction_factor: 2}}
+resources: {cohort: COHORT}
+space:
+  lora_r: [4, 8]
+  method: [lora, qlora]
+"""
+
+
+def config(tmp_path: Path, embeddings: str = "frozen", cohort: str = "2") -> Any:
+    from sweep.config import load_config
+    from tests.conftest import write_space
+
+    return load_config(write_space(tmp_path, BODY.replace("EMB", embeddings).replace("COHORT", cohort)))
+
+
+@pytest.mark.parametrize(("embeddings", "words"), [("full", "model.embeddings: full with resources.cohort: 2"), ("new_tokens", "not yet supported in a cohort")])
+def test_embeddings_that_cannot_share_are_refused(tmp_path: Path, embeddings: str, words: str) -> None:
+    from sweep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        config(tmp_path, embeddings)
+    assert config(tmp_path, embeddings, cohort="off").resources.cohort == "off"
+
+
+def test_cohort_setting_values(tmp_path: Path) -> None:
+    from sweep.config import ConfigError
+
+    assert config(tmp_path, cohort="auto").resources.cohort == "auto"
+    assert config(tmp_path, cohort="off").resources.cohort == "off"
+    with pytest.raises(ConfigError, match="resources.cohort.*expected off, auto or a positive number"):
+        config(tmp_path, cohort="0")
+
+
+def test_pruners_follow_search_scheduler(tmp_path: Path) -> None:
+    import optuna
+
+    from sweep.cohorts import make_pruner, methods_of
+
+    cfg = config(tmp_path)
+    pruner = make_pruner(cfg)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and pruner._min_resource == 2 and pruner._reduction_factor == 2
+    for kind, cls in (("hyperband", optuna.pruners.HyperbandPruner), ("median", optuna.pruners.MedianPruner), ("none", optuna.pruners.NopPruner)):
+        other = type(cfg)(**{**cfg.__dict__, "search": cfg.search.model_copy(update={"scheduler": cfg.search.scheduler.model_copy(update={"type": kind})})})
+        assert isinstance(make_pruner(other), cls)
+    assert methods_of(cfg) == ["lora", "qlora"]
+
+
+def test_study_source_asks_prunes_and_tells(tmp_path: Path) -> None:
+    import pickle
+
+    import optuna
+
+    from sweep.cohorts import StudySource
+
+    cfg = config(tmp_path)
+    storage = cfg.optuna_storage(tmp_path)
+    optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
+    source = pickle.loads(pickle.dumps(StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=3)))
+    tasks = []
+    for _ in range(6):
+        task = source.take("w0", "lora", len(tasks))
+        if task is not None:
+            tasks.append(task)
+    assert all(t.hyper["method"] == "lora" for t in tasks)  # a qlora sample waits in the queue for a qlora worker
+    while (task := source.take("w1", "qlora", 0)) is not None:
+        assert task.hyper["method"] == "qlora"
+        tasks.append(task)
+    assert sorted(t.number for t in tasks) == [0, 1, 2] and source.exhausted("lora") and source.exhausted("qlora")
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    assert {t.user_attrs["ray_trial_id"] for t in study.trials} <= {"w0", "w1"} and all(t.user_attrs["cohort"] for t in study.trials)
+    first, second, third = sorted(tasks, key=lambda t: t.number)
+    assert source.report(first, {"step": 2, "eval_loss": 1.0, "trial_status": "running"}) is False  # the first at a rung is promoted
+    assert source.report(second, {"step": 2, "eval_loss": 2.0, "trial_status": "running"}) is True  # worse than it: pruned (asha)
+    source.end(second, {"step": 2, "eval_loss": 2.0, "trial_status": "pruned"})
+    source.end(first, {"step": 4, "eval_loss": 0.5, "trial_status": "completed"})
+    source.end(third, {"step": 1, "trial_status": "nan", "error": "train loss is nan"})
+    states = {t.number: (t.state.name, t.user_attrs["trial_status"]) for t in optuna.load_study(study_name=cfg.name, storage=storage).trials}
+    assert states == {first.number: ("COMPLETE", "completed"), second.number: ("PRUNED", "pruned"), third.number: ("FAIL", "nan")}
+    assert optuna.load_study(study_name=cfg.name, storage=storage).trials[second.number].intermediate_values == {2: 2.0}

@@ -1,0 +1,112 @@
+"""The MLflow record of a sweep (sweep.tracking) and the retry policy (sweep.retries), driven by
+stand-in Tune trials against a sqlite MLflow store in tmp_path: no Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sweep.config import load_config
+from sweep.retries import Retries, should_retry
+from sweep.sweepdir import StopFile
+from sweep.tracking import SweepRun, TrialRuns
+from sweep.trials import Ledger
+from tests.conftest import MINIMAL, write_space
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
+    folder = tmp_path_factory.mktemp("tracking")
+    cfg = load_config(write_space(folder, MINIMAL + f"tracking: {{mlflow_uri: 'sqlite:///{folder}/mlflow.db', results_dir: {folder}}}\n"))
+    (folder / "t-1").mkdir()
+    return SweepRun(cfg, folder / "t-1")
+
+
+def trial(trial_id: str, config: dict, last_result: dict | None = None, checkpoint: str | None = None) -> SimpleNamespace:
+    ckpt = SimpleNamespace(path=checkpoint) if checkpoint else None
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last_result, checkpoint=ckpt, error_file="/nonexistent", get_error=lambda: None)
+
+
+def test_a_trial_is_one_child_run_with_its_metrics_by_step(sweep: SweepRun) -> None:
+    ledger = Ledger()
+    ledger.labels["a"] = "t000"
+    runs = TrialRuns(sweep, ledger, {"lora_r": 16})
+    t = trial("a", {"lora_r": 4, "gpu_share": 0.5, "estimated_vram_gb": 12.0, "resume_checkpoint": "/x"})
+    runs.on_trial_start(0, [], t)
+    report = {"step": 2, "eval_loss": 2.5, "tokens_per_sec": 100.0, "history": [[1, 3.0, 1e-4], [2, 2.8, 1e-4]], "derived": {"trainable_params": 123}}
+    runs.on_trial_result(0, [], t, report)
+    runs.on_trial_result(0, [], t, {**report, "step": 2})  # sent again: logged once
+    t.last_result = {"step": 4, "trial_status": "completed", "eval_loss": 2.0, "train_seconds": 3.0}
+    runs.on_trial_result(0, [], t, t.last_result)
+    runs.on_trial_complete(0, [], t)
+
+    (run,) = [r for r in sweep.children() if r.data.tags["trial"] == "t000"]
+    assert run.data.tags["trial_status"] == "completed" and run.data.tags["last_step"] == "4" and run.info.status == "FINISHED"
+    assert run.data.params == {"lora_r": "4", "gpu_share": "0.5", "estimated_vram_gb": "12.0", "trainable_params": "123"}  # no resume path
+    history = sweep.client.get_metric_history(run.info.run_id, "eval_loss")
+    assert [(m.step, m.value) for m in history] == [(2, 2.5), (4, 2.0)]
+    assert [m.step for m in sweep.client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+    # the same trial resumed by a new driver continues its child run
+    again = TrialRuns(sweep, ledger, {"lora_r": 16})
+    ledger.labels["a-resumed"] = "t000"
+    again.on_trial_start(0, [], trial("a-resumed", {"lora_r": 4}))
+    again.on_trial_result(0, [], trial("a-resumed", {}), {**report, "step": 2})
+    assert len([r for r in sweep.children() if r.data.tags["trial"] == "t000"]) == 1
+    assert len(sweep.client.get_metric_history(run.info.run_id, "eval_loss")) == 2
+
+
+def test_a_trial_stopped_on_request_is_killed_not_finished(sweep: SweepRun, tmp_path: Path) -> None:
+    ledger = Ledger()
+    ledger.labels.update(b="t001", c="t002")
+    stop = StopFile(tmp_path / "STOP")
+    runs = TrialRuns(sweep, ledger, {}, stop=stop)
+    for trial_id in "bc":
+        runs.on_trial_start(0, [], trial(trial_id, {"lora_r": 8}))
+    runs.on_trial_complete(0, [], trial("b", {}, {"step": 2, "trial_status": "stopped"}))  # the time budget
+    (tmp_path / "STOP").write_text("now")
+    runs.on_trial_complete(0, [], trial("c", {}, {"step": 2, "trial_status": "stopped"}))
+    by_label = {r.data.tags["trial"]: r for r in sweep.children()}
+    assert (by_label["t001"].data.tags["trial_status"], by_label["t001"].info.status) == ("stopped", "FINISHED")
+    assert (by_label["t002"].data.tags["trial_status"], by_label["t002"].info.status) == ("stopped", "KILLED")
+
+
+class Search:
+    """What Retries asks of the searcher."""
+
+    def __init__(self) -> None:
+        self.attempts = {"d": 1, "e": 2, "f": 1}
+        self.requeued: list[tuple[str, str | None]] = []
+        self.failed: list[str] = []
+
+    def requeue(self, trial_id: str, checkpoint: str | None) -> int:
+        self.requeued.append((trial_id, checkpoint))
+        return self.attempts[trial_id] + 1
+
+    def fail(self, trial_id: str, error: str) -> None:
+        self.failed.append(trial_id)
+
+
+def test_retries_are_decided_once_and_recorded(sweep: SweepRun, tmp_path: Path) -> None:
+    assert should_retry("ray.exceptions.ActorDiedError: The actor died unexpectedly", 1, 1)
+    assert not should_retry("ray.exceptions.ActorDiedError", 2, 1)  # no retries left
+    assert not should_retry("ValueError: bad config", 1, 3)  # the trial's own error
+    ledger, search = Ledger(), Search()
+    ledger.labels.update(d="t003", e="t004", f="t005")
+    retries, runs = Retries(search, ledger, max_retries=1), TrialRuns(sweep, ledger, {})
+    errors = {"d": "RayActorError: worker died", "e": "RayActorError: worker died", "f": "ValueError: boom"}
+    for trial_id, error in errors.items():
+        (tmp_path / trial_id).write_text(error)
+        t = trial(trial_id, {"lora_r": 4}, {"step": 2}, checkpoint="/ckpt" if trial_id == "d" else None)
+        t.error_file = str(tmp_path / trial_id)
+        runs.on_trial_start(0, [], t)
+        for callback in (retries, runs):  # the order the Sweep lists them in
+            callback.on_trial_error(0, [], t)
+    assert search.requeued == [("d", "/ckpt")] and search.failed == ["e", "f"] and ledger.retrying == {"d": 2}
+    by_label = {r.data.tags["trial"]: r.data.tags for r in sweep.children()}
+    assert by_label["t003"]["trial_status"] == "retrying" and by_label["t003"]["retries"] == "1"
+    assert by_label["t003"]["error"] == "attempt 1: worker died; retrying from its last checkpoint"
+    assert by_label["t004"]["trial_status"] == by_label["t005"]["trial_status"] == "failed"
+    assert by_label["t005"]["error"] == "ValueError: boom"

@@ -1,0 +1,467 @@
+"""A cohort worker (issue 15): one loaded base model, its cohort kept full of trials.
+
+    run_worker(WorkerSpec(base=trial_spec, method="lora", capacity=4, worker="w0"), source)
+
+The worker loads the base model once (trainable/cohort.py) and fills its free slots with the trials
+a `MemberSource` hands out (in a sweep: sweep/cohorts.py, which asks Optuna and writes MLflow). Each
+micro-step trains every member; at a member's eval steps it is evaluated, checkpointed to its own
+folder and reported, and the source answers whether it is pruned. A member that completes, is
+pruned, ends with a NaN or is stopped leaves, and its slot takes the next trial without reloading
+the base.
+
+Faults lose no member:
+- an OOM in a cohort step sheds the largest member (saved at its last optimizer step and handed
+  back to the source, to join a cohort later, or to run alone once it was shed twice); the cohort
+  shrinks by one and the others redo the step. Only a member that OOMs alone ends `oom` (the
+  shrinking was its doing, so the worker's capacity comes back).
+- a non-finite loss ends that member only.
+Any other exception ends the members as failed and propagates (the worker fails, as a trial would).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from core.contract import TrialStatus
+from core.schema import TrainSection
+from trainable.train import TrialSpec, injected_fault, is_oom, peak_memory
+
+WORKER_STATE = "worker.json"  # beside a member checkpoint: what the worker adds to the cohort's state
+MEMBER_STATE = "member.json"  # written last by Cohort.save: a checkpoint folder without it is incomplete
+FAULT_KINDS = ("oom", "nan", "oom_cohort")
+
+
+@dataclass
+class MemberTask:
+    """One Optuna trial for a cohort: its label, its sampled hyperparameters, where it continues from."""
+
+    label: str  # t007
+    number: int  # the Optuna trial number
+    hyper: dict[str, Any]  # the sampled values (decoded, as a lone trial's Tune config holds them)
+    checkpoint: str | None = None  # its last member checkpoint (resumed, or shed by an OOM)
+    attempt: int = 1
+    sheds: int = 0  # times an OOM shed it from a cohort
+    alone: bool = False  # shed twice: runs without other members
+
+
+class MemberSource(Protocol):
+    """Where a worker's trials come from and where their results go."""
+
+    def take(self, worker: str, method: str, members: int) -> MemberTask | None:
+        """The next trial for a worker of `method` that holds `members` members (continued ones
+        first, then new ones from the sampler), or None when there is none to take now."""
+
+    def give_back(self, task: MemberTask) -> None:
+        """A trial taken but not training here (it does not fit, or an OOM shed it): queue it again."""
+
+    def waiting_alone(self, method: str) -> bool:
+        """A trial waits to run alone: workers stop refilling so that one of them empties."""
+
+    def exhausted(self, method: str) -> bool:
+        """No trial for `method` is left to hand out, now or later: the worker may end."""
+
+    def checkpoint_dir(self, task: MemberTask) -> str:
+        """The folder that holds this trial's member checkpoints (durable, shared by the workers)."""
+
+    def begin(self, task: MemberTask, params: dict[str, Any]) -> None:
+        """The trial starts (or continues) on a worker: `params` are its derived params."""
+
+    def report(self, task: MemberTask, metrics: dict[str, Any]) -> bool:
+        """An evaluation (a lone trial's report, core.contract names); True: prune the trial."""
+
+    def end(self, task: MemberTask, metrics: dict[str, Any]) -> None:
+        """The trial leaves the cohort with metrics['trial_status']: completed, pruned, stopped, nan, oom or failed."""
+
+    def halt(self) -> str | None:
+        """'stop' (sweep stop / Ctrl-C: checkpoint, stay resumable), 'time' (time budget), or None."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    base: TrialSpec  # the sweep's fixed settings (model, data, train, max_seq_len, threads, stop file)
+    method: str  # lora | qlora: the quantization of this worker's base model
+    capacity: int  # the most members at once
+    worker: str = "w0"  # the worker's name (its Ray Tune trial id in a sweep)
+    budget: Any = None  # core.estimate.CohortBudget: memory check before a member joins; member shares
+    poll_seconds: float = 0.5  # wait between asks when there is nothing to train yet
+
+
+@dataclass
+class _Live:
+    """What the worker keeps about a member beside the cohort's own Member."""
+
+    task: MemberTask
+    slot: int
+    train: TrainSection
+    fault: tuple[str, int] | None
+    seconds: float = 0.0  # wall time of the cohort steps it took part in
+    warm: tuple[int, int, float] | None = None  # tokens, loss tokens, seconds after its first step
+    reported: int = 0  # history entries already reported
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    replay: bool = False  # restored: its first report re-sends what it logged before
+    load_seconds: float = 0.0
+
+
+def latest_checkpoint(folder: str | Path | None) -> str | None:
+    """The newest complete member checkpoint (step-NNNNNN/ with member.json) under `folder`."""
+    if not folder or not Path(folder).is_dir():
+        return None
+    done = sorted(p for p in Path(folder).glob("step-*") if (p / MEMBER_STATE).exists())
+    return str(done[-1]) if done else None
+
+
+def _train_of(base: TrainSection, hyper: dict[str, Any]) -> TrainSection:
+    return base.model_copy(update={k: v for k, v in hyper.items() if k in TrainSection.model_fields})
+
+
+def _load_cohort(spec: WorkerSpec) -> Any:
+    import torch
+
+    from trainable.cohort import Cohort
+
+    torch.set_num_threads(max(1, spec.base.threads))
+    base = spec.base.train.model_copy(update={"method": spec.method})
+    micro = base.batch[0]
+    return Cohort(spec.base.model_id, spec.base.data_dir, base, revision=spec.base.revision, max_seq_len=spec.base.max_seq_len,
+                  max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro)  # fmt: skip
+
+
+def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]], None] | None = None,
+               make_cohort: Callable[[WorkerSpec], Any] | None = None) -> dict[str, int]:  # fmt: skip
+    """Train trials from `source` in one cohort until the source is exhausted or halts.
+    `emit` receives progress lines (one per member event). Returns how many members ended how."""
+    from trainable.train import _reset_peak_rss
+
+    _reset_peak_rss()
+    started = time.perf_counter()
+    cohort = (make_cohort or _load_cohort)(spec)
+    return _Worker(spec, source, cohort, time.perf_counter() - started, emit).run()
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, source: MemberSource, cohort: Any, load_seconds: float, emit: Any):
+        self.spec, self.source, self.cohort, self.load_seconds, self.emit = spec, source, cohort, load_seconds, emit
+        self.live: dict[int, _Live] = {}
+        self.capacity = spec.capacity
+        self.counts: Counter = Counter()
+        self.events: list[str] = []
+        self.first = True  # the first member pays for loading the base
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, int]:
+        try:
+            while True:
+                halt = self.source.halt()
+                if halt:
+                    self._halt(halt)
+                    break
+                self._fill()
+                self._flush()
+                if not self.live:
+                    if self.source.exhausted(self.spec.method):
+                        break
+                    time.sleep(self.spec.poll_seconds)
+                    continue
+                self._step()
+                self._flush()
+        except BaseException as exc:
+            for slot in list(self.live):
+                m = self.cohort.members[slot]
+                self._end(slot, {"step": m.step, "trial_status": TrialStatus.FAILED, "error": f"cohort worker {self.spec.worker}: {exc!r}"[:1000]})
+            self._flush()
+            raise
+        self._flush()
+        return dict(self.counts)
+
+    def _flush(self) -> None:
+        if self.events and self.emit is not None:
+            self.emit(self.events)
+        self.events = []
+
+    def _fill(self) -> None:
+        budget = self.spec.budget
+        while len(self.live) < self.capacity:
+            if self.live and (any(lv.task.alone for lv in self.live.values()) or self.source.waiting_alone(self.spec.method)):
+                return  # a trial that must run alone holds the worker, or waits for a worker to empty
+            task = self.source.take(self.spec.worker, self.spec.method, len(self.live))
+            if task is None:
+                return
+            if self.live and budget is not None and not budget.fits([lv.task.hyper for lv in self.live.values()] + [task.hyper]):
+                self.source.give_back(task)  # it fits alone (the source judged it), not beside these
+                return
+            self._add(task)
+
+    def _add(self, task: MemberTask) -> None:
+        train = _train_of(self.spec.base.train, task.hyper)
+        fault = injected_fault(task.hyper, FAULT_KINDS)
+        checkpoint = task.checkpoint if task.checkpoint and Path(task.checkpoint, MEMBER_STATE).exists() else None
+        tick = time.perf_counter()
+        if checkpoint:
+            slot = self.cohort.restore(checkpoint)
+        else:
+            slot = self.cohort.add(train, name=task.label)
+        lv = _Live(task, slot, train, fault, load_seconds=(self.load_seconds if self.first else 0.0) + time.perf_counter() - tick)
+        self.first = False
+        m = self.cohort.members[slot]
+        if checkpoint:
+            extra = Path(checkpoint, WORKER_STATE)
+            if extra.exists():
+                state = json.loads(extra.read_text())
+                lv.seconds, lv.evals = state.get("seconds", 0.0), state.get("evals", [])
+                lv.warm = tuple(state["warm"]) if state.get("warm") else None
+            lv.replay = m.step > 0
+        self.live[slot] = lv
+        self.source.begin(task, self._params(lv))
+        where = f"from its checkpoint at step {m.step}" if checkpoint else "from the start"
+        self.events.append(f"{task.label} start      in cohort {self.spec.worker} ({len(self.live)} of {self.capacity}) {where}")
+        if m.step >= train.max_steps and lv.evals:
+            # saved at its last step, but its end never recorded (the driver died): record it now
+            self._report(slot, dict(lv.evals[-1]), final=True)
+
+    def _params(self, lv: _Live) -> dict[str, Any]:
+        m = self.cohort.members[lv.slot]
+        micro, accum = lv.train.batch
+        c = self.cohort
+        info = {
+            "micro_batch": micro,
+            "grad_accum": accum,
+            "effective_batch": micro * accum,
+            "trainable_params": sum(p.numel() for p in m.params),
+            "quantization": "nf4-double-quant" if self.spec.method == "qlora" else "none",
+            "compute_dtype": str(getattr(c, "dtype", "")).removeprefix("torch."),
+            "device": str(getattr(c, "device", "cpu")),
+            "lora_targets": ",".join(sorted({n.rsplit(".", 1)[-1] for n in m.layers})),
+            "lora_layers": len(m.layers),
+            "embeddings": "frozen",
+            "embeddings_reason": "a cohort member trains no embedding rows (resources.cohort)",
+            "gradient_checkpointing": getattr(c, "checkpointing", False),
+            "optimizer": type(m.optimizer).__name__,
+            "tokens_per_sec_counts": "this member's non-padding input tokens per second of the cohort steps it took part in, after its first step (loss_tokens_per_sec: reply tokens only)",
+            "cohort": self.spec.worker,
+            "cohort_size": self.capacity,
+        }
+        try:
+            from trainable.train import _gpu_ids, _ray_node
+
+            info.update(ray_node=_ray_node(), gpu_ids=_gpu_ids())
+        except Exception:  # no Ray here
+            pass
+        return info
+
+    def _step(self) -> None:
+        running = [s for s in self.cohort.running() if s in self.live]
+        for slot in self.cohort.running():
+            if slot not in self.live:  # a member the worker does not know (cannot happen; never train it blind)
+                self.cohort.remove(slot)
+        tick = time.perf_counter()
+        try:
+            self._inject_oom(running)
+            stepped = self.cohort.step()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            self._shed(str(exc).splitlines()[0][:500])
+            return
+        seconds = time.perf_counter() - tick
+        for slot in running:
+            self.live[slot].seconds += seconds
+        due = []
+        for slot, step in stepped.items():
+            lv, m = self.live[slot], self.cohort.members[slot]
+            if lv.warm is None:
+                lv.warm = (m.tokens, m.loss_tokens, lv.seconds)
+            if lv.fault and lv.fault[0] == "nan" and step >= lv.fault[1]:
+                self._end(slot, {"step": step, "trial_status": TrialStatus.NAN, "error": f"train loss is nan at step {step} (injected)", **self._history(lv)})
+                continue
+            if m.status == "nan":
+                self._end(slot, {"step": step, "trial_status": TrialStatus.NAN, "error": f"train loss is not finite at step {step}", **self._history(lv)})
+                continue
+            if step % lv.train.eval_every == 0 or step >= lv.train.max_steps:
+                due.append(slot)
+        if due:
+            self._evaluate(due)
+
+    def _inject_oom(self, running: list[int]) -> None:
+        for slot in running:
+            lv, m = self.live[slot], self.cohort.members[slot]
+            if lv.fault and m.step + 1 >= lv.fault[1] and (lv.fault[0] == "oom" or (lv.fault[0] == "oom_cohort" and len(running) > 1)):
+                import torch
+
+                raise torch.OutOfMemoryError(f"CUDA out of memory in a cohort step (injected for {lv.task.label})")
+
+    def _evaluate(self, slots: list[int]) -> None:
+        losses = self.cohort.evaluate(slots)
+        for slot in slots:
+            self.cohort.sync(slot)
+            lv, m = self.live[slot], self.cohort.members[slot]
+            if m.status == "nan":
+                self._end(slot, {"step": m.step, "trial_status": TrialStatus.NAN, "error": f"train loss is not finite at step {m.step}", **self._history(lv)})
+                continue
+            self._report(slot, {"eval_loss": losses[slot]}, final=m.step >= lv.train.max_steps)
+
+    def _report(self, slot: int, metrics: dict[str, Any], final: bool) -> None:
+        lv, m = self.live[slot], self.cohort.members[slot]
+        eval_loss = metrics["eval_loss"]
+        new = m.history[lv.reported :]
+        tokens, loss_tokens, seconds = m.tokens, m.loss_tokens, lv.seconds
+        if lv.warm is not None and lv.seconds > lv.warm[2]:
+            tokens, loss_tokens, seconds = m.tokens - lv.warm[0], m.loss_tokens - lv.warm[1], lv.seconds - lv.warm[2]
+        seconds = max(seconds, 1e-9)
+        out = {
+            "step": m.step,
+            "eval_loss": eval_loss,
+            "train_loss": sum(h[1] for h in new) / len(new) if new else metrics.get("train_loss", float("nan")),
+            "learning_rate": new[-1][2] if new else metrics.get("learning_rate", float("nan")),
+            "tokens_per_sec": metrics.get("tokens_per_sec", tokens / seconds),
+            "loss_tokens_per_sec": metrics.get("loss_tokens_per_sec", loss_tokens / seconds),
+            **peak_memory(getattr(self.cohort, "device", None) or _cpu()),
+            "trial_status": TrialStatus.COMPLETED if final else TrialStatus.RUNNING,
+            **self._history(lv),
+        }
+        budget = self.spec.budget
+        if budget is not None:
+            members = [x.task.hyper for x in self.live.values()]
+            out["member_vram_share_gb"] = budget.share_gb(lv.task.hyper, members)
+        if lv.replay:
+            out["evals_replay"] = list(lv.evals)
+            lv.replay = False
+        if final:
+            out.update(train_seconds=lv.seconds, load_seconds=lv.load_seconds)
+        if not math.isfinite(eval_loss):
+            self._end(slot, {**out, "trial_status": TrialStatus.NAN, "error": f"eval loss is {eval_loss} at step {m.step}"})
+            return
+        if not any(e["step"] == m.step for e in lv.evals):
+            lv.evals.append({k: out[k] for k in ("step", "eval_loss", "tokens_per_sec", "loss_tokens_per_sec")})
+        self._save(slot)
+        pruned = self.source.report(lv.task, out)
+        tps = out["tokens_per_sec"]
+        self.events.append(f"{lv.task.label} step {m.step:>4}/{lv.train.max_steps}  eval_loss {eval_loss:.4f}  train_loss {out['train_loss']:.4f}  {tps / 1000:.1f}k tok/s")
+        if final:
+            self._end(slot, out)
+        elif pruned:
+            self._end(slot, {**out, "trial_status": TrialStatus.PRUNED, "history": []})
+
+    def _history(self, lv: _Live) -> dict[str, Any]:
+        m = self.cohort.members[lv.slot]
+        start = 0 if lv.replay else lv.reported
+        lv.reported = len(m.history)
+        return {"history": [list(h) for h in m.history[start:]]}
+
+    def _save(self, slot: int) -> str:
+        lv, m = self.live[slot], self.cohort.members[slot]
+        root = Path(self.source.checkpoint_dir(lv.task))
+        folder = root / f"step-{m.step:06d}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        (folder / WORKER_STATE).write_text(json.dumps({"seconds": lv.seconds, "warm": lv.warm, "evals": lv.evals, "worker": self.spec.worker}))
+        self.cohort.save(slot, folder)  # member.json last: the folder is complete from here on
+        for old in root.glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        lv.task.checkpoint = str(folder)
+        return str(folder)
+
+    def _end(self, slot: int, metrics: dict[str, Any]) -> None:
+        lv = self.live.pop(slot)
+        self.cohort.remove(slot)
+        status = str(metrics.get("trial_status"))
+        self.counts[status] += 1
+        self.source.end(lv.task, metrics)
+        text = f"{lv.task.label} {status:<10}"
+        if isinstance(metrics.get("eval_loss"), float) and math.isfinite(metrics["eval_loss"]):
+            text += f" eval_loss {metrics['eval_loss']:.4f} at step {metrics.get('step')}"
+        if metrics.get("error"):
+            text += f"  {metrics['error']}"
+        self.events.append(text)
+
+    # -- faults and halts ------------------------------------------------------------------------
+
+    def _size(self, slot: int) -> tuple:
+        lv = self.live[slot]
+        if self.spec.budget is not None:
+            return (self.spec.budget.size(lv.task.hyper), lv.task.label)
+        micro, _ = lv.train.batch
+        return (micro, lv.train.lora_r, lv.task.label)
+
+    def _shed(self, message: str) -> None:
+        for slot in self.live:
+            self.cohort.rewind(slot)
+        _free_memory()
+        if len(self.live) == 1:
+            slot = next(iter(self.live))
+            m = self.cohort.members[slot]
+            self._end(slot, {"step": m.step, "trial_status": TrialStatus.OOM, "error": message, **self._history(self.live[slot])})
+            self.capacity = self.spec.capacity  # alone it does not fit: the shrinking was its doing
+            return
+        victim = max(self.live, key=self._size)
+        lv = self.live[victim]
+        self._save(victim)
+        del self.live[victim]
+        self.cohort.remove(victim)
+        lv.task.sheds += 1
+        lv.task.alone = lv.task.sheds >= 2
+        self.capacity = max(1, len(self.live))
+        self.source.give_back(lv.task)
+        later = "alone" if lv.task.alone else "later"
+        self.events.append(f"{lv.task.label} shed       OOM in a cohort step of {len(self.live) + 1}: it runs {later}; cohort {self.spec.worker} now holds up to {self.capacity}")
+        _free_memory()
+
+    def _halt(self, why: str) -> None:
+        for slot in list(self.live):
+            lv, m = self.live[slot], self.cohort.members[slot]
+            if why == "stop" and m.step > 0:
+                self._save(slot)
+            self._end(slot, {"step": m.step, "trial_status": TrialStatus.STOPPED, **self._history(lv)})
+
+
+def _cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Tune entry point
+
+
+def tune_cohort_worker(config: dict[str, Any], base: TrialSpec, source: MemberSource, capacity: int, budget: Any = None) -> None:
+    """The Ray Tune trainable of a cohort worker: `config` names its method; members come from
+    `source` (Optuna ask/tell and MLflow, sweep/cohorts.py). Progress lines go to the driver
+    through tune.report (only ray.tune.* works inside a Tune trainable in Ray 2.60)."""
+    import os
+
+    from ray import tune
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    worker = tune.get_context().get_trial_id() or f"w{config.get('worker', 0)}"
+    reports = [0]
+
+    def emit(events: list[str]) -> None:
+        reports[0] += 1
+        tune.report({"step": reports[0], "trial_status": TrialStatus.RUNNING, "events": list(events)})
+
+    spec = WorkerSpec(base=base, method=config.get("method", base.train.method), capacity=capacity, worker=worker, budget=budget)
+    counts = run_worker(spec, source, emit)
+    tune.report({"step": reports[0] + 1, "trial_status": TrialStatus.COMPLETED, "events": [], "members": counts})
