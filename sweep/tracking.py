@@ -161,6 +161,7 @@ class TrialRuns(Callback):
         self.trials: dict[str, Any] = {}  # Ray trial id -> Tune Trial (config, last_result)
         self.outcomes: dict[str, tuple[str, str | None]] = {}  # Ray trial id -> (status, error)
         self.infeasible: list[dict[str, Any]] = []  # configs refused before launch
+        self.awaiting_retry: dict[str, str] = {}  # trial label -> MLflow run id of a retry not yet started
         self._logged_derived: set[str] = set()
         self._logged: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already in MLflow
 
@@ -191,6 +192,7 @@ class TrialRuns(Callback):
         if trial.trial_id in self.run_ids:
             return
         label = self.ledger.label(trial.trial_id)
+        self.awaiting_retry.pop(label, None)
         config = TrialRequest.from_config(trial.config).params()
         existing = self._existing_run(label)
         if existing is not None:  # resumed or retried: carry on in the same child run
@@ -264,11 +266,18 @@ class TrialRuns(Callback):
                 self.client.set_tag(run_id, STATUS, TrialStatus.RETRYING)
                 self.client.set_tag(run_id, "retries", str(next_attempt - 1))
                 self.client.set_tag(run_id, ERROR, f"attempt {next_attempt - 1}: worker died; retrying from {'its last checkpoint' if checkpoint else 'the start'}")
+                self.awaiting_retry[self.ledger.label(trial.trial_id)] = run_id
             return
         self._close(trial, TrialStatus.FAILED, error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Tune ends trials still running at the time budget without on_trial_complete: close them."""
+        """Tune ends trials still running at the time budget without on_trial_complete: close them.
+        A retry that never started (a stop or the time budget came first) leaves its run KILLED with
+        status stopped, as a stopped trial: its study trial stays open and `resume` continues it."""
+        for run_id in self.awaiting_retry.values():
+            self.client.set_tag(run_id, STATUS, TrialStatus.STOPPED)
+            self.client.set_terminated(run_id, "KILLED")
+        self.awaiting_retry.clear()
         for trial in trials:
             if trial.trial_id in self.run_ids and trial.trial_id not in self.outcomes:
                 status = outcome(trial.last_result, False, self.ledger.pruned(trial.trial_id), self.objectives)

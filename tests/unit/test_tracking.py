@@ -110,3 +110,33 @@ def test_retries_are_decided_once_and_recorded(sweep: SweepRun, tmp_path: Path) 
     assert by_label["t003"]["error"] == "attempt 1: worker died; retrying from its last checkpoint"
     assert by_label["t004"]["trial_status"] == by_label["t005"]["trial_status"] == "failed"
     assert by_label["t005"]["error"] == "ValueError: boom"
+
+
+def test_a_retry_that_never_started_leaves_a_resumable_run(sweep: SweepRun, tmp_path: Path) -> None:
+    """Ctrl-C (or the time budget) between a worker's death and its retry: no child run stays RUNNING."""
+    ledger, search = Ledger(), Search()
+    search.attempts["g"] = 1
+    ledger.labels.update(g="t006", h="t007")
+    retries, runs = Retries(search, ledger, max_retries=1), TrialRuns(sweep, ledger, {}, stop=StopFile(tmp_path / "STOP"))
+    (tmp_path / "g").write_text("RayActorError: worker died")
+    t = trial("g", {"lora_r": 4}, {"step": 2}, checkpoint="/ckpt")
+    t.error_file = str(tmp_path / "g")
+    runs.on_trial_start(0, [], t)
+    for callback in (retries, runs):
+        callback.on_trial_error(0, [], t)
+    (tmp_path / "STOP").write_text("SIGINT")
+    runs.on_experiment_end([])
+    (run,) = [r for r in sweep.children() if r.data.tags["trial"] == "t006"]
+    assert (run.data.tags["trial_status"], run.info.status) == ("stopped", "KILLED")
+
+    # a retry that did start carries on in the same run, and is not closed at the end
+    search.attempts["h"] = 1
+    (tmp_path / "h").write_text("RayActorError: worker died")
+    u = trial("h", {"lora_r": 4}, {"step": 2}, checkpoint="/ckpt")
+    u.error_file = str(tmp_path / "h")
+    runs.on_trial_start(0, [], u)
+    for callback in (retries, runs):
+        callback.on_trial_error(0, [], u)
+    ledger.labels["h2"] = "t007"
+    runs.on_trial_start(0, [], trial("h2", {"lora_r": 4}))
+    assert runs.awaiting_retry == {}
