@@ -1,19 +1,31 @@
-"""A real sweep across the GPUs of one host, then the same sweep on one GPU: placement and scaling (issue 10).
+"""A real sweep across the GPUs of one host, then the same sweep on one GPU: placement, scaling and
+where each GPU's time goes (issues 10 and 17).
 
-    python3 bench/multi_gpu.py --out results.json                  # all GPUs of the host, then GPU 0 alone
-    python3 bench/multi_gpu.py --logical 4 --out results.json      # one GPU shown to Ray as 4 logical GPUs
-    python3 bench/multi_gpu.py --dry-run --logical 2 --out /tmp/multi-gpu.json   # CPU: tiny models, 2 fake GPUs
+    python3 bench/multi_gpu.py --budget 540 --out results.json                  # all GPUs of the host, then GPU 0 alone
+    python3 bench/multi_gpu.py --cohort auto --budget 540 --out results.json    # the same with cohort workers
+    python3 bench/multi_gpu.py --logical 4 --out results.json                   # one GPU shown to Ray as 4 logical GPUs
+    python3 bench/multi_gpu.py --dry-run --out /tmp/m.json                      # CPU: tiny models, 2 logical GPUs, cohorts of 2
 
-The mixed sweep: Gemma 3 4B LoRA and 12B QLoRA (random weights, real architectures, bench/realsize.py),
-as two sweeps driven at once on one Ray cluster (a sweep has one base model), both with
-`gpus_per_trial: auto`, seeded random search (the same configurations in the same order in every
-run, whatever the GPU count), no early stopping, seq 1024, `--trials` trials of `--steps` steps each.
+The mixed sweep: Gemma 3 1B LoRA and 12B QLoRA (random weights, real architectures,
+bench/realsize.py), as two sweeps driven at once on one Ray cluster (a sweep has one base model),
+`--trials` each (default 16 + 16 = 32), both with `gpus_per_trial: auto` and `resources.cohort:
+--cohort`. The trials are the same configurations in both runs, whatever order workers ask for them
+(bench/sweepbench.py: seeded `points_to_evaluate`); no early stopping; `--steps` steps at `--seq`.
 
-Each run starts its own Ray (in this process; the two drivers attach to it), samples GPU
-utilisation with nvidia-smi every second, and reads the trials back from MLflow: trials per hour,
-training tokens per hour, GPU-busy fraction per GPU (share of samples with utilisation > 0, and
-mean utilisation), and how trials were spread (the `gpu_ids` param Ray gave each trial). Scaling =
-trials per hour on N GPUs / on one; the target is >= 0.9 x N.
+Each run starts its own Ray (in this process; the drivers attach to it), samples every GPU with
+nvidia-smi every 0.5 s, and reads the trials back from MLflow: trials per hour, training tokens per
+hour, how trials were spread over the GPUs (the `gpu_ids` param), and a timeline per GPU
+(bench/timeline.py: trial bars with base-model loads, utilisation, idle gaps; a PNG per run and,
+in the result file, each GPU's busy fraction and idle gaps). Each trial's eval loss on N GPUs is
+compared with the same configuration's on one GPU.
+
+Targets (issue 17): >= 1.9x trials per hour on 2 GPUs vs 1 (0.95 N on N), each GPU busy >= 85% of
+the sweep's time, no trial lost to OOM, each trial's eval loss equal to its one-GPU result
+within noise (reported against 1%).
+
+--budget (seconds, whole call) is shared out: building the checkpoints first, then the N-GPU run
+a third and the one-GPU run two thirds of what is left (it should take about twice as long); each
+sweep gets its share as `search.time_budget`. The result file is written after each run.
 
 `--logical N` maps N logical Ray GPUs onto the one device (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES,
 so every trial uses device 0) with `resources.gpu_memory_gb` = device memory / N, so placement and
@@ -26,10 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,114 +49,98 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from provenance import estimated_vram_gb, with_provenance  # noqa: E402
+from provenance import with_provenance  # noqa: E402
+from sweepbench import GpuSampler, compare_losses, log_tail, makespan, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
+from timeline import read_rows, timeline  # noqa: E402
 
 SPACE = """\
 name: {name}
-model: {{id: {model}, embeddings: new_tokens}}
+model: {{id: {model}, embeddings: frozen}}
 data: {{train: {demo}/train.jsonl, eval: {demo}/eval.jsonl, max_seq_len: {seq}, packing: true}}
-train: {{method: {method}, max_steps: {steps}, eval_every: {steps}, log_every: {log_every}}}
-search: {{algorithm: random, seed: 0, num_trials: {trials}, scheduler: {{type: none}}}}
+train: {{method: {method}, max_steps: {steps}, eval_every: {steps}, log_every: {log_every}, lora_dtype: bfloat16}}
+search: {{algorithm: random, seed: 0, num_trials: {trials}, scheduler: {{type: none}}, time_budget: {time_budget}s, points_to_evaluate: {points}}}
 space:
-  lora_r: [8, 16, 32]
+  lora_r: {ranks}
   lora_alpha: {{ratio_of: lora_r, choices: [1, 2]}}
   learning_rate: {{loguniform: [5.0e-5, 5.0e-4]}}
   target_modules: [attention, all-linear]
   batch: {{pairs: {pairs}}}
-resources: {{gpus_per_trial: auto, gpu_memory_gb: {gpu_gb}, cpus_per_trial: {cpus}}}
+resources: {{gpus_per_trial: auto, gpu_memory_gb: {gpu_gb}, cpus_per_trial: {cpus}, cohort: {cohort}}}
 tracking: {{results_dir: {results}}}
 """
+# per model: (method, LoRA ranks, micro-batch x accumulation pairs, seed of its configurations)
+MODELS = {"1b": ("lora", [8, 16, 32], [[1, 4], [2, 2], [4, 1]], 1), "12b": ("qlora", [8, 16, 32], [[1, 4], [2, 2], [4, 1]], 12)}
+READBACK_S = 30
 
 
-def gpu_sampler(stop: threading.Event, samples: list[dict]) -> None:
-    """nvidia-smi once a second: utilisation and memory of every GPU."""
-    query = ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
-    while not stop.is_set():
-        try:
-            out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return  # no NVIDIA GPU here (dry run)
-        now = time.time()
-        for line in out.strip().splitlines():
-            index, util, mem = (x.strip() for x in line.split(","))
-            samples.append({"t": now, "gpu": int(index), "util": float(util), "mem_mib": float(mem)})
-        stop.wait(1.0)
-
-
-def sweep_rows(results: Path, name: str) -> list[dict[str, Any]]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{results}/mlflow.db")
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:  # the driver failed before it started the sweep (its log says why)
-        return []
-    runs = client.search_runs([experiment.experiment_id], max_results=10_000)
-    rows = []
-    for r in runs:
-        if "mlflow.parentRunId" not in r.data.tags:
-            continue
-        m, p = r.data.metrics, r.data.params
-        rows.append({"sweep": name, "trial": r.data.tags.get("trial"), "status": r.data.tags.get("trial_status"), "gpu_ids": p.get("gpu_ids"),
-                     "gpu_share": p.get("gpu_share"), "estimated_vram_gb": estimated_vram_gb(r), "peak_vram_gb": m.get("peak_vram_gb"),
-                     "tokens_per_sec": m.get("tokens_per_sec"), "train_seconds": m.get("train_seconds"), "load_seconds": m.get("load_seconds"),
-                     "tokens": (m.get("tokens_per_sec") or 0) * (m.get("train_seconds") or 0), "start": r.info.start_time / 1000,
-                     "end": (r.info.end_time or 0) / 1000, "batch": p.get("batch"), "lora_r": p.get("lora_r")})  # fmt: skip
-    return rows
-
-
-def one_run(label: str, gpus: int, logical: bool, device_gb: float, models: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import ray
-
+def one_run(label: str, gpus: int, logical: bool, device_gb: float, models: dict[str, str], points: dict[str, list], args: argparse.Namespace,
+            work: Path, share: float, out: Path) -> dict[str, Any]:  # fmt: skip
     env_before = dict(os.environ)
-    if logical:
-        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # every trial on device 0
-    elif not args.dry_run:
+    if not logical and not args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     gpu_gb = round(device_gb / (args.logical if logical else 1), 2)
-    ctx = ray.init(num_gpus=gpus, num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    address = ctx.address_info["gcs_address"]
-    samples: list[dict] = []
-    stop = threading.Event()
-    sampler = threading.Thread(target=gpu_sampler, args=(stop, samples), daemon=True)
+    address = start_ray(gpus, args.cpus, logical)
+    time_budget = max(30, int(share - READBACK_S))
+    sampler = GpuSampler()
     sampler.start()
     demo = ROOT / "search_spaces" / "data" / "demo"
     drivers, names = [], []
     started = time.time()
-    for size, (model, method, pairs) in models.items():
+    for size, model in models.items():
+        method, ranks, pairs, _ = MODELS[size]
         name = f"{label}-{size}"
         results = work / label / size
         results.mkdir(parents=True, exist_ok=True)
         space = results / "space.yaml"
-        space.write_text(SPACE.format(name=name, model=model, method=method, demo=demo, seq=args.seq, steps=args.steps, log_every=max(1, args.steps // 4),
-                                      trials=args.trials, pairs=pairs, gpu_gb=gpu_gb, cpus=args.cpus_per_trial, results=results))  # fmt: skip
-        log = open(results / "driver.log", "w")
-        drivers.append(subprocess.Popen([sys.executable, "-m", "sweep", "run", str(space), "--address", address], stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}))  # fmt: skip
+        space.write_text(SPACE.format(name=name, model=model, method=method, demo=demo, seq=args.seq, steps=args.steps, log_every=max(1, args.steps // 2),
+                                      trials=len(points[size]), time_budget=time_budget, points=json.dumps(points[size]), ranks=ranks, pairs=pairs,
+                                      gpu_gb=gpu_gb, cpus=args.cpus_per_trial, cohort=args.cohort, results=results))  # fmt: skip
+        drivers.append(start_driver(space, address, results / "driver.log"))
         names.append((name, results))
-    codes = [d.wait() for d in drivers]
-    for (name, results), code in zip(names, codes):
-        if code != 0:
-            print(f"{name}: driver exited {code}:\n" + (results / "driver.log").read_text()[-3000:], flush=True)
+    codes = wait_drivers(drivers, deadline=started + time_budget + 30, grace=45)
     wall = time.time() - started
-    stop.set()
-    sampler.join(timeout=15)
-    ray.shutdown()
+    samples = sampler.finish()
+    stop_ray()
     os.environ.clear()
     os.environ.update(env_before)
-    rows = [row for name, results in names for row in sweep_rows(results, name)]
+    for (name, results), code in zip(names, codes):
+        if code != 0:
+            print(f"{name}: driver exited {code}:\n" + log_tail(results / "driver.log", 3000), flush=True)
+    rows = [row for name, results in names for row in read_rows(f"sqlite:///{results}/mlflow.db", name)]
     completed = [r for r in rows if r["status"] == "completed"]
-    per_gpu: dict[int, dict[str, float]] = {}
-    for gpu in sorted({s["gpu"] for s in samples}):
-        mine = [s for s in samples if s["gpu"] == gpu and started <= s["t"] <= started + wall]
-        per_gpu[gpu] = {"busy_fraction": sum(s["util"] > 0 for s in mine) / max(1, len(mine)), "mean_util": sum(s["util"] for s in mine) / max(1, len(mine)),
-                        "peak_mem_gib": max((s["mem_mib"] for s in mine), default=0) / 1024}  # fmt: skip
+    lanes = [f"gpu{i}" for i in range(gpus)]
+    png = out.with_name(f"{out.stem}-timeline-{label}.png")
+    tl = timeline(rows, samples, started, started + wall, png, title=f"{label}: {gpus} {'logical ' if logical else ''}GPU(s), cohort {args.cohort}", lanes=lanes)
     return {
-        "label": label, "ray_gpus": gpus, "logical": logical, "gpu_memory_gb": gpu_gb, "driver_exit_codes": codes, "wall_seconds": wall,
-        "trials": len(rows), "by_status": dict(Counter(r["status"] for r in rows)),
-        "trials_per_hour": len(completed) / wall * 3600, "tokens_per_hour": sum(r["tokens"] for r in completed) / wall * 3600,
+        "label": label, "ray_gpus": gpus, "logical": logical, "gpu_memory_gb": gpu_gb, "cohort": args.cohort, "driver_exit_codes": codes,
+        "time_budget_s": time_budget, "wall_seconds": round(wall, 1), "trials": len(rows), "by_status": dict(Counter(r["status"] for r in rows)),
+        "trials_per_hour": round(len(completed) / wall * 3600, 1), "tokens_per_hour": round(sum(r["tokens"] for r in completed) / wall * 3600),
+        "makespan": {name: makespan([r for r in rows if r["sweep"] == name], len(points[name.rsplit("-", 1)[1]]), wall, serial=False) for name, _ in names},
         "spread": {name: dict(Counter(r["gpu_ids"] for r in rows if r["sweep"] == name)) for name, _ in names},
-        "gpu": per_gpu, "rows": rows,
+        "oom": sum(1 for r in rows if r["status"] == "oom"),
+        "gpu": tl["per_gpu"], "timeline": tl, "rows": rows,
+        "driver_log_tails": {name: log_tail(results / "driver.log", 1500) for name, results in names},
     }  # fmt: skip
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    many, one = runs[0], runs[1]
+    n = many["ray_gpus"]
+    out: dict[str, Any] = {
+        "n": n, "trials_per_hour": round(many["trials_per_hour"] / one["trials_per_hour"], 3) if one["trials_per_hour"] else None,
+        "tokens_per_hour": round(many["tokens_per_hour"] / one["tokens_per_hour"], 3) if one["tokens_per_hour"] else None,
+        "busy_per_gpu": {g: v["busy_fraction"] for g, v in many["gpu"].items()},
+        "util_busy_per_gpu": {g: v.get("util_busy_fraction") for g, v in many["gpu"].items()},
+        "oom": many["oom"] + one["oom"],
+        "targets": {"trials_per_hour": f">= {0.95 * n:.2f}", "busy_per_gpu": ">= 0.85 each", "oom": "0", "eval_loss": "each trial equal to its 1-GPU result within noise (1% reported)"},
+    }  # fmt: skip
+    by_model = {}
+    for size in MODELS:
+        mine = [r for r in many["rows"] if r["sweep"].endswith(f"-{size}")]
+        ref = [r for r in one["rows"] if r["sweep"].endswith(f"-{size}")]
+        by_model[size] = compare_losses(ref, mine, 0.01)
+    out["eval_loss_vs_one_gpu"] = by_model
+    return out
 
 
 def main() -> None:
@@ -154,21 +148,28 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all the host has)")
     ap.add_argument("--logical", type=int, default=0, help="show Ray one GPU as this many logical GPUs")
-    ap.add_argument("--trials", type=int, default=8, help="trials per model")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--trials", type=int, default=16, help="trials per model (two models)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--cohort", default="off", help="resources.cohort of both sweeps: off, auto or N")
+    ap.add_argument("--budget", type=float, default=540, help="seconds for the whole call")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     ap.add_argument("--cpus-per-trial", type=float, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-single", action="store_true", help="only the N-GPU run")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models: exercise the code paths")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 2 logical GPUs: exercise the code paths")
     args = ap.parse_args()
+    t0 = time.time()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="multi-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
     args.cpus = args.cpus or os.cpu_count()
     if args.dry_run:
-        models = {"4b": ("tiny-gemma3", "lora", "[[2, 1], [4, 1]]"), "12b": ("tiny-gemma3", "qlora", "[[2, 1]]")}
-        device_gb, host_gpus = 2.6, args.gpus or 1
-        args.seq = min(args.seq, 128)
+        models = {size: "tiny-gemma3" for size in MODELS}
+        device_gb, host_gpus = 2.6, 1
+        args.logical = args.logical or 2
+        args.trials, args.steps, args.seq, args.cpus_per_trial = min(args.trials, 3), min(args.steps, 3), min(args.seq, 128), 1
+        args.cohort = 2 if args.cohort == "off" else args.cohort  # the cohort path (the lone one is bench/packing.py's dry run too)
     else:
         import torch
 
@@ -177,34 +178,47 @@ def main() -> None:
         host_gpus = args.gpus or torch.cuda.device_count()
         device_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
         models = {}
-        for size, method, pairs in (("4b", "lora", "[[1, 8], [2, 4], [4, 2]]"), ("12b", "qlora", "[[1, 8], [2, 4]]")):
+        for size in MODELS:
             folder = work / f"gemma3-{size}"
             if not (folder / "config.json").exists():
                 print(f"building {size}: {build_checkpoint(size, folder):.0f}s", flush=True)
-            models[size] = (str(folder), method, pairs)
-    runs = []
+            models[size] = str(folder)
+    points = {size: seeded_configs(args.trials, seed=MODELS[size][3], ranks=MODELS[size][1], ratios=[1, 2], targets=["attention", "all-linear"],
+                                   lr=(5e-5, 5e-4), pairs=MODELS[size][2]) for size in MODELS}  # fmt: skip
     if args.logical:
-        runs.append(one_run(f"logical{args.logical}", args.logical, True, device_gb, models, args, work))
-        if not args.skip_single:
-            runs.append(one_run("logical1", 1, True, device_gb, models, args, work))  # one logical GPU: 1/N of the device
+        plan = [(f"logical{args.logical}", args.logical, True)] + ([] if args.skip_single else [("logical1", 1, True)])
     else:
-        runs.append(one_run(f"gpus{host_gpus}", host_gpus, False, device_gb, models, args, work))
-        if host_gpus > 1 and not args.skip_single:
-            runs.append(one_run("gpus1", 1, False, device_gb, models, args, work))
-    result: dict[str, Any] = {"runs": runs, "args": {k: v for k, v in vars(args).items()}, "date": time.strftime("%Y-%m-%d")}
-    if len(runs) == 2 and runs[1]["trials_per_hour"]:
-        n = runs[0]["ray_gpus"]
-        result["scaling"] = {"trials_per_hour": runs[0]["trials_per_hour"] / runs[1]["trials_per_hour"],
-                             "tokens_per_hour": runs[0]["tokens_per_hour"] / max(1e-9, runs[1]["tokens_per_hour"]), "n": n, "target": 0.9 * n}  # fmt: skip
-    Path(args.out).write_text(json.dumps(with_provenance(result), indent=2))
-    print(f"\n{'run':<10} {'GPUs':>4} {'wall s':>7} {'trials':>6} {'trials/h':>8} {'Mtok/h':>7}  spread / GPU busy")
-    for r in runs:
-        busy = " ".join(f"gpu{g}:{v['busy_fraction']:.0%}" for g, v in r["gpu"].items()) or "-"
-        spread = "; ".join(f"{k}: {dict(sorted(v.items()))}" for k, v in r["spread"].items())
-        print(f"{r['label']:<10} {r['ray_gpus']:>4} {r['wall_seconds']:>7.0f} {r['trials']:>6} {r['trials_per_hour']:>8.1f} {r['tokens_per_hour'] / 1e6:>7.2f}  {spread} | {busy}")
+        plan = [(f"gpus{host_gpus}", host_gpus, False)] + ([("gpus1", 1, False)] if host_gpus > 1 and not args.skip_single else [])
+    weights = [1.0, 2.0][: len(plan)]
+    result: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "runs": []}
+    for i, (label, gpus, logical) in enumerate(plan):
+        left = args.budget - (time.time() - t0)
+        share = left * weights[i] / sum(weights[i:])
+        if share < 60:
+            result["runs"].append({"label": label, "skipped": f"time budget: {left:.0f}s left of --budget {args.budget:.0f}"})
+            continue
+        print(f"{label}: up to {share:.0f}s", flush=True)
+        result["runs"].append(one_run(label, gpus, logical, device_gb, models, points, args, work, share, out))
+        done = [r for r in result["runs"] if "wall_seconds" in r]
+        if len(done) == 2:
+            result["scaling"] = summary(done)
+        out.write_text(json.dumps(with_provenance(result), indent=2))  # a timeout later keeps what finished
+    print(f"\n{'run':<10} {'GPUs':>4} {'wall s':>7} {'trials':>6} {'done':>5} {'oom':>4} {'trials/h':>8} {'Mtok/h':>7}  per GPU: busy (trial bars) / util>0 / idle s; spread")
+    for r in result["runs"]:
+        if "wall_seconds" not in r:
+            print(f"{r['label']:<10} {r['skipped']}")
+            continue
+        util = {g: f"{v['util_busy_fraction']:.0%}" if "util_busy_fraction" in v else "-" for g, v in r["gpu"].items()}
+        busy = " ".join(f"{g}:{v['busy_fraction']:.0%}/{util[g]}/{v['idle_seconds']:.0f}s" for g, v in r["gpu"].items())
+        spread = "; ".join(f"{k}: {dict(sorted((str(a), b) for a, b in v.items()))}" for k, v in r["spread"].items())
+        done = r["by_status"].get("completed", 0)
+        print(f"{r['label']:<10} {r['ray_gpus']:>4} {r['wall_seconds']:>7.0f} {r['trials']:>6} {done:>5} {r['oom']:>4} {r['trials_per_hour']:>8.1f} {r['tokens_per_hour'] / 1e6:>7.2f}  {busy} | {spread}")
     if "scaling" in result:
         s = result["scaling"]
-        print(f"scaling {s['n']} vs 1: trials/h x{s['trials_per_hour']:.2f}, tokens/h x{s['tokens_per_hour']:.2f} (target >= {s['target']:.1f})")
+        print(f"scaling {s['n']} vs 1: trials/h x{s['trials_per_hour']} (target {s['targets']['trials_per_hour']}), tokens/h x{s['tokens_per_hour']}; "
+              f"busy per GPU {s['busy_per_gpu']} (target >= 0.85); OOM {s['oom']}")  # fmt: skip
+        for size, c in s["eval_loss_vs_one_gpu"].items():
+            print(f"  eval loss {size}: {c['within']}/{c['pairs']} configurations within 1% of the 1-GPU run, max |diff| {c['max_abs_rel_diff']}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,31 @@
-"""Packing trials onto one GPU (issue 5): the same 16 Gemma 3 1B LoRA trials one at a time and
-packed with `gpus_per_trial: auto`, plus a deliberately oversized trial beside a healthy one.
+"""One base model, many trials (issues 5 and 15): the same seeded trials one at a time, packed
+(`gpus_per_trial: auto`) and in cohorts (`resources.cohort`), on one GPU, side by side in one call.
 
-    python bench/packing.py --out results.json [--trials 16] [--steps 10]
+    python3 bench/packing.py --size 1b --budget 540 --out results.json          # 16 x Gemma 3 1B LoRA
+    python3 bench/packing.py --size 12b --budget 540 --out results.json         # 8 x Gemma 3 12B QLoRA
+    python3 bench/packing.py --dry-run --out /tmp/p.json                        # CPU: tiny model, 1 logical GPU
 
-Each sweep runs as a user runs it (`python -m sweep run space.yaml`, its own local Ray) on a
-random-weight Gemma 3 1B (bench/realsize.py); random search with a fixed seed, so both sweeps
-train the same 16 configurations. While a sweep runs, nvidia-smi samples GPU utilisation every
-0.5 s. Read back from MLflow: every trial's status, load and train seconds, whether it reused a
-warm worker's base model, its GPU share and peak memory.
+Each mode is a real sweep as a user runs it (`python -m sweep run space.yaml`, attached to a local
+Ray this script starts with one GPU) on a random-weight Gemma 3 (bench/realsize.py). The trials are
+the same configurations in every mode (bench/sweepbench.py: seeded `points_to_evaluate`); every
+mode trains them with the same fixed settings (frozen embeddings, bf16 LoRA, as a cohort does).
+nvidia-smi samples the GPU every 0.5 s. Read back from MLflow: every trial's status, start/end,
+load and train seconds, GPU, cohort, eval loss.
 
-Reported: sweep wall time, GPU-busy fraction (samples with utilisation > 0) and mean utilisation,
-per-trial start overhead (load_seconds) with and without base-model reuse against the trial's
-train_seconds, and trials lost to OOM. Targets: packed wall <= 0.35 x one-at-a-time; start on a
-warm worker <= 10% of training time; no OOM in the packed run.
+Reported per mode: makespan (the sweep command's wall time), trials/hour, GPU mean utilisation
+and busy share (samples with utilisation > 0), trials lost to OOM, a per-GPU timeline PNG and its
+figures (bench/timeline.py); for lone trials, the start overhead with and without base-model
+reuse; for cohorts, the cohort's aggregate tokens/s and MFU. Each configuration's final eval loss
+in the cohort (and packed) run against the same configuration one at a time.
+
+Targets (issue 15): cohort makespan <= 0.15x one-at-a-time and <= 0.4x packed; GPU mean
+utilisation >= 80% over the cohort sweep; each member's final eval loss within 1% of the same trial
+alone. (Issue 5: packed <= 0.35x one-at-a-time; no OOM.)
+
+Modes run cheapest first (cohort, packed, serial) and each is written to --out as soon as it ends.
+--budget (seconds, whole call) is shared out between the modes still to run, and each sweep gets
+its share as `search.time_budget`; a one-at-a-time sweep cut by it has its makespan projected
+(wall + the missing trials at the completed ones' mean duration; marked `projected`).
 """
 
 from __future__ import annotations
@@ -20,123 +33,108 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from provenance import estimated_vram_gb, with_provenance  # noqa: E402
-from realsize import build_checkpoint  # noqa: E402
+from provenance import with_provenance  # noqa: E402
+from sweepbench import GpuSampler, compare_losses, log_tail, makespan, ratio, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
+from timeline import read_rows, sample_stats, timeline  # noqa: E402
 
 DEMO = ROOT / "search_spaces" / "data" / "demo"
 
 SPACE = """\
 name: {name}
-model: {{id: {model}, embeddings: new_tokens}}
-data: {{train: {demo}/train.jsonl, eval: {demo}/eval.jsonl, max_seq_len: 1024}}
-train: {{max_steps: {steps}, eval_every: {steps}, log_every: 5{train_extra}}}
+model: {{id: {model}, embeddings: frozen}}
+data: {{train: {demo}/train.jsonl, eval: {demo}/eval.jsonl, max_seq_len: {seq}}}
+train: {{method: {method}, max_steps: {steps}, eval_every: {steps}, log_every: {log_every}, lora_dtype: bfloat16{train_extra}}}
 search:
   algorithm: {algorithm}
   seed: 0
   num_trials: {trials}
   max_concurrent: {concurrent}
   scheduler: {{type: none}}
+  time_budget: {time_budget}s
+  points_to_evaluate: {points}
 space:
 {space}
 resources: {resources}
 tracking: {{results_dir: {results}}}
 """
-REALISTIC = """\
-  lora_r: [8, 16, 32, 64]
-  lora_alpha: {ratio_of: lora_r, choices: [1, 2]}
+SPACE_DIMS = """\
+  lora_r: {ranks}
+  lora_alpha: {{ratio_of: lora_r, choices: [1, 2]}}
   target_modules: [attention, all-linear]
-  learning_rate: {loguniform: [5.0e-5, 1.0e-3]}
-  batch: {pairs: [[1, 8], [2, 4], [4, 2], [8, 1]]}"""
+  learning_rate: {{loguniform: [5.0e-5, 1.0e-3]}}
+  batch: {{pairs: {pairs}}}"""
+# per size: trials, LoRA method, ranks, micro-batch x accumulation pairs (8 sequences per step)
+SIZES = {
+    "1b": (16, "lora", [8, 16, 32, 64], [[1, 8], [2, 4], [4, 2], [8, 1]]),
+    "12b": (8, "qlora", [8, 16, 32, 64], [[1, 8], [2, 4], [4, 2]]),
+    "tiny": (4, "lora", [4, 8], [[1, 2], [2, 1]]),
+}
 # Beside a healthy trial, one whose micro-batch cannot fit half a GPU: 64 x 1024 tokens' logits
 # alone (model loss, no checkpointing) are over 200 GB.
 OVERSIZED = """\
   batch: [[1, 1], [64, 1]]"""
-OVERSIZED_TRAIN = ", gradient_checkpointing: off, loss: model"
+# mode -> (resources, max_concurrent, budget weight: its expected share of the call's time)
+MODES = {
+    "cohort": ("{{gpus_per_trial: auto, cohort: {cohort}, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "auto", 1.0),
+    "packed": ("{{gpus_per_trial: auto, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "auto", 1.5),
+    "serial": ("{{gpus_per_trial: 1, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "1", 3.5),
+    "oom": ("{{gpus_per_trial: 0.5, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "2", 0.7),
+}
+READBACK_S = 25  # after a sweep: stop Ray, read MLflow, draw (kept out of the next mode's share)
 
 
-class GpuSampler(threading.Thread):
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.samples: list[tuple[float, float]] = []  # (utilisation %, memory used MiB)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "500"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if self.stop.is_set():
-                break
-            try:
-                util, mem = (float(x) for x in line.split(","))
-                self.samples.append((util, mem))
-            except ValueError:
-                continue
-        proc.terminate()
-
-
-def write_space(work: Path, name: str, model: Path, space: str, resources: str, trials: int, steps: int, concurrent: str, algorithm: str, train_extra: str) -> Path:
-    space_file = work / f"{name}.yaml"
-    space_file.write_text(SPACE.format(name=name, model=model, demo=DEMO, steps=steps, algorithm=algorithm, trials=trials, concurrent=concurrent,
-                                       space=space, resources=resources, results=work / "sweeps", train_extra=train_extra))  # fmt: skip
-    return space_file
-
-
-def run_sweep(work: Path, name: str, space: str, resources: str, trials: int, steps: int, concurrent: str, algorithm: str, train_extra: str) -> dict:
-    results = work / "sweeps"
-    space_file = write_space(work, name, work / "gemma3-1b", space, resources, trials, steps, concurrent, algorithm, train_extra)
+def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points: list[dict], share: float, out: Path) -> dict[str, Any]:
+    trials, method, ranks, pairs = SIZES[args.size]
+    trials = args.trials or trials
+    name = f"{mode}-{args.size}"
+    results = work / f"sweeps-{args.size}-{args.stamp}"
+    results.mkdir(parents=True, exist_ok=True)
+    resources, concurrent, _ = MODES[mode]
+    if mode == "oom":
+        space, algorithm, n, extra, pts = OVERSIZED, "grid", 2, ", gradient_checkpointing: off, loss: model", "[]"
+    else:
+        space, algorithm, n, extra, pts = SPACE_DIMS.format(ranks=ranks, pairs=pairs), "random", trials, ", gradient_checkpointing: auto", json.dumps(points)
+    time_budget = max(30, int(share - READBACK_S))
+    space_file = results / f"{name}.yaml"
+    space_file.write_text(SPACE.format(name=name, model=model, demo=DEMO, seq=args.seq, method=method, steps=args.steps, log_every=max(1, args.steps // 2),
+                                       train_extra=extra, algorithm=algorithm, trials=n, concurrent=concurrent, time_budget=time_budget, points=pts, space=space,
+                                       resources=resources.format(cohort=args.cohort, cpt=args.cpus_per_trial, gpu_gb=args.gpu_gb), results=results))  # fmt: skip
+    address = start_ray(1, args.cpus, logical=args.dry_run)
     sampler = GpuSampler()
     sampler.start()
-    started = time.perf_counter()
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "sweep", "run", str(space_file)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-    wall = time.perf_counter() - started
-    sampler.stop.set()
-    out = {"name": name, "wall_seconds": round(wall, 1), "returncode": proc.returncode, "stdout_tail": proc.stdout[-2500:]}
-    if proc.returncode != 0:
-        out["stderr_tail"] = proc.stderr[-3000:]
-        return out
-    samples = sampler.samples
-    out["gpu_busy_fraction"] = sum(1 for u, _ in samples if u > 0) / max(len(samples), 1)
-    out["gpu_mean_utilisation"] = sum(u for u, _ in samples) / max(len(samples), 1) / 100
-    out["gpu_peak_memory_used_gb"] = max((m for _, m in samples), default=0) / 1024
-    sweep_dir = max((p for p in results.iterdir() if p.name.startswith(name + "-")), key=lambda p: p.stat().st_mtime)
-    out["trials"] = read_trials(sweep_dir)
-    return out
-
-
-def read_trials(sweep_dir: Path) -> list[dict]:
-    from mlflow import MlflowClient
-
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
-    client = MlflowClient(meta["mlflow_uri"])
-    runs = client.search_runs(
-        [client.get_run(meta["parent_run_id"]).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'",
-        max_results=1000,
-    )
-    rows = []
-    for r in runs:
-        rows.append({
-            "trial": r.data.tags.get("trial"),
-            "status": r.data.tags.get("trial_status"),
-            "error": (r.data.tags.get("error") or "")[-300:],
-            "reused": r.data.params.get("base_model_reused") == "True",
-            "gpu_share": r.data.params.get("gpu_share"),
-            "batch": r.data.params.get("batch"),
-            **{k: r.data.metrics.get(k) for k in ("load_seconds", "train_seconds", "peak_vram_gb", "peak_vram_reserved_gb", "eval_loss", "tokens_per_sec")},
-            "estimated_vram_gb": estimated_vram_gb(r),  # a param of the trial (its config), not a metric
-        })  # fmt: skip
-    return sorted(rows, key=lambda x: x["trial"] or "")
+    log = results / f"{name}.log"
+    started = time.time()
+    codes = wait_drivers([start_driver(space_file, address, log)], deadline=started + time_budget + 30, grace=45)
+    ended = time.time()
+    samples = sampler.finish()
+    stop_ray()
+    rows = read_rows(f"sqlite:///{results}/mlflow.db", name)
+    wall = ended - started
+    done = [r for r in rows if r["status"] == "completed"]
+    result: dict[str, Any] = {
+        "name": name, "mode": mode, "wall_seconds": round(wall, 1), "returncode": codes[0], "time_budget_s": time_budget, "trials_wanted": n,
+        "by_status": {s: sum(1 for r in rows if r["status"] == s) for s in sorted({r["status"] or "?" for r in rows})},
+        "makespan": makespan(rows, n, wall, serial=mode == "serial"), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
+        "oom": sum(1 for r in rows if r["status"] == "oom"), "gpu": sample_stats(samples, started, ended),
+        "driver_log_tail": log_tail(log, 2500 if codes[0] else 1200),
+    }  # fmt: skip
+    if mode in ("serial", "packed"):
+        result["overhead_fresh"] = overhead(rows, reused=False)
+        result["overhead_reused"] = overhead(rows, reused=True)
+    if mode == "cohort":
+        result["cohort"] = cohort_figures(rows, args)
+    result["timeline"] = timeline(rows, samples, started, ended, out.with_name(f"{out.stem}-timeline-{mode}.png"), title=f"{name}: {args.stamp}")
+    result["trials"] = rows
+    return result
 
 
 def overhead(trials: list[dict], reused: bool) -> dict:
@@ -148,50 +146,127 @@ def overhead(trials: list[dict], reused: bool) -> dict:
     return {"n": len(rows), "mean_load_seconds": round(load, 2), "mean_train_seconds": round(train, 2), "load_over_train": round(load / train, 3)}
 
 
+def cohort_figures(rows: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """Workers and their sizes; the cohort step's aggregate tokens/s (every member's tokens over the
+    span the worker trained) and its MFU by bench/seed_vs_ours.py's formula (H200 bf16 peak)."""
+    workers: dict[str, list[dict]] = {}
+    for r in rows:
+        workers.setdefault(str(r.get("cohort")), []).append(r)
+    out: dict[str, Any] = {"workers": len(workers), "cohort_size": sorted({str(r.get("cohort_size")) for r in rows})}
+    tokens = sum(r["tokens"] for r in rows if r["status"] == "completed")
+    loss_tokens = sum((r.get("loss_tokens_per_sec") or 0) * (r.get("train_seconds") or 0) for r in rows if r["status"] == "completed")
+    # the span members trained in each worker, from their runs' start (after the base load) to their end
+    span = sum(max(r["end"] for r in ws) - min(r["start"] for r in ws) for ws in workers.values())
+    out["tokens_per_sec"] = round(tokens / span, 1) if span else None
+    if out["tokens_per_sec"] and not args.dry_run:
+        from seed_vs_ours import PEAK_FLOPS, flops_per_token
+
+        out["mfu"] = round(flops_per_token(args.size, loss_tokens / tokens if tokens else 1.0, False) * out["tokens_per_sec"] / PEAK_FLOPS, 4)
+    return out
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's comparisons, from whatever modes finished."""
+    modes = results["modes"]
+
+    def span(mode: str) -> float | None:
+        return (modes.get(mode) or {}).get("makespan", {}).get("seconds")
+
+    out: dict[str, Any] = {
+        "cohort_over_serial_makespan": ratio(span("cohort"), span("serial")), "cohort_over_packed_makespan": ratio(span("cohort"), span("packed")),
+        "packed_over_serial_makespan": ratio(span("packed"), span("serial")),
+        "serial_makespan_projected": (modes.get("serial") or {}).get("makespan", {}).get("projected"),
+        "cohort_gpu_mean_util": (modes.get("cohort") or {}).get("gpu", {}).get("mean_util"),
+    }  # fmt: skip
+    for other in ("cohort", "packed"):
+        if other in modes and "serial" in modes:
+            out[f"eval_loss_{other}_vs_serial"] = compare_losses(modes["serial"]["trials"], modes[other]["trials"], 0.01)
+    if "cohort" in modes and "packed" in modes:
+        out["eval_loss_cohort_vs_packed"] = compare_losses(modes["packed"]["trials"], modes["cohort"]["trials"], 0.01)
+    out["targets"] = {"cohort_over_serial_makespan": "<= 0.15", "cohort_over_packed_makespan": "<= 0.4", "cohort_gpu_mean_util": ">= 0.80",
+                      "eval_loss_cohort_vs_serial": "every pair within 1%", "packed_over_serial_makespan": "<= 0.35 (issue 5)"}  # fmt: skip
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\n{'mode':<8} {'wall s':>7} {'makespan':>9} {'done':>5} {'trials/h':>8} {'util>0':>6} {'util':>6} {'oom':>4}  per-GPU busy (trial bars), idle s")
+    for mode, r in results["modes"].items():
+        g, ms = r.get("gpu", {}), r.get("makespan", {})
+        span = "-" if ms.get("seconds") is None else f"{ms['seconds']:.0f}{'*' if ms.get('projected') else ''}"
+        lanes = " ".join(f"{k}:{v['busy_fraction']:.0%},{v['idle_seconds']:.0f}s" for k, v in r.get("timeline", {}).get("per_gpu", {}).items())
+        util_busy = f"{g['util_busy_fraction']:.0%}" if "util_busy_fraction" in g else "-"
+        util = f"{g['mean_util']:.0%}" if "mean_util" in g else "-"
+        print(f"{mode:<8} {r['wall_seconds']:>7.0f} {span:>9} {ms.get('completed', 0):>5} {r.get('trials_per_hour') or 0:>8.1f} {util_busy:>6} {util:>6} {r.get('oom', 0):>4}  {lanes}")
+    s = results.get("summary", {})
+    print("(* projected: the time budget cut the one-at-a-time sweep)")
+    for key, target in s.get("targets", {}).items():
+        value = s.get(key)
+        if isinstance(value, dict):
+            value = f"{value['within']}/{value['pairs']} within 1%, max |diff| {value['max_abs_rel_diff']}"
+        print(f"  {key}: {value}  (target {target})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--workdir", default="/tmp/packing")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: serial, packed, oom")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--size", choices=("1b", "12b"), default="1b", help="1b: 16 LoRA trials; 12b: 8 QLoRA trials")
+    ap.add_argument("--trials", type=int, default=None, help="default: 16 (1b), 8 (12b)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--modes", default="cohort,packed,serial", help="comma list, run in this order: cohort, packed, serial, oom")
+    ap.add_argument("--cohort", default="auto", help="resources.cohort of the cohort mode: auto or N")
+    ap.add_argument("--budget", type=float, default=540, help="seconds for the whole call (shared out between the modes)")
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    ap.add_argument("--cpus-per-trial", type=float, default=2)
+    ap.add_argument("--gpu-gb", type=float, default=None, help="resources.gpu_memory_gb (default: the device's)")
+    ap.add_argument("--workdir", default="/tmp/packing")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: tiny model, few trials and steps, one logical GPU")
     args = ap.parse_args()
+    t0 = time.time()
+    args.stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    build_checkpoint("1b", work / "gemma3-1b")
-    results: dict = {}
-    parts = {
-        "serial": ("serial", REALISTIC, "{gpus_per_trial: 1, cpus_per_trial: 2}", args.trials, "1"),
-        "packed": ("packed", REALISTIC, "{gpus_per_trial: auto, cpus_per_trial: 2}", args.trials, "auto"),
-        "oom": ("oom-beside-healthy", OVERSIZED, "{gpus_per_trial: 0.5, cpus_per_trial: 2}", 2, "2"),
-    }
-    for key, (name, space, resources, trials, concurrent) in parts.items():
-        if key in args.skip.split(","):
+    out = Path(args.out)
+    if args.dry_run:
+        args.size, model = "tiny", "tiny-gemma3"
+        args.trials, args.steps, args.seq = args.trials or 4, min(args.steps, 4), min(args.seq, 128)
+        args.cpus, args.cpus_per_trial, args.gpu_gb = args.cpus or 2, 1, args.gpu_gb or 2.6
+        args.cohort = 2 if args.cohort == "auto" else args.cohort  # auto on a GPU budget fills one worker; 2 makes two on CPU
+    else:
+        import torch
+
+        from realsize import build_checkpoint
+
+        args.gpu_gb = args.gpu_gb or round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        folder = work / f"gemma3-{args.size}"
+        if not (folder / "config.json").exists():
+            print(f"building {args.size}: {build_checkpoint(args.size, folder):.0f}s", flush=True)
+        model = str(folder)
+    args.cpus = args.cpus or os.cpu_count()
+    trials, _, ranks, pairs = SIZES[args.size]
+    points = seeded_configs(args.trials or trials, seed=0, ranks=ranks, ratios=[1, 2], targets=["attention", "all-linear"], lr=(5e-5, 1e-3), pairs=pairs)
+    modes = [m for m in args.modes.split(",") if m]
+    results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "modes": {}}
+    for i, mode in enumerate(modes):
+        left = args.budget - (time.time() - t0)
+        weights = [MODES[m][2] for m in modes[i:]]
+        share = left * weights[0] / sum(weights)
+        if share < 60:
+            results["modes"][mode] = {"mode": mode, "skipped": f"time budget: {left:.0f}s left of --budget {args.budget:.0f}"}
+            print(f"{mode}: skipped, {left:.0f}s left", flush=True)
             continue
-        algorithm, extra = ("grid", OVERSIZED_TRAIN) if key == "oom" else ("random", ", gradient_checkpointing: auto")
-        results[key] = run_sweep(work, name, space, resources, trials, args.steps, concurrent, algorithm, extra)
-        Path(args.out).write_text(json.dumps(with_provenance(results), indent=2))
-        print(json.dumps({k: v for k, v in results[key].items() if k not in ("trials", "stdout_tail")}), flush=True)
-    for key in ("serial", "packed"):
-        if key in results and "trials" in results[key]:
-            trials = results[key]["trials"]
-            results[key]["overhead_fresh"] = overhead(trials, reused=False)
-            results[key]["overhead_reused"] = overhead(trials, reused=True)
-            results[key]["oom"] = sum(1 for t in trials if t["status"] == "oom")
-    if "serial" in results and "packed" in results and results["serial"].get("returncode") == 0:
-        results["packed_over_serial_wall"] = results["packed"]["wall_seconds"] / results["serial"]["wall_seconds"]
-    Path(args.out).write_text(json.dumps(with_provenance(results), indent=2))
-    print(f"\n{'sweep':<20} {'wall s':>7} {'busy':>6} {'util':>6} {'completed':>9} {'oom':>4} {'load fresh':>10} {'load warm':>9} {'warm/train':>10}")
-    for key, r in results.items():
-        if not isinstance(r, dict) or "trials" not in r:
-            continue
-        done = sum(1 for t in r["trials"] if t["status"] == "completed")
-        oom = sum(1 for t in r["trials"] if t["status"] == "oom")
-        fresh, warm = overhead(r["trials"], False), overhead(r["trials"], True)
-        print(f"{r['name']:<20} {r['wall_seconds']:>7.0f} {r['gpu_busy_fraction']:>6.0%} {r['gpu_mean_utilisation']:>6.0%} {done:>9} {oom:>4} "
-              f"{fresh.get('mean_load_seconds', float('nan')):>10.1f} {warm.get('mean_load_seconds', float('nan')):>9.1f} {warm.get('load_over_train', float('nan')):>10.1%}")  # fmt: skip
-    if "packed_over_serial_wall" in results:
-        print(f"packed / serial wall time: {results['packed_over_serial_wall']:.2f}")
+        print(f"{mode}: up to {share:.0f}s", flush=True)
+        results["modes"][mode] = run_mode(mode, args, work, model, points, share, out)
+        results["summary"] = summary(results)
+        out.write_text(json.dumps(with_provenance(results), indent=2))  # a timeout later keeps what finished
+        r = results["modes"][mode]
+        print(json.dumps({k: r[k] for k in ("name", "wall_seconds", "returncode", "by_status", "makespan", "gpu")}), flush=True)
+        if r["returncode"]:
+            print(r["driver_log_tail"], flush=True)
+    results["summary"] = summary(results)
+    results["modes"] = {k: v for k, v in results["modes"].items()}
+    out.write_text(json.dumps(with_provenance(results), indent=2))
+    print_table({**results, "modes": {k: v for k, v in results["modes"].items() if "wall_seconds" in v}})
 
 
 if __name__ == "__main__":
