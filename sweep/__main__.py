@@ -1,4 +1,8 @@
-"""python -m sweep {validate,run,submit,resume,status,stop,report,best,estimate} ...   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,submit,resume,status,stop,report,best,estimate,list} ...   (argv -> subcommands; no logic)
+(installed, the same CLI is the `lora-sweep` command)
+
+`--json` (validate, status, best, estimate, list): one JSON document on stdout and nothing else;
+errors still go to stderr with the exit codes below.
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid, or a folder, the
 cluster or a sweep's store fails its check (nothing was started or changed); 1 the sweep itself failed; 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM: trials checkpointed
@@ -12,17 +16,51 @@ import os
 import re
 import shlex
 import sys
+from typing import Any
 
 EXIT_INVALID = 2
 EXIT_SIGINT = 130  # 128 + SIGINT, as shells report Ctrl-C (SIGTERM: 143)
 
 
+class _Parser(argparse.ArgumentParser):
+    """`--help` begins with what the command does (its one-line description), then its usage."""
+
+    def format_help(self) -> str:
+        summary, self.description = self.description, None
+        try:
+            text = super().format_help()
+        finally:
+            self.description = summary
+        return f"{summary}\n\n{text}" if summary else text
+
+
+class _Sub:
+    """add_parser with the same sentence as the list's help and the command's description."""
+
+    def __init__(self, sub: Any):
+        self.sub = sub
+
+    def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
+        return self.sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora-sweep")
+    except PackageNotFoundError:
+        return "unknown (not installed; pip install -e .)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sweep", description="LoRA / QLoRA hyperparameter sweeps: Ray Tune + Optuna + MLflow.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="python -m sweep", description="LoRA / QLoRA hyperparameter sweeps: Ray Tune + Optuna + MLflow.")
+    p.add_argument("--version", action="version", version=f"lora-sweep {_version()}")
+    sub = _Sub(p.add_subparsers(dest="command", required=True))
     v = sub.add_parser("validate", help="check a space file; print the resolved config and the size of the space")
     v.add_argument("space", help="the space.yaml file")
     v.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
+    v.add_argument("--json", action="store_true", help=JSON_HELP)
     r = sub.add_parser("run", help="run a sweep")
     r.add_argument("space", help="the space.yaml file")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
@@ -39,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="a sweep's trials by status, best so far, elapsed and remaining time")
     s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
     s.add_argument("--address", default=None, help="for a submitted sweep: the head node's dashboard URL")
+    s.add_argument("--json", action="store_true", help=JSON_HELP + " (a sweep folder on this machine)")
     s = sub.add_parser("stop", help="running trials checkpoint and stop; the sweep can be resumed")
     s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
     s.add_argument("--address", default=None, help="for a submitted sweep: the head node's dashboard URL")
@@ -50,11 +89,42 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--where", default=None, metavar="CONSTRAINTS", help='e.g. "peak_vram_gb<=20, eval_loss<2.5"')
     s.add_argument("--export", default=None, metavar="DIR", help="write the ready-to-run space file, the adapter (PEFT format) and a README here")
     s.add_argument("--merge", action="store_true", help="with --export: also the base model with the adapter merged in")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     e = sub.add_parser("estimate", help="predicted peak GPU memory: the corners of a space, or each trial of a finished sweep")
     e.add_argument("space", metavar="SPACE.yaml|SWEEP_DIR", help="a space file, or a sweep's results folder")
     e.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values (space files only)")
     e.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="GPU memory to check against (default: this machine's GPU)")
+    e.add_argument("--json", action="store_true", help=JSON_HELP)
+    s = sub.add_parser("list", help="the sweeps of a results folder: state, trials by status, best value, started, elapsed")
+    s.add_argument("results_dir", nargs="?", default="sweeps", metavar="RESULTS_DIR", help="the results folder (default: ./sweeps)")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     return p
+
+
+JSON_HELP = "print one JSON document on stdout instead of the text"
+
+
+def _quiet(line: str) -> None:
+    """`write` under --json: the text is not printed; the JSON says it all."""
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout: paths as strings, NaN and infinities as null (strict JSON)."""
+    import json
+    import math
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple, set)):
+            return [clean(v) for v in x]
+        if x is None or isinstance(x, (str, int, float, bool)):
+            return x
+        return str(x)
+
+    print(json.dumps(clean(data), indent=2, allow_nan=False), flush=True)
 
 
 def say(line: str) -> None:
@@ -67,11 +137,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from sweep.config import ConfigError, load_config
 
+    as_json = getattr(args, "json", False)
+    write = _quiet if as_json else say
+    if args.command == "list":
+        from sweep.listing import list_sweeps
+
+        if not Path(args.results_dir).is_dir():
+            print(f"{args.results_dir}: no such folder; give the results folder of your sweeps (tracking.results_dir, default ./sweeps)", file=sys.stderr)
+            return EXIT_INVALID
+        entries = list_sweeps(Path(args.results_dir), write)
+        if as_json:
+            print_json({"results_dir": str(Path(args.results_dir).resolve()), "sweeps": entries})
+        return 0
     if args.command in ("resume", "status", "stop") and not (Path(args.sweep_dir) / "sweep.json").is_file():
         from sweep.submit import is_job_address
 
         address = args.address or os.environ.get("RAY_ADDRESS")
         if is_job_address(address):
+            if as_json:
+                print("--json: not available for a submitted sweep; run `status` on its folder where it is (e.g. on the head node)", file=sys.stderr)
+                return EXIT_INVALID
             return _submitted_command(args, address)
     if args.command in ("resume", "status", "stop", "report", "best"):
         return _folder_command(args)
@@ -82,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.space}: not a sweep folder (no sweep.json); give a space file or a folder made by `run`", file=sys.stderr)
             return EXIT_INVALID
         gpu = args.gpu_memory * 2**30 if args.gpu_memory else local_gpu_bytes()
-        estimate_sweep(Path(args.space), gpu)
+        try:
+            rows = estimate_sweep(Path(args.space), gpu, write)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_INVALID
+        if as_json:
+            print_json({"sweep_dir": str(Path(args.space).resolve()), "gpu_memory_gb": gpu / 2**30 if gpu else None, "trials": rows})
         return 0
     try:
         cfg = load_config(args.space, args.overrides)
@@ -102,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         import yaml
 
+        if as_json:
+            print_json({"source": str(cfg.source), "valid": True, "config": cfg.resolved(), "space": cfg.space.describe_size(),
+                        "num_trials": cfg.num_trials, "max_steps": cfg.train.max_steps})  # fmt: skip
+            return 0
         print(yaml.safe_dump(cfg.resolved(), sort_keys=False), end="")
         print(f"# space: {cfg.space.describe_size()}")
         print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid")
@@ -115,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"model.id: cannot read the config of {cfg.model.id}: {str(exc).splitlines()[0]}", file=sys.stderr)
             return EXIT_INVALID
-        estimate_space(cfg, profile, args.gpu_memory * 2**30 if args.gpu_memory else local_gpu_bytes())
+        gpu = args.gpu_memory * 2**30 if args.gpu_memory else local_gpu_bytes()
+        rows = estimate_space(cfg, profile, gpu, write)
+        if as_json:
+            print_json({"source": str(cfg.source), "model": cfg.model.id, "gpu_memory_gb": gpu / 2**30 if gpu else None, "corners": rows})
         return 0
 
     if args.command == "submit":
@@ -172,11 +270,15 @@ def _folder_command(args: argparse.Namespace) -> int:
     from trainable.data import DataError
 
     folder = Path(args.sweep_dir).resolve()
+    as_json = getattr(args, "json", False)
+    write = _quiet if as_json else say
     try:
         if args.command == "status":
             from sweep.status import sweep_status
 
-            sweep_status(folder)
+            info = sweep_status(folder, write)
+            if as_json:
+                print_json(info)
         elif args.command == "stop":
             from sweep.status import stop_sweep
 
@@ -188,11 +290,15 @@ def _folder_command(args: argparse.Namespace) -> int:
         elif args.command == "best":
             from sweep.export import best
 
+            info: dict[str, Any] = {}
             try:
-                return 0 if best(folder, args.where, Path(args.export) if args.export else None, args.merge) else 1
+                found = best(folder, args.where, Path(args.export) if args.export else None, args.merge, write, info)
             except (ValueError, FileExistsError) as exc:
                 print(exc, file=sys.stderr)
                 return EXIT_INVALID
+            if as_json:
+                print_json(info)
+            return 0 if found else 1
         else:
             from sweep.run import Interrupted, resume_sweep
 

@@ -220,6 +220,8 @@ class StudySource:
 
     def take(self, worker: str, method: str, members: int) -> Any:
         self._worker = worker
+        if self.halt():
+            return None  # stopped or out of time: no trial starts or continues here any more
         task = self._claim(method, allow_alone=members == 0)
         for _ in range(len(methods_of(self.cfg)) if task is None else 0):
             ticket = self._ticket()  # one ticket, one new trial (infeasible samples are redrawn on it)
@@ -373,7 +375,7 @@ class StudySource:
         if status == TrialStatus.COMPLETED and not all(finite(v) for v in values):
             status, error = TrialStatus.FAILED, missing_objectives(metrics, self.objectives)
         resumable = status == TrialStatus.STOPPED and self.halt() == "stop"
-        run_id = self._runs.pop(task.label, None)
+        run_id = self._runs.pop(task.label, None) or self._run_of(task.label)
         if run_id is not None:
             client = self.client
             client.set_tag(run_id, STATUS, status)
@@ -399,6 +401,54 @@ class StudySource:
             tell(study, trial, None, optuna.trial.TrialState.FAIL)
         self._trials.pop(task.label, None)
 
+    def _run_of(self, label: str) -> str | None:
+        """The child run of a member this source did not begin (its worker died, or it waited in
+        the queue): None where it never began."""
+        if label in self._trials:  # asked or taken here: had it begun, _runs would hold it
+            return None
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial = '{label}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    # -- the driver's side: members whose worker is gone ---------------------------------------
+
+    def orphans(self, worker: str) -> list[Any]:
+        """The members `worker` held when it died: open trials that name it, not waiting in the queue."""
+        import optuna
+
+        from trainable.cohort_worker import MemberTask, latest_checkpoint
+
+        queued = {e["label"] for _, e in self._entries()}
+        out = []
+        for t in self.study().get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            label = f"t{t.number:03d}"
+            if t.user_attrs.get("cohort") != worker or not t.params or label in queued:
+                continue
+            hyper = self.cfg.space.decode(t.params, self.cfg.fixed_hyperparams)
+            checkpoint = latest_checkpoint(self.root / "members" / label)
+            out.append(MemberTask(label=label, number=t.number, hyper=hyper, checkpoint=checkpoint, attempt=int(t.user_attrs.get("attempt", 1))))
+        return out
+
+    def queued(self) -> list[Any]:
+        """Members still waiting in the queue (taken out of it)."""
+        from trainable.cohort_worker import MemberTask
+
+        out = []
+        for path, entry in self._entries():
+            path.unlink(missing_ok=True)
+            entry.pop("method")
+            out.append(MemberTask(**entry))
+        return out
+
+    def retry(self, task: Any, error: str) -> None:
+        """Queue a dead worker's member again, from its last checkpoint, as its next attempt."""
+        task.attempt += 1
+        self.enqueue(task, task.hyper.get("method", self.cfg.train.method))
+        run_id = self._run_of(task.label)
+        if run_id:
+            self.client.set_tag(run_id, STATUS, TrialStatus.RETRYING)
+            self.client.set_tag(run_id, "retries", str(task.attempt - 1))
+            self.client.set_tag(run_id, ERROR, f"attempt {task.attempt - 1}: {error}; retrying from {Path(task.checkpoint).name if task.checkpoint else 'the start'}")
+
     def _record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
         from mlflow.entities import Metric, Param
 
@@ -419,23 +469,82 @@ class StudySource:
 # the driver's side: workers for Ray Tune
 
 
-def _worker_searcher(configs: list[dict[str, Any]]) -> Any:
+def _worker_searcher(configs: list[dict[str, Any]], halted: Callable[[], str | None]) -> Any:
     from ray.tune.search import Searcher
 
     class WorkerList(Searcher):
-        """Hands Tune one config per cohort worker, then says it is finished."""
+        """Hands Tune one config per cohort worker, and one more for each worker that died with
+        members to retry (`replace`); finished once none is left to start and none runs. Nothing
+        starts once the sweep is stopped or out of time."""
 
         def __init__(self) -> None:
             super().__init__()
             self.configs = list(configs)
+            self.made, self.live = len(self.configs), 0
 
         def suggest(self, trial_id: str) -> dict | None:
-            return self.configs.pop(0) if self.configs else Searcher.FINISHED
+            if self.configs and not halted():
+                self.live += 1
+                return self.configs.pop(0)
+            return None if self.live else Searcher.FINISHED
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            pass
+            self.live -= 1
+
+        def replace(self, method: str) -> None:
+            self.configs.append({"worker": self.made, "method": method})
+            self.made += 1
 
     return WorkerList()
+
+
+def _orphans(source: StudySource, workers: Any, max_retries: int, log: Callable[[str], None]) -> Any:
+    from ray.tune import Callback
+
+    from sweep.retries import should_retry
+    from sweep.trials import NO_ERROR_TEXT, error_text, last_line
+
+    class Orphans(Callback):
+        """Members whose worker is gone, decided as a lone trial's would be (sweep/retries.py).
+        A worker that died (its process or node went away) leaves its members open: each runs again
+        from its last member checkpoint, on a new worker, while search.max_retries allows, and ends
+        failed after that; a worker that raised has ended its members itself. After a stop they stay
+        open for `resume` (their runs KILLED / stopped); at the time budget they end stopped.
+        Members still queued when the sweep ends are closed the same way."""
+
+        def __getstate__(self) -> dict:
+            return {}  # pickled by Tune into tuner.pkl, which lora-sweep never restores
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            error = error_text(trial) or NO_ERROR_TEXT
+            retried = []
+            for task in source.orphans(trial.trial_id):
+                if source.halt() is None and should_retry(error, task.attempt, max_retries):
+                    source.retry(task, f"cohort worker {trial.trial_id} died")
+                    retried.append(task)
+                    log(f"{task.label} retrying  its cohort worker died; attempt {task.attempt} continues from {_where(task)}")
+                else:
+                    self._close(task, f"cohort worker {trial.trial_id} died: {last_line(error)[:300]}")
+            if retried:
+                workers.replace(trial.config.get("method", retried[0].hyper.get("method")))
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            for task in source.queued():
+                self._close(task, "never continued: the sweep ended first")
+
+        def _close(self, task: Any, error: str) -> None:
+            halt = source.halt()
+            status = TrialStatus.STOPPED if halt else TrialStatus.FAILED
+            step = int(Path(task.checkpoint).name.removeprefix("step-")) if task.checkpoint else 0
+            source.end(task, {STEP: step, STATUS: status, ERROR: None if halt == "stop" else error})
+            how = {"stop": "stopped (resume continues it)", "time": "stopped (time budget)"}.get(halt or "", f"failed: {error}")
+            log(f"{task.label} {how}")
+
+    return Orphans()
+
+
+def _where(task: Any) -> str:
+    return f"its checkpoint at {Path(task.checkpoint).name}" if task.checkpoint else "the start"
 
 
 def _progress(log: Callable[[str], None]) -> Any:
@@ -465,7 +574,7 @@ def _progress(log: Callable[[str], None]) -> Any:
             self.say(f"cohort worker {trial.trial_id} done: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no members"))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.say(f"cohort worker {trial.trial_id} failed: {last_line(error_text(trial))[:300] or 'worker died'} (its members' trials stay open; resume continues them)")
+            self.say(f"cohort worker {trial.trial_id} failed: {last_line(error_text(trial))[:300] or 'worker died'}")
 
     return CohortProgress()
 
@@ -483,6 +592,7 @@ class CohortPlan:
     base: Any  # trainable.train.TrialSpec
     log: Callable[[str], None] = print
     resumed: list[str] = field(default_factory=list)
+    max_retries: int = 0  # search.max_retries: a dead worker's members run again this many times
 
     @classmethod
     def build(cls, cfg: Any, sweep_dir: Path, sweep_run: Any, base: Any, resources: Any, resume: list, budget: int,
@@ -528,7 +638,7 @@ class CohortPlan:
         deadline = time.time() + time_left if time_left else None
         source = StudySource(cfg, sweep_dir, cfg.name, sweep_run.experiment_id, sweep_run.run_id, budget, deadline=deadline,
                              stop_file=base.stop_file, judge=judge)  # fmt: skip
-        plan = cls(workers, capacity, resources.cpus, gpus, source, cohort_budget, base, log)
+        plan = cls(workers, capacity, resources.cpus, gpus, source, cohort_budget, base, log, max_retries=cfg.search.max_retries)
         if resume:
             import optuna
 
@@ -558,8 +668,10 @@ class CohortPlan:
         """Tune's pieces for a cohort sweep, from the lone-trial ones: the workers' trainable and
         resources; a searcher that lists the workers (Optuna chooses the members, in the workers);
         no Tune scheduler (Optuna's pruner judges the members); the members' time budget is
-        theirs (the source ends them at the deadline); the lone-trial MLflow and progress
-        callbacks give way to the workers' own reports."""
+        theirs (the source ends them at the deadline), as is a stop (the workers read the STOP
+        file and end every member resumably: Sweep.make_tuner gives them no Tune stopper, which
+        would kill a worker while it checkpoints); the lone-trial retry, MLflow and progress
+        callbacks give way to the workers' own reports and to Orphans (a dead worker's members)."""
         from ray import tune
         from ray.tune.schedulers import FIFOScheduler
 
@@ -568,8 +680,9 @@ class CohortPlan:
         worker = tune.with_parameters(tune_cohort_worker, base=self.base, source=self.source, capacity=self.capacity, budget=self.budget)
         worker = tune.with_resources(worker, {"cpu": self.cpus, "gpu": self.gpus})
         self.log(self.describe())
-        tune_config = replace(tune_config, search_alg=_worker_searcher(self.workers), scheduler=FIFOScheduler(), num_samples=-1,
+        workers = _worker_searcher(self.workers, self.source.halt)
+        tune_config = replace(tune_config, search_alg=workers, scheduler=FIFOScheduler(), num_samples=-1,
                               max_concurrent_trials=len(self.workers), time_budget_s=None, reuse_actors=False)  # fmt: skip
         # the lone-trial callbacks (retries, MLflow per Ray trial, progress per Ray trial) act on Ray trials, which are workers here
         kept = [c for c in callbacks if type(c).__name__ not in ("Retries", "TrialRuns", "Progress")]
-        return worker, tune_config, [*kept, _progress(self.log)]
+        return worker, tune_config, [_orphans(self.source, workers, self.max_retries, self.log), *kept, _progress(self.log)]

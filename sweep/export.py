@@ -13,7 +13,7 @@ import yaml
 from sweep.checks import quote
 from sweep.config import SEARCHABLE, SweepConfig
 from sweep.results import choose, open_sweep, parse_where
-from sweep.sweepdir import latest_checkpoint
+from sweep.sweepdir import latest_checkpoint, say_mlflow
 
 Write = Callable[[str], None]
 
@@ -72,11 +72,18 @@ def export_adapter(cfg: SweepConfig, checkpoint: Path, out: Path, merge: bool) -
     return written
 
 
-def best(folder: Path, where: str | None, export: Path | None, merge: bool, write: Write = print) -> dict[str, Any] | None:
+def best(folder: Path, where: str | None, export: Path | None, merge: bool, write: Write = print, info: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Print (and with `export`, write out) the best trial under `where`; its row, or None.
+    `info`, when given, is filled with what `best --json` prints."""
     folder = Path(folder).resolve()
     constraints = parse_where(where)
     sweep = open_sweep(folder)
     cfg, study, result = sweep.cfg, sweep.study, sweep.result
+    info = {} if info is None else info
+    info.update(folder=str(folder), name=cfg.name, metric=cfg.search.metric, mode=cfg.search.mode, where=where, counts=result.counts,
+                best=None, mlflow=sweep.mlflow_links)  # fmt: skip
+    if cfg.multi_objective:
+        info["pareto"] = [_brief(r, cfg) for r in result.pareto]
     if cfg.multi_objective:
         names = [m for m, _ in cfg.objectives]
         write(f"Pareto set ({', '.join(f'{m} {d}' for m, d in cfg.objectives)}):")
@@ -86,16 +93,19 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     if row is None:
         rule = f" with {where}" if where else ""
         write(f"no completed trial{rule}; {len(result.trials)} trials: " + ", ".join(f"{n} {s}" for s, n in result.counts.items()))
+        say_mlflow(sweep.mlflow_links, write)
         return None
     metric = cfg.search.metric
     extra = "  ".join(f"{m} {row[m]:.4g}" for m, _, _ in constraints if m != metric)
     write(f"best trial{' with ' + where if where else ''}: {row['label']}  {metric} {row[metric]:.4f}  {extra}  ({row['summary']})")
     space = winner_space(cfg, row)
     text = yaml.safe_dump(space, sort_keys=False)
+    info["best"] = {**_brief(row, cfg), "config": row["config"], "space": space}
     if export is None:
         write("its config, ready to run:")
         write(text.rstrip())
         write(f"export it (config, adapter):  python -m sweep best {quote(folder)} --export DIR")
+        say_mlflow(sweep.mlflow_links, write)
         return row
     export = Path(export).resolve()
     if export.exists() and any(export.iterdir()):
@@ -123,4 +133,14 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     for kind, path in written.items():
         write(f"  {kind}: {path}")
     write(f"train it to completion:  {command}")
+    say_mlflow(sweep.mlflow_links, write)
+    info["export"] = written
     return row
+
+
+def _brief(row: dict[str, Any], cfg: SweepConfig) -> dict[str, Any]:
+    """A trial row as `best --json` shows it: who it is, its objectives, its hyperparameters."""
+    from core.contract import ROW_METRICS
+
+    return {"trial": row["label"], "number": row["number"], "status": row["status"], "run_id": row["run_id"], "summary": row["summary"],
+            "params": row["params"], **{m: row.get(m) for m in ROW_METRICS}}  # fmt: skip

@@ -135,13 +135,15 @@ class FinishedSweep:
     study: Any  # optuna.Study
     client: Any  # mlflow.MlflowClient
     result: SweepResult
+    mlflow_links: dict[str, Any] = field(default_factory=dict)  # sweepdir.mlflow_links: the UI, the runs table
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
-    from sweep.sweepdir import SweepFolder
+    from sweep.sweepdir import SweepFolder, mlflow_links
 
     sweep = SweepFolder(folder)
     cfg = sweep.config
     study = sweep.study()  # never creates a missing store
     client = sweep.mlflow()
-    return FinishedSweep(cfg, sweep.meta, study, client, collect(cfg, study, sweep.children(client)))
+    result = collect(cfg, study, sweep.children(client))
+    return FinishedSweep(cfg, sweep.meta, study, client, result, mlflow_links(sweep.mlflow_uri, sweep.experiment_id(client)))

@@ -396,8 +396,10 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sw
             "mlflow_uri": redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri),
             "experiment": cfg.experiment,
             "parent_run_id": sweep_run.run_id,
+            "experiment_id": sweep_run.experiment_id,  # for the runs-table link of status / best / list
             "optuna_storage": redact(cfg.tracking.optuna_storage or cfg.optuna_storage(sweep_dir)),
             "study_name": cfg.name,
+            "metric": cfg.search.metric,
             "data_dir": str(prepared.folder),
             "num_trials": cfg.num_trials,
             "concurrency": resources.concurrent,
@@ -615,7 +617,9 @@ class Sweep:
                 name=next_tune_name(self.sweep_dir),
                 storage_path=str(self.sweep_dir),
                 callbacks=callbacks,
-                stop=_tune_stopper(self.stop),
+                # cohort workers read the STOP file themselves and checkpoint every member before they
+                # end; Tune's stopper would end (kill) a worker while it does (sweep/cohorts.py)
+                stop=_tune_stopper(self.stop) if cfg.resources.cohort == "off" else None,
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -645,8 +649,7 @@ class Sweep:
 
         from sweep.checks import quote
         from sweep.progress import table
-        from sweep.secrets import redact
-        from sweep.sweepdir import release
+        from sweep.sweepdir import mlflow_links, release, say_mlflow
 
         cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
         stopped = self.stop.requested()
@@ -655,7 +658,7 @@ class Sweep:
         result = collect(cfg, study, self.sweep_run.children())
         result.sweep_dir, result.parent_run_id = sweep_dir, self.sweep_run.run_id
         self.sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
-        self.heartbeat.beat(force=True, state="stopped" if stopped else "finished")
+        self.heartbeat.beat(force=True, state="stopped" if stopped else "finished", experiment_id=self.sweep_run.experiment_id)
         release(sweep_dir)
         log("")
         table(result.trials, cfg.search.metric, log)
@@ -679,7 +682,7 @@ class Sweep:
             raise Interrupted(interrupt.signum, result)
         if stopped:
             log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
-        log(f"open the MLflow UI:  mlflow ui --backend-store-uri {quote(redact(cfg.tracking.mlflow_uri or cfg.mlflow_uri))}")
+        say_mlflow(mlflow_links(cfg.tracking.mlflow_uri or cfg.mlflow_uri, self.sweep_run.experiment_id), log)
         return result
 
 

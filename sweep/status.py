@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from core.contract import EVAL_LOSS, LOAD_SECONDS, STATUS, TRAIN_SECONDS, TrialStatus
 from sweep.checks import quote
-from sweep.sweepdir import STOP, SweepFolder, driver, read_meta
+from sweep.sweepdir import STOP, SweepFolder, driver, mlflow_links, read_meta, say_mlflow
 
 Write = Callable[[str], None]
 
@@ -41,7 +41,8 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
         state = "interrupted (its driver is gone; resume it)"
     elif holder is not None:
         state = f"running (driver pid {holder['pid']} on {holder['host']})"
-    children = sweep.children()
+    client = sweep.mlflow()
+    children = sweep.children(client)
     counts: dict[str, int] = {}
     for run in children:
         status = run.data.tags.get(STATUS, "?")
@@ -54,7 +55,8 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     finished = sum(n for s, n in counts.items() if s not in (TrialStatus.RUNNING, TrialStatus.RETRYING, TrialStatus.INFEASIBLE))
     durations = [r.data.metrics.get(TRAIN_SECONDS, 0) + r.data.metrics.get(LOAD_SECONDS, 0) for r in children if r.data.tags.get(STATUS) == TrialStatus.COMPLETED]
     remaining = remaining_seconds(meta, finished, durations)
-    info = {"state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
+    links = mlflow_links(sweep.mlflow_uri, sweep.experiment_id(client))
+    info = {"name": meta.get("name"), "folder": str(folder), "metric": meta.get("metric", EVAL_LOSS), "mlflow": links, "state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
             "remaining_seconds": remaining, "best": {"trial": f"t{best.number:03d}", "value": best.value} if best else None}  # fmt: skip
     write(f"{folder.name}: {state}")
     write(f"trials: {finished} of {num_trials} done; " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started"))
@@ -66,6 +68,7 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     if meta.get("state") == "finished" and finished < num_trials:
         eta = f"; ended after {finished} of {num_trials} trials (its time budget ran out, or the space had no more to try)"
     write(f"elapsed: {_duration(elapsed)}{eta}")
+    say_mlflow(links, write)
     return info
 
 

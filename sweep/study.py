@@ -52,6 +52,20 @@ def make_sampler(cfg: SweepConfig, trials_before: int = 0) -> Any:
     )
 
 
+def name_objectives(study: Any, names: list[str]) -> None:
+    """Name the study's objectives (eval_loss, peak_vram_gb) so that optuna-dashboard and the
+    study's dataframes say them instead of "Objective 0". Idempotent: a resumed sweep names again."""
+    import warnings
+
+    import optuna
+
+    if study.metric_names == names:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental since Optuna 3.2
+        study.set_metric_names(names)
+
+
 def trials_in(storage: Any, study_name: str) -> int:
     """How many trials the study holds already (0 for a new study)."""
     try:
@@ -150,6 +164,8 @@ class SweepSearch(OptunaSearch):
             study_name=cfg.name,
             storage=rdb,
         )
+        if self._ot_study is not None:  # created (or loaded) by OptunaSearch just above
+            name_objectives(self._ot_study, [m for m, _ in self.objectives])
 
     # Tune writes the searcher into its experiment folder (searcher-state-*.pkl, tuner.pkl) for
     # its own Tuner.restore, which lora-sweep never uses: `resume` rebuilds everything from the

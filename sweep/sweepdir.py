@@ -167,10 +167,43 @@ class SweepFolder:
 
         return MlflowClient(self.mlflow_uri)
 
+    def experiment_id(self, client: Any = None) -> str:
+        """The sweep's MLflow experiment id: from sweep.json (recorded since the sweep started),
+        else looked up from its parent run."""
+        if self.meta.get("experiment_id"):
+            return str(self.meta["experiment_id"])
+        return (client or self.mlflow()).get_run(self.parent_run_id).info.experiment_id
+
     def children(self, client: Any = None) -> list[Any]:
         """The sweep's trial runs in MLflow (every driver run's)."""
         client = client or self.mlflow()
         return child_runs(client, client.get_run(self.parent_run_id).info.experiment_id, self.parent_run_id)
+
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def mlflow_links(mlflow_uri: str, experiment_id: str | None) -> dict[str, str | None]:
+    """Where to look at a sweep in MLflow: the command that serves a local store (None for a
+    tracking server), the UI's address and the experiment's runs table (None without an id)."""
+    from sweep.checks import quote
+    from sweep.secrets import redact
+
+    server = mlflow_uri.startswith(("http://", "https://"))
+    ui = redact(mlflow_uri).rstrip("/") if server else MLFLOW_UI
+    return {
+        "command": None if server else f"mlflow ui --backend-store-uri {quote(redact(mlflow_uri))}",
+        "ui": ui,
+        "runs": f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else None,
+    }
+
+
+def say_mlflow(links: dict[str, str | None], write: Any) -> None:
+    """The lines `run`, `status` and `best` print to open the sweep's runs in MLflow."""
+    if links["command"]:
+        write(f"open the MLflow UI:  {links['command']}")
+    if links["runs"]:
+        write(f"its runs:  {links['runs']}")
 
 
 def child_runs(client: Any, experiment_id: str, parent_run_id: str, label: str | None = None) -> list[Any]:

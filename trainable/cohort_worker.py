@@ -16,6 +16,11 @@ Faults lose no member:
   shrinking was its doing, so the worker's capacity comes back).
 - a non-finite loss ends that member only.
 Any other exception ends the members as failed and propagates (the worker fails, as a trial would).
+
+Halts (the source's `halt()`, read before every micro-step): `stop` (`python -m sweep stop`, Ctrl-C,
+SIGTERM: the STOP file) saves every member at its current optimizer step and ends it `stopped`, to be
+continued by `resume`; `time` (search.time_budget) ends every member `stopped` where it is, as the
+time budget ends a lone trial. Either way no new member joins and the worker ends.
 """
 
 from __future__ import annotations
@@ -140,6 +145,8 @@ def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]
     `emit` receives progress lines (one per member event). Returns how many members ended how."""
     from trainable.train import _reset_peak_rss
 
+    if source.halt():
+        return {}  # stopped or out of time before it started: no base model to load
     _reset_peak_rss()
     started = time.perf_counter()
     cohort = (make_cohort or _load_cohort)(spec)

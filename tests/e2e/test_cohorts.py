@@ -1,11 +1,14 @@
 """Cohort sweeps end to end (issue 15, resources.cohort): real Ray, Optuna, MLflow, tiny Gemma 3 on
 CPU, through the command line. A pruned member is replaced by a new trial; a driver killed while a
-cohort trains resumes with every member continuing from its own checkpoint."""
+cohort trains resumes with every member continuing from its own checkpoint; Ctrl-C stops every
+member resumably (issue 13) and `resume` finishes them."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import optuna
@@ -23,15 +26,15 @@ name: c
 model: {id: tiny-gemma3, embeddings: frozen}
 data: {train: DEMO/train.jsonl, eval: DEMO/eval.jsonl, max_seq_len: 128}
 train: {max_steps: STEPS, eval_every: EVAL, log_every: EVAL, batch: [2, 1], lora_dropout: 0.0, warmup_ratio: 0.0}
-resources: {cohort: 3}
+resources: {cohort: COHORT}
 space:
   lora_r: [4, 8]
   learning_rate: {loguniform: [1.0e-5, 2.0e-2]}
 """
 
 
-def space(tmp_path: Path, steps: int, every: int, search: str) -> Path:
-    body = SPACE.replace("STEPS", str(steps)).replace("EVAL", str(every)) + f"search: {search}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"
+def space(tmp_path: Path, steps: int, every: int, search: str, cohort: int = 3) -> Path:
+    body = SPACE.replace("STEPS", str(steps)).replace("EVAL", str(every)).replace("COHORT", str(cohort)) + f"search: {search}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"
     return write_space(tmp_path, body)
 
 
@@ -107,4 +110,42 @@ def test_kill_9_while_a_cohort_trains_then_resume(tmp_path: Path) -> None:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == list(range(1, 21)), (label, steps)  # each step logged once, none missing
         assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [5, 10, 15, 20]
+    assert meta["state"] == "finished"
+
+
+def test_ctrl_c_stops_every_member_resumably_then_resume_finishes_them(tmp_path: Path) -> None:
+    """SIGINT to `run` once a member has reported: every member checkpoints at its current step and
+    ends resumable (RUNNING in the study, KILLED / stopped in MLflow), exit 130; `resume` continues
+    each from that checkpoint and finishes the sweep with one child run per trial."""
+    search = "{num_trials: 4, max_concurrent: 2, seed: 0, scheduler: {type: none}}"
+    driver = Driver(space(tmp_path, 16, 4, search, cohort=2), tmp_path)
+    sweep_dir = driver.sweep_dir()
+    driver.wait_for(r"t00[01] step\s+4/16")
+    os.kill(driver.proc.pid, signal.SIGINT)
+    assert driver.proc.wait(timeout=120) == 130, driver.log.read_text()[-4000:]
+    out = driver.log.read_text()
+    assert "continue with:  python -m sweep resume" in out and "Traceback" not in out, out[-4000:]
+    meta, trials, runs = stores(sweep_dir)
+    assert meta["state"] == "stopped"
+    assert trials and {t.state.name for t in trials} == {"RUNNING"}, [(t.number, t.state.name) for t in trials]  # nothing finished, nothing pruned
+    assert sorted(runs) == [f"t{t.number:03d}" for t in trials]
+    stopped_at = {}
+    for label, run in runs.items():
+        assert (run.info.status, run.data.tags["trial_status"]) == ("KILLED", "stopped"), (label, run.info.status, run.data.tags)
+        stopped_at[label] = int(run.data.tags["last_step"])
+    assert max(stopped_at.values()) >= 4, stopped_at
+
+    resumed = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    for label, step in stopped_at.items():  # each from the checkpoint it saved when it stopped (at its current step)
+        where = f"from step-{step:06d}" if step else "from the start"
+        assert f"{label} {where}" in resumed.stdout, (label, step, resumed.stdout[-3000:])
+    meta, trials, runs = stores(sweep_dir)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert sorted(runs) == ["t000", "t001", "t002", "t003"]  # exactly one child run per trial
+    client = MlflowClient(meta["mlflow_uri"])
+    for label, run in runs.items():
+        assert (run.info.status, run.data.tags["trial_status"]) == ("FINISHED", "completed"), label
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == list(range(1, 17)), (label, steps)  # each step logged once, none missing
     assert meta["state"] == "finished"

@@ -129,12 +129,16 @@ class FakeSource:
         self.ended[task.label] = metrics
 
     def halt(self) -> str | None:
-        return None
+        return self.halt_when(self) if self.halt_when else None
+
+    halt_when: Any = None  # FakeSource -> 'stop' | 'time' | None; set by a test
 
 
-def work(tmp_path: Path, hypers: list[dict], capacity: int, **source_args: Any) -> tuple[FakeSource, FakeCohort, list[str]]:
+def work(tmp_path: Path, hypers: list[dict], capacity: int, halt: Any = None, **source_args: Any) -> tuple[FakeSource, FakeCohort, list[str]]:
     source = FakeSource(hypers, tmp_path, **source_args)
     cohort = FakeCohort()
+    if halt is not None:  # (cohort) -> 'stop' | 'time' | None, asked before every micro-step
+        source.halt_when = lambda s: halt(cohort)
     made = []
     lines: list[str] = []
 
@@ -209,6 +213,45 @@ def test_a_member_continues_from_its_checkpoint(tmp_path: Path) -> None:
     assert source.reports == [("t000", 6)] and status(source) == {"t000": "completed"}
     assert [h[0] for h in source.ended["t000"]["history"]] == [1, 2, 3, 4, 5, 6]  # replayed once, then new steps
     assert [e["step"] for e in source.ended["t000"]["evals_replay"]] == [2, 4]
+
+
+def test_a_stop_saves_every_member_at_its_current_step_and_ends_it_stopped(tmp_path: Path) -> None:
+    """`python -m sweep stop` / Ctrl-C / SIGTERM (the STOP file): between evals (step 3, evals at
+    2, 4, 6), each member is checkpointed where it is and ends stopped; no new trial starts."""
+    at_step_3 = lambda cohort: "stop" if any(m.step >= 3 for m in cohort.members.values()) else None  # noqa: E731
+    source, cohort, lines = work(tmp_path, [{"lora_r": 4}, {"lora_r": 8}, {"lora_r": 16}], capacity=2, halt=at_step_3)
+    assert status(source) == {"t000": "stopped", "t001": "stopped"} and source.begun == ["t000", "t001"]  # t002 never asked for
+    for label in ("t000", "t001"):
+        assert source.ended[label]["step"] == 3 and [h[0] for h in source.ended[label]["history"]] == [3]  # steps since the last report
+        assert latest_checkpoint(tmp_path / label).endswith("step-000003")
+    assert cohort.sizes == [2, 2, 2] and any(line.startswith("t000 stopped") for line in lines)
+
+    # resume: each continues from that checkpoint, none of its steps run twice
+    source = FakeSource([], tmp_path)
+    source.queue = [MemberTask(label=x, number=i, hyper={"lora_r": r}, checkpoint=latest_checkpoint(tmp_path / x)) for i, (x, r) in enumerate((("t000", 4), ("t001", 8)))]
+    cohort = FakeCohort()
+    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
+    run_worker(spec, source, make_cohort=lambda s: cohort)
+    assert status(source) == {"t000": "completed", "t001": "completed"} and cohort.sizes == [2, 2, 2]
+    assert sorted(source.reports) == [("t000", 4), ("t000", 6), ("t001", 4), ("t001", 6)]
+
+
+def test_at_the_time_budget_members_end_stopped_where_they_are(tmp_path: Path) -> None:
+    """search.time_budget: members end stopped (as a lone trial at the budget), nothing is saved
+    for a resume (the newest checkpoint is the last eval's), no new trial starts."""
+    at_step_3 = lambda cohort: "time" if any(m.step >= 3 for m in cohort.members.values()) else None  # noqa: E731
+    source, cohort, lines = work(tmp_path, [{"lora_r": 4}, {"lora_r": 8}, {"lora_r": 16}], capacity=2, halt=at_step_3)
+    assert status(source) == {"t000": "stopped", "t001": "stopped"} and source.begun == ["t000", "t001"]
+    assert {source.ended[x]["step"] for x in ("t000", "t001")} == {3}
+    assert latest_checkpoint(tmp_path / "t000").endswith("step-000002") and cohort.sizes == [2, 2, 2]
+
+
+def test_a_worker_halted_before_it_starts_loads_nothing(tmp_path: Path) -> None:
+    source = FakeSource([{"lora_r": 4}], tmp_path)
+    source.halt_when = lambda s: "stop"
+    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
+    assert run_worker(spec, source, make_cohort=lambda s: pytest.fail("loaded a base model after the stop")) == {}
+    assert source.begun == [] and source.ended == {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,3 +368,62 @@ def test_study_source_asks_prunes_and_tells(tmp_path: Path) -> None:
     states = {t.number: (t.state.name, t.user_attrs["trial_status"]) for t in optuna.load_study(study_name=cfg.name, storage=storage).trials}
     assert states == {first.number: ("COMPLETE", "completed"), second.number: ("PRUNED", "pruned"), third.number: ("FAIL", "nan")}
     assert optuna.load_study(study_name=cfg.name, storage=storage).trials[second.number].intermediate_values == {2: 2.0}
+
+
+class FakeClient:
+    """MlflowClient's calls a StudySource makes for members with no run yet."""
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> list:
+        return []
+
+
+def test_study_source_stop_and_time_budget_end_members_as_lone_trials_end(tmp_path: Path) -> None:
+    """Stopped (STOP file): the trial stays RUNNING for `resume`; at the time budget: PRUNED with
+    trial_status stopped (as a lone trial ended by the budget); once halted nothing is handed out."""
+    import optuna
+
+    from sweep.cohorts import StudySource
+
+    cfg = config(tmp_path)
+    storage = cfg.optuna_storage(tmp_path)
+    optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
+    stop_file = tmp_path / "STOP"
+    source = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=3, stop_file=str(stop_file))
+    source._client = FakeClient()
+    first, second = source.take("w0", "lora", 0), None
+    while second is None:
+        second = source.take("w0", "lora", 1) or source.take("w1", "qlora", 0)
+    stop_file.write_text("SIGINT")
+    assert source.halt() == "stop" and source.take("w0", "lora", 0) is None and source.take("w0", "qlora", 0) is None
+    source.end(first, {"step": 3, "trial_status": "stopped"})
+    stop_file.unlink()
+    source.deadline = 0.0  # long past
+    assert source.halt() == "time" and source.take("w0", "lora", 0) is None
+    source.end(second, {"step": 3, "trial_status": "stopped"})
+    trials = {t.number: t for t in optuna.load_study(study_name=cfg.name, storage=storage).trials}
+    assert trials[first.number].state.name == "RUNNING" and "trial_status" not in trials[first.number].user_attrs
+    assert (trials[second.number].state.name, trials[second.number].user_attrs["trial_status"]) == ("PRUNED", "stopped")
+
+
+def test_study_source_finds_a_dead_workers_members_and_queues_them_again(tmp_path: Path) -> None:
+    import optuna
+
+    from sweep.cohorts import StudySource
+
+    cfg = config(tmp_path)
+    storage = cfg.optuna_storage(tmp_path)
+    optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
+    worker = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=2)
+    held = [worker.take("w0", "lora", n) or worker.take("w0", "qlora", 0) for n in range(2)]
+    saved = tmp_path / "cohorts" / "members" / held[0].label / "step-000004"
+    saved.mkdir(parents=True)
+    (saved / "member.json").write_text("{}")
+    driver = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=0)  # the driver's own, after the worker died
+    driver._client = FakeClient()
+    orphans = sorted(driver.orphans("w0"), key=lambda t: t.number)
+    assert [(t.label, t.hyper, t.attempt) for t in orphans] == [(h.label, h.hyper, 1) for h in held]
+    assert orphans[0].checkpoint == str(saved) and orphans[1].checkpoint is None and driver.orphans("w9") == []
+    driver.retry(orphans[0], "cohort worker w0 died")
+    assert [t.label for t in driver.orphans("w0")] == [held[1].label]  # queued: not an orphan any more
+    queued = driver.queued()
+    assert [(t.label, t.checkpoint, t.attempt) for t in queued] == [(held[0].label, str(saved), 2)] and driver.queued() == []

@@ -1,0 +1,246 @@
+"""The morning-after commands without friction: the MLflow runs-table link, `--json` on status /
+best / estimate / validate, `list`, named study objectives, `--version`, `--help`, the console script.
+
+The finished sweep is built by hand (sweep.json, an Optuna study and an MLflow store with a parent
+run and its trials), not run: milliseconds, not minutes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tomllib
+import warnings
+from pathlib import Path
+
+import pytest
+
+from core.contract import EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
+from sweep.__main__ import main
+from sweep.config import load_config
+from tests.conftest import MINIMAL, ROOT, write_space
+
+LOSSES = {0: (TrialStatus.COMPLETED, 2.5), 1: (TrialStatus.COMPLETED, 1.75), 2: (TrialStatus.PRUNED, 3.0)}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(a finished sweep's folder, its MLflow experiment id): three trials, t001 the best."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from sweep.study import DefineByRun
+
+    base = tmp_path_factory.mktemp("morning")
+    space = write_space(base, MINIMAL)
+    cfg = load_config(space)
+    results = base / "sweeps"
+    folder = results / "t-20260101-000000"
+    folder.mkdir(parents=True)
+    (folder / "space.yaml").write_text(space.read_text())
+    storage, mlflow_uri = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{results / 'mlflow.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="t", storage=storage, direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("t")
+    parent = client.create_run(experiment, run_name=folder.name).info.run_id
+    define = DefineByRun(cfg.space, cfg.fixed_hyperparams)
+    for number, (status, loss) in LOSSES.items():
+        trial = study.ask()
+        define(trial)
+        trial.set_user_attr(STATUS, str(status))
+        run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: str(status)}).info.run_id
+        client.log_metric(run, EVAL_LOSS, loss)
+        client.log_metric(run, PEAK_VRAM_GB, 1.0 + number)
+        client.set_terminated(run)
+        if status == TrialStatus.COMPLETED:
+            study.tell(trial, loss)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    meta = {"name": "t", "space_file": str(space), "overrides": [], "mlflow_uri": mlflow_uri, "experiment": "t", "experiment_id": experiment,
+            "parent_run_id": parent, "optuna_storage": storage, "study_name": "t", "metric": EVAL_LOSS, "num_trials": 3, "concurrency": 1,
+            "started": "2026-01-01T00:00:00", "elapsed_seconds": 754.0, "state": "finished"}  # fmt: skip
+    (folder / "sweep.json").write_text(json.dumps(meta))
+    return folder, experiment
+
+
+def runs_link(experiment: str) -> str:
+    return f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def test_status_prints_the_runs_table_link_and_json(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    folder, experiment = finished
+    assert main(["status", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{folder.parent / 'mlflow.db'}" in out
+    assert f"its runs:  {runs_link(experiment)}" in out
+    assert main(["status", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # stdout is the JSON document and nothing else
+    assert info["counts"] == {"completed": 2, "pruned": 1} and info["finished"] == 3 and info["num_trials"] == 3
+    assert info["best"] == {"trial": "t001", "value": 1.75}
+    assert info["mlflow"]["runs"] == runs_link(experiment) and info["elapsed_seconds"] == 754.0
+
+
+def test_best_prints_the_link_and_json(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    folder, experiment = finished
+    assert main(["best", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "best trial: t001  eval_loss 1.7500" in out and f"its runs:  {runs_link(experiment)}" in out
+    assert main(["best", str(folder), "--json", "--where", "peak_vram_gb<=1.5"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["best"]["trial"] == "t000" and info["best"]["eval_loss"] == 2.5 and info["where"] == "peak_vram_gb<=1.5"
+    assert info["best"]["space"]["name"] == "t-t000" and info["best"]["space"]["train"]["method"] == "lora"  # ready to run
+    assert info["mlflow"]["runs"] == runs_link(experiment)
+    assert main(["best", str(folder), "--json", "--where", "peak_vram_gb<=0.5"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["best"] is None and info["counts"] == {"completed": 2, "pruned": 1}
+
+
+def test_json_is_all_a_fresh_process_prints_on_stdout(finished: tuple[Path, str]) -> None:
+    from tests.unit.test_cli import sweep
+
+    folder, experiment = finished
+    result = sweep("status", str(folder), "--json", cwd=folder.parent)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["mlflow"]["runs"] == runs_link(experiment)
+
+
+def test_the_experiment_id_is_looked_up_when_sweep_json_lacks_it(finished: tuple[Path, str]) -> None:
+    from sweep.sweepdir import SweepFolder
+
+    folder, experiment = finished
+    sweep = SweepFolder(folder)
+    assert sweep.experiment_id() == experiment
+    del sweep.meta["experiment_id"]  # a sweep started before it was recorded
+    assert sweep.experiment_id() == experiment
+
+
+def test_links_of_a_tracking_server() -> None:
+    from sweep.sweepdir import mlflow_links
+
+    links = mlflow_links("https://user:secret@mlflow.example.com/", "7")
+    assert links == {"command": None, "ui": "https://user:***@mlflow.example.com", "runs": "https://user:***@mlflow.example.com/#/experiments/7/runs?workflowType=machine_learning"}
+    assert mlflow_links("sqlite:////tmp/my runs/mlflow.db", None) == {"command": "mlflow ui --backend-store-uri 'sqlite:////tmp/my runs/mlflow.db'", "ui": "http://127.0.0.1:5000", "runs": None}
+
+
+def test_list_shows_each_sweep_and_each_broken_folder_with_its_problem(finished: tuple[Path, str], capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    import shutil
+
+    folder, _ = finished
+    results = tmp_path / "sweeps"
+    shutil.copytree(folder, results / folder.name)
+    (results / "mlartifacts").mkdir()  # MLflow's artifacts beside the sweeps: not a sweep, not listed
+    (results / "notes").mkdir()
+    (results / "broken").mkdir()
+    (results / "broken" / "sweep.json").write_text("{not json")
+    lost = results / "t-lost"
+    shutil.copytree(folder, lost)
+    (lost / "optuna.db").unlink()
+    meta = json.loads((lost / "sweep.json").read_text())
+    (lost / "sweep.json").write_text(json.dumps({**meta, "optuna_storage": f"sqlite:///{lost / 'optuna.db'}", "started": "2026-02-01T00:00:00"}))
+    (results / "t-damaged").mkdir()
+    (results / "t-damaged" / "optuna.db").write_bytes(b"x" * 100)
+    (results / "t-damaged" / "sweep.json").write_text(json.dumps({**meta, "optuna_storage": f"sqlite:///{results / 't-damaged' / 'optuna.db'}", "state": "running"}))
+
+    assert main(["list", str(results), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    by_folder = {Path(e["folder"]).name: e for e in listing["sweeps"]}
+    assert sorted(by_folder) == ["broken", "notes", "t-20260101-000000", "t-damaged", "t-lost"]
+    good = by_folder[folder.name]
+    assert good["trials"] == {"completed": 2, "pruned": 1} and good["best"] == 1.75 and good["metric"] == EVAL_LOSS
+    assert good["state"] == "finished" and good["started"] == "2026-01-01T00:00:00" and good["elapsed_seconds"] == 754.0 and good["problem"] is None
+    assert by_folder["notes"]["problem"] == "no sweep.json" and by_folder["broken"]["problem"].startswith("sweep.json unreadable")
+    assert by_folder["t-lost"]["problem"] == f"its study is missing ({lost / 'optuna.db'})" and not (lost / "optuna.db").exists()
+    assert by_folder["t-damaged"]["state"] == "interrupted" and by_folder["t-damaged"]["problem"].startswith("study unreadable")
+
+    assert main(["list", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["NAME", "STATE", "TRIALS", "BEST", "STARTED", "ELAPSED"]
+    row = next(line for line in lines if line.endswith(str(results / folder.name)))
+    assert "finished" in row and "2 completed, 1 pruned" in row and "eval_loss 1.7500" in row and "12m34s" in row
+
+
+def test_list_of_a_missing_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["list", str(tmp_path / "nowhere")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no such folder" in captured.err
+
+
+def test_validate_and_estimate_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    space = write_space(tmp_path, MINIMAL)
+    assert main(["validate", str(space), "search.num_trials=3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["valid"] and info["num_trials"] == 3 and info["max_steps"] == 4 and info["config"]["name"] == "t"
+    assert info["space"].startswith("2")
+    assert main(["estimate", str(space), "--gpu-memory", "24", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "tiny-gemma3" and info["gpu_memory_gb"] == 24 and len(info["corners"]) >= 1
+
+
+def test_estimate_json_of_a_finished_sweep(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    folder, _ = finished
+    assert main(["estimate", str(folder), "--gpu-memory", "24", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [r["trial"] for r in info["trials"]] == ["t000", "t001", "t002"]
+    assert [r["measured_gb"] for r in info["trials"]] == [1.0, 2.0, 3.0]
+
+
+def test_version_and_each_help_begins_with_what_the_command_does(capsys: pytest.CaptureFixture) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"lora-sweep {version('lora-sweep')}"
+    summaries = {
+        "validate": "Check a space file;", "run": "Run a sweep.", "submit": "Send the sweep to a Ray cluster", "resume": "Finish a sweep",
+        "status": "A sweep's trials by status", "stop": "Running trials checkpoint and stop", "report": "An HTML report",
+        "best": "The best trial", "estimate": "Predicted peak GPU memory", "list": "The sweeps of a results folder",
+    }  # fmt: skip
+    for command, summary in summaries.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert text.startswith(summary), (command, text[:80])
+        assert f"usage: python -m sweep {command}" in text
+
+
+def test_the_console_script_is_the_cli() -> None:
+    import importlib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["lora-sweep"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+
+
+def test_the_study_names_its_objectives() -> None:
+    import optuna
+
+    from sweep.study import name_objectives
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's ExperimentalWarning stays out of the sweep's output
+        name_objectives(study, [EVAL_LOSS, PEAK_VRAM_GB])
+        name_objectives(study, [EVAL_LOSS, PEAK_VRAM_GB])  # a resumed sweep: again, harmlessly
+    assert study.metric_names == [EVAL_LOSS, PEAK_VRAM_GB]
+    trial = study.ask()
+    study.tell(trial, [1.0, 2.0])
+    assert list(study.trials_dataframe(multi_index=True)["values"].keys()) == [EVAL_LOSS, PEAK_VRAM_GB]
+
+
+def test_the_searcher_names_the_study_objectives(tmp_path: Path) -> None:
+    """Where the study is created (the searcher): optuna-dashboard says eval_loss, not Objective 0."""
+    import optuna
+
+    from sweep.study import SweepSearch
+    from sweep.trials import Ledger
+
+    for body, names in ((MINIMAL, [EVAL_LOSS]), (MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 2, objectives: [{eval_loss: min}, {peak_vram_gb: min}]}"), [EVAL_LOSS, PEAK_VRAM_GB])):
+        folder = tmp_path / str(len(names))
+        folder.mkdir()
+        cfg = load_config(write_space(folder, body))
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
+            SweepSearch(cfg, storage, Ledger())
+        assert optuna.load_study(study_name="t", storage=storage).metric_names == names
+        assert sqlite3.connect(folder / "optuna.db").execute("SELECT count(*) FROM studies").fetchone() == (1,)
