@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import ERROR, FINAL_METRICS, HISTORY, LEARNING_RATE, STATUS, STEP, STEP_METRICS, TRAIN_LOSS, TrialStatus, finite, missing_objectives
+from core.contract import ERROR, LEARNING_RATE, STATUS, STEP, STEP_METRICS, TRAIN_LOSS, TrialStatus, finite, missing_objectives
 from core.request import TrialRequest
 from core.schema import COHORT_AUTO_CPU
 
@@ -337,31 +337,12 @@ class StudySource:
         return bool(trial.should_prune())
 
     def _log_metrics(self, task: Any, result: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+        from sweep.tracking import log_report
 
         run_id = self._runs.get(task.label)
         if run_id is None:
             return
-        now = int(time.time() * 1000)
-        logged = self._logged.setdefault(run_id, {})
-        metrics = []
-
-        def add(name: str, value: Any, at: int) -> None:
-            if finite(value) and at not in logged.setdefault(name, set()):
-                logged[name].add(at)
-                metrics.append(Metric(name, float(value), now, at))
-
-        for h_step, loss, lr in result.get(HISTORY) or []:
-            add(TRAIN_LOSS, loss, int(h_step))
-            add(LEARNING_RATE, lr, int(h_step))
-        for record in result.get("evals_replay") or []:
-            for key in STEP_METRICS:
-                add(key, record.get(key), int(record[STEP]))
-        step = int(result.get(STEP, 0))
-        for key in (*STEP_METRICS, *FINAL_METRICS, MEMBER_SHARE):
-            add(key, result.get(key), step)
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 500])
+        log_report(self.client, run_id, self._logged.setdefault(run_id, {}), result, extra=(MEMBER_SHARE,))
 
     def end(self, task: Any, metrics: dict[str, Any]) -> None:
         import optuna

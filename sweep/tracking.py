@@ -141,6 +141,33 @@ class SweepRun:
         self.client.set_terminated(self.run_id, status)
 
 
+def log_report(client: Any, run_id: str, logged: dict[str, set[int]], result: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    """One trial report into its MLflow run: the train-loss history, replayed evals, and this
+    report's metrics (plus `extra` names) at its step. Each (metric, step) once (`logged` remembers
+    them), also when a resumed trial re-sends what it logged before."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+
+    def add(name: str, value: Any, at: int) -> None:
+        if finite(value) and at not in logged.setdefault(name, set()):
+            logged[name].add(at)
+            metrics.append(Metric(name, float(value), now, at))
+
+    for h_step, loss, lr in result.get(HISTORY) or []:
+        add(TRAIN_LOSS, loss, int(h_step))
+        add(LEARNING_RATE, lr, int(h_step))
+    for record in result.get("evals_replay") or []:
+        for key in STEP_METRICS:
+            add(key, record.get(key), int(record[STEP]))
+    step = int(result.get(STEP, 0))
+    for key in (*STEP_METRICS, *FINAL_METRICS, *extra):
+        add(key, result.get(key), step)
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
+
+
 class TrialRuns(Callback):
     """Tune callback: a child run per trial, metrics by step, trial_status on the way out.
 
@@ -210,34 +237,10 @@ class TrialRuns(Callback):
         self.sweep.log_params(run_id, {k: param_value(v) for k, v in config.items() if k not in have})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
-
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        now = int(time.time() * 1000)
-        step = int(result.get(STEP, 0))
-        logged = self._logged.setdefault(run_id, {})
-        metrics = []
-
-        def add(name: str, value: Any, at: int) -> None:
-            # each (metric, step) once, also when a resumed trial re-sends what it logged before
-            if finite(value) and at not in logged.setdefault(name, set()):
-                logged[name].add(at)
-                metrics.append(Metric(name, float(value), now, at))
-
-        for h_step, loss, lr in result.get(HISTORY) or []:
-            add(TRAIN_LOSS, loss, int(h_step))
-            add(LEARNING_RATE, lr, int(h_step))
-        for record in result.get("evals_replay") or []:
-            for key in STEP_METRICS:
-                add(key, record.get(key), int(record["step"]))
-        for key in STEP_METRICS:
-            add(key, result.get(key), step)
-        for key in FINAL_METRICS:
-            add(key, result.get(key), step)
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[i : i + 500])
+        log_report(self.client, run_id, self._logged.setdefault(run_id, {}), result)
         derived = result.get("derived")
         if derived and trial.trial_id not in self._logged_derived:
             self._logged_derived.add(trial.trial_id)
