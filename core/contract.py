@@ -43,14 +43,17 @@ FINAL_STATUSES = (
 STEP = "step"  # optimizer steps done
 STATUS = "trial_status"  # a TrialStatus
 ERROR = "error"  # what went wrong (oom, nan), as text
-HISTORY = "history"  # [[step, train_loss, learning_rate], ...] since the previous report
+HISTORY = "history"  # [[step, train_loss, lr], ...] since the previous report
 
 # ----------------------------------------------------------------------------------------------
 # metric names (MLflow metrics; any of OBJECTIVE_METRICS may be the search metric)
 
 EVAL_LOSS = "eval_loss"
 TRAIN_LOSS = "train_loss"
-LEARNING_RATE = "learning_rate"
+# The scheduled learning rate at a step. Not "learning_rate": that is the hyperparameter (the
+# peak), an MLflow param, and a metric of the same name hid it in the runs table behind its last
+# scheduled value (3.6e-6 for a peak of 5e-3).
+LEARNING_RATE = "lr"
 TOKENS_PER_SEC = "tokens_per_sec"  # all non-padding input tokens per second of training
 LOSS_TOKENS_PER_SEC = "loss_tokens_per_sec"  # reply tokens (the ones that carry loss) only
 PEAK_VRAM_GB = "peak_vram_gb"  # torch.cuda.max_memory_allocated
@@ -61,11 +64,13 @@ LOAD_SECONDS = "load_seconds"
 ESTIMATED_VRAM_GB = "estimated_vram_gb"  # placement's estimate (a param of a launched trial, a metric of an infeasible one)
 
 OBJECTIVE_METRICS = (EVAL_LOSS, TRAIN_LOSS, TOKENS_PER_SEC, PEAK_VRAM_GB, PEAK_RSS_GB)
-# logged by step at every report (train_loss and learning_rate come from HISTORY instead)
+# logged by step at every report (train_loss and lr come from HISTORY instead)
 STEP_METRICS = (EVAL_LOSS, TOKENS_PER_SEC, LOSS_TOKENS_PER_SEC, PEAK_VRAM_GB, PEAK_VRAM_RESERVED_GB, PEAK_RSS_GB)
 FINAL_METRICS = (TRAIN_SECONDS, LOAD_SECONDS)
 # one row per trial in `status`, `report` and `best`
 ROW_METRICS = (EVAL_LOSS, TRAIN_LOSS, TOKENS_PER_SEC, PEAK_VRAM_GB, PEAK_VRAM_RESERVED_GB, PEAK_RSS_GB, TRAIN_SECONDS, LOAD_SECONDS)
+# metric names earlier versions wrote -> today's; whatever reads metrics back maps them (metric_name)
+LEGACY_METRICS = {"learning_rate": LEARNING_RATE}
 
 # ----------------------------------------------------------------------------------------------
 # what the driver adds to a trial's Tune config beside the hyperparameters (see core.request)
@@ -74,6 +79,11 @@ GPU_SHARE = "gpu_share"  # the fraction of a GPU the trial asked Ray for
 GPU_IDS = "gpu_ids"  # the GPU(s) Ray gave it (a param the trial logs)
 PLACEMENT_KEYS = (GPU_SHARE, ESTIMATED_VRAM_GB)  # logged as params, never hyperparameters
 RESUME_CHECKPOINT = "resume_checkpoint"  # a resumed or retried trial continues from this folder
+
+
+def metric_name(name: str) -> str:
+    """Today's name of a metric read back from MLflow (a sweep written before a rename too)."""
+    return LEGACY_METRICS.get(name, name)
 
 
 def finite(value: Any) -> bool:

@@ -33,7 +33,7 @@ learns the boundary. The model's profile comes from the driver (trainable.model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core import rules
@@ -317,11 +317,11 @@ def cohort_estimate(profile: ModelProfile, members: list[TrialShape], checkpoint
     return Estimate(parts)
 
 
-def member_share(profile: ModelProfile, member: TrialShape, members: list[TrialShape]) -> float:
+def member_share(profile: ModelProfile, member: TrialShape, members: list[TrialShape], checkpointing: bool | None = None) -> float:
     """Bytes of a cohort's estimate that one member accounts for: its own adapter, its share of
     the activations (by its tokens), and an equal share of what the members hold in common (the
     base weights, the loss chunk, overhead). The shares of all members add up to the estimate."""
-    total = cohort_estimate(profile, members)
+    total = cohort_estimate(profile, members, checkpointing)
     own = cohort_estimate(profile, [member]).parts["adapter"]
     tokens = sum(m.micro_batch * m.seq_len for m in members) or 1
     common = sum(v for k, v in total.parts.items() if k not in ("adapter", "activations"))
@@ -341,19 +341,38 @@ class CohortBudget:
     attn: str = "sdpa"
     loss: str = "chunked"
 
+    fold_tokens: int = rules.COHORT_FOLD_TOKENS
+
     def shape(self, sampled: dict[str, Any]) -> TrialShape:
-        # a cohort trains frozen embeddings only, and its own chunked loss
-        return trial_shape({**self.fixed, **sampled}, self.max_seq_len, self.profile.text, "frozen", self.gpu_bytes, self.attn, "chunked")
+        # a cohort trains frozen embeddings only, with its own chunked loss, and runs as many of a
+        # member's micro-batches in one forward as rules.cohort_fold allows: those are its rows
+        hyper = {**self.fixed, **sampled}
+        shape = trial_shape(hyper, self.max_seq_len, self.profile.text, "frozen", self.gpu_bytes, self.attn, "chunked")
+        micro, accum = hyper["batch"]
+        return replace(shape, micro_batch=micro * rules.cohort_fold(int(micro), int(accum), self.max_seq_len, self.fold_tokens))
+
+    def checkpointing(self, members: list[dict[str, Any]]) -> bool:
+        """Whether these members train with gradient checkpointing: as configured, or (auto) only
+        when they do not fit the GPU share without it. The cohort decides for all its members and
+        re-decides as they come and go (trainable/cohort_worker.py), by this same rule."""
+        setting = self.fixed.get("gradient_checkpointing", "auto")
+        if setting != "auto":
+            return bool(setting)
+        return self.gpu_bytes is not None and self._need(members, False) > self.gpu_bytes
+
+    def _need(self, members: list[dict[str, Any]], checkpointing: bool) -> float:
+        return cohort_estimate(self.profile, [self.shape(m) for m in members], checkpointing).total * (1 + self.margin) + CONTEXT_BYTES
 
     def need(self, members: list[dict[str, Any]]) -> float:
-        """Bytes the worker's GPU share must hold for these members: estimate, margin, context."""
-        return cohort_estimate(self.profile, [self.shape(m) for m in members]).total * (1 + self.margin) + CONTEXT_BYTES
+        """Bytes the worker's GPU share must hold for these members (with checkpointing as
+        `checkpointing` decides): estimate, margin, context."""
+        return self._need(members, self.checkpointing(members))
 
     def fits(self, members: list[dict[str, Any]]) -> bool:
         return self.gpu_bytes is None or self.need(members) <= self.gpu_bytes
 
     def share_gb(self, member: dict[str, Any], members: list[dict[str, Any]]) -> float:
-        return member_share(self.profile, self.shape(member), [self.shape(m) for m in members]) / GB
+        return member_share(self.profile, self.shape(member), [self.shape(m) for m in members], self.checkpointing(members)) / GB
 
     def size(self, member: dict[str, Any]) -> float:
         """A member's own bytes in any cohort (adapter + its activations): whom an OOM sheds first."""

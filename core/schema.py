@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, StringConstraints, model_validator
 
 from core.contract import OBJECTIVE_METRICS as METRICS
 from core.rules import TARGET_MODULES, TARGET_PRESETS
@@ -19,6 +19,7 @@ TINY_MODEL = "tiny-gemma3"
 TINY_VISION_MODEL = "tiny-gemma3-vision"  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
 TINY_MODELS = (TINY_MODEL, TINY_VISION_MODEL)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a sweep's `name`: letters, digits, '.', '_', '-'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +48,8 @@ def _batch(value: Any) -> Any:
     raise ValueError("expected [micro_batch, accumulation], two positive integers, e.g. [4, 8]")
 
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+_DURATION_TEXT = r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$"
+_DURATION = re.compile(_DURATION_TEXT)
 
 
 def parse_duration(value: Any) -> float | None:
@@ -68,9 +70,17 @@ def parse_duration(value: Any) -> float | None:
     raise ValueError("expected a duration like 8h, 1h30m, 45m, 90s, or a number of seconds")
 
 
-TargetModules = Annotated[Union[str, tuple[str, ...]], BeforeValidator(_target_modules)]
-Batch = Annotated[tuple[int, int], BeforeValidator(_batch)]
-Duration = Annotated[Union[float, None], BeforeValidator(parse_duration)]
+# Each BeforeValidator names what a file may hold (json_schema_input_type): the JSON Schema of a
+# space file (search_spaces/space.schema.json, for editors) shows that, not the normalised type.
+TargetModules = Annotated[
+    Union[str, tuple[str, ...]],
+    BeforeValidator(_target_modules, json_schema_input_type=Union[Literal[TARGET_PRESETS], Annotated[list[str], Field(min_length=1)]]),
+]
+Batch = Annotated[tuple[int, int], BeforeValidator(_batch, json_schema_input_type=tuple[PositiveInt, PositiveInt])]
+Duration = Annotated[
+    Union[float, None],
+    BeforeValidator(parse_duration, json_schema_input_type=Union[Annotated[float, Field(gt=0)], Annotated[str, StringConstraints(pattern=_DURATION_TEXT)], None]),
+]
 
 
 class Section(BaseModel):
@@ -86,7 +96,7 @@ def _switch(value: Any) -> Any:
     raise ValueError("expected on, off or auto")
 
 
-Switch = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_switch)]
+Switch = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_switch, json_schema_input_type=Union[bool, Literal["auto", "on", "off"]])]
 
 
 class ModelSection(Section):
@@ -204,7 +214,7 @@ class ResourcesSection(Section):
     cpus_per_trial: float = Field(1, gt=0, description="CPU cores per trial, > 0")
     gpu_memory_gb: float | Literal["auto"] = Field("auto", description="memory of one GPU for auto placement: auto (read from a GPU of the cluster) or GB, > 0")
     memory_margin: float = Field(0.2, ge=0, le=2, description="safety margin on the memory estimate for auto placement, 0..2 (0.2 = +20%)")
-    cohort: Annotated[Union[Literal["off", "auto"], int], BeforeValidator(_cohort)] = Field(
+    cohort: Annotated[Union[Literal["off", "auto"], int], BeforeValidator(_cohort, json_schema_input_type=Union[Literal["off", "auto", False], PositiveInt])] = Field(
         "off", description="off (one trial per worker), auto (as many trials per worker as its GPU memory fits; 4 on a CPU) or N >= 1 (up to N trials training together on one loaded base model)"
     )
 

@@ -1,11 +1,11 @@
-"""python -m sweep {validate,run,submit,resume,status,stop,report,best,estimate,list} ...   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,train,submit,resume,status,stop,report,best,estimate,list,schema} ...   (argv -> subcommands; no logic)
 (installed, the same CLI is the `lora-sweep` command)
 
 `--json` (validate, status, best, estimate, list): one JSON document on stdout and nothing else;
 errors still go to stderr with the exit codes below.
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid, or a folder, the
-cluster or a sweep's store fails its check (nothing was started or changed); 1 the sweep itself failed; 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM: trials checkpointed
+cluster or a sweep's store fails its check (nothing was started or changed); 1 the sweep itself failed (train: its trial did); 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM: trials checkpointed
 and stopped, `resume` continues.
 """
 
@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
     r.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
     r.add_argument("--sweep-dir", default=None, help="the new sweep's folder (must not exist; default RESULTS_DIR/NAME-TIMESTAMP)")
+    t = sub.add_parser("train", help="train one configuration to completion: a one-trial sweep (searched dimensions pinned, e.g. train.lora_r=16)")
+    t.add_argument("space", help="the space.yaml file (e.g. the one `best --export` writes)")
+    t.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values; train.K=V pins a searched K, e.g. train.lora_r=16 train.max_steps=2000")
+    t.add_argument("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--sweep-dir", default=None, help="its folder (must not exist; default RESULTS_DIR/NAME-TIMESTAMP); resume it with `resume DIR`")
     j = sub.add_parser("submit", help="send the sweep to a Ray cluster as a Ray job (it runs on without this machine)")
     j.add_argument("space", help="the space.yaml file")
     j.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. tracking.results_dir=/shared/sweeps")
@@ -78,17 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
     s.add_argument("--address", default=None, help="for a submitted sweep: the head node's dashboard URL")
     s.add_argument("--json", action="store_true", help=JSON_HELP + " (a sweep folder on this machine)")
+    s.add_argument("--watch", nargs="?", type=float, const=WATCH_EVERY, default=None, metavar="SECONDS",
+                   help=f"a table of the trials (status, step, eval loss, tokens/s, memory, time left), redrawn every SECONDS (default {WATCH_EVERY:g}) until the sweep's driver ends; Ctrl-C leaves")  # fmt: skip
     s = sub.add_parser("stop", help="running trials checkpoint and stop; the sweep can be resumed")
     s.add_argument("sweep_dir", help="the sweep's results folder" + on_cluster)
     s.add_argument("--address", default=None, help="for a submitted sweep: the head node's dashboard URL")
     s.add_argument("--wait", type=float, default=600, metavar="SECONDS", help="how long to wait for the driver to stop (default 600)")
     s = sub.add_parser("report", help="an HTML report with plots of a sweep (also logged to its MLflow parent run)")
     s.add_argument("sweep_dir", help="the sweep's results folder")
-    s = sub.add_parser("best", help="the best trial (under constraints); export its config and adapter")
+    s = sub.add_parser("best", help="the best trial (under constraints); export it ready for inference (adapter, model card, generation config)")
     s.add_argument("sweep_dir", help="the sweep's results folder")
-    s.add_argument("--where", default=None, metavar="CONSTRAINTS", help='e.g. "peak_vram_gb<=20, eval_loss<2.5"')
-    s.add_argument("--export", default=None, metavar="DIR", help="write the ready-to-run space file, the adapter (PEFT format) and a README here")
+    s.add_argument("--where", default=None, metavar="CONSTRAINTS",
+                   help='metrics the sweep recorded and hyperparameters, e.g. "peak_vram_gb<=20, eval_loss<2.5" or "lora_r<=16 and method==qlora"')
+    s.add_argument("--export", default=None, metavar="DIR",
+                   help="write an export ready for inference here: the adapter (PEFT format) with its tokenizer and a generation config "
+                        "that stops at <end_of_turn>, a model card (README.md) and the ready-to-run space file")  # fmt: skip
     s.add_argument("--merge", action="store_true", help="with --export: also the base model with the adapter merged in")
+    s.add_argument("--log-model", action="store_true", help=LOG_MODEL_HELP)
     s.add_argument("--json", action="store_true", help=JSON_HELP)
     e = sub.add_parser("estimate", help="predicted peak GPU memory: the corners of a space, or each trial of a finished sweep")
     e.add_argument("space", metavar="SPACE.yaml|SWEEP_DIR", help="a space file, or a sweep's results folder")
@@ -98,10 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="the sweeps of a results folder: state, trials by status, best value, started, elapsed")
     s.add_argument("results_dir", nargs="?", default="sweeps", metavar="RESULTS_DIR", help="the results folder (default: ./sweeps)")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
+    sub.add_parser("schema", help="print the JSON Schema of a space file (for editors; search_spaces/space.schema.json is a copy)")
     return p
 
 
 JSON_HELP = "print one JSON document on stdout instead of the text"
+WATCH_EVERY = 5.0  # s: `status --watch` without a number
+LOG_MODEL_HELP = (
+    "with --export: also log the export folder (adapter, tokenizer, generation config, model card, space file) as artifacts of the "
+    "trial's MLflow run, under export/; plain artifacts, not an MLflow model (mlflow's transformers flavour did not round-trip "
+    "a PEFT adapter of a local base model offline)"
+)
 
 
 def _quiet(line: str) -> None:
@@ -139,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
     as_json = getattr(args, "json", False)
     write = _quiet if as_json else say
+    if args.command == "schema":
+        from sweep.space_schema import schema_text
+
+        print(schema_text(), end="", flush=True)
+        return 0
     if args.command == "list":
         from sweep.listing import list_sweeps
 
@@ -154,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 
         address = args.address or os.environ.get("RAY_ADDRESS")
         if is_job_address(address):
-            if as_json:
-                print("--json: not available for a submitted sweep; run `status` on its folder where it is (e.g. on the head node)", file=sys.stderr)
+            if as_json or getattr(args, "watch", None) is not None:
+                flag = "--json" if as_json else "--watch"
+                print(f"{flag}: not available for a submitted sweep; run `status` on its folder where it is (e.g. on the head node)", file=sys.stderr)
                 return EXIT_INVALID
             return _submitted_command(args, address)
     if args.command in ("resume", "status", "stop", "report", "best"):
@@ -175,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if as_json:
             print_json({"sweep_dir": str(Path(args.space).resolve()), "gpu_memory_gb": gpu / 2**30 if gpu else None, "trials": rows})
         return 0
+    if args.command == "train":
+        return _train(args)
     try:
         cfg = load_config(args.space, args.overrides)
     except ConfigError as exc:
@@ -246,6 +272,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """`train`: one configuration as a one-trial sweep (sweep/single.py)."""
+    from pathlib import Path
+
+    from sweep.config import ConfigError
+    from sweep.single import exit_code, load_one, train_one
+
+    try:
+        cfg = load_one(args.space, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    from sweep.run import Interrupted
+    from trainable.data import DataError
+
+    try:
+        status = train_one(cfg, address=args.address, log=say, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None)
+    except (ConfigError, DataError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    except Interrupted as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted before training started; a folder printed above resumes with `python -m sweep resume DIR`", file=sys.stderr)
+        return EXIT_SIGINT
+    return exit_code(status)
+
+
 def _submitted_command(args: argparse.Namespace, address: str) -> int:
     """status / stop / resume of a sweep submitted as a Ray job (its folder is on the cluster)."""
     from sweep.config import ConfigError
@@ -273,7 +327,17 @@ def _folder_command(args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
     write = _quiet if as_json else say
     try:
-        if args.command == "status":
+        if args.command == "status" and args.watch is not None:
+            from sweep.watch import watch
+
+            if as_json:
+                print("--watch and --json: give one; --json prints the status once", file=sys.stderr)
+                return EXIT_INVALID
+            if args.watch <= 0:
+                print(f"--watch {args.watch:g}: expected a number of seconds > 0 between redraws, e.g. --watch 10", file=sys.stderr)
+                return EXIT_INVALID
+            watch(folder, args.watch)
+        elif args.command == "status":
             from sweep.status import sweep_status
 
             info = sweep_status(folder, write)
@@ -292,7 +356,7 @@ def _folder_command(args: argparse.Namespace) -> int:
 
             info: dict[str, Any] = {}
             try:
-                found = best(folder, args.where, Path(args.export) if args.export else None, args.merge, write, info)
+                found = best(folder, args.where, Path(args.export) if args.export else None, args.merge, write, info, log_model=args.log_model)
             except (ValueError, FileExistsError) as exc:
                 print(exc, file=sys.stderr)
                 return EXIT_INVALID
@@ -301,9 +365,11 @@ def _folder_command(args: argparse.Namespace) -> int:
             return 0 if found else 1
         else:
             from sweep.run import Interrupted, resume_sweep
+            from sweep.single import after_resume
 
             try:
-                resume_sweep(folder, address=args.address, log=say)
+                result = resume_sweep(folder, address=args.address, log=say)
+                return after_resume(folder, result, say)  # a folder made by `train`: its adapter
             except Interrupted as exc:
                 return exc.exit_code
             except KeyboardInterrupt:

@@ -560,6 +560,26 @@ def _progress(log: Callable[[str], None]) -> Any:
     return CohortProgress()
 
 
+def plan_workers(setting: str | int, gpu_share: bool, fit: int, trials: int, max_concurrent: str | int, methods: int) -> tuple[int, int]:
+    """(workers, members each holds at once) for `trials` trials when `fit` workers fit the cluster.
+
+    auto with a GPU share to fill: one worker per GPU (up to one per trial), each holding at once
+    its fair share of the trials, up to what memory admits: one worker taking every trial would
+    leave the other GPUs idle (issue 17). A worker still takes more as its members end (continuous
+    cohorts), so no GPU waits on another. A number: that many members per worker, as few workers
+    as hold every trial. Every method (lora, qlora) gets at least one worker."""
+    trials = max(1, trials)
+    capacity = int(setting) if setting != "auto" else (COHORT_AUTO_GPU_LIMIT if gpu_share else COHORT_AUTO_CPU)
+    if setting == "auto" and gpu_share:
+        wanted = min(max(1, fit), trials)
+        capacity = min(capacity, math.ceil(trials / wanted))
+    else:
+        wanted = math.ceil(trials / capacity)
+    if max_concurrent != "auto":
+        wanted = min(wanted, math.ceil(int(max_concurrent) / capacity))
+    return max(methods, min(max(1, fit), wanted)), capacity
+
+
 @dataclass
 class CohortPlan:
     """How many cohort workers, what each asks Ray for, and the source their trials come from."""
@@ -601,15 +621,11 @@ class CohortPlan:
                 gpu_bytes = gpus * cfg.resources.gpu_memory_gb * 2**30
         cohort_budget = CohortBudget(profile=profile, max_seq_len=cfg.data.max_seq_len, fixed=fixed, gpu_bytes=gpu_bytes,
                                      margin=cfg.resources.memory_margin, attn=cfg.train.attn_implementation)  # fmt: skip
-        capacity = int(setting) if setting != "auto" else (COHORT_AUTO_GPU_LIMIT if gpu_bytes else COHORT_AUTO_CPU)
         methods = methods_of(cfg)
         fit = math.floor(float(total.get("CPU", 0)) / resources.cpus) if resources.cpus else 1
         if gpus > 0:
             fit = min(fit, math.floor(cluster_gpus / gpus))
-        wanted = math.ceil(max(1, budget + len(resume)) / capacity)
-        if cfg.search.max_concurrent != "auto":
-            wanted = min(wanted, math.ceil(int(cfg.search.max_concurrent) / capacity))
-        n = max(len(methods), min(max(1, fit), wanted))
+        n, capacity = plan_workers(setting, bool(gpu_bytes), fit, budget + len(resume), cfg.search.max_concurrent, len(methods))
         workers = [{"worker": i, "method": methods[i % len(methods)]} for i in range(n)]
 
         # the files workers share: a fresh queue, holding the trials this driver continues
@@ -635,7 +651,7 @@ class CohortPlan:
         return plan
 
     def describe(self) -> str:
-        limit = f"up to {self.capacity}" if self.source.judge is None else "as many as its GPU's memory fits"
+        limit = f"up to {self.capacity}" if self.source.judge is None else f"up to {self.capacity} (as many as its GPU's memory fits)"
         gpu = f"{self.gpus:g} GPU + " if self.gpus else ""
         text = f"cohorts: {len(self.workers)} worker(s) of {gpu}{self.cpus:g} CPU, each training {limit} trials on one base model"
         methods = sorted({w["method"] for w in self.workers})

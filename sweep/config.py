@@ -19,6 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from core.schema import (  # noqa: F401 - the sections and constants, importable from here as before
     DATA_SUFFIXES,
     METRICS,
+    NAME_PATTERN,
     SEARCHABLE,
     SECTIONS,
     TARGET_MODULES,
@@ -385,7 +386,7 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
             problems.append(f"{key}: required; see search_spaces/demo.yaml for a complete example")
 
     name = raw.get("name")
-    if "name" in raw and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name)):
+    if "name" in raw and not (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name)):
         problems.append(f"name: got {name!r}; expected letters, digits, '.', '_' or '-' (up to 100), starting with a letter or digit")
 
     sections: dict[str, Any] = {}

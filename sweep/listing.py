@@ -1,9 +1,10 @@
 """`python -m sweep list [RESULTS_DIR]`: every sweep in a results folder, one line each (or one
 JSON document): its state, trials by status, best value, when it started and how long it ran.
 
-Cheap: it reads sweep.json and the study, never MLflow, and loads no space file unless a store
-URL needs a secret that sweep.json holds only redacted. A folder it cannot read is listed with
-its problem; one sweep's trouble never hides the others.
+Cheap: it reads sweep.json and the study (a sqlite study straight from its file: sweep.studyfile),
+never MLflow, and loads no space file unless a store URL needs a secret that sweep.json holds only
+redacted. A folder it cannot read is listed with its problem; one sweep's trouble never hides the
+others.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import EVAL_LOSS, STATUS, TrialStatus
+from core.contract import EVAL_LOSS, TrialStatus
 from sweep.sweepdir import META, driver, read_meta
 
 Write = Callable[[str], None]
@@ -68,35 +69,31 @@ def describe(folder: Path) -> dict[str, Any]:
 
 
 def _read_study(folder: Path, meta: dict[str, Any], entry: dict[str, Any]) -> None:
-    import optuna
-
     from sweep.checks import sqlite_file
+    from sweep.status import trial_status
+    from sweep.studyfile import read_study
 
     storage = _storage(folder, meta)
     path = sqlite_file(storage)
     if path is not None and not path.is_file():
         entry["problem"] = f"its study is missing ({path})"  # optuna would create an empty one
         return
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=meta["study_name"], storage=storage)
+    study = read_study(storage, meta["study_name"])
     if study.metric_names:
         entry["metric"] = study.metric_names[0]
-    minimize = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
+    live = driver(folder) is not None
     counts: dict[str, int] = {}
     best = None
-    for t in study.get_trials(deepcopy=False):
-        if "warm_start_from" in t.user_attrs:
-            continue  # a previous sweep's trial, told to this study's sampler
-        status = str(t.user_attrs.get(STATUS) or _STATES.get(t.state.name, t.state.name.lower()))
+    for t in study.trials:
+        status = trial_status(t, live)
+        if status is None:
+            continue  # a previous sweep's trial, told to this study's sampler; or one never launched
         counts[status] = counts.get(status, 0) + 1
-        if t.state == optuna.trial.TrialState.COMPLETE and t.values and status == TrialStatus.COMPLETED:
+        if t.state == "COMPLETE" and t.values and status == TrialStatus.COMPLETED:
             value = t.values[0]
-            if best is None or (value < best if minimize else value > best):
+            if best is None or (value < best if study.minimize else value > best):
                 best = value
     entry.update(trials=counts, best=best)
-
-
-_STATES = {"COMPLETE": TrialStatus.COMPLETED, "FAIL": TrialStatus.FAILED, "PRUNED": TrialStatus.PRUNED, "RUNNING": TrialStatus.RUNNING}  # a trial without a status attribute
 
 
 def _storage(folder: Path, meta: dict[str, Any]) -> str:

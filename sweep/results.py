@@ -1,16 +1,17 @@
 """A sweep's results, read back from its study and MLflow: one row per trial, the Pareto set of a
-multi-objective sweep, and the best trial under constraints (`--where "peak_vram_gb<=20"`)."""
+multi-objective sweep, and the best trial under constraints (`--where "peak_vram_gb<=20, method==qlora"`)."""
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus
-from sweep.config import METRICS, SweepConfig
+from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus, metric_name
+from sweep.config import SEARCHABLE, SweepConfig
 from sweep.trials import finite, summary
 
 
@@ -50,9 +51,11 @@ def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, An
             "params": t.params,
             "summary": summary({**fixed, **config}),
             "error": run.data.tags.get("error"),
+            "hyper": hyperparameters({**fixed, **config}),
+            "metrics": {metric_name(k): v for k, v in run.data.metrics.items()},  # an old sweep's names read as today's
         }
         for key in ROW_METRICS:
-            row[key] = run.data.metrics.get(key)
+            row[key] = row["metrics"].get(key)
         out.append(row)
     return out
 
@@ -82,31 +85,101 @@ def pareto(rows_: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
     return front
 
 
-_CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+# the hyperparameters a trial ran with: every searchable one, and the batch's parts
+DERIVED = ("micro_batch", "grad_accum", "effective_batch")
+TEXT = ("method", "target_modules", "batch", "lr_scheduler", "optimizer", "gradient_checkpointing")  # compared with == / != only
+
+
+def hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's hyperparameters (fixed and sampled) as --where compares them: numbers, or text as
+    trial names write it (target_modules q_proj+v_proj, batch 4x8, gradient_checkpointing on)."""
+    out: dict[str, Any] = {}
+    for name in SEARCHABLE:
+        if name not in values:
+            continue
+        value = values[name]
+        if name == "batch":
+            micro, accum = value
+            out.update(batch=f"{micro}x{accum}", micro_batch=micro, grad_accum=accum, effective_batch=micro * accum)
+        elif isinstance(value, bool):
+            out[name] = "on" if value else "off"
+        elif isinstance(value, tuple | list):
+            out[name] = "+".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+Constraint = tuple[str, str, float | str]  # (name, comparison, number or text)
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq, "!=": operator.ne}
+_CONSTRAINT = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*([<>=!~]+)\s*([A-Za-z0-9_.+\-/]+)\s*$")
+_NUMBER = re.compile(r"^-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?$")
+WHERE_HELP = (
+    "NAME OP VALUE, joined by ',' or 'and': a metric (peak_vram_gb<=20, eval_loss<2.5) "
+    "or a hyperparameter (lora_r<=16, method==qlora, target_modules==all-linear, batch==4x8)"
+)
 
 
-def parse_where(text: str | None) -> list[tuple[str, str, float]]:
-    """'peak_vram_gb<=20, eval_loss<2.5' (or joined by 'and') -> constraints; a clear error otherwise.
-    Parsed, never evaluated: only a metric, a comparison and a number."""
+def parse_where(text: str | None) -> list[Constraint]:
+    """'peak_vram_gb<=20, method==qlora' (or joined by 'and') -> constraints; a clear error otherwise.
+    Parsed, never evaluated: a name, a comparison and a number or a word. Whether the name is one
+    of the sweep's metrics or hyperparameters is checked against the sweep (check_where)."""
     if not text:
         return []
-    out = []
+    out: list[Constraint] = []
     for part in re.split(r",|\band\b", text):
         if not part.strip():
             continue
         match = _CONSTRAINT.match(part)
-        if not match or match.group(1) not in METRICS:
-            raise ValueError(f"--where: cannot read {part.strip()!r}; expected METRIC OP NUMBER, e.g. peak_vram_gb<=20, with a metric among {', '.join(METRICS)}")
-        out.append((match.group(1), match.group(2), float(match.group(3))))
+        if not match:
+            raise ValueError(f"--where: cannot read {part.strip()!r}; expected {WHERE_HELP}")
+        name, op, value = match.groups()
+        if op not in _OPS:
+            raise ValueError(f"--where {part.strip()!r}: unknown comparison {op!r}; use one of {', '.join(_OPS)} (== for equality)")
+        out.append((name, op, float(value) if _NUMBER.match(value.lower()) else value))
     return out
 
 
-def satisfies(row: dict, constraints: list[tuple[str, str, float]]) -> bool:
-    return all(finite(row.get(m)) and _OPS[op](row[m], value) for m, op, value in constraints)
+def check_where(constraints: list[Constraint], rows_: list[dict]) -> None:
+    """Each constraint names a metric this sweep recorded or a hyperparameter, and compares it the
+    way its values can be compared; otherwise a ValueError that lists what exists."""
+    recorded = sorted({k for r in rows_ for k in r.get("metrics", {})})
+    hyper = [*SEARCHABLE, *DERIVED]
+    for name, op, value in constraints:
+        said = f"--where {name}{op}{value if isinstance(value, str) else f'{value:g}'}"
+        if name in hyper:
+            if name in TEXT and op not in ("==", "!="):
+                raise ValueError(f"{said}: {name} is text (as in the trial names); compare it with == or !=")
+            if name not in TEXT and isinstance(value, str):
+                raise ValueError(f"{said}: {name} is a number; got {value!r}")
+        elif name not in recorded and recorded:
+            close = difflib.get_close_matches(name, [*recorded, *hyper], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{said}: {name} is neither a metric this sweep recorded nor a hyperparameter{hint}; use one of "
+                             f"its metrics: {', '.join(recorded)}; or hyperparameters: {', '.join(hyper)}")  # fmt: skip
+        elif isinstance(value, str):
+            raise ValueError(f"{said}: {name} is a number; got {value!r}")
 
 
-def choose(rows_: list[dict], cfg: SweepConfig, constraints: list[tuple[str, str, float]]) -> dict | None:
+def value_of(row: dict, name: str) -> Any:
+    """A trial's hyperparameter or metric by name (a hyperparameter first: learning_rate is the peak)."""
+    if name in row.get("hyper", {}):
+        return row["hyper"][name]
+    return row.get("metrics", {}).get(name, row.get(name))
+
+
+def _holds(have: Any, op: str, want: float | str) -> bool:
+    if isinstance(want, str) or isinstance(have, str):
+        text = want if isinstance(want, str) else f"{want:g}"
+        return have is not None and _OPS[op](str(have), text)
+    return finite(have) and _OPS[op](have, want)
+
+
+def satisfies(row: dict, constraints: list[Constraint]) -> bool:
+    return all(_holds(value_of(row, name), op, value) for name, op, value in constraints)
+
+
+def choose(rows_: list[dict], cfg: SweepConfig, constraints: list[Constraint]) -> dict | None:
     """The best completed trial that meets the constraints: by the (first) objective; in a
     multi-objective sweep, among the Pareto set of the trials that meet them."""
     ok = [r for r in rows_ if r["status"] == TrialStatus.COMPLETED and satisfies(r, constraints)]

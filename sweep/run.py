@@ -373,8 +373,9 @@ class Interrupt:
             pass
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None) -> SweepResult:
-    """A new sweep: preflight, a new results folder and parent run, then the trials."""
+def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None, command: str = "run") -> SweepResult:
+    """A new sweep: preflight, a new results folder and parent run, then the trials. `command`
+    (run, or train for one configuration: sweep.single) is recorded in sweep.json."""
     from sweep.checks import before_start, quote
     from sweep.secrets import redact
     from sweep.sweepdir import write_meta
@@ -406,6 +407,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sw
             "started": datetime.now().isoformat(timespec="seconds"),
             "elapsed_seconds": 0.0,
             "state": "running",
+            "command": command,
         }
         write_meta(sweep_dir, meta)
         log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
@@ -603,6 +605,7 @@ class Sweep:
             max_concurrent_trials=None if cfg.search.scheduler.type == "hyperband" else resources.concurrent,
             time_budget_s=time_left,
             reuse_actors=True,
+            trial_dirname_creator=TrialDirname(self.ledger),
         )
         trainable, callbacks = self.trainable, self.make_callbacks()
         if cfg.resources.cohort != "off":  # issue 15: each Ray trial is a cohort worker; Optuna asks, tells and prunes its members
@@ -684,6 +687,23 @@ class Sweep:
             log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
         say_mlflow(mlflow_links(cfg.tracking.mlflow_uri or cfg.mlflow_uri, self.sweep_run.experiment_id), log)
         return result
+
+
+class TrialDirname:
+    """Tune's trial folder name: `t003_<ray trial id>`, the Optuna trial's label first, so the folder
+    of a trial named in the terminal, MLflow and the study is found at a glance (Tune's default is
+    `tune_trial_<id>_<Tune's own counter>_<config>_<date>`). The Ray trial id stays in the name:
+    a trial's checkpoints are found by it (sweepdir.latest_checkpoint). A Ray trial without a
+    label (a cohort worker, which trains several) is `<trainable name>_<id>`.
+
+    Tune calls it when it creates a trial, right after the searcher labelled it in the Ledger."""
+
+    def __init__(self, ledger: Any):
+        self.ledger = ledger
+
+    def __call__(self, trial: Any) -> str:
+        label = self.ledger.labels.get(trial.trial_id)
+        return f"{label}_{trial.trial_id}" if label else f"{trial.trainable_name}_{trial.trial_id}"
 
 
 def _tune_environment() -> None:

@@ -1,14 +1,24 @@
-"""`python -m sweep status DIR` and `python -m sweep stop DIR`: read a sweep back while it runs
-(or after), and ask its driver to checkpoint and stop."""
+"""`python -m sweep status DIR [--watch [SECONDS]]` and `python -m sweep stop DIR`: read a sweep back
+while it runs (or after), and ask its driver to checkpoint and stop.
+
+Status is quick (well under a second and a half): it reads sweep.json, the Optuna study (straight
+from its sqlite file: sweep.studyfile) and the last report of each trial in Ray Tune's trial
+folders; it imports neither MLflow nor Ray nor torch (only a sweep from before sweep.json recorded
+its MLflow experiment id asks MLflow for it). `--watch` redraws it (sweep/watch.py).
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import EVAL_LOSS, LOAD_SECONDS, STATUS, TRAIN_SECONDS, TrialStatus
+from core.contract import EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, STATUS, STEP, TOKENS_PER_SEC, TrialStatus
 from sweep.checks import quote
+from sweep.config import ConfigError
+from sweep.studyfile import StudyTrial, StudyView, read_study
 from sweep.sweepdir import STOP, SweepFolder, driver, mlflow_links, read_meta, say_mlflow
 
 Write = Callable[[str], None]
@@ -29,39 +39,67 @@ def remaining_seconds(meta: dict, finished: int, durations: list[float]) -> floa
     return (num_trials - finished) * sum(durations) / len(durations) / max(1, int(meta.get("concurrency", 1)))
 
 
+_STATES = {"COMPLETE": TrialStatus.COMPLETED, "FAIL": TrialStatus.FAILED, "PRUNED": TrialStatus.PRUNED}  # a trial without a status attribute
+NOT_COUNTED = (TrialStatus.RUNNING, TrialStatus.RETRYING, TrialStatus.INFEASIBLE)  # not "done"
+
+
+def trial_status(trial: StudyTrial, live: bool) -> str | None:
+    """A trial's status as its MLflow run's tag says it, read from the study; None for entries of
+    the study that are no trial of this sweep (a warm start's, or one asked but never launched).
+    An open trial runs while the driver lives; without one it waits, stopped, for `resume`."""
+    if "warm_start_from" in trial.user_attrs or trial.user_attrs.get(STATUS) == TrialStatus.LOST:
+        return None
+    if trial.user_attrs.get(STATUS):
+        return str(trial.user_attrs[STATUS])
+    if trial.state in ("RUNNING", "WAITING"):
+        return str(TrialStatus.RUNNING if live else TrialStatus.STOPPED)
+    return str(_STATES.get(trial.state, trial.state.lower()))
+
+
+def study_of(sweep: SweepFolder) -> StudyView:
+    """The sweep's study, after its stores were checked (nothing is created)."""
+    sweep.check_stores()
+    try:
+        return read_study(sweep.optuna_storage, sweep.study_name)
+    except KeyError:
+        from sweep.secrets import redact
+
+        raise ConfigError(str(sweep.path), [f"{redact(sweep.optuna_storage)}: holds no study named {sweep.study_name!r}; MLflow still holds every trial "
+                                            f"({mlflow_links(sweep.mlflow_uri, None)['command'] or redact(sweep.mlflow_uri)})"]) from None  # fmt: skip
+
+
 def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
+    """Print (with `write`) and return a sweep's state, its trials by status, the best so far, the
+    elapsed and remaining time, where its runs are in MLflow, and (`trials`) one row per trial."""
     sweep = SweepFolder(folder)
     meta = sweep.meta
-    sweep.check_stores()  # before MLflow / optuna would create a missing store
-    import optuna
-
+    study = study_of(sweep)
     holder = driver(folder)
     state = meta.get("state", "?")
     if state == "running" and holder is None:
         state = "interrupted (its driver is gone; resume it)"
     elif holder is not None:
         state = f"running (driver pid {holder['pid']} on {holder['host']})"
-    client = sweep.mlflow()
-    children = sweep.children(client)
+    own = [(t, status) for t in study.trials if (status := trial_status(t, holder is not None)) is not None]
     counts: dict[str, int] = {}
-    for run in children:
-        status = run.data.tags.get(STATUS, "?")
+    for _, status in own:
         counts[status] = counts.get(status, 0) + 1
-    study = optuna.load_study(study_name=sweep.study_name, storage=sweep.optuna_storage)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "warm_start_from" not in t.user_attrs]
-    best = (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(complete, key=lambda t: t.value) if complete else None
+    complete = [t for t, status in own if t.state == "COMPLETE" and t.values]
+    best = (min if study.minimize else max)(complete, key=lambda t: t.values[0]) if complete else None
     elapsed = float(meta.get("elapsed_seconds", 0.0))
     num_trials = int(meta.get("num_trials", 0))
-    finished = sum(n for s, n in counts.items() if s not in (TrialStatus.RUNNING, TrialStatus.RETRYING, TrialStatus.INFEASIBLE))
-    durations = [r.data.metrics.get(TRAIN_SECONDS, 0) + r.data.metrics.get(LOAD_SECONDS, 0) for r in children if r.data.tags.get(STATUS) == TrialStatus.COMPLETED]
+    finished = sum(n for s, n in counts.items() if s not in NOT_COUNTED)
+    durations = [(t.completed - t.started).total_seconds() for t, status in own if status == TrialStatus.COMPLETED and t.started and t.completed]
     remaining = remaining_seconds(meta, finished, durations)
-    links = mlflow_links(sweep.mlflow_uri, sweep.experiment_id(client))
-    info = {"name": meta.get("name"), "folder": str(folder), "metric": meta.get("metric", EVAL_LOSS), "mlflow": links, "state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
-            "remaining_seconds": remaining, "best": {"trial": f"t{best.number:03d}", "value": best.value} if best else None}  # fmt: skip
+    links = mlflow_links(sweep.mlflow_uri, sweep.experiment_id())
+    metric = meta.get("metric", EVAL_LOSS)
+    info = {"name": meta.get("name"), "folder": str(folder), "metric": metric, "mlflow": links, "state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
+            "remaining_seconds": remaining, "best": {"trial": best.label, "value": best.values[0]} if best else None,
+            "trials": trial_rows(sweep, own, metric)}  # fmt: skip
     write(f"{folder.name}: {state}")
     write(f"trials: {finished} of {num_trials} done; " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started"))
     if best:
-        write(f"best so far: t{best.number:03d}  {meta.get('metric', EVAL_LOSS)} {best.value:.4f}  {best.params}")
+        write(f"best so far: {best.label}  {metric} {best.values[0]:.4f}  {best.params}")
     else:
         write("best so far: none completed")
     eta = f"; about {_duration(remaining)} left at the pace so far" if remaining is not None else ""
@@ -70,6 +108,126 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     write(f"elapsed: {_duration(elapsed)}{eta}")
     say_mlflow(links, write)
     return info
+
+
+# ----------------------------------------------------------------------------------------------
+# one row per trial: the study says who and how it ended; its Tune folder says how far it got
+
+
+def trial_rows(sweep: SweepFolder, trials: list[tuple[StudyTrial, str]], metric: str) -> list[dict[str, Any]]:
+    """Per trial: status, step (of max_steps), eval loss, tokens/s, peak memory, time left, config.
+
+    Step, throughput and memory come from the last report in the trial's Ray Tune folder (a
+    cohort member's reports travel inside its worker's, so for those they come from the study:
+    the step of its last evaluation, no throughput or memory)."""
+    max_steps = _max_steps(sweep.path)
+    reports = _tune_reports(sweep.path, [str(t.user_attrs["ray_trial_id"]) for t, _ in trials if t.user_attrs.get("ray_trial_id")])
+    describe = _describer(sweep)
+    now = datetime.now()
+    rows = []
+    for t, status in trials:
+        lines = reports.get(str(t.user_attrs.get("ray_trial_id")), [])
+        # each metric's latest value: a trial's last report (a stop's, say) may carry only its step
+        last = {k: v for line in lines for k, v in line.items() if v is not None}
+        step = last.get(STEP, max(t.intermediate) if t.intermediate else None)
+        if status == TrialStatus.COMPLETED and max_steps:
+            step = max_steps
+        loss = last.get(EVAL_LOSS)
+        if loss is None and metric == EVAL_LOSS and t.intermediate:
+            loss = t.intermediate[max(t.intermediate)]
+        if status == TrialStatus.COMPLETED and t.values and metric == EVAL_LOSS:
+            loss = t.values[0]
+        eta = None
+        if status == TrialStatus.RUNNING and step and max_steps and step < max_steps:
+            eta = (max_steps - step) * _seconds_per_step(lines, t, step, now)
+        rows.append({"trial": t.label, "status": status, "step": step, "max_steps": max_steps, EVAL_LOSS: loss, TOKENS_PER_SEC: last.get(TOKENS_PER_SEC),
+                     PEAK_VRAM_GB: last.get(PEAK_VRAM_GB), PEAK_RSS_GB: last.get(PEAK_RSS_GB), "eta_seconds": eta, "config": describe(t)})  # fmt: skip
+    return rows
+
+
+def _max_steps(folder: Path) -> int | None:
+    """train.max_steps of the sweep, from resolved.yaml (written before any trial started)."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load((folder / "resolved.yaml").read_text())["train"]["max_steps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _tune_reports(folder: Path, ray_trial_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each Ray trial's reports (result.json, one JSON object a line) from the sweep's Tune folders;
+    a cohort worker's are left out (they speak for several trials)."""
+    wanted = set(ray_trial_ids)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in folder.glob("tune*/*/result.json"):
+        found = [rid for rid in wanted if f"_{rid}" in path.parent.name]
+        if not found:
+            continue
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):  # being written: the next refresh reads it whole
+            continue
+        if lines and "cohort" not in (lines[-1].get("config") or {}):
+            out[found[0]] = lines
+    return out
+
+
+def _seconds_per_step(lines: list[dict[str, Any]], trial: StudyTrial, step: int, now: datetime) -> float:
+    """The trial's pace: between its first and last report in this attempt, else since it started."""
+    if len(lines) >= 2 and lines[-1].get(STEP, 0) > lines[0].get(STEP, 0):
+        first, last = lines[0], lines[-1]
+        return (float(last.get("time_total_s", 0)) - float(first.get("time_total_s", 0))) / (last[STEP] - first[STEP])
+    if trial.started is not None:
+        return max(0.0, (now - trial.started).total_seconds()) / step
+    return 0.0
+
+
+def _describer(sweep: SweepFolder) -> Callable[[StudyTrial], str]:
+    """Trial -> 'qlora r16 a32 lr2e-4 b4x8 attention' (its params as stored, if the config no longer loads)."""
+    from sweep.trials import summary
+
+    try:
+        cfg = sweep.config
+    except ConfigError:
+        cfg = None
+
+    def describe(t: StudyTrial) -> str:
+        if cfg is not None:
+            try:
+                return summary({**cfg.fixed_hyperparams, **cfg.space.decode(t.params, cfg.fixed_hyperparams)})
+            except (KeyError, ValueError, TypeError):
+                pass
+        return " ".join(f"{k}={v}" for k, v in t.params.items())
+
+    return describe
+
+
+def _memory(row: dict[str, Any]) -> str:
+    if row.get(PEAK_VRAM_GB) is not None:
+        return f"{row[PEAK_VRAM_GB]:.1f} GB VRAM"
+    if row.get(PEAK_RSS_GB) is not None:
+        return f"{row[PEAK_RSS_GB]:.2f} GB RSS"
+    return "-"
+
+
+TABLE_COLUMNS = ("TRIAL", "STATUS", "STEP", "EVAL LOSS", "TOK/S", "MEMORY", "ETA", "CONFIG")
+
+
+def table_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """A trial row as the text of each of TABLE_COLUMNS."""
+    step = "-" if row["step"] is None else f"{row['step']}/{row['max_steps']}" if row["max_steps"] else str(row["step"])
+    loss = f"{row[EVAL_LOSS]:.4f}" if row.get(EVAL_LOSS) is not None else "-"
+    speed = f"{row[TOKENS_PER_SEC]:.0f}" if row.get(TOKENS_PER_SEC) is not None else "-"
+    eta = _duration(row["eta_seconds"]) if row.get("eta_seconds") is not None else "-"
+    return (row["trial"], row["status"], step, loss, speed, _memory(row), eta, row["config"])
+
+
+def trial_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-trial table as plain lines, columns aligned."""
+    cells = [TABLE_COLUMNS] + [table_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in cells]
 
 
 def stop_sweep(folder: Path, wait: float, write: Write = print) -> bool:

@@ -6,7 +6,8 @@ estimate, warm start).
         space.yaml      the space file as written (secrets redacted)
         resolved.yaml   the config as it ran
         optuna.db       the study (unless tracking.optuna_storage points elsewhere)
-        tune*/          Ray Tune's trial folders and checkpoints, one folder per driver run
+        tune*/          Ray Tune's trial folders and checkpoints, one folder per driver run; a
+                        trial's is t003_<ray trial id> (run.TrialDirname)
         driver.pid      the live driver's pid and host, while one runs
         STOP            written by `python -m sweep stop`: trials checkpoint and stop
 """

@@ -5,7 +5,7 @@ One writer means an embedded sqlite store never sees concurrent writers, and the
 one place that knows whether the scheduler stopped a trial (pruned) or it finished.
 
 Names (the contract, core/contract.py): params = every sampled value plus derived ones; metrics by
-step = train_loss, eval_loss, learning_rate, tokens_per_sec, peak_vram_gb (or peak_rss_gb on CPU);
+step = train_loss, eval_loss, lr (the scheduled learning rate), tokens_per_sec, peak_vram_gb (or peak_rss_gb on CPU);
 final = train_seconds, load_seconds; tag trial_status (+ error).
 """
 

@@ -11,9 +11,11 @@
 One process holds one frozen base model (bf16 for LoRA, NF4 for QLoRA) and any number of members,
 each a trial with its own adapter (rank, alpha, dropout, targets), optimizer, LR schedule, weight
 decay, micro-batch x accumulation, data order, eval and checkpoint. Each micro-step concatenates
-every running member's next micro-batch (its own number of rows) into one batch; every frozen
-projection runs once on it, and each member's low-rank update is added to its own rows
-(trainable/multi_lora.py). A member steps its optimizer when its own accumulation completes.
+every running member's next rows into one batch: its next micro-batch, or several of them at once
+up to core.rules.COHORT_FOLD_TOKENS (core.rules.cohort_fold: the same gradient in fewer forwards,
+since the loss is normalised over the whole optimizer step); every frozen projection runs once on
+it, and each member's low-rank update is added to its own rows (trainable/multi_lora.py). A member
+steps its optimizer when its own accumulation completes.
 
 Each member trains as it would alone (trainable/train.py), to float rounding:
 - its adapter starts from the values PEFT gives the same seed (multi_lora.peft_init);
@@ -38,6 +40,7 @@ from typing import Any, Iterator
 
 import torch
 
+from core.rules import COHORT_FOLD_TOKENS, cohort_fold
 from core.schema import TrainSection
 from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit, is_linear, peft_init, refresh_all
 
@@ -93,6 +96,7 @@ class Cohort:
         max_rows: int = 8,
         eval_batch_size: int = 4,
         chunk_tokens: int = 4096,
+        fold_tokens: int = COHORT_FOLD_TOKENS,
     ):
         """`base` gives the shared settings (method, dtype, attention, gradient_checkpointing);
         `max_rows`: the most rows one micro-step is expected to hold (gradient_checkpointing auto)."""
@@ -101,6 +105,7 @@ class Cohort:
 
         self.model_id, self.revision, self.base_train = model_id, revision, base
         self.max_seq_len, self.eval_batch_size, self.chunk_tokens = max_seq_len, eval_batch_size, chunk_tokens
+        self.fold_tokens = fold_tokens  # 0: one micro-batch per forward, as a trial alone
         self.device, self.dtype = pick_device_and_dtype(base.dtype)
         self.model = _load_base(model_id, base, revision, self.device, self.dtype)
         self.checkpointing = resolve_checkpointing(base, self.model.config, max_rows * max_seq_len, self.device)
@@ -120,6 +125,15 @@ class Cohort:
         self.row_loss_tokens = [int((row[1:] != IGNORE).sum()) for row in labels]
         self.row_tokens = [len(row) for row in labels]
         self.members: dict[int, Member] = {}
+
+    def set_checkpointing(self, on: bool) -> None:
+        """Turn gradient checkpointing on or off between steps (it changes memory, not results:
+        dropout masks are redrawn from seeds in recomputation)."""
+        from trainable.model import _set_checkpointing
+
+        if on != self.checkpointing:
+            _set_checkpointing(self.model, on)
+            self.checkpointing = on
 
     def plan_checkpointing(self, rows: int) -> bool:
         """Re-decide gradient checkpointing (when the base setting is auto) for micro-steps of
@@ -233,7 +247,8 @@ class Cohort:
         for m in active:
             if not m.pending:  # a new optimizer step: draw all its micro-batches (the loss divides by their reply tokens)
                 micro, accum = m.train.batch
-                m.pending = [[next(m.order) for _ in range(micro)] for _ in range(accum)]
+                fold = cohort_fold(micro, accum, self.max_seq_len, self.fold_tokens)  # micro-batches per forward: same gradient, fewer forwards
+                m.pending = [[next(m.order) for _ in range(micro * fold)] for _ in range(accum // fold)]
                 m.group_loss_tokens = sum(self.row_loss_tokens[i] for rows in m.pending for i in rows)
         rows = {m.slot: m.pending.pop(0) for m in active}
         self.split.dropout_seeds = {m.slot: int(torch.randint(2**62, (), generator=m.generator)) for m in active if m.generator is not None}

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from core.contract import TrialStatus
+from core.contract import LEARNING_RATE, TrialStatus
+from core.rules import COHORT_FOLD_TOKENS, cohort_fold
 from core.schema import TrainSection
 from trainable.train import TrialSpec, injected_fault, is_oom, peak_memory
 
@@ -147,6 +148,8 @@ def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]
 
     if source.halt():
         return {}  # stopped or out of time before it started: no base model to load
+    if source.exhausted(spec.method):
+        return {}  # other workers took every trial: no base model to load for nothing
     _reset_peak_rss()
     started = time.perf_counter()
     cohort = (make_cohort or _load_cohort)(spec)
@@ -161,6 +164,7 @@ class _Worker:
         self.counts: Counter = Counter()
         self.events: list[str] = []
         self.first = True  # the first member pays for loading the base
+        self.planned: tuple[str, ...] = ()  # the members gradient checkpointing was decided for
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -227,6 +231,7 @@ class _Worker:
                 lv.warm = tuple(state["warm"]) if state.get("warm") else None
             lv.replay = m.step > 0
         self.live[slot] = lv
+        self._plan_checkpointing()
         self.source.begin(task, self._params(lv))
         where = f"from its checkpoint at step {m.step}" if checkpoint else "from the start"
         self.events.append(f"{task.label} start      in cohort {self.spec.worker} ({len(self.live)} of {self.capacity}) {where}")
@@ -242,6 +247,7 @@ class _Worker:
             "micro_batch": micro,
             "grad_accum": accum,
             "effective_batch": micro * accum,
+            "cohort_rows_per_forward": micro * cohort_fold(micro, accum, self.spec.base.max_seq_len, getattr(c, "fold_tokens", COHORT_FOLD_TOKENS)),
             "trainable_params": sum(p.numel() for p in m.params),
             "quantization": "nf4-double-quant" if self.spec.method == "qlora" else "none",
             "compute_dtype": str(getattr(c, "dtype", "")).removeprefix("torch."),
@@ -264,7 +270,23 @@ class _Worker:
             pass
         return info
 
+    def _plan_checkpointing(self) -> None:
+        """Gradient checkpointing for the members now live (the base setting auto): off while
+        they fit the GPU without it (faster), on when they do not; re-decided as members come and
+        go, by the rule the memory budget admitted them with (core.estimate.CohortBudget)."""
+        members = tuple(sorted(lv.task.label for lv in self.live.values()))
+        if members == self.planned or not members or self.spec.base.train.gradient_checkpointing != "auto":
+            return
+        self.planned = members
+        budget = self.spec.budget
+        if budget is not None and budget.gpu_bytes is not None:
+            self.cohort.set_checkpointing(budget.checkpointing([lv.task.hyper for lv in self.live.values()]))
+        else:  # no GPU share to fill: the single-trial rule over the rows one micro-step holds
+            seq = self.spec.base.max_seq_len
+            self.cohort.plan_checkpointing(sum(m * cohort_fold(m, a, seq, getattr(self.cohort, "fold_tokens", COHORT_FOLD_TOKENS)) for m, a in (lv.train.batch for lv in self.live.values())))
+
     def _step(self) -> None:
+        self._plan_checkpointing()
         running = [s for s in self.cohort.running() if s in self.live]
         for slot in self.cohort.running():
             if slot not in self.live:  # a member the worker does not know (cannot happen; never train it blind)
@@ -327,7 +349,7 @@ class _Worker:
             "step": m.step,
             "eval_loss": eval_loss,
             "train_loss": sum(h[1] for h in new) / len(new) if new else metrics.get("train_loss", float("nan")),
-            "learning_rate": new[-1][2] if new else metrics.get("learning_rate", float("nan")),
+            LEARNING_RATE: new[-1][2] if new else metrics.get(LEARNING_RATE, float("nan")),
             "tokens_per_sec": metrics.get("tokens_per_sec", tokens / seconds),
             "loss_tokens_per_sec": metrics.get("loss_tokens_per_sec", loss_tokens / seconds),
             **peak_memory(getattr(self.cohort, "device", None) or _cpu()),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from core.contract import ERROR, STATUS, STEP, TrialStatus
+from core.contract import ERROR, LEARNING_RATE, STATUS, STEP, TrialStatus
 from core.estimate import CONTEXT_BYTES
 from core.request import TrialRequest
 from core.schema import TrainSection
@@ -404,7 +404,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
     micro, accum = train.batch
     eval_batch = train.eval_batch_size or micro
     batches = train_batches(train_ds, micro, train.seed, state["step"] * accum, pad_id)
-    history: list[list[float]] = []  # [step, train_loss, learning_rate] since the last report
+    history: list[list[float]] = []  # [step, train_loss, lr] since the last report
     window_loss = torch.zeros((), device=device)
     window_steps = 0
     report_losses: list[float] = []
@@ -424,7 +424,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
         # (which would read as a trial stopped early).
         step, loss, lr = state["log"][-1] if state["log"] else (state["step"], float("nan"), float("nan"))
         metrics = {
-            **state["evals"][-1], **peak_memory(device), "train_loss": loss, "learning_rate": lr, STATUS: TrialStatus.COMPLETED,
+            **state["evals"][-1], **peak_memory(device), "train_loss": loss, LEARNING_RATE: lr, STATUS: TrialStatus.COMPLETED,
             "derived": derived, "history": replay["history"], "evals_replay": replay["evals"],
             "train_seconds": state["train_seconds"], "load_seconds": load_seconds,
         }  # fmt: skip
@@ -483,7 +483,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             "step": step,
             "eval_loss": eval_loss,
             "train_loss": sum(report_losses) / len(report_losses),
-            "learning_rate": lr,
+            LEARNING_RATE: lr,
             "tokens_per_sec": tokens / seconds,
             "loss_tokens_per_sec": loss_tokens / seconds,
             **peak_memory(device),

@@ -50,9 +50,10 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
         assert status in ("completed", "pruned"), (run.info.run_name, status, run.data.tags.get("error"))
         assert run.info.status == "FINISHED"
         assert re.match(r"t\d{3} (lora|qlora) r\d+ a[0-9.]+ lr\S+ b\dx\d \S+", run.info.run_name)
-        for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_rss_gb", "learning_rate"):
+        for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_rss_gb", "lr"):
             assert math.isfinite(run.data.metrics[key]), (run.info.run_name, key)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 4
+        assert "learning_rate" not in run.data.metrics  # the param (the peak) keeps its name alone
         for key in ("lora_r", "lora_alpha", "learning_rate", "batch", "trainable_params", "effective_batch", "quantization", "embeddings", "embeddings_reason", "optimizer", "gradient_checkpointing"):
             assert key in run.data.params, key
         if status == "completed":

@@ -19,7 +19,7 @@ import pytest
 
 from sweep.config import load_config
 from sweep.run import run_sweep
-from tests.conftest import MINIMAL, ROOT, write_space
+from tests.conftest import DEMO_DATA, MINIMAL, ROOT, write_space
 from tests.e2e.conftest import mlflow_runs, study_trials
 
 pytestmark = pytest.mark.e2e
@@ -97,7 +97,7 @@ def test_best_with_constraints_and_export(sweep: tuple, tmp_path: Path) -> None:
     assert (export / "adapter" / "adapter_config.json").exists() and list((export / "adapter").glob("adapter_model.*"))
     exported = load_config(export / "space.yaml")  # ready to run
     assert exported.train.lora_r == row["config"]["lora_r"] or exported.space.dims[0].options == (row["config"]["lora_r"],)
-    assert "python -m sweep run" in (export / "README.txt").read_text()
+    assert "python -m sweep train" in (export / "README.md").read_text()
 
     # the merged model computes what base + adapter computes
     from peft import AutoPeftModelForCausalLM
@@ -115,6 +115,52 @@ def test_best_with_constraints_and_export(sweep: tuple, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--where: cannot read" in bad.stderr
     again = cli("best", str(result.sweep_dir), "--export", str(export), cwd=folder)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_export_is_ready_for_inference(sweep: tuple, tmp_path: Path) -> None:
+    """best --export: a model card that says where the adapter came from and how it was trained, a
+    generation config that stops at <end_of_turn>, load code that runs, and with --log-model the
+    export among the trial's MLflow artifacts."""
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from sweep.config import SEARCHABLE
+
+    cfg, result, _, folder = sweep
+    export = tmp_path / "export"
+    done = cli("best", str(result.sweep_dir), "--where", "lora_r>=4 and target_modules!=mlp", "--export", str(export), "--log-model", cwd=folder)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    label = re.search(r"best trial with lora_r>=4 and target_modules!=mlp: (t\d{3})", done.stdout).group(1)
+    row = next(r for r in result.trials if r["label"] == label)
+    adapter = export / "adapter"
+    for name in ("adapter_config.json", "tokenizer.json", "generation_config.json", "README.md"):
+        assert (adapter / name).is_file(), name
+    assert list(adapter.glob("adapter_model.*")) and (export / "space.yaml").is_file() and (export / "export.json").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    eos = GenerationConfig.from_pretrained(adapter).eos_token_id
+    assert end_of_turn != tokenizer.unk_token_id and end_of_turn in eos and tokenizer.eos_token_id in eos
+    assert f"generation stops at: <eos> ({tokenizer.eos_token_id}), <end_of_turn> ({end_of_turn})" in done.stdout
+
+    card = (export / "README.md").read_text()
+    assert (adapter / "README.md").read_text() == card  # PEFT's blank template replaced in the folder one uploads
+    assert card.startswith("---\nbase_model: tiny-gemma3\nlibrary_name: peft\n")
+    for text in (f"Trial **{label}** of the sweep **{cfg.name}** (folder `{result.sweep_dir}`)", f"MLflow run: `{row['run_id']}`",
+                 f"eval_loss **{row['eval_loss']:.4f}**", f"| train | {DEMO_DATA / 'train.jsonl'} |", f"| eval | {DEMO_DATA / 'eval.jsonl'} |",
+                 "| revision | none pinned", "| lora_r *searched* |", "| learning_rate *searched* |", "| max_steps | 6 |",
+                 "LoRA: the adapter was trained on an unquantised base; load it in bf16", "PeftModel.from_pretrained(base, ADAPTER)"):  # fmt: skip
+        assert text in card, text
+    for name in SEARCHABLE:  # every hyperparameter
+        assert re.search(rf"^\| {name}( \*searched\*)? \| ", card, re.M), name
+    assert "BitsAndBytesConfig" not in card  # a LoRA winner loads on an unquantised base
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    exec(compile(code, str(export / "README.md"), "exec"), {})  # the card's load code runs: adapter on its base, one chat turn
+
+    client = MlflowClient(cfg.mlflow_uri)
+    logged = {a.path for a in client.list_artifacts(row["run_id"], "export")}
+    assert {"export/README.md", "export/adapter", "export/space.yaml", "export/export.json"} <= logged
+    assert client.get_run(row["run_id"]).info.status == "FINISHED"  # logged into the finished run, left as it was
 
 
 def _free_port() -> int:

@@ -50,9 +50,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(prepare(section, load_tokenizer("tiny-gemma3"), tmp_path_factory.mktemp("data"), seed=0, log=lambda s: None).folder)
 
 
-def cohort(data_dir: str, **base: Any) -> Cohort:
+def cohort(data_dir: str, fold_tokens: int | None = None, **base: Any) -> Cohort:
     torch.set_num_threads(1)
-    return Cohort("tiny-gemma3", data_dir, TrainSection(**base), max_seq_len=SEQ)
+    fold = {} if fold_tokens is None else {"fold_tokens": fold_tokens}
+    return Cohort("tiny-gemma3", data_dir, TrainSection(**base), max_seq_len=SEQ, **fold)
 
 
 def train_until(c: Cohort, done: Any) -> None:
@@ -87,6 +88,29 @@ def test_four_different_members_each_train_as_alone(data_dir: str) -> None:
             assert a == pytest.approx(b, rel=1e-4), f"member {slot} step {step}: cohort {a:.6f}, alone {b:.6f}"
         assert evals[slot] == pytest.approx(alone.reports[-1]["eval_loss"], rel=1e-4)
         assert c.members[slot].status == "completed"
+
+
+def test_folding_micro_batches_changes_forwards_not_results(data_dir: str) -> None:
+    """A member's micro-batches folded into fewer forwards (core.rules.cohort_fold) give the losses
+    of one micro-batch per forward: the loss is normalised over the whole optimizer step."""
+    from core.rules import cohort_fold
+
+    assert cohort_fold(1, 8, 1024) == 8 and cohort_fold(2, 8, 4096) == 2 and cohort_fold(1, 6, 1024, 4096) == 3
+    assert cohort_fold(4, 3, 8192) == 1 and cohort_fold(8, 1, 1024) == 1 and cohort_fold(1, 8, 1024, 0) == 1
+    members = [t.model_copy(update={"max_steps": 6}) for t in MEMBERS]
+    runs = {}
+    for fold_tokens in (0, 10**6):
+        c = cohort(data_dir, fold_tokens=fold_tokens)
+        slots = [c.add(t) for t in members]
+        forwards = 0
+        while c.running():
+            c.step()
+            forwards += 1
+        runs[fold_tokens] = ([c.members[s].losses() for s in slots], forwards)
+    (unfolded, n0), (folded, n1) = runs[0], runs[10**6]
+    assert n1 == 6 < n0 == 6 * 4  # the slowest member (1 x 4) took 4 forwards a step; folded, one
+    for a, b in zip(folded, unfolded):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def grads(c: Cohort, rows: dict[int, list[int]]) -> dict[int, list[torch.Tensor]]:
@@ -169,19 +193,19 @@ def test_qlora_nf4_base_on_cpu(data_dir: str) -> None:
 
 def test_checkpoint_and_restore_one_member(data_dir: str, tmp_path: Path) -> None:
     members = [t.model_copy(update={"max_steps": 10, "lora_dropout": 0.1}) for t in MEMBERS[:3]]
-    reference = cohort(data_dir)
+    reference = cohort(data_dir, fold_tokens=0)  # dropout masks are drawn per forward: fold alike everywhere
     for t in members:
         reference.add(t)
     train_until(reference, lambda: False)
 
-    c = cohort(data_dir)
+    c = cohort(data_dir, fold_tokens=0)  # one micro-batch per forward: a save can fall mid-accumulation
     for t in members:
         c.add(t)
     # saved mid-accumulation: the checkpoint is the member as of its last optimizer step
     train_until(c, lambda: c.members[1].step >= 4 and c.members[1].pending)
     c.save(1, tmp_path / "m1")
     c.remove(1)
-    other = cohort(data_dir)  # restored into a different cohort, beside a different member
+    other = cohort(data_dir, fold_tokens=0)  # restored into a different cohort, beside a different member
     other.add(MEMBERS[3].model_copy(update={"max_steps": 4}))
     slot = other.restore(tmp_path / "m1")
     assert other.members[slot].step == 4

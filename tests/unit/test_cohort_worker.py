@@ -34,6 +34,15 @@ class FakeCohort:
         self.members: dict[int, FakeMember] = {}
         self.sizes: list[int] = []  # members per step
         self.checkpointing = False
+        self.checkpointing_by_size: list[tuple[int, bool]] = []  # (live members, on) at each decision
+
+    def set_checkpointing(self, on: bool) -> None:
+        self.checkpointing = on
+        self.checkpointing_by_size.append((len(self.members), on))
+
+    def plan_checkpointing(self, rows: int) -> bool:
+        self.checkpointing_by_size.append((len(self.members), self.checkpointing))
+        return self.checkpointing
 
     def loss(self, m: FakeMember) -> float:
         return 3.0 - m.step * m.train.lora_r / 100
@@ -134,7 +143,7 @@ class FakeSource:
     halt_when: Any = None  # FakeSource -> 'stop' | 'time' | None; set by a test
 
 
-def work(tmp_path: Path, hypers: list[dict], capacity: int, halt: Any = None, **source_args: Any) -> tuple[FakeSource, FakeCohort, list[str]]:
+def work(tmp_path: Path, hypers: list[dict], capacity: int, halt: Any = None, budget: Any = None, **source_args: Any) -> tuple[FakeSource, FakeCohort, list[str]]:
     source = FakeSource(hypers, tmp_path, **source_args)
     cohort = FakeCohort()
     if halt is not None:  # (cohort) -> 'stop' | 'time' | None, asked before every micro-step
@@ -146,7 +155,7 @@ def work(tmp_path: Path, hypers: list[dict], capacity: int, halt: Any = None, **
         made.append(spec)
         return cohort
 
-    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=capacity, poll_seconds=0.01)
+    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=capacity, poll_seconds=0.01, budget=budget)
     run_worker(spec, source, lines.extend, make_cohort=make)
     assert len(made) == 1  # the base is loaded once, whoever comes and goes
     return source, cohort, lines
@@ -274,10 +283,51 @@ def test_cohort_estimate_counts_the_base_once() -> None:
     shares = [member_share(profile, m, [a, b, a, b]) for m in (a, b, a, b)]
     assert sum(shares) == pytest.approx(four.total)
     fixed = {"method": "lora", "lora_r": 16, "lora_dropout": 0.0, "target_modules": "all-linear", "batch": (2, 4), "optimizer": "auto", "gradient_checkpointing": "auto"}
-    budget = CohortBudget(profile=profile, max_seq_len=512, fixed=fixed, gpu_bytes=2 * 2**30 + one.total * 1.2 + 0.75 * 2**30)
+    budget = CohortBudget(profile=profile, max_seq_len=512, fixed=fixed, gpu_bytes=2 * 2**30 + one.total * 1.2 + 0.75 * 2**30, fold_tokens=0)
     assert budget.fits([{}]) and not budget.fits([{}] * 64)
     assert CohortBudget(profile=profile, max_seq_len=512, fixed=fixed).fits([{}] * 64)  # a CPU worker: no limit
     assert budget.size({"lora_r": 64}) > budget.size({"lora_r": 4})
+
+
+def _budget_fitting_two_without_checkpointing(fixed_extra: dict | None = None) -> Any:
+    from core.estimate import CohortBudget, ModelProfile, TextShape
+
+    text = TextShape(hidden=1152, intermediate=6912, layers=26, heads=4, kv_heads=1, head_dim=256, vocab=262144)
+    linears = {"q_proj": (1152, 1024, 26), "v_proj": (1152, 256, 26), "down_proj": (6912, 1152, 26)}
+    profile = ModelProfile(text=text, linears=linears, embedding_params=262144 * 1152, tied=True, other_params=100_000)
+    fixed = {"method": "lora", "lora_r": 16, "lora_dropout": 0.0, "target_modules": "all-linear", "batch": (2, 4), "optimizer": "auto",
+             "gradient_checkpointing": "auto", **(fixed_extra or {})}  # fmt: skip
+    probe = CohortBudget(profile=profile, max_seq_len=512, fixed=fixed, fold_tokens=0)
+    return CohortBudget(profile=profile, max_seq_len=512, fixed=fixed, gpu_bytes=probe._need([{}] * 2, False) * 1.01, fold_tokens=0)
+
+
+def test_a_cohort_checkpoints_only_when_its_members_do_not_fit_without() -> None:
+    """gradient_checkpointing auto in a cohort: off while the members fit the GPU without it (the
+    faster step), on once they do not; a member is admitted if it fits either way. (The budget
+    once judged each member alone, without checkpointing, and admitted a quarter of what fits.)"""
+    from core.estimate import CohortBudget
+
+    budget = _budget_fitting_two_without_checkpointing()
+    assert not budget.checkpointing([{}] * 2) and budget.fits([{}] * 2)
+    assert budget.checkpointing([{}] * 3) and budget.fits([{}] * 4) and not budget.fits([{}] * 5)
+    assert budget.need([{}] * 3) < budget._need([{}] * 3, False)
+    share = budget.share_gb({}, [{}] * 4)
+    assert share * 4 * 2**30 * (1 + budget.margin) < budget.gpu_bytes  # shares follow the cohort's decision
+    # a member's rows in one forward are its micro-batches folded together (core.rules.cohort_fold)
+    folded = CohortBudget(profile=budget.profile, max_seq_len=512, fixed=budget.fixed)
+    assert folded.shape({}).micro_batch == 8 and budget.shape({}).micro_batch == 2  # batch 2 x 4 at 512 tokens
+    on = _budget_fitting_two_without_checkpointing({"gradient_checkpointing": True})
+    assert on.checkpointing([{}]) and not _budget_fitting_two_without_checkpointing({"gradient_checkpointing": False}).checkpointing([{}] * 8)
+
+
+def test_the_worker_turns_checkpointing_on_and_off_as_members_come_and_go(tmp_path: Path) -> None:
+    budget = _budget_fitting_two_without_checkpointing()
+    hypers = [{"lora_r": 16, "max_steps": steps} for steps in (2, 2, 6, 6)]
+    source, cohort, _ = work(tmp_path, hypers, capacity=4, budget=budget)
+    assert all(s == "completed" for s in status(source).values()) and len(source.ended) == 4
+    decisions = dict(cohort.checkpointing_by_size)
+    assert decisions[1] is False and decisions[2] is False and decisions[3] is True and decisions[4] is True
+    assert cohort.checkpointing_by_size[-1] == (2, False)  # once two have ended, the other two fit without
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,3 +477,17 @@ def test_study_source_finds_a_dead_workers_members_and_queues_them_again(tmp_pat
     assert [t.label for t in driver.orphans("w0")] == [held[1].label]  # queued: not an orphan any more
     queued = driver.queued()
     assert [(t.label, t.checkpoint, t.attempt) for t in queued] == [(held[0].label, str(saved), 2)] and driver.queued() == []
+
+
+def test_cohort_workers_spread_over_every_gpu() -> None:
+    """auto on GPUs: a worker per GPU, each holding its share of the trials at once (one worker
+    holding all 16 left the second GPU idle); a number keeps its meaning; each method one worker."""
+    from sweep.cohorts import COHORT_AUTO_GPU_LIMIT, plan_workers
+
+    assert plan_workers("auto", True, fit=2, trials=16, max_concurrent="auto", methods=1) == (2, 8)
+    assert plan_workers("auto", True, fit=1, trials=16, max_concurrent="auto", methods=1) == (1, 16)
+    assert plan_workers("auto", True, fit=8, trials=3, max_concurrent="auto", methods=1) == (3, 1)
+    assert plan_workers("auto", True, fit=1, trials=500, max_concurrent="auto", methods=1) == (1, COHORT_AUTO_GPU_LIMIT)
+    assert plan_workers(4, True, fit=4, trials=16, max_concurrent="auto", methods=1) == (4, 4)
+    assert plan_workers(4, False, fit=8, trials=16, max_concurrent=8, methods=1) == (2, 4)
+    assert plan_workers("auto", False, fit=1, trials=16, max_concurrent="auto", methods=2) == (2, 4)

@@ -24,7 +24,8 @@ LOSSES = {0: (TrialStatus.COMPLETED, 2.5), 1: (TrialStatus.COMPLETED, 1.75), 2: 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """(a finished sweep's folder, its MLflow experiment id): three trials, t001 the best."""
+    """(a finished sweep's folder, its MLflow experiment id): three trials, t001 the best; written
+    before the scheduled learning rate's metric was renamed `lr` (it is `learning_rate` here)."""
     import optuna
     from mlflow import MlflowClient
 
@@ -41,7 +42,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="t", storage=storage, direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
     client = MlflowClient(mlflow_uri)
-    experiment = client.create_experiment("t")
+    experiment = client.create_experiment("t", artifact_location=(results / "artifacts").as_uri())  # `report` logs there, not in ./mlruns
     parent = client.create_run(experiment, run_name=folder.name).info.run_id
     define = DefineByRun(cfg.space, cfg.fixed_hyperparams)
     for number, (status, loss) in LOSSES.items():
@@ -51,6 +52,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: str(status)}).info.run_id
         client.log_metric(run, EVAL_LOSS, loss)
         client.log_metric(run, PEAK_VRAM_GB, 1.0 + number)
+        for step, rate in ((1, 2e-4), (2, 3.6e-6)):  # written before the rename: the scheduled rate under the param's name
+            client.log_metric(run, "learning_rate", rate, step=step)
         client.set_terminated(run)
         if status == TrialStatus.COMPLETED:
             study.tell(trial, loss)
@@ -93,6 +96,33 @@ def test_best_prints_the_link_and_json(finished: tuple[Path, str], capsys: pytes
     assert main(["best", str(folder), "--json", "--where", "peak_vram_gb<=0.5"]) == 1
     info = json.loads(capsys.readouterr().out)
     assert info["best"] is None and info["counts"] == {"completed": 2, "pruned": 1}
+
+
+def test_best_where_names_what_the_sweep_has(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    folder, _ = finished
+    assert main(["best", str(folder), "--where", "peak_rss_gb<=2"]) == 2  # a GPU sweep: no peak_rss_gb
+    err = capsys.readouterr().err
+    assert "--where peak_rss_gb<=2: peak_rss_gb is neither a metric this sweep recorded nor a hyperparameter" in err
+    assert "its metrics: eval_loss, lr, peak_vram_gb; or hyperparameters: method, lora_r, " in err  # the old learning_rate metric reads as lr
+    assert main(["best", str(folder), "--where", "lora_r>=1, method==lora, target_modules==all-linear, batch==4x8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["best"]["trial"] == "t001"
+    assert main(["best", str(folder), "--where", "method==qlora"]) == 1
+    assert "no completed trial with method==qlora" in capsys.readouterr().out
+    assert main(["best", str(folder), "--where", "lora_r=4"]) == 2 and "unknown comparison '='" in capsys.readouterr().err
+
+
+def test_a_sweep_written_before_the_lr_rename_reads_back(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    """Its `learning_rate` metric (the last scheduled value) is read as `lr`; `learning_rate` in
+    --where is the hyperparameter (the peak, 2e-4), never that metric; status and report work."""
+    folder, _ = finished
+    assert main(["best", str(folder), "--where", "lr<1e-5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["best"]["trial"] == "t001"
+    assert main(["best", str(folder), "--where", "learning_rate>=1e-4"]) == 0
+    assert "best trial with learning_rate>=1e-4: t001" in capsys.readouterr().out
+    assert main(["best", str(folder), "--where", "learning_rate<=1e-5"]) == 1  # the metric's 3.6e-6 would have passed
+    assert main(["status", str(folder)]) == 0
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report" / "report.html").is_file()
 
 
 def test_json_is_all_a_fresh_process_prints_on_stdout(finished: tuple[Path, str]) -> None:

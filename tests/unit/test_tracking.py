@@ -48,6 +48,10 @@ def test_a_trial_is_one_child_run_with_its_metrics_by_step(sweep: SweepRun) -> N
     history = sweep.client.get_metric_history(run.info.run_id, "eval_loss")
     assert [(m.step, m.value) for m in history] == [(2, 2.5), (4, 2.0)]
     assert [m.step for m in sweep.client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    # the scheduled learning rate is the metric `lr`: `learning_rate` is the param (the peak), and a
+    # metric of that name would show its last scheduled value in the runs table instead
+    assert [(m.step, m.value) for m in sweep.client.get_metric_history(run.info.run_id, "lr")] == [(1, 1e-4), (2, 1e-4)]
+    assert "learning_rate" not in run.data.metrics
 
     # the same trial resumed by a new driver continues its child run
     again = TrialRuns(sweep, ledger, {"lora_r": 16})

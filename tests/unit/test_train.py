@@ -53,9 +53,10 @@ def test_a_trial_reports_at_every_eval(data_dir: str) -> None:
     assert steps == [2, 4, 6]
     assert [r["trial_status"] for r in reporter.reports] == ["running", "running", "completed"]
     for r in reporter.reports:
-        for key in ("eval_loss", "train_loss", "learning_rate", "tokens_per_sec", "loss_tokens_per_sec", "peak_rss_gb"):
+        for key in ("eval_loss", "train_loss", "lr", "tokens_per_sec", "loss_tokens_per_sec", "peak_rss_gb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
-            assert r[key] > 0 or (key == "learning_rate" and r[key] == 0), key  # cosine ends at 0
+            assert r[key] > 0 or (key == "lr" and r[key] == 0), key  # cosine ends at 0
+        assert "learning_rate" not in r  # the hyperparameter's name; the scheduled rate is lr
     assert [h[0] for r in reporter.reports for h in r["history"]] == [1, 2, 3, 4, 5, 6]
     derived = reporter.reports[0]["derived"]
     assert derived["effective_batch"] == 4 and derived["trainable_params"] > 0 and derived["quantization"] == "none"
