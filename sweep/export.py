@@ -63,6 +63,18 @@ def stop_token_ids(tokenizer: Any, also: Any = None) -> list[int]:
     return ids
 
 
+def cohort_member_checkpoint(folder: Path, label: str, write: Any = print) -> str | None:
+    """A cohort member's newest checkpoint (cohorts/members/LABEL/step-N/), if it holds the
+    adapter in PEFT format (cohort checkpoints written before 2026-11-30 do not)."""
+    from trainable.cohort_worker import latest_checkpoint as member_checkpoint
+
+    checkpoint = member_checkpoint(folder / "cohorts" / "members" / label)
+    if checkpoint is not None and not (Path(checkpoint) / "adapter_config.json").is_file():
+        write(f"{label}'s cohort checkpoint {checkpoint} predates PEFT-format member checkpoints: retrain it with python -m sweep train")
+        return None
+    return checkpoint
+
+
 def export_adapter(cfg: SweepConfig, checkpoint: Path, out: Path, merge: bool) -> dict[str, Any]:
     """The adapter in PEFT format (and the merged model) under `out`, each with the tokenizer and a
     generation config that stops at `<end_of_turn>` as well as the tokenizer's eos."""
@@ -287,8 +299,10 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     export.mkdir(parents=True, exist_ok=True)
     (export / "space.yaml").write_text(f"# python -m sweep train {quote(export / 'space.yaml')} train.max_steps=N\n"
                                        f"# {row['label']} of {folder.name}: {metric} {row[metric]:.4f}\n" + text)  # fmt: skip
-    ray_trial = study.trials[row["number"]].user_attrs.get("ray_trial_id")
-    checkpoint = latest_checkpoint(folder, ray_trial)
+    attrs = study.trials[row["number"]].user_attrs
+    checkpoint = latest_checkpoint(folder, attrs.get("ray_trial_id"))
+    if checkpoint is None and attrs.get("cohort"):
+        checkpoint = cohort_member_checkpoint(folder, row["label"], write)
     written: dict[str, Any] = {"space": str(export / "space.yaml")}
     if checkpoint is None:
         write(f"{row['label']} left no checkpoint in {folder} (was its folder cleaned up?): only the config is exported")

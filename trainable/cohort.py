@@ -381,10 +381,28 @@ class Cohort:
         folder.mkdir(parents=True, exist_ok=True)
         adapter = {f"{n}.{k}": getattr(lora, k).detach().cpu() for n, lora in m.layers.items() for k in ("lora_A", "lora_B")}
         torch.save(adapter, folder / "adapter.pt")
+        self._save_peft(m, adapter, folder)
         torch.save({"optimizer": m.optimizer.state_dict(), "schedule": m.schedule.state_dict(), "generator": m.boundary_generator}, folder / "optimizer.pt")
         state = {"name": m.name, "train": m.train.model_dump(mode="json"), "step": m.step, "rows_done": m.rows_done,
                  "tokens": m.tokens, "loss_tokens": m.loss_tokens, "status": m.status, "history": m.history}  # fmt: skip
         (folder / "member.json").write_text(json.dumps(state))
+
+    def _save_peft(self, m: Member, adapter: dict[str, torch.Tensor], folder: Path) -> None:
+        """The member's adapter as PEFT saves a LoRA trial's (adapter_config.json and
+        adapter_model.safetensors: PeftModel.from_pretrained loads it onto the base model), so that
+        `best --export` and plain PEFT treat a cohort member like any trial."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        from trainable.model import lora_target_pattern
+
+        t = m.train
+        config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=lora_target_pattern(self.model, t.target_modules),
+                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=self.model_id, revision=self.revision)  # fmt: skip
+        config.save_pretrained(str(folder))
+        # PEFT's keys: the module path under base_model.model, the adapter name dropped
+        tensors = {f"base_model.model.{key.rsplit('.', 1)[0]}.{key.rsplit('.', 1)[1]}.weight": value.contiguous() for key, value in adapter.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     def restore(self, folder: str | Path, slot: int | None = None) -> int:
         """A member saved by save(), into `slot` or the first free one; it continues where it was."""

@@ -88,6 +88,12 @@ def test_a_pruned_member_is_replaced_and_every_member_is_a_full_trial(tmp_path: 
     status = sweep_cli("status", str(sweep_dir), cwd=tmp_path)
     assert status.returncode == 0 and "6 of 6 done" in status.stdout, status.stdout
 
+    # the winner's adapter exports from its member checkpoint, as a lone trial's does
+    best = sweep_cli("best", str(sweep_dir), "--export", str(tmp_path / "best"), cwd=tmp_path)
+    assert best.returncode == 0, best.stdout[-3000:] + best.stderr[-3000:]
+    adapter = tmp_path / "best" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and list(adapter.glob("adapter_model.*")), best.stdout[-2000:]
+
 
 def test_kill_9_while_a_cohort_trains_then_resume(tmp_path: Path) -> None:
     search = "{num_trials: 3, max_concurrent: 3, seed: 0, scheduler: {type: none}}"

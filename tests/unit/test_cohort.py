@@ -213,6 +213,38 @@ def test_checkpoint_and_restore_one_member(data_dir: str, tmp_path: Path) -> Non
     assert other.members[slot].losses() == pytest.approx(reference.members[1].losses(), rel=1e-5)
 
 
+def test_a_member_checkpoint_loads_with_plain_peft(data_dir: str, tmp_path: Path) -> None:
+    """Cohort.save writes the adapter as PEFT does: PeftModel.from_pretrained on the base model
+    computes what the member computes in the cohort (`best --export` of a cohort sweep uses it)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainable.model import resolve_model_path
+
+    c = cohort(data_dir)
+    slot = c.add(MEMBERS[3].model_copy(update={"max_steps": 3}))
+    other = c.add(MEMBERS[0].model_copy(update={"max_steps": 3}))
+    train_until(c, lambda: False)
+    c.save(slot, tmp_path / "m")
+    assert (tmp_path / "m" / "adapter_config.json").is_file() and (tmp_path / "m" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-gemma3"), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "m")).eval()
+    assert any(p.abs().sum() > 0 for n, p in peft.named_parameters() if "lora_B" in n)  # trained weights, not PEFT's zeros
+    from trainable.data import collate
+    from trainable.loss import loss_positions, summed_loss
+
+    rows = list(range(4))
+    batch = collate(c.eval_ds[rows], c.pad_id)
+    index, targets = loss_positions(batch["labels"])
+    with torch.no_grad():
+        total = summed_loss(peft, batch["input_ids"], batch["position_ids"], index, targets)
+    alone = float(total) / index.numel()
+    ours = c.evaluate([slot, other], batch_size=4)  # beside another member, as in the sweep
+    c.eval_ds = c.eval_ds.select(rows)
+    assert c.evaluate([slot, other], batch_size=4)[slot] == pytest.approx(alone, rel=1e-5)
+    assert ours[slot] != pytest.approx(ours[other], rel=1e-3)  # the members differ: the comparison means something
+
+
 def test_embedding_policies_a_cohort_refuses(data_dir: str) -> None:
     c = cohort(data_dir)
     with pytest.raises(ValueError) as err:
