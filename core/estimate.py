@@ -344,8 +344,9 @@ class CohortBudget:
     fold_tokens: int = rules.COHORT_FOLD_TOKENS
 
     def shape(self, sampled: dict[str, Any]) -> TrialShape:
-        # a cohort trains frozen embeddings only, with its own chunked loss, and runs as many of a
-        # member's micro-batches in one forward as rules.cohort_fold allows: those are its rows
+        # embeddings as frozen (new_tokens adds a few rows per member: negligible), the cohort's own
+        # chunked loss, and as many of a member's micro-batches in one forward as rules.cohort_fold
+        # allows: those are its rows
         hyper = {**self.fixed, **sampled}
         shape = trial_shape(hyper, self.max_seq_len, self.profile.text, "frozen", self.gpu_bytes, self.attn, "chunked")
         micro, accum = hyper["batch"]

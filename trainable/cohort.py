@@ -27,8 +27,10 @@ packed sequence, so no real token sees it); dropout masks come from seeds of the
 (drawn from its seed) rather than the global RNG, so a member's masks do not depend on who else
 trains beside it; and on a bf16 base the LoRA update is computed in bf16 (fp32 parameters, optimizer
 and gradient accumulation; bf16 copies refreshed after each optimizer step: multi_lora.py), as
-`lora_dtype: bfloat16` does for a single trial, whatever the member's lora_dtype. Embeddings: `frozen` only for now (`new_tokens` needs per-member token rows;
-`full` trains the whole embedding and runs alone).
+`lora_dtype: bfloat16` does for a single trial, whatever the member's lora_dtype.
+Embeddings: `frozen`, or `new_tokens` (each member its own rows of the template tokens, in the
+input embedding and lm_head's tied columns: `TokenRows`, PEFT's TrainableTokens for a trial
+alone; `auto` resolves as for a trial alone); `full` trains the whole embedding and runs alone.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ class Member:
     step_loss: Any = None  # device tensor: this step's loss so far
     unchecked: list[tuple[int, Any, float]] = field(default_factory=list)  # steps whose loss is not yet on the host
     boundary_generator: Any = None  # the generator state after the last optimizer step
+    token_rows: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # new_tokens: "embed" (and "head" if untied) -> rows
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for lora in self.layers.values() for p in (lora.lora_A, lora.lora_B)]
+        return [p for lora in self.layers.values() for p in (lora.lora_A, lora.lora_B)] + list(self.token_rows.values())
 
     def losses(self) -> list[float]:
         return [h[1] for h in self.history]
@@ -97,17 +100,26 @@ class Cohort:
         eval_batch_size: int = 4,
         chunk_tokens: int = 4096,
         fold_tokens: int = COHORT_FOLD_TOKENS,
+        embeddings: str = "frozen",
+        template_ids: tuple[int, ...] = (),
     ):
         """`base` gives the shared settings (method, dtype, attention, gradient_checkpointing);
-        `max_rows`: the most rows one micro-step is expected to hold (gradient_checkpointing auto)."""
+        `max_rows`: the most rows one micro-step is expected to hold (gradient_checkpointing auto);
+        `embeddings` (model.embeddings: frozen, new_tokens or auto) and `template_ids` (the special
+        tokens the data uses) decide, for every member alike, whether each member trains its own
+        rows of those tokens (new_tokens), as a trial alone would."""
         from trainable.data import IGNORE, load_split
-        from trainable.model import _load_base, _set_checkpointing, decoder_prefix, pick_device_and_dtype, resolve_checkpointing
+        from trainable.model import _load_base, _set_checkpointing, decoder_prefix, pick_device_and_dtype, resolve_checkpointing, resolve_embeddings
 
         self.model_id, self.revision, self.base_train = model_id, revision, base
         self.max_seq_len, self.eval_batch_size, self.chunk_tokens = max_seq_len, eval_batch_size, chunk_tokens
         self.fold_tokens = fold_tokens  # 0: one micro-batch per forward, as a trial alone
         self.device, self.dtype = pick_device_and_dtype(base.dtype)
         self.model = _load_base(model_id, base, revision, self.device, self.dtype)
+        if embeddings not in ("frozen", "new_tokens", "auto"):
+            raise ValueError(f"model.embeddings: {embeddings} trains the whole embedding matrix; such a trial runs alone, not in a cohort")
+        self.embeddings, self.embeddings_reason = resolve_embeddings(embeddings, self.model, list(template_ids))
+        self.tokens: TokenRows | None = None
         self.checkpointing = resolve_checkpointing(base, self.model.config, max_rows * max_seq_len, self.device)
         _set_checkpointing(self.model, self.checkpointing)
         self.split = RowSplit(max_len=max_seq_len)
@@ -119,6 +131,8 @@ class Cohort:
                 wrapper = MultiLoraLinear(module, self.split, layer_id=len(self.layers))
                 setattr(self.model.get_submodule(parent), leaf, wrapper)
                 self.layers[name] = wrapper
+        if self.embeddings == "new_tokens":
+            self.tokens = TokenRows(self.model, self.split, list(template_ids), self.device)
         self.train_ds, self.eval_ds = load_split(data_dir, "train"), load_split(data_dir, "eval")
         self.pad_id = getattr(self.model.config.get_text_config(), "pad_token_id", None) or 0
         labels = self.train_ds["labels"]
@@ -147,7 +161,7 @@ class Cohort:
     # ------------------------------------------------------------------------------------------
     # membership
 
-    def problems(self, train: TrainSection, embeddings: str = "frozen", slot: int | None = None) -> list[str]:
+    def problems(self, train: TrainSection, embeddings: str | None = None, slot: int | None = None) -> list[str]:
         """Why `train` cannot join this cohort (empty when it can)."""
         from trainable.model import target_names
 
@@ -156,10 +170,11 @@ class Cohort:
             for key in SHARED
             if getattr(train, key) != getattr(self.base_train, key)
         ]
-        if embeddings == "new_tokens":
-            out.append("model.embeddings: new_tokens is not yet supported in a cohort (each member would need its own token rows); use frozen, or run the trial alone")
-        elif embeddings not in ("frozen",):
+        if embeddings not in (None, "frozen", "new_tokens", "auto"):
             out.append(f"model.embeddings: {embeddings} trains the whole embedding matrix; such a trial runs alone, not in a cohort")
+        elif embeddings in ("frozen", "new_tokens") and embeddings != self.embeddings:
+            out.append(f"model.embeddings: {embeddings}, but this cohort's members train {self.embeddings} embeddings ({self.embeddings_reason}); "
+                       "a trial joins a cohort with the same policy")  # fmt: skip
         leaves = {name.rsplit(".", 1)[-1] for name in self.layers}
         missing = [n for n in target_names(train.target_modules) if n not in leaves]
         if missing:
@@ -168,7 +183,7 @@ class Cohort:
             out.append(f"slot {slot} is taken by member {self.members[slot].name!r}; remove it first")
         return out
 
-    def add(self, train: TrainSection, name: str | None = None, slot: int | None = None, embeddings: str = "frozen") -> int:
+    def add(self, train: TrainSection, name: str | None = None, slot: int | None = None, embeddings: str | None = None) -> int:
         """A new member (fresh adapter, optimizer, schedule, data order) in `slot` or the first free one."""
         from trainable.model import target_names
         from trainable.train import build_optimizer, build_schedule
@@ -196,9 +211,11 @@ class Cohort:
             generator = torch.Generator()
             generator.manual_seed(train.seed)
         params = [p for lora in layers.values() for p in (lora.lora_A, lora.lora_B)]
+        rows = self.tokens.new_rows(slot) if self.tokens is not None else {}
+        params += list(rows.values())
         optimizer = build_optimizer(params, train, self.device)
         member = Member(slot=slot, name=name or f"member-{slot}", train=train, layers=layers, optimizer=optimizer,
-                        schedule=build_schedule(optimizer, train), generator=generator)  # fmt: skip
+                        schedule=build_schedule(optimizer, train), generator=generator, token_rows=rows)  # fmt: skip
         member.boundary_generator = generator.get_state() if generator is not None else None
         self._seek(member)
         self.members[slot] = member
@@ -209,6 +226,8 @@ class Cohort:
         member = self.members.pop(slot)
         for layer_name in member.layers:
             del self.layers[layer_name].adapters[str(slot)]
+        if self.tokens is not None:
+            self.tokens.drop(slot)
         member.optimizer.zero_grad(set_to_none=True)
         return member
 
@@ -332,22 +351,33 @@ class Cohort:
                 pos = batch["position_ids"].to(self.device, non_blocking=True)
                 hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
                 hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, torch.cat(index).to(self.device))
-                per_token = self._token_losses(hidden, torch.cat(targets).to(self.device), lm_head, softcap, grad)
+                heads = [self.tokens.head_rows(s) if self.tokens is not None else None for s in slots]
+                per_token = self._token_losses(hidden, torch.cat(targets).to(self.device), lm_head, softcap, grad, counts, heads)
                 sums = dict(zip(slots, (piece.sum() for piece in torch.split(per_token, counts))))
         finally:
             if not grad:  # with grad, backward (recomputation under checkpointing) still needs the split
                 self.split.segments = ()
         return sums, dict(zip(slots, counts))
 
-    def _token_losses(self, hidden: Any, targets: Any, lm_head: Any, softcap: float | None, grad: bool) -> Any:
+    def _token_losses(self, hidden: Any, targets: Any, lm_head: Any, softcap: float | None, grad: bool, counts: list[int], heads: list[Any]) -> Any:
         """Per reply token cross-entropy (fp32), a chunk of tokens at a time through lm_head (as
-        trainable/loss.py does: each chunk's logits live only inside a checkpointed function)."""
+        trainable/loss.py does: each chunk's logits live only inside a checkpointed function).
+        `counts`: each member's tokens, in order; `heads`: each member's (token ids, rows) for the
+        lm_head columns it trains (new_tokens), or None. Chunks end where a member's tokens end
+        only when some member has its own columns."""
         from torch.utils.checkpoint import checkpoint
 
+        spans = [(0, targets.shape[0], None)]
+        if any(h is not None for h in heads):
+            ends = [sum(counts[: i + 1]) for i in range(len(counts))]
+            spans = [(end - n, end, head) for n, end, head in zip(counts, ends, heads)]
         pieces = []
-        for start in range(0, targets.shape[0], self.chunk_tokens):
-            h, t = hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens]
-            pieces.append(checkpoint(_chunk_token_losses, h, t, lm_head, softcap, use_reentrant=False) if grad else _chunk_token_losses(h, t, lm_head, softcap))
+        for lo, hi, head in spans:
+            for start in range(lo, hi, self.chunk_tokens):
+                stop = min(start + self.chunk_tokens, hi)
+                h, t = hidden[start:stop], targets[start:stop]
+                args = (h, t, lm_head, softcap) + ((head[0], head[1]) if head is not None else ())
+                pieces.append(checkpoint(_chunk_token_losses, *args, use_reentrant=False) if grad else _chunk_token_losses(*args))
         return torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
 
     # ------------------------------------------------------------------------------------------
@@ -380,6 +410,7 @@ class Cohort:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         adapter = {f"{n}.{k}": getattr(lora, k).detach().cpu() for n, lora in m.layers.items() for k in ("lora_A", "lora_B")}
+        adapter.update({f"token_rows.{k}": p.detach().cpu() for k, p in m.token_rows.items()})
         torch.save(adapter, folder / "adapter.pt")
         self._save_peft(m, adapter, folder)
         torch.save({"optimizer": m.optimizer.state_dict(), "schedule": m.schedule.state_dict(), "generator": m.boundary_generator}, folder / "optimizer.pt")
@@ -397,11 +428,15 @@ class Cohort:
         from trainable.model import lora_target_pattern
 
         t = m.train
+        tokens = {} if self.tokens is None else {"trainable_token_indices": self.tokens.peft_indices()}
         config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=lora_target_pattern(self.model, t.target_modules),
-                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=self.model_id, revision=self.revision)  # fmt: skip
+                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=self.model_id, revision=self.revision, **tokens)  # fmt: skip
         config.save_pretrained(str(folder))
         # PEFT's keys: the module path under base_model.model, the adapter name dropped
-        tensors = {f"base_model.model.{key.rsplit('.', 1)[0]}.{key.rsplit('.', 1)[1]}.weight": value.contiguous() for key, value in adapter.items()}
+        tensors = {f"base_model.model.{key.rsplit('.', 1)[0]}.{key.rsplit('.', 1)[1]}.weight": value.contiguous()
+                   for key, value in adapter.items() if not key.startswith("token_rows.")}  # fmt: skip
+        if self.tokens is not None:
+            tensors.update({f"base_model.model.{self.tokens.paths[k]}.token_adapter.trainable_tokens_delta": adapter[f"token_rows.{k}"].contiguous() for k in m.token_rows})
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     def restore(self, folder: str | Path, slot: int | None = None) -> int:
@@ -415,6 +450,8 @@ class Cohort:
             for n, lora in m.layers.items():
                 lora.lora_A.copy_(adapter[f"{n}.lora_A"])
                 lora.lora_B.copy_(adapter[f"{n}.lora_B"])
+            for k, p in m.token_rows.items():
+                p.copy_(adapter[f"token_rows.{k}"])
         refresh_all(list(m.layers.values()))
         opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
         m.optimizer.load_state_dict(opt["optimizer"])
@@ -428,10 +465,96 @@ class Cohort:
         return slot
 
 
-def _chunk_token_losses(hidden: Any, targets: Any, lm_head: Any, softcap: float | None) -> Any:
+class TokenRows:
+    """new_tokens in a cohort: each member's own rows of the template tokens (PEFT's TrainableTokens
+    for a trial alone), in the input embedding and, through the tie, in lm_head's columns.
+
+    The frozen embedding is wrapped (`_RowsEmbedding`): a member's rows of the batch take its own
+    rows at those token positions (scaled as Gemma scales embeddings); the cohort's loss puts each
+    member's rows into its tokens' logits (`head_rows`). An untied lm_head gets rows of its own per
+    member, initialised from its weight, as PEFT does. The base weights are never copied."""
+
+    def __init__(self, model: Any, split: RowSplit, template_ids: list[int], device: Any):
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        self.paths = {"embed": _path_of(model, embed)}
+        config = model.config.get_text_config()
+        self.tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False)) or head.weight is embed.weight
+        if not self.tied:
+            self.paths["head"] = _path_of(model, head)
+        self.embed_weight, self.head_weight = embed.weight, head.weight
+        self.index = torch.as_tensor(template_ids, dtype=torch.long, device=device)
+        self.rows: dict[int, dict[str, torch.nn.Parameter]] = {}
+        parent, _, leaf = self.paths["embed"].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, _RowsEmbedding(embed, split, self))
+
+    def new_rows(self, slot: int) -> dict[str, torch.nn.Parameter]:
+        """A member's rows, starting from the base's (fp32, what the optimizer steps)."""
+        rows = {"embed": torch.nn.Parameter(self.embed_weight.detach()[self.index].float().clone())}
+        if not self.tied:
+            rows["head"] = torch.nn.Parameter(self.head_weight.detach()[self.index].float().clone())
+        self.rows[slot] = rows
+        return rows
+
+    def drop(self, slot: int) -> None:
+        self.rows.pop(slot, None)
+
+    def head_rows(self, slot: int) -> tuple[Any, Any] | None:
+        rows = self.rows.get(slot)
+        return None if rows is None else (self.index, rows.get("head", rows["embed"]))
+
+    def peft_indices(self) -> dict[str, list[int]]:
+        ids = self.index.tolist()
+        return {path.rsplit(".", 1)[-1]: ids for path in self.paths.values()}
+
+
+class _RowsEmbedding(torch.nn.Module):
+    """The frozen input embedding with each member's own rows at the template tokens of its rows."""
+
+    def __init__(self, base: Any, split: RowSplit, tokens: TokenRows):
+        super().__init__()
+        self.base, self.split, self.tokens = base, split, tokens
+        lookup = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=base.weight.device)
+        lookup[tokens.index] = torch.arange(len(tokens.index), device=base.weight.device)
+        self.register_buffer("lookup", lookup, persistent=False)
+
+    @property
+    def weight(self) -> Any:
+        return self.base.weight
+
+    def forward(self, ids: Any) -> Any:
+        import torch.nn.functional as F
+
+        out = self.base(ids)
+        segments = [(s, a, b) for s, a, b in self.split.segments if s in self.tokens.rows]
+        if not segments:
+            return out
+        scale = getattr(self.base, "embed_scale", None)
+        pieces, covered = [], 0
+        for slot, start, stop in segments:
+            if covered < start:
+                pieces.append(out[covered:start])
+            pos = self.lookup[ids[start:stop]]
+            trained = F.embedding(pos.clamp(min=0), self.tokens.rows[slot]["embed"].to(out.dtype))
+            if scale is not None:
+                trained = trained * scale.to(trained.dtype)
+            pieces.append(torch.where((pos >= 0).unsqueeze(-1), trained, out[start:stop]))
+            covered = stop
+        if covered < out.shape[0]:
+            pieces.append(out[covered:])
+        return torch.cat(pieces)
+
+
+def _path_of(model: Any, target: Any) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def _chunk_token_losses(hidden: Any, targets: Any, lm_head: Any, softcap: float | None, columns: Any = None, rows: Any = None) -> Any:
     import torch.nn.functional as F
 
-    logits = lm_head(hidden).float()
+    logits = lm_head(hidden)
+    if columns is not None:  # new_tokens: this member's own rows for these vocabulary columns (PEFT's TrainableTokens)
+        logits = logits.index_copy(-1, columns, F.linear(hidden, rows.to(hidden.dtype)).to(logits.dtype))
+    logits = logits.float()
     if softcap:
         logits = (logits / softcap).tanh() * softcap
     return F.cross_entropy(logits, targets, reduction="none")

@@ -137,7 +137,8 @@ def _load_cohort(spec: WorkerSpec) -> Any:
     base = spec.base.train.model_copy(update={"method": spec.method})
     micro = base.batch[0]
     return Cohort(spec.base.model_id, spec.base.data_dir, base, revision=spec.base.revision, max_seq_len=spec.base.max_seq_len,
-                  max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro)  # fmt: skip
+                  max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro,
+                  embeddings=spec.base.embeddings, template_ids=tuple(spec.base.template_ids))  # fmt: skip
 
 
 def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]], None] | None = None,
@@ -254,8 +255,9 @@ class _Worker:
             "device": str(getattr(c, "device", "cpu")),
             "lora_targets": ",".join(sorted({n.rsplit(".", 1)[-1] for n in m.layers})),
             "lora_layers": len(m.layers),
-            "embeddings": "frozen",
-            "embeddings_reason": "a cohort member trains no embedding rows (resources.cohort)",
+            "embeddings": getattr(c, "embeddings", "frozen"),
+            "embeddings_reason": getattr(c, "embeddings_reason", "as configured"),
+            "embedding_rows_trained": sum(p.shape[0] for k, p in getattr(m, "token_rows", {}).items() if k == "embed"),
             "gradient_checkpointing": getattr(c, "checkpointing", False),
             "optimizer": type(m.optimizer).__name__,
             "tokens_per_sec_counts": "this member's non-padding input tokens per second of the cohort steps it took part in, after its first step (loss_tokens_per_sec: reply tokens only)",

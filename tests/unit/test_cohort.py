@@ -250,8 +250,71 @@ def test_embedding_policies_a_cohort_refuses(data_dir: str) -> None:
     with pytest.raises(ValueError) as err:
         c.add(TrainSection(target_modules=("q_proj", "qkv")), embeddings="full")
     assert "runs alone, not in a cohort" in str(err.value) and "no linear layer named qkv" in str(err.value)
-    with pytest.raises(ValueError, match="new_tokens is not yet supported in a cohort"):
+    with pytest.raises(ValueError, match="this cohort's members train frozen embeddings"):
         c.add(TrainSection(), embeddings="new_tokens")
+    with pytest.raises(ValueError, match="runs alone, not in a cohort"):
+        Cohort("tiny-gemma3", data_dir, TrainSection(), max_seq_len=SEQ, embeddings="full")
+
+
+def template_ids(data_dir: str) -> tuple[int, ...]:
+    import json
+
+    return tuple(json.loads((Path(data_dir) / "stats.json").read_text())["template_tokens"].values())
+
+
+def test_new_tokens_members_each_train_their_own_rows_as_alone(data_dir: str) -> None:
+    """model.embeddings: new_tokens in a cohort: each member trains its own rows of the template
+    tokens (input embedding and, through the tie, lm_head's columns), as PEFT's TrainableTokens does
+    for the same trial alone: same losses within 1e-4; one member's rows never move another's."""
+    ids = template_ids(data_dir)
+    assert ids, "the demo data uses template tokens"
+    torch.set_num_threads(1)
+    c = Cohort("tiny-gemma3", data_dir, TrainSection(), max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids)
+    members = [t.model_copy(update={"max_steps": 8}) for t in MEMBERS[:2]]
+    slots = [c.add(t, name=f"m{i}") for i, t in enumerate(members)]
+    start = {s: c.members[s].token_rows["embed"].detach().clone() for s in slots}
+    assert torch.equal(start[slots[0]], c.model.get_input_embeddings().weight[list(ids)].float())  # PEFT's init: the base rows
+    train_until(c, lambda: False)
+    for slot, train in zip(slots, members):
+        alone = Reporter()
+        run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids), alone)
+        theirs = [h[1] for r in alone.reports for h in r["history"]]
+        ours = c.members[slot].losses()
+        assert len(ours) == len(theirs) == 8
+        for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+            assert a == pytest.approx(b, rel=1e-4), f"member {slot} step {step}: cohort {a:.6f}, alone {b:.6f}"
+        assert not torch.equal(c.members[slot].token_rows["embed"], start[slot])  # its rows trained
+    assert not torch.equal(c.members[slots[0]].token_rows["embed"], c.members[slots[1]].token_rows["embed"])
+
+
+def test_new_tokens_member_exports_and_restores(data_dir: str, tmp_path: Path) -> None:
+    """A new_tokens member's checkpoint restores its rows, and loads with plain PEFT
+    (trainable_token_indices) to the eval loss it has in the cohort."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainable.data import collate
+    from trainable.loss import loss_positions, summed_loss
+    from trainable.model import resolve_model_path
+
+    ids = template_ids(data_dir)
+    c = Cohort("tiny-gemma3", data_dir, TrainSection(), max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids)
+    slot = c.add(MEMBERS[1].model_copy(update={"max_steps": 3}))
+    train_until(c, lambda: False)
+    c.save(slot, tmp_path / "m")
+    other = Cohort("tiny-gemma3", data_dir, TrainSection(), max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids)
+    again = other.restore(tmp_path / "m")
+    assert torch.equal(other.members[again].token_rows["embed"], c.members[slot].token_rows["embed"])
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-gemma3"), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "m")).eval()
+    rows = list(range(4))
+    batch = collate(c.eval_ds[rows], c.pad_id)
+    index, targets = loss_positions(batch["labels"])
+    with torch.no_grad():
+        alone = float(summed_loss(peft, batch["input_ids"], batch["position_ids"], index, targets)) / index.numel()
+    c.eval_ds = c.eval_ds.select(rows)
+    assert c.evaluate([slot], batch_size=4)[slot] == pytest.approx(alone, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
