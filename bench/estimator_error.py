@@ -75,7 +75,7 @@ def point(source: str, name: str, size: str, measured: float, shape: dict, not_m
 
 
 def in_sample() -> list[dict]:
-    rows = json.loads((ROOT / "bench" / "results-gemma3-policies-h200.json").read_text())
+    rows = json.loads((ROOT / "bench" / "results-gemma3-policies-h200.json").read_text())["rows"]
     rows = rows["results"] if isinstance(rows, dict) else rows
     return [point("results-gemma3-policies-h200.json", f"{r['size']} {r['method']} emb {r['policy']}", r["size"], r["peak_vram_gb"],
                   dict(method=r["method"], embeddings=r["policy"], optimizer="paged_adamw_8bit", micro_batch=1, checkpointing=True, loss="model"), [])

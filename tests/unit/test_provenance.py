@@ -41,3 +41,19 @@ def test_every_bench_script_writes_provenance() -> None:
     for name in ("seed_vs_ours", "packing", "multi_gpu", "search_efficiency", "step_profile", "gemma3_policies"):
         text = (ROOT / "bench" / f"{name}.py").read_text()
         assert "with_provenance(" in text, name
+
+
+def test_every_committed_result_file_carries_its_provenance() -> None:
+    """Issue 16: every raw result file names its commit, date, device, driver, versions and command."""
+    import json
+
+    files = sorted((ROOT / "bench").glob("results-*.json"))
+    assert files
+    for path in files:
+        data = json.loads(path.read_text())
+        assert isinstance(data, dict) and "provenance" in data, path.name
+        p = data["provenance"]
+        for key in ("commit", "date", "command", "versions"):
+            assert p.get(key), (path.name, key)
+        if "h200" in path.name:
+            assert p.get("driver_version") and (p.get("gpus") or p.get("device_name")), path.name
