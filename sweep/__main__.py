@@ -149,8 +149,47 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+READ_ONLY = ("validate", "status", "list", "best", "report", "estimate", "schema")  # they read; `best --export` writes
+
+
+class _QuietLibraries:
+    """While a read-only command runs: no third-party progress bars (transformers' "Writing model
+    shards" when estimate builds the tiny model, any tqdm) and no FutureWarning / DeprecationWarning
+    from the libraries underneath, which say nothing the user can act on. An explicit
+    TQDM_DISABLE / HF_HUB_DISABLE_PROGRESS_BARS or -W / PYTHONWARNINGS is left as it is."""
+
+    ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self.saved = {k: os.environ.get(k) for k in self.ENV}
+        for key, value in self.ENV.items():
+            os.environ.setdefault(key, value)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.warnings.__exit__(*exc)
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in READ_ONLY and not getattr(args, "export", None):
+        with _QuietLibraries():
+            return _command(args)
+    return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sweep.config import ConfigError, load_config
@@ -260,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainable.data import DataError
 
     try:
-        run_sweep(cfg, address=args.address, log=say, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None)
+        run_sweep(cfg, address=args.address, log=say, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None, live=sys.stdout.isatty())
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
@@ -368,7 +407,7 @@ def _folder_command(args: argparse.Namespace) -> int:
             from sweep.single import after_resume
 
             try:
-                result = resume_sweep(folder, address=args.address, log=say)
+                result = resume_sweep(folder, address=args.address, log=say, live=sys.stdout.isatty())
                 return after_resume(folder, result, say)  # a folder made by `train`: its adapter
             except Interrupted as exc:
                 return exc.exit_code

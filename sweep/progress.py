@@ -1,4 +1,5 @@
-"""Terminal progress: one line per trial event while the sweep runs, a table at the end."""
+"""Terminal progress: one line per trial event while the sweep runs, the sweep's progress with an
+ETA (a rich bar on a terminal, plain `progress:` lines otherwise), a table at the end."""
 
 from __future__ import annotations
 
@@ -35,13 +36,34 @@ def gpu_memory_in_use() -> str:
     return f"{used:.1f}/{total:.0f} GB" if pairs else "-"
 
 
+def duration(seconds: float) -> str:
+    """754 -> '12m34s', 5400 -> '1h30m', 42 -> '42s'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
 class Progress(Callback):
     """One line per trial event, and every `every` seconds (and after each trial ends) a status
-    line: how many trials run, finished, were pruned or failed; the best so far; GPU memory."""
+    line: how many trials run, finished, were pruned or failed; the best so far; GPU memory.
+
+    With `total` (the trials this driver run is to finish) or `time_budget` (its seconds), the
+    sweep's progress and an ETA too: the sooner of the time budget's end and the trials left at
+    the pace so far. `live` (stdout is a terminal): a rich progress bar below the lines, redrawn
+    in place; otherwise a plain `progress:` line after each status line."""
 
     def __init__(
         self, metric: str, mode: str, max_steps: int, ledger: Ledger, fixed: dict[str, Any], log: Callable[[str], None] = print, every: float = 60,
-        objectives: tuple[str, ...] = (),
+        objectives: tuple[str, ...] = (), total: int | None = None, time_budget: float | None = None, live: bool = False,
     ):  # fmt: skip
         self.metric, self.mode, self.max_steps = metric, mode, max_steps
         self.objectives = objectives  # a multi-objective sweep's metrics: outcome() needs them to agree with MLflow and the study
@@ -55,6 +77,54 @@ class Progress(Callback):
         self.last_status = time.monotonic()
         self.running: set[str] = set()
         self.ended: dict[str, int] = {}
+        self.total, self.time_budget, self.live = total, time_budget, live
+        self._bar: Any = None  # the rich progress bar while it is drawn (never pickled)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_bar": None}  # Tune pickles its callbacks; a live bar holds a thread
+
+    def eta(self) -> tuple[float, str] | None:
+        """(seconds left, why): the sooner of the time budget's end and the trials left at the pace
+        so far (finished trials per second of this run); None while neither is known."""
+        elapsed = time.monotonic() - self.start
+        done = sum(self.ended.values())
+        found = []
+        if self.time_budget:
+            found.append((max(0.0, self.time_budget - elapsed), "time budget"))
+        if self.total and done:
+            found.append((max(0, self.total - done) * elapsed / done, "trials left at the pace so far"))
+        return min(found) if found else None
+
+    def progress_line(self) -> str:
+        done, elapsed = sum(self.ended.values()), time.monotonic() - self.start
+        eta = self.eta()
+        left = f"ETA {duration(eta[0])} ({eta[1]})" if eta else "ETA after the first trial ends"
+        of = f"/{self.total}" if self.total else ""
+        return f"progress: {done}{of} trials finished, {len(self.running)} running | elapsed {duration(elapsed)} | {left}"
+
+    def _draw(self) -> None:
+        """The sweep's progress: the live bar on a terminal, else a plain line."""
+        if not self.live:
+            self.say(self.progress_line())
+            return
+        from rich.progress import BarColumn, Progress as Bar, TextColumn
+
+        if self._bar is None:
+            self._bar = Bar(TextColumn("sweep"), BarColumn(), TextColumn("{task.fields[text]}"), console=_console(), transient=False)
+            self._task = self._bar.add_task("sweep", total=self.total or None, text="")
+            self._bar.start()
+        text = self.progress_line().removeprefix("progress: ")
+        self._bar.update(self._task, completed=sum(self.ended.values()), text=text)
+
+    def close(self) -> None:
+        """Stop drawing the bar (the sweep ended, or failed); its last state stays on the screen."""
+        if self._bar is not None:
+            self._draw()
+            self._bar.stop()
+            self._bar = None
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()
 
     def status_line(self) -> str:
         parts = [f"running {len(self.running)}"] + [f"{s} {n}" for s, n in sorted(self.ended.items())]
@@ -65,12 +135,16 @@ class Progress(Callback):
         self.running.discard(trial_id)
         self.ended[status] = self.ended.get(status, 0) + 1
         self.say(self.status_line())
+        self._draw()
         self.last_status = time.monotonic()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.running and time.monotonic() - self.last_status > self.every:
             self.last_status = time.monotonic()
             self.say(self.status_line())
+            self._draw()
+        elif self._bar is not None:  # the bar's clock and ETA move between the lines
+            self._draw()
 
     def say(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.start)
@@ -82,6 +156,8 @@ class Progress(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
         self.say(f"{self.ledger.label(trial.trial_id)} start      {summary({**self.fixed, **trial.config})}")
+        if self.live:
+            self._draw()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if not finite(result.get(self.metric)):

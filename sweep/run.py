@@ -373,9 +373,12 @@ class Interrupt:
             pass
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None, command: str = "run") -> SweepResult:
+def run_sweep(
+    cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None, command: str = "run", live: bool = False,
+) -> SweepResult:  # fmt: skip
     """A new sweep: preflight, a new results folder and parent run, then the trials. `command`
-    (run, or train for one configuration: sweep.single) is recorded in sweep.json."""
+    (run, or train for one configuration: sweep.single) is recorded in sweep.json. `live`: stdout
+    is a terminal, the sweep's progress is a bar drawn in place (plain lines otherwise)."""
     from sweep.checks import before_start, quote
     from sweep.secrets import redact
     from sweep.sweepdir import write_meta
@@ -411,7 +414,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sw
         }
         write_meta(sweep_dir, meta)
         log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
-        sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log)
+        sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log, live=live)
         sweep.setup()
         sweep.run()
         return sweep.finish()
@@ -420,7 +423,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, log: Log = print, sw
             shutdown_ray()
 
 
-def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) -> SweepResult:
+def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, live: bool = False) -> SweepResult:
     """Finish a sweep whose driver died or was stopped: the same study (its whole history), the
     same parent run; unfinished trials continue from their last checkpoint; finished ones never
     run again; new trials fill the rest of the budget."""
@@ -464,7 +467,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print) 
         try:
             resources = plan_resources(cfg, log)
             sweep_run = SweepRun.attach(cfg, folder.parent_run_id)
-            sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log)
+            sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log, live=live)
             sweep.setup()
             sweep.run()
             return sweep.finish()
@@ -492,12 +495,13 @@ class Sweep:
 
     def __init__(
         self, cfg: SweepConfig, sweep_dir: Path, sweep_run: Any, prepared: Any, resources: Resources,
-        resume: list | None = None, budget: int | None = None, elapsed_before: float = 0.0, log: Log = print,
+        resume: list | None = None, budget: int | None = None, elapsed_before: float = 0.0, log: Log = print, live: bool = False,
     ):  # fmt: skip
         self.cfg, self.sweep_dir, self.sweep_run, self.prepared, self.resources = cfg, sweep_dir, sweep_run, prepared, resources
         self.resume = list(resume or [])
         self.budget = cfg.num_trials if budget is None else budget
-        self.elapsed_before, self.log = elapsed_before, log
+        self.elapsed_before, self.log, self.live = elapsed_before, log, live
+        self.progress: Any = None  # the Progress callback, once made
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -585,8 +589,18 @@ class Sweep:
         from sweep.retries import Retries
 
         cfg = self.cfg
-        progress = Progress(cfg.search.metric, cfg.search.mode, cfg.train.max_steps, self.ledger, cfg.fixed_hyperparams, self.log, objectives=self.objectives)
+        progress = Progress(
+            cfg.search.metric, cfg.search.mode, cfg.train.max_steps, self.ledger, cfg.fixed_hyperparams, self.log, objectives=self.objectives,
+            total=self.budget + len(self.resume), time_budget=self.time_left, live=self.live,
+        )  # fmt: skip
+        self.progress = progress
         return [Retries(self.search, self.ledger, cfg.search.max_retries), self.trial_runs, progress, _heartbeat_callback(self.heartbeat)]
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds of the time budget left to this driver run (None without a budget)."""
+        cfg = self.cfg
+        return max(1.0, cfg.search.time_budget - self.elapsed_before) if cfg.search.time_budget else None
 
     def make_tuner(self) -> Any:
         from ray import tune
@@ -595,7 +609,7 @@ class Sweep:
         from sweep.sweepdir import next_tune_name
 
         cfg, resources = self.cfg, self.resources
-        time_left = max(1.0, cfg.search.time_budget - self.elapsed_before) if cfg.search.time_budget else None
+        time_left = self.time_left
         tune_config = tune.TuneConfig(
             search_alg=self.search,
             scheduler=make_scheduler(cfg, self.ledger),
@@ -640,6 +654,8 @@ class Sweep:
             self.tuner.fit()
         except BaseException:
             self.interrupt.restore()
+            if self.progress is not None:
+                self.progress.close()
             self.sweep_run.finish({}, None, self.cfg.search.metric, status="KILLED")
             self.heartbeat.beat(force=True, state="failed")
             release(self.sweep_dir)
@@ -655,6 +671,8 @@ class Sweep:
         from sweep.sweepdir import mlflow_links, release, say_mlflow
 
         cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
+        if self.progress is not None:
+            self.progress.close()  # the bar ends above the table (Tune's experiment end closed it already)
         stopped = self.stop.requested()
         self.search.close_open_trials({tid: t.last_result for tid, t in self.trial_runs.trials.items()})
         study = optuna.load_study(study_name=cfg.name, storage=cfg.optuna_storage(sweep_dir))

@@ -199,6 +199,13 @@ def mlflow_links(mlflow_uri: str, experiment_id: str | None) -> dict[str, str | 
     }
 
 
+def run_link(links: dict[str, str | None], run_id: str) -> str | None:
+    """One run's page in the MLflow UI, beside the runs table of `mlflow_links` (None without an
+    experiment id): `UI/#/experiments/ID/runs/RUN_ID`."""
+    runs = links.get("runs")
+    return runs.split("?", 1)[0] + f"/{run_id}" if runs else None
+
+
 def say_mlflow(links: dict[str, str | None], write: Any) -> None:
     """The lines `run`, `status` and `best` print to open the sweep's runs in MLflow."""
     if links["command"]:

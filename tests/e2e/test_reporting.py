@@ -58,6 +58,7 @@ def test_multi_objective_sweep_reports_its_pareto_set(sweep: tuple) -> None:
     parent, _ = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     assert set(parent.data.tags["pareto_trials"].split(",")) == front
     assert re.search(r"status: running \d+, completed \d+ \| best t\d{3} eval_loss [0-9.]+ \| GPU memory -", out), out
+    assert re.search(r"\] progress: 5/5 trials finished, 0 running \| elapsed \S+ \| ETA 0s \(trials left at the pace so far\)$", out, re.M), out
 
 
 def test_report(sweep: tuple) -> None:
@@ -70,7 +71,12 @@ def test_report(sweep: tuple) -> None:
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name  # a real, non-empty plot
     html = (report / "report.html").read_text()
     assert html.count("<tr class=") == len(result.trials) == 5
-    assert html.count("data:image/png;base64,") == 5  # self-contained
+    page = html.split("</script>", 1)[1]  # after plotly.js (inline, first)
+    assert page.count("data:image/png;base64,") == 2  # self-contained: the Pareto fronts and loss curves as PNGs ...
+    assert html.count("Plotly.newPlot(") == 4 and not re.search(r"<script[^>]+src=", html)  # ... Optuna's charts, plotly.js inline
+    assert "Only 5 trials completed: with fewer than 10, hyperparameter importance is noise" in html
+    for row in result.trials:  # each trial's label links to its MLflow run
+        assert re.search(rf"<a href='http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{row['run_id']}' target='_blank'>{row['label']}</a>", html)
     from mlflow import MlflowClient
 
     artifacts = {a.path for a in MlflowClient(cfg.mlflow_uri).list_artifacts(result.parent_run_id, "report")}
@@ -194,19 +200,28 @@ def test_mlflow_ui_shows_the_trials_under_the_sweep(sweep: tuple, ui: str) -> No
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if chromium is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's)")
-    cfg, result, _, _ = sweep
+    cfg, result, _, folder = sweep
     from mlflow import MlflowClient
 
     experiment = MlflowClient(ui).get_experiment_by_name(cfg.experiment).experiment_id
     parent_name = result.sweep_dir.name
+    # the link `status` (and `best`) print, served here on a free port instead of mlflow ui's 5000
+    status = cli("status", str(result.sweep_dir), cwd=folder)
+    printed = re.search(r"its runs:  (http://127\.0\.0\.1:5000)(/#/experiments/(\d+)/runs\?workflowType=machine_learning)$", status.stdout, re.M)
+    assert printed and printed.group(3) == experiment, status.stdout[-2000:]
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
     OUTPUT.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(f"{ui}/#/experiments/{experiment}/runs")
+        page.goto(ui + printed.group(2))
         page.wait_for_selector(f"text={parent_name}", timeout=60_000)
-        assert "t000" not in page.inner_text("body")  # trials are nested, folded under the sweep run
+        text = page.inner_text("body")
+        # the runs table of model training, not the GenAI view (its overview, traces, sessions, judges) MLflow 3 opens by default
+        assert "workflowType=machine_learning" in page.url and "Run Name" in text and "Model registry" in text, text[:2000]
+        for genai in ("Sessions", "Judges", "Evaluation runs", "Training runs", "Token Usage"):
+            assert genai not in text, (genai, text[:2000])
+        assert "t000" not in text  # trials are nested, folded under the sweep run
         page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # unfold it
         page.wait_for_selector("text=t000", timeout=30_000)
         text = page.inner_text("body")
