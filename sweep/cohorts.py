@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 import zlib
@@ -525,16 +526,25 @@ def _where(task: Any) -> str:
     return f"its checkpoint at {Path(task.checkpoint).name}" if task.checkpoint else "the start"
 
 
-def _progress(log: Callable[[str], None]) -> Any:
+# a member's end, as trainable/cohort_worker.py words it: "t003 completed  eval_loss ..."
+MEMBER_END = re.compile(r"^(t\d+) +(completed|pruned|failed|nan|oom|stopped|infeasible)\b")
+MEMBER_START = re.compile(r"^(t\d+) +start\b")
+
+
+def _progress(log: Callable[[str], None], total: int | None = None, time_budget: float | None = None) -> Any:
     from ray.tune import Callback
 
+    from sweep.progress import progress_line
     from sweep.trials import error_text, last_line
 
     class CohortProgress(Callback):
-        """The members' lines, as the workers report them; a worker's own failure."""
+        """The members' lines, as the workers report them; a worker's own failure; after each
+        member's end, the sweep's progress and ETA (sweep.progress.progress_line)."""
 
         def __init__(self) -> None:
             self.start = time.monotonic()
+            self.running: set[str] = set()
+            self.done = 0
 
         def say(self, text: str) -> None:
             elapsed = int(time.monotonic() - self.start)
@@ -544,8 +554,17 @@ def _progress(log: Callable[[str], None]) -> Any:
             self.say(f"cohort worker {trial.trial_id} start ({trial.config.get('method')})")
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            ended = False
             for line in result.get("events") or []:
                 self.say(line)
+                if start := MEMBER_START.match(line):
+                    self.running.add(start.group(1))
+                elif end := MEMBER_END.match(line):
+                    self.running.discard(end.group(1))
+                    self.done += 1
+                    ended = True
+            if ended:
+                self.say(progress_line(self.done, len(self.running), time.monotonic() - self.start, total, time_budget))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             counts = (trial.last_result or {}).get("members") or {}
@@ -679,4 +698,6 @@ class CohortPlan:
                               max_concurrent_trials=len(self.workers), time_budget_s=None, reuse_actors=False)  # fmt: skip
         # the lone-trial callbacks (retries, MLflow per Ray trial, progress per Ray trial) act on Ray trials, which are workers here
         kept = [c for c in callbacks if type(c).__name__ not in ("Retries", "TrialRuns", "Progress")]
-        return worker, tune_config, [_orphans(self.source, workers, self.max_retries, self.log), *kept, _progress(self.log)]
+        deadline = self.source.deadline
+        time_left = deadline - time.time() if deadline else None
+        return worker, tune_config, [_orphans(self.source, workers, self.max_retries, self.log), *kept, _progress(self.log, self.source.budget + len(self.resumed), time_left)]

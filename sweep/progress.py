@@ -52,6 +52,25 @@ def _console() -> Any:
     return Console()
 
 
+def eta(done: int, elapsed: float, total: int | None, time_budget: float | None) -> tuple[float, str] | None:
+    """(seconds left, why): the sooner of the time budget's end and the trials left at the pace
+    so far (finished trials per second of this run); None while neither is known."""
+    found = []
+    if time_budget:
+        found.append((max(0.0, time_budget - elapsed), "time budget"))
+    if total and done:
+        found.append((max(0, total - done) * elapsed / done, "trials left at the pace so far"))
+    return min(found) if found else None
+
+
+def progress_line(done: int, running: int, elapsed: float, total: int | None, time_budget: float | None) -> str:
+    """`progress: 3/8 trials finished, 2 running | elapsed 4m | ETA ...` (lone trials and cohorts alike)."""
+    left = eta(done, elapsed, total, time_budget)
+    text = f"ETA {duration(left[0])} ({left[1]})" if left else "ETA after the first trial ends"
+    of = f"/{total}" if total else ""
+    return f"progress: {done}{of} trials finished, {running} running | elapsed {duration(elapsed)} | {text}"
+
+
 class Progress(Callback):
     """One line per trial event, and every `every` seconds (and after each trial ends) a status
     line: how many trials run, finished, were pruned or failed; the best so far; GPU memory.
@@ -84,23 +103,10 @@ class Progress(Callback):
         return {**self.__dict__, "_bar": None}  # Tune pickles its callbacks; a live bar holds a thread
 
     def eta(self) -> tuple[float, str] | None:
-        """(seconds left, why): the sooner of the time budget's end and the trials left at the pace
-        so far (finished trials per second of this run); None while neither is known."""
-        elapsed = time.monotonic() - self.start
-        done = sum(self.ended.values())
-        found = []
-        if self.time_budget:
-            found.append((max(0.0, self.time_budget - elapsed), "time budget"))
-        if self.total and done:
-            found.append((max(0, self.total - done) * elapsed / done, "trials left at the pace so far"))
-        return min(found) if found else None
+        return eta(sum(self.ended.values()), time.monotonic() - self.start, self.total, self.time_budget)
 
     def progress_line(self) -> str:
-        done, elapsed = sum(self.ended.values()), time.monotonic() - self.start
-        eta = self.eta()
-        left = f"ETA {duration(eta[0])} ({eta[1]})" if eta else "ETA after the first trial ends"
-        of = f"/{self.total}" if self.total else ""
-        return f"progress: {done}{of} trials finished, {len(self.running)} running | elapsed {duration(elapsed)} | {left}"
+        return progress_line(sum(self.ended.values()), len(self.running), time.monotonic() - self.start, self.total, self.time_budget)
 
     def _draw(self) -> None:
         """The sweep's progress: the live bar on a terminal, else a plain line."""

@@ -491,3 +491,21 @@ def test_cohort_workers_spread_over_every_gpu() -> None:
     assert plan_workers(4, True, fit=4, trials=16, max_concurrent="auto", methods=1) == (4, 4)
     assert plan_workers(4, False, fit=8, trials=16, max_concurrent=8, methods=1) == (2, 4)
     assert plan_workers("auto", False, fit=1, trials=16, max_concurrent="auto", methods=2) == (2, 4)
+
+
+def test_cohort_sweeps_print_progress_and_an_eta() -> None:
+    """The driver's cohort progress: after each member's end, how many finished of how many and an ETA."""
+    from types import SimpleNamespace
+
+    from sweep.cohorts import _progress
+
+    lines: list[str] = []
+    progress = _progress(lines.append, total=4, time_budget=3600)
+    worker = SimpleNamespace(trial_id="w0", config={"method": "lora"})
+    events = ["t000 start      in cohort w0 (1 of 2) from the start", "t001 start      in cohort w0 (2 of 2) from the start"]
+    progress.on_trial_result(0, [], worker, {"events": events})
+    assert not any("progress:" in line for line in lines)
+    progress.on_trial_result(1, [], worker, {"events": ["t000 step    2/2  eval_loss 1.0", "t000 completed   eval_loss 1.0000 at step 2"]})
+    assert "progress: 1/4 trials finished, 1 running" in lines[-1] and "ETA" in lines[-1], lines
+    progress.on_trial_result(2, [], worker, {"events": ["t001 pruned     eval_loss 2.0000 at step 1"]})
+    assert "progress: 2/4 trials finished, 0 running" in lines[-1] and "trials left at the pace so far" in lines[-1], lines[-1]
