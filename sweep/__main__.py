@@ -260,10 +260,12 @@ def _command(args: argparse.Namespace) -> int:
 
         if as_json:
             print_json({"source": str(cfg.source), "valid": True, "config": cfg.resolved(), "space": cfg.space.describe_size(),
-                        "num_trials": cfg.num_trials, "max_steps": cfg.train.max_steps})  # fmt: skip
+                        "num_trials": cfg.num_trials, "max_steps": cfg.train.max_steps,
+                        "search": {"algorithm": cfg.search.algorithm, "why": cfg.algorithm_reason}})  # fmt: skip
             return 0
         print(yaml.safe_dump(cfg.resolved(), sort_keys=False), end="")
         print(f"# space: {cfg.space.describe_size()}")
+        print(f"# search: {cfg.search.algorithm} ({cfg.algorithm_reason})")
         print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid")
         return 0
 

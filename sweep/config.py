@@ -16,6 +16,7 @@ from typing import Annotated, Any, get_args
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from core import rules
 from core.schema import (  # noqa: F401 - the sections and constants, importable from here as before
     DATA_SUFFIXES,
     METRICS,
@@ -253,6 +254,7 @@ class SweepConfig:
     source_text: str
     overrides: tuple[str, ...] = ()
     study_points: tuple[dict[str, Any], ...] = field(default=())
+    algorithm_reason: str = "as configured"  # why search.algorithm is what it is (auto: what it picked, and why)
 
     @property
     def sha256(self) -> str:
@@ -489,6 +491,11 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
                 (first, direction), = search.objectives[0].items()
                 sections["search"] = search = search.model_copy(update={"metric": first, "mode": direction})
         size = space.size()
+        discrete = size if size and all(d.size() is not None for d in space.dims) else None
+        algorithm, why = rules.search_algorithm(search.algorithm, len(search.objectives or [search.metric]), discrete, search.num_trials)
+        if algorithm != search.algorithm:
+            sections["search"] = search = search.model_copy(update={"algorithm": algorithm})
+        sections["algorithm_reason"] = why
         if search.algorithm == "grid":
             continuous = [d.name for d in space.dims if d.size() is None]
             for d_name in continuous:
@@ -529,6 +536,7 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
         source_text=text,
         overrides=overrides,
         study_points=sections.get("study_points", ()),
+        algorithm_reason=sections.get("algorithm_reason", "as configured"),
     )
 
 

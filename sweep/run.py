@@ -544,6 +544,8 @@ class Sweep:
             f"{cfg.num_trials} trials, up to {resources.concurrent} at a time, {resources.describe()}; "
             f"search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}"
         )
+        if cfg.algorithm_reason != "as configured":
+            self.log(f"search: {cfg.search.algorithm}: {cfg.algorithm_reason}")
 
     def make_trainable(self) -> Any:
         """What each Ray trial runs, and the resources it asks Ray for: the one place both are chosen."""

@@ -16,6 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from core.contract import ERROR, ESTIMATED_VRAM_GB, STATUS, STEP, TrialStatus
 from core.request import Allocation, TrialRequest
+from core.rules import tpe_startup_trials
 from sweep.config import SweepConfig
 from sweep.space import Space
 from sweep.trials import Ledger, finite, missing_objectives, outcome
@@ -46,9 +47,8 @@ def make_sampler(cfg: SweepConfig, trials_before: int = 0) -> Any:
         return optuna.samplers.GridSampler(cfg.space.grid(), seed=seed)
     if search.algorithm == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    startup = search.n_startup_trials or max(1, min(10, cfg.num_trials // 3))
     return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True
+        seed=seed, n_startup_trials=tpe_startup_trials(search.n_startup_trials, cfg.num_trials), multivariate=True, constant_liar=True
     )
 
 

@@ -107,6 +107,7 @@ class SweepRun:
             "max_seq_len": cfg.data.max_seq_len,
             "packing": cfg.data.packing,
             "algorithm": cfg.search.algorithm,
+            "algorithm_reason": cfg.algorithm_reason[:490],  # MLflow params hold 500 characters at most here
             "metric": cfg.search.metric,
             "mode": cfg.search.mode,
             "num_trials": cfg.num_trials,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,7 +124,7 @@ space:
         "data.max_seq_len: Input should be greater than or equal to 16 (got 4)",
         "train.max_steps: Input should be greater than 0 (got 0)",
         "train.learning_rate: Input should be less than 1 (got 2)",
-        "search.algorithm: Input should be 'tpe', 'random', 'grid' or 'nsga2' (got 'bayes')",
+        "search.algorithm: Input should be 'auto', 'tpe', 'random', 'grid' or 'nsga2' (got 'bayes')",
         "search.num_trials: Input should be greater than 0 (got -1)",
         "space.lora_r[1]: got -8; Input should be greater than 0; expected LoRA rank",
         "space.learning_rate.loguniform: low 0 must be > 0",
@@ -173,7 +175,7 @@ def test_grid_needs_discrete_dimensions_and_caps_trials(tmp_path: Path) -> None:
 
 def test_cross_section_errors(tmp_path: Path) -> None:
     body = MINIMAL.replace("train: {max_steps: 4", "train: {lora_r: 8, max_steps: 4").replace(
-        "search: {num_trials: 2}", "search: {scheduler: {grace_period: 10}}"
+        "search: {num_trials: 2}", "search: {algorithm: tpe, scheduler: {grace_period: 10}}"
     )
     found = problems(tmp_path, body)
     assert "train.lora_r and space.lora_r: search it in space or fix it in train, not both" in found
@@ -286,3 +288,21 @@ def test_pathological_overrides_are_problems_not_tracebacks(tmp_path: Path) -> N
     assert found[1].startswith("override 'search.num_trials=999") and "not usable YAML: Exceeds the limit (4300 digits)" in found[1]
     assert found[2] == "override 'search.num_trials=[1': line 1, column 3: not valid YAML: expected ',' or ']', but got '<stream end>'"
     assert "nested too deeply" in one_problem(tmp_path, MINIMAL + "extra: " + "[" * 5000 + "\n")
+
+
+def test_search_algorithm_auto_says_what_it_picked(tmp_path: Path) -> None:
+    """search.algorithm: auto (the default): grid when the trials cover a discrete space, else TPE
+    (the search suite's winner); validate and the sweep say which and why."""
+    from core import rules
+
+    assert rules.search_algorithm("random", 1, 48, 10) == ("random", "as configured")
+    assert rules.search_algorithm("auto", 1, 48, None)[0] == "grid" and "algorithm: grid tries each once" in rules.search_algorithm("auto", 1, 48, 48)[1]
+    algorithm, why = rules.search_algorithm("auto", 1, 48, 20)
+    assert algorithm == "tpe" and "search suite" in why
+    assert rules.search_algorithm("auto", 1, None, 20)[0] == "tpe" and "several objectives" in rules.search_algorithm("auto", 2, None, 20)[1]
+    assert [rules.tpe_startup_trials(None, n) for n in (1, 8, 20, 64)] == [1, 4, 10, 10] and rules.tpe_startup_trials(3, 64) == 3
+
+    cfg = load_config(ROOT / "search_spaces" / "demo.yaml")
+    assert cfg.search.algorithm == "tpe" and cfg.algorithm_reason.startswith("auto: TPE")
+    out = subprocess.run([sys.executable, "-m", "sweep", "validate", str(cfg.source)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "# search: tpe (auto: TPE" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
