@@ -48,7 +48,7 @@ def test_a_time_budget_sweep_in_a_spaced_folder_then_its_study_lost(tmp_path: Pa
     assert status[-1].startswith("its runs:  http://127.0.0.1:5000/#/experiments/")  # the MLflow runs table
     printed: list[str] = []
     best(folder, None, None, False, write=printed.append)
-    assert f"export it (config, adapter):  python -m sweep best {quoted} --export DIR" in printed, printed
+    assert f"export it (adapter, tokenizer, generation config, model card):  python -m sweep best {quoted} --export DIR" in printed, printed
 
     (folder / "optuna.db").unlink()
     for command in ("best", "report"):
