@@ -1,8 +1,8 @@
 """The container pieces in docker/: both Dockerfiles lint clean with hadolint, the dependency locks
 agree with pyproject.toml, the compose stack and the KubeRay manifests hang together (services,
 health checks, images, ports on loopback, shared volumes, GPUs, secrets only by reference).
-Nothing here builds an image or talks to Docker or Kubernetes; see docker/README.md for what was
-and was not run."""
+Nothing here builds an image or talks to Docker or Kubernetes: tests/e2e/test_docker_compose.py
+does (where a Docker engine runs); see docker/README.md for what was and was not run."""
 
 from __future__ import annotations
 
@@ -240,16 +240,61 @@ def test_final_stage_runs_as_the_non_root_user_it_creates(path: Path) -> None:
     assert user == created.group(1), f"{path.name}: USER {user} is not the uid {created.group(1)} it creates"
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults."""
+    return {name: value for kind, name, value in env_and_args_of(dockerfile(path)[0]) if kind == "ARG" and value is not None}
+
+
+def env_and_args_of(stage: list[tuple[str, str]]) -> list[tuple[str, str, str | None]]:
+    found = []
+    for instruction, rest in stage:
+        if instruction == "ARG":
+            name, eq, value = rest.partition("=")
+            found.append(("ARG", name.strip(), value.strip() if eq else None))
+    return found
+
+
+def froms(path: Path) -> list[str]:
+    """The image of every FROM, ${ARG}s replaced by the global ARGs' defaults."""
+    args = global_args(path)
+    images = []
+    for stage in dockerfile(path)[1:]:
+        image = stage[0][1].split()[0]
+        images.append(re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), image))
+    return images
+
+
 def test_both_images_use_the_same_uid_and_python() -> None:
     """Head (CPU image) and workers (GPU image) write one shared volume, and Ray refuses nodes
-    whose Python differs from the head's down to the patch release."""
+    whose Python differs from the head's down to the patch release: both images start from the
+    same base (PyPI's CUDA torch carries its CUDA runtime, so the GPU image needs no CUDA base)."""
     uids = {p.name: next(rest for i, rest in reversed(dockerfile(p)[-1]) if i == "USER") for p in (GPU_DOCKERFILE, CPU_DOCKERFILE)}
     assert len(set(uids.values())) == 1, uids
-    cpu_from = [rest for stage in dockerfile(CPU_DOCKERFILE) for i, rest in stage if i == "FROM"]
-    cpu_python = {re.match(r"python:(\d+\.\d+\.\d+)-", f).group(1) for f in cpu_from}
-    gpu_python = {v for kind, n, v in env_and_args(GPU_DOCKERFILE) if kind == "ARG" and n == "PYTHON_VERSION" and v}
-    assert len(cpu_python) == 1 and cpu_python == gpu_python, f"CPU image Python {cpu_python}, GPU image {gpu_python}"
-    assert int(next(iter(cpu_python)).split(".")[1]) >= int(re.search(r"3\.(\d+)", pyproject()["requires-python"]).group(1))
+    bases = {p.name: global_args(p).get("BASE_IMAGE") for p in (GPU_DOCKERFILE, CPU_DOCKERFILE)}
+    assert len(set(bases.values())) == 1 and None not in bases.values(), f"the images' BASE_IMAGE defaults differ: {bases}"
+    python = re.match(r"python:(\d+\.\d+\.\d+)-", next(iter(bases.values())))
+    assert python, f"BASE_IMAGE {bases}: expected python:X.Y.Z-..."
+    assert int(python.group(1).split(".")[1]) >= int(re.search(r"3\.(\d+)", pyproject()["requires-python"]).group(1))
+    # the same first steps, word for word, so that the two builds share those layers
+    def prefix(path: Path) -> list[tuple[str, str]]:
+        final = dockerfile(path)[-1]
+        runs = [n for n, (i, _) in enumerate(final) if i == "RUN"]
+        return final[: runs[1] + 1]
+    assert prefix(GPU_DOCKERFILE) == prefix(CPU_DOCKERFILE), "the user and requirements.lock steps should be identical in both Dockerfiles"
+
+
+@pytest.mark.parametrize("path", [GPU_DOCKERFILE, CPU_DOCKERFILE], ids=lambda p: p.name)
+def test_base_args_come_before_from_and_wheels_are_only_mounted(path: Path) -> None:
+    """ARG BASE_IMAGE before FROM (a stand-in base where no registry is reachable), wheelhouse
+    stages that the installs bind-mount (never copied into the image), binary wheels of the locks."""
+    args = global_args(path)
+    assert {"BASE_IMAGE", "WHEELS_IMAGE", "TORCH_WHEELS_IMAGE"} <= set(args), args
+    assert args["WHEELS_IMAGE"] == args["TORCH_WHEELS_IMAGE"] == "scratch"
+    final = dockerfile(path)[-1]
+    assert final[0][1].split()[0] == "${BASE_IMAGE}"
+    assert not any(i in ("COPY", "ADD") for i, _ in final), f"{path.name}: the final stage copies files; bind-mount them for the step that needs them"
+    mounts = " ".join(rest for i, rest in final if i == "RUN")
+    assert "--mount=type=bind,from=wheels," in mounts and "--mount=type=bind,from=torch-wheels," in mounts
 
 
 @pytest.mark.parametrize("path", [GPU_DOCKERFILE, CPU_DOCKERFILE], ids=lambda p: p.name)
@@ -261,26 +306,22 @@ def test_no_secret_is_baked_into_an_image(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [GPU_DOCKERFILE, CPU_DOCKERFILE], ids=lambda p: p.name)
-def test_base_images_are_pinned_and_the_build_is_multi_stage(path: Path) -> None:
-    stages = dockerfile(path)[1:]
-    names = {re.search(r"(?i)\bAS\s+(\S+)", stage[0][1]).group(1) for stage in stages if re.search(r"(?i)\bAS\s", stage[0][1])}
-    for stage in stages:
-        image = stage[0][1].split()[0]
-        if image in names:
+def test_base_images_are_pinned(path: Path) -> None:
+    for image in froms(path):
+        if image == "scratch":
             continue
         assert ":" in image.rsplit("/", 1)[-1], f"{path.name}: FROM {image} has no tag"
         tag = image.rsplit(":", 1)[1]
         assert tag != "latest" and re.search(r"\d+\.\d+", tag), f"{path.name}: FROM {image} is not pinned to a version"
-    copies_from_builder = [rest for instruction, rest in stages[-1] if instruction == "COPY" and "--from=builder" in rest]
-    assert "builder" in names and copies_from_builder, f"{path.name}: expected a builder stage whose output the final stage copies"
 
 
 def test_torch_is_the_same_version_in_both_images() -> None:
-    cpu = re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==(\S+)", CPU_DOCKERFILE.read_text())
-    assert cpu, "Dockerfile.cpu: torch==VERSION from the PyTorch CPU index"
+    cpu = re.search(r"--extra-index-url https://download\.pytorch\.org/whl/cpu torch==(\S+)\+cpu\b", CPU_DOCKERFILE.read_text())
+    assert cpu, "Dockerfile.cpu: torch==VERSION+cpu from the PyTorch CPU index"
     gpu = lock(DOCKER / "requirements-gpu.lock")
     assert gpu.get("torch") == cpu.group(1) == "2.13.0", f"CPU image torch {cpu.group(1)}, GPU lock torch {gpu.get('torch')}"
     assert f'TORCH_VERSION = "{cpu.group(1)}"' in (DOCKER / "make_lock.py").read_text()
+    assert f"torch=={cpu.group(1)}+cpu" in (DOCKER / "build.sh").read_text(), "docker/build.sh downloads the same CPU torch"
 
 
 def test_requirements_lock_pins_what_pyproject_asks() -> None:
@@ -307,6 +348,7 @@ def test_the_other_locks_add_to_it_without_overlap() -> None:
     assert "torch" in gpu and not set(gpu) & set(main), set(gpu) & set(main)
     assert all(n == "torch" or n.startswith(("nvidia-", "cuda-", "triton")) for n in gpu), sorted(gpu)
     assert "optuna-dashboard" in dashboard and not set(dashboard) & set(main)
+    assert "flask-wtf" in dashboard, "MLflow's basic-auth app needs Flask-WTF"
 
 
 def test_dockerfiles_install_the_locks_exactly() -> None:
@@ -324,12 +366,23 @@ def test_dockerfile_copies_are_in_the_build_context() -> None:
     for path in (GPU_DOCKERFILE, CPU_DOCKERFILE):
         for stage in dockerfile(path):
             for instruction, rest in stage:
-                if instruction not in ("COPY", "ADD") or "--from=" in rest:
-                    continue
-                for source in shlex.split(rest)[:-1]:
+                sources = []
+                if instruction in ("COPY", "ADD") and "--from=" not in rest:
+                    sources = shlex.split(rest)[:-1]
+                elif instruction == "RUN":  # bind mounts of the build context
+                    sources = re.findall(r"--mount=type=bind,source=([^,\s]+)", rest)
+                    if re.search(r"--mount=type=bind,target=", rest):
+                        sources.append(".")
+                for source in sources:
+                    if source == ".":
+                        continue
                     assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such file in the repository"
                     probe = source.rstrip("/") + ("/__init__.py" if (ROOT / source).is_dir() else "")
                     assert not dockerignored(probe, patterns), f"{path.name}: COPY {source}, but .dockerignore leaves it out"
+    # every package pyproject installs reaches the build
+    for package in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]:
+        folder = package.rstrip("*")
+        assert not dockerignored(f"{folder}/__init__.py", patterns), f".dockerignore leaves out the package {folder}/"
     for private in ("docker/.env", ".env", "sweeps/demo/checkpoint", ".git/config", "tests/output/x.png", "mlflow.db",
                     "sweep/__pycache__/config.cpython-311.pyc", "lora_sweep.egg-info/PKG-INFO", ".whl/torch.whl", "docker/compose.yaml"):  # fmt: skip
         assert dockerignored(private, patterns), f".dockerignore lets {private} into the build context"
@@ -460,10 +513,40 @@ def test_secrets_are_only_references() -> None:
                     required.add(re.match(r"\$\{(\w+)", value).group(1))
         for arg in service.get("command", []) if isinstance(service.get("command"), list) else []:
             assert not re.search(r"(?i)--?(password|token)[= ]", str(arg)), f"{name}: a secret on the command line"
-    assert {"POSTGRES_PASSWORD", "SWEEP_DB_PASSWORD", "RAY_AUTH_TOKEN"} <= required
+    assert {"POSTGRES_PASSWORD", "SWEEP_DB_PASSWORD", "RAY_AUTH_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"} <= required
     svc = services()
-    for name in ("ray-head", "ray-worker"):
+    for name in ("ray-head", "ray-worker", "ray-worker-cpu"):
         assert svc[name]["environment"].get("RAY_AUTH_MODE") == "token", f"{name}: Ray token authentication"
+        # the sweep logs to the MLflow server as its admin, with the password the server was given
+        assert svc[name]["environment"].get("MLFLOW_TRACKING_PASSWORD") == svc["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"], name
+        assert svc[name]["environment"].get("MLFLOW_TRACKING_USERNAME") == svc["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_USERNAME"], name
+
+
+def test_mlflow_server_runs_basic_auth() -> None:
+    """It listens beyond loopback (0.0.0.0 on the compose network): every request needs a user."""
+    mlflow = services()["mlflow"]
+    command = mlflow["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0" and command[command.index("--app-name") + 1] == "basic-auth"
+    config = mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    mounted = {target: source for source, target, *_ in (v.split(":") for v in mlflow["volumes"])}
+    ini = (COMPOSE.parent / mounted[config]).read_text()
+    assert "admin_password" not in ini and re.search(r"^database_uri = postgresql://sweep@postgres:5432/mlflow_auth$", ini, re.MULTILINE)
+
+
+def test_the_cpu_worker_stands_in_for_the_gpu_worker() -> None:
+    svc = services()
+    gpu, cpu = svc["ray-worker"], svc["ray-worker-cpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["image"] == "lora-sweep:cpu" and "deploy" not in cpu
+    same = ("command", "environment", "volumes", "depends_on", "healthcheck", "ulimits")
+    assert {k: gpu[k] for k in same} == {k: cpu[k] for k in same}
+
+
+@pytest.mark.parametrize("script", ["build.sh", "local-base.sh", "postgres-entrypoint.sh"])
+def test_scripts_are_executable_bash(script: str) -> None:
+    path = DOCKER / script
+    assert path.stat().st_mode & 0o111, f"{script} is not executable"
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def test_env_example_lists_every_variable_without_secrets() -> None:
@@ -481,9 +564,9 @@ def test_postgres_init_makes_the_databases_the_services_use() -> None:
     assert mounts, "postgres: no init script mounted"
     script = (COMPOSE.parent / mounts[0].split(":")[0]).read_text()
     made = set(re.findall(r"CREATE DATABASE (\w+)", script))
-    used = set(re.findall(r"postgresql://\w+@postgres:5432/(\w+)", COMPOSE.read_text()))
+    used = set(re.findall(r"postgresql://\w+@postgres:5432/(\w+)", COMPOSE.read_text() + (DOCKER / "mlflow-auth.ini").read_text()))
     used |= set(re.findall(r"postgresql://\w+(?::\$\{\w+\})?@postgres:5432/(\w+)", (DOCKER / "README.md").read_text()))
-    assert used and used <= made == {"mlflow", "optuna"}, f"databases made {made}, used {used}"
+    assert used and used <= made == {"mlflow", "optuna", "mlflow_auth"}, f"databases made {made}, used {used}"
     statements = " ".join(line for line in script.splitlines() if not line.lstrip().startswith("#")).upper()
     assert "CREATE ROLE" in statements and "SUPERUSER" not in statements.replace("NOSUPERUSER", ""), "the sweep role must not be a superuser"
 
