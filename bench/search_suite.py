@@ -45,9 +45,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -112,11 +111,11 @@ class Curves:
             return [[s, floor + 3.0 * math.exp(-s / 12)] for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)]
         import torch
 
-        from trainable.train import TrialSpec, run
+        from trainable.train import MemoryReporter, TrialSpec, run
 
         torch.set_num_threads(1)
         spec = TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=self.prepare(task), train=train_section(config), max_seq_len=SEQ)
-        reporter = _Reporter()
+        reporter = MemoryReporter()
         run(spec, reporter)
         return [[m["step"], m["eval_loss"]] for m in reporter.reports if "eval_loss" in m]
 
@@ -131,18 +130,6 @@ class Curves:
             out = self.workdir / f"prepared-{task}"
             self.prepared[task] = str(prepare(section, load_tokenizer("tiny-gemma3"), out, seed=0, log=lambda s: None).folder)
         return self.prepared[task]
-
-
-class _Reporter:
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
-
-    @contextmanager
-    def restore(self) -> Iterator[None]:
-        yield None
 
 
 def grid(task: str, curves: Curves) -> dict[str, Any]:

@@ -64,6 +64,21 @@ class Reporter(Protocol):
         ...
 
 
+class MemoryReporter:
+    """A Reporter that keeps every report in a list and has no checkpoint to restore: for running
+    a trial in this process (tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+
+    @contextmanager
+    def restore(self) -> Iterator[None]:
+        yield None
+
+
 # ----------------------------------------------------------------------------------------------
 # memory
 

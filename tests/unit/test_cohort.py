@@ -6,9 +6,8 @@ adapter, train_batches' data order, its optimizer and schedule), fp32 on the CPU
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from tests.conftest import DEMO_DATA
 from trainable.cohort import Cohort
 from trainable.data import prepare
 from trainable.model import load_model, load_tokenizer
-from trainable.train import TrialSpec, run
+from trainable.train import MemoryReporter, TrialSpec, run
 
 SEQ = 128
 STEPS = 30
@@ -30,18 +29,6 @@ MEMBERS = [
     TrainSection(**COMMON, lora_r=2, lora_alpha=2, target_modules=("q_proj", "v_proj"), learning_rate=1e-2, batch=(4, 1), lr_scheduler="constant", weight_decay=0.1, max_grad_norm=0.5),
     TrainSection(**COMMON, lora_r=16, lora_alpha=8, target_modules="all-linear", learning_rate=3e-3, batch=(2, 3), warmup_ratio=0.2, seed=2),
 ]  # fmt: skip
-
-
-class Reporter:
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
-
-    @contextmanager
-    def restore(self) -> Iterator[None]:
-        yield None
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,7 @@ def test_four_different_members_each_train_as_alone(data_dir: str) -> None:
     train_until(c, lambda: False)
     evals = c.evaluate()
     for slot, train in zip(slots, MEMBERS):
-        alone = Reporter()
+        alone = MemoryReporter()
         run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ), alone)
         theirs = [h[1] for r in alone.reports for h in r["history"]]
         ours = c.members[slot].losses()
@@ -276,7 +263,7 @@ def test_new_tokens_members_each_train_their_own_rows_as_alone(data_dir: str) ->
     assert torch.equal(start[slots[0]], c.model.get_input_embeddings().weight[list(ids)].float())  # PEFT's init: the base rows
     train_until(c, lambda: False)
     for slot, train in zip(slots, members):
-        alone = Reporter()
+        alone = MemoryReporter()
         run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids), alone)
         theirs = [h[1] for r in alone.reports for h in r["history"]]
         ours = c.members[slot].losses()

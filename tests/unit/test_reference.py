@@ -4,9 +4,7 @@ training losses agree."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
 
 import pytest
 import torch
@@ -15,25 +13,13 @@ from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
 from trainable.data import load_split, prepare, train_batches
 from trainable.model import lora_target_pattern, load_tokenizer, resolve_model_path
-from trainable.train import TrialSpec, run
+from trainable.train import MemoryReporter, TrialSpec, run
 
 STEPS = 50
 MICRO, ACCUM = 2, 2
 TRAIN = dict(max_steps=STEPS, eval_every=STEPS, log_every=1, batch=(MICRO, ACCUM), learning_rate=5e-3, warmup_ratio=0.1,
              lr_scheduler="cosine", optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0, lora_r=4, lora_alpha=8,
              lora_dropout=0.0, target_modules="attention", gradient_checkpointing=False, seed=0)  # fmt: skip
-
-
-class Reporter:
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
-
-    @contextmanager
-    def restore(self) -> Iterator[None]:
-        yield None
 
 
 def reference_losses(data_dir: str, tmp_path: Path) -> list[float]:
@@ -70,7 +56,7 @@ def reference_losses(data_dir: str, tmp_path: Path) -> list[float]:
 def test_first_50_losses_match_hf_trainer(tmp_path: Path) -> None:
     section = DataSection(train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"), max_seq_len=128)
     data_dir = str(prepare(section, load_tokenizer("tiny-gemma3"), tmp_path / "data", seed=0, log=lambda s: None).folder)
-    reporter = Reporter()
+    reporter = MemoryReporter()
     run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=TrainSection(**TRAIN), max_seq_len=128), reporter)
     ours = [h[1] for r in reporter.reports for h in r["history"]]
     theirs = reference_losses(data_dir, tmp_path)
