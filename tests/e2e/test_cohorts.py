@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+from typing import Iterator
 from pathlib import Path
 
 import optuna
@@ -155,3 +156,62 @@ def test_ctrl_c_stops_every_member_resumably_then_resume_finishes_them(tmp_path:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == list(range(1, 17)), (label, steps)  # each step logged once, none missing
     assert meta["state"] == "finished"
+
+
+@pytest.fixture()
+def two_gpus() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path, two_gpus: None) -> None:
+    """resources.cohort auto on a cluster of two logical GPUs (members still train on the CPU): one
+    worker per GPU, the trials shared out between them, and the stores see every member once, with
+    the worker and GPU it trained on (issue 17's placement with cohorts)."""
+    from sweep.config import load_config
+    from sweep.run import run_sweep
+
+    search = "{num_trials: 6, max_concurrent: 6, seed: 0, scheduler: {type: none}}"
+    body = SPACE.replace("STEPS", "4").replace("EVAL", "2").replace("{cohort: COHORT}", "{cohort: auto, gpus_per_trial: auto, gpu_memory_gb: 24, cpus_per_trial: 0.5}")
+    cfg = load_config(write_space(tmp_path, body + f"search: {search}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+    lines: list[str] = []
+    result = run_sweep(cfg, log=lines.append)
+    out = "\n".join(lines)
+    assert re.search(r"cohorts: 2 worker\(s\) of 1 GPU", out), out[-3000:]
+    assert result.counts == {"completed": 6}, out[-3000:]
+    meta, trials, runs = stores(Path(result.sweep_dir))
+    assert sorted(runs) == [f"t{i:03d}" for i in range(6)] and [t.state.name for t in trials] == ["COMPLETE"] * 6
+    workers = {label: (run.data.params["cohort"], run.data.params["gpu_ids"]) for label, run in runs.items()}
+    assert len({w for w, _ in workers.values()}) == 2, workers  # two workers ...
+    assert {g for _, g in workers.values()} == {"0", "1"}, workers  # ... one on each GPU
+    per_worker = {w: sum(1 for x, _ in workers.values() if x == w) for w, _ in workers.values()}
+    assert sorted(per_worker.values()) == [3, 3], per_worker  # a fair share each
+    for label, run in runs.items():
+        t = trials[int(label[1:])]
+        assert t.user_attrs["cohort"] == run.data.params["cohort"] and run.data.params["cohort_size"] == "3", (label, run.data.params)
+        assert t.value == pytest.approx(run.data.metrics["eval_loss"]) and run.info.status == "FINISHED"
+    assert meta["state"] == "finished"
+
+
+def test_the_time_budget_ends_every_member_stopped_and_the_sweep_on_time(tmp_path: Path) -> None:
+    """search.time_budget with cohorts: members that would train for hours end `stopped` at the
+    budget (PRUNED in the study, as a lone trial's), no new member joins, and the sweep ends soon
+    after the budget with nothing reported as the best."""
+    import time
+
+    search = "{num_trials: 4, max_concurrent: 4, seed: 0, time_budget: 30s, scheduler: {type: none}}"
+    start = time.monotonic()
+    out = sweep_cli("run", str(space(tmp_path, 100000, 5, search, cohort=2)), cwd=tmp_path)
+    wall = time.monotonic() - start
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert wall < 30 + 90, wall  # the budget, start-up and the members' last saves; not the 100,000 steps
+    sweep_dir = Path(re.search(r"sweep folder: (\S+)", out.stdout).group(1))
+    meta, trials, runs = stores(sweep_dir)
+    assert trials and {t.state.name for t in trials} == {"PRUNED"}, [(t.number, t.state.name) for t in trials]
+    assert sorted(runs) == [f"t{t.number:03d}" for t in trials]
+    for label, run in runs.items():
+        assert run.data.tags["trial_status"] == "stopped" and int(run.data.tags["last_step"]) >= 1, (label, run.data.tags)
+    assert "best trial: none completed" in out.stdout, out.stdout[-2000:]
