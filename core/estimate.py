@@ -352,28 +352,62 @@ class CohortBudget:
         micro, accum = hyper["batch"]
         return replace(shape, micro_batch=micro * rules.cohort_fold(int(micro), int(accum), self.max_seq_len, self.fold_tokens))
 
-    def checkpointing(self, members: list[dict[str, Any]]) -> bool:
-        """Whether these members train with gradient checkpointing: as configured, or (auto) only
-        when they do not fit the GPU share without it. The cohort decides for all its members and
+    def step_plan(self, members: list[dict[str, Any]]) -> tuple[bool, int | None]:
+        """(gradient checkpointing, most tokens per forward pass or None for one pass) for these
+        members: as configured; or (auto) without checkpointing in one pass while they fit the GPU
+        share so; else without checkpointing in passes (core.rules.cohort_passes) when passes of at
+        least rules.COHORT_PASS_MIN_TOKENS, and the largest member, fit beside every member's
+        adapter; else with checkpointing in one pass. The cohort decides for all its members and
         re-decides as they come and go (trainable/cohort_worker.py), by this same rule."""
         setting = self.fixed.get("gradient_checkpointing", "auto")
         if setting != "auto":
-            return bool(setting)
-        return self.gpu_bytes is not None and self._need(members, False) > self.gpu_bytes
+            return bool(setting), None
+        if self.gpu_bytes is None or self._need(members, False) <= self.gpu_bytes:
+            return False, None
+        cap = self._pass_tokens(members)
+        return (False, cap) if cap is not None else (True, None)
 
-    def _need(self, members: list[dict[str, Any]], checkpointing: bool) -> float:
-        return cohort_estimate(self.profile, [self.shape(m) for m in members], checkpointing).total * (1 + self.margin) + CONTEXT_BYTES
+    def checkpointing(self, members: list[dict[str, Any]]) -> bool:
+        """Whether these members train with gradient checkpointing (step_plan's decision)."""
+        return self.step_plan(members)[0]
+
+    def _pass_tokens(self, members: list[dict[str, Any]]) -> int | None:
+        """The most tokens one pass without checkpointing may hold beside everything else the
+        members keep (weights, every adapter and its optimizer state, the loss chunk), or None when
+        that is below rules.COHORT_PASS_MIN_TOKENS or the largest member's rows."""
+        shapes = [self.shape(m) for m in members]
+        tokens = [s.micro_batch * s.seq_len for s in shapes]
+        whole = cohort_estimate(self.profile, shapes, False)
+        # activation bytes per token: the cohort's mean, or a single member's if higher (a high rank)
+        per_token = max([whole.parts["activations"] / sum(tokens)] + [cohort_estimate(self.profile, [s], False).parts["activations"] / n for s, n in zip(shapes, tokens)])
+        room = (self.gpu_bytes - CONTEXT_BYTES) / (1 + self.margin) - (whole.total - whole.parts["activations"])
+        cap = min(int(room / per_token), sum(tokens))
+        return cap if cap >= max(rules.COHORT_PASS_MIN_TOKENS, *tokens) else None
+
+    def _need(self, members: list[dict[str, Any]], checkpointing: bool, pass_tokens: int | None = None) -> float:
+        est = cohort_estimate(self.profile, [self.shape(m) for m in members], checkpointing)
+        total = est.total
+        if pass_tokens is not None:  # only one pass's activations live at a time
+            total -= est.parts["activations"] * (1 - pass_tokens / sum(self.shape(m).micro_batch * self.shape(m).seq_len for m in members))
+        return total * (1 + self.margin) + CONTEXT_BYTES
 
     def need(self, members: list[dict[str, Any]]) -> float:
-        """Bytes the worker's GPU share must hold for these members (with checkpointing as
-        `checkpointing` decides): estimate, margin, context."""
-        return self._need(members, self.checkpointing(members))
+        """Bytes the worker's GPU share must hold for these members (with checkpointing and passes
+        as `step_plan` decides): estimate, margin, context."""
+        return self._need(members, *self.step_plan(members))
 
     def fits(self, members: list[dict[str, Any]]) -> bool:
         return self.gpu_bytes is None or self.need(members) <= self.gpu_bytes
 
     def share_gb(self, member: dict[str, Any], members: list[dict[str, Any]]) -> float:
-        return member_share(self.profile, self.shape(member), [self.shape(m) for m in members], self.checkpointing(members)) / GB
+        checkpointing, cap = self.step_plan(members)
+        shapes = [self.shape(m) for m in members]
+        share = member_share(self.profile, self.shape(member), shapes, checkpointing)
+        if cap is not None:  # its share of one pass's activations, not of every member's at once
+            tokens = sum(s.micro_batch * s.seq_len for s in shapes)
+            mine = self.shape(member).micro_batch * self.shape(member).seq_len / tokens
+            share -= cohort_estimate(self.profile, shapes, False).parts["activations"] * mine * (1 - cap / tokens)
+        return share / GB
 
     def size(self, member: dict[str, Any]) -> float:
         """A member's own bytes in any cohort (adapter + its activations): whom an OOM sheds first."""

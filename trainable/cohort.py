@@ -42,7 +42,7 @@ from typing import Any, Iterator
 
 import torch
 
-from core.rules import COHORT_FOLD_TOKENS, cohort_fold
+from core.rules import COHORT_FOLD_TOKENS, cohort_fold, cohort_passes
 from core.schema import TrainSection
 from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit, is_linear, peft_init, refresh_all
 
@@ -114,6 +114,7 @@ class Cohort:
         self.model_id, self.revision, self.base_train = model_id, revision, base
         self.max_seq_len, self.eval_batch_size, self.chunk_tokens = max_seq_len, eval_batch_size, chunk_tokens
         self.fold_tokens = fold_tokens  # 0: one micro-batch per forward, as a trial alone
+        self.pass_tokens: int | None = None  # most tokens per forward pass of a micro-step (None: one pass of everyone)
         self.device, self.dtype = pick_device_and_dtype(base.dtype)
         self.model = _load_base(model_id, base, revision, self.device, self.dtype)
         if embeddings not in ("frozen", "new_tokens", "auto"):
@@ -258,8 +259,9 @@ class Cohort:
     # training
 
     def step(self) -> dict[int, int]:
-        """One micro-step: every running member's next micro-batch in one forward and backward; a
-        member whose accumulation completes steps its optimizer. Returns {slot: step} for those."""
+        """One micro-step: every running member's next micro-batch in one forward and backward (or
+        in passes of at most `pass_tokens` tokens: core.rules.cohort_passes); a member whose
+        accumulation completes steps its optimizer. Returns {slot: step} for those."""
         active = [self.members[s] for s in sorted(self.running())]
         if not active:
             return {}
@@ -272,7 +274,10 @@ class Cohort:
         rows = {m.slot: m.pending.pop(0) for m in active}
         self.split.dropout_seeds = {m.slot: int(torch.randint(2**62, (), generator=m.generator)) for m in active if m.generator is not None}
         self.model.train()
-        losses = self.forward_backward(rows, {m.slot: m.group_loss_tokens for m in active})
+        losses: dict[int, Any] = {}
+        slots = list(rows)
+        for group in cohort_passes([len(rows[s]) * self.max_seq_len for s in slots], self.pass_tokens):  # passes: the same gradients, less memory
+            losses.update(self.forward_backward({slots[i]: rows[slots[i]] for i in group}, {slots[i]: self.members[slots[i]].group_loss_tokens for i in group}))
         stepped = {}
         for m in active:
             loss = losses[m.slot].detach()

@@ -259,6 +259,7 @@ class _Worker:
             "embeddings_reason": getattr(c, "embeddings_reason", "as configured"),
             "embedding_rows_trained": sum(p.shape[0] for k, p in getattr(m, "token_rows", {}).items() if k == "embed"),
             "gradient_checkpointing": getattr(c, "checkpointing", False),
+            "cohort_pass_tokens": getattr(c, "pass_tokens", None) or "one pass",  # at the member's start (re-decided as members come and go)
             "optimizer": type(m.optimizer).__name__,
             "tokens_per_sec_counts": "this member's non-padding input tokens per second of the cohort steps it took part in, after its first step (loss_tokens_per_sec: reply tokens only)",
             "cohort": self.spec.worker,
@@ -282,7 +283,9 @@ class _Worker:
         self.planned = members
         budget = self.spec.budget
         if budget is not None and budget.gpu_bytes is not None:
-            self.cohort.set_checkpointing(budget.checkpointing([lv.task.hyper for lv in self.live.values()]))
+            checkpointing, passes = budget.step_plan([lv.task.hyper for lv in self.live.values()])
+            self.cohort.set_checkpointing(checkpointing)
+            self.cohort.pass_tokens = passes
         else:  # no GPU share to fill: the single-trial rule over the rows one micro-step holds
             seq = self.spec.base.max_seq_len
             self.cohort.plan_checkpointing(sum(m * cohort_fold(m, a, seq, getattr(self.cohort, "fold_tokens", COHORT_FOLD_TOKENS)) for m, a in (lv.train.batch for lv in self.live.values())))

@@ -407,3 +407,28 @@ def test_bf16_cohort_trains_like_fp32_cohort(data_dir: str) -> None:
             torch.testing.assert_close(lora.compute[0].float(), lora.lora_A.detach(), rtol=1e-2, atol=1e-3)  # refreshed after steps
     for ours, ref in zip(*curves):
         assert ours == pytest.approx(ref, rel=3e-2)
+
+
+def test_forward_passes_change_memory_not_results(data_dir: str) -> None:
+    """A micro-step split into forward passes (core.rules.cohort_passes, when the members do not fit
+    one forward without checkpointing) gives each member the losses of one pass of everyone."""
+    from core.rules import cohort_passes
+
+    assert cohort_passes([4, 4, 4], None) == [[0, 1, 2]] and cohort_passes([], 8) == []
+    assert cohort_passes([4, 4, 4], 8) == [[0, 1], [2]] and cohort_passes([4, 12, 2, 2], 8) == [[0], [1], [2, 3]]
+    members = [t.model_copy(update={"max_steps": 4}) for t in MEMBERS]
+    runs = {}
+    for pass_tokens in (None, 1):  # 1: every member in a pass of its own
+        c = cohort(data_dir)
+        c.pass_tokens = pass_tokens
+        slots = [c.add(t) for t in members]
+        calls = []
+        inner = c.forward_backward
+        c.forward_backward = lambda rows, n: calls.append(sorted(rows)) or inner(rows, n)  # type: ignore[method-assign]
+        while c.running():
+            c.step()
+        runs[pass_tokens] = [c.members[s].losses() for s in slots], calls
+    (one, calls_one), (apart, calls_apart) = runs[None], runs[1]
+    assert all(len(rows) == len(members) for rows in calls_one) and all(len(rows) == 1 for rows in calls_apart)
+    for a, b in zip(apart, one):
+        assert a == pytest.approx(b, rel=1e-5)

@@ -509,3 +509,24 @@ def test_cohort_sweeps_print_progress_and_an_eta() -> None:
     assert "progress: 1/4 trials finished, 1 running" in lines[-1] and "ETA" in lines[-1], lines
     progress.on_trial_result(2, [], worker, {"events": ["t001 pruned     eval_loss 2.0000 at step 1"]})
     assert "progress: 2/4 trials finished, 0 running" in lines[-1] and "trials left at the pace so far" in lines[-1], lines[-1]
+
+
+def test_members_that_do_not_fit_one_forward_train_in_passes_not_checkpointed() -> None:
+    """When the members' rows do not fit one forward without checkpointing but passes of at least
+    rules.COHORT_PASS_MIN_TOKENS do, the cohort trains in passes without checkpointing (no
+    recomputed forward); when even such a pass does not fit, in one checkpointed pass as before."""
+    from core.estimate import CohortBudget
+    from core.rules import COHORT_PASS_MIN_TOKENS, cohort_passes
+
+    small = _budget_fitting_two_without_checkpointing()
+    wide = CohortBudget(profile=small.profile, max_seq_len=1024, fixed={**small.fixed, "batch": (8, 1)}, fold_tokens=0)
+    assert wide.shape({}).micro_batch * 1024 == COHORT_PASS_MIN_TOKENS  # each member: one pass's minimum
+    budget = CohortBudget(profile=wide.profile, max_seq_len=1024, fixed=wide.fixed, gpu_bytes=wide._need([{}] * 2, False) * 1.01, fold_tokens=0)
+    assert budget.step_plan([{}] * 2) == (False, None)  # two fit one forward
+    checkpointing, cap = budget.step_plan([{}] * 4)
+    assert checkpointing is False and cap is not None and 2 * 8192 <= cap < 3 * 8192, cap
+    assert cohort_passes([8192] * 4, cap) == [[0, 1], [2, 3]]
+    assert budget.fits([{}] * 4) and budget.need([{}] * 4) <= budget.gpu_bytes < budget._need([{}] * 4, False)
+    assert budget.share_gb({}, [{}] * 4) * 4 * 2**30 * (1 + budget.margin) < budget.gpu_bytes  # shares follow the passes
+    # a member too large for any pass beside the others: one checkpointed pass, as before
+    assert small.step_plan([{}] * 3) == (True, None)
