@@ -141,6 +141,13 @@ def _load_cohort(spec: WorkerSpec) -> Any:
                   embeddings=spec.base.embeddings, template_ids=tuple(spec.base.template_ids))  # fmt: skip
 
 
+def _grouped_setting() -> str:
+    """trainable.multi_lora.GROUPED (auto, on, off: LORA_SWEEP_GROUPED), for the members' params."""
+    from trainable import multi_lora
+
+    return str(multi_lora.GROUPED)
+
+
 def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]], None] | None = None,
                make_cohort: Callable[[WorkerSpec], Any] | None = None) -> dict[str, int]:  # fmt: skip
     """Train trials from `source` in one cohort until the source is exhausted or halts.
@@ -260,6 +267,7 @@ class _Worker:
             "embedding_rows_trained": sum(p.shape[0] for k, p in getattr(m, "token_rows", {}).items() if k == "embed"),
             "gradient_checkpointing": getattr(c, "checkpointing", False),
             "cohort_pass_tokens": getattr(c, "pass_tokens", None) or "one pass",  # at the member's start (re-decided as members come and go)
+            "cohort_lora_grouped": _grouped_setting(),
             "optimizer": type(m.optimizer).__name__,
             "tokens_per_sec_counts": "this member's non-padding input tokens per second of the cohort steps it took part in, after its first step (loss_tokens_per_sec: reply tokens only)",
             "cohort": self.spec.worker,

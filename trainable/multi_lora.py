@@ -62,7 +62,7 @@ fp32, older GPUs: torch's fallback there copies the offsets to the host, a sync 
 runs. With fewer than 2 members on the layer the loop runs too (nothing to group).
 
 `GROUPED` ("auto" | "on" | "off"; default from the environment variable LORA_SWEEP_GROUPED, else
-"off" until bench/grouped_lora.py has checked and timed it on an H200) picks between them: "off" always loops; "on" groups wherever it runs; "auto" groups when the
+"auto") picks between them: "off" always loops; "on" groups wherever it runs; "auto" groups when the
 launches it saves are worth more than the padded arithmetic it adds:
     waste = 6 (in + out) (sum over groups of tokens x r_pad - sum over members of tokens x r)
     (the padded FLOPs of the 6 GEMMs: 2 forward, 4 backward) and "auto" groups iff
@@ -89,8 +89,11 @@ from typing import Any
 import torch
 from torch import nn
 
-# "off" until bench/grouped_lora.py has run on an H200 (CPU-tested only): LORA_SWEEP_GROUPED=auto|on to use it
-GROUPED = os.environ.get("LORA_SWEEP_GROUPED", "off")  # "auto" | "on" | "off": see the module docstring
+# auto since bench/grouped_lora.py ran on an H200 (2026-11-30, bench/BENCH.md): bf16 within rounding of
+# the loop, NaN/Inf isolated per member, 1.4-2.5x faster per layer, where the loop is host-bound (a
+# 16-member 1B layer: 6.0 ms of host time for 6.0 ms of wall). A cohort sweep with it on is not yet
+# measured there: LORA_SWEEP_GROUPED=off brings the loop back.
+GROUPED = os.environ.get("LORA_SWEEP_GROUPED", "auto")  # "auto" | "on" | "off": see the module docstring
 GROUPED_LAUNCH_FLOPS = {"cuda": 1e9}  # padded FLOPs one saved kernel launch pays for, per device type (none: auto loops)
 LAUNCHES_PER_MEMBER = 10  # kernels a member costs in the loop beyond the grouped path's (forward + backward)
 
