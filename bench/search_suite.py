@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from provenance import with_provenance  # noqa: E402
 
 STEPS, EVAL_EVERY, SEQ = 45, 5, 128
+POINTS = STEPS // EVAL_EVERY  # evals in a full curve
 TASKS: dict[str, dict[str, list[Any]]] = {
     "demo": {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2], "lora_r": [8, 32], "target_modules": ["attention", "all-linear"], "batch": [[2, 4], [8, 1]]},
     "facts": {"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2], "lora_r": [4, 16, 64], "lora_alpha_ratio": [1, 2], "lora_dropout": [0.0, 0.1]},
@@ -94,29 +95,56 @@ class Curves:
         self.cache: dict[str, dict[str, list[list[float]]]] = json.loads(path.read_text()) if path.exists() else {}
         self.prepared: dict[str, str] = {}
         self.trained = 0
+        self.trained_steps = 0
+        self.prefix_mismatches = 0  # partial curves that the full run did not reproduce (should stay 0)
 
-    def get(self, task: str, config: dict[str, Any]) -> list[list[float]]:
+    def stats(self) -> dict[str, int]:
+        return {"trained": self.trained, "trained_steps": self.trained_steps, "prefix_mismatches": self.prefix_mismatches}
+
+    def get(self, task: str, config: dict[str, Any], points: int = POINTS) -> list[list[float]]:
+        """The curve's first `points` evals at least (all POINTS by default). A configuration first
+        asked for one point trains only to its first eval (most trials of a pruned search end
+        there: a ninth of the steps); asked for more later, it trains in full, and the prefix must
+        equal what was kept (training is deterministic; the schedule is that of the full run)."""
         key = config_key(config)
         curves = self.cache.setdefault(task, {})
-        if key not in curves:
-            curves[key] = self.train(task, config)
+        have = curves.get(key, [])
+        if len(have) < points:
+            curve = self.train(task, config, 1 if points == 1 else POINTS)
+            if have and max(abs(a[1] - b[1]) for a, b in zip(have, curve)) > 1e-6:
+                self.prefix_mismatches += 1
+                print(f"warning: {task} {key}: the partial curve {have} differs from the full run's {curve[: len(have)]}", flush=True)
+            curves[key] = curve
             self.trained += 1
+            self.trained_steps += curve[-1][0]
             self.path.write_text(json.dumps(self.cache))
         return curves[key]
 
-    def train(self, task: str, config: dict[str, Any]) -> list[list[float]]:
+    def train(self, task: str, config: dict[str, Any], points: int = POINTS) -> list[list[float]]:
         if self.dry_run:  # a smooth stand-in landscape: seconds, for the smoke test only
             lr = math.log10(config["learning_rate"])
             floor = 2.0 + 0.3 * (lr + 2.5) ** 2 + 0.01 * config.get("lora_r", 16) / 8
-            return [[s, floor + 3.0 * math.exp(-s / 12)] for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)]
+            return [[s, floor + 3.0 * math.exp(-s / 12)] for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)][:points]
         import torch
 
         from trainable.train import MemoryReporter, TrialSpec, run
 
+        class Enough(Exception):
+            pass
+
+        class UpTo(MemoryReporter):  # stops the run after `points` evals: the full run's schedule, cut short
+            def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+                super().report(metrics, checkpoint_dir)
+                if sum("eval_loss" in m for m in self.reports) >= points:
+                    raise Enough
+
         torch.set_num_threads(1)
         spec = TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=self.prepare(task), train=train_section(config), max_seq_len=SEQ)
-        reporter = MemoryReporter()
-        run(spec, reporter)
+        reporter = UpTo()
+        try:
+            run(spec, reporter)
+        except Enough:
+            pass
         return [[m["step"], m["eval_loss"]] for m in reporter.reports if "eval_loss" in m]
 
     def prepare(self, task: str) -> str:
@@ -230,11 +258,12 @@ def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, c
             trial = study.ask()
             config = suggest(trial, space)
             tried.append(config)
-            running.append([trial, config, curves.get(task, config), 0])
+            running.append([trial, config, None, 0])
         if not running:
             break
         for item in list(running):
-            trial, config, curve, i = item
+            trial, config, _, i = item
+            curve = curves.get(task, config, i + 1)  # trained only as far as the search reads it
             step, loss = curve[i]
             previous = curve[i - 1][0] if i else 0
             if spent + step - previous > budget_steps:  # out of budget: cut where it is
@@ -244,7 +273,7 @@ def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, c
                 continue
             spent += step - previous
             trial.report(loss, int(step))
-            if i == len(curve) - 1:
+            if i == POINTS - 1:
                 study.tell(trial, loss)
                 best = min(best, loss)
                 running.remove(item)
@@ -320,12 +349,15 @@ def main() -> None:
                 rows[f"{sampler}+{pruner}@{fraction:g}"] = {**summary, "budget_steps": budget, "runs": [{k: v for k, v in r.items() if k != "tried"} for r in runs]}
                 print(f"  {sampler + '+' + pruner:<20} {fraction:>4.0%}: {summary['within']}/{summary['seeds']} within 2%, median gap "
                       f"{summary['median_gap']:.2%}, worst {summary['worst_gap'] if summary['worst_gap'] is None else format(summary['worst_gap'], '.2%')}", flush=True)  # fmt: skip
+                results["tasks"][task] = {"grid": reference, "determinism": checks, "methods": rows, "partial": True}  # a run cut short keeps what finished
+                Path(args.out).write_text(json.dumps(with_provenance({**results, "curves": curves.stats()}), indent=2))
         budget = int(grid_steps * 0.2)
         results["tasks"][task] = {"grid": reference, "determinism": checks, "methods": rows,
                                   "diversity": diversity(task, "tpe-small", "asha", budget, min(args.seeds, 10), curves) if task in TASKS else None}  # fmt: skip
         Path(args.out).write_text(json.dumps(with_provenance(results), indent=2))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["trained"] = curves.trained
+    results["curves"] = curves.stats()
     Path(args.out).write_text(json.dumps(with_provenance(results), indent=2))
     if args.plot:
         plot(results, Path(args.plot))

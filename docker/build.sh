@@ -85,11 +85,18 @@ wheels() {  # wheels NAME PIP-ARGS... ; prints the image
 }
 
 build() {  # build TAG DOCKERFILE TORCH-WHEELS-IMAGE
-  local tag="$1" file="$2" torch="$3" t0; t0=$(date +%s)
+  local tag="$1" file="$2" torch="$3" t0 old; t0=$(date +%s)
+  old=$("$docker" image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
   "$docker" build --network=none -f "$file" -t "$tag" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg WHEELS_IMAGE="$common" \
     --build-arg TORCH_WHEELS_IMAGE="$torch" --build-arg PIP_NO_INDEX=1 \
     --build-arg GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" . >&2
+  # the image the tag named before is now untagged: remove it (with the vfs storage driver every
+  # layer is a full copy, and rebuilds after code changes filled a 100 GB disk with them); one a
+  # container still uses stays
+  if [ -n "$old" ] && [ "$old" != "$("$docker" image inspect -f '{{.Id}}' "$tag")" ]; then
+    "$docker" image rm "$old" >/dev/null 2>&1 || true
+  fi
   echo "built $tag in $(( $(date +%s) - t0 ))s ($(human "$tag"))"
 }
 
