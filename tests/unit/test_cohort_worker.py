@@ -35,6 +35,15 @@ class FakeCohort:
         self.sizes: list[int] = []  # members per step
         self.checkpointing = False
         self.checkpointing_by_size: list[tuple[int, bool]] = []  # (live members, on) at each decision
+        self.passes_by_size: list[tuple[int, int | None]] = []  # (live members, pass_tokens) at each decision
+
+    @property
+    def pass_tokens(self) -> int | None:
+        return self.passes_by_size[-1][1] if self.passes_by_size else None
+
+    @pass_tokens.setter
+    def pass_tokens(self, value: int | None) -> None:
+        self.passes_by_size.append((len(self.members), value))
 
     def set_checkpointing(self, on: bool) -> None:
         self.checkpointing = on
@@ -530,3 +539,19 @@ def test_members_that_do_not_fit_one_forward_train_in_passes_not_checkpointed() 
     assert budget.share_gb({}, [{}] * 4) * 4 * 2**30 * (1 + budget.margin) < budget.gpu_bytes  # shares follow the passes
     # a member too large for any pass beside the others: one checkpointed pass, as before
     assert small.step_plan([{}] * 3) == (True, None)
+
+
+def test_the_worker_splits_micro_steps_into_passes_as_members_come_and_go(tmp_path: Path) -> None:
+    """With a GPU share that holds two members' activations but not four, the worker trains four in
+    passes without checkpointing, and in one pass again once two have ended."""
+    from core.estimate import CohortBudget
+
+    small = _budget_fitting_two_without_checkpointing()
+    wide = CohortBudget(profile=small.profile, max_seq_len=1024, fixed={**small.fixed, "batch": (8, 1)}, fold_tokens=0)
+    budget = CohortBudget(profile=wide.profile, max_seq_len=1024, fixed=wide.fixed, gpu_bytes=wide._need([{}] * 2, False) * 1.01, fold_tokens=0)
+    hypers = [{"lora_r": 16, "max_steps": steps} for steps in (2, 2, 6, 6)]
+    source, cohort, _ = work(tmp_path, hypers, capacity=4, budget=budget)
+    assert all(s == "completed" for s in status(source).values()) and len(source.ended) == 4
+    passes = dict(cohort.passes_by_size)
+    assert passes[2] is None and passes[4] is not None and 2 * 8192 <= passes[4] < 3 * 8192, cohort.passes_by_size
+    assert cohort.passes_by_size[-1] == (2, None) and not any(on for _, on in cohort.checkpointing_by_size)
