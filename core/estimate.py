@@ -390,10 +390,11 @@ class CohortBudget:
         return cap if cap >= max(rules.COHORT_PASS_MIN_TOKENS, *tokens) else None
 
     def _need(self, members: list[dict[str, Any]], checkpointing: bool, pass_tokens: int | None = None) -> float:
-        est = cohort_estimate(self.profile, [self.shape(m) for m in members], checkpointing)
+        shapes = [self.shape(m) for m in members]
+        est = cohort_estimate(self.profile, shapes, checkpointing)
         total = est.total
         if pass_tokens is not None:  # only one pass's activations live at a time
-            total -= est.parts["activations"] * (1 - pass_tokens / sum(self.shape(m).micro_batch * self.shape(m).seq_len for m in members))
+            total -= est.parts["activations"] * (1 - pass_tokens / sum(s.micro_batch * s.seq_len for s in shapes))
         return total * (1 + self.margin) + CONTEXT_BYTES
 
     def need(self, members: list[dict[str, Any]]) -> float:

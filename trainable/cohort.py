@@ -275,9 +275,9 @@ class Cohort:
         self.split.dropout_seeds = {m.slot: int(torch.randint(2**62, (), generator=m.generator)) for m in active if m.generator is not None}
         self.model.train()
         losses: dict[int, Any] = {}
-        slots = list(rows)
-        for group in cohort_passes([len(rows[s]) * self.max_seq_len for s in slots], self.pass_tokens):  # passes: the same gradients, less memory
-            losses.update(self.forward_backward({slots[i]: rows[slots[i]] for i in group}, {slots[i]: self.members[slots[i]].group_loss_tokens for i in group}))
+        for group in cohort_passes([len(rows[m.slot]) * self.max_seq_len for m in active], self.pass_tokens):  # passes: the same gradients, less memory
+            part = [active[i] for i in group]
+            losses.update(self.forward_backward({m.slot: rows[m.slot] for m in part}, {m.slot: m.group_loss_tokens for m in part}))
         stepped = {}
         for m in active:
             loss = losses[m.slot].detach()

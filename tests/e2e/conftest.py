@@ -12,9 +12,15 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
+    yield from logical_gpus(0)
+
+
+def logical_gpus(n: int) -> Iterator[None]:
+    """A local Ray cluster of 2 CPUs advertising `n` logical GPUs (trials still train on the CPU),
+    for a fixture to yield from."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=2, num_gpus=n or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import write_space
-from tests.e2e.conftest import mlflow_runs
+from tests.e2e.conftest import logical_gpus, mlflow_runs
 from tests.e2e.test_durability import Driver, sweep_cli
 
 pytestmark = pytest.mark.e2e
@@ -160,11 +160,7 @@ def test_ctrl_c_stops_every_member_resumably_then_resume_finishes_them(tmp_path:
 
 @pytest.fixture()
 def two_gpus() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+    yield from logical_gpus(2)
 
 
 def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path, two_gpus: None) -> None:

@@ -14,18 +14,14 @@ import pytest
 from sweep.config import load_config
 from sweep.run import run_sweep
 from tests.conftest import MINIMAL, write_space
-from tests.e2e.conftest import mlflow_runs
+from tests.e2e.conftest import logical_gpus, mlflow_runs
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture()
 def four_gpus() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+    yield from logical_gpus(4)
 
 
 def test_trials_spread_over_four_gpus_by_their_shares(tmp_path: Path, four_gpus: None) -> None:
