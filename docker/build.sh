@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+start=$(date +%s)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(cpu postgres)
 cache="${LORA_SWEEP_DOCKER_CACHE:-$HOME/.cache/lora-sweep-docker}"
@@ -84,6 +85,15 @@ wheels() {  # wheels NAME PIP-ARGS... ; prints the image
   echo "$image"
 }
 
+# The image a tag named before a build is untagged by it: remove it (with the vfs storage driver
+# every layer is a full copy, and rebuilds after code changes filled a 100 GB disk with them); one a
+# container still uses stays.
+untag_removed() {  # untag_removed TAG OLD-ID
+  if [ -n "$2" ] && [ "$2" != "$("$docker" image inspect -f '{{.Id}}' "$1")" ]; then
+    "$docker" image rm "$2" >/dev/null 2>&1 || true
+  fi
+}
+
 build() {  # build TAG DOCKERFILE TORCH-WHEELS-IMAGE
   local tag="$1" file="$2" torch="$3" t0 old; t0=$(date +%s)
   old=$("$docker" image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
@@ -91,12 +101,7 @@ build() {  # build TAG DOCKERFILE TORCH-WHEELS-IMAGE
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg WHEELS_IMAGE="$common" \
     --build-arg TORCH_WHEELS_IMAGE="$torch" --build-arg PIP_NO_INDEX=1 \
     --build-arg GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" . >&2
-  # the image the tag named before is now untagged: remove it (with the vfs storage driver every
-  # layer is a full copy, and rebuilds after code changes filled a 100 GB disk with them); one a
-  # container still uses stays
-  if [ -n "$old" ] && [ "$old" != "$("$docker" image inspect -f '{{.Id}}' "$tag")" ]; then
-    "$docker" image rm "$old" >/dev/null 2>&1 || true
-  fi
+  untag_removed "$tag" "$old"
   echo "built $tag in $(( $(date +%s) - t0 ))s ($(human "$tag"))"
 }
 
@@ -118,13 +123,22 @@ for target in "${targets[@]}"; do
           POSTGRES_IMAGE="$standin_postgres"
           t0=$(date +%s)
           # Debian's postgresql comes from Debian's mirror: this build needs the network
+          old=$("$docker" image inspect -f '{{.Id}}' "$standin_postgres" 2>/dev/null || true)
           tar -C docker -c Dockerfile.postgres postgres-entrypoint.sh \
             | "$docker" build -f Dockerfile.postgres -t "$standin_postgres" --build-arg BASE_IMAGE="$BASE_IMAGE" - >&2
+          untag_removed "$standin_postgres" "$old"
           echo "built $standin_postgres in $(( $(date +%s) - t0 ))s ($(human "$standin_postgres"))"
         fi
       fi ;;
     *) echo "build.sh: unknown target $target (cpu, gpu, postgres)" >&2; exit 2 ;;
   esac
 done
+# BuildKit keeps a snapshot of every step it ran, and with vfs each is a full copy of the image up
+# to that step: the cache of the builds before a code change (two 6 GB copies for the GPU image)
+# is what filled the disk, not the images. Keep what this run built or reused (the next build of
+# the same locks starts from it) and drop the cache no step of this run touched.
+if [ "$("$docker" info -f '{{.Driver}}' 2>/dev/null)" = vfs ]; then
+  "$docker" builder prune -af --filter "until=$(( $(date +%s) - start ))s" >/dev/null 2>&1 || true
+fi
 echo "BASE_IMAGE=$BASE_IMAGE"
 [ -z "${POSTGRES_IMAGE:-}" ] || echo "POSTGRES_IMAGE=$POSTGRES_IMAGE"
