@@ -209,6 +209,25 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {key}: {value}  (target {target})")
 
 
+def given_configs(text: str, ranks: list[int], pairs: list[list[int]]) -> list[dict]:
+    """--configs: configurations to run instead of the seeded ones, checked against the space (Optuna
+    would otherwise reject a point outside it mid-sweep)."""
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--configs: not JSON ({e}); give a list such as "
+                         '\'[{"lora_r": 64, "lora_alpha_ratio": 2, "target_modules": "all-linear", "learning_rate": 9.08e-4, "batch": [2, 4]}]\'') from e  # fmt: skip
+    keys = {"lora_r", "lora_alpha_ratio", "target_modules", "learning_rate", "batch"}
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) and set(c) == keys for c in configs):
+        raise SystemExit(f"--configs: a non-empty JSON list of objects with exactly the keys {sorted(keys)}")
+    for c in configs:
+        if c["lora_r"] not in ranks or c["lora_alpha_ratio"] not in (1, 2) or c["target_modules"] not in ("attention", "all-linear") \
+                or c["batch"] not in pairs or not 5e-5 <= c["learning_rate"] <= 1e-3:  # fmt: skip
+            raise SystemExit(f"--configs: {c} is outside the space (lora_r in {ranks}, lora_alpha_ratio 1 or 2, attention or all-linear, "
+                             f"learning_rate in [5e-5, 1e-3], batch in {pairs})")  # fmt: skip
+    return configs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -223,6 +242,9 @@ def main() -> None:
     ap.add_argument("--cpus-per-trial", type=float, default=2)
     ap.add_argument("--gpu-gb", type=float, default=None, help="resources.gpu_memory_gb (default: the device's)")
     ap.add_argument("--workdir", default="/tmp/packing")
+    ap.add_argument("--configs", default=None,
+                    help="a JSON list of configurations (keys as in the result's configs: lora_r, lora_alpha_ratio, target_modules, learning_rate, batch) "
+                         "instead of the seeded ones; e.g. one configuration at several micro-batch splits, run alone, for the run-to-run noise floor")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny model, few trials and steps, one logical GPU")
     args = ap.parse_args()
     t0 = time.time()
@@ -247,7 +269,11 @@ def main() -> None:
         model = str(folder)
     args.cpus = args.cpus or os.cpu_count()
     trials, _, ranks, pairs = SIZES[args.size]
-    points = seeded_configs(args.trials or trials, seed=0, ranks=ranks, ratios=[1, 2], targets=["attention", "all-linear"], lr=(5e-5, 1e-3), pairs=pairs)
+    if args.configs:
+        points = given_configs(args.configs, ranks, pairs)
+        args.trials = len(points)
+    else:
+        points = seeded_configs(args.trials or trials, seed=0, ranks=ranks, ratios=[1, 2], targets=["attention", "all-linear"], lr=(5e-5, 1e-3), pairs=pairs)
     modes = [m for m in args.modes.split(",") if m]
     results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "modes": {}}
     for i, mode in enumerate(modes):
