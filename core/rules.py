@@ -87,22 +87,26 @@ def cohort_passes(tokens: list[int], cap: int | None) -> list[list[int]]:
     return passes
 
 
-def search_algorithm(requested: str, objectives: int, grid_size: int | None, num_trials: int | None) -> tuple[str, str]:
+def search_algorithm(requested: str, objectives: int, grid_size: int | None, num_trials: int | None, startup: str = "sobol") -> tuple[str, str]:
     """(the sampler to use, why) for search.algorithm. `auto` follows the search suite
-    (bench/search_suite.py, 3 tasks, 10 seeds each, real training; bench/BENCH.md): at 20% of an
-    exhaustive grid's training steps, TPE with 10 random start-up trials and ASHA came within 2% of
-    the grid's best on 8-9 of 10 seeds on every task, ahead of GP, QMC (Sobol), CMA-ES and random
-    search; fewer start-up trials (3-7) or more (14) did worse. `grid_size`: the number of
-    configurations when every dimension is discrete, else None."""
+    (bench/search_suite.py, 3 discrete tasks and a continuous one, real training; bench/BENCH.md):
+    at 20% of an exhaustive grid's training steps, TPE with ASHA came within 2% of the grid's best
+    on more seeds than GP, QMC (Sobol) alone, CMA-ES and random search; with its 10 start-up trials
+    drawn as scrambled Sobol points (search.startup: sobol, sweep.study.sobol_points) on 9-10 of 10
+    seeds per task (25-29 of 30), with Optuna's random ones on 8-9 (22-27 of 30); fewer start-up
+    trials (3-7) or more (14) did worse. `grid_size`: the number of configurations when every
+    dimension is discrete, else None. `startup`: search.startup, named in the reason."""
     if requested != "auto":
         return requested, "as configured"
     if grid_size is not None and num_trials is None:
         return "grid", f"auto: no search.num_trials and a discrete space: each of its {grid_size} configurations once (grid)"
     covered = f"; num_trials covers all {grid_size} configurations: algorithm: grid tries each once" if grid_size and num_trials and num_trials >= grid_size else ""
+    first = "Sobol (search.startup: sobol)" if startup == "sobol" else "random (search.startup: random)"
     if objectives > 1:
-        return "tpe", "auto: several objectives: TPE (multi-objective); the search suite measured single objectives only" + covered
-    return "tpe", ("auto: TPE, 10 random start-up trials (at most half the trials); best on the search suite at 20% of the grid's "
-                   "training steps (8-9 of 10 seeds within 2% on every task; GP, QMC, CMA-ES, random did worse: bench/BENCH.md)" + covered)
+        return "tpe", f"auto: several objectives: TPE (multi-objective), {first} start-up trials; the search suite measured single objectives only" + covered
+    return "tpe", (f"auto: TPE after up to 10 {first} start-up trials (at most half the trials); best on the search suite at 20% of the grid's "
+                   "training steps (Sobol start-up: 9-10 of 10 seeds within 2% on every task; random start-up 8-9; GP, QMC alone, CMA-ES, "
+                   "random search did worse: bench/BENCH.md)" + covered)
 
 
 def tpe_startup_trials(requested: int | None, num_trials: int) -> int:

@@ -190,7 +190,10 @@ class SearchSection(Section):
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="{type: asha, grace_period, reduction_factor, max_t}")
     time_budget: Duration = Field(None, description="stop launching and end running trials after e.g. 8h, 45m")
     seed: int | None = Field(None, ge=0, description="sampler seed, >= 0")
-    n_startup_trials: int | None = Field(None, gt=0, description="random trials before TPE models the space; default half the trials, at most 10 (at least 1)")
+    n_startup_trials: int | None = Field(None, gt=0, description="start-up trials before TPE models the space; default half the trials, at most 10 (at least 1)")
+    startup: Literal["sobol", "random"] = Field(
+        "sobol", description="how TPE's start-up trials are drawn: sobol (scrambled Sobol points, spread evenly over every dimension together: the search suite's best) or random (Optuna's default)"
+    )
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="configs to try first, e.g. [{lora_r: 16, learning_rate: 2.0e-4}]")
     warm_start: str | None = Field(None, description="a previous sweep's results folder: its finished trials feed the sampler, its best configs run first")
     warm_start_top: int = Field(3, ge=0, description="how many of the previous sweep's best configs to run first, >= 0")

@@ -52,6 +52,48 @@ def make_sampler(cfg: SweepConfig, trials_before: int = 0) -> Any:
     )
 
 
+def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list[dict[str, Any]]:
+    """`n` start-up configurations (Optuna study params): the first `n` trials of Optuna's
+    QMCSampler (scrambled Sobol; its first point is random, as the sampler's own first trial is),
+    drawn on a scratch in-memory study by `define` (a define-by-run space). Enqueued in the sweep's
+    study before TPE's first trial, they are its start-up trials: on the search suite
+    (bench/BENCH.md) they spread over every dimension together where random start-up trials can
+    leave a categorical value with only bad partners, after which TPE never returns to it.
+
+    A point may repeat an earlier one (several Sobol points fall on one configuration of a small
+    discrete space): it is kept. That happened to 7-19 of 300 points on the suite's 48-point spaces,
+    fewer than random draws repeat (~28 expected), and skipping them shifts the sequence off its
+    balanced blocks; measured, it did no better (spelling 26 of 30 seeds within 2% against 27)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_asynchronous_seeding=False, warn_independent_sampling=False)
+        study = optuna.create_study(sampler=sampler)
+        points: list[dict[str, Any]] = []
+        for _ in range(n):
+            trial = study.ask()
+            define(trial)
+            study.tell(trial, 0.0)
+            points.append(dict(trial.params))
+    return points
+
+
+def startup_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The points a new sweep's study starts with: the user's points_to_evaluate, then (TPE with
+    search.startup: sobol) Sobol start-up points up to TPE's start-up count. A warm-started sweep
+    gets none: the previous sweep's trials are its start-up."""
+    points = [dict(p) for p in cfg.study_points]
+    search = cfg.search
+    if search.algorithm == "tpe" and search.startup == "sobol" and not search.warm_start:
+        wanted = tpe_startup_trials(search.n_startup_trials, cfg.num_trials) - len(points)
+        if wanted > 0:
+            points += sobol_points(DefineByRun(cfg.space, cfg.fixed_hyperparams), wanted, search.seed)
+    return points
+
+
 def name_objectives(study: Any, names: list[str]) -> None:
     """Name the study's objectives (eval_loss, peak_vram_gb) so that optuna-dashboard and the
     study's dataframes say them instead of "Objective 0". Idempotent: a resumed sweep names again."""
@@ -159,7 +201,7 @@ class SweepSearch(OptunaSearch):
             metric=[m for m, _ in self.objectives] if multi else cfg.search.metric,
             mode=[d for _, d in self.objectives] if multi else cfg.search.mode,
             # queued in the study by the first driver (those not yet run wait there): not again
-            points_to_evaluate=([dict(p) for p in cfg.study_points] or None) if not before else None,
+            points_to_evaluate=(startup_points(cfg) or None) if not before else None,
             sampler=make_sampler(cfg, before),
             study_name=cfg.name,
             storage=rdb,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,55 @@ def test_points_to_evaluate_run_once_across_resumes(tmp_path: Path) -> None:
     assert first[0]["learning_rate"] == 0.001
     again = run_trials(SweepSearch(cfg, storage, Ledger()), ["b", "c"])
     assert 0.001 not in [c["learning_rate"] for c in again], again
+
+
+SOBOL = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 24, seed: SEED, algorithm: tpe, STARTUP}") + """\
+  target_modules: [attention, mlp, all-linear]
+  lora_dropout: [0.0, 0.1]
+  learning_rate: {loguniform: [1.0e-5, 1.0e-2]}
+"""
+
+
+def test_tpe_starts_from_sobol_points_that_cover_every_choice(tmp_path: Path) -> None:
+    """search.startup: sobol (the default): TPE's 10 start-up trials are scrambled Sobol points,
+    queued in the study before the first trial, so that every value of every choice meets the
+    others early. Random start-up draws leave a value out on some seeds; Sobol's never do here."""
+    from sweep.study import startup_points
+
+    uncovered = {"sobol": 0, "random": 0}
+    for seed in range(8):
+        for startup in ("sobol", "random"):
+            folder = tmp_path / f"{startup}{seed}"
+            folder.mkdir()
+            cfg = load_config(write_space(folder, SOBOL.replace("SEED", str(seed)).replace("STARTUP", f"startup: {startup}")))
+            search = SweepSearch(cfg, f"sqlite:///{folder}/optuna.db", Ledger())
+            configs = run_trials(search, [f"t{i}" for i in range(10)])
+            if startup == "sobol":
+                assert len(startup_points(cfg)) == 10 and [c["learning_rate"] for c in configs] == [p["learning_rate"] for p in startup_points(cfg)]
+                assert all(1e-5 <= c["learning_rate"] <= 1e-2 for c in configs)
+            else:
+                assert startup_points(cfg) == []  # Optuna's own random start-up: nothing queued
+            seen = {(name, str(c[name])) for c in configs for name in ("lora_r", "target_modules", "lora_dropout")}
+            uncovered[startup] += 7 - len(seen)  # 2 + 3 + 2 values
+    assert uncovered["sobol"] == 0 and uncovered["random"] > 0, uncovered
+
+
+def test_sobol_start_up_counts_the_users_points_and_skips_warm_starts_and_resumes(tmp_path: Path) -> None:
+    from sweep.study import startup_points
+
+    body = SOBOL.replace("SEED", "0").replace("STARTUP", "n_startup_trials: 4, points_to_evaluate: [{lora_r: 8, learning_rate: 0.001}]")
+    cfg = load_config(write_space(tmp_path, body))
+    points = startup_points(cfg)
+    assert len(points) == 4 and points[0] == {"lora_r": 8, "learning_rate": 0.001}  # the user's first, Sobol fills the rest
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    first = run_trials(SweepSearch(cfg, storage, Ledger()), ["a", "b"])
+    assert first[0]["learning_rate"] == 0.001 and first[1]["learning_rate"] == cfg.space.decode(points[1], cfg.fixed_hyperparams)["learning_rate"]
+    # resumed: the two not yet run are still queued in the study, nothing is queued again
+    again = run_trials(SweepSearch(cfg, storage, Ledger()), ["c", "d", "e"])
+    assert [c["learning_rate"] for c in again[:2]] == [cfg.space.decode(p, cfg.fixed_hyperparams)["learning_rate"] for p in points[2:]]
+    assert len({c["learning_rate"] for c in first + again}) == 5
+    warm = dataclasses.replace(cfg, search=cfg.search.model_copy(update={"warm_start": str(tmp_path / "previous-sweep")}))
+    assert startup_points(warm) == [{"lora_r": 8, "learning_rate": 0.001}]  # the previous sweep's trials are the start-up
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,3 +190,33 @@ def test_an_infeasible_config_is_closed_and_another_sampled(tmp_path: Path) -> N
     assert states(search) == [("FAIL", "infeasible"), ("FAIL", "infeasible"), ("RUNNING", None)]
     assert [label for label, _ in seen] == ["t000", "t001"] and all("gpu_share" not in config for _, config in seen)
     assert search.launched == 1 and search._ot_study.get_trials(deepcopy=False)[2].user_attrs["estimated_vram_gb"] == 30.12
+
+
+def test_four_trials_at_a_time_try_as_many_configurations_as_one(tmp_path: Path) -> None:
+    """Issue 18, item 4: parallel trials must not collapse the search. The sweep's sampler (Sobol
+    start-up, then TPE with constant liar) asked for 4 trials before any result tries as many
+    distinct configurations among its first 12 as one asked a trial at a time (a 48-point space)."""
+    import json
+    import math
+    import statistics
+
+    body = SOBOL.replace("STARTUP", "startup: sobol").replace("learning_rate: {loguniform: [1.0e-5, 1.0e-2]}", "learning_rate: [1.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]")
+
+    def loss(config: dict) -> float:  # a smooth stand-in landscape, best at lr 3e-3, rank 8, all-linear
+        return (math.log10(config["learning_rate"]) + 2.5) ** 2 + 0.1 * (config["lora_r"] == 4) + 0.05 * (config["target_modules"] != "all-linear") + config["lora_dropout"]
+
+    distinct: dict[int, list[int]] = {1: [], 4: []}
+    for seed in range(6):
+        for flight in (1, 4):
+            folder = tmp_path / f"s{seed}-{flight}"
+            folder.mkdir()
+            search = SweepSearch(load_config(write_space(folder, body.replace("SEED", str(seed)))), f"sqlite:///{folder}/optuna.db", Ledger())
+            tried: list[str] = []
+            for wave in range(12 // flight):
+                ids = [f"t{wave}-{i}" for i in range(flight)]
+                configs = [search.suggest(trial_id) for trial_id in ids]  # all asked before any result: trials in flight
+                for trial_id, config in zip(ids, configs):
+                    search.on_trial_complete(trial_id, {"step": 4, "trial_status": "completed", "eval_loss": loss(config)})
+                tried += [json.dumps({k: config[k] for k in ("lora_r", "target_modules", "lora_dropout", "learning_rate")}, sort_keys=True) for config in configs]
+            distinct[flight].append(len(set(tried)))
+    assert statistics.median(distinct[4]) >= statistics.median(distinct[1]) and min(distinct[4]) >= 9, distinct
