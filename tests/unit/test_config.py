@@ -298,7 +298,8 @@ def test_search_algorithm_auto_says_what_it_picked(tmp_path: Path) -> None:
     assert rules.search_algorithm("random", 1, 48, 10) == ("random", "as configured")
     assert rules.search_algorithm("auto", 1, 48, None)[0] == "grid" and "algorithm: grid tries each once" in rules.search_algorithm("auto", 1, 48, 48)[1]
     algorithm, why = rules.search_algorithm("auto", 1, 48, 20)
-    assert algorithm == "tpe" and "search suite" in why
+    assert algorithm == "tpe" and "search suite" in why and "Sobol (search.startup: sobol)" in why
+    assert "random (search.startup: random)" in rules.search_algorithm("auto", 1, None, 20, startup="random")[1]
     assert rules.search_algorithm("auto", 1, None, 20)[0] == "tpe" and "several objectives" in rules.search_algorithm("auto", 2, None, 20)[1]
     assert [rules.tpe_startup_trials(None, n) for n in (1, 8, 20, 64)] == [1, 4, 10, 10] and rules.tpe_startup_trials(3, 64) == 3
 
