@@ -68,6 +68,8 @@ def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list
 
     import optuna
 
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" for the scratch study
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_asynchronous_seeding=False, warn_independent_sampling=False)
@@ -78,6 +80,7 @@ def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list
             define(trial)
             study.tell(trial, 0.0)
             points.append(dict(trial.params))
+    optuna.logging.set_verbosity(verbosity)
     return points
 
 

@@ -44,7 +44,7 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     assert parent.data.params["space_sha256"] and parent.data.params["num_trials"] == "8"
     assert parent.data.tags["best_trial"] == best.group(1)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    finals = {}
+    finals, first_rung = {}, {}
     for run in children:
         status = run.data.tags["trial_status"]
         assert status in ("completed", "pruned"), (run.info.run_name, status, run.data.tags.get("error"))
@@ -56,12 +56,15 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
         assert "learning_rate" not in run.data.metrics  # the param (the peak) keeps its name alone
         for key in ("lora_r", "lora_alpha", "learning_rate", "batch", "trainable_params", "effective_batch", "quantization", "embeddings", "embeddings_reason", "optimizer", "gradient_checkpointing"):
             assert key in run.data.params, key
+        first_rung[run.data.tags["trial"]] = next(m.value for m in client.get_metric_history(run.info.run_id, "eval_loss") if m.step == 20)  # ASHA's first rung: every trial gets there
         if status == "completed":
             finals[run.data.tags["trial"]] = run.data.metrics["eval_loss"]
             assert run.data.metrics["train_seconds"] > 0 and run.data.metrics["load_seconds"] > 0
     assert len(finals) >= 2
     assert finals[best.group(1)] == pytest.approx(float(best.group(2)), abs=1e-4) == pytest.approx(min(finals.values()), abs=1e-4)
-    assert min(finals.values()) < 0.8 * max(finals.values()), finals  # settings matter on this task
+    # settings matter on this task: at the first rung, where every trial has an eval (the trials that
+    # complete are the good ones, and may all be close)
+    assert min(first_rung.values()) < 0.8 * max(first_rung.values()), first_rung
 
     # the study agrees with MLflow, trial by trial
     (sweep_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
