@@ -70,17 +70,19 @@ def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" for the scratch study
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_asynchronous_seeding=False, warn_independent_sampling=False)
-        study = optuna.create_study(sampler=sampler)
-        points: list[dict[str, Any]] = []
-        for _ in range(n):
-            trial = study.ask()
-            define(trial)
-            study.tell(trial, 0.0)
-            points.append(dict(trial.params))
-    optuna.logging.set_verbosity(verbosity)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_asynchronous_seeding=False, warn_independent_sampling=False)
+            study = optuna.create_study(sampler=sampler)
+            points: list[dict[str, Any]] = []
+            for _ in range(n):
+                trial = study.ask()
+                define(trial)
+                study.tell(trial, 0.0)
+                points.append(dict(trial.params))
+    finally:
+        optuna.logging.set_verbosity(verbosity)  # the caller's, even when `define` raises
     return points
 
 
