@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from provenance import with_provenance  # noqa: E402
-from sweepbench import GpuSampler, compare_losses, log_tail, makespan, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
+from sweepbench import GpuSampler, compare_losses, keep_log, log_tail, makespan, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
 from timeline import read_rows, timeline  # noqa: E402
 
 SPACE = """\
@@ -120,6 +120,7 @@ def one_run(label: str, gpus: int, logical: bool, device_gb: float, models: dict
         "oom": sum(1 for r in rows if r["status"] == "oom"),
         "gpu": tl["per_gpu"], "timeline": tl, "rows": rows,
         "driver_log_tails": {name: log_tail(results / "driver.log", 1500) for name, results in names},
+        "driver_logs": {name: keep_log(results / "driver.log", out, name) for name, results in names},
     }  # fmt: skip
 
 
@@ -189,9 +190,10 @@ def main() -> None:
         plan = [(f"logical{args.logical}", args.logical, True)] + ([] if args.skip_single else [("logical1", 1, True)])
     else:
         plan = [(f"gpus{host_gpus}", host_gpus, False)] + ([("gpus1", 1, False)] if host_gpus > 1 and not args.skip_single else [])
-    # the N-GPU run pays the same ~35 s of start-up (Ray, driver, base loads) as the 1-GPU run: a third
-    # of the call (2026-11-30) left it too little to reach the second sweep; what it leaves unused goes on
-    weights = [1.0, 1.5][: len(plan)]
+    # the N-GPU run pays the same ~60 s of start-up (driver, Ray, base loads) as the 1-GPU run, so it is
+    # not N times shorter: with cohorts on 2 H200s it took ~0.8x the 1-GPU run's time (2026-11-30, fifth
+    # session), and a 40% share (weights 1 : 1.5) cut it 8 trials short; what it leaves unused goes on
+    weights = [1.0, 1.25][: len(plan)]
     result: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "runs": []}
     for i, (label, gpus, logical) in enumerate(plan):
         left = args.budget - (time.time() - t0)

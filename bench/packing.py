@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from provenance import with_provenance  # noqa: E402
-from sweepbench import GpuSampler, compare_losses, log_tail, makespan, ratio, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
+from sweepbench import GpuSampler, compare_losses, keep_log, log_tail, makespan, ratio, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
 from timeline import read_rows, sample_stats, timeline  # noqa: E402
 
 DEMO = ROOT / "search_spaces" / "data" / "demo"
@@ -106,6 +106,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
         space, algorithm, n, extra, pts = OVERSIZED, "grid", 2, ", gradient_checkpointing: off, loss: model", "[]"
     else:
         space, algorithm, n, extra, pts = SPACE_DIMS.format(ranks=ranks, pairs=pairs), "random", trials, ", gradient_checkpointing: auto", json.dumps(points)
+        extra += ", compile: true" if args.compile else ""
     time_budget = max(30, int(share - READBACK_S))
     space_file = results / f"{name}.yaml"
     space_file.write_text(SPACE.format(name=name, model=model, demo=DEMO, seq=args.seq, method=method, steps=args.steps, log_every=max(1, args.steps // 2),
@@ -128,7 +129,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
         "by_status": {s: sum(1 for r in rows if r["status"] == s) for s in sorted({r["status"] or "?" for r in rows})},
         "makespan": makespan(rows, n, wall, serial=mode == "serial"), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
         "oom": sum(1 for r in rows if r["status"] == "oom"), "gpu": sample_stats(samples, started, ended),
-        "driver_log_tail": log_tail(log, 2500 if codes[0] else 1200),
+        "driver_log_tail": log_tail(log, 2500 if codes[0] else 1200), "driver_log": keep_log(log, out, mode),
     }  # fmt: skip
     if mode in ("serial", "packed"):
         result["overhead_fresh"] = overhead(rows, reused=False)
@@ -245,6 +246,7 @@ def main() -> None:
     ap.add_argument("--configs", default=None,
                     help="a JSON list of configurations (keys as in the result's configs: lora_r, lora_alpha_ratio, target_modules, learning_rate, batch) "
                          "instead of the seeded ones; e.g. one configuration at several micro-batch splits, run alone, for the run-to-run noise floor")  # fmt: skip
+    ap.add_argument("--compile", action="store_true", help="train.compile: true in every mode (cohorts compile around their adapters)")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny model, few trials and steps, one logical GPU")
     args = ap.parse_args()
     t0 = time.time()
@@ -257,6 +259,7 @@ def main() -> None:
         args.trials, args.steps, args.seq = args.trials or 4, min(args.steps, 4), min(args.seq, 128)
         args.cpus, args.cpus_per_trial, args.gpu_gb = args.cpus or 2, 1, args.gpu_gb or 2.6
         args.cohort = 2 if args.cohort == "auto" else args.cohort  # auto on a GPU budget fills one worker; 2 makes two on CPU
+        os.environ["LORA_SWEEP_COMPILE_BACKEND"] = "aot_eager"  # --compile traces every layer without inductor's C++ builds on 2 CPUs (Ray starts after this)
     else:
         import torch
 

@@ -194,6 +194,19 @@ def wait_drivers(drivers: list[subprocess.Popen], deadline: float, grace: float 
     return [d.returncode for d in drivers]
 
 
+def keep_log(log: Path, out: Path, name: str) -> str:
+    """The whole driver log beside the result file (`<out stem>-<name>.log`, progress bars left out),
+    so that a GPU run brings back every timestamped line (a gap between workers, a worker's load
+    phases), not only the tail the JSON holds. Returns its path ("" when there is no log)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    kept = out.with_name(f"{out.stem}-{name}.log")
+    kept.write_text("\n".join(line for line in lines if "it/s]" not in line and "examples/s]" not in line) + "\n")
+    return str(kept)
+
+
 def log_tail(log: Path, chars: int = 2500) -> str:
     try:
         return log.read_text(errors="replace")[-chars:]

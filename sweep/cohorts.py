@@ -60,8 +60,6 @@ def config_problems(model: Any, train: Any, resources: Any, searched: tuple[str,
     if embeddings == "full":
         out.append(f"model.embeddings: full with resources.cohort: {resources.cohort}: a trial that trains the whole embedding matrix cannot "
                    "share a base model; set model.embeddings: frozen, or resources.cohort: off")  # fmt: skip
-    if train is not None and train.compile:
-        out.append("train.compile: true with resources.cohort: a cohort's multi-adapter layers are not compiled; set train.compile: false, or resources.cohort: off")
     return out
 
 

@@ -36,6 +36,7 @@ alone; `auto` resolves as for a trial alone); `full` trains the whole embedding 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,6 +46,21 @@ import torch
 from core.rules import COHORT_FOLD_TOKENS, cohort_fold, cohort_passes
 from core.schema import TrainSection
 from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit, is_linear, peft_init, refresh_all
+
+def compile_around_adapters(model: Any, layers: Any) -> int:
+    """train.compile for a cohort: torch.compile each decoder layer, as a lone trial does
+    (trainable.fast.compile_layers), with the multi-adapter linears left out of the graphs. Traced
+    inside, they would tie each graph to the members' layout (who sits in which rows), so every
+    member joining or leaving would recompile every layer, until dynamo's limit sent them back to
+    eager. Left out, the graphs hold what lies between the projections (norms, rotary embedding,
+    attention, the gated activation, residuals), which no member changes; dynamic shapes keep one
+    graph per layer kind as the cohort's rows change. Returns how many layers were compiled."""
+    from trainable.fast import compile_layers
+
+    for layer in layers:
+        layer.forward = torch.compiler.disable(layer.forward, recursive=True)  # this instance only: a graph break per projection
+    return compile_layers(model, dynamic=True)
+
 
 # Settings that shape the base model itself: every member of a cohort has the cohort's values.
 SHARED = ("method", "dtype", "attn_implementation")
@@ -116,7 +132,9 @@ class Cohort:
         self.fold_tokens = fold_tokens  # 0: one micro-batch per forward, as a trial alone
         self.pass_tokens: int | None = None  # most tokens per forward pass of a micro-step (None: one pass of everyone)
         self.device, self.dtype = pick_device_and_dtype(base.dtype)
+        tick = time.perf_counter()
         self.model = _load_base(model_id, base, revision, self.device, self.dtype)
+        weights_done = time.perf_counter()
         if embeddings not in ("frozen", "new_tokens", "auto"):
             raise ValueError(f"model.embeddings: {embeddings} trains the whole embedding matrix; such a trial runs alone, not in a cohort")
         self.embeddings, self.embeddings_reason = resolve_embeddings(embeddings, self.model, list(template_ids))
@@ -134,12 +152,15 @@ class Cohort:
                 self.layers[name] = wrapper
         if self.embeddings == "new_tokens":
             self.tokens = TokenRows(self.model, self.split, list(template_ids), self.device)
+        self.compiled_layers = compile_around_adapters(self.model, self.layers.values()) if base.compile else 0
         self.train_ds, self.eval_ds = load_split(data_dir, "train"), load_split(data_dir, "eval")
         self.pad_id = getattr(self.model.config.get_text_config(), "pad_token_id", None) or 0
         labels = self.train_ds["labels"]
         self.row_loss_tokens = [int((row[1:] != IGNORE).sum()) for row in labels]
         self.row_tokens = [len(row) for row in labels]
         self.members: dict[int, Member] = {}
+        # where the load's time went, for the worker's progress line (the imports are timed by the caller)
+        self.load_phases = {"from_pretrained": weights_done - tick, "layers and data": time.perf_counter() - weights_done}
 
     def set_checkpointing(self, on: bool) -> None:
         """Turn gradient checkpointing on or off between steps (it changes memory, not results:

@@ -129,16 +129,24 @@ def _train_of(base: TrainSection, hyper: dict[str, Any]) -> TrainSection:
 
 
 def _load_cohort(spec: WorkerSpec) -> Any:
+    tick = time.perf_counter()
     import torch
+    import transformers  # noqa: F401  (timed with the imports, not with the weights)
 
     from trainable.cohort import Cohort
 
+    imported = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.init()  # the CUDA context: timed on its own, it is seconds on some hosts
+    ready = time.perf_counter()
     torch.set_num_threads(max(1, spec.base.threads))
     base = spec.base.train.model_copy(update={"method": spec.method})
     micro = base.batch[0]
-    return Cohort(spec.base.model_id, spec.base.data_dir, base, revision=spec.base.revision, max_seq_len=spec.base.max_seq_len,
-                  max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro,
-                  embeddings=spec.base.embeddings, template_ids=tuple(spec.base.template_ids))  # fmt: skip
+    cohort = Cohort(spec.base.model_id, spec.base.data_dir, base, revision=spec.base.revision, max_seq_len=spec.base.max_seq_len,
+                    max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro,
+                    embeddings=spec.base.embeddings, template_ids=tuple(spec.base.template_ids))  # fmt: skip
+    cohort.load_phases = {"imports": imported - tick, **({"CUDA": ready - imported} if torch.cuda.is_available() else {}), **cohort.load_phases}
+    return cohort
 
 
 def _grouped_setting() -> str:
@@ -173,6 +181,10 @@ class _Worker:
         self.events: list[str] = []
         self.first = True  # the first member pays for loading the base
         self.planned: tuple[str, ...] = ()  # the members gradient checkpointing was decided for
+        phases = getattr(cohort, "load_phases", None)
+        if phases:
+            where = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
+            self.events.append(f"cohort {spec.worker}: base model loaded in {load_seconds:.1f}s ({where})")
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -268,6 +280,7 @@ class _Worker:
             "gradient_checkpointing": getattr(c, "checkpointing", False),
             "cohort_pass_tokens": getattr(c, "pass_tokens", None) or "one pass",  # at the member's start (re-decided as members come and go)
             "cohort_lora_grouped": _grouped_setting(),
+            "compiled_layers": getattr(c, "compiled_layers", 0),  # train.compile: decoder layers compiled around the adapters
             "optimizer": type(m.optimizer).__name__,
             "tokens_per_sec_counts": "this member's non-padding input tokens per second of the cohort steps it took part in, after its first step (loss_tokens_per_sec: reply tokens only)",
             "cohort": self.spec.worker,

@@ -151,9 +151,10 @@ def decoder_layers(model: Any) -> Any:
     return base.get_decoder().layers
 
 
-def compile_layers(model: Any, backend: str = "inductor") -> int:
+def compile_layers(model: Any, backend: str = "inductor", dynamic: bool | None = None) -> int:
     """Compile each decoder layer in place; returns how many. Shapes are static within a trial
-    (packed rows of max_seq_len), so the graphs are too; eval batches may add a dynamic variant."""
+    (packed rows of max_seq_len), so the graphs are too; eval batches may add a dynamic variant.
+    A cohort's rows change with its members: it passes dynamic=True (trainable.cohort)."""
     import os
 
     import torch
@@ -166,7 +167,7 @@ def compile_layers(model: Any, backend: str = "inductor") -> int:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, dynamic=dynamic)
     return len(layers)
 
 

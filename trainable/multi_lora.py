@@ -62,7 +62,7 @@ fp32, older GPUs: torch's fallback there copies the offsets to the host, a sync 
 runs. With fewer than 2 members on the layer the loop runs too (nothing to group).
 
 `GROUPED` ("auto" | "on" | "off"; default from the environment variable LORA_SWEEP_GROUPED, else
-"auto") picks between them: "off" always loops; "on" groups wherever it runs; "auto" groups when the
+"off") picks between them: "off" always loops; "on" groups wherever it runs; "auto" groups when the
 launches it saves are worth more than the padded arithmetic it adds:
     waste = 6 (in + out) (sum over groups of tokens x r_pad - sum over members of tokens x r)
     (the padded FLOPs of the 6 GEMMs: 2 forward, 4 backward) and "auto" groups iff
@@ -89,11 +89,12 @@ from typing import Any
 import torch
 from torch import nn
 
-# auto since bench/grouped_lora.py ran on an H200 (2026-11-30, bench/BENCH.md): bf16 within rounding of
-# the loop, NaN/Inf isolated per member, 1.4-2.5x faster per layer, where the loop is host-bound (a
-# 16-member 1B layer: 6.0 ms of host time for 6.0 ms of wall). A cohort sweep with it on is not yet
-# measured there: LORA_SWEEP_GROUPED=off brings the loop back.
-GROUPED = os.environ.get("LORA_SWEEP_GROUPED", "auto")  # "auto" | "on" | "off": see the module docstring
+# off by default again since the first cohort sweep with it on (H200, 2026-11-30 fifth session,
+# bench/BENCH.md): 16 x 1B members trained in 47.3 s grouped against 45.1 s looped. Per layer it is
+# 1.4-2.5x faster (bench/grouped_lora.py), but a cohort's forward passes now carry thousands of
+# tokens per member, where the loop is no longer host-bound and the padded ranks and restacking cost
+# more than the launches they save. LORA_SWEEP_GROUPED=auto (or on) brings it back.
+GROUPED = os.environ.get("LORA_SWEEP_GROUPED", "off")  # "auto" | "on" | "off": see the module docstring
 GROUPED_LAUNCH_FLOPS = {"cuda": 1e9}  # padded FLOPs one saved kernel launch pays for, per device type (none: auto loops)
 LAUNCHES_PER_MEMBER = 10  # kernels a member costs in the loop beyond the grouped path's (forward + backward)
 

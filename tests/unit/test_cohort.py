@@ -432,3 +432,36 @@ def test_forward_passes_change_memory_not_results(data_dir: str) -> None:
     assert all(len(rows) == len(members) for rows in calls_one) and all(len(rows) == 1 for rows in calls_apart)
     for a, b in zip(apart, one):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_compiled_cohort_trains_as_eager_and_members_coming_and_going_do_not_recompile(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile in a cohort: each decoder layer compiled with the multi-adapter linears left
+    out of the graphs (trainable.cohort.compile_around_adapters). Losses equal the eager cohort's;
+    once the first shapes are seen, members joining and leaving compile nothing new (traced inside,
+    every new layout of members would recompile every layer). aot_eager: dynamo's graphs without
+    inductor's C++ build, as the CPU dry runs use."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LORA_SWEEP_COMPILE_BACKEND", "aot_eager")
+    members = [t.model_copy(update={"max_steps": 4 + 2 * i, "eval_every": 4 + 2 * i}) for i, t in enumerate(MEMBERS)]
+    curves, graphs = {}, []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        c = cohort(data_dir, compile=compiled)
+        assert c.compiled_layers == (len(c.model.model.layers) if compiled else 0)
+        slots = {0: c.add(members[0]), 1: c.add(members[1])}
+        for step in range(12):
+            if step == 2:
+                slots[2] = c.add(members[2])
+            if step == 5:
+                slots[3] = c.add(members[3])
+            c.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        curves[compiled] = [c.members[slots[i]].losses() for i in range(4)]
+    for ours, ref in zip(curves[True], curves[False]):
+        assert len(ours) == len(ref) > 0 and ours == pytest.approx(ref, rel=1e-5)
+    compiled_graphs = graphs[12:]
+    assert compiled_graphs[0] > 0  # it compiled
+    assert compiled_graphs[5] == compiled_graphs[-1], compiled_graphs  # member 3 joined at step 5, members left at steps 4-10: no new graph
