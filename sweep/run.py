@@ -386,7 +386,11 @@ def run_sweep(
 
     clock = time.perf_counter()
     before_start(cfg, address, Path(sweep_dir).resolve() if sweep_dir else None)  # folders writable, cluster reachable: before anything starts
-    prepared, started_ray, phases = preflight_beside_ray(cfg, address, log)
+    prepared = preflight(cfg, log)  # before Ray: bad input stops here, with nothing started
+    phases = {"checks, tokenizer, model check, data": time.perf_counter() - clock}
+    mark = time.perf_counter()
+    started_ray = connect_ray(address, log)
+    phases["Ray attached" if address or os.environ.get("RAY_ADDRESS") else "Ray started"] = time.perf_counter() - mark
     try:
         mark = time.perf_counter()
         resources = plan_resources(cfg, log)
@@ -426,51 +430,9 @@ def run_sweep(
             shutdown_ray()
 
 
-def preflight_beside_ray(cfg: SweepConfig, address: str | None, log: Log) -> tuple[Any, bool, dict[str, float]]:
-    """preflight() in a thread while this one starts (or attaches to) Ray: both take seconds
-    (the model check imports torch and transformers; a local Ray starts its servers), and neither
-    needs the other. Returns (prepared data, connect_ray's answer: whether to shut Ray down at the
-    end, seconds of each). A preflight error shuts down the Ray connection (and a local Ray this
-    driver started), then is raised as before: the user sees the same message, nothing is left running."""
-    import threading
-
-    import ray  # noqa: F401  (Ray's own modules load here, before the thread imports torch and transformers beside them)
-
-    outcome: dict[str, Any] = {}
-
-    def check() -> None:
-        tick = time.perf_counter()
-        try:
-            outcome["prepared"] = preflight(cfg, log)
-        except BaseException as exc:  # re-raised in the caller's thread, below
-            outcome["error"] = exc
-        outcome["seconds"] = time.perf_counter() - tick
-
-    thread = threading.Thread(target=check, name="sweep-preflight", daemon=True)
-    thread.start()
-    tick, started_ray = time.perf_counter(), False
-    try:
-        started_ray = connect_ray(address, log)
-        ray_seconds = time.perf_counter() - tick
-        thread.join()
-    except BaseException:  # a Ray error, or Ctrl-C while waiting: stop what this driver started
-        if started_ray:
-            shutdown_ray()
-        raise
-    if "error" in outcome:
-        if started_ray:
-            shutdown_ray()
-        raise outcome["error"]
-    ray_phase = "Ray attached" if address or os.environ.get("RAY_ADDRESS") else "Ray started"
-    return outcome["prepared"], started_ray, {"tokenizer, model check, data": outcome["seconds"], ray_phase: ray_seconds}
-
-
 def describe_phases(phases: dict[str, float]) -> str:
-    """'a 1.2s, b 0.3s' in the order given (the first two ran side by side: preflight_beside_ray)."""
-    items = [f"{name} {seconds:.1f}s" for name, seconds in phases.items()]
-    if len(items) >= 2:
-        items[:2] = [f"{items[0]} beside {items[1]}"]
-    return ", ".join(items)
+    """'a 1.2s, b 0.3s', in the order given: where a sweep's start-up went, for its log."""
+    return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
 
 
 def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, live: bool = False) -> SweepResult:

@@ -47,6 +47,12 @@ from core.rules import COHORT_FOLD_TOKENS, cohort_fold, cohort_passes
 from core.schema import TrainSection
 from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit, is_linear, peft_init, refresh_all
 
+# Settings that shape the base model itself: every member of a cohort has the cohort's values.
+SHARED = ("method", "dtype", "attn_implementation")
+# Settings a member may have but the cohort decides for everyone (they change speed, not results).
+COHORT_WIDE = ("gradient_checkpointing", "loss", "eval_batch_size", "reuse_base_model", "lora_dtype", "compile")
+
+
 def compile_around_adapters(model: Any, layers: Any) -> int:
     """train.compile for a cohort: torch.compile each decoder layer, as a lone trial does
     (trainable.fast.compile_layers), with the multi-adapter linears left out of the graphs. Traced
@@ -60,12 +66,6 @@ def compile_around_adapters(model: Any, layers: Any) -> int:
     for layer in layers:
         layer.forward = torch.compiler.disable(layer.forward, recursive=True)  # this instance only: a graph break per projection
     return compile_layers(model, dynamic=True)
-
-
-# Settings that shape the base model itself: every member of a cohort has the cohort's values.
-SHARED = ("method", "dtype", "attn_implementation")
-# Settings a member may have but the cohort decides for everyone (they change speed, not results).
-COHORT_WIDE = ("gradient_checkpointing", "loss", "eval_batch_size", "reuse_base_model", "lora_dtype")
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -50,41 +49,7 @@ def test_the_terminal_judges_a_multi_objective_trial_as_mlflow_and_optuna_do(tmp
     assert " failed " in lines[0], lines
 
 
-def test_preflight_runs_beside_ray_and_its_error_stops_the_ray_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model check and data run while Ray starts (both take seconds); a preflight error is the
-    same error as before, and the local Ray started beside it is stopped, not left running."""
-    import threading
 
-    from sweep.config import ConfigError
-
-    events: list[str] = []
-    both = threading.Barrier(2, timeout=10)  # each waits for the other: they only pass if they run at once
-
-    def fake_ray(address: object, log: object) -> bool:
-        both.wait()
-        events.append("ray started")
-        return True
-
-    monkeypatch.setattr(run, "connect_ray", fake_ray)
-    monkeypatch.setattr(run, "shutdown_ray", lambda: events.append("ray stopped"))
-
-    def good(cfg: object, log: object) -> str:
-        both.wait()
-        return "prepared"
-
-    monkeypatch.setattr(run, "preflight", good)
-    prepared, started, phases = run.preflight_beside_ray(None, None, print)  # type: ignore[arg-type]
-    assert (prepared, started, events) == ("prepared", True, ["ray started"])
-    assert set(phases) == {"tokenizer, model check, data", "Ray attached" if os.environ.get("RAY_ADDRESS") else "Ray started"} and all(s >= 0 for s in phases.values())
-    assert run.describe_phases({"a": 1.0, "b": 2.0, "c": 0.25}) == "a 1.0s beside b 2.0s, c 0.2s"
-
-    def bad(cfg: object, log: object) -> str:
-        both.wait()
-        raise ConfigError("space.yaml", ["model: cannot load the tokenizer of nowhere/model"])
-
-    events.clear()
-    both.reset()
-    monkeypatch.setattr(run, "preflight", bad)
-    with pytest.raises(ConfigError, match="cannot load the tokenizer of nowhere/model"):
-        run.preflight_beside_ray(None, None, print)  # type: ignore[arg-type]
-    assert events == ["ray started", "ray stopped"]
+def test_start_up_phases_read_in_order() -> None:
+    """The driver's start-up line names each phase with its seconds, in the order they ran."""
+    assert run.describe_phases({"a": 1.0, "b": 2.0, "c": 0.25}) == "a 1.0s, b 2.0s, c 0.2s"
