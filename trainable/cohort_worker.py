@@ -135,17 +135,18 @@ def _load_cohort(spec: WorkerSpec) -> Any:
 
     from trainable.cohort import Cohort
 
-    imported = time.perf_counter()
+    phases = {"imports": time.perf_counter() - tick}
     if torch.cuda.is_available():
+        tick = time.perf_counter()
         torch.cuda.init()  # the CUDA context: timed on its own, it is seconds on some hosts
-    ready = time.perf_counter()
+        phases["CUDA"] = time.perf_counter() - tick
     torch.set_num_threads(max(1, spec.base.threads))
     base = spec.base.train.model_copy(update={"method": spec.method})
     micro = base.batch[0]
     cohort = Cohort(spec.base.model_id, spec.base.data_dir, base, revision=spec.base.revision, max_seq_len=spec.base.max_seq_len,
                     max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro,
                     embeddings=spec.base.embeddings, template_ids=tuple(spec.base.template_ids))  # fmt: skip
-    cohort.load_phases = {"imports": imported - tick, **({"CUDA": ready - imported} if torch.cuda.is_available() else {}), **cohort.load_phases}
+    cohort.load_phases = {**phases, **cohort.load_phases}
     return cohort
 
 
