@@ -390,8 +390,6 @@ class _Worker:
         if lv.replay:
             out["evals_replay"] = list(lv.evals)
             lv.replay = False
-        if final:
-            out.update(train_seconds=lv.seconds, load_seconds=lv.load_seconds)
         if not math.isfinite(eval_loss):
             self._end(slot, {**out, "trial_status": TrialStatus.NAN, "error": f"eval loss is {eval_loss} at step {m.step}"})
             return
@@ -429,6 +427,9 @@ class _Worker:
 
     def _end(self, slot: int, metrics: dict[str, Any]) -> None:
         lv = self.live.pop(slot)
+        # every end carries the member's times: one stopped at the time budget or failed part-way
+        # still shows its base load and training time (timelines drew no load bar without them)
+        metrics = {"train_seconds": lv.seconds, "load_seconds": lv.load_seconds, **metrics}
         self.cohort.remove(slot)
         status = str(metrics.get("trial_status"))
         self.counts[status] += 1

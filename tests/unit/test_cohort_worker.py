@@ -262,6 +262,8 @@ def test_at_the_time_budget_members_end_stopped_where_they_are(tmp_path: Path) -
     assert status(source) == {"t000": "stopped", "t001": "stopped"} and source.begun == ["t000", "t001"]
     assert {source.ended[x]["step"] for x in ("t000", "t001")} == {3}
     assert latest_checkpoint(tmp_path / "t000").endswith("step-000002") and cohort.sizes == [2, 2, 2]
+    # a member cut by the budget still reports its times (the timeline's load bar comes from them)
+    assert all(source.ended[x]["train_seconds"] > 0 and "load_seconds" in source.ended[x] for x in ("t000", "t001"))
 
 
 def test_a_worker_halted_before_it_starts_loads_nothing(tmp_path: Path) -> None:
