@@ -140,7 +140,8 @@ def label(kind: str, s: dict) -> str:
     ckpt = {True: "on", False: "off"}.get(s["gradient_checkpointing"], s["gradient_checkpointing"])
     optim = {"adamw": "torch fused AdamW"}.get(s["optimizer"], s["optimizer"])
     return (f"ours: mb {s['batch'][0]}x{s['batch'][1]}, {s['attn_implementation']}, ckpt {ckpt}, {optim}, emb {s['embeddings']}, "
-            f"LoRA {'bf16' if s['lora_dtype'] == 'bfloat16' else 'fp32'}, {s['loss']} loss{', compiled layers' if s['compile'] else ''}")  # fmt: skip
+            f"LoRA {'bf16' if s['lora_dtype'] == 'bfloat16' else 'fp32'}, {s['loss']} loss{', compiled layers' if s['compile'] else ''}"
+            f"{', CUDA graphs' if s.get('cuda_graphs') else ''}")  # fmt: skip
 
 
 def rows_for(size: str, ablations: bool) -> list[dict]:
@@ -176,6 +177,10 @@ def rows_for(size: str, ablations: bool) -> list[dict]:
         rows += [
             dict(kind="ours", settings=o(attn_implementation="flex_attention"), steps=(fast[0] + 1, fast[1])),
             dict(kind="ours", settings=o(batch=(16, 2), **fast_all), steps=(fast[0] + 1, fast[1])),
+            # CUDA graphs (train.cuda_graphs): the fast row replayed, and the launch-bound micro-batch 1 with and without
+            dict(kind="ours", settings=o(cuda_graphs=True, **fast_all), steps=(fast[0] + 2, fast[1])),
+            dict(kind="ours", settings=o(batch=(1, 32), **fast_all), steps=(2, 3)),
+            dict(kind="ours", settings=o(batch=(1, 32), cuda_graphs=True, **fast_all), steps=(3, 3)),
             dict(kind="ours", settings=dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit",
                                             lora_dtype="float32", compile=False, embeddings="full"), steps=slow),  # fmt: skip
         ]

@@ -136,6 +136,9 @@ class TrainSection(Section):
         "float32", description="float32 or bfloat16 (LoRA A/B computed in bf16, fp32 master copies in the optimizer; needs dtype auto or bfloat16)"
     )
     compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation; true/false)")
+    cuda_graphs: bool = Field(
+        False, description="replay each compiled layer as a CUDA graph (torch.compile mode reduce-overhead) for launch-bound steps; needs compile: true (true/false)"
+    )
     seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
     reuse_base_model: bool = Field(True, description="a warm worker keeps its loaded base model for the next trial with the same model and quantization (true/false)")
     # searchable hyperparameters
@@ -152,6 +155,12 @@ class TrainSection(Section):
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("auto", description="auto (paged_adamw_8bit for qlora, adamw for lora), adamw, adamw_8bit or paged_adamw_8bit")
     gradient_checkpointing: Switch = Field("auto", description="on, off or auto (on when activations would take over a quarter of the GPU)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, > 0")
+
+    @model_validator(mode="after")
+    def _cuda_graphs_need_compile(self) -> "TrainSection":
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("train.cuda_graphs: true replays the compiled layers, so it needs train.compile: true; set compile: true or cuda_graphs: false")
+        return self
 
     @model_validator(mode="after")
     def _lora_dtype_needs_bf16(self) -> "TrainSection":

@@ -60,6 +60,9 @@ def config_problems(model: Any, train: Any, resources: Any, searched: tuple[str,
     if embeddings == "full":
         out.append(f"model.embeddings: full with resources.cohort: {resources.cohort}: a trial that trains the whole embedding matrix cannot "
                    "share a base model; set model.embeddings: frozen, or resources.cohort: off")  # fmt: skip
+    if getattr(train, "cuda_graphs", False):
+        out.append(f"train.cuda_graphs: true with resources.cohort: {resources.cohort}: a cohort's rows change shape as members come and go, "
+                   "and each new shape would record new CUDA graphs; set train.cuda_graphs: false (compile: true still works), or resources.cohort: off")  # fmt: skip
     return out
 
 

@@ -13,6 +13,10 @@
   Gemma 3's final_logit_softcapping is passed through (liger supports softcap; Gemma 3 sets None).
 - `compile_layers`: torch.compile per decoder layer (regional compilation: one compiled graph per
   distinct layer kind, reused across layers, so compile time does not grow with depth).
+- CUDA graphs (train.cuda_graphs): the compiled layers in inductor's reduce-overhead mode, so each
+  layer's kernels replay as one graph instead of being launched one by one from Python: for steps
+  bound by launching kernels (small micro-batches), not by the GPU. Off where it cannot hold:
+  without CUDA, and with gradient checkpointing (which re-runs each layer inside the backward).
 
 liger-kernel and Triton are imported only when `loss: liger` is used.
 """
@@ -151,10 +155,11 @@ def decoder_layers(model: Any) -> Any:
     return base.get_decoder().layers
 
 
-def compile_layers(model: Any, backend: str = "inductor", dynamic: bool | None = None) -> int:
+def compile_layers(model: Any, backend: str = "inductor", dynamic: bool | None = None, mode: str | None = None) -> int:
     """Compile each decoder layer in place; returns how many. Shapes are static within a trial
     (packed rows of max_seq_len), so the graphs are too; eval batches may add a dynamic variant.
-    A cohort's rows change with its members: it passes dynamic=True (trainable.cohort)."""
+    A cohort's rows change with its members: it passes dynamic=True (trainable.cohort).
+    mode "reduce-overhead" (inductor only) replays each layer as a CUDA graph."""
     import os
 
     import torch
@@ -167,8 +172,22 @@ def compile_layers(model: Any, backend: str = "inductor", dynamic: bool | None =
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=backend, dynamic=dynamic)
+        if mode is not None and backend == "inductor":
+            layer.compile(backend=backend, dynamic=dynamic, mode=mode)
+        else:  # other backends take no mode (the CPU dry run's aot_eager)
+            layer.compile(backend=backend, dynamic=dynamic)
     return len(layers)
+
+
+def cuda_graphs_off_reason(model: Any) -> str | None:
+    """Why CUDA graphs cannot replay this trial's compiled layers (None: they can)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_gradient_checkpointing", False):
+        return "gradient checkpointing is on: it re-runs each layer inside the backward, which a replayed graph cannot"
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return f"no CUDA device (the model is on {device.type})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +200,16 @@ class FastStep:
 
     masters: MasterWeights | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    cuda_graphs: bool = False
+
+    def begin_forward(self) -> None:
+        """Before each forward (a micro-batch, an eval batch): with CUDA graphs, tell the graph
+        trees a new iteration starts, so the previous replay's outputs may be overwritten (they
+        have been consumed: its backward ran, or it was an eval forward)."""
+        if self.cuda_graphs:
+            import torch
+
+            torch.compiler.cudagraph_mark_step_begin()
 
     def optimizer_params(self, params: list) -> list:
         return self.masters.optimizer_params(params) if self.masters else params
@@ -216,7 +245,13 @@ def prepare(model: Any, train: Any, compute_dtype: Any) -> FastStep:
             raise RuntimeError(f"train.loss: liger: {reason}")
         head_weight(decoder_and_head_of(model))  # fails now, not at the first step, on new_tokens
     step.info["loss"] = train.loss
-    step.info["compiled_layers"] = compile_layers(model) if train.compile else 0
+    mode = None
+    if getattr(train, "cuda_graphs", False):
+        reason = cuda_graphs_off_reason(model)
+        step.cuda_graphs = reason is None
+        step.info["cuda_graphs"] = "on" if reason is None else f"off ({reason})"
+        mode = "reduce-overhead" if reason is None else None
+    step.info["compiled_layers"] = compile_layers(model, mode=mode) if train.compile else 0
     return step
 
 

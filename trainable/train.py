@@ -233,7 +233,7 @@ def summed_batch_loss(model: Any, batch: dict[str, Any], impl: str) -> Any:
     return out.loss
 
 
-def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any, impl: str = "chunked") -> float:
+def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any, impl: str = "chunked", fast: Any = None) -> float:
     """Token-weighted mean loss over every reply token of the eval set."""
     import torch
 
@@ -246,6 +246,8 @@ def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int, device: Any, imp
         for batch in eval_batches(ds, batch_size, pad_id):
             if batch["loss_tokens"] == 0:
                 continue
+            if fast is not None:
+                fast.begin_forward()
             total += summed_batch_loss(model, to_device(batch, device), impl).double()
             count += batch["loss_tokens"]
     model.train()
@@ -396,6 +398,8 @@ def optimizer_step(model: Any, batch_list: list[dict[str, Any]], device: Any, tr
     total = torch.zeros((), device=device)
     for b in batch_list:
         # token-weighted mean over the whole optimizer step, whatever the micro-batch split
+        if fast is not None:
+            fast.begin_forward()
         loss = summed_batch_loss(model, to_device(b, device), train.loss) / max(n_loss, 1)
         if fault == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULTS_ENV})")
@@ -488,7 +492,7 @@ def _loop(spec, reporter, model, device, optimizer, schedule, train_ds, eval_ds,
             return metrics
         if not is_eval:
             continue
-        eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device, train.loss)
+        eval_loss = evaluate(model, eval_ds, eval_batch, pad_id, device, train.loss, fast)
         done = step == train.max_steps
         tokens, loss_tokens, seconds = state["tokens"], state["loss_tokens"], state["train_seconds"]
         if state["warm"] is not None and state["train_seconds"] > state["warm"][2]:

@@ -374,6 +374,21 @@ def test_embeddings_that_cannot_share_are_refused(tmp_path: Path) -> None:
     assert config(tmp_path, "new_tokens").resources.cohort == 2  # each member trains its own token rows
 
 
+def test_cuda_graphs_are_refused_with_cohorts_and_compile_alone_is_not(tmp_path: Path) -> None:
+    """A cohort's rows change shape as members come and go: each shape would record new graphs."""
+    from sweep.config import ConfigError, load_config
+    from tests.conftest import write_space
+
+    def with_train(train: str, cohort: str = "2") -> Any:
+        body = BODY.replace("EMB", "frozen").replace("COHORT", cohort).replace("log_every: 1}", f"log_every: 1, {train}}}")
+        return load_config(write_space(tmp_path, body))
+
+    with pytest.raises(ConfigError, match="train.cuda_graphs: true with resources.cohort: 2"):
+        with_train("compile: true, cuda_graphs: true")
+    assert with_train("compile: true").train.compile is True
+    assert with_train("compile: true, cuda_graphs: true", cohort="off").train.cuda_graphs is True
+
+
 def test_cohort_setting_values(tmp_path: Path) -> None:
     from sweep.config import ConfigError
 

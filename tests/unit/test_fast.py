@@ -195,3 +195,24 @@ def test_flex_attention_matches_sdpa_on_packed_rows(data_dir: str) -> None:
 def test_spec_carries_the_switches(data_dir: str) -> None:
     s = replace(spec(data_dir), sampled={}).with_sampled({"lora_r": 8})
     assert s.train.lora_dtype == "float32" and s.train.compile is False
+
+
+def test_cuda_graphs_need_compile_and_say_why_they_are_off_without_cuda(data_dir: str) -> None:
+    with pytest.raises(ValidationError, match="cuda_graphs: true replays the compiled layers, so it needs train.compile: true"):
+        TrainSection(cuda_graphs=True)
+    train = TrainSection(lora_r=4, target_modules="all-linear", compile=True, cuda_graphs=True)
+    loaded = load_model("tiny-gemma3", train)
+    fast = prepare_fast(loaded.model, train, loaded.dtype)  # compiles lazily: nothing is built without a forward
+    assert fast.cuda_graphs is False and fast.info["cuda_graphs"] == "off (no CUDA device (the model is on cpu))"
+    assert fast.info["compiled_layers"] == loaded.model.config.get_text_config().num_hidden_layers
+    fast.begin_forward()  # a no-op without graphs
+
+
+def test_cuda_graphs_are_off_with_gradient_checkpointing() -> None:
+    """Checkpointing re-runs each layer inside the backward, which a replayed graph cannot."""
+    from trainable.fast import cuda_graphs_off_reason
+
+    model = torch.nn.Linear(2, 2)
+    assert cuda_graphs_off_reason(model) == "no CUDA device (the model is on cpu)"
+    model.is_gradient_checkpointing = True  # as transformers' PreTrainedModel reports it
+    assert cuda_graphs_off_reason(model).startswith("gradient checkpointing is on")
