@@ -137,7 +137,7 @@ class TrainSection(Section):
     )
     compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation; true/false)")
     cuda_graphs: bool = Field(
-        False, description="replay each compiled layer as a CUDA graph (torch.compile mode reduce-overhead) for launch-bound steps; needs compile: true (true/false)"
+        False, description="replay each compiled layer as a CUDA graph (torch.compile mode reduce-overhead) for launch-bound steps; needs compile: true and lora_dtype: bfloat16 (true/false)"
     )
     seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
     reuse_base_model: bool = Field(True, description="a warm worker keeps its loaded base model for the next trial with the same model and quantization (true/false)")
@@ -160,6 +160,11 @@ class TrainSection(Section):
     def _cuda_graphs_need_compile(self) -> "TrainSection":
         if self.cuda_graphs and not self.compile:
             raise ValueError("train.cuda_graphs: true replays the compiled layers, so it needs train.compile: true; set compile: true or cuda_graphs: false")
+        if self.cuda_graphs and self.lora_dtype != "bfloat16":
+            # fp32 LoRA would keep each gradient in the graphs' memory until the next micro-batch's replay overwrites it;
+            # bf16 LoRA's fp32 masters take every gradient out as soon as autograd has it (trainable.fast.MasterWeights)
+            raise ValueError("train.cuda_graphs: true needs train.lora_dtype: bfloat16 (its fp32 masters take each gradient out of the graphs' memory "
+                             "before the next replay); set lora_dtype: bfloat16 or cuda_graphs: false")  # fmt: skip
         return self
 
     @model_validator(mode="after")

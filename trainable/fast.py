@@ -15,8 +15,9 @@
   distinct layer kind, reused across layers, so compile time does not grow with depth).
 - CUDA graphs (train.cuda_graphs): the compiled layers in inductor's reduce-overhead mode, so each
   layer's kernels replay as one graph instead of being launched one by one from Python: for steps
-  bound by launching kernels (small micro-batches), not by the GPU. Off where it cannot hold:
-  without CUDA, and with gradient checkpointing (which re-runs each layer inside the backward).
+  bound by launching kernels (small micro-batches), not by the GPU. Only with bf16 LoRA, whose fp32
+  masters take each gradient out of the graphs' memory at once. Off where it cannot hold: without
+  CUDA, and with gradient checkpointing (which re-runs each layer inside the backward).
 
 liger-kernel and Triton are imported only when `loss: liger` is used.
 """
@@ -179,8 +180,12 @@ def compile_layers(model: Any, backend: str = "inductor", dynamic: bool | None =
     return len(layers)
 
 
-def cuda_graphs_off_reason(model: Any) -> str | None:
-    """Why CUDA graphs cannot replay this trial's compiled layers (None: they can)."""
+def cuda_graphs_off_reason(model: Any, masters: bool = True) -> str | None:
+    """Why CUDA graphs cannot replay this trial's compiled layers (None: they can). `masters`: the
+    LoRA gradients go to fp32 masters at once, not into .grad tensors that live in the graphs'
+    memory until the next replay overwrites them."""
+    if not masters:
+        return "LoRA is not in bf16 with fp32 masters (the compute dtype is not bfloat16), so its gradients would stay in the graphs' memory"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_gradient_checkpointing", False):
         return "gradient checkpointing is on: it re-runs each layer inside the backward, which a replayed graph cannot"
@@ -247,7 +252,7 @@ def prepare(model: Any, train: Any, compute_dtype: Any) -> FastStep:
     step.info["loss"] = train.loss
     mode = None
     if getattr(train, "cuda_graphs", False):
-        reason = cuda_graphs_off_reason(model)
+        reason = cuda_graphs_off_reason(model, masters=step.masters is not None)
         step.cuda_graphs = reason is None
         step.info["cuda_graphs"] = "on" if reason is None else f"off ({reason})"
         mode = "reduce-overhead" if reason is None else None

@@ -384,9 +384,9 @@ def test_cuda_graphs_are_refused_with_cohorts_and_compile_alone_is_not(tmp_path:
         return load_config(write_space(tmp_path, body))
 
     with pytest.raises(ConfigError, match="train.cuda_graphs: true with resources.cohort: 2"):
-        with_train("compile: true, cuda_graphs: true")
+        with_train("compile: true, cuda_graphs: true, lora_dtype: bfloat16")
     assert with_train("compile: true").train.compile is True
-    assert with_train("compile: true, cuda_graphs: true", cohort="off").train.cuda_graphs is True
+    assert with_train("compile: true, cuda_graphs: true, lora_dtype: bfloat16", cohort="off").train.cuda_graphs is True
 
 
 def test_cohort_setting_values(tmp_path: Path) -> None:

@@ -199,8 +199,10 @@ def test_spec_carries_the_switches(data_dir: str) -> None:
 
 def test_cuda_graphs_need_compile_and_say_why_they_are_off_without_cuda(data_dir: str) -> None:
     with pytest.raises(ValidationError, match="cuda_graphs: true replays the compiled layers, so it needs train.compile: true"):
-        TrainSection(cuda_graphs=True)
-    train = TrainSection(lora_r=4, target_modules="all-linear", compile=True, cuda_graphs=True)
+        TrainSection(cuda_graphs=True, lora_dtype="bfloat16")
+    with pytest.raises(ValidationError, match="cuda_graphs: true needs train.lora_dtype: bfloat16"):
+        TrainSection(cuda_graphs=True, compile=True)
+    train = TrainSection(lora_r=4, target_modules="all-linear", compile=True, cuda_graphs=True, lora_dtype="bfloat16", dtype="bfloat16")
     loaded = load_model("tiny-gemma3", train)
     fast = prepare_fast(loaded.model, train, loaded.dtype)  # compiles lazily: nothing is built without a forward
     assert fast.cuda_graphs is False and fast.info["cuda_graphs"] == "off (no CUDA device (the model is on cpu))"
@@ -214,5 +216,6 @@ def test_cuda_graphs_are_off_with_gradient_checkpointing() -> None:
 
     model = torch.nn.Linear(2, 2)
     assert cuda_graphs_off_reason(model) == "no CUDA device (the model is on cpu)"
+    assert cuda_graphs_off_reason(model, masters=False).startswith("LoRA is not in bf16 with fp32 masters")
     model.is_gradient_checkpointing = True  # as transformers' PreTrainedModel reports it
     assert cuda_graphs_off_reason(model).startswith("gradient checkpointing is on")
