@@ -195,6 +195,22 @@ def cuda_graphs_off_reason(model: Any, masters: bool = True) -> str | None:
     return None
 
 
+_GRAPHS_RECORDED = False  # a trial in this process replayed CUDA graphs (forget_cuda_graphs)
+
+
+def forget_cuda_graphs() -> None:
+    """At a trial's end: if it recorded CUDA graphs, drop them and the compiled code with them.
+    A warm worker keeps the base model for the next trial, whose new adapter tensors would make the
+    graph trees record again beside the old recordings and their memory pool; the next trial pays
+    its compile again instead."""
+    global _GRAPHS_RECORDED
+    if _GRAPHS_RECORDED:
+        import torch
+
+        torch._dynamo.reset()  # also resets the CUDA graph trees (global state)
+        _GRAPHS_RECORDED = False
+
+
 # ----------------------------------------------------------------------------------------------
 # the trial's view
 
@@ -250,10 +266,11 @@ def prepare(model: Any, train: Any, compute_dtype: Any) -> FastStep:
             raise RuntimeError(f"train.loss: liger: {reason}")
         head_weight(decoder_and_head_of(model))  # fails now, not at the first step, on new_tokens
     step.info["loss"] = train.loss
+    global _GRAPHS_RECORDED
     mode = None
     if getattr(train, "cuda_graphs", False):
         reason = cuda_graphs_off_reason(model, masters=step.masters is not None)
-        step.cuda_graphs = reason is None
+        step.cuda_graphs = _GRAPHS_RECORDED = reason is None
         step.info["cuda_graphs"] = "on" if reason is None else f"off ({reason})"
         mode = "reduce-overhead" if reason is None else None
     step.info["compiled_layers"] = compile_layers(model, mode=mode) if train.compile else 0

@@ -302,6 +302,8 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
     """
     import torch
 
+    from trainable.fast import forget_cuda_graphs
+
     holder: dict[str, Any] = {}
     try:
         metrics = _train(spec, reporter, holder)
@@ -310,13 +312,16 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
             from trainable.model import release
 
             release(holder.get("loaded"), keep_base=False)
+            forget_cuda_graphs()
             raise
         message = str(exc).splitlines()[0][:500]
     else:
         from trainable.model import release
 
         release(holder.get("loaded"), keep_base=True)
+        forget_cuda_graphs()
         return metrics
+    forget_cuda_graphs()
     # OOM is a result, not a crash. Out here the exception and its traceback (which pin the model,
     # optimizer and activations) are gone, so the memory can really be given back.
     from trainable.model import clear_base_cache

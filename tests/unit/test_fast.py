@@ -219,3 +219,19 @@ def test_cuda_graphs_are_off_with_gradient_checkpointing() -> None:
     assert cuda_graphs_off_reason(model, masters=False).startswith("LoRA is not in bf16 with fp32 masters")
     model.is_gradient_checkpointing = True  # as transformers' PreTrainedModel reports it
     assert cuda_graphs_off_reason(model).startswith("gradient checkpointing is on")
+
+
+def test_a_trial_that_recorded_cuda_graphs_drops_them_at_its_end(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm worker keeps the base for the next trial: graphs recorded for this trial's adapter
+    tensors (and their memory pool) go with the trial; a trial without graphs keeps the compile caches."""
+    import torch._dynamo
+
+    from trainable import fast
+
+    resets: list[int] = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    run(spec(data_dir, max_steps=2, eval_every=2), ListReporter())
+    assert resets == []  # no graphs: nothing dropped
+    monkeypatch.setattr(fast, "_GRAPHS_RECORDED", True)  # as prepare() sets it on a GPU (CPU trials never record)
+    run(spec(data_dir, max_steps=2, eval_every=2), ListReporter())
+    assert resets == [1] and fast._GRAPHS_RECORDED is False
