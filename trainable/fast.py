@@ -172,11 +172,9 @@ def compile_layers(model: Any, backend: str = "inductor", dynamic: bool | None =
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     layers = decoder_layers(model)
+    options = {"mode": mode} if mode is not None and backend == "inductor" else {}  # other backends (aot_eager) take no mode
     for layer in layers:
-        if mode is not None and backend == "inductor":
-            layer.compile(backend=backend, dynamic=dynamic, mode=mode)
-        else:  # other backends take no mode (the CPU dry run's aot_eager)
-            layer.compile(backend=backend, dynamic=dynamic)
+        layer.compile(backend=backend, dynamic=dynamic, **options)
     return len(layers)
 
 
@@ -267,12 +265,11 @@ def prepare(model: Any, train: Any, compute_dtype: Any) -> FastStep:
         head_weight(decoder_and_head_of(model))  # fails now, not at the first step, on new_tokens
     step.info["loss"] = train.loss
     global _GRAPHS_RECORDED
-    mode = None
-    if getattr(train, "cuda_graphs", False):
+    if train.cuda_graphs:
         reason = cuda_graphs_off_reason(model, masters=step.masters is not None)
         step.cuda_graphs = _GRAPHS_RECORDED = reason is None
         step.info["cuda_graphs"] = "on" if reason is None else f"off ({reason})"
-        mode = "reduce-overhead" if reason is None else None
+    mode = "reduce-overhead" if step.cuda_graphs else None
     step.info["compiled_layers"] = compile_layers(model, mode=mode) if train.compile else 0
     return step
 

@@ -312,16 +312,15 @@ def run(spec: TrialSpec, reporter: Reporter) -> dict[str, Any]:
             from trainable.model import release
 
             release(holder.get("loaded"), keep_base=False)
-            forget_cuda_graphs()
             raise
         message = str(exc).splitlines()[0][:500]
     else:
         from trainable.model import release
 
         release(holder.get("loaded"), keep_base=True)
-        forget_cuda_graphs()
         return metrics
-    forget_cuda_graphs()
+    finally:
+        forget_cuda_graphs()  # however the trial ended
     # OOM is a result, not a crash. Out here the exception and its traceback (which pin the model,
     # optimizer and activations) are gone, so the memory can really be given back.
     from trainable.model import clear_base_cache
