@@ -15,11 +15,15 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 from typing import Any
 
 EXIT_INVALID = 2
-EXIT_SIGINT = 130  # 128 + SIGINT, as shells report Ctrl-C (SIGTERM: 143)
+EXIT_SIGINT = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+TRAINS = ("run", "train", "resume")  # the commands that start Ray and trials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,7 +190,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in READ_ONLY and not getattr(args, "export", None):
         with _QuietLibraries():
             return _command(args)
+    if args.command in TRAINS and threading.current_thread() is threading.main_thread():
+        # SIGTERM while starting or wrapping up ends the command as Ctrl-C does (its exit 143);
+        # while trials run, sweep.run.Interrupt turns either into a resumable stop.
+        from sweep.run import sigterm_raises
+
+        previous = signal.getsignal(signal.SIGTERM)
+        sigterm_raises()
+        try:
+            return _command(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return _command(args)
+
+
+def _outside_trials(exc: KeyboardInterrupt, where: str) -> int:
+    """Ctrl-C, or SIGTERM (sweep.run.Terminated), while no trial was running: before the trials
+    started or after they ended. What the sweep's folder says then is its state."""
+    from sweep.run import Terminated
+
+    name, code = ("SIGTERM", EXIT_SIGTERM) if isinstance(exc, Terminated) else ("Ctrl-C", EXIT_SIGINT)
+    print(f"{name} while starting or wrapping up (no trial was running); {where}", file=sys.stderr)
+    return code
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -307,9 +332,8 @@ def _command(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     except Interrupted as exc:  # Ctrl-C / SIGTERM: trials checkpointed; it said how to resume
         return exc.exit_code
-    except KeyboardInterrupt:  # before the trials started: nothing to resume unless a folder was printed
-        print("interrupted before the trials started; a sweep folder printed above resumes with `python -m sweep resume DIR`", file=sys.stderr)
-        return EXIT_SIGINT
+    except KeyboardInterrupt as exc:  # no trial was running: nothing to resume unless a folder was printed
+        return _outside_trials(exc, "a sweep folder printed above: `python -m sweep status DIR` shows where it stands, `python -m sweep resume DIR` continues it")
     return 0
 
 
@@ -335,9 +359,8 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     except Interrupted as exc:
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted before training started; a folder printed above resumes with `python -m sweep resume DIR`", file=sys.stderr)
-        return EXIT_SIGINT
+    except KeyboardInterrupt as exc:
+        return _outside_trials(exc, "a folder printed above: `python -m sweep status DIR` shows where it stands, `python -m sweep resume DIR` continues it")
     return exit_code(status)
 
 
@@ -413,9 +436,9 @@ def _folder_command(args: argparse.Namespace) -> int:
                 return after_resume(folder, result, say)  # a folder made by `train`: its adapter
             except Interrupted as exc:
                 return exc.exit_code
-            except KeyboardInterrupt:
-                print(f"interrupted before the trials started; resume again with `python -m sweep resume {shlex.quote(str(folder))}`", file=sys.stderr)
-                return EXIT_SIGINT
+            except KeyboardInterrupt as exc:
+                folder_arg = shlex.quote(str(folder))
+                return _outside_trials(exc, f"`python -m sweep status {folder_arg}` shows where it stands, `python -m sweep resume {folder_arg}` continues it")
     except (ConfigError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID

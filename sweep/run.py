@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import shlex
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -125,13 +127,22 @@ def connect_ray(address: str | None, log: Log) -> bool:
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        except SystemExit as exc:
+            # SIGTERM while Ray starts: ray.init's own handler exits with status 15. Stop what
+            # it started, and end as SIGTERM does elsewhere outside the trials (exit 143).
+            if exc.code != signal.SIGTERM:
+                raise
+            ray.shutdown()
+            raise Terminated() from None
         # If this driver is killed (kill -9, a second Ctrl-C), its Ray's agents and idle workers
         # would outlive it by a minute or more: a small watcher ends them at once.
         from sweep import reaper
 
         global _reaper
         _reaper = reaper.start()
+    sigterm_raises()  # over Ray's handler, which would exit with status 15
     return True
 
 
@@ -304,13 +315,32 @@ def _heartbeat_callback(heartbeat: Heartbeat) -> Any:
     return _Beat()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the trials (while starting, or while wrapping up): raised as Ctrl-C's
+    KeyboardInterrupt is, so `finally` blocks still run (the local Ray stopped, the folder
+    released) and the command exits 143. Without it, SIGTERM before ray.init kills the process
+    outright, and after it Ray's driver handler exits with status 15, a code that says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("SIGTERM")
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def sigterm_raises() -> None:
+    """From here on SIGTERM raises Terminated (the main thread only: handlers live there).
+    ray.init replaces the SIGTERM handler, so connect_ray calls this again after it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 class Interrupted(Exception):
     """The driver got SIGINT / SIGTERM: its trials checkpointed and stopped, as with `stop`; the
     sweep resumes. The command exits with 128 + the signal (130, 143), as shells expect."""
 
     def __init__(self, signum: int, result: SweepResult | None = None):
-        import signal
-
         self.signum, self.result, self.exit_code = signum, result, 128 + signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
@@ -331,9 +361,6 @@ class Interrupt:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "Interrupt":
-        import signal
-        import threading
-
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -341,15 +368,11 @@ class Interrupt:
         return self
 
     def restore(self) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         name = signal.Signals(signum).name
         if self.signum is not None:
             self._say(f"\n{name} again: exiting now; the sweep resumes with:  {self.resume}\n")
@@ -381,7 +404,8 @@ def run_sweep(
     is a terminal, the sweep's progress is a bar drawn in place (plain lines otherwise)."""
     from sweep.checks import before_start, quote
     from sweep.secrets import redact
-    from sweep.sweepdir import write_meta
+    from sweep.study import create_study
+    from sweep.sweepdir import release, update_meta, write_meta
     from sweep.tracking import SweepRun
 
     clock = time.perf_counter()
@@ -417,10 +441,17 @@ def run_sweep(
             "state": "running",
             "command": command,
         }
+        create_study(cfg, cfg.optuna_storage(sweep_dir))  # before sweep.json names it
         write_meta(sweep_dir, meta)
         log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
         sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, [], cfg.num_trials, 0.0, log, live=live)
-        sweep.setup()
+        try:
+            sweep.setup()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
+            sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
+            update_meta(sweep_dir, state="stopped")
+            release(sweep_dir)  # setup claimed it
+            raise
         phases["results folder, MLflow, study"] = time.perf_counter() - mark
         log(f"start-up: {time.perf_counter() - clock:.1f}s before Ray Tune starts the trials ({describe_phases(phases)})")
         sweep.run()

@@ -99,6 +99,17 @@ def startup_points(cfg: SweepConfig) -> list[dict[str, Any]]:
     return points
 
 
+def create_study(cfg: SweepConfig, storage: str) -> None:
+    """The sweep's study, still without trials, made before sweep.json names it: a driver stopped
+    while it sets up (Ctrl-C, SIGTERM, kill -9) leaves a folder that `resume` starts from, never
+    one whose study looks deleted. SweepSearch loads it (OptunaSearch's load_if_exists); the
+    same call with the same directions, so either may come first."""
+    import optuna
+
+    directions = ["minimize" if mode == "min" else "maximize" for _, mode in cfg.objectives]
+    optuna.create_study(study_name=cfg.name, storage=optuna.storages.RDBStorage(storage), directions=directions, load_if_exists=True)
+
+
 def name_objectives(study: Any, names: list[str]) -> None:
     """Name the study's objectives (eval_loss, peak_vram_gb) so that optuna-dashboard and the
     study's dataframes say them instead of "Objective 0". Idempotent: a resumed sweep names again."""
