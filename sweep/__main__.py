@@ -193,14 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in TRAINS and threading.current_thread() is threading.main_thread():
         # SIGTERM while starting or wrapping up ends the command as Ctrl-C does (its exit 143);
         # while trials run, sweep.run.Interrupt turns either into a resumable stop.
-        from sweep.run import sigterm_raises
+        from sweep.run import Terminated, received_signal, signals_raise
 
-        previous = signal.getsignal(signal.SIGTERM)
-        sigterm_raises()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        received_signal(clear=True)
+        signals_raise()
         try:
-            return _command(args)
+            code = _command(args)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        late = received_signal(clear=True)
+        if late is not None and code == 0:  # its exception was lost (see sweep.run._received): said here
+            return _outside_trials(Terminated() if late == signal.SIGTERM else KeyboardInterrupt(), "`python -m sweep status DIR` shows where the sweep stands")
+        return code
     return _command(args)
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ def connect_ray(address: str | None, log: Log) -> bool:
 
         global _reaper
         _reaper = reaper.start()
-    sigterm_raises()  # over Ray's handler, which would exit with status 15
+    signals_raise()  # over Ray's SIGTERM handler, which would exit with status 15
     return True
 
 
@@ -325,15 +326,46 @@ class Terminated(KeyboardInterrupt):
         super().__init__("SIGTERM")
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+# Signals that raised outside the trials. A raise that lands inside a garbage-collector callback
+# (SQLAlchemy has some) is printed as "Exception ignored" and lost, so the signal is noted here
+# too: Interrupt.install acts on it before the trials start, and the command's exit code says it.
+_received: list[int] = []
 
 
-def sigterm_raises() -> None:
-    """From here on SIGTERM raises Terminated (the main thread only: handlers live there).
-    ray.init replaces the SIGTERM handler, so connect_ray calls this again after it."""
+def _raise_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def signals_raise() -> None:
+    """From here on SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated, each noted
+    (the main thread only: handlers live there). ray.init replaces the SIGTERM handler, so
+    connect_ray calls this again after it."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _raise_signal)
+        if sys.unraisablehook is not _quiet_when_noted:
+            global _unraisable
+            _unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_when_noted
+
+
+_unraisable: Callable[[Any], Any] = sys.unraisablehook
+
+
+def _quiet_when_noted(info: Any) -> None:
+    """The signal's exception, lost in a garbage-collector callback, is noted (_received) and acted
+    on: no traceback for it. Every other unraisable exception is printed as Python would."""
+    if isinstance(info.exc_value, KeyboardInterrupt) and _received:
+        return
+    _unraisable(info)
+
+
+def received_signal(clear: bool = False) -> int | None:
+    """The first SIGINT / SIGTERM noted since the last clear (None: none came)."""
+    first = _received[0] if _received else None
+    if clear:
+        _received.clear()
+    return first
 
 
 class Interrupted(Exception):
@@ -365,6 +397,9 @@ class Interrupt:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
+        swallowed = received_signal(clear=True)  # one during set-up whose exception was lost: acted on now
+        if swallowed is not None:
+            self._handle(swallowed, None)
         return self
 
     def restore(self) -> None:
@@ -388,8 +423,6 @@ class Interrupt:
     @staticmethod
     def _say(text: str) -> None:
         # Straight to the file descriptor: print() from a handler could re-enter a buffered write.
-        import sys
-
         try:
             os.write(sys.stdout.fileno(), text.encode())
         except (AttributeError, OSError, ValueError):
