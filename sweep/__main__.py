@@ -192,28 +192,28 @@ def main(argv: list[str] | None = None) -> int:
             return _command(args)
     if args.command in TRAINS and threading.current_thread() is threading.main_thread():
         # SIGTERM while starting or wrapping up ends the command as Ctrl-C does (its exit 143);
-        # while trials run, sweep.run.Interrupt turns either into a resumable stop.
-        from sweep.run import Terminated, received_signal, signals_raise
+        # while trials run, sweep.signals.Interrupt turns either into a resumable stop.
+        from sweep.signals import SIGNALS, Terminated, command_ended, signals_raise
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        received_signal(clear=True)
+        previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+        command_ended()  # nothing noted before this command counts
         signals_raise()
         try:
             code = _command(args)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        late = received_signal(clear=True)
-        if late is not None and code == 0:  # its exception was lost (see sweep.run._received): said here
+        late = command_ended()  # one that waited for the wrap-up, or whose exception was lost
+        if late is not None and code == 0:
             return _outside_trials(Terminated() if late == signal.SIGTERM else KeyboardInterrupt(), "`python -m sweep status DIR` shows where the sweep stands")
         return code
     return _command(args)
 
 
 def _outside_trials(exc: KeyboardInterrupt, where: str) -> int:
-    """Ctrl-C, or SIGTERM (sweep.run.Terminated), while no trial was running: before the trials
+    """Ctrl-C, or SIGTERM (sweep.signals.Terminated), while no trial was running: before the trials
     started or after they ended. What the sweep's folder says then is its state."""
-    from sweep.run import Terminated
+    from sweep.signals import Terminated
 
     name, code = ("SIGTERM", EXIT_SIGTERM) if isinstance(exc, Terminated) else ("Ctrl-C", EXIT_SIGINT)
     print(f"{name} while starting or wrapping up (no trial was running); {where}", file=sys.stderr)
@@ -328,7 +328,8 @@ def _command(args: argparse.Namespace) -> int:
             return EXIT_INVALID
         return 0
 
-    from sweep.run import Interrupted, run_sweep
+    from sweep.run import run_sweep
+    from sweep.signals import Interrupted
     from trainable.data import DataError
 
     try:
@@ -355,7 +356,7 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
-    from sweep.run import Interrupted
+    from sweep.signals import Interrupted
     from trainable.data import DataError
 
     try:
@@ -434,7 +435,8 @@ def _folder_command(args: argparse.Namespace) -> int:
                 print_json(info)
             return 0 if found else 1
         else:
-            from sweep.run import Interrupted, resume_sweep
+            from sweep.run import resume_sweep
+            from sweep.signals import Interrupted
             from sweep.single import after_resume
 
             try:

@@ -16,8 +16,6 @@ import math
 import os
 import shlex
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +27,7 @@ import yaml
 from core.contract import GPU_SHARE
 from sweep.config import ConfigError, SweepConfig
 from sweep.results import SweepResult, collect
+from sweep.signals import Interrupt, Interrupted, Terminated, signals_raise, wrap_up
 
 Log = Callable[[str], None]
 
@@ -314,119 +313,6 @@ def _heartbeat_callback(heartbeat: Heartbeat) -> Any:
             heartbeat.beat()
 
     return _Beat()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the trials (while starting, or while wrapping up): raised as Ctrl-C's
-    KeyboardInterrupt is, so `finally` blocks still run (the local Ray stopped, the folder
-    released) and the command exits 143. Without it, SIGTERM before ray.init kills the process
-    outright, and after it Ray's driver handler exits with status 15, a code that says nothing."""
-
-    def __init__(self) -> None:
-        super().__init__("SIGTERM")
-
-
-# Signals that raised outside the trials. A raise that lands inside a garbage-collector callback
-# (SQLAlchemy has some) is printed as "Exception ignored" and lost, so the signal is noted here
-# too: Interrupt.install acts on it before the trials start, and the command's exit code says it.
-_received: list[int] = []
-
-
-def _raise_signal(signum: int, frame: Any) -> None:
-    _received.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def signals_raise() -> None:
-    """From here on SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated, each noted
-    (the main thread only: handlers live there). ray.init replaces the SIGTERM handler, so
-    connect_ray calls this again after it."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _raise_signal)
-        if sys.unraisablehook is not _quiet_when_noted:
-            global _unraisable
-            _unraisable, sys.unraisablehook = sys.unraisablehook, _quiet_when_noted
-
-
-_unraisable: Callable[[Any], Any] = sys.unraisablehook
-
-
-def _quiet_when_noted(info: Any) -> None:
-    """The signal's exception, lost in a garbage-collector callback, is noted (_received) and acted
-    on: no traceback for it. Every other unraisable exception is printed as Python would."""
-    if isinstance(info.exc_value, KeyboardInterrupt) and _received:
-        return
-    _unraisable(info)
-
-
-def received_signal(clear: bool = False) -> int | None:
-    """The first SIGINT / SIGTERM noted since the last clear (None: none came)."""
-    first = _received[0] if _received else None
-    if clear:
-        _received.clear()
-    return first
-
-
-class Interrupted(Exception):
-    """The driver got SIGINT / SIGTERM: its trials checkpointed and stopped, as with `stop`; the
-    sweep resumes. The command exits with 128 + the signal (130, 143), as shells expect."""
-
-    def __init__(self, signum: int, result: SweepResult | None = None):
-        self.signum, self.result, self.exit_code = signum, result, 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-
-class Interrupt:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) while the trials run.
-
-    The first does what `python -m sweep stop` does: it writes the STOP file, so running trials
-    checkpoint and end, nothing is marked finished, and `resume` continues them. A second exits at
-    once, leaving what kill -9 leaves, which `resume` repairs too. Ray Tune's own SIGINT handler
-    would instead end the experiment as if its time were up (trials stopped for good), so it is
-    switched off (TUNE_DISABLE_SIGINT_HANDLER) and these handlers replace it, and Ray's SIGTERM
-    handler, until `restore()`."""
-
-    def __init__(self, stop_file: Path, resume: str):
-        self.stop_file, self.resume = stop_file, resume
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "Interrupt":
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        swallowed = received_signal(clear=True)  # one during set-up whose exception was lost: acted on now
-        if swallowed is not None:
-            self._handle(swallowed, None)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            self._say(f"\n{name} again: exiting now; the sweep resumes with:  {self.resume}\n")
-            os._exit(128 + signum)
-        self.signum = signum
-        try:
-            self.stop_file.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {name}")
-        except OSError as exc:
-            self._say(f"\n{name}: cannot write {self.stop_file} ({exc}); exiting now; resume with:  {self.resume}\n")
-            os._exit(128 + signum)
-        self._say(f"\n{name}: running trials checkpoint and stop (send it again to exit at once) ...\n")
-
-    @staticmethod
-    def _say(text: str) -> None:
-        # Straight to the file descriptor: print() from a handler could re-enter a buffered write.
-        try:
-            os.write(sys.stdout.fileno(), text.encode())
-        except (AttributeError, OSError, ValueError):
-            pass
 
 
 def run_sweep(
@@ -749,6 +635,7 @@ class Sweep:
         from sweep.sweepdir import mlflow_links, release, say_mlflow
 
         cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
+        wrap_up()  # the trials have ended: a signal from here on waits for the sweep's end to be recorded
         if self.progress is not None:
             self.progress.close()  # the bar ends above the table (Tune's experiment end closed it already)
         stopped = self.stop.requested()

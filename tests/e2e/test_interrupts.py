@@ -145,7 +145,7 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
     check_whole(sweep_dir, 2)
 
 
-WRAPPING_UP = "while starting or wrapping up (no trial was running)"
+WRAPPING_UP = "wrapping up (no trial was running)"
 
 
 def test_sigterm_while_starting_exits_143_and_resume_finishes_the_sweep(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_sigterm_while_starting_exits_143_and_resume_finishes_the_sweep(tmp_path
         out = (driver.end(120), driver.text())
         assert out[0] == 143, (point, out[1][-3000:])
         if "interrupted (interrupted by SIGTERM)" not in out[1]:  # the trials had started: a resumable stop
-            assert f"SIGTERM {WRAPPING_UP}" in out[1], (point, out[1][-3000:])
+            assert f"SIGTERM while starting or {WRAPPING_UP}" in out[1], (point, out[1][-3000:])
         assert "Traceback" not in out[1], (point, out[1][-3000:])
         deadline = time.monotonic() + 15
         while [p for p in ray if alive(p)] and time.monotonic() < deadline:
@@ -184,7 +184,7 @@ def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) 
     rng = random.Random(CHAOS_SEED)
     actions = ["SIGINT", "SIGTERM", "kill driver", "kill worker"]
     rng.shuffle(actions)
-    trials = 4
+    trials = 6  # room for every action before the sweep ends by itself (each waits 1-3 evaluations, 4 per trial)
     spec = space(tmp_path, trials)
     cmd = Command(tmp_path, "run", str(spec))
     sweep_dir = cmd.sweep_dir()

@@ -1,10 +1,12 @@
-"""SIGINT / SIGTERM outside the trials (sweep.run.signals_raise): each raises and is noted, and a
-signal whose exception Python lost in a garbage-collector callback is still acted on."""
+"""SIGINT / SIGTERM in a driver's phases (sweep/signals.py): while starting each raises and is
+noted, a signal whose exception Python lost in a garbage-collector callback is still acted on, and
+once the trials have ended a signal waits for the wrap-up and sets the exit code."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -12,8 +14,9 @@ from pathlib import Path
 import pytest
 
 import sweep.__main__ as cli
-from sweep import run
-from sweep.run import Interrupt, Terminated, received_signal, signals_raise
+from tests.conftest import ROOT
+from sweep import signals as run
+from sweep.signals import Interrupt, Terminated, command_ended, received_signal, signals_raise, wrap_up
 
 
 @pytest.fixture
@@ -21,12 +24,12 @@ def handlers():
     """Put back the process's handlers (and the unraisable hook) after the test."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     hook = sys.unraisablehook
-    received_signal(clear=True)
+    command_ended()
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
     sys.unraisablehook = hook
-    received_signal(clear=True)
+    command_ended()
 
 
 def test_sigterm_raises_terminated_and_is_noted(handlers: None) -> None:
@@ -60,6 +63,44 @@ def test_no_signal_noted_leaves_the_trials_alone(tmp_path: Path, handlers: None)
     assert interrupt.signum is None and not (tmp_path / "STOP").exists()
 
 
+def test_a_signal_while_wrapping_up_waits_for_the_wrap_up(tmp_path: Path, handlers: None) -> None:
+    """The trials have ended: no STOP file (the sweep is not stopped), no exception in the middle
+    of recording its end; the signal is kept for the command's exit code."""
+    interrupt = Interrupt(tmp_path / "STOP", "python -m sweep resume X").install()
+    try:
+        wrap_up()
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0.2)
+        assert interrupt.signum is None and not (tmp_path / "STOP").exists()
+    finally:
+        interrupt.restore()
+    assert command_ended() == signal.SIGTERM
+
+
+def test_a_second_signal_while_wrapping_up_exits_at_once(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, time\n"
+        "from sweep.signals import signals_raise, wrap_up\n"
+        "signals_raise(); wrap_up()\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+        "print('waited', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "print('not reached', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done
+    assert "recording the sweep's end first" in done.stdout and "waited" in done.stdout and "not reached" not in done.stdout
+
+
+def test_the_next_sweep_in_the_process_is_not_stopped_by_the_last_ones_wrap_up(tmp_path: Path, handlers: None) -> None:
+    """run_sweep called twice in one process (no command around it to end the first)."""
+    wrap_up()
+    run._received.append(signal.SIGTERM)  # came while the first wrapped up
+    interrupt = Interrupt(tmp_path / "STOP", "python -m sweep resume X").install()
+    interrupt.restore()
+    assert interrupt.signum is None and not (tmp_path / "STOP").exists()
+
+
 def test_a_lost_signal_prints_no_traceback_but_other_lost_exceptions_do(handlers: None, capsys: pytest.CaptureFixture) -> None:
     seen: list = []
     sys.unraisablehook = seen.append  # stands in for Python's printer
@@ -73,11 +114,13 @@ def test_a_lost_signal_prints_no_traceback_but_other_lost_exceptions_do(handlers
     assert seen == [other]
 
 
-def test_a_signal_lost_while_wrapping_up_sets_the_exit_code(handlers: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """The command had finished its work (0), but a SIGTERM came and its exception was lost: 143."""
+def test_a_signal_that_waited_for_the_wrap_up_sets_the_exit_code(handlers: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The command did its work (0), but a SIGTERM came while it wrapped up: 143, said."""
 
     def command(args: object) -> int:
-        run._received.append(signal.SIGTERM)
+        wrap_up()
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0.2)
         return 0
 
     monkeypatch.setattr(cli, "_command", command)
