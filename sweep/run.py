@@ -715,3 +715,16 @@ def _tune_environment() -> None:
     # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
     # here (small state) and Tune's warning about it would drown the progress lines.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    state_log = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, _RenamedUnderSync) for f in state_log.filters):
+        state_log.addFilter(_RenamedUnderSync())
+
+
+class _RenamedUnderSync(logging.Filter):
+    """Drops one Ray Tune log record: a stop right as the trials start makes Tune snapshot its
+    experiment while it copies the previous snapshot, and a temporary file it renamed meanwhile is
+    logged as a failed save, with a traceback. Tune saves again at the end; nothing is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Saving experiment state") and isinstance(exc, FileNotFoundError) and "-tmp-" in str(exc))

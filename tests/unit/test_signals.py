@@ -127,3 +127,31 @@ def test_a_signal_that_waited_for_the_wrap_up_sets_the_exit_code(handlers: None,
     assert cli.main(["run", "space.yaml"]) == 143
     assert "SIGTERM while starting or wrapping up" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not run._raise_signal  # the caller's handlers are back
+
+
+def test_tunes_save_race_on_an_early_stop_is_not_logged_but_other_save_failures_are() -> None:
+    """A stop right as the trials start: Tune logs a temporary snapshot file renamed under its
+    sync as a failed save (with a traceback), then saves again; sweep.run filters that one only."""
+    import logging
+
+    from sweep.run import _tune_environment
+
+    _tune_environment()
+    log = logging.getLogger("ray.tune.execution.experiment_state")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        for error in (FileNotFoundError("Failed to open local file '/tmp/ray/x/.78a4-tmp-searcher-state-1.pkl'"), PermissionError("/sweeps/tune: denied")):
+            try:
+                raise error
+            except OSError as exc:
+                log.error(f"Saving experiment state to storage at '/sweeps/tune' failed with exception: {exc}", exc_info=True)
+    finally:
+        log.removeHandler(handler)
+    assert [type(r.exc_info[1]).__name__ for r in records] == ["PermissionError"]

@@ -243,9 +243,12 @@ def test_a_proposal_that_ran_already_is_closed_as_duplicate_and_another_sampled(
     assert search.launched == 2
     trials = search._ot_study.get_trials(deepcopy=False)
     duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
-    assert len(duplicates) == len(seen) >= SPENT_AFTER_DUPLICATES and all(t.state.name == "FAIL" for t in duplicates)
-    ran = {t.params["lora_r"]: t.number for t in trials if "ray_trial_id" in t.user_attrs}
-    assert all(t.user_attrs["duplicate_of"] == f"t{ran[t.params['lora_r']]:03d}" for t in duplicates)
+    assert len(duplicates) == len(seen) >= SPENT_AFTER_DUPLICATES
+    ran = {t.params["lora_r"]: t for t in trials if "ray_trial_id" in t.user_attrs}
+    for t in duplicates:  # each twin had completed when it was proposed again: its result told again
+        twin = ran[t.params["lora_r"]]
+        assert t.user_attrs["duplicate_of"] == f"t{twin.number:03d}" and "ray_trial_id" not in t.user_attrs
+        assert (t.state.name, t.value) == ("COMPLETE", twin.value)
     assert [spent for *_, spent in seen][-1] and not any(spent for *_, spent in seen[:-1])
 
 
@@ -269,4 +272,23 @@ def test_twin_of_ignores_what_never_ran(tmp_path: Path) -> None:
     probe = study.ask(dist)
     assert probe.params == {"lora_r": 4} and twin_of(study, probe) is None
     study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.FAIL, user_attrs={"trial_status": "oom"}))
-    assert twin_of(study, probe) == probe.number + 1  # it ran, and failed: it would fail again
+    assert twin_of(study, probe).number == probe.number + 1  # it ran, and failed: it would fail again
+
+
+def test_a_duplicate_of_a_completed_trial_repeats_its_values_and_of_any_other_fails(tmp_path: Path) -> None:
+    import optuna
+
+    from sweep.study import close_duplicate
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, values=[1.5, 9.0]))
+    done = study.trials[-1]
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 8}, distributions=dist, state=optuna.trial.TrialState.PRUNED))
+    pruned = study.trials[-1]
+    for twin in (done, pruned):
+        study.enqueue_trial(twin.params)
+        close_duplicate(study, study.ask(dist), twin)
+    first, second = study.trials[-2:]
+    assert (first.state.name, first.values, first.user_attrs["duplicate_of"]) == ("COMPLETE", [1.5, 9.0], "t000")
+    assert (second.state.name, second.user_attrs["trial_status"], second.user_attrs["duplicate_of"]) == ("FAIL", "duplicate", "t001")
