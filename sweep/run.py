@@ -445,6 +445,9 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
         try:
             resources = plan_resources(cfg, log)
             sweep_run = SweepRun.attach(cfg, folder.parent_run_id)
+            repaired = sweep_run.close_ended(study)
+            if repaired:
+                log(f"MLflow: closed {', '.join(repaired)} as the study ended them (the driver was killed before it recorded their end)")
             sweep = Sweep(cfg, sweep_dir, sweep_run, prepared, resources, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log, live=live)
             sweep.setup()
             sweep.run()

@@ -75,6 +75,26 @@ class SweepRun:
     def children(self) -> list[Any]:
         return child_runs(self.client, self.experiment_id, self.run_id)
 
+    def close_ended(self, study: Any) -> list[str]:
+        """Child runs still RUNNING whose trial the study has ended: a driver killed between telling
+        the study a trial's end and recording it here (the searcher hears of it first). Each is
+        closed as the study says, with its last step; their metrics were logged at each report.
+        Returns their labels. For `resume`, before anything runs."""
+        ended = {f"t{t.number:03d}": t for t in study.trials if "ray_trial_id" in t.user_attrs and t.state.name in ("COMPLETE", "PRUNED", "FAIL")}
+        closed = []
+        for run in self.children():
+            trial = ended.get(run.data.tags.get("trial", ""))
+            if run.info.status != "RUNNING" or trial is None:
+                continue
+            status = trial.user_attrs.get(STATUS) or {"COMPLETE": TrialStatus.COMPLETED, "PRUNED": TrialStatus.PRUNED}.get(trial.state.name, TrialStatus.FAILED)
+            self.client.set_tag(run.info.run_id, STATUS, str(status))
+            if trial.intermediate_values:
+                self.client.set_tag(run.info.run_id, "last_step", str(max(trial.intermediate_values)))
+            finished = (TrialStatus.COMPLETED, TrialStatus.PRUNED, TrialStatus.STOPPED)
+            self.client.set_terminated(run.info.run_id, "FINISHED" if status in finished else "FAILED")
+            closed.append(run.data.tags["trial"])
+        return sorted(closed)
+
     def __init__(self, cfg: SweepConfig, sweep_dir: Path):
         from mlflow import MlflowClient
 

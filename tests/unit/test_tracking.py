@@ -144,3 +144,31 @@ def test_a_retry_that_never_started_leaves_a_resumable_run(sweep: SweepRun, tmp_
     ledger.labels["h2"] = "t007"
     runs.on_trial_start(0, [], trial("h2", {"lora_r": 4}))
     assert runs.awaiting_retry == {}
+
+
+def test_resume_closes_runs_the_study_ended_before_the_driver_was_killed(sweep: SweepRun) -> None:
+    """kill -9 after the searcher told the study a trial's end, before TrialRuns recorded it: the
+    study says COMPLETE / PRUNED, the child run still RUNNING. close_ended brings the run in line;
+    runs of trials still open in the study (a resumable stop) are left alone."""
+    import optuna
+
+    ledger = Ledger()
+    runs = TrialRuns(sweep, ledger, {"lora_r": 16})
+    for tid, label in (("k1", "t010"), ("k2", "t011"), ("k3", "t012")):
+        ledger.labels[tid] = label
+        t = trial(tid, {"lora_r": 4})
+        runs.on_trial_start(0, [], t)
+        runs.on_trial_result(0, [], t, {"step": 2, "eval_loss": 2.5})
+    study = optuna.create_study()
+    dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}
+    for number in range(10):
+        study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, value=9.0))
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, value=2.0, intermediate_values={2: 2.5, 4: 2.0},
+                                              user_attrs={"ray_trial_id": "k1", "trial_status": "completed"}))  # fmt: skip
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.PRUNED, intermediate_values={2: 2.5},
+                                              user_attrs={"ray_trial_id": "k2"}))  # fmt: skip
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.RUNNING, user_attrs={"ray_trial_id": "k3"}))
+    assert sweep.close_ended(study) == ["t010", "t011"]
+    state = {r.data.tags["trial"]: (r.info.status, r.data.tags["trial_status"], r.data.tags.get("last_step")) for r in sweep.children() if r.data.tags["trial"] in ("t010", "t011", "t012")}
+    assert state == {"t010": ("FINISHED", "completed", "4"), "t011": ("FINISHED", "pruned", "2"), "t012": ("RUNNING", "running", None)}
+    assert sweep.close_ended(study) == []  # once
