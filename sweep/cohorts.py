@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import ERROR, LEARNING_RATE, STATUS, STEP, STEP_METRICS, TRAIN_LOSS, TrialStatus, finite, missing_objectives
-from core.request import TrialRequest
+from core.contract import ERROR, ESTIMATED_VRAM_GB, LEARNING_RATE, STATUS, STEP, STEP_METRICS, TRAIN_LOSS, TrialStatus, finite, missing_objectives
+from core.request import Allocation, TrialRequest
 from core.schema import COHORT_AUTO_CPU
 
 MEMBER_SHARE = "member_vram_share_gb"  # the member's estimated share of its worker's memory (not a measurement)
@@ -263,7 +263,7 @@ class StudySource:
                 self._record_infeasible(label, config, verdict)
                 continue
             if verdict is not None:
-                trial.set_user_attr("estimated_vram_gb", round(verdict.estimate_gb, 2))
+                trial.set_user_attr(ESTIMATED_VRAM_GB, round(verdict.estimate_gb, 2))
             self._trials[label] = trial
             return MemberTask(label=label, number=trial.number, hyper=config), config.get("method", self.cfg.train.method)
         return None, ""
@@ -295,7 +295,9 @@ class StudySource:
         from sweep.trials import param_value, summary
 
         client = self.client
-        config = TrialRequest(hyper=task.hyper).params()
+        # the estimate _ask judged this member by, logged as a lone trial's is (bench/provenance reads it back)
+        estimate = self._trial(task).user_attrs.get(ESTIMATED_VRAM_GB)
+        config = TrialRequest(hyper=task.hyper, allocation=Allocation(estimated_vram_gb=estimate)).params()
         runs = client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.trial = '{task.label}'", max_results=1)
         if runs:  # continued (resumed, or shed and taken again): the same child run
             run_id, have = runs[0].info.run_id, set(runs[0].data.params)
@@ -432,7 +434,6 @@ class StudySource:
     def _record_infeasible(self, label: str, config: dict, verdict: Any) -> None:
         from mlflow.entities import Metric, Param
 
-        from core.contract import ESTIMATED_VRAM_GB
         from sweep.trials import param_value, summary
 
         run = self.client.create_run(

@@ -191,6 +191,8 @@ def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path
         t = trials[int(label[1:])]
         assert t.user_attrs["cohort"] == run.data.params["cohort"] and run.data.params["cohort_size"] == "3", (label, run.data.params)
         assert t.value == pytest.approx(run.data.metrics["eval_loss"]) and run.info.status == "FINISHED"
+        # the placement estimate each member was judged by, logged as a lone trial's (bench/packing reads it back)
+        assert t.user_attrs["estimated_vram_gb"] > 0 and float(run.data.params["estimated_vram_gb"]) == pytest.approx(t.user_attrs["estimated_vram_gb"]), run.data.params
     assert meta["state"] == "finished"
 
 

@@ -24,7 +24,9 @@ def test_gemma3_1b_policies(tmp_path: Path) -> None:
         check=True,
         timeout=900,
     )
-    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    written = json.loads(out.read_text())
+    assert written["provenance"]["device_name"], written["provenance"]  # every result file says where it ran
+    rows = {r["policy"]: r for r in written["results"]}
     assert {r["trial_status"] for r in rows.values()} == {"completed"}, rows
     assert rows["frozen"]["trainable_params"] < rows["new_tokens"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["full"]["trainable_params"] - rows["frozen"]["trainable_params"] == 262144 * 1152
