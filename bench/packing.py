@@ -107,6 +107,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
     else:
         space, algorithm, n, extra, pts = SPACE_DIMS.format(ranks=ranks, pairs=pairs), "random", trials, ", gradient_checkpointing: auto", json.dumps(points)
         extra += ", compile: true" if args.compile else ""
+        extra += f", lora_dropout: {args.dropout}" if args.dropout is not None else ""
     time_budget = max(30, int(share - READBACK_S))
     space_file = results / f"{name}.yaml"
     space_file.write_text(SPACE.format(name=name, model=model, demo=DEMO, seq=args.seq, method=method, steps=args.steps, log_every=max(1, args.steps // 2),
@@ -247,6 +248,9 @@ def main() -> None:
                     help="a JSON list of configurations (keys as in the result's configs: lora_r, lora_alpha_ratio, target_modules, learning_rate, batch) "
                          "instead of the seeded ones; e.g. one configuration at several micro-batch splits, run alone, for the run-to-run noise floor")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="train.compile: true in every mode (cohorts compile around their adapters)")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="train.lora_dropout in every mode (default: the train section's 0.05). 0 compares compiled with eager step for step: "
+                         "compiled layers draw dropout masks from inductor's RNG, so with dropout the two are different random draws")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny model, few trials and steps, one logical GPU")
     args = ap.parse_args()
     t0 = time.time()

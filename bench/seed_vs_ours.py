@@ -412,7 +412,18 @@ def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str
     reply_only = settings["loss"] in ("chunked", "liger")  # only reply positions go through lm_head
     out.update(trainable_params=derived.get("trainable_params"), gradient_checkpointing=derived.get("gradient_checkpointing"), derived=derived,
                head_trains=embeddings == "full", lm_head_fraction=last["loss_tokens_per_sec"] / last["tokens_per_sec"] if reply_only else 1.0)  # fmt: skip
+    if settings.get("compile"):
+        out["dynamo_counters"] = dynamo_counters()
     return out
+
+
+def dynamo_counters() -> dict[str, dict[str, int]]:
+    """torch._dynamo's counters after a compiled row (one row per process): graphs captured,
+    recompiles, CUDA graph skips and re-recordings. The 2026-12-01 row with CUDA graphs ran 1.8x
+    slower than without them; these say whether it recorded again and again or fell back."""
+    from torch._dynamo.utils import counters
+
+    return {group: {str(k): int(v) for k, v in c.items()} for group, c in counters.items() if c}
 
 
 def liger_reason(row: dict) -> str | None:
@@ -579,7 +590,7 @@ def main() -> None:
             result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(result)
             Path(args.out).write_text(json.dumps(with_provenance({"build_seconds": build_seconds, "rows": rows}), indent=2, default=str))
-            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe", "stderr_tail")}, default=str)[:600], flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe", "stderr_tail", "dynamo_counters")}, default=str)[:600], flush=True)
             if result.get("trial_status") in ("error", "oom"):
                 print(result["error"][-1500:], flush=True)
     summary(rows, args.sizes.split(","))
