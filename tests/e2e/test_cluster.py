@@ -52,7 +52,7 @@ def test_sweep_spreads_over_two_nodes_and_survives_losing_one(tmp_path: Path, tw
     address, cluster_env = two_nodes
     body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 200, eval_every: 20, log_every: 20, batch: [2, 1]}").replace(
         "search: {num_trials: 2}", "search: {num_trials: 3, max_concurrent: 2, seed: 0, scheduler: {type: none}, max_retries: 1}"
-    ) + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"
+    ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n") + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"  # 3 distinct trials: a 2-point space would be spent after 2
     os.environ.update({k: cluster_env[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")})
     try:
         driver = Driver(write_space(tmp_path, body), tmp_path, extra=["--address", address])

@@ -70,7 +70,8 @@ def test_submit_status_stop_resume(tmp_path: Path, head: tuple[str, dict]) -> No
             shutil.copy(DEMO_DATA / name, project / "data" / name)
         body = (MINIMAL.replace("DEMO/train.jsonl", "data/train.jsonl").replace("DEMO/eval.jsonl", "data/eval.jsonl")
                 .replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 600, eval_every: 40, log_every: 40, batch: [2, 1]}")
-                .replace("search: {num_trials: 2}", "search: {num_trials: 2, max_concurrent: 1, seed: 0, scheduler: {type: none}}"))  # fmt: skip
+                .replace("search: {num_trials: 2}", "search: {num_trials: 2, max_concurrent: 1, seed: 0, scheduler: {type: none}}")
+                .replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n"))  # fmt: skip
         (project / "space.yaml").write_text(body)
         results = tmp_path / "cluster-disk" / "sweeps"
 
