@@ -61,9 +61,11 @@ def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list
     leave a categorical value with only bad partners, after which TPE never returns to it.
 
     A point may repeat an earlier one (several Sobol points fall on one configuration of a small
-    discrete space): it is kept. That happened to 7-19 of 300 points on the suite's 48-point spaces,
-    fewer than random draws repeat (~28 expected), and skipping them shifts the sequence off its
-    balanced blocks; measured, it did no better (spelling 26 of 30 seeds within 2% against 27)."""
+    discrete space): it stays in the list, and the sweep closes it as a duplicate when it comes up
+    (`twin_of`). That happened to 7-19 of 300 points on the suite's 48-point spaces, fewer than
+    random draws repeat (~28 expected); drawing other points in their place shifts the sequence
+    off its balanced blocks, and measured, it did no better (spelling 26 of 30 seeds within 2%
+    against 27)."""
     import warnings
 
     import optuna
@@ -97,6 +99,16 @@ def startup_points(cfg: SweepConfig) -> list[dict[str, Any]]:
         if wanted > 0:
             points += sobol_points(DefineByRun(cfg.space, cfg.fixed_hyperparams), wanted, search.seed)
     return points
+
+
+def enqueue_startup(study: Any, cfg: SweepConfig) -> None:
+    """Queue `startup_points` in a new sweep's study, the user's points_to_evaluate marked with
+    their index (USER_POINT) so that `twin_of` lets a point the user listed twice run twice;
+    Sobol start-up points are not marked: one that repeats a configuration is skipped as any
+    proposal is."""
+    users = len(cfg.study_points)
+    for i, point in enumerate(startup_points(cfg)):
+        study.enqueue_trial(point, user_attrs={USER_POINT: i} if i < users else None)
 
 
 def create_study(cfg: SweepConfig, storage: str) -> None:
@@ -152,12 +164,19 @@ MAX_INFEASIBLE_IN_A_ROW = 200
 RANDOM_AFTER_DUPLICATES = 3
 SPENT_AFTER_DUPLICATES = 20
 NOT_RUN = (TrialStatus.INFEASIBLE, TrialStatus.LOST, TrialStatus.DUPLICATE)
+# user attr of a trial enqueued from search.points_to_evaluate: its index in that list
+USER_POINT = "point_to_evaluate"
 
 
 def twin_of(study: Any, trial: Any) -> Any:
     """An earlier trial of this sweep (Optuna's FrozenTrial) with exactly `trial`'s parameters
     that ran or runs, whatever its outcome (the same configuration trains the same way), or None.
-    Entries that never ran (infeasible, lost, duplicates) and a warm start's trials do not count."""
+    Entries that never ran (infeasible, lost, duplicates) and a warm start's trials do not count.
+    None for one of the user's own points_to_evaluate (USER_POINT): a point listed twice is
+    meant to run twice (e.g. to see the noise between runs). It is still a twin that later
+    proposals are matched against."""
+    if USER_POINT in trial.user_attrs:
+        return None
     params = trial.params
     for other in study.get_trials(deepcopy=False):
         if other.number == trial.number or not other.params or "warm_start_from" in other.user_attrs:
@@ -285,14 +304,14 @@ class SweepSearch(OptunaSearch):
             space=self._space_def,
             metric=[m for m, _ in self.objectives] if multi else cfg.search.metric,
             mode=[d for _, d in self.objectives] if multi else cfg.search.mode,
-            # queued in the study by the first driver (those not yet run wait there): not again
-            points_to_evaluate=(startup_points(cfg) or None) if not before else None,
             sampler=make_sampler(cfg, before),
             study_name=cfg.name,
             storage=rdb,
         )
         if self._ot_study is not None:  # created (or loaded) by OptunaSearch just above
             name_objectives(self._ot_study, [m for m, _ in self.objectives])
+            if not before:  # a resumed sweep's were queued by the first driver (those not yet run wait there): not again
+                enqueue_startup(self._ot_study, cfg)
 
     # Tune writes the searcher into its experiment folder (searcher-state-*.pkl, tuner.pkl) for
     # its own Tuner.restore, which lora-sweep never uses: `resume` rebuilds everything from the

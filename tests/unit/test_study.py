@@ -259,6 +259,22 @@ def test_a_running_trial_has_no_twin_launched_beside_it(tmp_path: Path) -> None:
     assert search.suggest("c") is None  # spent while two run: wait for them (a retry may come)
 
 
+def test_a_point_the_user_listed_twice_runs_twice_and_later_repeats_of_it_do_not(tmp_path: Path) -> None:
+    """points_to_evaluate lists lora_r 4 twice: both run (the user asked for it, e.g. to see the
+    noise between runs). They are still twins: the sampler's own proposals of 4 are duplicates."""
+    body = TWO_POINTS.replace("ALGO", "random").replace("seed: 3,", "seed: 3, points_to_evaluate: [{lora_r: 4}, {lora_r: 4}],")
+    seen: list[str] = []
+    search = searcher(tmp_path, body, on_duplicate=lambda label, config, twin, spent: seen.append(f"t{twin:03d}"))
+    configs = run_trials(search, ["a", "b", "c"])
+    assert [c["lora_r"] for c in configs] == [4, 4, 8]
+    assert search.suggest("d") is Searcher.FINISHED and search.spent and search.launched == 3
+    trials = search._ot_study.get_trials(deepcopy=False)
+    ran = [t for t in trials if "ray_trial_id" in t.user_attrs]
+    assert [(t.params["lora_r"], t.user_attrs.get("point_to_evaluate")) for t in ran] == [(4, 0), (4, 1), (8, None)]
+    assert len(seen) >= SPENT_AFTER_DUPLICATES and set(seen) <= {f"t{t.number:03d}" for t in ran}
+    assert not any(t.user_attrs.get("trial_status") == "duplicate" for t in trials if "point_to_evaluate" in t.user_attrs)
+
+
 def test_twin_of_ignores_what_never_ran(tmp_path: Path) -> None:
     import optuna
 
