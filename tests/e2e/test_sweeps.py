@@ -92,7 +92,11 @@ def test_time_budget_stops_running_trials(tmp_path: Path, ray_cluster: None) -> 
     assert set(result.counts) == {"stopped"}, out
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     assert {r.data.tags["trial_status"] for r in children} == {"stopped"}
-    assert {t.state.name for t in study_trials(result.sweep_dir, cfg.name)} == {"PRUNED"}
+    # lora_r 4 or 8: a proposal repeating a running trial is closed as a duplicate, FAIL (its twin's
+    # result unknown: sweep.study.close_duplicate); every trial that ran was stopped (PRUNED)
+    trials = study_trials(result.sweep_dir, cfg.name)
+    duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
+    assert {t.state.name for t in trials if t not in duplicates} == {"PRUNED"} and {t.state.name for t in duplicates} <= {"FAIL"}
     assert "best trial: none completed" in out
 
 
