@@ -251,10 +251,15 @@ def dense_reference(task: str, points: int, curves: Curves) -> dict[str, Any]:
     return {"configs": points, "steps": STEPS * points, "best": finals[best], "best_config": json.loads(best), "dense_random": True}
 
 
-def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, curves: Curves, in_flight: int = 1) -> dict[str, Any]:
+def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, curves: Curves, in_flight: int = 1, dedupe: bool = False) -> dict[str, Any]:
     """One search: ask/tell until `budget_steps` training steps are spent. Returns its best
-    completed final loss, the steps spent and the configurations it tried, in order."""
+    completed final loss, the steps spent and the configurations it tried, in order. `dedupe`:
+    as a sweep does since 2026-12-01 (sweep.study.twin_of), a proposal equal to a trial that ran or
+    runs is closed as a duplicate and costs no steps; random proposals after 3 in a row; after 20
+    in a row the space is spent and the search ends."""
     import optuna
+
+    from sweep.study import RANDOM_AFTER_DUPLICATES, SPENT_AFTER_DUPLICATES, RandomProposal, close_duplicate, twin_of
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, budget_steps // STEPS, in_flight), pruner=make_pruner(pruner))
@@ -264,13 +269,21 @@ def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, c
 
         for point in sobol_points(lambda trial: suggest(trial, space), SOBOL_STARTUP, seed):
             study.enqueue_trial(point)
-    spent, best, tried = 0, math.inf, []
+    spent, best, tried, duplicates, in_a_row = 0, math.inf, [], 0, 0
     running: list[list[Any]] = []  # [trial, config, curve, index of its next report]
     exhausted = False
     while True:
         while not exhausted and len(running) < in_flight and spent + EVAL_EVERY * (len(running) + 1) <= budget_steps:
-            trial = study.ask()
-            config = suggest(trial, space)
+            with RandomProposal(study, dedupe and in_a_row >= RANDOM_AFTER_DUPLICATES, seed):
+                trial = study.ask()
+                config = suggest(trial, space)
+            twin = twin_of(study, trial) if dedupe else None
+            if twin is not None:
+                close_duplicate(study, trial, twin)
+                duplicates, in_a_row = duplicates + 1, in_a_row + 1
+                exhausted = in_a_row >= SPENT_AFTER_DUPLICATES
+                continue
+            in_a_row = 0
             tried.append(config)
             running.append([trial, config, None, 0])
         if not running:
@@ -299,7 +312,7 @@ def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, c
         if spent + EVAL_EVERY > budget_steps:
             exhausted = True
     return {"best": best if math.isfinite(best) else None, "steps": spent, "trials": len(tried), "distinct": len({config_key(c) for c in tried}),
-            "tried": [config_key(c) for c in tried]}  # fmt: skip
+            "duplicates_skipped": duplicates, "tried": [config_key(c) for c in tried]}  # fmt: skip
 
 
 def summarise(rows: list[dict[str, Any]], reference: float) -> dict[str, Any]:
@@ -332,6 +345,7 @@ def main() -> None:
     ap.add_argument("--curves", default=str(ROOT / "bench" / "search-suite-curves.json"), help="the memo of trained curves (kept between runs)")
     ap.add_argument("--check", type=int, default=2, help="configurations trained again to check that training is deterministic")
     ap.add_argument("--dry-run", action="store_true", help="a stand-in loss landscape instead of training (smoke test)")
+    ap.add_argument("--dedupe", action="store_true", help="a proposal that ran already costs nothing and another is drawn, as in a sweep (sweep.study.twin_of)")
     args = ap.parse_args()
 
     from search_tasks import write
@@ -358,7 +372,7 @@ def main() -> None:
         for fraction in (float(f) for f in args.budgets.split(",")):
             budget = int(grid_steps * fraction)
             for sampler, pruner in itertools.product(args.samplers.split(","), args.pruners.split(",")):
-                runs = [search(task, sampler, pruner, budget, seed, curves) for seed in range(args.seeds)]
+                runs = [search(task, sampler, pruner, budget, seed, curves, dedupe=args.dedupe) for seed in range(args.seeds)]
                 summary = summarise(runs, reference["best"])
                 rows[f"{sampler}+{pruner}@{fraction:g}"] = {**summary, "budget_steps": budget, "runs": [{k: v for k, v in r.items() if k != "tried"} for r in runs]}
                 print(f"  {sampler + '+' + pruner:<20} {fraction:>4.0%}: {summary['within']}/{summary['seeds']} within 2%, median gap "

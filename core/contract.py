@@ -29,9 +29,10 @@ class TrialStatus(StrEnum):
     INFEASIBLE = "infeasible"  # refused by placement: its estimate exceeds one GPU; never launched
     RETRYING = "retrying"  # its worker died; it runs again from its last checkpoint
     LOST = "lost"  # asked by the sampler, never launched before the driver died (study only)
+    DUPLICATE = "duplicate"  # the sampler proposed the configuration of a trial that ran or runs; never launched (study only)
 
 
-# what a trial can end as (RUNNING and RETRYING are on the way; LOST never started)
+# what a trial can end as (RUNNING and RETRYING are on the way; LOST and DUPLICATE never started)
 FINAL_STATUSES = (
     TrialStatus.COMPLETED, TrialStatus.PRUNED, TrialStatus.STOPPED, TrialStatus.OOM,
     TrialStatus.NAN, TrialStatus.FAILED, TrialStatus.INFEASIBLE,

@@ -246,15 +246,24 @@ class StudySource:
     def _ask(self, worker: str) -> tuple[Any, str]:
         import optuna
 
-        from sweep.study import tell
+        from sweep.study import RANDOM_AFTER_DUPLICATES, SPENT_AFTER_DUPLICATES, RandomProposal, close_duplicate, tell, twin_of
         from trainable.cohort_worker import MemberTask
 
         study = self.study(worker)
         fixed = self.cfg.fixed_hyperparams
+        duplicates = 0
         for _ in range(MAX_ASKS):
-            trial = study.ask()
-            config = self.cfg.space.sample(trial, fixed)
+            with RandomProposal(study, duplicates >= RANDOM_AFTER_DUPLICATES, self.cfg.search.seed):
+                trial = study.ask()
+                config = self.cfg.space.sample(trial, fixed)
             label = f"t{trial.number:03d}"
+            twin = twin_of(study, trial)
+            if twin is not None:  # what trial `twin` trains or trained: not again (sweep.study.SweepSearch says why)
+                close_duplicate(study, trial, twin)
+                duplicates += 1
+                if duplicates >= SPENT_AFTER_DUPLICATES:
+                    break
+                continue
             verdict = self.judge(config) if self.judge else None
             if verdict is not None and not verdict.feasible:  # does not fit one GPU even alone: never launched
                 trial.set_user_attr("trial_status", TrialStatus.INFEASIBLE)

@@ -85,7 +85,7 @@ def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = p
     peaks = {r.data.tags.get("trial"): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []
     for trial in study.trials:
-        if not trial.params:
+        if not trial.params or trial.user_attrs.get("trial_status") == "duplicate":  # a repeated proposal never ran (sweep.study.twin_of)
             continue
         hyper = {**fixed, **cfg.space.decode(trial.params, cfg.fixed_hyperparams)}
         row = {"trial": f"t{trial.number:03d}", **_row(cfg, profile, hyper, device_bytes)}

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import EVAL_LOSS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
+from core.contract import EVAL_LOSS, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
 from sweep.results import SweepResult, open_sweep, pareto
 from sweep.sweepdir import run_link
 from sweep.trials import _rate, finite
@@ -175,14 +175,15 @@ def plot_parallel(result: SweepResult, metric: str, mode: str, path: Path) -> Pa
 
 
 def own_study(study: Any) -> Any:
-    """An in-memory copy of the study with the sweep's own trials (a warm start's are left out):
-    what the importance and Optuna's charts are computed from."""
+    """An in-memory copy of the study with the sweep's own trials (a warm start's are left out,
+    and duplicate proposals, which repeat a trial's result: sweep.study.close_duplicate): what the
+    importance and Optuna's charts are computed from."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     copy = optuna.create_study(directions=study.directions)
     ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)  # a running sweep's too
-    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if "warm_start_from" not in t.user_attrs])
+    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if "warm_start_from" not in t.user_attrs and t.user_attrs.get(STATUS) != TrialStatus.DUPLICATE])
     return copy
 
 

@@ -260,6 +260,22 @@ class InfeasibleLog:
         self.log(f"{label} infeasible  {summary({**self.fixed, **config})}: {verdict.reason}")
 
 
+class DuplicateLog:
+    """Says in the terminal that a proposal was a configuration already run (sweep.study.twin_of).
+    A class, not a closure: Tune pickles the searcher that holds it."""
+
+    def __init__(self, fixed: dict[str, Any], log: Log):
+        self.fixed, self.log = fixed, log
+
+    def __call__(self, label: str, config: dict, twin: int, spent: bool) -> None:
+        from sweep.study import SPENT_AFTER_DUPLICATES
+        from sweep.trials import summary
+
+        self.log(f"{label} duplicate  {summary({**self.fixed, **config})}: t{twin:03d} ran it; not run again" + ("" if spent else ", another is sampled"))
+        if spent:
+            self.log(f"the last {SPENT_AFTER_DUPLICATES} proposals (random ones too) were all configurations already run: the space looks spent; no new trials start")
+
+
 # ----------------------------------------------------------------------------------------------
 # the sweep
 
@@ -489,6 +505,7 @@ class Sweep:
         judge = self.resources.placement.judge if self.resources.placement else None
         self.search = SweepSearch(
             cfg, cfg.optuna_storage(self.sweep_dir), self.ledger, judge=judge, on_infeasible=InfeasibleLog(self.trial_runs, cfg.fixed_hyperparams, log),
+            on_duplicate=DuplicateLog(cfg.fixed_hyperparams, log),
             budget=self.budget, resume=self.resume, stop=self.stop,
         )  # fmt: skip
         self._warm_start()

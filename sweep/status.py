@@ -45,9 +45,10 @@ NOT_COUNTED = (TrialStatus.RUNNING, TrialStatus.RETRYING, TrialStatus.INFEASIBLE
 
 def trial_status(trial: StudyTrial, live: bool) -> str | None:
     """A trial's status as its MLflow run's tag says it, read from the study; None for entries of
-    the study that are no trial of this sweep (a warm start's, or one asked but never launched).
+    the study that are no trial of this sweep (a warm start's, one asked but never launched, or a
+duplicate proposal).
     An open trial runs while the driver lives; without one it waits, stopped, for `resume`."""
-    if "warm_start_from" in trial.user_attrs or trial.user_attrs.get(STATUS) == TrialStatus.LOST:
+    if "warm_start_from" in trial.user_attrs or trial.user_attrs.get(STATUS) in (TrialStatus.LOST, TrialStatus.DUPLICATE):
         return None
     if trial.user_attrs.get(STATUS):
         return str(trial.user_attrs[STATUS])

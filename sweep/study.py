@@ -61,9 +61,11 @@ def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list
     leave a categorical value with only bad partners, after which TPE never returns to it.
 
     A point may repeat an earlier one (several Sobol points fall on one configuration of a small
-    discrete space): it is kept. That happened to 7-19 of 300 points on the suite's 48-point spaces,
-    fewer than random draws repeat (~28 expected), and skipping them shifts the sequence off its
-    balanced blocks; measured, it did no better (spelling 26 of 30 seeds within 2% against 27)."""
+    discrete space): it stays in the list, and the sweep closes it as a duplicate when it comes up
+    (`twin_of`). That happened to 7-19 of 300 points on the suite's 48-point spaces, fewer than
+    random draws repeat (~28 expected); drawing other points in their place shifts the sequence
+    off its balanced blocks, and measured, it did no better (spelling 26 of 30 seeds within 2%
+    against 27)."""
     import warnings
 
     import optuna
@@ -97,6 +99,16 @@ def startup_points(cfg: SweepConfig) -> list[dict[str, Any]]:
         if wanted > 0:
             points += sobol_points(DefineByRun(cfg.space, cfg.fixed_hyperparams), wanted, search.seed)
     return points
+
+
+def enqueue_startup(study: Any, cfg: SweepConfig) -> None:
+    """Queue `startup_points` in a new sweep's study, the user's points_to_evaluate marked with
+    their index (USER_POINT) so that `twin_of` lets a point the user listed twice run twice;
+    Sobol start-up points are not marked: one that repeats a configuration is skipped as any
+    proposal is."""
+    users = len(cfg.study_points)
+    for i, point in enumerate(startup_points(cfg)):
+        study.enqueue_trial(point, user_attrs={USER_POINT: i} if i < users else None)
 
 
 def create_study(cfg: SweepConfig, storage: str) -> None:
@@ -146,6 +158,71 @@ def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) 
 
 
 MAX_INFEASIBLE_IN_A_ROW = 200
+# A sampler proposes what already ran more often than one would think (one trial in four on the
+# search suite's 48-point spaces, more as a discrete space runs out): after this many repeats in a
+# row, random proposals; after SPENT_AFTER_DUPLICATES (random ones included) the space is spent.
+RANDOM_AFTER_DUPLICATES = 3
+SPENT_AFTER_DUPLICATES = 20
+NOT_RUN = (TrialStatus.INFEASIBLE, TrialStatus.LOST, TrialStatus.DUPLICATE)
+# user attr of a trial enqueued from search.points_to_evaluate: its index in that list
+USER_POINT = "point_to_evaluate"
+
+
+def twin_of(study: Any, trial: Any) -> Any:
+    """An earlier trial of this sweep (Optuna's FrozenTrial) with exactly `trial`'s parameters
+    that ran or runs, whatever its outcome (the same configuration trains the same way), or None.
+    Entries that never ran (infeasible, lost, duplicates) and a warm start's trials do not count.
+    None for one of the user's own points_to_evaluate (USER_POINT): a point listed twice is
+    meant to run twice (e.g. to see the noise between runs). It is still a twin that later
+    proposals are matched against."""
+    if USER_POINT in trial.user_attrs:
+        return None
+    params = trial.params
+    for other in study.get_trials(deepcopy=False):
+        if other.number == trial.number or not other.params or "warm_start_from" in other.user_attrs:
+            continue
+        if other.user_attrs.get(STATUS) not in NOT_RUN and other.params == params:
+            return other
+    return None
+
+
+def close_duplicate(study: Any, trial: Any, twin: Any) -> None:
+    """A proposal equal to `twin`, never launched (trial_status=duplicate, duplicate_of). A
+    completed twin's result is known: told again as this trial's (COMPLETE, its values), so the
+    sampler learns what a run would have taught it at no cost (on the search suite at 20% of the
+    grid's steps, TPE within 2% of the best on 59, 60, 60 of 60 seeds per task, against 53, 49, 58
+    when duplicates were only closed and 46, 57, 56 when they ran: bench/BENCH.md). Any other
+    twin's result is unknown or no result (running, pruned, failed): FAIL, which samplers skip.
+    Reports and `best` read MLflow's runs, where a duplicate has none; report.own_study and a
+    warm start leave duplicates out."""
+    import optuna
+
+    trial.set_user_attr(STATUS, str(TrialStatus.DUPLICATE))
+    trial.set_user_attr("duplicate_of", f"t{twin.number:03d}")
+    if twin.state == optuna.trial.TrialState.COMPLETE:
+        tell(study, trial, list(twin.values) if len(twin.values) > 1 else twin.values[0], optuna.trial.TrialState.COMPLETE)
+    else:
+        tell(study, trial, None, optuna.trial.TrialState.FAIL)
+
+
+class RandomProposal:
+    """`with RandomProposal(study, on):` the study's sampler is a RandomSampler inside (when `on`),
+    seeded by the trial count, so a sweep with a seed stays repeatable."""
+
+    def __init__(self, study: Any, on: bool, seed: int | None):
+        self.study, self.on, self.seed = study, on, seed
+
+    def __enter__(self) -> None:
+        import optuna
+
+        if self.on:
+            self.saved = self.study.sampler
+            n = len(self.study.get_trials(deepcopy=False))
+            self.study.sampler = optuna.samplers.RandomSampler(seed=None if self.seed is None else self.seed * 100_003 + n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.on:
+            self.study.sampler = self.saved
 
 
 def _allocation(verdict: Any) -> Allocation:
@@ -176,6 +253,13 @@ class SweepSearch(OptunaSearch):
     infeasible one is closed in the study as FAIL (trial_status=infeasible), reported through
     `on_infeasible`, and another config is sampled for the same Ray trial. It costs no GPU time.
 
+    A proposal with exactly the parameters of a trial that ran or runs (`twin_of`) is never
+    launched either (`close_duplicate`: trial_status=duplicate, `duplicate_of` names the twin, a
+    completed twin's values told again), reported through `on_duplicate`, and another is
+    sampled: no GPU time on a configuration whose result is known.
+    After RANDOM_AFTER_DUPLICATES in a row the proposals are random; after SPENT_AFTER_DUPLICATES
+    the space is spent and no new trial starts (`spent`). Neither counts against the budget.
+
     A trial that errored is left open until the sweep decides (`requeue` if its worker died and it
     has retries left, `fail` otherwise: sweep.retries). A trial stopped by `python -m sweep stop`
     (`stop`, the sweep's sweepdir.StopFile) stays RUNNING in the study, so that `resume` continues it.
@@ -191,6 +275,7 @@ class SweepSearch(OptunaSearch):
         budget: int | None = None,
         resume: list[Resumed] | None = None,
         stop: Any = None,
+        on_duplicate: Callable[[str, dict, int, bool], None] | None = None,
     ):
         import optuna
 
@@ -198,6 +283,9 @@ class SweepSearch(OptunaSearch):
         self.ledger = ledger
         self.judge = judge
         self.on_infeasible = on_infeasible
+        self.on_duplicate = on_duplicate
+        self.seed = cfg.search.seed
+        self.spent = False  # the sampler proposes nothing that has not run (the space is spent)
         self.budget = cfg.num_trials if budget is None else budget
         self.launched = 0
         self.queue: list[Resumed] = list(resume or [])
@@ -216,14 +304,14 @@ class SweepSearch(OptunaSearch):
             space=self._space_def,
             metric=[m for m, _ in self.objectives] if multi else cfg.search.metric,
             mode=[d for _, d in self.objectives] if multi else cfg.search.mode,
-            # queued in the study by the first driver (those not yet run wait there): not again
-            points_to_evaluate=(startup_points(cfg) or None) if not before else None,
             sampler=make_sampler(cfg, before),
             study_name=cfg.name,
             storage=rdb,
         )
         if self._ot_study is not None:  # created (or loaded) by OptunaSearch just above
             name_objectives(self._ot_study, [m for m, _ in self.objectives])
+            if not before:  # a resumed sweep's were queued by the first driver (those not yet run wait there): not again
+                enqueue_startup(self._ot_study, cfg)
 
     # Tune writes the searcher into its experiment folder (searcher-state-*.pkl, tuner.pkl) for
     # its own Tuner.restore, which lora-sweep never uses: `resume` rebuilds everything from the
@@ -256,7 +344,7 @@ class SweepSearch(OptunaSearch):
             return Searcher.FINISHED
         if self.queue:
             return self._suggest_queued(trial_id, self.queue.pop(0))
-        if self.launched >= self.budget:
+        if self.launched >= self.budget or self.spent:
             return None if self._running() else Searcher.FINISHED
         return self._suggest_new(trial_id)
 
@@ -281,10 +369,23 @@ class SweepSearch(OptunaSearch):
     def _suggest_new(self, trial_id: str) -> dict | None:
         import optuna
 
+        duplicates = 0
         for _ in range(MAX_INFEASIBLE_IN_A_ROW):
-            hyper = super().suggest(trial_id)
+            with RandomProposal(self._ot_study, duplicates >= RANDOM_AFTER_DUPLICATES, self.seed):
+                hyper = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
             label = f"t{ot_trial.number:03d}"
+            twin = twin_of(self._ot_study, ot_trial)
+            if twin is not None:  # it would train what trial `twin` trained: not again
+                del self._ot_trials[trial_id]
+                close_duplicate(self._ot_study, ot_trial, twin)
+                duplicates += 1
+                self.spent = duplicates >= SPENT_AFTER_DUPLICATES
+                if self.on_duplicate:
+                    self.on_duplicate(label, hyper, twin.number, self.spent)
+                if self.spent:
+                    break
+                continue
             verdict = self.judge(hyper) if self.judge else None
             if verdict is None or verdict.feasible:
                 ot_trial.set_user_attr("ray_trial_id", trial_id)
@@ -302,7 +403,8 @@ class SweepSearch(OptunaSearch):
             tell(self._ot_study, ot_trial, None, optuna.trial.TrialState.FAIL)
             if self.on_infeasible:
                 self.on_infeasible(label, hyper, verdict)
-        # Everything sampled lately needs more than a GPU: stop asking rather than spin.
+        # Everything sampled lately needs more than a GPU, or ran already (the space is spent): stop
+        # asking rather than spin.
         return None if self._running() else Searcher.FINISHED
 
     # -- feedback -----------------------------------------------------------------------------

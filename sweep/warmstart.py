@@ -92,6 +92,8 @@ def apply(study: Any, cfg: SweepConfig, folder: Path) -> WarmStart:
     for trial in previous.trials:
         if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or not trial.params:
             continue
+        if trial.user_attrs.get("trial_status") == "duplicate":  # a repeat of another trial's result (sweep.study.close_duplicate)
+            continue
         values = _hyperparams(old, trial.params)
         mismatch = [k for k in SEARCHABLE if k not in cfg.space.names and values[k] != fixed_now[k]]
         if mismatch:

@@ -27,7 +27,7 @@ def four_gpus() -> Iterator[None]:
 def test_trials_spread_over_four_gpus_by_their_shares(tmp_path: Path, four_gpus: None) -> None:
     # tiny model, micro-batch 2: share 0.85 of a 1.3 GB GPU, so one trial per GPU at a time
     body = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 6, seed: 0, scheduler: {type: none}}").replace(
-        "  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n"
+        "  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n"  # 6 distinct trials: a 3-point space is spent after 3
     ) + f"resources: {{gpus_per_trial: auto, gpu_memory_gb: 1.3, cpus_per_trial: 0.5}}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"
     cfg = load_config(write_space(tmp_path, body))
     lines: list[str] = []

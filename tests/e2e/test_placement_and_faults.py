@@ -58,7 +58,8 @@ def test_auto_placement_shares_the_gpu_and_never_launches_infeasible_configs(tmp
     body = MINIMAL.replace(
         "search: {num_trials: 2}",
         "search: {num_trials: 2, seed: 0, scheduler: {type: none}, points_to_evaluate: [{batch: [256, 1]}, {batch: [2, 1]}]}",
-    ).replace("  lora_r: [4, 8]\n", "  batch: [[2, 1], [256, 1]]\n") + "resources: {gpus_per_trial: auto, gpu_memory_gb: 1.3}\n"
+    ).replace("  lora_r: [4, 8]\n", "  batch: [[2, 1], [256, 1]]\n  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n") + "resources: {gpus_per_trial: auto, gpu_memory_gb: 1.3}\n"
+    # (the learning rate: two launched trials of the one feasible batch, not one configuration twice)
     cfg, result, out = sweep(tmp_path, body)
     launched = [r for r in result.trials if r["status"] != "infeasible"]
     infeasible = [r for r in result.trials if r["status"] == "infeasible"]

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import DEMO_DATA, MINIMAL, ROOT
-from tests.e2e.conftest import mlflow_runs
+from tests.e2e.conftest import mlflow_runs, study_trials
 from tests.e2e.test_cluster import free_port
 from tests.e2e.test_durability import env
 
@@ -70,7 +70,8 @@ def test_submit_status_stop_resume(tmp_path: Path, head: tuple[str, dict]) -> No
             shutil.copy(DEMO_DATA / name, project / "data" / name)
         body = (MINIMAL.replace("DEMO/train.jsonl", "data/train.jsonl").replace("DEMO/eval.jsonl", "data/eval.jsonl")
                 .replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 600, eval_every: 40, log_every: 40, batch: [2, 1]}")
-                .replace("search: {num_trials: 2}", "search: {num_trials: 2, max_concurrent: 1, seed: 0, scheduler: {type: none}}"))  # fmt: skip
+                .replace("search: {num_trials: 2}", "search: {num_trials: 2, max_concurrent: 1, seed: 0, scheduler: {type: none}}")
+                .replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n"))  # fmt: skip
         (project / "space.yaml").write_text(body)
         results = tmp_path / "cluster-disk" / "sweeps"
 
@@ -124,13 +125,19 @@ def test_submit_status_stop_resume(tmp_path: Path, head: tuple[str, dict]) -> No
         twice = cli(cluster_env, "resume", submission, "--address", address, cwd=tmp_path)
         assert twice.returncode == 2 and "is still driving it" in twice.stderr, twice.stdout + twice.stderr
         assert wait_job(jobs, resumed) == "SUCCEEDED", jobs.get_job_logs(resumed)[-3000:]
-        assert re.search(r"resuming \S+: [01] trials finished; continuing 1 \(t00[01] from checkpoint_\d+\)", jobs.get_job_logs(resumed)), jobs.get_job_logs(resumed)[-3000:]
+        continued = re.search(r"resuming \S+: [01] trials finished; continuing 1 \((t\d{3}) from checkpoint_\d+\)", jobs.get_job_logs(resumed))
+        assert continued, jobs.get_job_logs(resumed)[-3000:]
 
         final = cli(cluster_env, "status", submission, "--address", address, cwd=tmp_path)
         assert final.returncode == 0 and f"job {resumed} (resume): SUCCEEDED" in final.stdout, final.stdout + final.stderr
         assert "trials: 2 of 2 done" in final.stdout, final.stdout
         _, children = mlflow_runs(f"sqlite:///{results}/mlflow.db", "t")
-        assert sorted(r.data.tags["trial"] for r in children) == ["t000", "t001"]
+        # the two trials that ran, not always t000 and t001: a proposal repeating one that ran takes a
+        # number and is closed without a run (sweep.study.twin_of)
+        trials = study_trials(sweep_dir, "t")
+        ran = [f"t{t.number:03d}" for t in trials if t.user_attrs.get("trial_status") != "duplicate"]
+        assert sorted(r.data.tags["trial"] for r in children) == ran and len(ran) == 2 and continued.group(1) in ran, ran
+        assert all(t.user_attrs["duplicate_of"] in ran for t in trials if t.user_attrs.get("trial_status") == "duplicate")
         assert {r.data.tags["trial_status"] for r in children} == {"completed"}
         unknown = cli(cluster_env, "status", "no-such-sweep", "--address", address, cwd=tmp_path)
         assert unknown.returncode == 2 and "no submitted sweep of that id" in unknown.stderr

@@ -66,6 +66,24 @@ def test_grid_covers_every_point_once(tmp_path: Path, ray_cluster: None) -> None
     assert seen == {(4, (1, 2)), (4, (2, 1)), (8, (1, 2)), (8, (2, 1))}
 
 
+def test_a_spent_space_ends_the_sweep_without_training_anything_twice(tmp_path: Path, ray_cluster: None) -> None:
+    """lora_r 4 or 8 and 5 trials asked: TPE proposes the two, then only what ran. Those
+    proposals are closed as duplicates (never trained), and the sweep ends after the two."""
+    body = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 5, max_concurrent: 1, seed: 0, scheduler: {type: none}}")
+    cfg, result, out = sweep(tmp_path, body)
+    assert result.counts == {"completed": 2}, out
+    assert sorted(r["config"]["lora_r"] for r in result.trials) == [4, 8]
+    _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
+    assert len(children) == 2  # duplicates get no MLflow run: they never ran
+    trials = study_trials(result.sweep_dir, cfg.name)
+    duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
+    by_label = {f"t{t.number:03d}": t for t in trials}
+    assert len(duplicates) >= 20 and all(t.user_attrs["duplicate_of"] in out for t in duplicates)
+    # one at a time: each twin had completed, so its result is told again (what TPE learns from)
+    assert all((t.state.name, t.value) == ("COMPLETE", by_label[t.user_attrs["duplicate_of"]].value) for t in duplicates)
+    assert "duplicate" in out and "the space looks spent; no new trials start" in out, out
+
+
 def test_time_budget_stops_running_trials(tmp_path: Path, ray_cluster: None) -> None:
     body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 100000, eval_every: 5, log_every: 5, batch: [1, 1]}").replace(
         "search: {num_trials: 2}", "search: {num_trials: 4, time_budget: 25s, scheduler: {type: none}}"
@@ -74,7 +92,11 @@ def test_time_budget_stops_running_trials(tmp_path: Path, ray_cluster: None) -> 
     assert set(result.counts) == {"stopped"}, out
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     assert {r.data.tags["trial_status"] for r in children} == {"stopped"}
-    assert {t.state.name for t in study_trials(result.sweep_dir, cfg.name)} == {"PRUNED"}
+    # lora_r 4 or 8: a proposal repeating a running trial is closed as a duplicate, FAIL (its twin's
+    # result unknown: sweep.study.close_duplicate); every trial that ran was stopped (PRUNED)
+    trials = study_trials(result.sweep_dir, cfg.name)
+    duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
+    assert {t.state.name for t in trials if t not in duplicates} == {"PRUNED"} and {t.state.name for t in duplicates} <= {"FAIL"}
     assert "best trial: none completed" in out
 
 

@@ -432,18 +432,40 @@ def test_study_source_asks_prunes_and_tells(tmp_path: Path) -> None:
     while (task := source.take("w1", "qlora", 0)) is not None:
         assert task.hyper["method"] == "qlora"
         tasks.append(task)
-    assert sorted(t.number for t in tasks) == [0, 1, 2] and source.exhausted("lora") and source.exhausted("qlora")
+    assert len(tasks) == 3 and source.exhausted("lora") and source.exhausted("qlora")
+    assert len({tuple(sorted(t.hyper.items())) for t in tasks}) == 3  # 3 of the space's 4 points, none twice
     study = optuna.load_study(study_name=cfg.name, storage=storage)
-    assert {t.user_attrs["ray_trial_id"] for t in study.trials} <= {"w0", "w1"} and all(t.user_attrs["cohort"] for t in study.trials)
+    launched = [t for t in study.trials if t.number in {task.number for task in tasks}]
+    assert {t.user_attrs["ray_trial_id"] for t in launched} <= {"w0", "w1"} and all(t.user_attrs["cohort"] for t in launched)
+    # proposals the sampler repeated in between: closed, never handed out (sweep.study.twin_of)
+    assert all((t.state.name, t.user_attrs["trial_status"]) == ("FAIL", "duplicate") for t in study.trials if t not in launched)
     first, second, third = sorted(tasks, key=lambda t: t.number)
     assert source.report(first, {"step": 2, "eval_loss": 1.0, "trial_status": "running"}) is False  # the first at a rung is promoted
     assert source.report(second, {"step": 2, "eval_loss": 2.0, "trial_status": "running"}) is True  # worse than it: pruned (asha)
     source.end(second, {"step": 2, "eval_loss": 2.0, "trial_status": "pruned"})
     source.end(first, {"step": 4, "eval_loss": 0.5, "trial_status": "completed"})
     source.end(third, {"step": 1, "trial_status": "nan", "error": "train loss is nan"})
-    states = {t.number: (t.state.name, t.user_attrs["trial_status"]) for t in optuna.load_study(study_name=cfg.name, storage=storage).trials}
+    states = {t.number: (t.state.name, t.user_attrs["trial_status"]) for t in optuna.load_study(study_name=cfg.name, storage=storage).trials if t.number in (first.number, second.number, third.number)}
     assert states == {first.number: ("COMPLETE", "completed"), second.number: ("PRUNED", "pruned"), third.number: ("FAIL", "nan")}
     assert optuna.load_study(study_name=cfg.name, storage=storage).trials[second.number].intermediate_values == {2: 2.0}
+
+
+def test_study_source_never_hands_out_a_configuration_twice(tmp_path: Path) -> None:
+    """6 trials asked of a 4-point space: the 4 points, each once; then nothing more."""
+    import optuna
+
+    from sweep.cohorts import StudySource
+
+    cfg = config(tmp_path)
+    cfg = type(cfg)(**{**cfg.__dict__, "search": cfg.search.model_copy(update={"num_trials": 6})})
+    optuna.create_study(study_name=cfg.name, storage=cfg.optuna_storage(tmp_path), direction="minimize")
+    source = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=6)
+    tasks = []
+    for _ in range(12):
+        for worker, method in (("w0", "lora"), ("w1", "qlora")):
+            if (task := source.take(worker, method, 0)) is not None:
+                tasks.append(task)
+    assert sorted((t.hyper["lora_r"], t.hyper["method"]) for t in tasks) == [(4, "lora"), (4, "qlora"), (8, "lora"), (8, "qlora")]
 
 
 class FakeClient:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sweep.config import load_config
-from sweep.study import SweepSearch
+from sweep.study import SPENT_AFTER_DUPLICATES, SweepSearch, twin_of
 from sweep.trials import Ledger
 from tests.conftest import MINIMAL, write_space
 
@@ -220,3 +220,91 @@ def test_four_trials_at_a_time_try_as_many_configurations_as_one(tmp_path: Path)
                 tried += [json.dumps({k: config[k] for k in ("lora_r", "target_modules", "lora_dropout", "learning_rate")}, sort_keys=True) for config in configs]
             distinct[flight].append(len(set(tried)))
     assert statistics.median(distinct[4]) >= statistics.median(distinct[1]) and min(distinct[4]) >= 9, distinct
+
+
+# ------------------------------------------------------------------------------------------------
+# duplicate proposals: a configuration that ran (or runs) is never launched again
+
+TWO_POINTS = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 6, seed: 3, algorithm: ALGO}")
+
+
+@pytest.mark.parametrize("algorithm", ["random", "tpe"])
+def test_a_proposal_that_ran_already_is_closed_as_duplicate_and_another_sampled(tmp_path: Path, algorithm: str) -> None:
+    """lora_r 4 or 8: two configurations. The second launch is the other one, whatever the
+    sampler proposed in between; then the space is spent and nothing else starts."""
+    seen: list[tuple[str, int, bool]] = []
+    search = searcher(tmp_path, TWO_POINTS.replace("ALGO", algorithm), on_duplicate=lambda label, config, twin, spent: seen.append((label, twin, spent)))
+    first = search.suggest("a")
+    search.on_trial_complete("a", {"step": 4, "trial_status": "completed", "eval_loss": 1.0})
+    second = search.suggest("b")
+    assert {first["lora_r"], second["lora_r"]} == {4, 8}  # never the same one twice
+    search.on_trial_complete("b", {"step": 4, "trial_status": "completed", "eval_loss": 2.0})
+    assert search.suggest("c") is Searcher.FINISHED and search.spent  # both ran: the space is spent
+    assert search.launched == 2
+    trials = search._ot_study.get_trials(deepcopy=False)
+    duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
+    assert len(duplicates) == len(seen) >= SPENT_AFTER_DUPLICATES
+    ran = {t.params["lora_r"]: t for t in trials if "ray_trial_id" in t.user_attrs}
+    for t in duplicates:  # each twin had completed when it was proposed again: its result told again
+        twin = ran[t.params["lora_r"]]
+        assert t.user_attrs["duplicate_of"] == f"t{twin.number:03d}" and "ray_trial_id" not in t.user_attrs
+        assert (t.state.name, t.value) == ("COMPLETE", twin.value)
+    assert [spent for *_, spent in seen][-1] and not any(spent for *_, spent in seen[:-1])
+
+
+def test_a_running_trial_has_no_twin_launched_beside_it(tmp_path: Path) -> None:
+    search = searcher(tmp_path, TWO_POINTS.replace("ALGO", "random"))
+    first, second = search.suggest("a"), search.suggest("b")  # both in flight, no result yet
+    assert first["lora_r"] != second["lora_r"]
+    assert search.suggest("c") is None  # spent while two run: wait for them (a retry may come)
+
+
+def test_a_point_the_user_listed_twice_runs_twice_and_later_repeats_of_it_do_not(tmp_path: Path) -> None:
+    """points_to_evaluate lists lora_r 4 twice: both run (the user asked for it, e.g. to see the
+    noise between runs). They are still twins: the sampler's own proposals of 4 are duplicates."""
+    body = TWO_POINTS.replace("ALGO", "random").replace("seed: 3,", "seed: 3, points_to_evaluate: [{lora_r: 4}, {lora_r: 4}],")
+    seen: list[str] = []
+    search = searcher(tmp_path, body, on_duplicate=lambda label, config, twin, spent: seen.append(f"t{twin:03d}"))
+    configs = run_trials(search, ["a", "b", "c"])
+    assert [c["lora_r"] for c in configs] == [4, 4, 8]
+    assert search.suggest("d") is Searcher.FINISHED and search.spent and search.launched == 3
+    trials = search._ot_study.get_trials(deepcopy=False)
+    ran = [t for t in trials if "ray_trial_id" in t.user_attrs]
+    assert [(t.params["lora_r"], t.user_attrs.get("point_to_evaluate")) for t in ran] == [(4, 0), (4, 1), (8, None)]
+    assert len(seen) >= SPENT_AFTER_DUPLICATES and set(seen) <= {f"t{t.number:03d}" for t in ran}
+    assert not any(t.user_attrs.get("trial_status") == "duplicate" for t in trials if "point_to_evaluate" in t.user_attrs)
+
+
+def test_twin_of_ignores_what_never_ran(tmp_path: Path) -> None:
+    import optuna
+
+    search = searcher(tmp_path, TWO_POINTS.replace("ALGO", "random"))
+    study = search._ot_study
+    dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}
+    for status in ("infeasible", "lost", "duplicate"):
+        study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.FAIL, user_attrs={"trial_status": status}))
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, value=1.0, user_attrs={"warm_start_from": "/old"}))
+    study.enqueue_trial({"lora_r": 4})
+    probe = study.ask(dist)
+    assert probe.params == {"lora_r": 4} and twin_of(study, probe) is None
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.FAIL, user_attrs={"trial_status": "oom"}))
+    assert twin_of(study, probe).number == probe.number + 1  # it ran, and failed: it would fail again
+
+
+def test_a_duplicate_of_a_completed_trial_repeats_its_values_and_of_any_other_fails(tmp_path: Path) -> None:
+    import optuna
+
+    from sweep.study import close_duplicate
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, values=[1.5, 9.0]))
+    done = study.trials[-1]
+    study.add_trial(optuna.trial.create_trial(params={"lora_r": 8}, distributions=dist, state=optuna.trial.TrialState.PRUNED))
+    pruned = study.trials[-1]
+    for twin in (done, pruned):
+        study.enqueue_trial(twin.params)
+        close_duplicate(study, study.ask(dist), twin)
+    first, second = study.trials[-2:]
+    assert (first.state.name, first.values, first.user_attrs["duplicate_of"]) == ("COMPLETE", [1.5, 9.0], "t000")
+    assert (second.state.name, second.user_attrs["trial_status"], second.user_attrs["duplicate_of"]) == ("FAIL", "duplicate", "t001")
