@@ -27,6 +27,7 @@ trial, continued after a resume), with the contract metrics, the worker's peak m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from core.contract import ERROR, ESTIMATED_VRAM_GB, LEARNING_RATE, STATUS, STEP, STEP_METRICS, TRAIN_LOSS, TrialStatus, finite, missing_objectives
 from core.request import Allocation, TrialRequest
@@ -209,6 +210,22 @@ class StudySource:
             return path
         return None
 
+    @contextlib.contextmanager
+    def _asking(self) -> Iterator[None]:
+        """One worker asks the study at a time. Two workers' `study.ask()` at once could both pop
+        the same enqueued trial (a points_to_evaluate or Sobol start-up point): on sqlite, Optuna's
+        WAITING -> RUNNING check and update are not atomic across processes, and CI saw t000 start
+        in two cohorts. The lock sits beside the queue (the folder every worker shares)."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "ask.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _tickets_done(self) -> bool:
         if self.budget <= 0:
             return True
@@ -227,7 +244,8 @@ class StudySource:
             if ticket is None:
                 return None
             try:
-                task, task_method = self._ask(worker)
+                with self._asking():
+                    task, task_method = self._ask(worker)
                 if task is not None and task_method != method:
                     self.enqueue(task, task_method)  # a worker of that method takes it
                     task = None

@@ -594,3 +594,30 @@ def test_the_worker_splits_micro_steps_into_passes_as_members_come_and_go(tmp_pa
     passes = dict(cohort.passes_by_size)
     assert passes[2] is None and passes[4] is not None and 2 * 8192 <= passes[4] < 3 * 8192, cohort.passes_by_size
     assert cohort.passes_by_size[-1] == (2, None) and not any(on for _, on in cohort.checkpointing_by_size)
+
+
+def test_workers_ask_the_study_one_at_a_time(tmp_path: Path) -> None:
+    """Two workers' study.ask() at once could both pop the same enqueued trial (sqlite; CI saw
+    t000 start in two cohorts): StudySource._asking holds a lock shared through the sweep folder."""
+    import fcntl
+    import threading
+
+    from sweep.cohorts import StudySource
+
+    source = StudySource.__new__(StudySource)  # only the folder matters here
+    source.root = tmp_path / "cohorts"
+    source.root.mkdir()
+    entered = threading.Event()
+    with open(source.root / "ask.lock", "a") as other:  # another worker is asking
+        fcntl.flock(other, fcntl.LOCK_EX)
+
+        def ask() -> None:
+            with source._asking():
+                entered.set()
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        assert not entered.wait(0.5)  # waits while the other asks
+        fcntl.flock(other, fcntl.LOCK_UN)
+    assert entered.wait(5)  # then asks
+    thread.join(5)
