@@ -123,16 +123,21 @@ def ours_crashed(out: str) -> bool:
     return bool(re.search(r'File "[^"]*/(sweep|trainable|core)/[^"]*\.py"', out))
 
 
-def check_interrupted(command: Command, sweep_dir: Path, code: int) -> None:
-    """Ended by a signal like `stop` ends it: its exit code, how to resume, nothing finished."""
+def check_interrupted(command: Command, sweep_dir: Path, code: int, may_finish: bool = False) -> None:
+    """Ended by a signal like `stop` ends it: its exit code, how to resume, nothing finished.
+    `may_finish`: the signal came with only a few steps left (a resumed trial), so on a loaded
+    machine the trial may reach its last step before its stop takes effect: completed, not lost."""
     assert command.end(120) == code, command.text()[-3000:]
     out = command.text()
     assert f"continue with:  python -m sweep resume {shlex.quote(str(sweep_dir))}" in out, out[-3000:]
     assert not ours_crashed(out), out[-3000:]
     meta, study, (parent, *children) = stores(sweep_dir)
     assert meta["state"] == "stopped" and parent.info.status == "KILLED"
-    assert [t.state.name for t in study] == ["RUNNING"], [t.state.name for t in study]  # resumable, not pruned
-    assert [(r.info.status, r.data.tags["trial_status"]) for r in children] == [("KILLED", "stopped")]
+    ended = [([t.state.name for t in study], [(r.info.status, r.data.tags["trial_status"]) for r in children])]
+    allowed = [(["RUNNING"], [("KILLED", "stopped")])]  # resumable, not pruned
+    if may_finish:
+        allowed.append((["COMPLETE"], [("FINISHED", "completed")]))
+    assert ended[0] in allowed, ended
     assert not (sweep_dir / "driver.pid").exists()
 
 
@@ -149,7 +154,7 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
     assert resumed.wait_for(r"t000 step"), resumed.text()[-3000:]
     assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.text()), resumed.text()[-3000:]
     os.kill(resumed.proc.pid, signal.SIGTERM)
-    check_interrupted(resumed, sweep_dir, 143)
+    check_interrupted(resumed, sweep_dir, 143, may_finish=True)
 
     final = Command(tmp_path, "resume", str(sweep_dir))
     assert final.end(400) == 0, final.text()[-3000:]
