@@ -395,8 +395,11 @@ class _Reporter:
         return nullcontext(None)
 
 
-def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str, settings: dict, warmup: int, timed: int) -> dict:
-    """trainable.train.run; its tokens/sec already leaves out the first logging window (= warm-up)."""
+def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str, settings: dict, warmup: int, timed: int,
+             profile: bool = False) -> dict:
+    """trainable.train.run; its tokens/sec already leaves out the first logging window (= warm-up).
+    With `profile`, torch.profiler records the GPU's kernels over the timed steps and the result
+    says where that time went."""
     from sweep.config import TrainSection
     from trainable.train import TrialSpec, run
 
@@ -407,6 +410,11 @@ def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str
                          max_steps=steps, eval_every=steps, log_every=warmup, lr_scheduler="constant", warmup_ratio=0.0, **settings)  # fmt: skip
     spec = TrialSpec(model_id=model_dir, revision=None, data_dir=data_dir, train=train, embeddings=embeddings,
                      template_ids=tuple(template_ids), max_seq_len=SEQ, threads=8)  # fmt: skip
+    profiler = KernelProfile(warmup, timed) if profile else None
+    if profiler is not None:  # the trial loop looks optimizer_step up at each call: the profile wraps the timed ones
+        import trainable.train
+
+        trainable.train.optimizer_step = profiler.around(trainable.train.optimizer_step)
     reporter = _Reporter()
     last = run(spec, reporter)
     derived = reporter.reports[0].get("derived", {})
@@ -416,7 +424,99 @@ def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str
                head_trains=embeddings == "full", lm_head_fraction=last["loss_tokens_per_sec"] / last["tokens_per_sec"] if reply_only else 1.0)  # fmt: skip
     if settings.get("compile"):
         out["dynamo_counters"] = dynamo_counters()
+    if profiler is not None:
+        out["profile"] = profiler.summary()
     return out
+
+
+# kernel name -> what it computes; the first pattern that matches names the kernel's share
+KERNEL_KINDS = [
+    ("nf4 dequantize", r"dequant|kDequantize|kQuantize"),
+    ("attention", r"flash|fmha|attention|attn"),
+    ("gemm", r"gemm|cutlass|nvjet|cublas|sm\d+_xmma|matmul|_mm_|wgmma|^aten::(add)?b?mm$"),
+    ("liger / triton (loss, compiled layers)", r"triton|liger"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copies and casts", r"copy|cast|convert|memcpy|memset|fill"),
+    ("elementwise / reductions (eager)", r"elementwise|vectorized|reduce|softmax|norm|index|scatter|gather|cat"),
+]
+
+
+class KernelProfile:
+    """torch.profiler over the timed optimizer steps of a trial (after `warmup`, `timed` of them):
+    the sum of GPU kernel time by kind (GEMMs, NF4 dequantization, attention, Triton, optimizer,
+    casts ...), the top kernels, and the window's wall time, so kernel time / wall time says how
+    busy the GPU was. On CPU it profiles CPU ops."""
+
+    def __init__(self, warmup: int, timed: int) -> None:
+        self.warmup, self.timed = warmup, timed
+        self.steps = 0
+        self.prof = None
+        self.started = 0.0
+        self.window = 0.0
+
+    def around(self, optimizer_step):
+        def step(*args, **kwargs):
+            if self.steps == self.warmup:
+                self.start()
+            out = optimizer_step(*args, **kwargs)
+            self.steps += 1
+            if self.steps == self.warmup + self.timed:
+                self.finish()
+            return out
+
+        return step
+
+    def start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+        self.prof = profile(activities=[activity])
+        self.prof.__enter__()
+        self.started = time.perf_counter()
+
+    def finish(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.window = time.perf_counter() - self.started
+        self.prof.__exit__(None, None, None)
+
+    def summary(self) -> dict:
+        import re
+
+        import torch
+
+        if self.prof is None or not self.window:
+            return {"error": f"the trial made {self.steps} optimizer steps, fewer than {self.warmup} + {self.timed}: no whole profile"}
+        window = self.window
+        cuda = torch.cuda.is_available()
+        kernels = []
+        for e in self.prof.key_averages():
+            if cuda:
+                seconds = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            else:
+                seconds = e.self_cpu_time_total
+            if seconds:
+                kernels.append((e.key, seconds / 1e6, e.count))
+        kernels.sort(key=lambda k: -k[1])
+        total = sum(k[1] for k in kernels)
+        kinds: dict[str, float] = {}
+        for name, seconds, _ in kernels:
+            kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+        return {
+            "what": "GPU kernel time" if cuda else "CPU op self time",
+            "window": f"the {self.timed} timed optimizer steps (after {self.warmup} warm-up steps), synchronised at both ends",
+            "window_seconds": round(window, 3),
+            "kernel_seconds": round(total, 3),
+            "busy_fraction": round(total / window, 4) if window else None,
+            "by_kind_seconds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:160], "seconds": round(sec, 4), "count": c} for n, sec, c in kernels[:30]],
+        }
 
 
 def dynamo_counters() -> dict[str, dict[str, int]]:
@@ -470,6 +570,7 @@ def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids:
         job["recipe"] = dict(row["recipe"])
     elif row["kind"] == "ours":
         job["settings"] = dict(row["settings"])
+        job["profile"] = args.profile
     if args.dry_run and row["kind"] != "losses":  # tiny model, two micro-batches of one sequence per step
         if "recipe" in job:
             job["recipe"]["batch"] = (1, 2)
@@ -517,6 +618,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/seed-vs-ours")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 1 + 1 steps: exercise the code paths")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", action="store_true", help="'ours' rows record where the timed steps' GPU time goes (torch.profiler; "
+                    "its overhead lowers their tokens/s: compare speeds from runs without it)")  # fmt: skip
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -529,7 +632,8 @@ def main() -> None:
                 result = losses_run(job["model_dir"], job["data_dir"], job["ids"], job["method"])
             else:
                 job["settings"]["batch"] = tuple(job["settings"]["batch"])
-                result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["warmup"], job["timed"])
+                result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["warmup"], job["timed"],
+                                  profile=job.get("profile", False))  # fmt: skip
         except Exception as exc:  # the row's own failure, readable (a compile error's cause included), for the JSON
             oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
             Path(job["out"]).write_text(json.dumps({"trial_status": "oom" if oom else "error", "error": exception_text(exc)}, default=str))
@@ -592,7 +696,9 @@ def main() -> None:
             result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(result)
             Path(args.out).write_text(json.dumps(with_provenance({"build_seconds": build_seconds, "rows": rows}), indent=2, default=str))
-            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe", "stderr_tail", "dynamo_counters")}, default=str)[:600], flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe", "stderr_tail", "dynamo_counters", "profile")}, default=str)[:600], flush=True)
+            if result.get("profile"):
+                print(json.dumps({k: v for k, v in result["profile"].items() if k != "top"}), flush=True)
             if result.get("trial_status") in ("error", "oom"):
                 print(result["error"][-1500:], flush=True)
     summary(rows, args.sizes.split(","))
