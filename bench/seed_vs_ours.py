@@ -494,6 +494,8 @@ class KernelProfile:
         import torch
 
         if self.prof is None or not self.window:
+            if self.prof is not None:  # started but the trial ended first: stop recording
+                self.prof.__exit__(None, None, None)
             return {"error": f"the trial made {self.steps} optimizer steps, fewer than {self.warmup} + {self.timed}: no whole profile"}
         window = self.window
         cuda = torch.cuda.is_available()

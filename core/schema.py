@@ -138,7 +138,7 @@ class TrainSection(Section):
     compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation; true/false)")
     cuda_graphs: bool = Field(
         False, description="replay each compiled layer as a CUDA graph (torch.compile mode reduce-overhead); needs compile: true and lora_dtype: bfloat16. "
-        "Measured slower on an H200 (Gemma 3 1B, micro-batch 8: 24.9k tok/s against 44.7k compiled without graphs, bench/BENCH.md): leave it off (true/false)"
+        "Measured slower on an H200 twice (Gemma 3 1B, micro-batch 8: 24.9k and 29.0k tok/s against 44.7k compiled without graphs, bench/BENCH.md): leave it off (true/false)"
     )
     seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
     reuse_base_model: bool = Field(True, description="a warm worker keeps its loaded base model for the next trial with the same model and quantization (true/false)")
