@@ -497,14 +497,10 @@ class KernelProfile:
             if self.prof is not None:  # started but the trial ended first: stop recording
                 self.prof.__exit__(None, None, None)
             return {"error": f"the trial made {self.steps} optimizer steps, fewer than {self.warmup} + {self.timed}: no whole profile"}
-        window = self.window
         cuda = torch.cuda.is_available()
         kernels = []
         for e in self.prof.key_averages():
-            if cuda:
-                seconds = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-            else:
-                seconds = e.self_cpu_time_total
+            seconds = e.self_device_time_total if cuda else e.self_cpu_time_total
             if seconds:
                 kernels.append((e.key, seconds / 1e6, e.count))
         kernels.sort(key=lambda k: -k[1])
@@ -516,9 +512,9 @@ class KernelProfile:
         return {
             "what": "GPU kernel time" if cuda else "CPU op self time",
             "window": f"the {self.timed} timed optimizer steps (after {self.warmup} warm-up steps), synchronised at both ends",
-            "window_seconds": round(window, 3),
+            "window_seconds": round(self.window, 3),
             "kernel_seconds": round(total, 3),
-            "busy_fraction": round(total / window, 4) if window else None,
+            "busy_fraction": round(total / self.window, 4),
             "by_kind_seconds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:160], "seconds": round(sec, 4), "count": c} for n, sec, c in kernels[:30]],
         }
