@@ -116,3 +116,68 @@ def missing_objectives(last_result: dict[str, Any] | None, objectives: tuple[str
     if not missing:
         return None
     return f"objective {', '.join(missing)} was not reported (peak_vram_gb exists on GPUs only; on a CPU use peak_rss_gb)"
+
+
+# ----------------------------------------------------------------------------------------------
+# names shared by the driver, the workers and the read-back commands
+
+
+def trial_label(number: int) -> str:
+    """The Optuna trial number as the label a user sees everywhere: 7 -> 't007'."""
+    return f"t{number:03d}"
+
+
+# A sweep folder's trial files (written by the workers, read by resume, status, best and export):
+#   <sweep_dir>/trials/t007/step-000040/   a member checkpoint (PEFT adapter + optimizer + state)
+#   <sweep_dir>/trials/t007/reports.jsonl  one line per evaluation (status --watch reads it)
+#   <sweep_dir>/work/                      the workers' shared queue, tickets and locks
+TRIALS_DIR = "trials"
+WORK_DIR = "work"
+REPORTS_FILE = "reports.jsonl"
+CHECKPOINT_PREFIX = "step-"
+MEMBER_STATE = "member.json"  # written last into a member checkpoint: a folder without it is incomplete
+WORKER_STATE = "worker.json"  # beside it: what the worker keeps of the member (timing, evaluations)
+
+# Optuna user attributes of a sweep's trials (the study is read by status and list without Optuna)
+ATTR_WORKER = "ray_trial_id"  # the worker (its Ray Tune trial id) that trains or trained it: set once it ran
+ATTR_ATTEMPT = "attempt"  # 1 for the first run; more after its worker died and it was retried
+ATTR_DUPLICATE_OF = "duplicate_of"  # a duplicate proposal: the label of the trial it repeats
+ATTR_WARM_START = "warm_start_from"  # a previous sweep's trial carried into this study
+ATTR_USER_POINT = "point_to_evaluate"  # enqueued from search.points_to_evaluate: its index there
+
+# MLflow tags of a trial's child run (beside STATUS and ERROR)
+TAG_TRIAL = "trial"  # its label
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def rate_text(value: float) -> str:
+    """0.0002 -> '2e-4', 0.0151 -> '2e-2': one significant digit is how people name rates."""
+    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def summary(hyper: dict[str, Any]) -> str:
+    """'qlora r16 a32 lr2e-4 b4x8 attention': the values people compare trials by."""
+    parts = []
+    if "method" in hyper:
+        parts.append(str(hyper["method"]))
+    if "lora_r" in hyper:
+        parts.append(f"r{hyper['lora_r']}")
+    if "lora_alpha" in hyper:
+        alpha = hyper["lora_alpha"]
+        parts.append(f"a{alpha:g}" if isinstance(alpha, float) else f"a{alpha}")
+    if "learning_rate" in hyper:
+        parts.append("lr" + rate_text(float(hyper["learning_rate"])))
+    if "batch" in hyper:
+        micro, accum = hyper["batch"]
+        parts.append(f"b{micro}x{accum}")
+    if "target_modules" in hyper:
+        t = hyper["target_modules"]
+        parts.append(t if isinstance(t, str) else "+".join(t))
+    return " ".join(parts)
+
+
+def param_value(value: Any) -> str:
+    """MLflow params are strings: lists/tuples read as they were written in the space file."""
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)

@@ -345,15 +345,17 @@ class CohortBudget:
     margin: float = 0.2
     attn: str = "sdpa"
     loss: str = "chunked"
+    embeddings: str = "frozen"  # full: the one member trains the whole matrix (a cohort of one)
 
     fold_tokens: int = rules.COHORT_FOLD_TOKENS
 
     def shape(self, sampled: dict[str, Any]) -> TrialShape:
-        # embeddings as frozen (new_tokens adds a few rows per member: negligible), the cohort's own
-        # chunked loss, and as many of a member's micro-batches in one forward as rules.cohort_fold
-        # allows: those are its rows
+        # embeddings as the sweep trains them (new_tokens adds a few rows per member: negligible, so
+        # as frozen), the cohort's own loss, and as many of a member's micro-batches in one forward
+        # as rules.cohort_fold allows: those are its rows
         hyper = {**self.fixed, **sampled}
-        shape = trial_shape(hyper, self.max_seq_len, self.profile.text, "frozen", self.gpu_bytes, self.attn, "chunked")
+        embeddings = "full" if self.embeddings == "full" else "frozen"
+        shape = trial_shape(hyper, self.max_seq_len, self.profile.text, embeddings, self.gpu_bytes, self.attn, self.loss)
         micro, accum = hyper["batch"]
         return replace(shape, micro_batch=micro * rules.cohort_fold(int(micro), int(accum), self.max_seq_len, self.fold_tokens))
 

@@ -92,10 +92,10 @@ def search_algorithm(requested: str, objectives: int, grid_size: int | None, num
     (bench/search_suite.py, 3 discrete tasks and a continuous one, real training; bench/BENCH.md):
     at 20% of an exhaustive grid's training steps, TPE with ASHA came within 2% of the grid's best
     on more seeds than GP, QMC (Sobol) alone, CMA-ES and random search; with its 10 start-up trials
-    drawn as scrambled Sobol points (search.startup: sobol, sweep.study.sobol_points) on 9-10 of 10
+    drawn as scrambled Sobol points (search.startup: sobol, sweep.engine.study.sobol_points) on 9-10 of 10
     seeds per task (25-29 of 30), with Optuna's random ones on 8-9 (22-27 of 30); fewer start-up
     trials (3-7) or more (14) did worse. Since repeated proposals are skipped with their result told
-    again (sweep.study.close_duplicate): 59-60 of 60 seeds per task with Sobol start-up, 56-60 with
+    again (sweep.engine.study.close_duplicate): 59-60 of 60 seeds per task with Sobol start-up, 56-60 with
     random start-up, 45-50 for random search. `grid_size`: the number of configurations when every
     dimension is discrete, else None. `startup`: search.startup, named in the reason."""
     if requested != "auto":
@@ -115,3 +115,51 @@ def tpe_startup_trials(requested: int | None, num_trials: int) -> int:
     """Random trials before TPE models the space: as configured, else half the trials, at most 10
     (the search suite: 10 beat 3, 5, 7 and 14 at ~20 trials)."""
     return requested or max(1, min(10, num_trials // 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast step's `auto` settings (train.loss, train.lora_dtype, train.compile)
+
+# train.compile: auto. Compiling a worker's decoder layers took ~30-60 s on an H200 (1B and 12B,
+# dynamic shapes, bench/BENCH.md) and made the cohort step 13-18% faster: it repays itself once a
+# worker trains for about COMPILE_PAYS_AFTER_S seconds (45 s / 0.15).
+COMPILE_PAYS_AFTER_S = 300.0
+# the rate a worker's eager step reaches, to estimate how long it trains: ~25% of an H100's bf16
+# peak, what the 1B and 12B eager cohort steps reached (bench/BENCH.md)
+EAGER_TRAIN_FLOPS = 2.5e14
+
+
+def loss(requested: str, cuda: bool, liger_installed: bool) -> tuple[str, str]:
+    """(loss implementation, why). auto: liger-kernel's fused linear + cross-entropy where it runs
+    (CUDA, and the package installed: `pip install lora-sweep[gpu]`), the fastest correct loss
+    measured (bench/BENCH.md); else the chunked loss, which needs neither."""
+    if requested != "auto":
+        return requested, "as configured"
+    if cuda and liger_installed:
+        return "liger", "auto: CUDA and liger-kernel: its fused linear + cross-entropy"
+    missing = "no CUDA" if not cuda else "liger-kernel is not installed (pip install 'lora-sweep[gpu]')"
+    return "chunked", f"auto: {missing}: the chunked loss"
+
+
+def lora_dtype(requested: str, compute_dtype: str) -> tuple[str, str]:
+    """(float32 | bfloat16, why). auto: LoRA in bf16 (fp32 masters in the optimizer) where the base
+    computes in bf16, so the adapters meet bf16 activations without casts; fp32 elsewhere."""
+    if requested != "auto":
+        return requested, "as configured"
+    if compute_dtype == "bfloat16":
+        return "bfloat16", "auto: the base computes in bf16"
+    return "float32", f"auto: the base computes in {compute_dtype}"
+
+
+def compile_layers(requested: bool | str, cuda: bool, train_flops: float) -> tuple[bool, str]:
+    """(compile the decoder layers, why). auto: on a GPU, when a worker's share of the sweep's
+    training (`train_flops`: 6 x parameters x tokens, over the workers) would take longer in eager
+    mode than COMPILE_PAYS_AFTER_S at EAGER_TRAIN_FLOPS; short trials (and CPUs) skip the compile."""
+    if requested != "auto":
+        return bool(requested), "as configured"
+    if not cuda:
+        return False, "auto: no GPU"
+    seconds = train_flops / EAGER_TRAIN_FLOPS
+    if seconds >= COMPILE_PAYS_AFTER_S:
+        return True, f"auto: each worker trains for about {seconds / 60:.0f} min, which repays a compile of about a minute (~15% faster steps)"
+    return False, f"auto: each worker trains for about {seconds:.0f} s, too short to repay a compile of about a minute"

@@ -129,19 +129,19 @@ class TrainSection(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="sdpa, eager, flash_attention_2 or flex_attention (block-sparse: skips the blocks a packed row's document mask removes)"
     )
-    loss: Literal["chunked", "model", "liger"] = Field(
-        "chunked", description="chunked (lm_head + cross-entropy over reply tokens, a chunk at a time), model (the model's own loss) or liger (liger-kernel's fused linear + cross-entropy over reply tokens; CUDA only)"
+    loss: Literal["auto", "chunked", "model", "liger"] = Field(
+        "auto", description="auto (liger where CUDA runs and liger-kernel is installed, else chunked), chunked (lm_head + cross-entropy over reply tokens, "
+        "a chunk at a time), model (every reply token's logits at once, as the model's own loss) or liger (liger-kernel's fused linear + cross-entropy; CUDA only)"
     )
-    lora_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="float32 or bfloat16 (LoRA A/B computed in bf16, fp32 master copies in the optimizer; needs dtype auto or bfloat16)"
+    lora_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto (bfloat16 where the base computes in bf16, else float32), float32 or bfloat16 (LoRA A/B computed in bf16, fp32 master "
+        "copies in the optimizer; needs dtype auto or bfloat16)"
     )
-    compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation; true/false)")
-    cuda_graphs: bool = Field(
-        False, description="replay each compiled layer as a CUDA graph (torch.compile mode reduce-overhead); needs compile: true and lora_dtype: bfloat16. "
-        "Measured slower on an H200 twice (Gemma 3 1B, micro-batch 8: 24.9k and 29.0k tok/s against 44.7k compiled without graphs, bench/BENCH.md): leave it off (true/false)"
+    compile: Switch = Field(
+        "auto", description="on, off or auto (on a GPU when the workers train long enough to repay compiling: see validate's output): torch.compile "
+        "each decoder layer (regional compilation)"
     )
     seed: int = Field(0, ge=0, description="seed for data order and adapter init (the same for every trial)")
-    reuse_base_model: bool = Field(True, description="a warm worker keeps its loaded base model for the next trial with the same model and quantization (true/false)")
     # searchable hyperparameters
     method: Literal["lora", "qlora"] = Field("lora", description="lora or qlora (4-bit NF4 base)")
     lora_r: int = Field(16, gt=0, le=4096, description="LoRA rank, 1..4096")
@@ -156,17 +156,6 @@ class TrainSection(Section):
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("auto", description="auto (paged_adamw_8bit for qlora, adamw for lora), adamw, adamw_8bit or paged_adamw_8bit")
     gradient_checkpointing: Switch = Field("auto", description="on, off or auto (on when activations would take over a quarter of the GPU)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, > 0")
-
-    @model_validator(mode="after")
-    def _cuda_graphs_need_compile(self) -> "TrainSection":
-        if self.cuda_graphs and not self.compile:
-            raise ValueError("train.cuda_graphs: true replays the compiled layers, so it needs train.compile: true; set compile: true or cuda_graphs: false")
-        if self.cuda_graphs and self.lora_dtype != "bfloat16":
-            # fp32 LoRA would keep each gradient in the graphs' memory until the next micro-batch's replay overwrites it;
-            # bf16 LoRA's fp32 masters take every gradient out as soon as autograd has it (trainable.fast.MasterWeights)
-            raise ValueError("train.cuda_graphs: true needs train.lora_dtype: bfloat16 (its fp32 masters take each gradient out of the graphs' memory "
-                             "before the next replay); set lora_dtype: bfloat16 or cuda_graphs: false")  # fmt: skip
-        return self
 
     @model_validator(mode="after")
     def _lora_dtype_needs_bf16(self) -> "TrainSection":
@@ -216,12 +205,13 @@ class SearchSection(Section):
 
 
 def _cohort(value: Any) -> Any:
-    """off | auto | a positive integer; YAML reads a bare off as false."""
+    """auto | a positive integer. `off` (a second engine for lone trials, before every worker trained
+    a cohort) is gone: 1 is what it meant."""
     if value is False or (isinstance(value, str) and value.lower() == "off"):
-        return "off"
+        raise ValueError("off is no longer a setting: every worker trains a cohort of trials on one loaded base model; 1 trains one trial per worker")
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
-    raise ValueError("expected off, auto or a positive number of trials per worker")
+    raise ValueError("expected auto or a positive number of trials per worker")
 
 
 COHORT_AUTO_CPU = 4  # resources.cohort: auto on a worker without a GPU (no memory estimate to fill)
@@ -234,8 +224,8 @@ class ResourcesSection(Section):
     cpus_per_trial: float = Field(1, gt=0, description="CPU cores per trial, > 0")
     gpu_memory_gb: float | Literal["auto"] = Field("auto", description="memory of one GPU for auto placement: auto (read from a GPU of the cluster) or GB, > 0")
     memory_margin: float = Field(0.2, ge=0, le=2, description="safety margin on the memory estimate for auto placement, 0..2 (0.2 = +20%)")
-    cohort: Annotated[Union[Literal["off", "auto"], int], BeforeValidator(_cohort, json_schema_input_type=Union[Literal["off", "auto", False], PositiveInt])] = Field(
-        "off", description="off (one trial per worker), auto (as many trials per worker as its GPU memory fits; 4 on a CPU) or N >= 1 (up to N trials training together on one loaded base model)"
+    cohort: Annotated[Union[Literal["auto"], int], BeforeValidator(_cohort, json_schema_input_type=Union[Literal["auto"], PositiveInt])] = Field(
+        "auto", description="trials a worker trains at once on its one loaded base model: auto (as many as its GPU memory fits; 4 on a CPU) or N >= 1 (1: one trial per worker)"
     )
 
 

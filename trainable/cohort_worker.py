@@ -35,14 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from core.contract import LEARNING_RATE, TrialStatus
+from core.contract import CHECKPOINT_PREFIX, LEARNING_RATE, MEMBER_STATE, WORKER_STATE, TrialStatus, summary
 from core.rules import COHORT_FOLD_TOKENS, cohort_fold
 from core.schema import TrainSection
-from trainable.train import TrialSpec, injected_fault, is_oom, peak_memory
-
-WORKER_STATE = "worker.json"  # beside a member checkpoint: what the worker adds to the cohort's state
-MEMBER_STATE = "member.json"  # written last by Cohort.save: a checkpoint folder without it is incomplete
-FAULT_KINDS = ("oom", "nan", "oom_cohort")
+from trainable.train import TrialSpec, is_oom, peak_memory
 
 
 @dataclass
@@ -107,7 +103,6 @@ class _Live:
     task: MemberTask
     slot: int
     train: TrainSection
-    fault: tuple[str, int] | None
     seconds: float = 0.0  # wall time of the cohort steps it took part in
     warm: tuple[int, int, float] | None = None  # tokens, loss tokens, seconds after its first step
     reported: int = 0  # history entries already reported
@@ -120,7 +115,7 @@ def latest_checkpoint(folder: str | Path | None) -> str | None:
     """The newest complete member checkpoint (step-NNNNNN/ with member.json) under `folder`."""
     if not folder or not Path(folder).is_dir():
         return None
-    done = sorted(p for p in Path(folder).glob("step-*") if (p / MEMBER_STATE).exists())
+    done = sorted(p for p in Path(folder).glob(f"{CHECKPOINT_PREFIX}*") if (p / MEMBER_STATE).exists())
     return str(done[-1]) if done else None
 
 
@@ -134,20 +129,42 @@ def _load_cohort(spec: WorkerSpec) -> Any:
     import transformers  # noqa: F401  (timed with the imports, not with the weights)
 
     from trainable.cohort import Cohort
+    from trainable.train import cap_memory
 
     phases = {"imports": time.perf_counter() - tick}
     if torch.cuda.is_available():
         tick = time.perf_counter()
         torch.cuda.init()  # the CUDA context: timed on its own, it is seconds on some hosts
         phases["CUDA"] = time.perf_counter() - tick
+        # a fractional GPU (resources.gpus_per_trial below 1): past its share this worker's members
+        # run out of memory here rather than take it from the workers beside it
+        cap_memory(spec.base.gpu_share, spec.base.gpu_bytes)
     torch.set_num_threads(max(1, spec.base.threads))
-    base = spec.base.train.model_copy(update={"method": spec.method})
+    base, reasons = resolve_auto(spec.base.train.model_copy(update={"method": spec.method}), torch.cuda.is_available())
     micro = base.batch[0]
     cohort = Cohort(spec.base.model_id, spec.base.data_dir, base, revision=spec.base.revision, max_seq_len=spec.base.max_seq_len,
                     max_rows=max(1, spec.capacity * micro), eval_batch_size=base.eval_batch_size or micro,
                     embeddings=spec.base.embeddings, template_ids=tuple(spec.base.template_ids))  # fmt: skip
     cohort.load_phases = {**phases, **cohort.load_phases}
+    cohort.auto_reasons = reasons
     return cohort
+
+
+def resolve_auto(train: TrainSection, cuda: bool) -> tuple[TrainSection, dict[str, str]]:
+    """The worker's `auto` fast-step settings made concrete for its hardware (core.rules): the loss
+    (liger where CUDA runs and liger-kernel is installed) and the LoRA dtype (bf16 on a bf16 base).
+    train.compile comes decided by the driver (it knows how long the workers train); `auto` left
+    over (a worker started by hand) compiles nothing. Returns the settings and why each was chosen."""
+    import importlib.util
+
+    from core import rules
+    from trainable.model import pick_device_and_dtype
+
+    _, dtype = pick_device_and_dtype(train.dtype)
+    loss, loss_why = rules.loss(train.loss, cuda, importlib.util.find_spec("liger_kernel") is not None)
+    lora_dtype, lora_why = rules.lora_dtype(train.lora_dtype, str(dtype).removeprefix("torch."))
+    compiled = train.compile if train.compile != "auto" else False
+    return train.model_copy(update={"loss": loss, "lora_dtype": lora_dtype, "compile": compiled}), {"loss": loss_why, "lora_dtype": lora_why}
 
 
 def _grouped_setting() -> str:
@@ -167,9 +184,14 @@ def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]
         return {}  # stopped or out of time before it started: no base model to load
     if source.exhausted(spec.method):
         return {}  # other workers took every trial: no base model to load for nothing
+    from trainable import faults
+
     _reset_peak_rss()
     started = time.perf_counter()
     cohort = (make_cohort or _load_cohort)(spec)
+    injected = faults.from_environment()  # tests only: read once, here, never in the training step
+    if injected:
+        cohort = faults.FaultyCohort(cohort, injected)
     return _Worker(spec, source, cohort, time.perf_counter() - started, emit).run()
 
 
@@ -179,13 +201,13 @@ class _Worker:
         self.live: dict[int, _Live] = {}
         self.capacity = spec.capacity
         self.counts: Counter = Counter()
-        self.events: list[str] = []
+        self.events: list[dict[str, Any]] = []  # what the driver prints: {event, trial, text, ...}
         self.first = True  # the first member pays for loading the base
         self.planned: tuple[str, ...] = ()  # the members gradient checkpointing was decided for
         phases = getattr(cohort, "load_phases", None)
         if phases:
             where = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
-            self.events.append(f"cohort {spec.worker}: base model loaded in {load_seconds:.1f}s ({where})")
+            self._say("worker", "", f"worker {spec.worker}: base model loaded in {load_seconds:.1f}s ({where})")
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -214,7 +236,15 @@ class _Worker:
         self._flush()
         return dict(self.counts)
 
+    def _say(self, event: str, label: str, text: str, **fields: Any) -> None:
+        self.events.append({"event": event, "trial": label, "text": text, **fields})
+
     def _flush(self) -> None:
+        notes = getattr(self.source, "notes", None)  # what proposing said: duplicates, infeasible, a spent space
+        if notes:
+            for text in notes:
+                self._say("note", text.split(" ", 1)[0] if text.startswith("t") else "", text)
+            notes.clear()
         if self.events and self.emit is not None:
             self.emit(self.events)
         self.events = []
@@ -234,14 +264,13 @@ class _Worker:
 
     def _add(self, task: MemberTask) -> None:
         train = _train_of(self.spec.base.train, task.hyper)
-        fault = injected_fault(task.hyper, FAULT_KINDS)
         checkpoint = task.checkpoint if task.checkpoint and Path(task.checkpoint, MEMBER_STATE).exists() else None
         tick = time.perf_counter()
         if checkpoint:
             slot = self.cohort.restore(checkpoint)
         else:
             slot = self.cohort.add(train, name=task.label)
-        lv = _Live(task, slot, train, fault, load_seconds=(self.load_seconds if self.first else 0.0) + time.perf_counter() - tick)
+        lv = _Live(task, slot, train, load_seconds=(self.load_seconds if self.first else 0.0) + time.perf_counter() - tick)
         self.first = False
         m = self.cohort.members[slot]
         if checkpoint:
@@ -255,7 +284,7 @@ class _Worker:
         self._plan_checkpointing()
         self.source.begin(task, self._params(lv))
         where = f"from its checkpoint at step {m.step}" if checkpoint else "from the start"
-        self.events.append(f"{task.label} start      in cohort {self.spec.worker} ({len(self.live)} of {self.capacity}) {where}")
+        self._say("start", task.label, f"{task.label} start      {summary(train.model_dump())}  (worker {self.spec.worker}, {len(self.live)} of {self.capacity}, {where})")
         if m.step >= train.max_steps and lv.evals:
             # saved at its last step, but its end never recorded (the driver died): record it now
             self._report(slot, dict(lv.evals[-1]), final=True)
@@ -282,6 +311,10 @@ class _Worker:
             "cohort_pass_tokens": getattr(c, "pass_tokens", None) or "one pass",  # at the member's start (re-decided as members come and go)
             "cohort_lora_grouped": _grouped_setting(),
             "compiled_layers": getattr(c, "compiled_layers", 0),  # train.compile: decoder layers compiled around the adapters
+            "loss": getattr(getattr(c, "base_train", None), "loss", "chunked"),
+            "loss_reason": getattr(c, "auto_reasons", {}).get("loss", "as configured"),
+            "lora_dtype": getattr(getattr(c, "base_train", None), "lora_dtype", "float32"),
+            "lora_dtype_reason": getattr(c, "auto_reasons", {}).get("lora_dtype", "as configured"),
             "optimizer": type(m.optimizer).__name__,
             "tokens_per_sec_counts": "this member's non-padding input tokens per second of the cohort steps it took part in, after its first step (loss_tokens_per_sec: reply tokens only)",
             "cohort": self.spec.worker,
@@ -320,7 +353,6 @@ class _Worker:
                 self.cohort.remove(slot)
         tick = time.perf_counter()
         try:
-            self._inject_oom(running)
             stepped = self.cohort.step()
         except Exception as exc:
             if not is_oom(exc):
@@ -335,9 +367,6 @@ class _Worker:
             lv, m = self.live[slot], self.cohort.members[slot]
             if lv.warm is None:
                 lv.warm = (m.tokens, m.loss_tokens, lv.seconds)
-            if lv.fault and lv.fault[0] == "nan" and step >= lv.fault[1]:
-                self._end(slot, {"step": step, "trial_status": TrialStatus.NAN, "error": f"train loss is nan at step {step} (injected)", **self._history(lv)})
-                continue
             if m.status == "nan":
                 self._end(slot, {"step": step, "trial_status": TrialStatus.NAN, "error": f"train loss is not finite at step {step}", **self._history(lv)})
                 continue
@@ -345,14 +374,6 @@ class _Worker:
                 due.append(slot)
         if due:
             self._evaluate(due)
-
-    def _inject_oom(self, running: list[int]) -> None:
-        for slot in running:
-            lv, m = self.live[slot], self.cohort.members[slot]
-            if lv.fault and m.step + 1 >= lv.fault[1] and (lv.fault[0] == "oom" or (lv.fault[0] == "oom_cohort" and len(running) > 1)):
-                import torch
-
-                raise torch.OutOfMemoryError(f"CUDA out of memory in a cohort step (injected for {lv.task.label})")
 
     def _evaluate(self, slots: list[int]) -> None:
         losses = self.cohort.evaluate(slots)
@@ -398,7 +419,7 @@ class _Worker:
         self._save(slot)
         pruned = self.source.report(lv.task, out)
         tps = out["tokens_per_sec"]
-        self.events.append(f"{lv.task.label} step {m.step:>4}/{lv.train.max_steps}  eval_loss {eval_loss:.4f}  train_loss {out['train_loss']:.4f}  {tps / 1000:.1f}k tok/s")
+        self._say("eval", lv.task.label, f"{lv.task.label} step {m.step:>4}/{lv.train.max_steps}  eval_loss {eval_loss:.4f}  train_loss {out['train_loss']:.4f}  {tps / 1000:.1f}k tok/s")
         if final:
             self._end(slot, out)
         elif pruned:
@@ -413,13 +434,13 @@ class _Worker:
     def _save(self, slot: int) -> str:
         lv, m = self.live[slot], self.cohort.members[slot]
         root = Path(self.source.checkpoint_dir(lv.task))
-        folder = root / f"step-{m.step:06d}"
+        folder = root / f"{CHECKPOINT_PREFIX}{m.step:06d}"
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         (folder / WORKER_STATE).write_text(json.dumps({"seconds": lv.seconds, "warm": lv.warm, "evals": lv.evals, "worker": self.spec.worker}))
         self.cohort.save(slot, folder)  # member.json last: the folder is complete from here on
-        for old in root.glob("step-*"):
+        for old in root.glob(f"{CHECKPOINT_PREFIX}*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         lv.task.checkpoint = str(folder)
@@ -434,12 +455,8 @@ class _Worker:
         status = str(metrics.get("trial_status"))
         self.counts[status] += 1
         self.source.end(lv.task, metrics)
-        text = f"{lv.task.label} {status:<10}"
-        if isinstance(metrics.get("eval_loss"), float) and math.isfinite(metrics["eval_loss"]):
-            text += f" eval_loss {metrics['eval_loss']:.4f} at step {metrics.get('step')}"
-        if metrics.get("error"):
-            text += f"  {metrics['error']}"
-        self.events.append(text)
+        shown = {k: v for k, v in metrics.items() if k not in ("history", "evals_replay") and (isinstance(v, int | float | str) or v is None)}
+        self._say("end", lv.task.label, f"{lv.task.label} {status}", status=status, metrics=shown)
 
     # -- faults and halts ------------------------------------------------------------------------
 
@@ -470,7 +487,7 @@ class _Worker:
         self.capacity = max(1, len(self.live))
         self.source.give_back(lv.task)
         later = "alone" if lv.task.alone else "later"
-        self.events.append(f"{lv.task.label} shed       OOM in a cohort step of {len(self.live) + 1}: it runs {later}; cohort {self.spec.worker} now holds up to {self.capacity}")
+        self._say("shed", lv.task.label, f"{lv.task.label} shed       OOM in a cohort step of {len(self.live) + 1}: it runs {later}; worker {self.spec.worker} now holds up to {self.capacity}")
         _free_memory()
 
     def _halt(self, why: str) -> None:

@@ -21,9 +21,9 @@ BODY = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 2, max_c
 
 
 def test_a_time_budget_sweep_in_a_spaced_folder_then_its_study_lost(tmp_path: Path, ray_cluster: None) -> None:
-    from sweep.export import best
-    from sweep.status import sweep_status
-    from sweep.sweepdir import update_meta
+    from sweep.readback.export import best
+    from sweep.readback.status import sweep_status
+    from sweep.folder import update_meta
 
     results = tmp_path / "my sweeps"
     cfg = load_config(write_space(tmp_path, BODY + f"tracking: {{results_dir: '{results}'}}\n"))

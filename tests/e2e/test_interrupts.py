@@ -20,7 +20,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from sweep.reaper import ray_processes
+from sweep.engine.reaper import ray_processes
 from tests.conftest import MINIMAL, write_space
 from tests.e2e.conftest import mlflow_runs
 from tests.e2e.test_durability import env

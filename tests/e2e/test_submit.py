@@ -111,7 +111,7 @@ def test_submit_status_stop_resume(tmp_path: Path, head: tuple[str, dict]) -> No
         assert '"state": "stopped"' in (sweep_dir / "sweep.json").read_text()
 
         # the status of a folder only the cluster can see: read there, by a helper job
-        from sweep.submit import _helper
+        from sweep.engine.submit import _helper
 
         lines: list[str] = []
         assert _helper(jobs, ["status", str(sweep_dir)], lines.append)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.__main__ import main
+from sweep.cli import main
 from tests.conftest import MINIMAL, write_space
 from tests.e2e.conftest import mlflow_runs, study_trials
 

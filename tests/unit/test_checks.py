@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sweep import checks
-from sweep.checks import before_start, check_stores, host_port, reachable, writable
+from sweep.folder import checks
+from sweep.folder.checks import before_start, check_stores, host_port, reachable, writable
 from sweep.config import ConfigError, load_config
 from tests.conftest import MINIMAL, write_space
 
@@ -121,9 +121,9 @@ def test_intact_stores_pass(tmp_path: Path) -> None:
 
 
 def test_a_deleted_study_is_reported_and_not_recreated(tmp_path: Path) -> None:
-    from sweep.results import open_sweep
+    from sweep.readback.results import open_sweep
     from sweep.run import resume_sweep
-    from sweep.status import sweep_status
+    from sweep.readback.status import sweep_status
 
     folder = sweep_folder(tmp_path)
     (folder / "optuna.db").unlink()
@@ -138,7 +138,7 @@ def test_a_deleted_study_is_reported_and_not_recreated(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("size", "trouble"), [(0, "is empty (0 bytes: truncated?)"), (100, "cannot be read: database disk image is malformed")])
 def test_a_truncated_study_is_reported_and_left_as_it_is(tmp_path: Path, size: int, trouble: str) -> None:
-    from sweep.status import sweep_status
+    from sweep.readback.status import sweep_status
 
     folder = sweep_folder(tmp_path)
     with open(folder / "optuna.db", "r+b") as f:
@@ -151,7 +151,7 @@ def test_a_truncated_study_is_reported_and_left_as_it_is(tmp_path: Path, size: i
 
 
 def test_a_missing_mlflow_store_is_reported_and_not_recreated(tmp_path: Path) -> None:
-    from sweep.status import sweep_status
+    from sweep.readback.status import sweep_status
 
     folder = sweep_folder(tmp_path)
     (folder.parent / "mlflow.db").unlink()
@@ -178,7 +178,7 @@ def test_status_of_a_broken_sweep_exits_2_without_a_traceback(tmp_path: Path) ->
 
 
 def test_a_finished_sweep_shows_no_time_left() -> None:
-    from sweep.status import remaining_seconds
+    from sweep.readback.status import remaining_seconds
 
     assert remaining_seconds({"state": "running", "num_trials": 4, "concurrency": 1}, 2, [10.0, 20.0]) == 30.0
     assert remaining_seconds({"state": "finished", "num_trials": 4, "concurrency": 1}, 2, [10.0, 20.0]) is None  # ended by its time budget
@@ -186,7 +186,7 @@ def test_a_finished_sweep_shows_no_time_left() -> None:
 
 
 def test_printed_commands_are_shell_quoted(tmp_path: Path) -> None:
-    from sweep.status import stop_sweep
+    from sweep.readback.status import stop_sweep
 
     folder = tmp_path / "my sweeps" / "t-1"
     folder.mkdir(parents=True)
@@ -201,7 +201,7 @@ def test_checks_import_nothing_heavy() -> None:
     import subprocess
     import sys
 
-    code = "import sys, sweep.checks; print(sorted(m for m in ('ray', 'torch', 'mlflow', 'optuna') if m in sys.modules))"
+    code = "import sys, sweep.folder.checks; print(sorted(m for m in ('ray', 'torch', 'mlflow', 'optuna') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], env={**os.environ})
     assert out.stdout.strip() == "[]", out.stderr
 

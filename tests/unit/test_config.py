@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sweep.config import ConfigError, load_config, parse_duration
-from sweep.space import Choice, Range, Ratio
+from sweep.config.space import Choice, Range, Ratio
 from tests.conftest import DEMO_DATA, MINIMAL, ROOT, write_space
 
 

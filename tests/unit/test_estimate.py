@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sweep.config import SEARCHABLE, load_config
-from sweep.estimate import GB, TrialShape, corners, estimate, trial_shape
+from sweep.readback.estimate import GB, TrialShape, corners, estimate, trial_shape
 from tests.conftest import MINIMAL, ROOT, write_space
 from trainable.model import meta_model, profile_model
 
@@ -97,7 +97,7 @@ def test_corners_take_the_extremes(tmp_path: Path) -> None:
 
 
 def test_estimate_command(capsys: pytest.CaptureFixture) -> None:
-    from sweep.__main__ import main
+    from sweep.cli import main
 
     assert main(["estimate", str(ROOT / "search_spaces" / "demo.yaml"), "--gpu-memory", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -1,4 +1,4 @@
-"""What `best --export` writes beside the adapter (sweep.export): the stop tokens of the generation
+"""What `best --export` writes beside the adapter (sweep.readback.export): the stop tokens of the generation
 config, the load code of a QLoRA winner vs a LoRA winner, and the model card. No model is loaded
 (tests/e2e/test_reporting.py exports a real trial and runs the card's code)."""
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from sweep.config import SEARCHABLE, load_config
-from sweep.export import END_OF_TURN, load_snippet, model_card, stop_token_ids, winner_space
+from sweep.readback.export import END_OF_TURN, load_snippet, model_card, stop_token_ids, winner_space
 from tests.conftest import DEMO_DATA, MINIMAL, write_space
 
 QLORA = MINIMAL.replace("model: {id: tiny-gemma3}", "model: {id: google/gemma-3-12b-pt, revision: abc123, chat_template_from: google/gemma-3-12b-it}").replace(
@@ -67,7 +67,7 @@ def test_the_model_card_names_the_trial_and_every_hyperparameter(tmp_path: Path)
 
 
 def test_log_model_needs_export(tmp_path: Path) -> None:
-    from sweep.export import best
+    from sweep.readback.export import best
 
     with pytest.raises(ValueError, match="--log-model: it logs the exported folder; give --export DIR too"):
         best(tmp_path, None, None, False, log_model=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sweep.config import DataSection, TrainSection, load_config
-from sweep.estimate import TextShape, layer_activation_bytes, wants_checkpointing
+from sweep.readback.estimate import TextShape, layer_activation_bytes, wants_checkpointing
 from tests.conftest import DEMO_DATA, MINIMAL, write_space
 from tests.unit.test_train import ListReporter
 from trainable.data import IGNORE, encode, prepare

@@ -85,3 +85,67 @@ def test_importing_core_loads_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing core loaded {out.stdout.strip()}"
+
+
+# sweep/'s sub-packages, lowest first: each imports only those before it (and core, trainable)
+SWEEP_LAYERS = ("config", "folder", "readback", "engine", "cli")
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "sweep" and parts[1] in SWEEP_LAYERS else None
+
+
+def test_sweep_sub_packages_import_downwards_only() -> None:
+    """config <- folder <- readback <- engine <- cli: the commands sit on the engine, the engine on
+    the read-back and the sweep folder, everything on the config; nothing imports upwards, so no
+    import circle can form between them."""
+    bad = []
+    for path in modules("sweep"):
+        parts = path.relative_to(ROOT).parts
+        here = parts[1] if len(parts) > 2 else None
+        if here not in SWEEP_LAYERS:
+            continue
+        for line, name in imports(path):
+            there = layer_of(name)
+            if there is not None and SWEEP_LAYERS.index(there) > SWEEP_LAYERS.index(here):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name} ({here} may import only {', '.join(SWEEP_LAYERS[: SWEEP_LAYERS.index(here) + 1])})")
+    assert bad == []
+
+
+def test_sweep_has_only_its_sub_packages_and_the_entry_point() -> None:
+    loose = sorted(p.name for p in (ROOT / "sweep").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert loose == [], f"modules outside sweep/'s sub-packages ({', '.join(SWEEP_LAYERS)}): {loose}"
+
+
+def test_no_import_circle_between_sweep_modules() -> None:
+    """Every import counts, those inside functions too: a circle is a circle however it is hidden."""
+    found = {}
+    for path in modules("sweep"):
+        rel = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(rel[:-1] if rel[-1] == "__init__" else rel)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in found.items():
+        deps = set()
+        for _, imported in imports(path):
+            parts = imported.split(".")
+            owner = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in found), None)
+            if owner is not None and owner != name:
+                deps.add(owner)
+        graph[name] = deps
+
+    circles, state = [], dict.fromkeys(graph, 0)  # 0 unseen, 1 on the path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state[nxt] == 1:
+                circles.append(" -> ".join(path[path.index(nxt):] + [node, nxt]) if nxt in path else f"{node} -> {nxt}")
+            elif state[nxt] == 0:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if state[node] == 0:
+            visit(node, [])
+    assert circles == []

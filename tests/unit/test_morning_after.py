@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.contract import EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
-from sweep.__main__ import main
+from sweep.cli import main
 from sweep.config import load_config
 from tests.conftest import MINIMAL, ROOT, write_space
 
@@ -135,7 +135,7 @@ def test_json_is_all_a_fresh_process_prints_on_stdout(finished: tuple[Path, str]
 
 
 def test_the_experiment_id_is_looked_up_when_sweep_json_lacks_it(finished: tuple[Path, str]) -> None:
-    from sweep.sweepdir import SweepFolder
+    from sweep.folder import SweepFolder
 
     folder, experiment = finished
     sweep = SweepFolder(folder)
@@ -145,7 +145,7 @@ def test_the_experiment_id_is_looked_up_when_sweep_json_lacks_it(finished: tuple
 
 
 def test_links_of_a_tracking_server() -> None:
-    from sweep.sweepdir import mlflow_links
+    from sweep.folder import mlflow_links
 
     links = mlflow_links("https://user:secret@mlflow.example.com/", "7")
     assert links == {"command": None, "ui": "https://user:***@mlflow.example.com", "runs": "https://user:***@mlflow.example.com/#/experiments/7/runs?workflowType=machine_learning"}

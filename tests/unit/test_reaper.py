@@ -1,4 +1,4 @@
-"""A driver killed with kill -9 takes its local Ray's processes with it (sweep.reaper)."""
+"""A driver killed with kill -9 takes its local Ray's processes with it (sweep.engine.reaper)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 # processes (its command line names a .../ray/... file), as the raylet's agents do.
 DRIVER = """
 import subprocess, sys, time
-from sweep import reaper
+from sweep.engine import reaper
 r = reaper.start()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "/site-packages/ray/agent.py"])
 print(child.pid, flush=True)
@@ -50,7 +50,7 @@ def test_a_killed_drivers_ray_processes_end_within_seconds(tmp_path: Path) -> No
 
 
 def test_a_driver_that_shut_ray_down_leaves_its_watcher_done(tmp_path: Path) -> None:
-    from sweep import reaper
+    from sweep.engine import reaper
 
     watcher = reaper.start()
     assert watcher is not None

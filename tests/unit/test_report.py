@@ -86,7 +86,7 @@ def few(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def report(many: tuple[Path, str]) -> str:
-    from sweep.report import build_report
+    from sweep.readback.report import build_report
 
     folder, _ = many
     build_report(folder, write=lambda _: None, log_to_mlflow=False)
@@ -107,7 +107,7 @@ def test_the_report_has_optunas_interactive_charts_working_offline(report: str, 
 
 
 def test_without_plotly_the_report_falls_back_to_the_pngs(report: str, many: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweep.report import build_report
+    from sweep.readback.report import build_report
 
     folder, _ = many  # `report` holds the page with plotly already; this one replaces it on disk
     monkeypatch.setitem(sys.modules, "plotly", None)  # `import plotly` raises ImportError
@@ -121,7 +121,7 @@ def test_without_plotly_the_report_falls_back_to_the_pngs(report: str, many: tup
 
 
 def test_each_trial_links_to_its_mlflow_run(report: str, many: tuple[Path, str]) -> None:
-    from sweep.results import open_sweep
+    from sweep.readback.results import open_sweep
 
     folder, experiment = many
     rows = open_sweep(folder).result.trials
@@ -132,8 +132,8 @@ def test_each_trial_links_to_its_mlflow_run(report: str, many: tuple[Path, str])
 
 
 def test_categorical_hyperparameters_are_in_the_importance(many: tuple[Path, str]) -> None:
-    from sweep.report import importances
-    from sweep.results import open_sweep
+    from sweep.readback.report import importances
+    from sweep.readback.results import open_sweep
 
     sweep = open_sweep(many[0])
     found = importances(sweep.study, multi=False)
@@ -142,7 +142,7 @@ def test_categorical_hyperparameters_are_in_the_importance(many: tuple[Path, str
 
 
 def test_few_completed_trials_warn_that_importance_is_noise(report: str, few: tuple[Path, str]) -> None:
-    from sweep.report import build_report
+    from sweep.readback.report import build_report
 
     assert "importance is noise" not in report  # twelve completed
     folder, _ = few
@@ -155,8 +155,8 @@ def test_learning_rate_axis_legend_and_number_formats(report: str, many: tuple[P
     import matplotlib
 
     matplotlib.use("Agg")
-    from sweep.report import fmt, plot_history, plot_parallel
-    from sweep.results import open_sweep
+    from sweep.readback.report import fmt, plot_history, plot_parallel
+    from sweep.readback.results import open_sweep
 
     sweep = open_sweep(many[0])
     figures: list = []

@@ -1,4 +1,4 @@
-"""Reading a sweep's trials back (sweep.results): rows from the study and MLflow, order, the Pareto
+"""Reading a sweep's trials back (sweep.readback.results): rows from the study and MLflow, order, the Pareto
 set, --where constraints and the best trial. A tiny in-memory study and stand-in MLflow runs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from sweep.config import load_config
-from sweep.results import check_where, choose, collect, order, pareto, parse_where, rows, satisfies, value_of
+from sweep.readback.results import check_where, choose, collect, order, pareto, parse_where, rows, satisfies, value_of
 from tests.conftest import MINIMAL, write_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sweep import run
-from sweep.sweepdir import write_meta
+from sweep.folder import write_meta
 
 
 def test_elapsed_time_is_written_every_few_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from sweep.config import ConfigError, load_config
 from sweep.run import new_sweep_dir, preflight
-from sweep.secrets import redact
+from sweep.config.secrets import redact
 from tests.conftest import MINIMAL, write_space
 from trainable.tiny import ensure_tiny
 
@@ -62,7 +62,7 @@ def test_store_uris_read_the_environment(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_a_password_from_the_environment_may_hold_any_character(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweep.secrets import expand_env
+    from sweep.config.secrets import expand_env
 
     monkeypatch.setenv("PW", "p@ss:w/rd #1%")
     monkeypatch.setenv("HOST", "db.example:5432")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import sweep.__main__ as cli
+import sweep.cli as cli
 from tests.conftest import ROOT
-from sweep import signals as run
-from sweep.signals import Interrupt, Terminated, command_ended, received_signal, signals_raise, wrap_up
+from sweep.engine import signals as run
+from sweep.engine.signals import Interrupt, Terminated, command_ended, received_signal, signals_raise, wrap_up
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_a_signal_while_wrapping_up_waits_for_the_wrap_up(tmp_path: Path, handle
 def test_a_second_signal_while_wrapping_up_exits_at_once(tmp_path: Path) -> None:
     script = (
         "import os, signal, time\n"
-        "from sweep.signals import signals_raise, wrap_up\n"
+        "from sweep.engine.signals import signals_raise, wrap_up\n"
         "signals_raise(); wrap_up()\n"
         "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
         "print('waited', flush=True)\n"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sweep.__main__ import main
+from sweep.cli import main
 from sweep.config import ConfigError
-from sweep.single import load_one
-from sweep.space import Choice, Ratio
+from sweep.engine.single import load_one
+from sweep.config.space import Choice, Ratio
 from tests.conftest import MINIMAL, write_space
 
 SEARCHED = MINIMAL.replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  lora_alpha: {ratio_of: lora_r, choices: [1, 2]}\n  learning_rate: {loguniform: [1.0e-5, 1.0e-3]}\n  batch: {pairs: [[1, 2], [2, 1]]}\n")
@@ -73,7 +73,7 @@ def test_bad_values_are_reported_as_for_any_override(tmp_path: Path) -> None:
 
 def test_the_folder_of_a_train_run_reloads_as_the_same_configuration(tmp_path: Path) -> None:
     """resume reads sweep.json's overrides (the derived ones) with the space file, as for any sweep."""
-    from sweep.sweepdir import load_sweep_config
+    from sweep.folder import load_sweep_config
 
     space = write_space(tmp_path, SEARCHED)
     cfg = load_one(space, ["train.lora_r=8", "train.lora_alpha=8", "train.learning_rate=1.0e-4", "train.batch=[1, 2]"])
@@ -90,7 +90,7 @@ def test_the_space_file_best_export_writes_trains_as_it_is(tmp_path: Path) -> No
     import yaml
 
     from sweep.config import load_config
-    from sweep.export import winner_space
+    from sweep.readback.export import winner_space
 
     cfg = load_config(write_space(tmp_path, SEARCHED))
     winner = {"label": "t001", "config": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 3.0e-4, "batch": (2, 1)}}

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from sweep.__main__ import main
+from sweep.cli import main
 from sweep.config import parse_yaml
-from sweep.space_schema import MODELINE, SCHEMA_FILE, schema_text, space_file_schema
+from sweep.config.json_schema import MODELINE, SCHEMA_FILE, schema_text, space_file_schema
 from tests.conftest import ROOT
 
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))

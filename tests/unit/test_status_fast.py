@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.__main__ import main
+from sweep.cli import main
 from sweep.config import load_config
 from tests.conftest import MINIMAL, ROOT, write_space
 
@@ -84,7 +84,7 @@ def test_status_reads_the_study_and_the_trial_folders(stopped: Path, capsys: pyt
 
 
 def test_the_study_file_reads_as_optuna_reads_it(stopped: Path) -> None:
-    from sweep.studyfile import _read_optuna, read_study
+    from sweep.folder.studyfile import _read_optuna, read_study
 
     storage = f"sqlite:///{stopped / 'optuna.db'}"
     assert read_study(storage, "t") == _read_optuna(storage, "t")
@@ -94,7 +94,7 @@ def test_the_study_file_reads_as_optuna_reads_it(stopped: Path) -> None:
 
 def test_status_and_list_import_neither_mlflow_nor_ray_nor_torch(stopped: Path) -> None:
     code = (
-        "import sys; from sweep.__main__ import main; "
+        "import sys; from sweep.cli import main; "
         f"assert main(['status', {str(stopped)!r}]) == 0; assert main(['list', {str(stopped.parent)!r}]) == 0; "
         "print('HEAVY', sorted(m for m in ('mlflow', 'ray', 'torch', 'optuna', 'sqlalchemy') if m in sys.modules))"
     )

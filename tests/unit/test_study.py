@@ -107,7 +107,7 @@ import optuna  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from core.request import TrialRequest  # noqa: E402
-from sweep.sweepdir import StopFile  # noqa: E402
+from sweep.folder import StopFile  # noqa: E402
 
 
 def searcher(tmp_path: Path, body: str = SPACE.replace("ALGO", "random"), **kwargs) -> SweepSearch:

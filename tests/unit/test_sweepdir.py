@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sweep.config import ConfigError
-from sweep.sweepdir import LOCK, claim, driver, release
+from sweep.folder import LOCK, claim, driver, release
 
 
 def _race(folder: str, start: "multiprocessing.synchronize.Barrier", results: "multiprocessing.Queue", hold: "multiprocessing.synchronize.Event") -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from sweep.config import load_config
 from sweep.retries import Retries, should_retry
-from sweep.sweepdir import StopFile
+from sweep.folder import StopFile
 from sweep.tracking import SweepRun, TrialRuns
 from sweep.trials import Ledger
 from tests.conftest import MINIMAL, write_space

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sweep.run import TrialDirname
-from sweep.sweepdir import CHECKPOINT_FILES, latest_checkpoint
+from sweep.folder import CHECKPOINT_FILES, latest_checkpoint
 from sweep.trials import Ledger
 
 

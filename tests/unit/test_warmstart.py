@@ -1,5 +1,5 @@
-"""Reading a finished sweep back (sweep.sweepdir.SweepFolder) and warm-starting a new study from it
-(sweep.warmstart): a sweep folder made by hand, its study in sqlite, a `${VAR}` in its store URL."""
+"""Reading a finished sweep back (sweep.folder.SweepFolder) and warm-starting a new study from it
+(sweep.engine.warmstart): a sweep folder made by hand, its study in sqlite, a `${VAR}` in its store URL."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import optuna
 import pytest
 
 from sweep.config import ConfigError, load_config
-from sweep.secrets import redact
-from sweep.sweepdir import SweepFolder, write_meta
-from sweep.warmstart import apply
+from sweep.config.secrets import redact
+from sweep.folder import SweepFolder, write_meta
+from sweep.engine.warmstart import apply
 from tests.conftest import MINIMAL, write_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

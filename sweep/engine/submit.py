@@ -51,7 +51,7 @@ def client(address: str) -> Any:
 
     from ray.exceptions import AuthenticationError
 
-    from sweep.checks import reachable
+    from sweep.folder.checks import reachable
 
     unreachable = reachable(address)  # seconds, not the HTTP client's long retries
     if unreachable:
@@ -168,7 +168,7 @@ def remote_status(address: str, target: str, write: Write = print) -> bool:
     for job in drivers:
         write(_job_line(job))
     if Path(folder, "sweep.json").is_file():  # the shared filesystem is mounted here too
-        from sweep.status import sweep_status
+        from sweep.readback.status import sweep_status
 
         sweep_status(Path(folder), write)
         return True

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sweep.status import TABLE_COLUMNS, sweep_status, table_cells, trial_table
-from sweep.sweepdir import driver
+from sweep.readback.status import TABLE_COLUMNS, sweep_status, table_cells, trial_table
+from sweep.folder import driver
 
 CLEAR = "\033[H\033[2J"  # cursor home, clear screen
 

@@ -26,7 +26,7 @@ import yaml
 
 from core.contract import TrialStatus
 from sweep.config import SEARCHABLE, ConfigError, SweepConfig, TrainSection, apply_overrides, load_config, parse_yaml
-from sweep.space import Choice, Ratio
+from sweep.config.space import Choice, Ratio
 
 Log = Callable[[str], None]
 
@@ -38,7 +38,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.bin", "adapter_model.safe
 # pruned, nothing queued or warm-started, no cohort, no time budget but the command line's.
 ONE_TRIAL = (
     "search.algorithm=random", "search.num_trials=1", "search.scheduler={type: none}", "search.max_concurrent=1",
-    "search.points_to_evaluate=[]", "search.warm_start=null", "resources.cohort=off",
+    "search.points_to_evaluate=[]", "search.warm_start=null", "resources.cohort=1",
 )  # fmt: skip
 NO_TIME_BUDGET = "search.time_budget=null"
 
@@ -95,7 +95,7 @@ def unpinned(path: str | Path, overrides: list[str] | tuple[str, ...]) -> list[s
     """Every searched dimension (after `overrides`, as one_trial_overrides makes them) with more than
     one value, and the override that pins it. Dimensions that do not parse are load_config's to report."""
     from sweep.config import hyperparam_specs
-    from sweep.space import parse_dimension
+    from sweep.config.space import parse_dimension
 
     specs, problems = hyperparam_specs(), []
     for name, raw_dim in _section(_with_overrides(path, overrides), "space").items():
@@ -129,7 +129,7 @@ def load_one(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> S
 
 def train_one(cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None) -> str:
     """Train the configuration; its trial's status (completed: its adapter is in SWEEP_DIR/adapter)."""
-    from sweep.run import run_sweep
+    from sweep.engine.sweep import run_sweep
 
     result = run_sweep(cfg, address=address, log=log, sweep_dir=sweep_dir, command=COMMAND)
     return keep_adapter(result, cfg, log)
@@ -143,8 +143,8 @@ def exit_code(status: str) -> int:
 def keep_adapter(result: Any, cfg: SweepConfig, log: Log = print) -> str:
     """Copy the trained adapter (PEFT format) and the tokenizer to SWEEP_DIR/adapter once the trial
     completed; return its status. A trial that did not complete says why and how to go on."""
-    from sweep.checks import quote
-    from sweep.sweepdir import latest_checkpoint
+    from sweep.folder.checks import quote
+    from sweep.folder import trial_checkpoint
 
     sweep_dir = Path(result.sweep_dir)
     row = result.trials[0] if result.trials else None
@@ -153,7 +153,7 @@ def keep_adapter(result: Any, cfg: SweepConfig, log: Log = print) -> str:
         resumable = status in (TrialStatus.STOPPED, TrialStatus.RUNNING)
         log(f"the trial did not complete ({status}); " + (f"continue with:  python -m sweep resume {quote(sweep_dir)}" if resumable else "its error is above and in MLflow"))
         return status
-    checkpoint = latest_checkpoint(sweep_dir, row["trial_id"])
+    checkpoint = trial_checkpoint(sweep_dir, row["label"], row["trial_id"])
     if checkpoint is None:
         log(f"{row['label']} completed but left no checkpoint in {sweep_dir} (was its folder cleaned up?): no adapter to keep")
         return str(TrialStatus.FAILED)
@@ -172,7 +172,7 @@ def keep_adapter(result: Any, cfg: SweepConfig, log: Log = print) -> str:
 
 def after_resume(folder: Path, result: Any, log: Log = print) -> int:
     """`resume` of a folder made by `train`: keep the adapter as `train` would have; its exit code."""
-    from sweep.sweepdir import SweepFolder
+    from sweep.folder import SweepFolder
 
     sweep = SweepFolder(folder)
     if sweep.meta.get("command") != COMMAND:

@@ -51,7 +51,7 @@ class StudyView:
 
 def read_study(storage: str, study_name: str) -> StudyView:
     """The study `study_name` in `storage` (KeyError if it holds none)."""
-    from sweep.checks import sqlite_file
+    from sweep.folder.checks import sqlite_file
 
     path = sqlite_file(storage)
     if path is not None and path.is_file():

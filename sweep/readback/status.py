@@ -2,7 +2,7 @@
 while it runs (or after), and ask its driver to checkpoint and stop.
 
 Status is quick (well under a second and a half): it reads sweep.json, the Optuna study (straight
-from its sqlite file: sweep.studyfile) and the last report of each trial in Ray Tune's trial
+from its sqlite file: sweep.folder.studyfile) and the last report of each trial in Ray Tune's trial
 folders; it imports neither MLflow nor Ray nor torch (only a sweep from before sweep.json recorded
 its MLflow experiment id asks MLflow for it). `--watch` redraws it (sweep/watch.py).
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, STATUS, STEP, TOKENS_PER_SEC, TrialStatus
-from sweep.checks import quote
+from core.contract import EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, REPORTS_FILE, STATUS, STEP, TOKENS_PER_SEC, TRIALS_DIR, TrialStatus
+from sweep.folder.checks import quote
 from sweep.config import ConfigError
-from sweep.studyfile import StudyTrial, StudyView, read_study
-from sweep.sweepdir import STOP, SweepFolder, driver, mlflow_links, read_meta, say_mlflow
+from sweep.folder.studyfile import StudyTrial, StudyView, read_study
+from sweep.folder import STOP, SweepFolder, driver, mlflow_links, read_meta, say_mlflow
 
 Write = Callable[[str], None]
 
@@ -63,7 +62,7 @@ def study_of(sweep: SweepFolder) -> StudyView:
     try:
         return read_study(sweep.optuna_storage, sweep.study_name)
     except KeyError:
-        from sweep.secrets import redact
+        from sweep.config.secrets import redact
 
         raise ConfigError(str(sweep.path), [f"{redact(sweep.optuna_storage)}: holds no study named {sweep.study_name!r}; MLflow still holds every trial "
                                             f"({mlflow_links(sweep.mlflow_uri, None)['command'] or redact(sweep.mlflow_uri)})"]) from None  # fmt: skip
@@ -118,17 +117,16 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
 def trial_rows(sweep: SweepFolder, trials: list[tuple[StudyTrial, str]], metric: str) -> list[dict[str, Any]]:
     """Per trial: status, step (of max_steps), eval loss, tokens/s, peak memory, time left, config.
 
-    Step, throughput and memory come from the last report in the trial's Ray Tune folder (a
-    cohort member's reports travel inside its worker's, so for those they come from the study:
-    the step of its last evaluation, no throughput or memory)."""
+    Step, throughput and memory come from the trial's own reports (trials/t007/reports.jsonl, a
+    line per evaluation, written by its worker); a trial of an earlier version's sweep from the study
+    (the step of its last evaluation; no throughput or memory)."""
     max_steps = _max_steps(sweep.path)
-    reports = _tune_reports(sweep.path, [str(t.user_attrs["ray_trial_id"]) for t, _ in trials if t.user_attrs.get("ray_trial_id")])
     describe = _describer(sweep)
-    now = datetime.now()
+    now = time.time()
     rows = []
     for t, status in trials:
-        lines = reports.get(str(t.user_attrs.get("ray_trial_id")), [])
-        # each metric's latest value: a trial's last report (a stop's, say) may carry only its step
+        lines = _reports(sweep.path, t.label)
+        # each metric's latest value: a trial's last line (a stop's, say) may carry only its step
         last = {k: v for line in lines for k, v in line.items() if v is not None}
         step = last.get(STEP, max(t.intermediate) if t.intermediate else None)
         if status == TrialStatus.COMPLETED and max_steps:
@@ -156,37 +154,34 @@ def _max_steps(folder: Path) -> int | None:
         return None
 
 
-def _tune_reports(folder: Path, ray_trial_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Each Ray trial's reports (result.json, one JSON object a line) from the sweep's Tune folders;
-    a cohort worker's are left out (they speak for several trials)."""
-    wanted = set(ray_trial_ids)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for path in folder.glob("tune*/*/result.json"):
-        found = [rid for rid in wanted if f"_{rid}" in path.parent.name]
-        if not found:
-            continue
+def _reports(folder: Path, label: str) -> list[dict[str, Any]]:
+    """A trial's reports, one JSON object a line (the last may be half written: left out)."""
+    out = []
+    try:
+        text = (folder / TRIALS_DIR / label / REPORTS_FILE).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
         try:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):  # being written: the next refresh reads it whole
+            out.append(json.loads(line))
+        except ValueError:
             continue
-        if lines and "cohort" not in (lines[-1].get("config") or {}):
-            out[found[0]] = lines
     return out
 
 
-def _seconds_per_step(lines: list[dict[str, Any]], trial: StudyTrial, step: int, now: datetime) -> float:
-    """The trial's pace: between its first and last report in this attempt, else since it started."""
-    if len(lines) >= 2 and lines[-1].get(STEP, 0) > lines[0].get(STEP, 0):
-        first, last = lines[0], lines[-1]
-        return (float(last.get("time_total_s", 0)) - float(first.get("time_total_s", 0))) / (last[STEP] - first[STEP])
+def _seconds_per_step(lines: list[dict[str, Any]], trial: StudyTrial, step: int, now: float) -> float:
+    """The trial's pace: between its first and last report of this attempt, else since it started."""
+    timed = [line for line in lines if "time" in line and line.get(STEP)]
+    if len(timed) >= 2 and timed[-1][STEP] > timed[0][STEP]:
+        return (timed[-1]["time"] - timed[0]["time"]) / (timed[-1][STEP] - timed[0][STEP])
     if trial.started is not None:
-        return max(0.0, (now - trial.started).total_seconds()) / step
+        return max(0.0, now - trial.started.timestamp()) / step
     return 0.0
 
 
 def _describer(sweep: SweepFolder) -> Callable[[StudyTrial], str]:
     """Trial -> 'qlora r16 a32 lr2e-4 b4x8 attention' (its params as stored, if the config no longer loads)."""
-    from sweep.trials import summary
+    from core.contract import summary
 
     try:
         cfg = sweep.config

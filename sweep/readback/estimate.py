@@ -34,7 +34,7 @@ def corners(space: object, fixed: dict) -> list[dict]:
     """
     import itertools
 
-    from sweep.space import Choice, Range
+    from sweep.config.space import Choice, Range
 
     axes: list[tuple[str, list]] = []
     for d in space.dims:

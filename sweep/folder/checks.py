@@ -146,7 +146,7 @@ def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -
     """The sweep's study and MLflow store exist and are readable: ConfigError otherwise, saying
     what is lost and what can still be read. Opens sqlite files read-only, so nothing is created or
     changed (optuna and MLflow would create an empty store at a missing path)."""
-    from sweep.secrets import redact
+    from sweep.config.secrets import redact
 
     problems = []
     study_db, mlflow_db = sqlite_file(storage), sqlite_file(mlflow_uri)
@@ -198,7 +198,7 @@ def load_study(folder: Path, mlflow_uri: str, storage: str, study_name: str) -> 
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        from sweep.secrets import redact
+        from sweep.config.secrets import redact
 
         raise ConfigError(str(folder), [f"{redact(storage)}: holds no study named {study_name!r}; MLflow still holds every trial "
                                         f"(mlflow ui --backend-store-uri {quote(redact(mlflow_uri))})"]) from None  # fmt: skip

@@ -26,7 +26,7 @@ from sweep.config import ConfigError, SweepConfig, load_config
 META = "sweep.json"
 STOP = "STOP"
 LOCK = "driver.pid"
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "adapter_model.bin")
+LEGACY_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "adapter_model.bin")  # a lone trial's, before every trial was a cohort member
 
 
 class StopFile:
@@ -71,13 +71,19 @@ def update_meta(folder: Path, **changes: Any) -> dict[str, Any]:
 def load_sweep_config(folder: Path) -> SweepConfig:
     """The sweep's config: the original space file if it is still where it was (it may hold
     secrets the redacted copy lacks), else the copy, with paths relative to the original's folder."""
-    from sweep.secrets import redact
+    from sweep.config.secrets import redact
 
     meta = read_meta(folder)
     original = Path(meta["space_file"])
     # The results folder is where this sweep folder lies, whatever the current directory is now
     # (the default, ./sweeps, depends on where `run` was started).
     overrides = [*meta.get("overrides", []), f"tracking.results_dir={folder.resolve().parent}"]
+    # a store given as a relative sqlite path was made absolute against the directory `run` started
+    # in (sweep.config): the recorded URL, not one resolved against today's directory. The default
+    # stores follow the folders (they may have moved together).
+    defaults = {f"sqlite:///{folder.resolve().parent / 'mlflow.db'}", f"sqlite:///{folder.resolve() / 'optuna.db'}"}
+    overrides += [f"tracking.{key}={meta[key]}" for key in ("mlflow_uri", "optuna_storage")
+                  if str(meta.get(key, "")).startswith("sqlite:////") and meta[key] not in defaults]  # fmt: skip
     if original.is_file() and redact(original.read_text()) == (folder / "space.yaml").read_text():
         return load_config(original, overrides)
     return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
@@ -129,7 +135,7 @@ class SweepFolder:
             return self.config.mlflow_uri, self.config.optuna_storage(self.path)
         except ConfigError:
             pass  # the space file no longer loads (moved data, an unset ${VAR}): sweep.json's copies
-        from sweep.secrets import MASK, expand_env
+        from sweep.config.secrets import MASK, expand_env
 
         urls = []
         for key in ("mlflow_uri", "optuna_storage"):
@@ -153,13 +159,13 @@ class SweepFolder:
 
     def check_stores(self) -> None:
         """Both stores there and readable (ConfigError otherwise); nothing created."""
-        from sweep.checks import check_stores
+        from sweep.folder.checks import check_stores
 
         check_stores(self.path, *self.stores(), self.study_name)
 
     def study(self) -> Any:
         """The sweep's Optuna study, after check_stores (a missing store is never created)."""
-        from sweep.checks import load_study
+        from sweep.folder.checks import load_study
 
         return load_study(self.path, *self.stores(), self.study_name)
 
@@ -187,8 +193,8 @@ MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 def mlflow_links(mlflow_uri: str, experiment_id: str | None) -> dict[str, str | None]:
     """Where to look at a sweep in MLflow: the command that serves a local store (None for a
     tracking server), the UI's address and the experiment's runs table (None without an id)."""
-    from sweep.checks import quote
-    from sweep.secrets import redact
+    from sweep.folder.checks import quote
+    from sweep.config.secrets import redact
 
     server = mlflow_uri.startswith(("http://", "https://"))
     ui = redact(mlflow_uri).rstrip("/") if server else MLFLOW_UI
@@ -293,14 +299,26 @@ def driver(folder: Path) -> dict[str, Any] | None:
     return holder
 
 
-def latest_checkpoint(folder: Path, ray_trial_id: str | None) -> str | None:
-    """The newest complete checkpoint a Ray trial left in any of the sweep's Tune folders."""
+def trial_checkpoint(folder: Path, label: str, ray_trial_id: str | None = None, write: Any = None) -> str | None:
+    """A trial's newest complete checkpoint (PEFT adapter + training state): trials/t007/step-N/.
+    Sweep folders of earlier versions kept it elsewhere and are read too: a cohort member's in
+    cohorts/members/t007/, a lone trial's in its Ray Tune folder (tune*/t007_<ray id>/checkpoint_N/).
+    Those a later version cannot continue (`resume`) still export. `write` says why one is skipped."""
+    from core.contract import TRIALS_DIR
+    from trainable.cohort_worker import latest_checkpoint as member_checkpoint
+
+    for place in (folder / TRIALS_DIR / label, folder / "cohorts" / "members" / label):
+        checkpoint = member_checkpoint(place)
+        if checkpoint is not None and (Path(checkpoint) / "adapter_config.json").is_file():
+            return checkpoint
+        if checkpoint is not None and write is not None:
+            write(f"{label}'s checkpoint {checkpoint} predates PEFT-format member checkpoints: retrain it with python -m sweep train")
     if not ray_trial_id:
         return None
     candidates = []
     for trial_dir in folder.glob(f"tune*/*{ray_trial_id}*"):
         for ckpt in trial_dir.glob("checkpoint_*"):
-            if all((ckpt / name).is_file() for name in CHECKPOINT_FILES):
+            if all((ckpt / name).is_file() for name in LEGACY_CHECKPOINT_FILES):
                 candidates.append(ckpt)
     if not candidates:
         return None

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import EVAL_LOSS, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
-from sweep.results import SweepResult, open_sweep, pareto
-from sweep.sweepdir import run_link
-from sweep.trials import _rate, finite
+from sweep.readback.results import SweepResult, open_sweep, pareto
+from sweep.folder import run_link
+from core.contract import finite, rate_text as _rate
 
 Write = Callable[[str], None]
 TOP_CURVES = 5
@@ -176,7 +176,7 @@ def plot_parallel(result: SweepResult, metric: str, mode: str, path: Path) -> Pa
 
 def own_study(study: Any) -> Any:
     """An in-memory copy of the study with the sweep's own trials (a warm start's are left out,
-    and duplicate proposals, which repeat a trial's result: sweep.study.close_duplicate): what the
+    and duplicate proposals, which repeat a trial's result: sweep.engine.study.close_duplicate): what the
     importance and Optuna's charts are computed from."""
     import optuna
 

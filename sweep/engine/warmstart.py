@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from sweep.config import SEARCHABLE, ConfigError, SweepConfig
-from sweep.space import Ratio
-from sweep.sweepdir import SweepFolder
+from sweep.config.space import Ratio
+from sweep.folder import SweepFolder
 
 COMPARED = ("model", "data", "max_steps", "max_seq_len")
 
@@ -92,7 +92,7 @@ def apply(study: Any, cfg: SweepConfig, folder: Path) -> WarmStart:
     for trial in previous.trials:
         if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or not trial.params:
             continue
-        if trial.user_attrs.get("trial_status") == "duplicate":  # a repeat of another trial's result (sweep.study.close_duplicate)
+        if trial.user_attrs.get("trial_status") == "duplicate":  # a repeat of another trial's result (sweep.engine.study.close_duplicate)
             continue
         values = _hyperparams(old, trial.params)
         mismatch = [k for k in SEARCHABLE if k not in cfg.space.names and values[k] != fixed_now[k]]

@@ -12,7 +12,7 @@ from typing import Any
 
 from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus, metric_name
 from sweep.config import SEARCHABLE, SweepConfig
-from sweep.trials import finite, summary
+from core.contract import finite, summary
 
 
 @dataclass
@@ -23,6 +23,7 @@ class SweepResult:
     best: dict[str, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     pareto: list[dict[str, Any]] = field(default_factory=list)  # multi-objective: the non-dominated completed trials
+    failure: str | None = None  # why no trial completed (the command exits 1); None when one did, or the sweep was stopped
 
 
 def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, Any]]:
@@ -212,7 +213,7 @@ class FinishedSweep:
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
-    from sweep.sweepdir import SweepFolder, mlflow_links
+    from sweep.folder import SweepFolder, mlflow_links
 
     sweep = SweepFolder(folder)
     cfg = sweep.config

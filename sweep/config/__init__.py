@@ -42,7 +42,7 @@ from core.schema import (  # noqa: F401 - the sections and constants, importable
     TrainSection,
     parse_duration,
 )
-from sweep.space import Dimension, HyperparamSpec, Ratio, Space, parse_dimension
+from sweep.config.space import Dimension, HyperparamSpec, Ratio, Space, parse_dimension
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -203,6 +203,14 @@ def _field_info(cls: type[BaseModel], loc: tuple) -> Any:
     return parent.model_fields.get(loc[-1])
 
 
+# keys earlier versions accepted: what to do instead of "unknown key"
+REMOVED = {
+    "train.cuda_graphs": "was removed: replaying the compiled layers as CUDA graphs measured slower everywhere it ran (bench/BENCH.md), and a "
+    "cohort whose members come and go changes shape; delete the key (train.compile still compiles the layers)",
+    "train.reuse_base_model": "was removed: every worker keeps its base model loaded for all the trials it trains; delete the key",
+}
+
+
 def _join(section: str, loc: tuple) -> str:
     out = section
     for part in loc:
@@ -215,6 +223,9 @@ def _describe_errors(section: str, cls: type[BaseModel], exc: ValidationError) -
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = _join(section, loc)
+        if err["type"] == "extra_forbidden" and path in REMOVED:
+            problems.append(f"{path}: {REMOVED[path]}")
+            continue
         if err["type"] == "extra_forbidden":
             parent = _model_at(cls, loc[:-1])
             accepted = ", ".join(parent.model_fields) if parent else "?"
@@ -268,18 +279,18 @@ class SweepConfig:
 
     @property
     def results_dir(self) -> Path:
-        return Path(self.tracking.results_dir or "sweeps").resolve()
+        return Path(self.tracking.results_dir or "sweeps").resolve()  # absolute already (sweep.config._resolve_tracking)
 
     @property
     def mlflow_uri(self) -> str:
         """The tracking URI to connect with (${VAR} expanded: never write this one anywhere)."""
-        from sweep.secrets import expand_env
+        from sweep.config.secrets import expand_env
 
         return expand_env(self.tracking.mlflow_uri) if self.tracking.mlflow_uri else f"sqlite:///{self.results_dir / 'mlflow.db'}"
 
     def optuna_storage(self, sweep_dir: Path) -> str:
         """The study's storage URL to connect with (${VAR} expanded: never write this one anywhere)."""
-        from sweep.secrets import expand_env
+        from sweep.config.secrets import expand_env
 
         return expand_env(self.tracking.optuna_storage) if self.tracking.optuna_storage else f"sqlite:///{sweep_dir / 'optuna.db'}"
 
@@ -318,7 +329,7 @@ class SweepConfig:
         out["search"]["num_trials"] = self.num_trials
         out["search"]["scheduler"]["grace_period"] = self.grace_period
         out["search"]["scheduler"]["max_t"] = self.max_t
-        from sweep.secrets import redact
+        from sweep.config.secrets import redact
 
         out["tracking"].update(
             results_dir=str(self.results_dir),
@@ -442,9 +453,6 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
         explicit = sorted(set(raw.get("train", {}) or {}) & set(space.names))
         for key in explicit:
             problems.append(f"train.{key} and space.{key}: search it in space or fix it in train, not both")
-        from sweep.cohorts import config_problems  # resources.cohort: what cannot share a base model
-
-        problems += config_problems(model, train, sections.get("resources"), space.names)
         if train.eval_every > train.max_steps:
             problems.append(f"train.eval_every: {train.eval_every} is beyond train.max_steps {train.max_steps}; no trial would be evaluated")
         for d in space.dims:
@@ -452,7 +460,7 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
                 problems.append(f"space.{d.name}.ratio_of: {d.of} is itself a ratio; chain ratios from a sampled or fixed value")
     tracking = sections.get("tracking")
     if tracking is not None:
-        from sweep.secrets import expand_env
+        from sweep.config.secrets import expand_env
 
         for key in ("mlflow_uri", "optuna_storage"):
             value = getattr(tracking, key)
@@ -541,7 +549,15 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
 
 
 def _resolve_tracking(tracking: TrackingSection, base: Path) -> TrackingSection:
-    if tracking.results_dir is None:
-        return tracking
-    return tracking.model_copy(update={"results_dir": str((base / Path(tracking.results_dir).expanduser()).resolve())})
+    """Every local store made absolute, once, here: the results folder (default ./sweeps in the
+    directory the command runs in; given in the file, relative to the file's folder) and a relative
+    sqlite path in a store URL (relative to the current directory, as MLflow and Optuna read it).
+    Ray workers run in folders of their own: what they are handed must not depend on theirs."""
+    folder = Path(tracking.results_dir).expanduser() if tracking.results_dir else Path.cwd() / "sweeps"
+    updates: dict[str, Any] = {"results_dir": str((base / folder).resolve() if tracking.results_dir else folder.resolve())}
+    for key in ("mlflow_uri", "optuna_storage"):
+        url = getattr(tracking, key)
+        if url and url.startswith("sqlite:///") and not url.startswith("sqlite:////") and "${" not in url:
+            updates[key] = "sqlite:///" + str((Path.cwd() / url.removeprefix("sqlite:///")).resolve())
+    return tracking.model_copy(update=updates)
 

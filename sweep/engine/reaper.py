@@ -7,7 +7,7 @@ in its own session: it notes the driver's Ray processes every second, and when t
 a pipe closes without a word (the driver died) it ends those still alive. A driver that shuts Ray
 down itself says so first (`Reaper.done`), and the watcher leaves at once.
 
-    python -m sweep.reaper DRIVER_PID      (stdin: the pipe; not meant to be run by hand)
+    python -m sweep.engine.reaper DRIVER_PID      (stdin: the pipe; not meant to be run by hand)
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def start(driver_pid: int | None = None) -> Reaper | None:
         return None
     read, write = os.pipe()  # both non-inheritable: only the watcher gets `read`, as its stdin
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sweep.reaper", str(driver_pid or os.getpid())],
+        [sys.executable, "-m", "sweep.engine.reaper", str(driver_pid or os.getpid())],
         stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C to the driver's process group is not for the watcher
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)},

@@ -13,12 +13,12 @@ from typing import Any, Callable
 import yaml
 
 from core.contract import EVAL_LOSS, ROW_METRICS
-from sweep.checks import quote
+from sweep.folder.checks import quote
 from sweep.config import SEARCHABLE, SweepConfig
-from sweep.results import check_where, choose, open_sweep, parse_where, value_of
-from sweep.secrets import redact
-from sweep.sweepdir import latest_checkpoint, say_mlflow
-from sweep.trials import finite
+from sweep.readback.results import check_where, choose, open_sweep, parse_where, value_of
+from sweep.config.secrets import redact
+from sweep.folder import say_mlflow, trial_checkpoint
+from core.contract import finite
 
 END_OF_TURN = "<end_of_turn>"  # Gemma's chat format ends each turn with it, not with <eos>
 
@@ -61,18 +61,6 @@ def stop_token_ids(tokenizer: Any, also: Any = None) -> list[int]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
-
-
-def cohort_member_checkpoint(folder: Path, label: str, write: Any = print) -> str | None:
-    """A cohort member's newest checkpoint (cohorts/members/LABEL/step-N/), if it holds the
-    adapter in PEFT format (cohort checkpoints written before 2026-11-30 do not)."""
-    from trainable.cohort_worker import latest_checkpoint as member_checkpoint
-
-    checkpoint = member_checkpoint(folder / "cohorts" / "members" / label)
-    if checkpoint is not None and not (Path(checkpoint) / "adapter_config.json").is_file():
-        write(f"{label}'s cohort checkpoint {checkpoint} predates PEFT-format member checkpoints: retrain it with python -m sweep train")
-        return None
-    return checkpoint
 
 
 def export_adapter(cfg: SweepConfig, checkpoint: Path, out: Path, merge: bool) -> dict[str, Any]:
@@ -299,10 +287,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     export.mkdir(parents=True, exist_ok=True)
     (export / "space.yaml").write_text(f"# python -m sweep train {quote(export / 'space.yaml')} train.max_steps=N\n"
                                        f"# {row['label']} of {folder.name}: {metric} {row[metric]:.4f}\n" + text)  # fmt: skip
-    attrs = study.trials[row["number"]].user_attrs
-    checkpoint = latest_checkpoint(folder, attrs.get("ray_trial_id"))
-    if checkpoint is None and attrs.get("cohort"):
-        checkpoint = cohort_member_checkpoint(folder, row["label"], write)
+    checkpoint = trial_checkpoint(folder, row["label"], row.get("trial_id"), write)
     written: dict[str, Any] = {"space": str(export / "space.yaml")}
     if checkpoint is None:
         write(f"{row['label']} left no checkpoint in {folder} (was its folder cleaned up?): only the config is exported")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from core.contract import PEAK_VRAM_GB
 from sweep.config import SEARCHABLE, SweepConfig
-from sweep.estimate import GB, ModelProfile, corners, estimate, trial_shape
+from sweep.readback.estimate import GB, ModelProfile, corners, estimate, trial_shape
 
 Write = Callable[[str], None]
 
@@ -75,7 +75,7 @@ def estimate_space(cfg: SweepConfig, profile: ModelProfile, device_bytes: float 
 
 def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = print) -> list[dict]:
     """Each trial of a finished sweep: its estimate, and the peak it measured (MLflow)."""
-    from sweep.sweepdir import SweepFolder
+    from sweep.folder import SweepFolder
 
     folder = SweepFolder(sweep_dir)
     cfg = folder.config
@@ -85,7 +85,7 @@ def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = p
     peaks = {r.data.tags.get("trial"): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []
     for trial in study.trials:
-        if not trial.params or trial.user_attrs.get("trial_status") == "duplicate":  # a repeated proposal never ran (sweep.study.twin_of)
+        if not trial.params or trial.user_attrs.get("trial_status") == "duplicate":  # a repeated proposal never ran (sweep.engine.study.twin_of)
             continue
         hyper = {**fixed, **cfg.space.decode(trial.params, cfg.fixed_hyperparams)}
         row = {"trial": f"t{trial.number:03d}", **_row(cfg, profile, hyper, device_bytes)}

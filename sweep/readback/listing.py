@@ -1,7 +1,7 @@
 """`python -m sweep list [RESULTS_DIR]`: every sweep in a results folder, one line each (or one
 JSON document): its state, trials by status, best value, when it started and how long it ran.
 
-Cheap: it reads sweep.json and the study (a sqlite study straight from its file: sweep.studyfile),
+Cheap: it reads sweep.json and the study (a sqlite study straight from its file: sweep.folder.studyfile),
 never MLflow, and loads no space file unless a store URL needs a secret that sweep.json holds only
 redacted. A folder it cannot read is listed with its problem; one sweep's trouble never hides the
 others.
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import EVAL_LOSS, TrialStatus
-from sweep.sweepdir import META, driver, read_meta
+from sweep.folder import META, driver, read_meta
 
 Write = Callable[[str], None]
 
@@ -62,16 +62,16 @@ def describe(folder: Path) -> dict[str, Any]:
     try:
         _read_study(folder, meta, entry)
     except Exception as exc:  # noqa: BLE001 - a damaged store is reported, the listing goes on
-        from sweep.secrets import redact
+        from sweep.config.secrets import redact
 
         entry["problem"] = redact(f"study unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     return entry
 
 
 def _read_study(folder: Path, meta: dict[str, Any], entry: dict[str, Any]) -> None:
-    from sweep.checks import sqlite_file
-    from sweep.status import trial_status
-    from sweep.studyfile import read_study
+    from sweep.folder.checks import sqlite_file
+    from sweep.readback.status import trial_status
+    from sweep.folder.studyfile import read_study
 
     storage = _storage(folder, meta)
     path = sqlite_file(storage)
@@ -99,7 +99,7 @@ def _read_study(folder: Path, meta: dict[str, Any], entry: dict[str, Any]) -> No
 def _storage(folder: Path, meta: dict[str, Any]) -> str:
     """The study's storage URL: sweep.json's copy, unless it is redacted or refers to ${VAR}s the
     environment lacks; then the sweep's config says it (SweepFolder)."""
-    from sweep.secrets import MASK, expand_env
+    from sweep.config.secrets import MASK, expand_env
 
     url = str(meta["optuna_storage"])
     try:
@@ -107,13 +107,13 @@ def _storage(folder: Path, meta: dict[str, Any]) -> str:
     except KeyError:
         url = MASK
     if MASK in url:
-        from sweep.sweepdir import SweepFolder
+        from sweep.folder import SweepFolder
 
         return SweepFolder(folder).optuna_storage
     return url
 
 
 def _duration(seconds: float) -> str:
-    from sweep.status import _duration as duration
+    from sweep.readback.status import _duration as duration
 
     return duration(float(seconds))

@@ -1,0 +1,596 @@
+"""A sweep, top to bottom: preflight -> workers planned -> results folder -> study and MLflow parent
+run -> Ray Tune runs the workers -> summary.
+
+    preflight   load the tokenizer, check LoRA targets against the model, tokenize the data once
+    plan        the workers on this Ray cluster (sweep.engine.workers): GPUs, CPUs, memory
+    folder      <results_dir>/<name>-<timestamp>/: space.yaml, resolved.yaml, sweep.json, optuna.db,
+                trials/ (each trial's checkpoints and reports), work/ (the workers' queue), tune/
+    run         a `Sweep` (setup / run / finish): a Tuner whose trials are the workers; each worker
+                trains a cohort of trials from the study (sweep.engine.source) on one loaded base
+    summary     every trial's outcome, the best trial, and how to open the MLflow UI
+
+Config and data problems are found before anything starts (no Ray, no MLflow run, no folder). The
+stores' URLs are absolute in the config (sweep.config), so every worker opens the driver's stores
+whatever its own working directory is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from core.contract import ATTR_ATTEMPT, ATTR_WARM_START, ATTR_WORKER, TRIALS_DIR, WORK_DIR, trial_label
+from sweep.config import ConfigError, SweepConfig
+from sweep.readback.results import SweepResult, collect
+from sweep.engine.signals import Interrupt, Interrupted, Terminated, signals_raise, wrap_up
+
+Log = Callable[[str], None]
+MEMBER_SHARE = "member_vram_share_gb"  # a trial's estimated share of its worker's memory (not a measurement)
+
+
+# ----------------------------------------------------------------------------------------------
+# preflight: everything that can fail before a single resource is taken
+
+
+def preflight(cfg: SweepConfig, log: Log) -> Any:
+    """Tokenizer, LoRA target check and the tokenized data (cached). Raises ConfigError / DataError."""
+    from sweep.config.space import Choice
+    from trainable.data import notes, prepare
+    from trainable.model import check_targets, load_tokenizer
+
+    download_model(cfg, log)
+    log(f"model {cfg.model.id}: loading tokenizer ...")
+    try:
+        tokenizer = load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(cfg.source), [f"model: cannot load the tokenizer of {cfg.model.id}: {str(exc).splitlines()[0]}"]) from None
+    dim = next((d for d in cfg.space.dims if d.name == "target_modules"), None)
+    choices = list(dim.options) if isinstance(dim, Choice) else [cfg.train.target_modules]
+    try:
+        problems = check_targets(cfg.model.id, choices, cfg.model.revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(cfg.source), [f"model.id: cannot read the config of {cfg.model.id}: {str(exc).splitlines()[0]}"]) from None
+    if problems:
+        where = "space.target_modules" if dim is not None else "train.target_modules"
+        raise ConfigError(str(cfg.source), [f"{where}: {p}" for p in problems])
+    prepared = prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
+    for note in notes(prepared.stats):  # replies cut short by max_seq_len, and where
+        log(note)
+    return prepared
+
+
+def download_model(cfg: SweepConfig, log: Log) -> None:
+    """A hub model is fetched here, once, with a progress bar, rather than silently by the first
+    worker (workers on this machine then read the local cache). Local folders and the tiny models
+    need nothing; without network, loading the tokenizer reports the problem."""
+    from sweep.config import TINY_MODELS
+
+    if cfg.model.id in TINY_MODELS or Path(cfg.model.id).exists():
+        return
+    try:
+        from huggingface_hub import snapshot_download
+
+        log(f"model {cfg.model.id}: downloading (or checking the local cache) ...")
+        snapshot_download(cfg.model.id, revision=cfg.model.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    except Exception as exc:  # offline, gated, no such repo: the tokenizer load says so clearly
+        log(f"model {cfg.model.id}: not downloaded ({str(exc).splitlines()[0][:200]})")
+
+
+def new_sweep_dir(cfg: SweepConfig, wanted: Path | None = None) -> Path:
+    """A fresh folder per sweep; an existing one is never reused (resume is a separate command)."""
+    cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    if wanted is not None:  # chosen by `submit`, which tells the user where it will be
+        try:
+            wanted.mkdir(parents=True)
+        except FileExistsError:
+            raise ConfigError(str(wanted), [f"--sweep-dir {wanted}: exists already; a new sweep needs a new folder (resume is `python -m sweep resume {shlex.quote(str(wanted))}`)"]) from None
+        return wanted
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        folder = cfg.results_dir / (f"{cfg.name}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a new sweep folder in {cfg.results_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+
+
+_reaper: Any = None  # the watcher of the local Ray this driver started (sweep.engine.reaper)
+
+
+def connect_ray(address: str | None, log: Log) -> bool:
+    """Attach to `address` / RAY_ADDRESS, or start a local Ray. True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    log(f"ray: {'attaching to ' + address if address else 'starting a local instance'} ...")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        except ConnectionError as exc:  # something listens there, but not a Ray head (checks.reachable ruled out silence)
+            raise ConfigError(address, [f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0][:200]}); give the head's "
+                                        "GCS address (`ray start --head` prints it, port 6379 by default), or leave --address out for a local Ray"]) from None  # fmt: skip
+    else:
+        # A local Ray serves this machine only, so every server it starts (GCS, raylet, object
+        # store) listens on loopback. Ray picks the node's address from its own "no cluster" switch
+        # (what it uses on macOS and Windows); --address is how to use a cluster.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        except SystemExit as exc:
+            # SIGTERM while Ray starts: ray.init's own handler exits with status 15. Stop what
+            # it started, and end as SIGTERM does elsewhere outside the trials (exit 143).
+            if exc.code != signal.SIGTERM:
+                raise
+            ray.shutdown()
+            raise Terminated() from None
+        # If this driver is killed (kill -9, a second Ctrl-C), its Ray's agents and idle workers
+        # would outlive it by a minute or more: a small watcher ends them at once.
+        from sweep.engine import reaper
+
+        global _reaper
+        _reaper = reaper.start()
+    signals_raise()  # over Ray's SIGTERM handler, which would exit with status 15
+    return True
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray this driver started, and its watcher."""
+    import ray
+
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.done()
+        _reaper = None
+
+
+def probe_gpu_bytes() -> int:
+    """Memory of one of the cluster's GPUs, read by a tiny task on a GPU node."""
+    import ray
+
+    @ray.remote(num_gpus=0.01)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(total_memory.remote(), timeout=300)
+
+
+def plan_workers_here(cfg: SweepConfig, trials: int, log: Log) -> Any:
+    """The workers for this Ray cluster (sweep.engine.workers.plan)."""
+    import ray
+
+    from sweep.engine.workers import plan
+
+    return plan(cfg, ray.cluster_resources(), trials, probe_gpu_bytes, log)
+
+
+class Heartbeat:
+    """The sweep's elapsed time in sweep.json every few seconds, for `status` and for the time
+    budget left after a resume. Often, because a killed driver's last beat is what its resume
+    counts: a crash under-counts the time budget by at most INTERVAL."""
+
+    INTERVAL = 2.0  # s; a beat is one small atomic file write
+
+    def __init__(self, sweep_dir: Path, elapsed_before: float):
+        self.sweep_dir, self.elapsed_before = sweep_dir, elapsed_before
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def beat(self, force: bool = False, **changes: Any) -> None:
+        from sweep.folder import update_meta
+
+        if force or time.monotonic() - self.last >= self.INTERVAL:
+            self.last = time.monotonic()
+            update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
+
+    def callback(self) -> Any:
+        from ray.tune import Callback
+
+        heartbeat = self
+
+        class Beat(Callback):
+            def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+                heartbeat.beat()
+
+        return Beat()
+
+
+def describe_phases(phases: dict[str, float]) -> str:
+    """'a 1.2s, b 0.3s', in the order given: where a sweep's start-up went, for its log."""
+    return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# a new sweep, a resumed one
+
+
+def run_sweep(
+    cfg: SweepConfig, address: str | None = None, log: Log = print, sweep_dir: Path | None = None, command: str = "run", live: bool = False,
+) -> SweepResult:  # fmt: skip
+    """A new sweep: preflight, the workers planned, a new results folder, study and parent run, then
+    the trials. `command` (run, or train for one configuration: sweep.engine.single) is recorded in
+    sweep.json. `live`: stdout is a terminal, the sweep's progress is a bar drawn in place."""
+    from sweep.folder.checks import before_start, quote
+    from sweep.engine.recorder import SweepRun
+    from sweep.engine.study import create_study
+    from sweep.config.secrets import redact
+    from sweep.folder import release, update_meta, write_meta
+
+    clock = time.perf_counter()
+    before_start(cfg, address, Path(sweep_dir).resolve() if sweep_dir else None)  # folders writable, cluster reachable: before anything starts
+    prepared = preflight(cfg, log)  # before Ray: bad input stops here, with nothing started
+    phases = {"checks, tokenizer, model check, data": time.perf_counter() - clock}
+    mark = time.perf_counter()
+    started_ray = connect_ray(address, log)
+    phases["Ray attached" if address or os.environ.get("RAY_ADDRESS") else "Ray started"] = time.perf_counter() - mark
+    try:
+        mark = time.perf_counter()
+        plan = plan_workers_here(cfg, cfg.num_trials, log)
+        sweep_dir = new_sweep_dir(cfg, Path(sweep_dir).resolve() if sweep_dir else None)
+        (sweep_dir / "space.yaml").write_text(redact(cfg.source_text))
+        (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        mlflow_uri, storage = cfg.mlflow_uri, cfg.optuna_storage(sweep_dir)
+        sweep_run = SweepRun(cfg, sweep_dir, mlflow_uri)
+        study_name = cfg.name
+        meta = {
+            "name": cfg.name,
+            "space_file": str(cfg.source),
+            "overrides": [redact(o) for o in cfg.overrides],
+            "mlflow_uri": redact(cfg.tracking.mlflow_uri or mlflow_uri),
+            "experiment": cfg.experiment,
+            "parent_run_id": sweep_run.run_id,
+            "experiment_id": sweep_run.experiment_id,  # for the runs-table link of status / best / list
+            "optuna_storage": redact(cfg.tracking.optuna_storage or storage),
+            "study_name": study_name,
+            "metric": cfg.search.metric,
+            "data_dir": str(prepared.folder),
+            "num_trials": cfg.num_trials,
+            "concurrency": plan.concurrent,
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "elapsed_seconds": 0.0,
+            "state": "running",
+            "command": command,
+        }
+        create_study(cfg, storage, study_name)  # before sweep.json names it
+        write_meta(sweep_dir, meta)
+        log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
+        sweep = Sweep(cfg, sweep_dir, study_name, sweep_run, prepared, plan, [], cfg.num_trials, 0.0, log, live=live)
+        try:
+            sweep.setup()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
+            sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
+            update_meta(sweep_dir, state="stopped")
+            release(sweep_dir)  # setup claimed it
+            raise
+        phases["results folder, MLflow, study"] = time.perf_counter() - mark
+        log(f"start-up: {time.perf_counter() - clock:.1f}s before Ray Tune starts the workers ({describe_phases(phases)})")
+        sweep.run()
+        return sweep.finish()
+    finally:
+        if started_ray:
+            shutdown_ray()
+
+
+def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, live: bool = False) -> SweepResult:
+    """Finish a sweep whose driver died or was stopped: the same study (its whole history), the
+    same parent run; unfinished trials continue from their last checkpoint; finished ones never
+    run again; new trials fill the rest of the budget."""
+    from sweep.folder.checks import before_resume
+    from sweep.engine.recorder import SweepRun
+    from sweep.engine.study import Study
+    from sweep.folder import STOP, SweepFolder, claim, release
+    from trainable.cohort_worker import MemberTask, latest_checkpoint
+
+    folder = SweepFolder(sweep_dir)
+    sweep_dir, meta = folder.path, folder.meta
+    if meta.get("state") == "finished":
+        raise ConfigError(str(sweep_dir), [f"{sweep_dir.name}: finished already; nothing to resume"])
+    cfg = folder.config
+    before_resume(cfg, sweep_dir, folder.study_name, address)  # stores present, folders writable, cluster reachable
+    claim(sweep_dir)
+    try:
+        prepared = preflight(cfg, log)
+        study = Study(cfg, folder.optuna_storage, folder.study_name)
+        resume: list[Any] = []
+        finished = 0
+        for t in study.trials():
+            if ATTR_WARM_START in t.user_attrs:
+                continue
+            if t.state.name in ("RUNNING", "WAITING") and not t.params:
+                if t.state.name == "RUNNING":  # asked, never sampled: nothing ran, nothing to continue
+                    study.lost(t.number)
+                continue
+            if t.state.name == "RUNNING":
+                label = trial_label(t.number)
+                checkpoint = latest_checkpoint(sweep_dir / TRIALS_DIR / label)
+                resume.append(MemberTask(label=label, number=t.number, hyper=study.hyper(t), checkpoint=checkpoint, attempt=int(t.user_attrs.get(ATTR_ATTEMPT, 1))))
+            elif ATTR_WORKER in t.user_attrs:
+                finished += 1
+        budget = max(0, cfg.num_trials - finished - len(resume))
+        (sweep_dir / STOP).unlink(missing_ok=True)
+        continuing = ", ".join(f"{r.label} from {Path(r.checkpoint).name if r.checkpoint else 'the start'}" for r in resume)
+        log(f"resuming {sweep_dir.name}: {finished} trials finished; continuing {len(resume)} ({continuing or 'none'}); {budget} new to run")
+        started_ray = connect_ray(address, log)
+        try:
+            plan = plan_workers_here(cfg, budget + len(resume), log)
+            sweep_run = SweepRun.attach(folder.mlflow_uri, folder.parent_run_id)
+            repaired = sweep_run.close_ended(study.optuna())
+            if repaired:
+                log(f"MLflow: closed {', '.join(repaired)} as the study ended them (the driver was killed before it recorded their end)")
+            sweep = Sweep(cfg, sweep_dir, folder.study_name, sweep_run, prepared, plan, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log, live=live)
+            sweep.setup()
+            sweep.run()
+            return sweep.finish()
+        finally:
+            if started_ray:
+                shutdown_ray()
+    finally:
+        release(sweep_dir)
+
+
+class Sweep:
+    """One driver run of a sweep (a new sweep, or a resume), read top to bottom:
+
+        setup()    the stop file, the heartbeat, the warm start, the study and the recorder in a
+                   source the workers share (with the trials a resume continues), and the Tuner
+        run()      Tuner.fit until the workers are done, the time is up or a stop is requested;
+                   Ctrl-C / SIGTERM become a resumable stop (Interrupt)
+        finish()   read every trial back, close the parent run, print the summary; raises
+                   Interrupted after a signal
+    """
+
+    def __init__(
+        self, cfg: SweepConfig, sweep_dir: Path, study_name: str, sweep_run: Any, prepared: Any, plan: Any,
+        resume: list | None = None, budget: int | None = None, elapsed_before: float = 0.0, log: Log = print, live: bool = False,
+    ):  # fmt: skip
+        self.cfg, self.sweep_dir, self.study_name, self.sweep_run, self.prepared, self.plan = cfg, sweep_dir, study_name, sweep_run, prepared, plan
+        self.resume = list(resume or [])
+        self.budget = cfg.num_trials if budget is None else budget
+        self.elapsed_before, self.log, self.live = elapsed_before, log, live
+        self.progress: Any = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from sweep.engine.source import StudySource
+        from sweep.engine.study import Study
+        from sweep.folder import STOP, StopFile, claim
+
+        cfg, log = self.cfg, self.log
+        claim(self.sweep_dir)  # resume holds it already (claim is idempotent); a new run takes it here
+        self.stop = StopFile(self.sweep_dir / STOP)
+        self.heartbeat = Heartbeat(self.sweep_dir, self.elapsed_before)
+        self.heartbeat.beat(force=True, state="running")
+        self._describe()
+        study = Study(cfg, cfg.optuna_storage(self.sweep_dir), self.study_name)
+        self._warm_start(study.optuna())
+        recorder = self.sweep_run.recorder(cfg.fixed_hyperparams, extra_metrics=(MEMBER_SHARE,))
+        time_left = self.time_left
+        deadline = time.time() + time_left if time_left else None
+        self.source = StudySource(cfg, study, recorder, self.sweep_dir, self.budget, deadline=deadline, stop_file=self.stop.path, judge=self.plan.judge)
+        # the files the workers share: a fresh queue, holding the trials this driver continues
+        for old in (self.sweep_dir / WORK_DIR / "queue").glob("*.json"):
+            old.unlink(missing_ok=True)
+        (self.sweep_dir / WORK_DIR / "spent").unlink(missing_ok=True)
+        for task in self.resume:
+            self.source.enqueue(task, task.hyper.get("method", cfg.train.method))
+        _tune_environment()
+        self.tuner = self.make_tuner()
+
+    def _describe(self) -> None:
+        cfg, stats, plan = self.cfg, self.prepared.stats, self.plan
+        self.log(
+            f"data: {stats['train']['examples']} train examples -> {stats['train']['rows']} sequences "
+            f"({stats['train']['loss_tokens']} reply tokens), {stats['eval']['examples']} eval examples; "
+            f"template tokens: {', '.join(stats['template_tokens']) or 'none'}"
+        )
+        self.log(f"{cfg.num_trials} trials, up to {plan.concurrent} at a time; search {cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}; space {cfg.space.describe_size()}")
+        if cfg.algorithm_reason != "as configured":
+            self.log(f"search: {cfg.search.algorithm}: {cfg.algorithm_reason}")
+        self.log(plan.describe())
+        for note in plan.notes:
+            self.log(note)
+
+    def _warm_start(self, study: Any) -> None:
+        """search.warm_start: the previous sweep's trials enter the study once (not again on resume)."""
+        cfg = self.cfg
+        if cfg.search.warm_start and not any(ATTR_WARM_START in t.user_attrs for t in study.get_trials(deepcopy=False)):
+            from sweep.engine import warmstart
+
+            self.log(warmstart.apply(study, cfg, Path(cfg.search.warm_start)).describe())
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds of the time budget left to this driver run (None without a budget)."""
+        cfg = self.cfg
+        return max(1.0, cfg.search.time_budget - self.elapsed_before) if cfg.search.time_budget else None
+
+    def make_trainable(self) -> Any:
+        """What each worker runs and the resources it asks Ray for: the one place both are chosen."""
+        from ray import tune
+
+        from trainable.cohort_worker import tune_cohort_worker
+        from trainable.train import TrialSpec
+
+        cfg, plan = self.cfg, self.plan
+        base = TrialSpec(
+            model_id=cfg.model.id,
+            revision=cfg.model.revision,
+            data_dir=str(self.prepared.folder),
+            train=cfg.train.model_copy(update={"compile": plan.compile}),  # decided for the whole sweep (WorkerPlan)
+            threads=max(1, int(plan.cpus)),
+            embeddings=cfg.model.embeddings,
+            template_ids=tuple(self.prepared.stats["template_tokens"].values()),
+            max_seq_len=cfg.data.max_seq_len,
+            # a fixed fraction below one GPU caps each worker to it, as the memory estimates fill a whole one
+            gpu_share=plan.gpus if 0 < plan.gpus < 1 else None,
+            gpu_bytes=int(plan.gpu_bytes) if plan.gpu_bytes is not None and plan.judge is not None else None,
+            stop_file=self.stop.path,  # the worker reads the file itself: it checkpoints its members before stopping
+        )
+        worker = tune.with_parameters(tune_cohort_worker, base=base, source=self.source, capacity=self.plan.capacity, budget=self.plan.budget)
+        return tune.with_resources(worker, {"cpu": plan.cpus, "gpu": plan.gpus})
+
+    def make_tuner(self) -> Any:
+        from ray import tune
+        from ray.tune.schedulers import FIFOScheduler
+
+        from sweep.engine.progress import progress_callback
+        from sweep.engine.workers import orphans_callback, worker_list
+        from sweep.folder import next_tune_name
+
+        cfg = self.cfg
+        workers = worker_list(self.plan.configs, self.source.halt)
+        self.progress = progress_callback(cfg.search.metric, cfg.search.mode, self.log, total=self.budget + len(self.resume), time_budget=self.time_left, live=self.live)
+        callbacks = [orphans_callback(self.source, workers, cfg.search.max_retries, self.progress), self.progress, self.heartbeat.callback()]
+        return tune.Tuner(
+            self.make_trainable(),
+            tune_config=tune.TuneConfig(
+                search_alg=workers,
+                scheduler=FIFOScheduler(),  # Optuna's pruner judges the trials, inside the workers
+                num_samples=-1,  # the worker list says when it is done (workers that died are replaced)
+                max_concurrent_trials=len(self.plan.configs),
+                reuse_actors=False,
+                trial_dirname_creator=_worker_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=next_tune_name(self.sweep_dir),
+                storage_path=str(self.sweep_dir),
+                callbacks=callbacks,
+                # the workers read the STOP file and the deadline themselves and checkpoint every
+                # member before they end; a Tune stopper would end (kill) a worker while it does
+                stop=None,
+                verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0),  # a dead worker's members are retried (Orphans), not the worker
+            ),
+        )
+
+    # -- run ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from sweep.folder import release
+
+        self.started = time.monotonic()
+        self.interrupt = Interrupt(Path(self.stop.path), f"python -m sweep resume {shlex.quote(str(self.sweep_dir))}").install()
+        try:
+            self.tuner.fit()
+        except BaseException:
+            self.interrupt.restore()
+            if self.progress is not None:
+                self.progress.close()
+            self.sweep_run.finish({}, None, self.cfg.search.metric, status="KILLED")
+            self.heartbeat.beat(force=True, state="failed")
+            release(self.sweep_dir)
+            raise
+
+    # -- finish -------------------------------------------------------------------------------
+
+    def finish(self) -> SweepResult:
+        from sweep.folder.checks import quote
+        from sweep.engine.progress import table
+        from sweep.folder import mlflow_links, release, say_mlflow
+
+        cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
+        wrap_up()  # the trials have ended: a signal from here on waits for the sweep's end to be recorded
+        if self.progress is not None:
+            self.progress.close()  # the bar ends above the table
+        stopped = self.stop.requested()
+        study = self.source.study.optuna()
+        result = collect(cfg, study, self.sweep_run.children())
+        result.sweep_dir, result.parent_run_id = sweep_dir, self.sweep_run.run_id
+        result.failure = None if stopped or result.best is not None else nothing_completed(result, cfg, self.source.halt() == "time")
+        self.sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
+        self.heartbeat.beat(force=True, state="stopped" if stopped else "finished", experiment_id=self.sweep_run.experiment_id)
+        release(sweep_dir)
+        log("")
+        table(result.trials, cfg.search.metric, log)
+        log("")
+        counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
+        log(f"{len(result.trials)} trials ({time.monotonic() - self.started:.0f}s in this run): {counts}")
+        if cfg.multi_objective:
+            names = [m for m, _ in cfg.objectives]
+            log(f"Pareto set ({' / '.join(f'{m} {d}' for m, d in cfg.objectives)}): " + (", ".join(
+                f"{r['label']} (" + ", ".join(f"{r[m]:.4g}" for m in names) + ")" for r in result.pareto) or "none"))  # fmt: skip
+        if result.best:
+            b = result.best
+            log(f"best trial: {b['label']}  {cfg.search.metric} {b[cfg.search.metric]:.4f}  ({b['summary']})")
+        else:
+            log("best trial: none completed")
+        log(f"report: python -m sweep report {quote(sweep_dir)}    best adapter: python -m sweep best {quote(sweep_dir)} --export DIR")
+        interrupt = self.interrupt
+        interrupt.restore()
+        if interrupt.signum is not None:
+            log(f"interrupted ({Interrupted(interrupt.signum)}): running trials checkpointed and stopped; continue with:  {interrupt.resume}")
+            raise Interrupted(interrupt.signum, result)
+        if stopped:
+            log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
+        elif result.failure:
+            log(f"no trial completed: {result.failure}")
+        say_mlflow(mlflow_links(cfg.mlflow_uri, self.sweep_run.experiment_id), log)
+        return result
+
+
+def nothing_completed(result: SweepResult, cfg: SweepConfig, time_up: bool) -> str | None:
+    """Why no trial of the sweep completed (the command then exits 1), or None when one did."""
+    from core.contract import TrialStatus
+
+    if any(r["status"] == TrialStatus.COMPLETED for r in result.trials):
+        return None
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items())) or "no trial ran"
+    if time_up:
+        return f"{counts}; the time budget (search.time_budget: {cfg.search.time_budget:g}s) ended every trial before it completed: give it more time, or fewer max_steps"
+    errors = [f"{r['label']}: {r['error'].strip().splitlines()[-1][:300]}" for r in result.trials if r.get("error")]
+    return counts + (f"; first error: {errors[0]} (every trial's error is in MLflow and in the lines above)" if errors else "")
+
+
+def _worker_dirname(trial: Any) -> str:
+    """Tune's folder of a worker: `worker_<ray trial id>` (Tune's default name holds its config and the date)."""
+    return f"worker_{trial.trial_id}"
+
+
+def _tune_environment() -> None:
+    """Ray Tune settings of the driver process, set before the Tuner is built."""
+    # a worker's reports carry its trials' events, not the sweep's metric
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's own console reporter would print a banner and tables; the Progress callback says it.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Keeping one checkpoint per trial forces an experiment snapshot per report; that is cheap
+    # here (small state) and Tune's warning about it would drown the progress lines.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    state_log = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, _RenamedUnderSync) for f in state_log.filters):
+        state_log.addFilter(_RenamedUnderSync())
+
+
+class _RenamedUnderSync(logging.Filter):
+    """Drops one Ray Tune log record: a stop right as the workers start makes Tune snapshot its
+    experiment while it copies the previous snapshot, and a temporary file it renamed meanwhile is
+    logged as a failed save, with a traceback. Tune saves again at the end; nothing is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Saving experiment state") and isinstance(exc, FileNotFoundError) and "-tmp-" in str(exc))
+
