@@ -92,24 +92,6 @@ def finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def outcome(last_result: dict[str, Any] | None, errored: bool, stopped_by_scheduler: bool, objectives: tuple[str, ...] = ()) -> TrialStatus:
-    """How a trial ended: completed, pruned, stopped, oom, nan or failed.
-
-    The Optuna study, MLflow and the terminal all take a trial's status from here, so they agree
-    on it. A trial that finished without reporting one of the sweep's objectives (peak_vram_gb on
-    a CPU, say) cannot be ranked: failed.
-    """
-    if errored:
-        return TrialStatus.FAILED
-    result = last_result or {}
-    status = result.get(STATUS)
-    if status == TrialStatus.COMPLETED and any(not finite(result.get(m)) for m in objectives):
-        return TrialStatus.FAILED
-    if status in (TrialStatus.COMPLETED, TrialStatus.OOM, TrialStatus.NAN):
-        return TrialStatus(status)
-    return TrialStatus.PRUNED if stopped_by_scheduler else TrialStatus.STOPPED
-
-
 def missing_objectives(last_result: dict[str, Any] | None, objectives: tuple[str, ...]) -> str | None:
     """Why a finished trial cannot be ranked (an objective it never reported), or None."""
     missing = [m for m in objectives if not finite((last_result or {}).get(m))]

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "search_spaces" / "space.schema.json"
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "search_spaces" / "space.schema.json"
 MODELINE = "# yaml-language-server: $schema="  # + the schema's path relative to the space file
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SECTION_HELP = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from ray.tune import Callback
+
 from core.contract import ERROR, PEAK_RSS_GB, PEAK_VRAM_GB, STEP, TOKENS_PER_SEC, TrialStatus, finite
 
 
@@ -67,130 +69,127 @@ def progress_line(done: int, running: int, elapsed: float, total: int | None, ti
     return f"progress: {done}{of} trials finished, {running} running | elapsed {duration(elapsed)} | {text}"
 
 
-def progress_callback(metric: str, mode: str, log: Callable[[str], None], total: int | None = None, time_budget: float | None = None,
-                      live: bool = False, every: float = 60) -> Any:  # fmt: skip
-    from ray.tune import Callback
+class Progress(Callback):
+    """The trials' lines as the workers report them, a worker's own failure, and after each trial
+    ends (and every `every` seconds) a status line (running, ended by status, the best so far, GPU
+    memory) and the sweep's progress with an ETA: the sooner of the time budget's end and the trials
+    left at the pace so far. `live` (stdout is a terminal): a rich progress bar below the lines,
+    redrawn in place; otherwise a plain `progress:` line."""
 
-    class Progress(Callback):
-        """The trials' lines as the workers report them, a worker's own failure, and after each trial
-        ends (and every `every` seconds) a status line (running, ended by status, the best so far,
-        GPU memory) and the sweep's progress with an ETA: the sooner of the time budget's end and the
-        trials left at the pace so far. `live` (stdout is a terminal): a rich progress bar below the
-        lines, redrawn in place; otherwise a plain `progress:` line."""
+    def __init__(self, metric: str, mode: str, log: Callable[[str], None], total: int | None = None, time_budget: float | None = None,
+                 live: bool = False, every: float = 60):  # fmt: skip
+        self.metric, self.mode, self.log = metric, mode, log  # log: a function, not a stream (Tune pickles its callbacks)
+        self.total, self.time_budget, self.live, self.every = total, time_budget, live, every
+        self.start = time.monotonic()
+        self.last_status = self.start
+        self.running: set[str] = set()
+        self.ended: dict[str, int] = {}
+        self.best: float | None = None
+        self.best_label = ""
+        self._bar: Any = None
 
-        def __init__(self) -> None:
-            self.start = time.monotonic()
-            self.last_status = self.start
-            self.running: set[str] = set()
-            self.ended: dict[str, int] = {}
-            self.best: float | None = None
-            self.best_label = ""
-            self._bar: Any = None
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_bar": None}  # a live bar holds a thread
 
-        def __getstate__(self) -> dict[str, Any]:
-            return {**self.__dict__, "_bar": None}  # Tune pickles its callbacks; a live bar holds a thread
+    @property
+    def done(self) -> int:
+        return sum(self.ended.values())
 
-        @property
-        def done(self) -> int:
-            return sum(self.ended.values())
+    def say(self, text: str) -> None:
+        elapsed = int(time.monotonic() - self.start)
+        self.log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}")
 
-        def say(self, text: str) -> None:
-            elapsed = int(time.monotonic() - self.start)
-            log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}")
+    def progress_line(self) -> str:
+        return progress_line(self.done, len(self.running), time.monotonic() - self.start, self.total, self.time_budget)
 
-        def progress_line(self) -> str:
-            return progress_line(self.done, len(self.running), time.monotonic() - self.start, total, time_budget)
+    def status_line(self) -> str:
+        parts = [f"running {len(self.running)}"] + [f"{s} {n}" for s, n in sorted(self.ended.items())]
+        best = f"best {self.best_label} {self.metric} {self.best:.4f}" if self.best is not None else "best -"
+        return "status: " + ", ".join(parts) + f" | {best} | GPU memory {gpu_memory_in_use()}"
 
-        def status_line(self) -> str:
-            parts = [f"running {len(self.running)}"] + [f"{s} {n}" for s, n in sorted(self.ended.items())]
-            best = f"best {self.best_label} {metric} {self.best:.4f}" if self.best is not None else "best -"
-            return "status: " + ", ".join(parts) + f" | {best} | GPU memory {gpu_memory_in_use()}"
+    def _draw(self) -> None:
+        if not self.live:
+            self.say(self.progress_line())
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress as Bar, TextColumn
 
-        def _draw(self) -> None:
-            if not live:
-                self.say(self.progress_line())
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress as Bar, TextColumn
+        if self._bar is None:
+            self._bar = Bar(TextColumn("sweep"), BarColumn(), TextColumn("{task.fields[text]}"), console=Console(), transient=False)
+            self._task = self._bar.add_task("sweep", total=self.total or None, text="")
+            self._bar.start()
+        self._bar.update(self._task, completed=self.done, text=self.progress_line().removeprefix("progress: "))
 
-            if self._bar is None:
-                self._bar = Bar(TextColumn("sweep"), BarColumn(), TextColumn("{task.fields[text]}"), console=Console(), transient=False)
-                self._task = self._bar.add_task("sweep", total=total or None, text="")
-                self._bar.start()
-            self._bar.update(self._task, completed=self.done, text=self.progress_line().removeprefix("progress: "))
+    def close(self) -> None:
+        """Stop drawing the bar (the sweep ended, or failed); its last state stays on the screen."""
+        if self._bar is not None:
+            self._draw()
+            self._bar.stop()
+            self._bar = None
 
-        def close(self) -> None:
-            """Stop drawing the bar (the sweep ended, or failed); its last state stays on the screen."""
-            if self._bar is not None:
+    def _better(self, value: float) -> bool:
+        return self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+
+    def trial_ended(self, label: str, status: str, text: str | None = None) -> None:
+        """A trial's end: its line, then the status line and the sweep's progress."""
+        self.running.discard(label)
+        if text:
+            self.say(text)
+        self.ended[status] = self.ended.get(status, 0) + 1
+        self.say(self.status_line())
+        self._draw()
+        self.last_status = time.monotonic()
+
+    def _event(self, event: dict[str, Any]) -> None:
+        kind, label = event.get("event"), event.get("trial", "")
+        if kind == "start":
+            self.running.add(label)
+            self.say(event["text"])
+            if self.live:
                 self._draw()
-                self._bar.stop()
-                self._bar = None
-
-        def _better(self, value: float) -> bool:
-            return self.best is None or (value < self.best if mode == "min" else value > self.best)
-
-        def _event(self, event: dict[str, Any]) -> None:
-            kind, label = event.get("event"), event.get("trial", "")
-            if kind == "start":
-                self.running.add(label)
-                self.say(event["text"])
-                if live:
-                    self._draw()
-            elif kind == "end":
+        elif kind == "end":
+            status, metrics = str(event.get("status")), event.get("metrics") or {}
+            text = f"{label} {status:<10}"
+            value = metrics.get(self.metric)
+            if finite(value):
+                text += f" {self.metric} {value:.4f} at step {metrics.get(STEP)}"
+                if status == TrialStatus.COMPLETED and self._better(value):
+                    self.best, self.best_label = value, label
+                    text += "  (best so far)"
+            if metrics.get(ERROR):
+                text += f"  {metrics[ERROR]}"
+            self.trial_ended(label, status, text)
+        else:  # eval, shed, note, worker: as the worker wrote it
+            if kind == "shed":
                 self.running.discard(label)
-                status, metrics = str(event.get("status")), event.get("metrics") or {}
-                text = f"{label} {status:<10}"
-                value = metrics.get(metric)
-                if finite(value):
-                    text += f" {metric} {value:.4f} at step {metrics.get(STEP)}"
-                    if status == TrialStatus.COMPLETED and self._better(value):
-                        self.best, self.best_label = value, label
-                        text += "  (best so far)"
-                if metrics.get(ERROR):
-                    text += f"  {metrics[ERROR]}"
-                self.say(text)
-                self.ended[status] = self.ended.get(status, 0) + 1
-                self.say(self.status_line())
-                self._draw()
-                self.last_status = time.monotonic()
-            else:  # eval, shed, note, worker: as the worker wrote it
-                if kind == "shed":
-                    self.running.discard(label)
-                self.say(event["text"])
+            self.say(event["text"])
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.say(f"worker {trial.trial_id} start ({trial.config.get('method')})")
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.say(f"worker {trial.trial_id} start ({trial.config.get('method')})")
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            for event in result.get("events") or []:
-                self._event(event)
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        for event in result.get("events") or []:
+            self._event(event)
 
-        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if self.running and time.monotonic() - self.last_status > every:
-                self.last_status = time.monotonic()
-                self.say(self.status_line())
-                self._draw()
-            elif self._bar is not None:  # the bar's clock and ETA move between the lines
-                self._draw()
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.running and time.monotonic() - self.last_status > self.every:
+            self.last_status = time.monotonic()
+            self.say(self.status_line())
+            self._draw()
+        elif self._bar is not None:  # the bar's clock and ETA move between the lines
+            self._draw()
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            counts = (trial.last_result or {}).get("members") or {}
-            self.say(f"worker {trial.trial_id} done: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"))
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        counts = (trial.last_result or {}).get("members") or {}
+        self.say(f"worker {trial.trial_id} done: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"))
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            from sweep.engine.workers import error_text, last_line
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from sweep.engine.workers import error_text, last_line
 
-            self.say(f"worker {trial.trial_id} failed: {last_line(error_text(trial))[:300] or 'worker died'}")
+        self.say(f"worker {trial.trial_id} failed: {last_line(error_text(trial))[:300] or 'worker died'}")
 
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            self.close()
-
-        def trial_ended(self, label: str, status: str) -> None:
-            """A trial the driver ended itself (its worker died, or it was still queued at the end)."""
-            self.running.discard(label)
-            self.ended[status] = self.ended.get(status, 0) + 1
-
-    return Progress()
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()
 
 
 def table(rows: list[dict[str, Any]], metric: str, write: Callable[[str], None]) -> None:

@@ -21,7 +21,7 @@ import time
 
 INTERVAL = 1.0
 DONE = b"done\n"
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Reaper:

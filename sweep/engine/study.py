@@ -141,19 +141,29 @@ def create_study(cfg: Any, storage: str, study_name: str) -> None:
     points queued, the user's points_to_evaluate marked with their index (ATTR_USER_POINT) so that
     `twin_of` lets a point the user listed twice run twice. Sobol start-up points are not marked:
     one that repeats a configuration is skipped as any proposal is."""
-    import warnings
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["minimize" if mode == "min" else "maximize" for _, mode in cfg.objectives]
     study = optuna.create_study(study_name=study_name, storage=optuna.storages.RDBStorage(storage), directions=directions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # set_metric_names: experimental since Optuna 3.2
-        study.set_metric_names([m for m, _ in cfg.objectives])  # optuna-dashboard and dataframes say eval_loss, not "Objective 0"
+    name_objectives(study, [m for m, _ in cfg.objectives])
     users = len(cfg.study_points)
     for i, point in enumerate(startup_points(cfg)):
         study.enqueue_trial(point, user_attrs={ATTR_USER_POINT: i} if i < users else None)
+
+
+def name_objectives(study: Any, names: list[str]) -> None:
+    """Name the study's objectives (eval_loss, peak_vram_gb) so that optuna-dashboard and the
+    study's dataframes say them instead of "Objective 0"."""
+    import warnings
+
+    import optuna
+
+    if study.metric_names == names:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental since Optuna 3.2
+        study.set_metric_names(names)
 
 
 def tell(study: Any, trial: Any, value: Any = None, state: Any = None) -> None:

@@ -445,9 +445,11 @@ class Sweep:
             embeddings=cfg.model.embeddings,
             template_ids=tuple(self.prepared.stats["template_tokens"].values()),
             max_seq_len=cfg.data.max_seq_len,
-            # a fixed fraction below one GPU caps each worker to it, as the memory estimates fill a whole one
-            gpu_share=plan.gpus if 0 < plan.gpus < 1 else None,
-            gpu_bytes=int(plan.gpu_bytes) if plan.gpu_bytes is not None and plan.judge is not None else None,
+            # each worker is capped to its GPU share of the GPU size it was planned with (a fraction of a
+            # GPU, or resources.gpu_memory_gb below the device's): past it, its members run out of memory
+            # rather than take memory from the workers beside it
+            gpu_share=plan.gpus if plan.gpus > 0 else None,
+            gpu_bytes=int(plan.device_bytes) if plan.device_bytes is not None else None,
             stop_file=self.stop.path,  # the worker reads the file itself: it checkpoints its members before stopping
         )
         worker = tune.with_parameters(tune_cohort_worker, base=base, source=self.source, capacity=self.plan.capacity, budget=self.plan.budget)
@@ -457,13 +459,13 @@ class Sweep:
         from ray import tune
         from ray.tune.schedulers import FIFOScheduler
 
-        from sweep.engine.progress import progress_callback
+        from sweep.engine.progress import Progress
         from sweep.engine.workers import orphans_callback, worker_list
         from sweep.folder import next_tune_name
 
         cfg = self.cfg
         workers = worker_list(self.plan.configs, self.source.halt)
-        self.progress = progress_callback(cfg.search.metric, cfg.search.mode, self.log, total=self.budget + len(self.resume), time_budget=self.time_left, live=self.live)
+        self.progress = Progress(cfg.search.metric, cfg.search.mode, self.log, total=self.budget + len(self.resume), time_budget=self.time_left, live=self.live)
         callbacks = [orphans_callback(self.source, workers, cfg.search.max_retries, self.progress), self.progress, self.heartbeat.callback()]
         return tune.Tuner(
             self.make_trainable(),

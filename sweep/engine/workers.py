@@ -90,6 +90,7 @@ class WorkerPlan:
     cpus: float
     gpus: float  # per worker: 1 (auto placement: a whole GPU filled by the estimates), a share, or 0
     gpu_bytes: float | None  # the memory a worker fills (None: no GPU, no limit)
+    device_bytes: float | None  # one GPU's memory as planned (resources.gpu_memory_gb, or read); None: the device's own
     judge: Any = None  # core.estimate Placement.judge of one worker's GPU, or None
     budget: Any = None  # core.estimate.CohortBudget: which members fit beside each other
     compile: bool = False  # train.compile, decided for the sweep (core.rules.compile_layers)
@@ -161,6 +162,7 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
         per_worker = 0.0 if res.gpus_per_trial == "auto" else float(res.gpus_per_trial)
         if per_worker > 0 and res.gpu_memory_gb != "auto":
             memory = per_worker * res.gpu_memory_gb * GB
+    device = (memory / per_worker) if memory is not None and per_worker > 0 else None
     budget = CohortBudget(profile=profile, max_seq_len=cfg.data.max_seq_len, fixed=fixed, gpu_bytes=memory, margin=res.memory_margin,
                           attn=cfg.train.attn_implementation, embeddings=embeddings)  # fmt: skip
     fit = math.floor(cpus / cpt)
@@ -174,7 +176,7 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
     notes = ["model.embeddings: full trains the whole embedding matrix per trial: one trial per worker"] if embeddings == "full" and res.cohort != 1 else []
     compiled, why = rules.compile_layers(cfg.train.compile, gpus > 0 and (per_worker > 0 or res.gpus_per_trial == "auto"), train_flops(cfg, profile, trials, n))
     notes.append(f"train.compile: {'on' if compiled else 'off'} ({why})")
-    return WorkerPlan(configs, capacity, cpt, per_worker, memory, judge, budget, compiled, notes, trials)
+    return WorkerPlan(configs, capacity, cpt, per_worker, memory, device, judge, budget, compiled, notes, trials)
 
 
 def train_flops(cfg: Any, profile: Any, trials: int, workers: int) -> float:
@@ -262,7 +264,6 @@ def orphans_callback(source: StudySource, workers: Any, max_retries: int, progre
 
         def _close(self, task: Any, error: str) -> None:
             how = source.close(task, error)
-            progress.say(f"{task.label} {how}")
-            progress.trial_ended(task.label, how.split(" ", 1)[0].rstrip(":"))
+            progress.trial_ended(task.label, how.split(" ", 1)[0].rstrip(":"), f"{task.label} {how}")
 
     return Orphans()

@@ -122,7 +122,7 @@ def test_intact_stores_pass(tmp_path: Path) -> None:
 
 def test_a_deleted_study_is_reported_and_not_recreated(tmp_path: Path) -> None:
     from sweep.readback.results import open_sweep
-    from sweep.run import resume_sweep
+    from sweep.engine.sweep import resume_sweep
     from sweep.readback.status import sweep_status
 
     folder = sweep_folder(tmp_path)

@@ -1,5 +1,5 @@
-"""Cohort sweeps (issue 15): the worker loop with a fake cohort and a fake source, the source on a
-real Optuna study, the cohort memory estimate, and resources.cohort's validation."""
+"""The worker loop (trainable/cohort_worker.py) with a fake cohort and a fake source, and the cohort
+memory estimate it fills a GPU by. The source on a real study: tests/unit/test_engine.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 from core.schema import TrainSection
 from trainable.cohort_worker import MemberTask, WorkerSpec, latest_checkpoint, run_worker
-from trainable.train import FAULTS_ENV, TrialSpec
+from trainable.faults import FAULTS_ENV
+from trainable.train import TrialSpec
 
 TRAIN = TrainSection(max_steps=6, eval_every=2, log_every=1, lora_dropout=0.0, batch=(1, 1))
 
@@ -165,7 +166,7 @@ def work(tmp_path: Path, hypers: list[dict], capacity: int, halt: Any = None, bu
         return cohort
 
     spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=capacity, poll_seconds=0.01, budget=budget)
-    run_worker(spec, source, lines.extend, make_cohort=make)
+    run_worker(spec, source, lambda events: lines.extend(e["text"] for e in events), make_cohort=make)
     assert len(made) == 1  # the base is loaded once, whoever comes and goes
     return source, cohort, lines
 
@@ -341,224 +342,6 @@ def test_the_worker_turns_checkpointing_on_and_off_as_members_come_and_go(tmp_pa
     assert cohort.checkpointing_by_size[-1] == (2, False)  # once two have ended, the other two fit without
 
 
-# ----------------------------------------------------------------------------------------------
-# resources.cohort: validation, pruners, and the source on a real study
-
-
-BODY = """\
-name: c
-model: {id: tiny-gemma3, embeddings: EMB}
-data: {train: DEMO/train.jsonl, eval: DEMO/eval.jsonl, max_seq_len: 128}
-train: {max_steps: 4, eval_every: 2, log_every: 1}
-search: {num_trials: 3, seed: 0, scheduler: {type: asha, grace_period: 2, reduction_factor: 2}}
-resources: {cohort: COHORT}
-space:
-  lora_r: [4, 8]
-  method: [lora, qlora]
-"""
-
-
-def config(tmp_path: Path, embeddings: str = "frozen", cohort: str = "2") -> Any:
-    from sweep.config import load_config
-    from tests.conftest import write_space
-
-    return load_config(write_space(tmp_path, BODY.replace("EMB", embeddings).replace("COHORT", cohort)))
-
-
-def test_embeddings_that_cannot_share_are_refused(tmp_path: Path) -> None:
-    from sweep.config import ConfigError
-
-    with pytest.raises(ConfigError, match="model.embeddings: full with resources.cohort: 2"):
-        config(tmp_path, "full")
-    assert config(tmp_path, "full", cohort="off").resources.cohort == "off"
-    assert config(tmp_path, "new_tokens").resources.cohort == 2  # each member trains its own token rows
-
-
-def test_cuda_graphs_are_refused_with_cohorts_and_compile_alone_is_not(tmp_path: Path) -> None:
-    """A cohort's rows change shape as members come and go: each shape would record new graphs."""
-    from sweep.config import ConfigError, load_config
-    from tests.conftest import write_space
-
-    def with_train(train: str, cohort: str = "2") -> Any:
-        body = BODY.replace("EMB", "frozen").replace("COHORT", cohort).replace("log_every: 1}", f"log_every: 1, {train}}}")
-        return load_config(write_space(tmp_path, body))
-
-    with pytest.raises(ConfigError, match="train.cuda_graphs: true with resources.cohort: 2"):
-        with_train("compile: true, cuda_graphs: true, lora_dtype: bfloat16")
-    assert with_train("compile: true").train.compile is True
-    assert with_train("compile: true, cuda_graphs: true, lora_dtype: bfloat16", cohort="off").train.cuda_graphs is True
-
-
-def test_cohort_setting_values(tmp_path: Path) -> None:
-    from sweep.config import ConfigError
-
-    assert config(tmp_path, cohort="auto").resources.cohort == "auto"
-    assert config(tmp_path, cohort="off").resources.cohort == "off"
-    with pytest.raises(ConfigError, match="resources.cohort.*expected off, auto or a positive number"):
-        config(tmp_path, cohort="0")
-
-
-def test_pruners_follow_search_scheduler(tmp_path: Path) -> None:
-    import optuna
-
-    from sweep.cohorts import make_pruner, methods_of
-
-    cfg = config(tmp_path)
-    pruner = make_pruner(cfg)
-    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and pruner._min_resource == 2 and pruner._reduction_factor == 2
-    for kind, cls in (("hyperband", optuna.pruners.HyperbandPruner), ("median", optuna.pruners.MedianPruner), ("none", optuna.pruners.NopPruner)):
-        other = type(cfg)(**{**cfg.__dict__, "search": cfg.search.model_copy(update={"scheduler": cfg.search.scheduler.model_copy(update={"type": kind})})})
-        assert isinstance(make_pruner(other), cls)
-    assert methods_of(cfg) == ["lora", "qlora"]
-
-
-def test_study_source_asks_prunes_and_tells(tmp_path: Path) -> None:
-    import pickle
-
-    import optuna
-
-    from sweep.cohorts import StudySource
-
-    cfg = config(tmp_path)
-    storage = cfg.optuna_storage(tmp_path)
-    optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
-    source = pickle.loads(pickle.dumps(StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=3)))
-    tasks = []
-    for _ in range(6):
-        task = source.take("w0", "lora", len(tasks))
-        if task is not None:
-            tasks.append(task)
-    assert all(t.hyper["method"] == "lora" for t in tasks)  # a qlora sample waits in the queue for a qlora worker
-    while (task := source.take("w1", "qlora", 0)) is not None:
-        assert task.hyper["method"] == "qlora"
-        tasks.append(task)
-    assert len(tasks) == 3 and source.exhausted("lora") and source.exhausted("qlora")
-    assert len({tuple(sorted(t.hyper.items())) for t in tasks}) == 3  # 3 of the space's 4 points, none twice
-    study = optuna.load_study(study_name=cfg.name, storage=storage)
-    launched = [t for t in study.trials if t.number in {task.number for task in tasks}]
-    assert {t.user_attrs["ray_trial_id"] for t in launched} <= {"w0", "w1"} and all(t.user_attrs["cohort"] for t in launched)
-    # proposals the sampler repeated in between: closed, never handed out (sweep.study.twin_of)
-    assert all((t.state.name, t.user_attrs["trial_status"]) == ("FAIL", "duplicate") for t in study.trials if t not in launched)
-    first, second, third = sorted(tasks, key=lambda t: t.number)
-    assert source.report(first, {"step": 2, "eval_loss": 1.0, "trial_status": "running"}) is False  # the first at a rung is promoted
-    assert source.report(second, {"step": 2, "eval_loss": 2.0, "trial_status": "running"}) is True  # worse than it: pruned (asha)
-    source.end(second, {"step": 2, "eval_loss": 2.0, "trial_status": "pruned"})
-    source.end(first, {"step": 4, "eval_loss": 0.5, "trial_status": "completed"})
-    source.end(third, {"step": 1, "trial_status": "nan", "error": "train loss is nan"})
-    states = {t.number: (t.state.name, t.user_attrs["trial_status"]) for t in optuna.load_study(study_name=cfg.name, storage=storage).trials if t.number in (first.number, second.number, third.number)}
-    assert states == {first.number: ("COMPLETE", "completed"), second.number: ("PRUNED", "pruned"), third.number: ("FAIL", "nan")}
-    assert optuna.load_study(study_name=cfg.name, storage=storage).trials[second.number].intermediate_values == {2: 2.0}
-
-
-def test_study_source_never_hands_out_a_configuration_twice(tmp_path: Path) -> None:
-    """6 trials asked of a 4-point space: the 4 points, each once; then nothing more."""
-    import optuna
-
-    from sweep.cohorts import StudySource
-
-    cfg = config(tmp_path)
-    cfg = type(cfg)(**{**cfg.__dict__, "search": cfg.search.model_copy(update={"num_trials": 6})})
-    optuna.create_study(study_name=cfg.name, storage=cfg.optuna_storage(tmp_path), direction="minimize")
-    source = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=6)
-    tasks = []
-    for _ in range(12):
-        for worker, method in (("w0", "lora"), ("w1", "qlora")):
-            if (task := source.take(worker, method, 0)) is not None:
-                tasks.append(task)
-    assert sorted((t.hyper["lora_r"], t.hyper["method"]) for t in tasks) == [(4, "lora"), (4, "qlora"), (8, "lora"), (8, "qlora")]
-
-
-class FakeClient:
-    """MlflowClient's calls a StudySource makes for members with no run yet."""
-
-    def search_runs(self, *args: Any, **kwargs: Any) -> list:
-        return []
-
-
-def test_study_source_stop_and_time_budget_end_members_as_lone_trials_end(tmp_path: Path) -> None:
-    """Stopped (STOP file): the trial stays RUNNING for `resume`; at the time budget: PRUNED with
-    trial_status stopped (as a lone trial ended by the budget); once halted nothing is handed out."""
-    import optuna
-
-    from sweep.cohorts import StudySource
-
-    cfg = config(tmp_path)
-    storage = cfg.optuna_storage(tmp_path)
-    optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
-    stop_file = tmp_path / "STOP"
-    source = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=3, stop_file=str(stop_file))
-    source._client = FakeClient()
-    first, second = source.take("w0", "lora", 0), None
-    while second is None:
-        second = source.take("w0", "lora", 1) or source.take("w1", "qlora", 0)
-    stop_file.write_text("SIGINT")
-    assert source.halt() == "stop" and source.take("w0", "lora", 0) is None and source.take("w0", "qlora", 0) is None
-    source.end(first, {"step": 3, "trial_status": "stopped"})
-    stop_file.unlink()
-    source.deadline = 0.0  # long past
-    assert source.halt() == "time" and source.take("w0", "lora", 0) is None
-    source.end(second, {"step": 3, "trial_status": "stopped"})
-    trials = {t.number: t for t in optuna.load_study(study_name=cfg.name, storage=storage).trials}
-    assert trials[first.number].state.name == "RUNNING" and "trial_status" not in trials[first.number].user_attrs
-    assert (trials[second.number].state.name, trials[second.number].user_attrs["trial_status"]) == ("PRUNED", "stopped")
-
-
-def test_study_source_finds_a_dead_workers_members_and_queues_them_again(tmp_path: Path) -> None:
-    import optuna
-
-    from sweep.cohorts import StudySource
-
-    cfg = config(tmp_path)
-    storage = cfg.optuna_storage(tmp_path)
-    optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
-    worker = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=2)
-    held = [worker.take("w0", "lora", n) or worker.take("w0", "qlora", 0) for n in range(2)]
-    saved = tmp_path / "cohorts" / "members" / held[0].label / "step-000004"
-    saved.mkdir(parents=True)
-    (saved / "member.json").write_text("{}")
-    driver = StudySource(cfg, tmp_path, cfg.name, "0", "parent", budget=0)  # the driver's own, after the worker died
-    driver._client = FakeClient()
-    orphans = sorted(driver.orphans("w0"), key=lambda t: t.number)
-    assert [(t.label, t.hyper, t.attempt) for t in orphans] == [(h.label, h.hyper, 1) for h in held]
-    assert orphans[0].checkpoint == str(saved) and orphans[1].checkpoint is None and driver.orphans("w9") == []
-    driver.retry(orphans[0], "cohort worker w0 died")
-    assert [t.label for t in driver.orphans("w0")] == [held[1].label]  # queued: not an orphan any more
-    queued = driver.queued()
-    assert [(t.label, t.checkpoint, t.attempt) for t in queued] == [(held[0].label, str(saved), 2)] and driver.queued() == []
-
-
-def test_cohort_workers_spread_over_every_gpu() -> None:
-    """auto on GPUs: a worker per GPU, each holding its share of the trials at once (one worker
-    holding all 16 left the second GPU idle); a number keeps its meaning; each method one worker."""
-    from sweep.cohorts import COHORT_AUTO_GPU_LIMIT, plan_workers
-
-    assert plan_workers("auto", True, fit=2, trials=16, max_concurrent="auto", methods=1) == (2, 8)
-    assert plan_workers("auto", True, fit=1, trials=16, max_concurrent="auto", methods=1) == (1, 16)
-    assert plan_workers("auto", True, fit=8, trials=3, max_concurrent="auto", methods=1) == (3, 1)
-    assert plan_workers("auto", True, fit=1, trials=500, max_concurrent="auto", methods=1) == (1, COHORT_AUTO_GPU_LIMIT)
-    assert plan_workers(4, True, fit=4, trials=16, max_concurrent="auto", methods=1) == (4, 4)
-    assert plan_workers(4, False, fit=8, trials=16, max_concurrent=8, methods=1) == (2, 4)
-    assert plan_workers("auto", False, fit=1, trials=16, max_concurrent="auto", methods=2) == (2, 4)
-
-
-def test_cohort_sweeps_print_progress_and_an_eta() -> None:
-    """The driver's cohort progress: after each member's end, how many finished of how many and an ETA."""
-    from types import SimpleNamespace
-
-    from sweep.cohorts import _progress
-
-    lines: list[str] = []
-    progress = _progress(lines.append, total=4, time_budget=3600)
-    worker = SimpleNamespace(trial_id="w0", config={"method": "lora"})
-    events = ["t000 start      in cohort w0 (1 of 2) from the start", "t001 start      in cohort w0 (2 of 2) from the start"]
-    progress.on_trial_result(0, [], worker, {"events": events})
-    assert not any("progress:" in line for line in lines)
-    progress.on_trial_result(1, [], worker, {"events": ["t000 step    2/2  eval_loss 1.0", "t000 completed   eval_loss 1.0000 at step 2"]})
-    assert "progress: 1/4 trials finished, 1 running" in lines[-1] and "ETA" in lines[-1], lines
-    progress.on_trial_result(2, [], worker, {"events": ["t001 pruned     eval_loss 2.0000 at step 1"]})
-    assert "progress: 2/4 trials finished, 0 running" in lines[-1] and "trials left at the pace so far" in lines[-1], lines[-1]
-
-
 def test_members_that_do_not_fit_one_forward_train_in_passes_not_checkpointed() -> None:
     """When the members' rows do not fit one forward without checkpointing but passes of at least
     rules.COHORT_PASS_MIN_TOKENS do, the cohort trains in passes without checkpointing (no
@@ -594,30 +377,3 @@ def test_the_worker_splits_micro_steps_into_passes_as_members_come_and_go(tmp_pa
     passes = dict(cohort.passes_by_size)
     assert passes[2] is None and passes[4] is not None and 2 * 8192 <= passes[4] < 3 * 8192, cohort.passes_by_size
     assert cohort.passes_by_size[-1] == (2, None) and not any(on for _, on in cohort.checkpointing_by_size)
-
-
-def test_workers_ask_the_study_one_at_a_time(tmp_path: Path) -> None:
-    """Two workers' study.ask() at once could both pop the same enqueued trial (sqlite; CI saw
-    t000 start in two cohorts): StudySource._asking holds a lock shared through the sweep folder."""
-    import fcntl
-    import threading
-
-    from sweep.cohorts import StudySource
-
-    source = StudySource.__new__(StudySource)  # only the folder matters here
-    source.root = tmp_path / "cohorts"
-    source.root.mkdir()
-    entered = threading.Event()
-    with open(source.root / "ask.lock", "a") as other:  # another worker is asking
-        fcntl.flock(other, fcntl.LOCK_EX)
-
-        def ask() -> None:
-            with source._asking():
-                entered.set()
-
-        thread = threading.Thread(target=ask)
-        thread.start()
-        assert not entered.wait(0.5)  # waits while the other asks
-        fcntl.flock(other, fcntl.LOCK_UN)
-    assert entered.wait(5)  # then asks
-    thread.join(5)

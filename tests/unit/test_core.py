@@ -8,7 +8,7 @@ import math
 import pytest
 
 from core import contract, rules
-from core.contract import TrialStatus, missing_objectives, outcome
+from core.contract import TrialStatus, missing_objectives
 from core.estimate import (
     CONTEXT_BYTES,
     GB,
@@ -36,17 +36,9 @@ def test_statuses_are_the_strings_mlflow_and_the_study_hold() -> None:
     assert TrialStatus("retrying") is TrialStatus.RETRYING
 
 
-def test_outcome_decides_from_the_last_report() -> None:
+def test_an_unreported_objective_is_named() -> None:
     done = {contract.STATUS: "completed", contract.EVAL_LOSS: 1.0}
-    assert outcome(done, False, False) is TrialStatus.COMPLETED
-    assert outcome(done, False, True) is TrialStatus.COMPLETED  # ASHA's stop at max_t of a finished trial
-    assert outcome(done, True, False) is TrialStatus.FAILED
-    assert outcome({contract.STATUS: "running"}, False, True) is TrialStatus.PRUNED
-    assert outcome({contract.STATUS: "running"}, False, False) is TrialStatus.STOPPED
-    assert outcome(None, False, False) is TrialStatus.STOPPED
-    assert outcome({contract.STATUS: "oom"}, False, True) is TrialStatus.OOM
     # an objective the trial never reported (peak_vram_gb on a CPU) makes it unrankable
-    assert outcome(done, False, False, (contract.EVAL_LOSS, contract.PEAK_VRAM_GB)) is TrialStatus.FAILED
     assert "peak_vram_gb" in missing_objectives(done, (contract.EVAL_LOSS, contract.PEAK_VRAM_GB))
     assert missing_objectives(done, (contract.EVAL_LOSS,)) is None
 

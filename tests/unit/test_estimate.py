@@ -117,7 +117,7 @@ def test_a_trial_caps_its_memory_to_its_share_of_the_planned_gpu(monkeypatch: py
     trial a quarter of it at most."""
     from types import SimpleNamespace
 
-    from sweep.placement import CONTEXT_BYTES
+    from core.estimate import CONTEXT_BYTES
     from trainable.train import cap_memory
 
     device = 140 * GB

@@ -29,7 +29,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     import optuna
     from mlflow import MlflowClient
 
-    from sweep.study import DefineByRun
+    from sweep.engine.study import DefineByRun
 
     base = tmp_path_factory.mktemp("morning")
     space = write_space(base, MINIMAL)
@@ -244,7 +244,7 @@ def test_the_console_script_is_the_cli() -> None:
 def test_the_study_names_its_objectives() -> None:
     import optuna
 
-    from sweep.study import name_objectives
+    from sweep.engine.study import name_objectives
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     with warnings.catch_warnings():
@@ -257,12 +257,11 @@ def test_the_study_names_its_objectives() -> None:
     assert list(study.trials_dataframe(multi_index=True)["values"].keys()) == [EVAL_LOSS, PEAK_VRAM_GB]
 
 
-def test_the_searcher_names_the_study_objectives(tmp_path: Path) -> None:
-    """Where the study is created (the searcher): optuna-dashboard says eval_loss, not Objective 0."""
+def test_the_new_study_names_its_objectives(tmp_path: Path) -> None:
+    """Where the study is created: optuna-dashboard says eval_loss, not Objective 0."""
     import optuna
 
-    from sweep.study import SweepSearch
-    from sweep.trials import Ledger
+    from sweep.engine.study import create_study
 
     for body, names in ((MINIMAL, [EVAL_LOSS]), (MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 2, objectives: [{eval_loss: min}, {peak_vram_gb: min}]}"), [EVAL_LOSS, PEAK_VRAM_GB])):
         folder = tmp_path / str(len(names))
@@ -271,6 +270,6 @@ def test_the_searcher_names_the_study_objectives(tmp_path: Path) -> None:
         storage = f"sqlite:///{folder / 'optuna.db'}"
         with warnings.catch_warnings():
             warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
-            SweepSearch(cfg, storage, Ledger())
+            create_study(cfg, storage, cfg.name)
         assert optuna.load_study(study_name="t", storage=storage).metric_names == names
         assert sqlite3.connect(folder / "optuna.db").execute("SELECT count(*) FROM studies").fetchone() == (1,)

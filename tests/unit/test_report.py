@@ -33,7 +33,7 @@ def build_sweep(base: Path, body: str, statuses: list[str], name: str = "r") -> 
     import optuna
     from mlflow import MlflowClient
 
-    from sweep.study import DefineByRun
+    from sweep.engine.study import DefineByRun
 
     space = write_space(base, body.replace("name: t", f"name: {name}"))
     cfg = load_config(space)
@@ -218,68 +218,83 @@ def test_read_only_commands_print_no_progress_bars_or_future_warnings(finished: 
             assert "FutureWarning" not in stream and not BAR.search(stream), (args, stream[-2000:])
 
 
-def _trial(trial_id: str, loss: float = 1.0) -> object:
+def _worker(events: list[dict]) -> tuple:
+    """(a worker's Tune trial, its report carrying `events`), as the Progress callback receives them."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(trial_id=trial_id, config={"lora_r": 8}, last_result={"step": 4, "trial_status": "completed", EVAL_LOSS: loss})
+    return SimpleNamespace(trial_id="w1", config={"method": "lora"}, last_result={}), {"events": events}
+
+
+def _start(label: str) -> dict:
+    return {"event": "start", "trial": label, "text": f"{label} start      lora r8  (worker w1, 1 of 2, from the start)"}
+
+
+def _end(label: str, loss: float = 1.0) -> dict:
+    return {"event": "end", "trial": label, "text": f"{label} completed", "status": "completed", "metrics": {"step": 4, "trial_status": "completed", EVAL_LOSS: loss}}
 
 
 def _progress(monkeypatch: pytest.MonkeyPatch, **kw: object) -> tuple:
-    from sweep import progress
-    from sweep.trials import Ledger
+    from sweep.engine import progress
 
     clock = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(progress, "gpu_memory_in_use", lambda: "-")
     lines: list[str] = []
-    return progress.Progress(EVAL_LOSS, "min", 4, Ledger(), {}, lines.append, **kw), lines, clock
+    return progress.Progress(EVAL_LOSS, "min", lines.append, **kw), lines, clock
+
+
+def _send(p: object, *events: dict) -> None:
+    trial, result = _worker(list(events))
+    p.on_trial_result(0, [], trial, result)
 
 
 def test_run_prints_progress_and_an_eta_from_the_trials_left(monkeypatch: pytest.MonkeyPatch) -> None:
     p, lines, clock = _progress(monkeypatch, total=4)
-    p.on_trial_start(0, [], _trial("a"))
-    p.on_trial_start(0, [], _trial("b"))
-    assert lines[-1] == "[00:00] b start      r8"  # the per-trial lines keep their format
+    _send(p, _start("t000"), _start("t001"))
+    assert lines[-1] == "[00:00] t001 start      lora r8  (worker w1, 1 of 2, from the start)"  # as the worker words it
     clock[0] += 120
-    p.on_trial_complete(0, [], _trial("a", 1.5))
-    assert lines[-3] == "[02:00] a completed  eval_loss 1.5000 at step 4  (best so far)"
-    assert lines[-2] == "[02:00] status: running 1, completed 1 | best a eval_loss 1.5000 | GPU memory -"
+    _send(p, _end("t000", 1.5))
+    assert lines[-3] == "[02:00] t000 completed  eval_loss 1.5000 at step 4  (best so far)"
+    assert lines[-2] == "[02:00] status: running 1, completed 1 | best t000 eval_loss 1.5000 | GPU memory -"
     assert lines[-1] == "[02:00] progress: 1/4 trials finished, 1 running | elapsed 2m00s | ETA 6m00s (trials left at the pace so far)"
     clock[0] += 61
     p.on_step_end(0, [])  # the periodic lines: status, then progress
     assert lines[-1] == "[03:01] progress: 1/4 trials finished, 1 running | elapsed 3m01s | ETA 9m03s (trials left at the pace so far)"
+    _send(p, _end("t001", 2.0))
+    assert lines[-3] == "[03:01] t001 completed  eval_loss 2.0000 at step 4"  # not the best
 
 
 def test_the_eta_is_the_sooner_of_the_time_budget_and_the_trials_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweep.engine.progress import eta
+
     p, lines, clock = _progress(monkeypatch, total=10, time_budget=600)
-    p.on_trial_start(0, [], _trial("a"))
+    _send(p, _start("t000"))
     p.on_step_end(0, [])
-    assert p.eta() == (600, "time budget")
+    assert eta(0, 0.0, 10, 600) == (600, "time budget")
     clock[0] += 100
-    p.on_trial_complete(0, [], _trial("a"))
+    _send(p, _end("t000"))
     assert lines[-1].endswith("| ETA 8m20s (time budget)")  # 9 trials at 100 s each would take longer
     q, _, _ = _progress(monkeypatch)
-    assert q.eta() is None and q.progress_line() == "progress: 0 trials finished, 0 running | elapsed 0s | ETA after the first trial ends"
+    assert q.progress_line() == "progress: 0 trials finished, 0 running | elapsed 0s | ETA after the first trial ends"
 
 
 def test_on_a_terminal_the_progress_is_a_rich_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import pickle
 
+    import rich.console
     from rich.console import Console
 
-    from sweep import progress
-
     screen = io.StringIO()
-    monkeypatch.setattr(progress, "_console", lambda: Console(file=screen, force_terminal=True, width=150))
+    monkeypatch.setattr(rich.console, "Console", lambda: Console(file=screen, force_terminal=True, width=150))
     p, lines, clock = _progress(monkeypatch, total=2, live=True)
-    p.on_trial_start(0, [], _trial("a"))
+    _send(p, _start("t000"))
     pickle.dumps(p)  # Tune pickles its callbacks: the live bar is left out
     clock[0] += 30
-    p.on_trial_complete(0, [], _trial("a"))
+    _send(p, _end("t000"))
     p.on_experiment_end([])
     assert p._bar is None
     drawn = screen.getvalue()
     assert "1/2 trials finished" in drawn and "ETA 30s (trials left at the pace so far)" in drawn and "━" in drawn
     assert not any(line.startswith("[00:30] progress:") for line in lines)  # the bar says it; the trial lines stay
-    assert "[00:30] a completed  eval_loss 1.0000 at step 4  (best so far)" in lines
+    assert "[00:30] t000 completed  eval_loss 1.0000 at step 4  (best so far)" in lines

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sweep.config import ConfigError, load_config
-from sweep.run import new_sweep_dir, preflight
+from sweep.engine.sweep import new_sweep_dir, preflight
 from sweep.config.secrets import redact
 from tests.conftest import MINIMAL, write_space
 from trainable.tiny import ensure_tiny
@@ -77,7 +77,7 @@ def test_a_password_from_the_environment_may_hold_any_character(monkeypatch: pyt
 def test_an_installed_copy_reports_the_commit_it_was_built_from(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import subprocess
 
-    from sweep import tracking
+    from sweep.engine import recorder as tracking
 
     monkeypatch.setenv("LORA_SWEEP_GIT_COMMIT", "abc123")
     monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repository"))

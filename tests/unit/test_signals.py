@@ -131,10 +131,10 @@ def test_a_signal_that_waited_for_the_wrap_up_sets_the_exit_code(handlers: None,
 
 def test_tunes_save_race_on_an_early_stop_is_not_logged_but_other_save_failures_are() -> None:
     """A stop right as the trials start: Tune logs a temporary snapshot file renamed under its
-    sync as a failed save (with a traceback), then saves again; sweep.run filters that one only."""
+    sync as a failed save (with a traceback), then saves again; sweep.engine.sweep filters that one only."""
     import logging
 
-    from sweep.run import _tune_environment
+    from sweep.engine.sweep import _tune_environment
 
     _tune_environment()
     log = logging.getLogger("ray.tune.execution.experiment_state")

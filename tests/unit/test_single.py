@@ -41,7 +41,7 @@ def test_overrides_pin_the_searched_dimensions_and_the_search_is_one_trial(tmp_p
     assert dims["lora_r"] == Choice("lora_r", (8,)) and dims["lora_alpha"] == Choice("lora_alpha", (32.0,))
     assert dims["learning_rate"] == Choice("learning_rate", (2e-4,)) and dims["batch"] == Choice("batch", ((2, 1),))
     assert cfg.train.max_steps == 6  # not searched: an ordinary override
-    assert (cfg.search.algorithm, cfg.num_trials, cfg.search.scheduler.type, cfg.search.max_concurrent, cfg.resources.cohort) == ("random", 1, "none", 1, "off")
+    assert (cfg.search.algorithm, cfg.num_trials, cfg.search.scheduler.type, cfg.search.max_concurrent, cfg.resources.cohort) == ("random", 1, "none", 1, 1)
     assert "space.lora_r=[8]" in cfg.overrides and "train.lora_r=8" not in cfg.overrides  # what sweep.json records
     timed = write_space(tmp_path, SEARCHED.replace("search: {num_trials: 2}", "search: {num_trials: 2, time_budget: 1h}"), "timed.yaml")
     pins = ["train.lora_r=8", "train.lora_alpha=32", "train.learning_rate=2.0e-4", "train.batch=[2, 1]"]

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from sweep.config import load_config
-from sweep.study import DefineByRun, make_sampler, tell
+from sweep.engine.study import DefineByRun, make_sampler, tell
 from tests.conftest import MINIMAL, write_space
 
 SPACE = """\

@@ -32,7 +32,7 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import optuna
 
     from core.contract import STATUS, TrialStatus
-    from sweep.study import DefineByRun, name_objectives
+    from sweep.engine.study import DefineByRun, name_objectives
 
     base = tmp_path_factory.mktemp("watch")
     body = MINIMAL.replace("max_steps: 4", "max_steps: 8") + "tracking: {mlflow_uri: 'http://127.0.0.1:9', experiment: t}\n"
@@ -59,11 +59,11 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
         elif number == 1:
             trial.set_user_attr(STATUS, str(TrialStatus.PRUNED))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    trial_dir = folder / "tune" / "t002_cccc2222"
+    trial_dir = folder / "trials" / "t002"  # what its worker writes at each evaluation
     trial_dir.mkdir(parents=True)
-    reports = [{"step": 2, "eval_loss": 2.8, "tokens_per_sec": 1000.0, "peak_rss_gb": 0.5, "time_total_s": 10.0, "config": {"lora_r": 4}},
-               {"step": 4, "eval_loss": 2.6, "tokens_per_sec": 1234.0, "peak_rss_gb": 0.75, "time_total_s": 14.0, "config": {"lora_r": 4}}]  # fmt: skip
-    (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reports))
+    reports = [{"step": 2, "eval_loss": 2.8, "tokens_per_sec": 1000.0, "peak_rss_gb": 0.5, "trial_status": "running", "time": 1_700_000_010.0},
+               {"step": 4, "eval_loss": 2.6, "tokens_per_sec": 1234.0, "peak_rss_gb": 0.75, "trial_status": "running", "time": 1_700_000_014.0}]  # fmt: skip
+    (trial_dir / "reports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
     meta = {"name": "t", "space_file": str(space), "overrides": [], "mlflow_uri": "http://127.0.0.1:9", "experiment": "t", "experiment_id": "1",
             "parent_run_id": "p", "optuna_storage": storage, "study_name": "t", "metric": "eval_loss", "num_trials": 4, "concurrency": 1,
             "started": "2026-01-01T00:00:00", "elapsed_seconds": 60.0, "state": "stopped"}  # fmt: skip
@@ -78,7 +78,7 @@ def test_status_reads_the_study_and_the_trial_folders(stopped: Path, capsys: pyt
     assert info["best"] == {"trial": "t000", "value": 2.0}
     t000, t001, t002 = info["trials"]
     assert (t000["status"], t000["step"], t000["eval_loss"]) == ("completed", 8, 2.0)
-    assert (t001["status"], t001["step"], t001["eval_loss"], t001["tokens_per_sec"]) == ("pruned", 2, 2.9, None)  # no Tune folder: the study's last eval
+    assert (t001["status"], t001["step"], t001["eval_loss"], t001["tokens_per_sec"]) == ("pruned", 2, 2.9, None)  # no reports of its own: the study's last eval
     assert (t002["status"], t002["step"], t002["max_steps"], t002["eval_loss"], t002["tokens_per_sec"], t002["peak_rss_gb"]) == ("stopped", 4, 8, 2.6, 1234.0, 0.75)
     assert t002["eta_seconds"] is None and t002["config"].startswith("lora r")
 

@@ -1,4 +1,5 @@
-"""The sweep's Optuna study across driver runs: a resumed sweep never re-proposes what ran."""
+"""The sweep's Optuna study (sweep.engine.study): what it proposes, across driver runs and workers,
+and how a trial's end reaches it."""
 
 from __future__ import annotations
 
@@ -7,20 +8,32 @@ from pathlib import Path
 
 import pytest
 
+from core.contract import TrialStatus
 from sweep.config import load_config
-from sweep.study import SPENT_AFTER_DUPLICATES, SweepSearch, twin_of
-from sweep.trials import Ledger
+from sweep.engine.study import SPENT_AFTER_DUPLICATES, Spent, Study, create_study, twin_of
 from tests.conftest import MINIMAL, write_space
 
 SPACE = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 6, seed: 0, algorithm: ALGO, n_startup_trials: 5}") + "  learning_rate: {loguniform: [1.0e-5, 1.0e-2]}\n"
 
 
-def run_trials(search: SweepSearch, ids: list[str]) -> list[dict]:
-    """What the searcher proposes for these Ray trials, each then completed."""
+def opened(cfg, storage: str, stream: str = "") -> Study:
+    """The sweep's study as a driver (or a worker named `stream`) opens it; made first if new."""
+    import optuna
+
+    try:
+        optuna.load_study(study_name=cfg.name, storage=storage)
+    except KeyError:
+        create_study(cfg, storage, cfg.name)
+    return Study(cfg, storage, cfg.name, stream)
+
+
+def run_trials(study: Study, n: int) -> list[dict]:
+    """What the study proposes for `n` trials, each then completed."""
     configs = []
-    for i, trial_id in enumerate(ids):
-        configs.append(search.suggest(trial_id))
-        search.on_trial_complete(trial_id, {"step": 4, "trial_status": "completed", "eval_loss": 1.0 + i})
+    for i in range(n):
+        proposal = study.propose()
+        configs.append(proposal.hyper)
+        study.end(proposal.number, TrialStatus.COMPLETED, [1.0 + i])
     return configs
 
 
@@ -28,16 +41,16 @@ def run_trials(search: SweepSearch, ids: list[str]) -> list[dict]:
 def test_a_resumed_seeded_sweep_proposes_new_configurations(tmp_path: Path, algorithm: str) -> None:
     cfg = load_config(write_space(tmp_path, SPACE.replace("ALGO", algorithm)))
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    first = run_trials(SweepSearch(cfg, storage, Ledger()), ["a", "b"])
-    # the driver died; `resume` builds a new searcher on the same study, with the same seed
-    again = run_trials(SweepSearch(cfg, storage, Ledger()), ["c", "d"])
+    first = run_trials(opened(cfg, storage), 2)
+    # the driver died; `resume` opens the same study again, with the same seed
+    again = run_trials(opened(cfg, storage), 2)
     rates = [c["learning_rate"] for c in first + again]
     assert len(set(rates)) == 4, rates
 
     # ... and it is still reproducible: the same history gives the same proposals
     storage2 = f"sqlite:///{tmp_path}/optuna2.db"
-    first2 = run_trials(SweepSearch(cfg, storage2, Ledger()), ["a", "b"])
-    again2 = run_trials(SweepSearch(cfg, storage2, Ledger()), ["c", "d"])
+    first2 = run_trials(opened(cfg, storage2), 2)
+    again2 = run_trials(opened(cfg, storage2), 2)
     assert [c["learning_rate"] for c in first2 + again2] == rates
 
 
@@ -45,9 +58,9 @@ def test_points_to_evaluate_run_once_across_resumes(tmp_path: Path) -> None:
     body = SPACE.replace("ALGO", "random").replace("seed: 0,", "seed: 0, points_to_evaluate: [{lora_r: 8, learning_rate: 0.001}],")
     cfg = load_config(write_space(tmp_path, body))
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    first = run_trials(SweepSearch(cfg, storage, Ledger()), ["a"])
+    first = run_trials(opened(cfg, storage), 1)
     assert first[0]["learning_rate"] == 0.001
-    again = run_trials(SweepSearch(cfg, storage, Ledger()), ["b", "c"])
+    again = run_trials(opened(cfg, storage), 2)
     assert 0.001 not in [c["learning_rate"] for c in again], again
 
 
@@ -62,7 +75,7 @@ def test_tpe_starts_from_sobol_points_that_cover_every_choice(tmp_path: Path) ->
     """search.startup: sobol (the default): TPE's 10 start-up trials are scrambled Sobol points,
     queued in the study before the first trial, so that every value of every choice meets the
     others early. Random start-up draws leave a value out on some seeds; Sobol's never do here."""
-    from sweep.study import startup_points
+    from sweep.engine.study import startup_points
 
     uncovered = {"sobol": 0, "random": 0}
     for seed in range(8):
@@ -70,8 +83,7 @@ def test_tpe_starts_from_sobol_points_that_cover_every_choice(tmp_path: Path) ->
             folder = tmp_path / f"{startup}{seed}"
             folder.mkdir()
             cfg = load_config(write_space(folder, SOBOL.replace("SEED", str(seed)).replace("STARTUP", f"startup: {startup}")))
-            search = SweepSearch(cfg, f"sqlite:///{folder}/optuna.db", Ledger())
-            configs = run_trials(search, [f"t{i}" for i in range(10)])
+            configs = run_trials(opened(cfg, f"sqlite:///{folder}/optuna.db"), 10)
             if startup == "sobol":
                 assert len(startup_points(cfg)) == 10 and [c["learning_rate"] for c in configs] == [p["learning_rate"] for p in startup_points(cfg)]
                 assert all(1e-5 <= c["learning_rate"] <= 1e-2 for c in configs)
@@ -83,17 +95,17 @@ def test_tpe_starts_from_sobol_points_that_cover_every_choice(tmp_path: Path) ->
 
 
 def test_sobol_start_up_counts_the_users_points_and_skips_warm_starts_and_resumes(tmp_path: Path) -> None:
-    from sweep.study import startup_points
+    from sweep.engine.study import startup_points
 
     body = SOBOL.replace("SEED", "0").replace("STARTUP", "n_startup_trials: 4, points_to_evaluate: [{lora_r: 8, learning_rate: 0.001}]")
     cfg = load_config(write_space(tmp_path, body))
     points = startup_points(cfg)
     assert len(points) == 4 and points[0] == {"lora_r": 8, "learning_rate": 0.001}  # the user's first, Sobol fills the rest
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    first = run_trials(SweepSearch(cfg, storage, Ledger()), ["a", "b"])
+    first = run_trials(opened(cfg, storage), 2)
     assert first[0]["learning_rate"] == 0.001 and first[1]["learning_rate"] == cfg.space.decode(points[1], cfg.fixed_hyperparams)["learning_rate"]
     # resumed: the two not yet run are still queued in the study, nothing is queued again
-    again = run_trials(SweepSearch(cfg, storage, Ledger()), ["c", "d", "e"])
+    again = run_trials(opened(cfg, storage), 3)
     assert [c["learning_rate"] for c in again[:2]] == [cfg.space.decode(p, cfg.fixed_hyperparams)["learning_rate"] for p in points[2:]]
     assert len({c["learning_rate"] for c in first + again}) == 5
     warm = dataclasses.replace(cfg, search=cfg.search.model_copy(update={"warm_start": str(tmp_path / "previous-sweep")}))
@@ -101,73 +113,55 @@ def test_sobol_start_up_counts_the_users_points_and_skips_warm_starts_and_resume
 
 
 # ------------------------------------------------------------------------------------------------
-# feedback from Tune: the study's state comes from the same outcome() MLflow uses
-
-import optuna  # noqa: E402
-from ray.tune.search import Searcher  # noqa: E402
-
-from core.request import TrialRequest  # noqa: E402
-from sweep.folder import StopFile  # noqa: E402
+# a trial's end and evaluations reach the study
 
 
-def searcher(tmp_path: Path, body: str = SPACE.replace("ALGO", "random"), **kwargs) -> SweepSearch:
-    cfg = load_config(write_space(tmp_path, body))
-    return SweepSearch(cfg, f"sqlite:///{tmp_path}/optuna.db", kwargs.pop("ledger", Ledger()), **kwargs)
+def study_of(tmp_path: Path, body: str = SPACE.replace("ALGO", "random")) -> Study:
+    return opened(load_config(write_space(tmp_path, body)), f"sqlite:///{tmp_path}/optuna.db")
 
 
-def states(search: SweepSearch) -> list[tuple[str, str | None]]:
-    return [(t.state.name, t.user_attrs.get("trial_status")) for t in search._ot_study.get_trials(deepcopy=False)]
+def states(study: Study) -> list[tuple[str, str | None]]:
+    return [(t.state.name, t.user_attrs.get("trial_status")) for t in study.trials()]
 
 
-def test_each_outcome_reaches_the_study_as_its_state(tmp_path: Path) -> None:
-    ledger = Ledger()
-    search = searcher(tmp_path, ledger=ledger)
-    for trial_id in "abcd":
-        search.suggest(trial_id)
-    search.on_trial_result("a", {"step": 2, "trial_status": "running", "eval_loss": 3.0})
-    search.on_trial_complete("a", {"step": 4, "trial_status": "completed", "eval_loss": 2.0})
-    ledger.stopped["b"] = 2  # the scheduler stopped it
-    search.on_trial_complete("b", {"step": 2, "trial_status": "running", "eval_loss": 3.5})
-    search.on_trial_complete("c", {"step": 3, "trial_status": "oom", "error": "CUDA out of memory"})
-    search.on_trial_complete("d", {"step": 4, "trial_status": "completed"})  # completed without its metric
-    assert states(search) == [("COMPLETE", "completed"), ("PRUNED", "pruned"), ("FAIL", "oom"), ("FAIL", "failed")]
-    a, b, c, d = search._ot_study.get_trials(deepcopy=False)
-    assert a.value == 2.0 and a.intermediate_values == {2: 3.0, 4: 2.0}  # by training step
-    assert b.intermediate_values == {2: 3.5}
-    assert c.user_attrs["error"] == "CUDA out of memory" and "eval_loss was not reported" in d.user_attrs["error"]
+def test_each_end_reaches_the_study_as_its_state(tmp_path: Path) -> None:
+    study = study_of(tmp_path)
+    a, b, c, d = (study.propose().number for _ in range(4))
+    assert study.report(a, [(2, 3.0)], running=True) is False  # random search, asha: the first at a rung goes on
+    study.report(a, [(2, 3.0), (4, 2.0)], running=False)  # a resumed trial re-sends step 2: once in the study
+    study.end(a, TrialStatus.COMPLETED, [2.0])
+    study.report(b, [(2, 3.5)], running=True)
+    study.end(b, TrialStatus.PRUNED)
+    study.end(c, TrialStatus.OOM, error="CUDA out of memory")
+    study.end(d, TrialStatus.STOPPED)
+    assert states(study) == [("COMPLETE", "completed"), ("PRUNED", "pruned"), ("FAIL", "oom"), ("PRUNED", "stopped")]
+    ta, tb, tc, _ = study.trials()
+    assert ta.value == 2.0 and ta.intermediate_values == {2: 3.0, 4: 2.0}  # by training step
+    assert tb.intermediate_values == {2: 3.5} and tc.user_attrs["error"] == "CUDA out of memory"
 
 
-def test_a_trial_stopped_on_request_stays_open_for_resume(tmp_path: Path) -> None:
-    stop = StopFile(tmp_path / "STOP")
-    search = searcher(tmp_path, stop=stop)
-    search.suggest("a")
-    (tmp_path / "STOP").write_text("now")
-    assert search.suggest("b") is Searcher.FINISHED  # nothing new starts
-    search.on_trial_complete("a", {"step": 2, "trial_status": "stopped"})
-    assert states(search) == [("RUNNING", None)]
+def test_a_trial_reopens_by_its_number_in_another_process(tmp_path: Path) -> None:
+    """A worker proposes it; the driver (another Study object: another process) ends it."""
+    cfg = load_config(write_space(tmp_path, SPACE.replace("ALGO", "random")))
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    proposal = opened(cfg, storage, "w0").propose()
+    driver = opened(cfg, storage)
+    assert driver.hyper(driver.frozen(proposal.number)) == proposal.hyper
+    driver.end(proposal.number, TrialStatus.FAILED, error="its worker died")
+    assert states(driver) == [("FAIL", "failed")]
 
 
-def test_the_budget_counts_new_trials_and_waits_for_running_ones(tmp_path: Path) -> None:
-    search = searcher(tmp_path, budget=1)
-    assert search.suggest("a") is not None
-    assert search.suggest("b") is None  # a runs: it may still need a retry
-    search.on_trial_complete("a", {"step": 4, "trial_status": "completed", "eval_loss": 1.0})
-    assert search.suggest("c") is Searcher.FINISHED
-
-
-def test_a_retried_trial_continues_the_same_optuna_trial(tmp_path: Path) -> None:
-    ledger = Ledger()
-    search = searcher(tmp_path, ledger=ledger)
-    search.suggest("a")
-    search.on_trial_complete("a", error=True)  # Tune: errored; the sweep decides
-    assert search.requeue("a", "/ckpt/step-2") == 2
-    config = search.suggest("a2")
-    request = TrialRequest.from_config(config)
-    assert request.resume_checkpoint == "/ckpt/step-2" and set(request.hyper) == {"lora_r", "learning_rate"}
-    assert ledger.label("a2") == "t000" and search.attempts["a2"] == 2
-    search.on_trial_complete("a2", error=True)
-    search.fail("a2", "worker died again")
-    assert states(search) == [("FAIL", "failed")]
+def test_workers_draw_their_own_streams_from_one_seed(tmp_path: Path) -> None:
+    """Two workers open the same seeded study: each its own sampler stream (otherwise both would
+    propose the same configuration), and the same names give the same streams again."""
+    rates = {}
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        cfg = load_config(write_space(folder, SPACE.replace("ALGO", "random")))
+        storage = f"sqlite:///{folder}/optuna.db"
+        rates[run] = [opened(cfg, storage, worker).propose().hyper["learning_rate"] for worker in ("w0", "w1")]
+    assert rates["a"] == rates["b"] and rates["a"][0] != rates["a"][1]
 
 
 class Verdict:
@@ -178,18 +172,19 @@ class Verdict:
 
 def test_an_infeasible_config_is_closed_and_another_sampled(tmp_path: Path) -> None:
     seen: list[tuple[str, dict]] = []
+    notes: list[str] = []
     judged: list[dict] = []
 
     def judge(hyper: dict) -> Verdict:
         judged.append(hyper)
         return Verdict(len(judged) > 2)  # the first two samples do not fit
 
-    search = searcher(tmp_path, judge=judge, on_infeasible=lambda label, config, verdict: seen.append((label, config)))
-    request = TrialRequest.from_config(search.suggest("a"))
-    assert request.allocation.gpu_share == 0.5 and request.allocation.estimated_vram_gb == 30.12 and dict(request.hyper) == judged[-1]
-    assert states(search) == [("FAIL", "infeasible"), ("FAIL", "infeasible"), ("RUNNING", None)]
-    assert [label for label, _ in seen] == ["t000", "t001"] and all("gpu_share" not in config for _, config in seen)
-    assert search.launched == 1 and search._ot_study.get_trials(deepcopy=False)[2].user_attrs["estimated_vram_gb"] == 30.12
+    study = study_of(tmp_path)
+    proposal = study.propose(judge, lambda label, hyper, verdict: seen.append((label, hyper)), lambda label, text: notes.append(f"{label} {text}"))
+    assert proposal.hyper == judged[-1] and proposal.label == "t002"
+    assert states(study) == [("FAIL", "infeasible"), ("FAIL", "infeasible"), ("RUNNING", None)]
+    assert [label for label, _ in seen] == ["t000", "t001"] and notes[0].startswith("t000 infeasible  ") and notes[0].endswith("infeasible: too big")
+    assert study.trials()[2].user_attrs["estimated_vram_gb"] == 30.12
 
 
 def test_four_trials_at_a_time_try_as_many_configurations_as_one(tmp_path: Path) -> None:
@@ -210,13 +205,13 @@ def test_four_trials_at_a_time_try_as_many_configurations_as_one(tmp_path: Path)
         for flight in (1, 4):
             folder = tmp_path / f"s{seed}-{flight}"
             folder.mkdir()
-            search = SweepSearch(load_config(write_space(folder, body.replace("SEED", str(seed)))), f"sqlite:///{folder}/optuna.db", Ledger())
+            study = opened(load_config(write_space(folder, body.replace("SEED", str(seed)))), f"sqlite:///{folder}/optuna.db")
             tried: list[str] = []
             for wave in range(12 // flight):
-                ids = [f"t{wave}-{i}" for i in range(flight)]
-                configs = [search.suggest(trial_id) for trial_id in ids]  # all asked before any result: trials in flight
-                for trial_id, config in zip(ids, configs):
-                    search.on_trial_complete(trial_id, {"step": 4, "trial_status": "completed", "eval_loss": loss(config)})
+                proposals = [study.propose() for _ in range(flight)]  # all asked before any result: trials in flight
+                configs = [p.hyper for p in proposals]
+                for proposal in proposals:
+                    study.end(proposal.number, TrialStatus.COMPLETED, [loss(proposal.hyper)])
                 tried += [json.dumps({k: config[k] for k in ("lora_r", "target_modules", "lora_dropout", "learning_rate")}, sort_keys=True) for config in configs]
             distinct[flight].append(len(set(tried)))
     assert statistics.median(distinct[4]) >= statistics.median(distinct[1]) and min(distinct[4]) >= 9, distinct
@@ -230,56 +225,57 @@ TWO_POINTS = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 6,
 
 @pytest.mark.parametrize("algorithm", ["random", "tpe"])
 def test_a_proposal_that_ran_already_is_closed_as_duplicate_and_another_sampled(tmp_path: Path, algorithm: str) -> None:
-    """lora_r 4 or 8: two configurations. The second launch is the other one, whatever the
-    sampler proposed in between; then the space is spent and nothing else starts."""
-    seen: list[tuple[str, int, bool]] = []
-    search = searcher(tmp_path, TWO_POINTS.replace("ALGO", algorithm), on_duplicate=lambda label, config, twin, spent: seen.append((label, twin, spent)))
-    first = search.suggest("a")
-    search.on_trial_complete("a", {"step": 4, "trial_status": "completed", "eval_loss": 1.0})
-    second = search.suggest("b")
-    assert {first["lora_r"], second["lora_r"]} == {4, 8}  # never the same one twice
-    search.on_trial_complete("b", {"step": 4, "trial_status": "completed", "eval_loss": 2.0})
-    assert search.suggest("c") is Searcher.FINISHED and search.spent  # both ran: the space is spent
-    assert search.launched == 2
-    trials = search._ot_study.get_trials(deepcopy=False)
+    """lora_r 4 or 8: two configurations. The second trial is the other one, whatever the sampler
+    proposed in between; then the space is spent and nothing else starts."""
+    notes: list[str] = []
+    study = study_of(tmp_path, TWO_POINTS.replace("ALGO", algorithm))
+    note = lambda label, text: notes.append(f"{label} {text}")  # noqa: E731
+    first = study.propose(note=note)
+    study.end(first.number, TrialStatus.COMPLETED, [1.0])
+    second = study.propose(note=note)
+    assert {first.hyper["lora_r"], second.hyper["lora_r"]} == {4, 8}  # never the same one twice
+    study.end(second.number, TrialStatus.COMPLETED, [2.0])
+    with pytest.raises(Spent, match="the space looks spent; no new trials start"):
+        study.propose(note=note)
+    trials = study.trials()
     duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
-    assert len(duplicates) == len(seen) >= SPENT_AFTER_DUPLICATES
-    ran = {t.params["lora_r"]: t for t in trials if "ray_trial_id" in t.user_attrs}
+    assert len(duplicates) == len(notes) >= SPENT_AFTER_DUPLICATES
+    ran = {t.params["lora_r"]: t for t in trials if t.number in (first.number, second.number)}
     for t in duplicates:  # each twin had completed when it was proposed again: its result told again
         twin = ran[t.params["lora_r"]]
-        assert t.user_attrs["duplicate_of"] == f"t{twin.number:03d}" and "ray_trial_id" not in t.user_attrs
+        assert t.user_attrs["duplicate_of"] == f"t{twin.number:03d}"
         assert (t.state.name, t.value) == ("COMPLETE", twin.value)
-    assert [spent for *_, spent in seen][-1] and not any(spent for *_, spent in seen[:-1])
+    assert all(" duplicate  " in n and "ran it; not run again" in n for n in notes)
 
 
 def test_a_running_trial_has_no_twin_launched_beside_it(tmp_path: Path) -> None:
-    search = searcher(tmp_path, TWO_POINTS.replace("ALGO", "random"))
-    first, second = search.suggest("a"), search.suggest("b")  # both in flight, no result yet
-    assert first["lora_r"] != second["lora_r"]
-    assert search.suggest("c") is None  # spent while two run: wait for them (a retry may come)
+    study = study_of(tmp_path, TWO_POINTS.replace("ALGO", "random"))
+    first, second = study.propose(), study.propose()  # both in flight, no result yet
+    assert first.hyper["lora_r"] != second.hyper["lora_r"]
+    with pytest.raises(Spent):
+        study.propose()
+    assert {t.state.name for t in study.trials() if t.user_attrs.get("trial_status") == "duplicate"} == {"FAIL"}  # the twins' results are unknown
 
 
 def test_a_point_the_user_listed_twice_runs_twice_and_later_repeats_of_it_do_not(tmp_path: Path) -> None:
     """points_to_evaluate lists lora_r 4 twice: both run (the user asked for it, e.g. to see the
     noise between runs). They are still twins: the sampler's own proposals of 4 are duplicates."""
     body = TWO_POINTS.replace("ALGO", "random").replace("seed: 3,", "seed: 3, points_to_evaluate: [{lora_r: 4}, {lora_r: 4}],")
-    seen: list[str] = []
-    search = searcher(tmp_path, body, on_duplicate=lambda label, config, twin, spent: seen.append(f"t{twin:03d}"))
-    configs = run_trials(search, ["a", "b", "c"])
+    study = study_of(tmp_path, body)
+    configs = run_trials(study, 3)
     assert [c["lora_r"] for c in configs] == [4, 4, 8]
-    assert search.suggest("d") is Searcher.FINISHED and search.spent and search.launched == 3
-    trials = search._ot_study.get_trials(deepcopy=False)
-    ran = [t for t in trials if "ray_trial_id" in t.user_attrs]
+    with pytest.raises(Spent):
+        study.propose()
+    trials = study.trials()
+    ran = [t for t in trials if t.user_attrs.get("trial_status") == "completed"]
     assert [(t.params["lora_r"], t.user_attrs.get("point_to_evaluate")) for t in ran] == [(4, 0), (4, 1), (8, None)]
-    assert len(seen) >= SPENT_AFTER_DUPLICATES and set(seen) <= {f"t{t.number:03d}" for t in ran}
     assert not any(t.user_attrs.get("trial_status") == "duplicate" for t in trials if "point_to_evaluate" in t.user_attrs)
 
 
 def test_twin_of_ignores_what_never_ran(tmp_path: Path) -> None:
     import optuna
 
-    search = searcher(tmp_path, TWO_POINTS.replace("ALGO", "random"))
-    study = search._ot_study
+    study = study_of(tmp_path, TWO_POINTS.replace("ALGO", "random")).optuna()
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}
     for status in ("infeasible", "lost", "duplicate"):
         study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.FAIL, user_attrs={"trial_status": status}))
@@ -294,7 +290,7 @@ def test_twin_of_ignores_what_never_ran(tmp_path: Path) -> None:
 def test_a_duplicate_of_a_completed_trial_repeats_its_values_and_of_any_other_fails(tmp_path: Path) -> None:
     import optuna
 
-    from sweep.study import close_duplicate
+    from sweep.engine.study import close_duplicate
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}

@@ -1,18 +1,16 @@
-"""The MLflow record of a sweep (sweep.tracking) and the retry policy (sweep.retries), driven by
-stand-in Tune trials against a sqlite MLflow store in tmp_path: no Ray."""
+"""The MLflow record of a sweep (sweep.engine.recorder: the parent run, one child run per trial) and
+the retry policy (sweep.engine.workers.should_retry), against a sqlite MLflow store in tmp_path: no Ray."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
+import pickle
 
 import pytest
 
+from core.contract import TrialStatus
 from sweep.config import load_config
-from sweep.retries import Retries, should_retry
-from sweep.folder import StopFile
-from sweep.tracking import SweepRun, TrialRuns
-from sweep.trials import Ledger
+from sweep.engine.recorder import MlflowRecorder, SweepRun
+from sweep.engine.workers import should_retry
 from tests.conftest import MINIMAL, write_space
 
 
@@ -21,30 +19,27 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
     folder = tmp_path_factory.mktemp("tracking")
     cfg = load_config(write_space(folder, MINIMAL + f"tracking: {{mlflow_uri: 'sqlite:///{folder}/mlflow.db', results_dir: {folder}}}\n"))
     (folder / "t-1").mkdir()
-    return SweepRun(cfg, folder / "t-1")
+    return SweepRun(cfg, folder / "t-1", cfg.mlflow_uri)
 
 
-def trial(trial_id: str, config: dict, last_result: dict | None = None, checkpoint: str | None = None) -> SimpleNamespace:
-    ckpt = SimpleNamespace(path=checkpoint) if checkpoint else None
-    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last_result, checkpoint=ckpt, error_file="/nonexistent", get_error=lambda: None)
+def runs_of(sweep: SweepRun) -> dict:
+    return {r.data.tags["trial"]: r for r in sweep.children()}
 
 
 def test_a_trial_is_one_child_run_with_its_metrics_by_step(sweep: SweepRun) -> None:
-    ledger = Ledger()
-    ledger.labels["a"] = "t000"
-    runs = TrialRuns(sweep, ledger, {"lora_r": 16})
-    t = trial("a", {"lora_r": 4, "gpu_share": 0.5, "estimated_vram_gb": 12.0, "resume_checkpoint": "/x"})
-    runs.on_trial_start(0, [], t)
-    report = {"step": 2, "eval_loss": 2.5, "tokens_per_sec": 100.0, "history": [[1, 3.0, 1e-4], [2, 2.8, 1e-4]], "derived": {"trainable_params": 123}}
-    runs.on_trial_result(0, [], t, report)
-    runs.on_trial_result(0, [], t, {**report, "step": 2})  # sent again: logged once
-    t.last_result = {"step": 4, "trial_status": "completed", "eval_loss": 2.0, "train_seconds": 3.0}
-    runs.on_trial_result(0, [], t, t.last_result)
-    runs.on_trial_complete(0, [], t)
+    recorder = pickle.loads(pickle.dumps(sweep.recorder({"lora_r": 16})))  # as a worker receives it
+    recorder.begin("t000", {"lora_r": 4, "estimated_vram_gb": 12.0, "trainable_params": 123}, worker="w0")
+    report = {"step": 2, "eval_loss": 2.5, "tokens_per_sec": 100.0, "history": [[1, 3.0, 1e-4], [2, 2.8, 1e-4]]}
+    recorder.report("t000", report)
+    recorder.report("t000", report)  # sent again: logged once
+    recorder.report("t000", {"step": 4, "trial_status": "completed", "eval_loss": 2.0, "train_seconds": 3.0})
+    recorder.end("t000", TrialStatus.COMPLETED, 4)
 
-    (run,) = [r for r in sweep.children() if r.data.tags["trial"] == "t000"]
+    run = runs_of(sweep)["t000"]
+    assert run.info.run_name == "t000 r4"  # the trial's values, not the fixed lora_r 16
     assert run.data.tags["trial_status"] == "completed" and run.data.tags["last_step"] == "4" and run.info.status == "FINISHED"
-    assert run.data.params == {"lora_r": "4", "gpu_share": "0.5", "estimated_vram_gb": "12.0", "trainable_params": "123"}  # no resume path
+    assert run.data.tags["trial_id"] == "w0"
+    assert run.data.params == {"lora_r": "4", "estimated_vram_gb": "12.0", "trainable_params": "123"}
     history = sweep.client.get_metric_history(run.info.run_id, "eval_loss")
     assert [(m.step, m.value) for m in history] == [(2, 2.5), (4, 2.0)]
     assert [m.step for m in sweep.client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
@@ -53,112 +48,54 @@ def test_a_trial_is_one_child_run_with_its_metrics_by_step(sweep: SweepRun) -> N
     assert [(m.step, m.value) for m in sweep.client.get_metric_history(run.info.run_id, "lr")] == [(1, 1e-4), (2, 1e-4)]
     assert "learning_rate" not in run.data.metrics
 
-    # the same trial resumed by a new driver continues its child run
-    again = TrialRuns(sweep, ledger, {"lora_r": 16})
-    ledger.labels["a-resumed"] = "t000"
-    again.on_trial_start(0, [], trial("a-resumed", {"lora_r": 4}))
-    again.on_trial_result(0, [], trial("a-resumed", {}), {**report, "step": 2})
+    # the same trial continued by another worker (a resume, a retry): its one child run goes on
+    again = sweep.recorder({"lora_r": 16})
+    again.begin("t000", {"lora_r": 4, "trainable_params": 123}, worker="w1", attempt=2)
+    again.report("t000", report)
     assert len([r for r in sweep.children() if r.data.tags["trial"] == "t000"]) == 1
     assert len(sweep.client.get_metric_history(run.info.run_id, "eval_loss")) == 2
+    run = runs_of(sweep)["t000"]
+    assert run.data.tags["trial_id"] == "w1" and run.data.tags["retries"] == "1" and run.info.status == "RUNNING"
 
 
-def test_a_trial_stopped_on_request_is_killed_not_finished(sweep: SweepRun, tmp_path: Path) -> None:
-    ledger = Ledger()
-    ledger.labels.update(b="t001", c="t002")
-    stop = StopFile(tmp_path / "STOP")
-    runs = TrialRuns(sweep, ledger, {}, stop=stop)
-    for trial_id in "bc":
-        runs.on_trial_start(0, [], trial(trial_id, {"lora_r": 8}))
-    runs.on_trial_complete(0, [], trial("b", {}, {"step": 2, "trial_status": "stopped"}))  # the time budget
-    (tmp_path / "STOP").write_text("now")
-    runs.on_trial_complete(0, [], trial("c", {}, {"step": 2, "trial_status": "stopped"}))
-    by_label = {r.data.tags["trial"]: r for r in sweep.children()}
+def test_ends_stops_retries_and_infeasible_proposals(sweep: SweepRun) -> None:
+    recorder = sweep.recorder({})
+    for label in ("t001", "t002", "t003", "t004"):
+        recorder.begin(label, {"lora_r": 8}, worker="w0")
+    recorder.end("t001", TrialStatus.STOPPED, 2)  # the time budget
+    recorder.end("t002", TrialStatus.STOPPED, 2, resumable=True)  # `stop`, Ctrl-C: resume continues it
+    recorder.end("t003", TrialStatus.PRUNED, 2)
+    recorder.retrying("t004", 2, "its worker w0 died; retrying from step-000002")
+    recorder.end("t005", TrialStatus.FAILED, 0, "never began")  # queued, never began: no run to close
+    recorder.infeasible("t006", {"lora_r": 64}, 99.5, "needs 99.5 GB; one GPU has 80")
+    by_label = runs_of(sweep)
     assert (by_label["t001"].data.tags["trial_status"], by_label["t001"].info.status) == ("stopped", "FINISHED")
     assert (by_label["t002"].data.tags["trial_status"], by_label["t002"].info.status) == ("stopped", "KILLED")
+    assert (by_label["t003"].data.tags["stopped_at_step"], by_label["t003"].info.status) == ("2", "FINISHED")
+    assert by_label["t004"].data.tags["trial_status"] == "retrying" and by_label["t004"].data.tags["retries"] == "1"
+    assert by_label["t004"].data.tags["error"] == "attempt 1: its worker w0 died; retrying from step-000002"
+    assert "t005" not in by_label
+    infeasible = by_label["t006"]
+    assert (infeasible.data.tags["trial_status"], infeasible.info.status, infeasible.data.metrics["estimated_vram_gb"]) == ("infeasible", "FAILED", 99.5)
 
 
-class Search:
-    """What Retries asks of the searcher."""
-
-    def __init__(self) -> None:
-        self.attempts = {"d": 1, "e": 2, "f": 1}
-        self.requeued: list[tuple[str, str | None]] = []
-        self.failed: list[str] = []
-
-    def requeue(self, trial_id: str, checkpoint: str | None) -> int:
-        self.requeued.append((trial_id, checkpoint))
-        return self.attempts[trial_id] + 1
-
-    def fail(self, trial_id: str, error: str) -> None:
-        self.failed.append(trial_id)
-
-
-def test_retries_are_decided_once_and_recorded(sweep: SweepRun, tmp_path: Path) -> None:
+def test_retry_policy() -> None:
     assert should_retry("ray.exceptions.ActorDiedError: The actor died unexpectedly", 1, 1)
+    assert should_retry("The node with node id: abc and address: 10.0.0.2 and node name: w2 has been marked dead because the detector has missed too many heartbeats from it. node 10.0.0.2 died", 2, 2)
     assert not should_retry("ray.exceptions.ActorDiedError", 2, 1)  # no retries left
     assert not should_retry("ValueError: bad config", 1, 3)  # the trial's own error
-    ledger, search = Ledger(), Search()
-    ledger.labels.update(d="t003", e="t004", f="t005")
-    retries, runs = Retries(search, ledger, max_retries=1), TrialRuns(sweep, ledger, {})
-    errors = {"d": "RayActorError: worker died", "e": "RayActorError: worker died", "f": "ValueError: boom"}
-    for trial_id, error in errors.items():
-        (tmp_path / trial_id).write_text(error)
-        t = trial(trial_id, {"lora_r": 4}, {"step": 2}, checkpoint="/ckpt" if trial_id == "d" else None)
-        t.error_file = str(tmp_path / trial_id)
-        runs.on_trial_start(0, [], t)
-        for callback in (retries, runs):  # the order the Sweep lists them in
-            callback.on_trial_error(0, [], t)
-    assert search.requeued == [("d", "/ckpt")] and search.failed == ["e", "f"] and ledger.retrying == {"d": 2}
-    by_label = {r.data.tags["trial"]: r.data.tags for r in sweep.children()}
-    assert by_label["t003"]["trial_status"] == "retrying" and by_label["t003"]["retries"] == "1"
-    assert by_label["t003"]["error"] == "attempt 1: worker died; retrying from its last checkpoint"
-    assert by_label["t004"]["trial_status"] == by_label["t005"]["trial_status"] == "failed"
-    assert by_label["t005"]["error"] == "ValueError: boom"
-
-
-def test_a_retry_that_never_started_leaves_a_resumable_run(sweep: SweepRun, tmp_path: Path) -> None:
-    """Ctrl-C (or the time budget) between a worker's death and its retry: no child run stays RUNNING."""
-    ledger, search = Ledger(), Search()
-    search.attempts["g"] = 1
-    ledger.labels.update(g="t006", h="t007")
-    retries, runs = Retries(search, ledger, max_retries=1), TrialRuns(sweep, ledger, {}, stop=StopFile(tmp_path / "STOP"))
-    (tmp_path / "g").write_text("RayActorError: worker died")
-    t = trial("g", {"lora_r": 4}, {"step": 2}, checkpoint="/ckpt")
-    t.error_file = str(tmp_path / "g")
-    runs.on_trial_start(0, [], t)
-    for callback in (retries, runs):
-        callback.on_trial_error(0, [], t)
-    (tmp_path / "STOP").write_text("SIGINT")
-    runs.on_experiment_end([])
-    (run,) = [r for r in sweep.children() if r.data.tags["trial"] == "t006"]
-    assert (run.data.tags["trial_status"], run.info.status) == ("stopped", "KILLED")
-
-    # a retry that did start carries on in the same run, and is not closed at the end
-    search.attempts["h"] = 1
-    (tmp_path / "h").write_text("RayActorError: worker died")
-    u = trial("h", {"lora_r": 4}, {"step": 2}, checkpoint="/ckpt")
-    u.error_file = str(tmp_path / "h")
-    runs.on_trial_start(0, [], u)
-    for callback in (retries, runs):
-        callback.on_trial_error(0, [], u)
-    ledger.labels["h2"] = "t007"
-    runs.on_trial_start(0, [], trial("h2", {"lora_r": 4}))
-    assert runs.awaiting_retry == {}
 
 
 def test_resume_closes_runs_the_study_ended_before_the_driver_was_killed(sweep: SweepRun) -> None:
-    """kill -9 after the searcher told the study a trial's end, before TrialRuns recorded it: the
-    study says COMPLETE / PRUNED, the child run still RUNNING. close_ended brings the run in line;
-    runs of trials still open in the study (a resumable stop) are left alone."""
+    """kill -9 after the study heard of a trial's end, before its run did: the study says COMPLETE /
+    PRUNED, the child run still RUNNING. close_ended brings the run in line; runs of trials still
+    open in the study (a resumable stop) are left alone."""
     import optuna
 
-    ledger = Ledger()
-    runs = TrialRuns(sweep, ledger, {"lora_r": 16})
-    for tid, label in (("k1", "t010"), ("k2", "t011"), ("k3", "t012")):
-        ledger.labels[tid] = label
-        t = trial(tid, {"lora_r": 4})
-        runs.on_trial_start(0, [], t)
-        runs.on_trial_result(0, [], t, {"step": 2, "eval_loss": 2.5})
+    recorder = sweep.recorder({"lora_r": 16})
+    for label in ("t010", "t011", "t012"):
+        recorder.begin(label, {"lora_r": 4}, worker="k")
+        recorder.report(label, {"step": 2, "eval_loss": 2.5})
     study = optuna.create_study()
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8])}
     for number in range(10):
@@ -172,3 +109,11 @@ def test_resume_closes_runs_the_study_ended_before_the_driver_was_killed(sweep: 
     state = {r.data.tags["trial"]: (r.info.status, r.data.tags["trial_status"], r.data.tags.get("last_step")) for r in sweep.children() if r.data.tags["trial"] in ("t010", "t011", "t012")}
     assert state == {"t010": ("FINISHED", "completed", "4"), "t011": ("FINISHED", "pruned", "2"), "t012": ("RUNNING", "running", None)}
     assert sweep.close_ended(study) == []  # once
+
+
+def test_the_recorder_travels_without_its_client(sweep: SweepRun) -> None:
+    recorder = sweep.recorder({})
+    recorder.begin("t020", {"lora_r": 4}, worker="w0")
+    state = pickle.loads(pickle.dumps(recorder)).__dict__
+    assert state["_client"] is None and state["_runs"] == {} and state["uri"] == sweep.uri
+    assert isinstance(recorder, MlflowRecorder)

@@ -1,17 +1,6 @@
-"""How a trial ended, and how it is named: the one rule MLflow, Optuna and the terminal share."""
+"""How a trial is named: the labels and summaries MLflow, Optuna, the terminal and status share (core.contract)."""
 
-from sweep.trials import Ledger, outcome, param_value, summary
-
-
-def test_outcome() -> None:
-    assert outcome({"trial_status": "completed"}, False, False) == "completed"
-    assert outcome({"trial_status": "completed"}, False, True) == "completed"  # ASHA's max_t stop of a finished trial
-    assert outcome({"trial_status": "running"}, False, True) == "pruned"
-    assert outcome({"trial_status": "running"}, False, False) == "stopped"  # time budget / user
-    assert outcome({"trial_status": "oom"}, False, False) == "oom"
-    assert outcome({"trial_status": "nan"}, False, False) == "nan"
-    assert outcome(None, True, False) == "failed"
-    assert outcome({"trial_status": "running"}, True, True) == "failed"
+from core.contract import param_value, rate_text, summary, trial_label
 
 
 def test_summary_and_params() -> None:
@@ -19,12 +8,6 @@ def test_summary_and_params() -> None:
     assert summary(hyper) == "qlora r16 a32 lr2e-4 b4x8 attention"
     assert summary({"lora_alpha": 8.5, "target_modules": ("q_proj", "v_proj")}) == "a8.5 q_proj+v_proj"
     assert summary({"learning_rate": 0.0151}) == "lr2e-2" and summary({"learning_rate": 1.0}) == "lr1e0"
+    assert summary({"lora_alpha": 16.0}) == "a16"
     assert param_value((4, 8)) == "[4, 8]" and param_value("x") == "x"
-
-
-def test_ledger() -> None:
-    ledger = Ledger()
-    ledger.labels["abc"] = "t003"
-    ledger.stopped["abc"] = 20
-    assert ledger.label("abc") == "t003" and ledger.label("zzz") == "zzz"
-    assert ledger.pruned("abc") and not ledger.pruned("zzz")
+    assert trial_label(7) == "t007" and trial_label(1234) == "t1234" and rate_text(3e-5) == "3e-5"
