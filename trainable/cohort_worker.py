@@ -174,7 +174,7 @@ def _grouped_setting() -> str:
     return str(multi_lora.GROUPED)
 
 
-def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]], None] | None = None,
+def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[dict]], None] | None = None,
                make_cohort: Callable[[WorkerSpec], Any] | None = None) -> dict[str, int]:  # fmt: skip
     """Train trials from `source` in one cohort until the source is exhausted or halts.
     `emit` receives progress lines (one per member event). Returns how many members ended how."""
@@ -188,11 +188,30 @@ def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[str]
 
     _reset_peak_rss()
     started = time.perf_counter()
-    cohort = (make_cohort or _load_cohort)(spec)
+    try:
+        cohort = (make_cohort or _load_cohort)(spec)
+    except Exception as exc:
+        _load_failed(spec, source, emit, exc)
+        raise
     injected = faults.from_environment()  # tests only: read once, here, never in the training step
     if injected:
         cohort = faults.FaultyCohort(cohort, injected)
     return _Worker(spec, source, cohort, time.perf_counter() - started, emit).run()
+
+
+def _load_failed(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[dict]], None] | None, exc: Exception) -> None:
+    """The base model did not load (a missing package, a bad revision, no memory): the trial this
+    worker would have trained first ends with that error, as it would have alone, so the sweep
+    records why rather than ending with nothing run. The worker then fails."""
+    task = source.take(spec.worker, spec.method, 0)
+    if task is None:
+        return
+    status = TrialStatus.OOM if is_oom(exc) else TrialStatus.FAILED
+    error = f"worker {spec.worker} could not load the base model: {exc!r}"[:1000]
+    source.begin(task, {"cohort": spec.worker, "cohort_size": spec.capacity})  # its run, with its hyperparameters
+    source.end(task, {"step": 0, "trial_status": status, "error": error})
+    if emit is not None:
+        emit([{"event": "end", "trial": task.label, "text": f"{task.label} {status}", "status": str(status), "metrics": {"step": 0, "trial_status": str(status), "error": error}}])
 
 
 class _Worker:

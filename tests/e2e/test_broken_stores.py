@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sweep.config import load_config
-from sweep.run import run_sweep
+from sweep.engine.sweep import run_sweep
 from tests.conftest import MINIMAL, write_space
 from tests.unit.test_cli import sweep as sweep_cli
 

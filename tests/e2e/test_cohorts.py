@@ -168,7 +168,7 @@ def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path
     worker per GPU, the trials shared out between them, and the stores see every member once, with
     the worker and GPU it trained on (issue 17's placement with cohorts)."""
     from sweep.config import load_config
-    from sweep.run import run_sweep
+    from sweep.engine.sweep import run_sweep
 
     search = "{num_trials: 6, max_concurrent: 6, seed: 0, scheduler: {type: none}}"
     body = SPACE.replace("STEPS", "4").replace("EVAL", "2").replace("{cohort: COHORT}", "{cohort: auto, gpus_per_trial: auto, gpu_memory_gb: 24, cpus_per_trial: 0.5}")

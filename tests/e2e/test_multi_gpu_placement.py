@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from sweep.config import load_config
-from sweep.run import run_sweep
+from sweep.engine.sweep import run_sweep
 from tests.conftest import MINIMAL, write_space
 from tests.e2e.conftest import logical_gpus, mlflow_runs
 
@@ -25,7 +25,8 @@ def four_gpus() -> Iterator[None]:
 
 
 def test_trials_spread_over_four_gpus_by_their_shares(tmp_path: Path, four_gpus: None) -> None:
-    # tiny model, micro-batch 2: share 0.85 of a 1.3 GB GPU, so one trial per GPU at a time
+    """auto placement on four GPUs: a worker per GPU (each a whole one), filling it with trials by
+    their memory estimates; no GPU is left idle while trials wait, none is shared by two workers."""
     body = MINIMAL.replace("search: {num_trials: 2}", "search: {num_trials: 6, seed: 0, scheduler: {type: none}}").replace(
         "  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n  learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n"  # 6 distinct trials: a 3-point space is spent after 3
     ) + f"resources: {{gpus_per_trial: auto, gpu_memory_gb: 1.3, cpus_per_trial: 0.5}}\ntracking: {{results_dir: {tmp_path / 'out'}}}\n"
@@ -33,15 +34,14 @@ def test_trials_spread_over_four_gpus_by_their_shares(tmp_path: Path, four_gpus:
     lines: list[str] = []
     result = run_sweep(cfg, log=lines.append)
     out = "\n".join(lines)
-    assert "placement: trials share 4 GPU(s) of 1 GB" in out and "4 at a time" in out, out
+    assert "placement: each worker fills one of 4 GPU(s) of 1 GB" in out and "workers: 4 of 1 GPU + 0.5 CPU" in out, out
     assert result.counts == {"completed": 6}, out
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     gpus = [r.data.params["gpu_ids"] for r in children]
-    assert all(g in {"0", "1", "2", "3"} for g in gpus), gpus  # one GPU each, a fractional share of it
+    assert all(g in {"0", "1", "2", "3"} for g in gpus), gpus  # one GPU each
     assert len(set(gpus)) >= 3, gpus  # spread, not stacked on GPU 0
-    assert {r.data.params["gpu_share"] for r in children} == {"0.85"}
-    # never two trials on one GPU at once: their shares (0.85 + 0.85) would not fit
-    spans = [(r.info.start_time, r.info.end_time, r.data.params["gpu_ids"]) for r in children]
-    for i, (s1, e1, g1) in enumerate(spans):
-        for s2, e2, g2 in spans[i + 1 :]:
-            assert g1 != g2 or e1 <= s2 or e2 <= s1, (spans, Counter(gpus))
+    on = {}
+    for r in children:  # each worker kept to its own GPU, and no GPU had two workers
+        on.setdefault(r.data.params["cohort"], set()).add(r.data.params["gpu_ids"])
+    assert all(len(g) == 1 for g in on.values()) and len({next(iter(g)) for g in on.values()}) == len(on), (on, Counter(gpus))
+    assert all(float(r.data.params["estimated_vram_gb"]) > 0 for r in children)

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from sweep.config import load_config
-from sweep.run import run_sweep
+from sweep.engine.sweep import run_sweep
 from tests.conftest import MINIMAL, write_space
 from tests.e2e.conftest import mlflow_runs, study_trials
 
@@ -22,7 +22,7 @@ def fake_gpu_cluster() -> Iterator[None]:
     import ray
 
     # Ray workers inherit the environment of the process that starts Ray.
-    os.environ["LORA_SWEEP_FAULTS"] = "oom@3:lora_r=8;nan@2:lora_r=16"
+    os.environ["LORA_SWEEP_FAULTS"] = "oom@3:lora_r=8;nan@2:lora_r=32"  # (trials of the default rank, 16, train as usual)
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
@@ -37,24 +37,24 @@ def sweep(tmp_path: Path, body: str):
 
 def test_oom_and_nan_are_results(tmp_path: Path, fake_gpu_cluster: None) -> None:
     body = MINIMAL.replace("search: {num_trials: 2}", "search: {algorithm: grid, scheduler: {type: none}}").replace(
-        "  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n"
+        "  lora_r: [4, 8]\n", "  lora_r: [4, 8, 32]\n"
     ) + "resources: {gpus_per_trial: 0}\n"
     cfg, result, out = sweep(tmp_path, body)
     by_r = {r["config"]["lora_r"]: r for r in result.trials}
-    assert {r: row["status"] for r, row in by_r.items()} == {4: "completed", 8: "oom", 16: "nan"}, out
-    assert "injected" in by_r[8]["error"] and "train loss is nan at step 2" in by_r[16]["error"]
+    assert {r: row["status"] for r, row in by_r.items()} == {4: "completed", 8: "oom", 32: "nan"}, out
+    assert "injected" in by_r[8]["error"] and "train loss is not finite at step 2" in by_r[32]["error"]
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     tags = {r.data.params["lora_r"]: r.data.tags for r in children}
     assert tags["8"]["trial_status"] == "oom" and "out of memory" in tags["8"]["error"]
-    assert tags["16"]["trial_status"] == "nan" and tags["4"]["trial_status"] == "completed"
+    assert tags["32"]["trial_status"] == "nan" and tags["4"]["trial_status"] == "completed"
     study = {t.params["lora_r"]: t for t in study_trials(result.sweep_dir, cfg.name)}
     assert study[4].state.name == "COMPLETE"
     assert study[8].state.name == "FAIL" and study[8].user_attrs["trial_status"] == "oom" and "injected" in study[8].user_attrs["error"]
-    assert study[16].state.name == "FAIL" and study[16].user_attrs["trial_status"] == "nan"
+    assert study[32].state.name == "FAIL" and study[32].user_attrs["trial_status"] == "nan"
 
 
 def test_auto_placement_shares_the_gpu_and_never_launches_infeasible_configs(tmp_path: Path, fake_gpu_cluster: None) -> None:
-    # tiny model: micro-batch 2 needs ~0.26 GB (share 0.85 of a 1.3 GB GPU); micro-batch 256 ~0.82 GB: too much
+    # tiny model: micro-batch 2 needs ~0.26 GB of a 1.3 GB GPU; micro-batch 256 ~0.82 GB: too much
     body = MINIMAL.replace(
         "search: {num_trials: 2}",
         "search: {num_trials: 2, seed: 0, scheduler: {type: none}, points_to_evaluate: [{batch: [256, 1]}, {batch: [2, 1]}]}",
@@ -64,14 +64,14 @@ def test_auto_placement_shares_the_gpu_and_never_launches_infeasible_configs(tmp
     launched = [r for r in result.trials if r["status"] != "infeasible"]
     infeasible = [r for r in result.trials if r["status"] == "infeasible"]
     assert len(launched) == 2 and {r["status"] for r in launched} == {"completed"}, out
-    assert all(tuple(r["config"]["batch"]) == (2, 1) and r["config"]["gpu_share"] == pytest.approx(0.85) for r in launched)
+    assert all(tuple(r["config"]["batch"]) == (2, 1) and r["config"]["estimated_vram_gb"] > 0 for r in launched)
     assert infeasible and infeasible[0]["label"] == "t000" and "exceeds one 1 GB GPU" in infeasible[0]["error"]
-    assert "t000 infeasible" in out and "trials share 1 GPU(s) of 1 GB" in out
+    assert "t000 infeasible" in out and "each worker fills one of 1 GPU(s) of 1 GB" in out
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     statuses = {r.data.tags["trial"]: r.data.tags["trial_status"] for r in children}
     assert statuses["t000"] == "infeasible" and list(statuses.values()).count("completed") == 2
-    shares = {r.data.params.get("gpu_share") for r in children if r.data.tags["trial_status"] == "completed"}
-    assert shares == {"0.85"}
+    estimates = {r.data.params.get("estimated_vram_gb") for r in children if r.data.tags["trial_status"] == "completed"}
+    assert len(estimates) == 1 and float(estimates.pop()) > 0  # each logged the estimate it was admitted by
     trials = study_trials(result.sweep_dir, cfg.name)
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs["trial_status"] == "infeasible"
     assert {t.state.name for t in trials if t.user_attrs.get("trial_status") != "infeasible"} == {"COMPLETE"}

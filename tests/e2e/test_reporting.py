@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from sweep.config import load_config
-from sweep.run import run_sweep
+from sweep.engine.sweep import run_sweep
 from tests.conftest import DEMO_DATA, MINIMAL, ROOT, write_space
 from tests.e2e.conftest import mlflow_runs, study_trials
 

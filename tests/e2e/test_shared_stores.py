@@ -117,7 +117,7 @@ def test_sweep_on_mlflow_server_and_postgres_keeps_secrets(tmp_path: Path, mlflo
 
 def test_a_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     code = (
-        "from sweep.run import connect_ray; import ray; connect_ray(None, print); "
+        "from sweep.engine.sweep import connect_ray; import ray; connect_ray(None, print); "
         "node = ray._private.worker.global_worker.node; print('GCS', node.gcs_address, 'NODE', node.node_ip_address); ray.shutdown()"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}

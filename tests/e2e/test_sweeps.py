@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sweep.config import load_config
-from sweep.run import run_sweep
+from sweep.engine.sweep import run_sweep
 from tests.conftest import MINIMAL, write_space
 from tests.e2e.conftest import mlflow_runs, study_trials
 
@@ -143,10 +143,10 @@ def test_median_stopping_prunes_by_training_step(tmp_path: Path, ray_cluster: No
     assert [r["step"] for r in result.trials if r["label"] == "t001"] == [2]
 
 
-def test_hyperband_pauses_resumes_and_prunes(tmp_path: Path, ray_cluster: None) -> None:
-    # max_t 4, reduction 2: Ray fills its no-stopping bracket first (3 trials, run to step 4), then a
-    # bracket of 3 trials whose rung is step 2: they pause there, the worst is stopped, the other two
-    # (ceil(3 / 2)) resume from their checkpoints and run to step 4.
+def test_hyperband_prunes_in_its_brackets(tmp_path: Path, ray_cluster: None) -> None:
+    """search.scheduler hyperband: Optuna's Hyperband pruner (brackets of successive halving, each
+    trial in one by its number) judges the trials at their evaluations; none is paused. Whatever it
+    prunes, the study, MLflow and the rows agree, and every trial's history is whole."""
     body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 4, eval_every: 2, log_every: 1, batch: [2, 1]}").replace(
         "search: {num_trials: 2}",
         """search:
@@ -158,9 +158,8 @@ def test_hyperband_pauses_resumes_and_prunes(tmp_path: Path, ray_cluster: None) 
     ).replace("  lora_r: [4, 8]\n", "  learning_rate: {loguniform: [1.0e-6, 5.0e-2]}\n")
     cfg, result, out = sweep(tmp_path, body)
     status = _agree(cfg, result)
-    assert [status[f"t00{i}"] for i in range(6)] == ["completed"] * 4 + ["pruned", "completed"], (status, out)
-    assert {r["label"]: r["step"] for r in result.trials if r["status"] == "pruned"} == {"t004": 2}
-    # a paused trial resumed from its checkpoint: its step history has no gaps or repeats in MLflow
+    assert set(status.values()) == {"completed", "pruned"} and len(status) == 6, (status, out)
+    assert {r["step"] for r in result.trials if r["status"] == "pruned"} == {2} and {r["step"] for r in result.trials if r["status"] == "completed"} == {4}
     from mlflow import MlflowClient
 
     client = MlflowClient(cfg.mlflow_uri)
