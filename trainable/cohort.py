@@ -18,19 +18,34 @@ it, and each member's low-rank update is added to its own rows (trainable/multi_
 steps its optimizer when its own accumulation completes.
 
 Each member trains as it would alone (trainable/train.py), to float rounding:
-- its adapter starts from the values PEFT gives the same seed (multi_lora.peft_init);
+- its adapter starts from the values PEFT gives the same seed on the same base (multi_lora.peft_init);
 - its data order is train_batches' order for its seed, and its loss is the sum of cross-entropy
   over its reply tokens divided by the reply tokens of its whole optimizer step;
 - its gradients are clipped, and its optimizer and schedule built, by train.py's own helpers.
 Differences: rows are padded to the longest row of the whole cohort batch (the pad tail is its own
-packed sequence, so no real token sees it); dropout masks come from seeds of the member's own
+packed sequence, so no real token sees it); and dropout masks come from seeds of the member's own
 (drawn from its seed) rather than the global RNG, so a member's masks do not depend on who else
-trains beside it; and on a bf16 base the LoRA update is computed in bf16 (fp32 parameters, optimizer
-and gradient accumulation; bf16 copies refreshed after each optimizer step: multi_lora.py), as
-`lora_dtype: bfloat16` does for a single trial, whatever the member's lora_dtype.
-Embeddings: `frozen`, or `new_tokens` (each member its own rows of the template tokens, in the
-input embedding and lm_head's tied columns: `TokenRows`, PEFT's TrainableTokens for a trial
-alone; `auto` resolves as for a trial alone); `full` trains the whole embedding and runs alone.
+trains beside it.
+
+Cohort-wide settings (the base's TrainSection decides for every member; a member's own values of
+COHORT_WIDE are not read):
+- train.lora_dtype (trainable.fast.resolve_lora_dtype): on a bf16 base, `bfloat16` computes each
+  LoRA update in bf16 (fp32 parameters, optimizer and gradient accumulation; bf16 copies refreshed
+  after each optimizer step), as a trial alone does with fp32 masters; `float32` computes it in fp32
+  as PEFT does for an fp32 adapter on a bf16 model (x cast up, the update cast back: multi_lora.py);
+  `auto` is bfloat16 on a bf16 base. On an fp32 base the update is fp32 whatever the setting.
+- train.loss: `chunked` (lm_head and cross-entropy a chunk of reply tokens at a time, each chunk
+  checkpointed), `model` (the logits of all reply positions at once, neither chunked nor
+  checkpointed: the per-token cross-entropy the model's own loss computes), `liger` (liger-kernel's
+  fused linear + cross-entropy, one call per member with reduction sum: each member has its own
+  normaliser; a new_tokens member's span, whose lm_head columns are its own, is computed chunked).
+  liger needs CUDA and liger-kernel: without them the cohort refuses to start, as a trial does.
+Embeddings (model.embeddings, one policy for the cohort): `frozen`; `new_tokens` (each member its
+own rows of the template tokens, in the input embedding and lm_head's tied columns: `TokenRows`,
+PEFT's TrainableTokens for a trial alone; `auto` resolves as for a trial alone); `full` (the
+member trains a copy of the whole input embedding, and of lm_head through Gemma's tie:
+`WholeEmbedding`, PEFT's modules_to_save for a trial alone). A `full` member trains the whole
+matrix and runs alone: such a cohort holds one member at a time.
 """
 
 from __future__ import annotations
@@ -50,7 +65,7 @@ from trainable.multi_lora import MemberLora, MultiLoraLinear, RowSplit, is_linea
 # Settings that shape the base model itself: every member of a cohort has the cohort's values.
 SHARED = ("method", "dtype", "attn_implementation")
 # Settings a member may have but the cohort decides for everyone (they change speed, not results).
-COHORT_WIDE = ("gradient_checkpointing", "loss", "eval_batch_size", "reuse_base_model", "lora_dtype", "compile")
+COHORT_WIDE = ("gradient_checkpointing", "loss", "eval_batch_size", "lora_dtype", "compile")
 
 
 def compile_around_adapters(model: Any, layers: Any) -> int:
@@ -66,6 +81,18 @@ def compile_around_adapters(model: Any, layers: Any) -> int:
     for layer in layers:
         layer.forward = torch.compiler.disable(layer.forward, recursive=True)  # this instance only: a graph break per projection
     return compile_layers(model, dynamic=True)
+
+
+def _resolve_loss(requested: str, device: Any) -> str:
+    """train.loss for this cohort: as configured, or auto decided as core.rules.loss decides it
+    (liger where CUDA runs and liger-kernel is installed, else chunked)."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    from core.rules import loss
+
+    return loss(requested, device.type == "cuda", importlib.util.find_spec("liger_kernel") is not None)[0]
 
 
 @dataclass
@@ -93,10 +120,15 @@ class Member:
     unchecked: list[tuple[int, Any, float]] = field(default_factory=list)  # steps whose loss is not yet on the host
     boundary_generator: Any = None  # the generator state after the last optimizer step
     token_rows: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # new_tokens: "embed" (and "head" if untied) -> rows
+    embedding: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # full: "embed" (and "head" if untied) -> whole trained copy
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for lora in self.layers.values() for p in (lora.lora_A, lora.lora_B)] + list(self.token_rows.values())
+        """What its optimizer steps, in a trial alone's order (PEFT's model.parameters(): the
+        embedding copy first, the adapters layer by layer, an untied lm_head's copy last)."""
+        first = [self.embedding["embed"]] if "embed" in self.embedding else []
+        last = [self.embedding["head"]] if "head" in self.embedding else []
+        return first + [p for lora in self.layers.values() for p in (lora.lora_A, lora.lora_B)] + list(self.token_rows.values()) + last
 
     def losses(self) -> list[float]:
         return [h[1] for h in self.history]
@@ -119,26 +151,36 @@ class Cohort:
         embeddings: str = "frozen",
         template_ids: tuple[int, ...] = (),
     ):
-        """`base` gives the shared settings (method, dtype, attention, gradient_checkpointing);
+        """`base` gives the shared settings (method, dtype, attention, gradient_checkpointing) and the
+        cohort-wide ones (loss, lora_dtype, compile: module docstring);
         `max_rows`: the most rows one micro-step is expected to hold (gradient_checkpointing auto);
-        `embeddings` (model.embeddings: frozen, new_tokens or auto) and `template_ids` (the special
-        tokens the data uses) decide, for every member alike, whether each member trains its own
-        rows of those tokens (new_tokens), as a trial alone would."""
+        `embeddings` (model.embeddings: frozen, new_tokens, full or auto) and `template_ids` (the
+        special tokens the data uses) decide, for every member alike, whether each member trains its
+        own rows of those tokens (new_tokens) or the whole embedding (full: one member at a time),
+        as a trial alone would."""
         from trainable.data import IGNORE, load_split
+        from trainable.fast import require_liger, resolve_lora_dtype
         from trainable.model import _load_base, _set_checkpointing, decoder_prefix, pick_device_and_dtype, resolve_checkpointing, resolve_embeddings
+
+        if embeddings not in ("frozen", "new_tokens", "full", "auto"):
+            raise ValueError(f"model.embeddings: {embeddings!r}; expected frozen, new_tokens, full or auto")
 
         self.model_id, self.revision, self.base_train = model_id, revision, base
         self.max_seq_len, self.eval_batch_size, self.chunk_tokens = max_seq_len, eval_batch_size, chunk_tokens
         self.fold_tokens = fold_tokens  # 0: one micro-batch per forward, as a trial alone
         self.pass_tokens: int | None = None  # most tokens per forward pass of a micro-step (None: one pass of everyone)
         self.device, self.dtype = pick_device_and_dtype(base.dtype)
+        self.loss = _resolve_loss(base.loss, self.device)
+        if self.loss == "liger":
+            require_liger()  # before the weights load: a trial alone fails the same way, in the same words
+        self.lora_dtype = resolve_lora_dtype(base.lora_dtype, self.dtype)
+        self.lora_compute = torch.bfloat16 if self.lora_dtype == "bfloat16" else torch.float32  # the members' MemberLora compute dtype
         tick = time.perf_counter()
         self.model = _load_base(model_id, base, revision, self.device, self.dtype)
         weights_done = time.perf_counter()
-        if embeddings not in ("frozen", "new_tokens", "auto"):
-            raise ValueError(f"model.embeddings: {embeddings} trains the whole embedding matrix; such a trial runs alone, not in a cohort")
         self.embeddings, self.embeddings_reason = resolve_embeddings(embeddings, self.model, list(template_ids))
         self.tokens: TokenRows | None = None
+        self.whole: WholeEmbedding | None = WholeEmbedding(self.model) if self.embeddings == "full" else None
         self.checkpointing = resolve_checkpointing(base, self.model.config, max_rows * max_seq_len, self.device)
         _set_checkpointing(self.model, self.checkpointing)
         self.split = RowSplit(max_len=max_seq_len)
@@ -152,7 +194,8 @@ class Cohort:
                 self.layers[name] = wrapper
         if self.embeddings == "new_tokens":
             self.tokens = TokenRows(self.model, self.split, list(template_ids), self.device)
-        self.compiled_layers = compile_around_adapters(self.model, self.layers.values()) if base.compile else 0
+        # compile "auto" is the driver's to decide (it knows how long the workers train); left over, it compiles nothing
+        self.compiled_layers = compile_around_adapters(self.model, self.layers.values()) if base.compile is True else 0
         self.train_ds, self.eval_ds = load_split(data_dir, "train"), load_split(data_dir, "eval")
         self.pad_id = getattr(self.model.config.get_text_config(), "pad_token_id", None) or 0
         labels = self.train_ds["labels"]
@@ -192,11 +235,16 @@ class Cohort:
             for key in SHARED
             if getattr(train, key) != getattr(self.base_train, key)
         ]
-        if embeddings not in (None, "frozen", "new_tokens", "auto"):
-            out.append(f"model.embeddings: {embeddings} trains the whole embedding matrix; such a trial runs alone, not in a cohort")
+        if embeddings == "full" and self.embeddings != "full":
+            out.append(f"model.embeddings: full trains the whole embedding matrix; such a trial runs alone, not in a cohort of {self.embeddings} embeddings: "
+                       "give it a cohort of its own (Cohort(..., embeddings='full'))")  # fmt: skip
         elif embeddings in ("frozen", "new_tokens") and embeddings != self.embeddings:
             out.append(f"model.embeddings: {embeddings}, but this cohort's members train {self.embeddings} embeddings ({self.embeddings_reason}); "
                        "a trial joins a cohort with the same policy")  # fmt: skip
+        others = [m.name for s, m in self.members.items() if s != slot]
+        if self.embeddings == "full" and others:
+            out.append(f"model.embeddings: full: member {others[0]!r} trains the whole embedding matrix, and a full member runs alone; "
+                       "remove it first, or start another cohort for this trial")  # fmt: skip
         leaves = {name.rsplit(".", 1)[-1] for name in self.layers}
         missing = [n for n in target_names(train.target_modules) if n not in leaves]
         if missing:
@@ -217,11 +265,11 @@ class Cohort:
             slot = next(i for i in range(len(self.members) + 1) if i not in self.members)
         names = target_names(train.target_modules)
         targets = [n for n in self.layers if n.rsplit(".", 1)[-1] in names]
-        init = peft_init([(self.layers[n].in_features, self.layers[n].out_features) for n in targets], train.lora_r, train.seed)
+        init = peft_init([(self.layers[n].in_features, self.layers[n].out_features) for n in targets], train.lora_r, train.seed, self.dtype)
         layers: dict[str, MemberLora] = {}
         for layer_name, (a, b) in zip(targets, init):
             layer = self.layers[layer_name]
-            lora = MemberLora(layer.in_features, layer.out_features, train.lora_r, train.lora_alpha, train.lora_dropout, self.device, self.dtype)
+            lora = MemberLora(layer.in_features, layer.out_features, train.lora_r, train.lora_alpha, train.lora_dropout, self.device, self.lora_compute)
             with torch.no_grad():
                 lora.lora_A.copy_(a)
                 lora.lora_B.copy_(b)
@@ -232,12 +280,12 @@ class Cohort:
         if train.lora_dropout > 0:  # one dropout seed per micro-step comes from here (on the CPU: no device sync)
             generator = torch.Generator()
             generator.manual_seed(train.seed)
-        params = [p for lora in layers.values() for p in (lora.lora_A, lora.lora_B)]
         rows = self.tokens.new_rows(slot) if self.tokens is not None else {}
-        params += list(rows.values())
-        optimizer = build_optimizer(params, train, self.device)
-        member = Member(slot=slot, name=name or f"member-{slot}", train=train, layers=layers, optimizer=optimizer,
-                        schedule=build_schedule(optimizer, train), generator=generator, token_rows=rows)  # fmt: skip
+        whole = self.whole.attach(slot) if self.whole is not None else {}
+        member = Member(slot=slot, name=name or f"member-{slot}", train=train, layers=layers, optimizer=None, schedule=None,
+                        generator=generator, token_rows=rows, embedding=whole)  # fmt: skip
+        member.optimizer = build_optimizer(member.params, train, self.device)
+        member.schedule = build_schedule(member.optimizer, train)
         member.boundary_generator = generator.get_state() if generator is not None else None
         self._seek(member)
         self.members[slot] = member
@@ -250,6 +298,8 @@ class Cohort:
             del self.layers[layer_name].adapters[str(slot)]
         if self.tokens is not None:
             self.tokens.drop(slot)
+        if self.whole is not None:
+            self.whole.detach()  # the base's own frozen embedding is back: the next member starts from it
         member.optimizer.zero_grad(set_to_none=True)
         return member
 
@@ -370,6 +420,8 @@ class Cohort:
             segments.append((s, start, stop))
             start = stop
         decoder, lm_head, softcap = decoder_and_head(self.model)
+        if self.whole is not None and self.whole.head is not None:
+            lm_head = self.whole.head  # full: the member's trained copy (tied: its input embedding's)
         self.split.segments = tuple(segments)
         try:
             with torch.set_grad_enabled(grad):
@@ -378,19 +430,41 @@ class Cohort:
                 hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
                 hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, torch.cat(index).to(self.device))
                 heads = [self.tokens.head_rows(s) if self.tokens is not None else None for s in slots]
-                per_token = self._token_losses(hidden, torch.cat(targets).to(self.device), lm_head, softcap, grad, counts, heads)
-                sums = dict(zip(slots, (piece.sum() for piece in torch.split(per_token, counts))))
+                sums = dict(zip(slots, self._member_sums(hidden, torch.cat(targets).to(self.device), lm_head, softcap, grad, counts, heads)))
         finally:
             if not grad:  # with grad, backward (recomputation under checkpointing) still needs the split
                 self.split.segments = ()
         return sums, dict(zip(slots, counts))
 
-    def _token_losses(self, hidden: Any, targets: Any, lm_head: Any, softcap: float | None, grad: bool, counts: list[int], heads: list[Any]) -> Any:
-        """Per reply token cross-entropy (fp32), a chunk of tokens at a time through lm_head (as
-        trainable/loss.py does: each chunk's logits live only inside a checkpointed function).
-        `counts`: each member's tokens, in order; `heads`: each member's (token ids, rows) for the
-        lm_head columns it trains (new_tokens), or None. Chunks end where a member's tokens end
-        only when some member has its own columns."""
+    def _member_sums(self, hidden: Any, targets: Any, lm_head: Any, softcap: float | None, grad: bool, counts: list[int], heads: list[Any]) -> list[Any]:
+        """Each member's sum of reply-token cross-entropy (fp32), computed as train.loss says
+        (module docstring). `hidden`, `targets`: the reply positions of all members, in order;
+        `counts`, `heads`: as for _token_losses."""
+        if self.loss != "liger":
+            per_token = self._token_losses(hidden, targets, lm_head, softcap, grad, counts, heads, chunked=self.loss == "chunked")
+            return [piece.sum() for piece in torch.split(per_token, counts)]
+        from trainable.fast import head_weight, liger_sum
+
+        sums, start = [], 0
+        for n, head in zip(counts, heads):
+            h, t = hidden[start : start + n], targets[start : start + n]
+            if n == 0:
+                sums.append(hidden.new_zeros((), dtype=torch.float32))
+            elif head is not None:  # new_tokens: its own lm_head columns, which the fused kernel cannot take
+                sums.append(self._token_losses(h, t, lm_head, softcap, grad, [n], [head], chunked=True).sum())
+            else:
+                sums.append(liger_sum(head_weight(lm_head), h, t, softcap))
+            start += n
+        return sums
+
+    def _token_losses(self, hidden: Any, targets: Any, lm_head: Any, softcap: float | None, grad: bool, counts: list[int], heads: list[Any],
+                      chunked: bool = True) -> Any:  # fmt: skip
+        """Per reply token cross-entropy (fp32) through lm_head. `chunked`: a chunk of tokens at a
+        time (as trainable/loss.py does: each chunk's logits live only inside a checkpointed
+        function); else all at once, not checkpointed (loss: model). `counts`: each member's
+        tokens, in order; `heads`: each member's (token ids, rows) for the lm_head columns it trains
+        (new_tokens), or None. Pieces end where a member's tokens end only when some member has
+        its own columns."""
         from torch.utils.checkpoint import checkpoint
 
         spans = [(0, targets.shape[0], None)]
@@ -399,11 +473,12 @@ class Cohort:
             spans = [(end - n, end, head) for n, end, head in zip(counts, ends, heads)]
         pieces = []
         for lo, hi, head in spans:
-            for start in range(lo, hi, self.chunk_tokens):
-                stop = min(start + self.chunk_tokens, hi)
+            step = self.chunk_tokens if chunked else max(hi - lo, 1)
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
                 h, t = hidden[start:stop], targets[start:stop]
                 args = (h, t, lm_head, softcap) + ((head[0], head[1]) if head is not None else ())
-                pieces.append(checkpoint(_chunk_token_losses, *args, use_reentrant=False) if grad else _chunk_token_losses(*args))
+                pieces.append(checkpoint(_chunk_token_losses, *args, use_reentrant=False) if grad and chunked else _chunk_token_losses(*args))
         return torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
 
     # ------------------------------------------------------------------------------------------
@@ -430,7 +505,8 @@ class Cohort:
 
     def save(self, slot: int, folder: str | Path) -> None:
         """The member as of its last optimizer step: adapter, optimizer, schedule, dropout generator,
-        data position and history (an accumulation in progress is not kept; it is redone)."""
+        data position and history (an accumulation in progress is not kept; it is redone). A full
+        member's embedding copy is kept once, in the PEFT file (restore reads it from there)."""
         m = self.members[slot]
         self._check(m)
         folder = Path(folder)
@@ -451,18 +527,29 @@ class Cohort:
         from peft import LoraConfig
         from safetensors.torch import save_file
 
-        from trainable.model import lora_target_pattern
+        from trainable.model import embedding_config, lora_target_pattern
 
         t = m.train
-        tokens = {} if self.tokens is None else {"trainable_token_indices": self.tokens.peft_indices()}
+        extra: dict[str, Any] = {}
+        if self.tokens is not None:
+            extra = {"trainable_token_indices": self.tokens.peft_indices()}
+        if self.whole is not None:
+            extra = embedding_config(self.model, "full", [])  # the lone trial's modules_to_save (and tie), word for word
         config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=lora_target_pattern(self.model, t.target_modules),
-                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=self.model_id, revision=self.revision, **tokens)  # fmt: skip
+                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=self.model_id, revision=self.revision, **extra)  # fmt: skip
         config.save_pretrained(str(folder))
         # PEFT's keys: the module path under base_model.model, the adapter name dropped
         tensors = {f"base_model.model.{key.rsplit('.', 1)[0]}.{key.rsplit('.', 1)[1]}.weight": value.contiguous()
                    for key, value in adapter.items() if not key.startswith("token_rows.")}  # fmt: skip
         if self.tokens is not None:
             tensors.update({f"base_model.model.{self.tokens.paths[k]}.token_adapter.trainable_tokens_delta": adapter[f"token_rows.{k}"].contiguous() for k in m.token_rows})
+        if self.whole is not None:
+            # modules_to_save: the whole module's weight under its own path. PEFT writes (and, on
+            # load, wants) both keys of a tied pair; safetensors keeps no shared storage, hence the clone.
+            embed = m.embedding["embed"].detach().cpu()
+            tensors[f"base_model.model.{self.whole.paths['embed']}.weight"] = embed.contiguous()
+            head = m.embedding["head"].detach().cpu() if "head" in m.embedding else embed.clone()
+            tensors[f"base_model.model.{self.whole.paths['head']}.weight"] = head.contiguous()
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     def restore(self, folder: str | Path, slot: int | None = None) -> int:
@@ -478,6 +565,12 @@ class Cohort:
                 lora.lora_B.copy_(adapter[f"{n}.lora_B"])
             for k, p in m.token_rows.items():
                 p.copy_(adapter[f"token_rows.{k}"])
+            if m.embedding:
+                from safetensors.torch import load_file
+
+                saved = load_file(str(folder / "adapter_model.safetensors"))
+                for k, p in m.embedding.items():
+                    p.copy_(saved[f"base_model.model.{self.whole.paths[k]}.weight"])
         refresh_all(list(m.layers.values()))
         opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
         m.optimizer.load_state_dict(opt["optimizer"])
@@ -568,6 +661,50 @@ class _RowsEmbedding(torch.nn.Module):
         if covered < out.shape[0]:
             pieces.append(out[covered:])
         return torch.cat(pieces)
+
+
+class WholeEmbedding:
+    """embeddings: full in a cohort (of one member at a time): the member trains a copy of the whole
+    input embedding, and lm_head through Gemma's tie, as PEFT's modules_to_save (with
+    ensure_weight_tying) does for a trial alone: a deep copy of the embedding module, in the base's
+    dtype as PEFT leaves it, swapped into the model while the member is in; an untied lm_head gets
+    its own copy. The base's modules are never written to: `detach` puts the original back."""
+
+    def __init__(self, model: Any):
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        self.model = model
+        self.paths = {"embed": _path_of(model, embed), "head": _path_of(model, head)}
+        config = model.config.get_text_config()
+        self.tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False)) or head.weight is embed.weight
+        self.embed, self.base_head = embed, head
+        self.head: Any = None  # the lm_head the loss multiplies by while a member is in (None: the base's)
+
+    def attach(self, slot: int) -> dict[str, torch.nn.Parameter]:
+        """The member's trainable copies ("embed", and "head" if untied), starting from the base's."""
+        import copy
+
+        if self.head is not None:
+            raise ValueError(f"model.embeddings: full: slot {slot} cannot join; a full member trains the whole embedding matrix and runs alone")
+        embed = copy.deepcopy(self.embed)
+        embed.weight.requires_grad_(True)
+        self._swap(self.paths["embed"], embed)
+        params = {"embed": embed.weight}
+        if self.tied:  # one trained matrix serves both ends, as ensure_weight_tying has it
+            self.head = torch.nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta")
+            self.head.weight = embed.weight
+        else:
+            self.head = copy.deepcopy(self.base_head)
+            self.head.weight.requires_grad_(True)
+            params["head"] = self.head.weight
+        return params
+
+    def detach(self) -> None:
+        self._swap(self.paths["embed"], self.embed)
+        self.head = None
+
+    def _swap(self, path: str, module: Any) -> None:
+        parent, _, leaf = path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, leaf, module)
 
 
 def _path_of(model: Any, target: Any) -> str:

@@ -8,9 +8,13 @@
   micro-batches also runs in fp32; after the optimizer step the masters are rounded back into the
   model. Nothing here is specific to one adapter: the multi-adapter cohort layer can hand it any
   set of low-rank parameters.
+- `resolve_lora_dtype`: the one rule for what train.lora_dtype (float32, bfloat16, auto) means on a
+  base of a given compute dtype; a trial alone (`prepare`) and a cohort (trainable/cohort.py) use it.
 - `liger_summed_loss`: liger-kernel's fused linear + cross-entropy over the reply positions only
   (the same positions as the chunked loss), never materialising a chunk of logits in fp32.
   Gemma 3's final_logit_softcapping is passed through (liger supports softcap; Gemma 3 sets None).
+  `liger_sum` is its fused op alone (a cohort calls it once per member: each member has its own
+  normaliser), `require_liger` the one error where it cannot run.
 - `compile_layers`: torch.compile per decoder layer (regional compilation: one compiled graph per
   distinct layer kind, reused across layers, so compile time does not grow with depth).
 - CUDA graphs (train.cuda_graphs): the compiled layers in inductor's reduce-overhead mode, so each
@@ -32,6 +36,18 @@ LORA_PARAM_NAMES = ("lora_A", "lora_B")
 
 # ----------------------------------------------------------------------------------------------
 # LoRA in bf16, fp32 master weights
+
+
+def resolve_lora_dtype(requested: str, compute_dtype: Any) -> str:
+    """train.lora_dtype as it runs on a base computing in `compute_dtype` (a torch dtype or its name):
+    "bfloat16" (LoRA computed in bf16, fp32 masters) or "float32" (PEFT's fp32 adapter: the input
+    cast up for the adapter branch, the update cast back). auto is bfloat16 on a bf16 base, else
+    float32; bfloat16 asked for on a base that is not bf16 runs in float32 too (nothing to gain:
+    the activations are not bf16)."""
+    if requested not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"train.lora_dtype: {requested!r}; expected auto, bfloat16 or float32")
+    bf16_base = str(compute_dtype).removeprefix("torch.") == "bfloat16"
+    return "bfloat16" if requested in ("auto", "bfloat16") and bf16_base else "float32"
 
 
 class MasterWeights:
@@ -108,6 +124,13 @@ def liger_unavailable() -> str | None:
     return None
 
 
+def require_liger() -> None:
+    """Raise, in the words every `loss: liger` user sees, when liger-kernel cannot run here."""
+    reason = liger_unavailable()
+    if reason:
+        raise RuntimeError(f"train.loss: liger: {reason}")
+
+
 def head_weight(lm_head: Any) -> Any:
     """The weight the fused loss multiplies by: a plain Linear's, or the trained copy of `embeddings: full`."""
     import torch
@@ -127,24 +150,30 @@ def head_weight(lm_head: Any) -> Any:
 _LIGER: dict[float | None, Any] = {}
 
 
-def liger_summed_loss(model: Any, input_ids: Any, position_ids: Any, loss_index: Any, targets: Any) -> Any:
-    """Sum of next-token cross-entropy over `loss_index` positions, lm_head + loss fused by liger-kernel."""
-    from trainable.loss import IGNORE, decoder_and_head
-
-    reason = liger_unavailable()
-    if reason:
-        raise RuntimeError(f"train.loss: liger: {reason}")
+def liger_sum(weight: Any, hidden: Any, targets: Any, softcap: float | None) -> Any:
+    """Sum over rows of the cross-entropy of (hidden @ weight^T, softcapped) against `targets`,
+    fused by liger-kernel (the logits never exist whole); fp32. Call require_liger() first."""
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    decoder, lm_head, softcap = decoder_and_head(model)
-    weight = head_weight(lm_head)
+    from trainable.loss import IGNORE
+
     if softcap not in _LIGER:
         _LIGER[softcap] = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", softcap=softcap)
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     return _LIGER[softcap](weight, hidden, targets).float()
+
+
+def liger_summed_loss(model: Any, input_ids: Any, position_ids: Any, loss_index: Any, targets: Any) -> Any:
+    """Sum of next-token cross-entropy over `loss_index` positions, lm_head + loss fused by liger-kernel."""
+    from trainable.loss import decoder_and_head
+
+    require_liger()
+    decoder, lm_head, softcap = decoder_and_head(model)
+    weight = head_weight(lm_head)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+    return liger_sum(weight, hidden, targets, softcap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,27 +279,24 @@ def prepare(model: Any, train: Any, compute_dtype: Any) -> FastStep:
     import torch
 
     step = FastStep()
-    if train.lora_dtype == "bfloat16":
-        if compute_dtype == torch.bfloat16:
-            step.masters = MasterWeights.for_lora(model, torch.bfloat16)
-            step.info["lora_dtype"] = f"bfloat16 ({len(step.masters.params)} tensors, fp32 masters)"
-        else:  # dtype auto on a machine without bf16: nothing to gain, keep the adapter in fp32
-            step.info["lora_dtype"] = f"float32 (compute dtype is {str(compute_dtype).removeprefix('torch.')}, not bfloat16)"
+    if resolve_lora_dtype(train.lora_dtype, compute_dtype) == "bfloat16":
+        step.masters = MasterWeights.for_lora(model, torch.bfloat16)
+        step.info["lora_dtype"] = f"bfloat16 ({len(step.masters.params)} tensors, fp32 masters)"
+    elif train.lora_dtype == "bfloat16":  # dtype auto on a machine without bf16: nothing to gain, keep the adapter in fp32
+        step.info["lora_dtype"] = f"float32 (compute dtype is {str(compute_dtype).removeprefix('torch.')}, not bfloat16)"
     else:
         step.info["lora_dtype"] = "float32"
     if train.loss == "liger":
-        reason = liger_unavailable()
-        if reason:
-            raise RuntimeError(f"train.loss: liger: {reason}")
+        require_liger()
         head_weight(decoder_and_head_of(model))  # fails now, not at the first step, on new_tokens
     step.info["loss"] = train.loss
     global _GRAPHS_RECORDED
-    if train.cuda_graphs:
+    if getattr(train, "cuda_graphs", False):  # gone from newer schemas: never on there
         reason = cuda_graphs_off_reason(model, masters=step.masters is not None)
         step.cuda_graphs = _GRAPHS_RECORDED = reason is None
         step.info["cuda_graphs"] = "on" if reason is None else f"off ({reason})"
     mode = "reduce-overhead" if step.cuda_graphs else None
-    step.info["compiled_layers"] = compile_layers(model, mode=mode) if train.compile else 0
+    step.info["compiled_layers"] = compile_layers(model, mode=mode) if train.compile is True else 0  # "auto" left undecided: off
     return step
 
 

@@ -11,11 +11,16 @@ so a member's loss, and hence its gradients, depend only on its rows and its own
 `add_member_updates` holds the per-member arithmetic in one place (forward and backward, one
 autograd node per layer for all members), in two interchangeable forms: the grouped path (one set
 of grouped GEMMs for all members) and the per-member loop. Common to both:
-- compute dtype = the activations' dtype: bf16 on a bf16 (or NF4 with bf16 compute) base, fp32 on
-  an fp32 base (exact). x is never cast: gradients come back to the fp32 parameters (what the
-  optimizer steps).
+- compute dtype = each adapter's `compute_dtype` (the cohort's train.lora_dtype):
+  - the activations' dtype (bf16 on a bf16 or NF4-with-bf16-compute base with lora_dtype bfloat16;
+    fp32 on an fp32 base, exact): x is never cast, the update is added in place;
+  - fp32 on a bf16 (or fp16) base (lora_dtype float32): what PEFT does for an fp32 adapter on a
+    bf16 model, in the same order: each member's rows of x cast up, (x A^T) B^T * scaling in fp32,
+    added to the frozen output in fp32 and rounded back to its dtype once; backward likewise (the
+    output's gradient cast up, x's gradient rounded back). Only the per-member loop does this.
+  Either way gradients come back to the fp32 parameters (what the optimizer steps).
 - saved for backward: x once per layer (shared by all members) and x A^T ([tokens, r], small).
-  No fp32 copy of x, no dropout mask.
+  No fp32 copy of x (the fp32-compute path casts a member's rows again in backward), no dropout mask.
 - dropout: a member's mask at a layer is drawn from (its seed for this micro-step, the layer) over
   `max_len` positions by one cached generator, and drawn again in backward instead of being kept.
   So a member's masks depend neither on who else is in the cohort nor on the padded width, and
@@ -59,7 +64,8 @@ Where it runs (`_grouped_available`): torch with `_grouped_mm`, in and out featu
 and a device/dtype where it is one kernel without a host sync: CUDA bf16 on sm90 / sm100 (H100,
 H200, B200: CUTLASS), or the CPU (fp32 / bf16 / fp16: a loop of mm inside one op). Elsewhere (CUDA
 fp32, older GPUs: torch's fallback there copies the offsets to the host, a sync per GEMM) the loop
-runs. With fewer than 2 members on the layer the loop runs too (nothing to group).
+runs. With fewer than 2 members on the layer the loop runs too (nothing to group), and so it does
+when the adapters compute in fp32 on lower-precision activations (lora_dtype float32 on a bf16 base).
 
 `GROUPED` ("auto" | "on" | "off"; default from the environment variable LORA_SWEEP_GROUPED, else
 "off") picks between them: "off" always loops; "on" groups wherever it runs; "auto" groups when the
@@ -199,10 +205,17 @@ class _MemberUpdates(torch.autograd.Function):
         for (start, stop, scaling, p, seed, compute), i in zip(plan, range(0, len(weights), 2)):
             a, b = compute
             xi = x2[start * tokens : stop * tokens]
+            rows = out2[start * tokens : stop * tokens]
+            if a.dtype != x.dtype:  # fp32 adapter on bf16 activations: PEFT's order (module docstring)
+                xi = xi.to(a.dtype)
             if p > 0:
                 xi = xi * _keep_mask(x2, stop - start, tokens, p, seed, max_len)
             h = torch.mm(xi, a.t())
-            out2[start * tokens : stop * tokens].addmm_(h, b.t(), alpha=scaling / (1 - p))
+            if a.dtype != x.dtype:
+                update = torch.mm(h, b.t()).mul_(scaling / (1 - p))
+                rows.copy_(update.add_(rows))  # the sum in fp32, rounded to out's dtype once
+            else:
+                rows.addmm_(h, b.t(), alpha=scaling / (1 - p))
             hs.append(h)
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, *hs)
@@ -227,13 +240,22 @@ class _MemberUpdates(torch.autograd.Function):
             gi, xi = g2[lo:hi], x2[lo:hi]
             keep = _keep_mask(x2, stop - start, tokens, p, seed, ctx.max_len) if p > 0 else None
             c = scaling / (1 - p)
-            gh = _mm(gi, b, c)  # d loss / d h, [tokens, r]
-            grad_b = _mm(gi.t(), h, c)
+            if a.dtype != x.dtype:  # fp32 adapter on bf16 activations, as autograd differentiates PEFT's forward
+                xi, gs = xi.to(a.dtype), gi.to(a.dtype) * c  # d loss / d (h B^T), fp32
+                gh = torch.mm(gs, b)
+                grad_b = torch.mm(gs.t(), h)
+            else:
+                gh = _mm(gi, b, c)  # d loss / d h, [tokens, r]
+                grad_b = _mm(gi.t(), h, c)
             grad_a = torch.mm(gh.t(), xi if keep is None else xi * keep)
             if need_x:
-                torch.mm(gh, a, out=gx[lo:hi])
-                if keep is not None:
-                    gx[lo:hi].mul_(keep)
+                if a.dtype != x.dtype:
+                    gxi = torch.mm(gh, a)
+                    gx[lo:hi].copy_(gxi if keep is None else gxi.mul_(keep))  # rounded back to x's dtype once
+                else:
+                    torch.mm(gh, a, out=gx[lo:hi])
+                    if keep is not None:
+                        gx[lo:hi].mul_(keep)
             grads += [grad_a.to(ctx.dtypes[i]), grad_b.to(ctx.dtypes[i + 1])]
         if need_x and covered < x2.shape[0]:
             gx[covered:].zero_()
@@ -458,8 +480,8 @@ def _grouped_plan(x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, tra
         merged.pop()
     loras = [grp[2] for grp in merged]
     members = [lora for lora in loras if lora is not None]
-    if len(members) < 2:
-        return None
+    if len(members) < 2 or any(_upcasts(lora.compute_dtype, x.dtype) for lora in members):
+        return None  # nothing to group, or fp32 adapters on bf16 activations (the loop's upcast path)
     if out_features is None:
         out_features = members[0].lora_B.shape[0]
     if not _grouped_available(x, in_features, out_features):
@@ -496,7 +518,8 @@ def _grouped_plan(x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, tra
 
 def add_member_updates(out: torch.Tensor, x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, training: bool, layer_id: int = 0, owner: Any = None) -> torch.Tensor:
     """out[rows of member m] += B_m(A_m(dropout_m(x[rows of m]))) * scaling_m, for every member that
-    has an adapter on this layer, in x's dtype. In place on `out` (the frozen layer's fresh output).
+    has an adapter on this layer, in x's dtype, or in fp32 for an fp32 adapter on lower-precision x
+    (module docstring). In place on `out` (the frozen layer's fresh output).
     Grouped or looped as GROUPED says (module docstring); `owner` (the MultiLoraLinear) keeps the
     grouped path's stacked adapters between forwards."""
     if GROUPED != "off":
@@ -519,12 +542,20 @@ def add_member_updates(out: torch.Tensor, x: torch.Tensor, split: RowSplit, adap
             continue
         p = adapter.dropout if training else 0.0
         seed = (split.dropout_seeds.get(slot, 0) + 1_000_003 * layer_id) % 2**63
-        compute = adapter.compute if adapter.compute[0].dtype == x.dtype else (adapter.lora_A.detach().to(x.dtype), adapter.lora_B.detach().to(x.dtype))
+        compute = adapter.compute
+        if compute[0].dtype != x.dtype and not _upcasts(compute[0].dtype, x.dtype):
+            compute = (adapter.lora_A.detach().to(x.dtype), adapter.lora_B.detach().to(x.dtype))
         plan.append((start, stop, adapter.scaling, p, seed, compute))
         weights += [adapter.lora_A, adapter.lora_B]
     if not plan:
         return out
     return _MemberUpdates.apply(out, x, tuple(plan), split.max_len, *weights)
+
+
+def _upcasts(compute_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """Whether an adapter computing in `compute_dtype` takes the fp32 path on activations of `x_dtype`
+    (lora_dtype float32 on a bf16 or fp16 base); otherwise it computes in x's dtype."""
+    return compute_dtype == torch.float32 and x_dtype in (torch.bfloat16, torch.float16)
 
 
 class MultiLoraLinear(nn.Module):
@@ -565,11 +596,13 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def peft_init(shapes: list[tuple[int, int]], r: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def peft_init(shapes: list[tuple[int, int]], r: int, seed: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) for each (in, out) target in PEFT's order, as get_peft_model draws them after
     torch.manual_seed(seed): per layer, nn.Linear(in, r) and nn.Linear(r, out) are built (each drawing
-    its default kaiming-uniform init on the CPU), then A is drawn again and B zeroed. The caller's
-    RNG state is left untouched."""
+    its default kaiming-uniform init on the CPU), then A is drawn again and B zeroed. `dtype`: the
+    base model's; PEFT moves each new adapter to its base layer's dtype and get_peft_model casts it
+    back to fp32 (autocast_adapter_dtype), so on a bf16 base A starts at its bf16 rounding. The
+    caller's RNG state is left untouched."""
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -578,5 +611,5 @@ def peft_init(shapes: list[tuple[int, int]], r: int, seed: int) -> list[tuple[to
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r).__init__
             nn.init.kaiming_uniform_(torch.empty(out_f, r), a=math.sqrt(5))  # nn.Linear(r, out).__init__
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # reset_lora_parameters
-            out.append((a, torch.zeros(out_f, r)))
+            out.append((a.to(dtype).float(), torch.zeros(out_f, r)))
     return out

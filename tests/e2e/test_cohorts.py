@@ -57,7 +57,7 @@ def test_a_pruned_member_is_replaced_and_every_member_is_a_full_trial(tmp_path: 
     out = sweep_cli("run", str(space(tmp_path, 6, 2, search)), cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     log = out.stdout
-    assert re.search(r"cohorts: 1 worker\(s\) of 1 CPU, each training up to 3 trials", log), log[-3000:]
+    assert re.search(r"workers: 1 of 1 CPU, each training up to 3 trials", log), log[-3000:]
     sweep_dir = Path(re.search(r"sweep folder: (\S+)", log).group(1))
     meta, trials, runs = stores(sweep_dir)
     assert sorted(runs) == [f"t{i:03d}" for i in range(6)] and len(trials) == 6
@@ -176,7 +176,7 @@ def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path
     lines: list[str] = []
     result = run_sweep(cfg, log=lines.append)
     out = "\n".join(lines)
-    assert re.search(r"cohorts: 2 worker\(s\) of 1 GPU", out), out[-3000:]
+    assert re.search(r"workers: 2 of 1 GPU", out), out[-3000:]
     assert result.counts == {"completed": 6}, out[-3000:]
     meta, trials, runs = stores(Path(result.sweep_dir))
     assert sorted(runs) == [f"t{i:03d}" for i in range(6)] and [t.state.name for t in trials] == ["COMPLETE"] * 6

@@ -1,7 +1,7 @@
 """train.loss in a cohort (trainable/cohort.py): `chunked`, `model` and `liger` compute the same sum of
 reply-token cross-entropy for each member (each divided by its own reply tokens); `liger` needs CUDA
 and liger-kernel and, without them, a cohort refuses to start in the words a trial alone uses.
-CPU, tiny Gemma 3, fp32; liger's own kernel runs only in the CUDA test at the end."""
+Tiny Gemma 3 in fp32 (on the CPU, or on a GPU alike); liger's own kernel runs only in the CUDA test."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from trainable.model import load_tokenizer
 
 SEQ = 128
 STEPS = 6
-COMMON = dict(max_steps=STEPS, eval_every=STEPS, log_every=1, optimizer="adamw")
+COMMON = dict(max_steps=STEPS, eval_every=STEPS, log_every=1, optimizer="adamw", dtype="float32")
 # three members that differ in rank, targets, batch shape, schedule, dropout and seed
 MEMBERS = [
     TrainSection(**COMMON, lora_r=4, lora_alpha=8, target_modules="attention", learning_rate=5e-3, batch=(2, 2), lora_dropout=0.0),
@@ -45,7 +45,7 @@ def train(data_dir: str, loss: str, members: list[TrainSection] = MEMBERS, **coh
     """Each member's training losses and eval loss, in a cohort computing train.loss `loss`. Chunks
     of 64 tokens: the chunked loss really cuts every forward's reply tokens into several chunks."""
     torch.set_num_threads(1)
-    c = Cohort("tiny-gemma3", data_dir, TrainSection(loss=loss), max_seq_len=SEQ, chunk_tokens=64, **cohort)
+    c = Cohort("tiny-gemma3", data_dir, TrainSection(loss=loss, dtype="float32"), max_seq_len=SEQ, chunk_tokens=64, **cohort)
     assert c.loss == loss
     slots = [c.add(t) for t in members]
     while c.running():
@@ -115,7 +115,7 @@ def test_liger_loss_calls_the_fused_op_once_per_member(data_dir: str, monkeypatc
     chunked loss's."""
     chunked = train(data_dir, "chunked")
     calls = stand_in_liger(monkeypatch)
-    c = Cohort("tiny-gemma3", data_dir, TrainSection(loss="liger"), max_seq_len=SEQ, chunk_tokens=64)
+    c = Cohort("tiny-gemma3", data_dir, TrainSection(loss="liger", dtype="float32"), max_seq_len=SEQ, chunk_tokens=64)
     slots = [c.add(t) for t in MEMBERS]
     expected = 0
     while c.running():
@@ -142,7 +142,7 @@ def test_liger_loss_multiplies_by_a_full_members_own_copy(data_dir: str, monkeyp
     """embeddings: full: the fused op gets the member's trained embedding copy (lm_head through the
     tie), not the frozen base's weight."""
     calls = stand_in_liger(monkeypatch)
-    c = Cohort("tiny-gemma3", data_dir, TrainSection(loss="liger"), max_seq_len=SEQ, embeddings="full")
+    c = Cohort("tiny-gemma3", data_dir, TrainSection(loss="liger", dtype="float32"), max_seq_len=SEQ, embeddings="full")
     slot = c.add(MEMBERS[0])
     c.step()
     assert calls and all(weight is c.members[slot].embedding["embed"] for _, weight in calls)
@@ -166,8 +166,8 @@ def test_liger_loss_on_cpu_fails_at_construction_with_a_trials_words(data_dir: s
 @pytest.mark.skipif(liger_unavailable() is not None, reason="liger-kernel needs CUDA and the package")
 def test_liger_kernel_gives_the_chunked_losses_on_cuda(data_dir: str) -> None:
     """The real fused kernel, three members on a bf16 base: the chunked loss's losses within bf16
-    rounding (the two compute the logits in different orders)."""
-    members = [t.model_copy(update={"lora_dropout": 0.0}) for t in MEMBERS]
+    rounding (the two compute the logits in different orders; seen on an H100: 3e-4, eval 5e-5)."""
+    members = [t.model_copy(update={"lora_dropout": 0.0, "dtype": "bfloat16"}) for t in MEMBERS]
     runs = {}
     for loss in ("chunked", "liger"):
         c = Cohort("tiny-gemma3", data_dir, TrainSection(loss=loss, dtype="bfloat16", gradient_checkpointing=False), max_seq_len=SEQ)
@@ -176,8 +176,8 @@ def test_liger_kernel_gives_the_chunked_losses_on_cuda(data_dir: str) -> None:
             c.step()
         runs[loss] = [c.members[s].losses() for s in slots], c.evaluate()
     for a, b in zip(runs["liger"][0], runs["chunked"][0]):
-        assert a == pytest.approx(b, rel=2e-2)
-    assert runs["liger"][1] == pytest.approx(runs["chunked"][1], rel=1e-2)
+        assert a == pytest.approx(b, rel=3e-3)
+    assert runs["liger"][1] == pytest.approx(runs["chunked"][1], rel=1e-3)
 
 
 def test_auto_loss_is_chunked_without_cuda_or_liger(data_dir: str) -> None:
