@@ -80,7 +80,7 @@ def run_grid(space_file: Path) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     from sweep.config import load_config
-    from sweep.run import run_sweep
+    from sweep.engine.sweep import run_sweep
 
     cfg = load_config(space_file)
     started = time.perf_counter()
@@ -111,7 +111,7 @@ def run_replay(space_file: Path, method: str, budget: int, seed: int, curves: di
 
     from sweep.config import load_config
     from sweep.schedulers import make_scheduler
-    from sweep.study import SweepSearch
+    from sweep.engine.study import SweepSearch
     from sweep.trials import Ledger
 
     cfg = load_config(space_file, METHODS[method] + [f"search.seed={seed}", f"search.num_trials={budget}", f"name=replay-{method.replace('+', '-')}-{budget}-{seed}"])
@@ -139,7 +139,7 @@ def run_replay(space_file: Path, method: str, budget: int, seed: int, curves: di
 def real_check(space_file: Path, curves: dict, seed: int = 0) -> dict[str, Any]:
     """One real TPE+ASHA sweep (16 trials, trained for real); each trial's last loss checked against the grid."""
     from sweep.config import load_config
-    from sweep.run import run_sweep
+    from sweep.engine.sweep import run_sweep
 
     cfg = load_config(space_file, METHODS["tpe+asha"] + [f"search.seed={seed}", "search.num_trials=16", f"name=real-tpe-asha-{seed}"])
     started = time.perf_counter()

@@ -259,13 +259,13 @@ def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, c
     in a row the space is spent and the search ends."""
     import optuna
 
-    from sweep.study import RANDOM_AFTER_DUPLICATES, SPENT_AFTER_DUPLICATES, RandomProposal, close_duplicate, twin_of
+    from sweep.engine.study import RANDOM_AFTER_DUPLICATES, SPENT_AFTER_DUPLICATES, RandomProposal, close_duplicate, twin_of
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, budget_steps // STEPS, in_flight), pruner=make_pruner(pruner))
     space = TASKS.get(task) or CONTINUOUS[task]
     if sampler == "tpe-sobol":  # exactly as a sweep starts its study (sweep.study.startup_points)
-        from sweep.study import sobol_points
+        from sweep.engine.study import sobol_points
 
         for point in sobol_points(lambda trial: suggest(trial, space), SOBOL_STARTUP, seed):
             study.enqueue_trial(point)

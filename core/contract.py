@@ -1,8 +1,8 @@
 """What a trial reports, and how a finished trial's status is decided.
 
-The trainable writes these names, the driver's callbacks read them, MLflow, the Optuna study and
-the terminal show them: they are the contract between `trainable/` and `sweep/` and the names a
-user sees in MLflow, so they are spelled once, here.
+The workers write these names, the driver and the read-back commands read them, MLflow, the Optuna
+study and the terminal show them: they are the contract between `trainable/` and `sweep/` and the
+names a user sees in MLflow and in a sweep's folder, so they are spelled once, here.
 """
 
 from __future__ import annotations
@@ -74,12 +74,11 @@ ROW_METRICS = (EVAL_LOSS, TRAIN_LOSS, TOKENS_PER_SEC, PEAK_VRAM_GB, PEAK_VRAM_RE
 LEGACY_METRICS = {"learning_rate": LEARNING_RATE}
 
 # ----------------------------------------------------------------------------------------------
-# what the driver adds to a trial's Tune config beside the hyperparameters (see core.request)
+# placement data a trial's run logs beside its hyperparameters (never hyperparameters themselves)
 
-GPU_SHARE = "gpu_share"  # the fraction of a GPU the trial asked Ray for
-GPU_IDS = "gpu_ids"  # the GPU(s) Ray gave it (a param the trial logs)
-PLACEMENT_KEYS = (GPU_SHARE, ESTIMATED_VRAM_GB)  # logged as params, never hyperparameters
-RESUME_CHECKPOINT = "resume_checkpoint"  # a resumed or retried trial continues from this folder
+GPU_SHARE = "gpu_share"  # the fraction of a GPU a trial asked Ray for (sweeps of earlier versions, one trial per Ray trial)
+GPU_IDS = "gpu_ids"  # the GPU(s) Ray gave its worker (a param the worker logs)
+PLACEMENT_KEYS = (GPU_SHARE, ESTIMATED_VRAM_GB)  # read back beside the hyperparameters (sweep.readback.results)
 
 
 def metric_name(name: str) -> str:

@@ -17,11 +17,14 @@ since the loss is normalised over the whole optimizer step); every frozen projec
 it, and each member's low-rank update is added to its own rows (trainable/multi_lora.py). A member
 steps its optimizer when its own accumulation completes.
 
-Each member trains as it would alone (trainable/train.py), to float rounding:
+A cohort of one member is how a single trial trains: there is no other path. Each member trains as
+a plain PEFT model of its trial would (tests/peft_reference.py and tests/unit/test_reference.py hold
+it to that, and to Hugging Face Trainer), to float rounding:
 - its adapter starts from the values PEFT gives the same seed on the same base (multi_lora.peft_init);
 - its data order is train_batches' order for its seed, and its loss is the sum of cross-entropy
   over its reply tokens divided by the reply tokens of its whole optimizer step;
-- its gradients are clipped, and its optimizer and schedule built, by train.py's own helpers.
+- its gradients are clipped by max_grad_norm, and its optimizer and schedule built by
+  build_optimizer / build_schedule below.
 Differences: rows are padded to the longest row of the whole cohort batch (the pad tail is its own
 packed sequence, so no real token sees it); and dropout masks come from seeds of the member's own
 (drawn from its seed) rather than the global RNG, so a member's masks do not depend on who else
@@ -69,8 +72,8 @@ COHORT_WIDE = ("gradient_checkpointing", "loss", "eval_batch_size", "lora_dtype"
 
 
 def compile_around_adapters(model: Any, layers: Any) -> int:
-    """train.compile for a cohort: torch.compile each decoder layer, as a lone trial does
-    (trainable.fast.compile_layers), with the multi-adapter linears left out of the graphs. Traced
+    """train.compile for a cohort: torch.compile each decoder layer (trainable.fast.compile_layers),
+    with the multi-adapter linears left out of the graphs. Traced
     inside, they would tie each graph to the members' layout (who sits in which rows), so every
     member joining or leaving would recompile every layer, until dynamo's limit sent them back to
     eager. Left out, the graphs hold what lies between the projections (norms, rotary embedding,
@@ -93,6 +96,30 @@ def _resolve_loss(requested: str, device: Any) -> str:
     from core.rules import loss
 
     return loss(requested, device.type == "cuda", importlib.util.find_spec("liger_kernel") is not None)[0]
+
+
+def build_optimizer(params: list, train: TrainSection, device: Any) -> Any:
+    """A member's optimizer (core.rules decides `auto`: paged 8-bit AdamW for QLoRA, AdamW for LoRA)."""
+    import torch
+
+    from trainable.model import resolve_optimizer
+
+    name = resolve_optimizer(train)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay, fused=device.type == "cuda")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
+def build_schedule(optimizer: Any, train: TrainSection) -> Any:
+    """A member's learning-rate schedule: linear warm-up over warmup_ratio of max_steps, then cosine, linear or constant."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
+    warmup = int(round(train.warmup_ratio * train.max_steps))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=train.max_steps)
 
 
 @dataclass
@@ -256,7 +283,6 @@ class Cohort:
     def add(self, train: TrainSection, name: str | None = None, slot: int | None = None, embeddings: str | None = None) -> int:
         """A new member (fresh adapter, optimizer, schedule, data order) in `slot` or the first free one."""
         from trainable.model import target_names
-        from trainable.train import build_optimizer, build_schedule
 
         problems = self.problems(train, embeddings, slot)
         if problems:
@@ -527,7 +553,9 @@ class Cohort:
         from peft import LoraConfig
         from safetensors.torch import save_file
 
-        from trainable.model import embedding_config, lora_target_pattern
+        # base_model_name_or_path: the hub id, or the folder of a local (or the offline tiny) model,
+        # so that AutoPeftModelForCausalLM finds the base
+        from trainable.model import embedding_config, lora_target_pattern, resolve_model_path
 
         t = m.train
         extra: dict[str, Any] = {}
@@ -536,7 +564,7 @@ class Cohort:
         if self.whole is not None:
             extra = embedding_config(self.model, "full", [])  # the lone trial's modules_to_save (and tie), word for word
         config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=lora_target_pattern(self.model, t.target_modules),
-                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=self.model_id, revision=self.revision, **extra)  # fmt: skip
+                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=resolve_model_path(self.model_id), revision=self.revision, **extra)  # fmt: skip
         config.save_pretrained(str(folder))
         # PEFT's keys: the module path under base_model.model, the adapter name dropped
         tensors = {f"base_model.model.{key.rsplit('.', 1)[0]}.{key.rsplit('.', 1)[1]}.weight": value.contiguous()

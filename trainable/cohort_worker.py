@@ -38,30 +38,18 @@ from typing import Any, Callable, Protocol
 from core.contract import CHECKPOINT_PREFIX, LEARNING_RATE, MEMBER_STATE, WORKER_STATE, TrialStatus, summary
 from core.rules import COHORT_FOLD_TOKENS, cohort_fold
 from core.schema import TrainSection
-from trainable.train import TrialSpec, is_oom, peak_memory
-
-
-@dataclass
-class MemberTask:
-    """One Optuna trial for a cohort: its label, its sampled hyperparameters, where it continues from."""
-
-    label: str  # t007
-    number: int  # the Optuna trial number
-    hyper: dict[str, Any]  # the sampled values (decoded, as a lone trial's Tune config holds them)
-    checkpoint: str | None = None  # its last member checkpoint (resumed, or shed by an OOM)
-    attempt: int = 1
-    sheds: int = 0  # times an OOM shed it from a cohort
-    alone: bool = False  # shed twice: runs without other members
+from core.request import TrialRequest
+from trainable.device import is_oom, peak_memory
 
 
 class MemberSource(Protocol):
     """Where a worker's trials come from and where their results go."""
 
-    def take(self, worker: str, method: str, members: int) -> MemberTask | None:
+    def take(self, worker: str, method: str, members: int) -> TrialRequest | None:
         """The next trial for a worker of `method` that holds `members` members (continued ones
         first, then new ones from the sampler), or None when there is none to take now."""
 
-    def give_back(self, task: MemberTask) -> None:
+    def give_back(self, task: TrialRequest) -> None:
         """A trial taken but not training here (it does not fit, or an OOM shed it): queue it again."""
 
     def waiting_alone(self, method: str) -> bool:
@@ -70,16 +58,16 @@ class MemberSource(Protocol):
     def exhausted(self, method: str) -> bool:
         """No trial for `method` is left to hand out, now or later: the worker may end."""
 
-    def checkpoint_dir(self, task: MemberTask) -> str:
+    def checkpoint_dir(self, task: TrialRequest) -> str:
         """The folder that holds this trial's member checkpoints (durable, shared by the workers)."""
 
-    def begin(self, task: MemberTask, params: dict[str, Any]) -> None:
+    def begin(self, task: TrialRequest, params: dict[str, Any]) -> None:
         """The trial starts (or continues) on a worker: `params` are its derived params."""
 
-    def report(self, task: MemberTask, metrics: dict[str, Any]) -> bool:
+    def report(self, task: TrialRequest, metrics: dict[str, Any]) -> bool:
         """An evaluation (a lone trial's report, core.contract names); True: prune the trial."""
 
-    def end(self, task: MemberTask, metrics: dict[str, Any]) -> None:
+    def end(self, task: TrialRequest, metrics: dict[str, Any]) -> None:
         """The trial leaves the cohort with metrics['trial_status']: completed, pruned, stopped, nan, oom or failed."""
 
     def halt(self) -> str | None:
@@ -87,8 +75,26 @@ class MemberSource(Protocol):
 
 
 @dataclass(frozen=True)
+class BaseSpec:
+    """The sweep's settings every worker starts from: the model, the data, the train section (with
+    train.compile decided by the driver), and where the worker runs."""
+
+    model_id: str
+    revision: str | None
+    data_dir: str
+    train: TrainSection
+    threads: int = 1
+    embeddings: str = "frozen"  # model.embeddings: auto | full | new_tokens | frozen
+    template_ids: tuple[int, ...] = ()  # special tokens the data uses (rows new_tokens trains)
+    max_seq_len: int = 1024
+    gpu_share: float | None = None  # the fraction of a GPU this worker holds (1: a whole one); None: no GPU
+    gpu_bytes: int | None = None  # the GPU size that share is of (resources.gpu_memory_gb); None: the device's
+    stop_file: str | None = None  # `python -m sweep stop` writes it: every member checkpoints and stops
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
-    base: TrialSpec  # the sweep's fixed settings (model, data, train, max_seq_len, threads, stop file)
+    base: BaseSpec  # the sweep's fixed settings (model, data, train, max_seq_len, threads, stop file)
     method: str  # lora | qlora: the quantization of this worker's base model
     capacity: int  # the most members at once
     worker: str = "w0"  # the worker's name (its Ray Tune trial id in a sweep)
@@ -100,7 +106,7 @@ class WorkerSpec:
 class _Live:
     """What the worker keeps about a member beside the cohort's own Member."""
 
-    task: MemberTask
+    task: TrialRequest
     slot: int
     train: TrainSection
     seconds: float = 0.0  # wall time of the cohort steps it took part in
@@ -129,7 +135,7 @@ def _load_cohort(spec: WorkerSpec) -> Any:
     import transformers  # noqa: F401  (timed with the imports, not with the weights)
 
     from trainable.cohort import Cohort
-    from trainable.train import cap_memory
+    from trainable.device import cap_memory
 
     phases = {"imports": time.perf_counter() - tick}
     if torch.cuda.is_available():
@@ -178,7 +184,7 @@ def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[dict
                make_cohort: Callable[[WorkerSpec], Any] | None = None) -> dict[str, int]:  # fmt: skip
     """Train trials from `source` in one cohort until the source is exhausted or halts.
     `emit` receives progress lines (one per member event). Returns how many members ended how."""
-    from trainable.train import _reset_peak_rss
+    from trainable.device import reset_peak_rss
 
     if source.halt():
         return {}  # stopped or out of time before it started: no base model to load
@@ -186,7 +192,7 @@ def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[dict
         return {}  # other workers took every trial: no base model to load for nothing
     from trainable import faults
 
-    _reset_peak_rss()
+    reset_peak_rss()
     started = time.perf_counter()
     try:
         cohort = (make_cohort or _load_cohort)(spec)
@@ -281,7 +287,7 @@ class _Worker:
                 return
             self._add(task)
 
-    def _add(self, task: MemberTask) -> None:
+    def _add(self, task: TrialRequest) -> None:
         train = _train_of(self.spec.base.train, task.hyper)
         checkpoint = task.checkpoint if task.checkpoint and Path(task.checkpoint, MEMBER_STATE).exists() else None
         tick = time.perf_counter()
@@ -340,9 +346,9 @@ class _Worker:
             "cohort_size": self.capacity,
         }
         try:
-            from trainable.train import _gpu_ids, _ray_node
+            from trainable.device import gpu_ids, ray_node
 
-            info.update(ray_node=_ray_node(), gpu_ids=_gpu_ids())
+            info.update(ray_node=ray_node(), gpu_ids=gpu_ids())
         except Exception:  # no Ray here
             pass
         return info
@@ -407,7 +413,10 @@ class _Worker:
     def _report(self, slot: int, metrics: dict[str, Any], final: bool) -> None:
         lv, m = self.live[slot], self.cohort.members[slot]
         eval_loss = metrics["eval_loss"]
-        new = m.history[lv.reported :]
+        # train_loss: the mean over the steps since its previous evaluation (after a restore too,
+        # when the history it re-sends reaches further back)
+        since = max((e["step"] for e in lv.evals if e["step"] < m.step), default=0)
+        new = [h for h in m.history if h[0] > since]
         tokens, loss_tokens, seconds = m.tokens, m.loss_tokens, lv.seconds
         if lv.warm is not None and lv.seconds > lv.warm[2]:
             tokens, loss_tokens, seconds = m.tokens - lv.warm[0], m.loss_tokens - lv.warm[1], lv.seconds - lv.warm[2]
@@ -538,7 +547,7 @@ def _free_memory() -> None:
 # Ray Tune entry point
 
 
-def tune_cohort_worker(config: dict[str, Any], base: TrialSpec, source: MemberSource, capacity: int, budget: Any = None) -> None:
+def tune_cohort_worker(config: dict[str, Any], base: BaseSpec, source: MemberSource, capacity: int, budget: Any = None) -> None:
     """The Ray Tune trainable of a cohort worker: `config` names its method; members come from
     `source` (Optuna ask/tell and MLflow, sweep/cohorts.py). Progress lines go to the driver
     through tune.report (only ray.tune.* works inside a Tune trainable in Ray 2.60)."""

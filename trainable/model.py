@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer, quantize it for QLoRA, and wrap it with a LoRA adapter.
+"""Load a causal LM (4-bit NF4 for QLoRA) and its tokenizer; its LoRA targets and embedding policy.
 
 Gemma 3 rules from the seed live here:
 - the chat template may come from the instruct model while the base model's tokenizer is kept
@@ -13,7 +13,6 @@ Gemma 3 rules from the seed live here:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from core import rules
@@ -221,122 +220,8 @@ def embedding_config(model: Any, policy: str, template_ids: list[int]) -> dict[s
     return {"trainable_token_indices": indices}
 
 
-def _rows_forward(layer: Any, x: Any, active_adapters: Any, *args: Any, **kwargs: Any) -> Any:
-    """TrainableTokensLayer's forward without the merged weight matrix.
-
-    PEFT computes `W.index_copy(rows, delta)` on every call: a full copy of the 262k-row matrix for
-    the embedding, and another for the tied lm_head that backward keeps alive. Here the base
-    weight is used as is and only the trained rows are swapped in: embedding outputs at those token
-    positions, lm_head logits in those columns. Same values and gradients, no copy.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if layer.disable_adapters or layer.merged or len(active_adapters) != 1:
-        return layer._peft_forward_adapters(x, active_adapters, *args, **kwargs)
-    (name,) = active_adapters
-    base = layer.base_layer
-    weight = base.weight
-    # Cached on the layer: building it from the Python list each call is a host-to-device copy, which
-    # blocks the host (a sync inside every forward).
-    cache = layer.__dict__.setdefault("_index_cache", {})
-    index = cache.get((name, weight.device))
-    if index is None:
-        index = cache[(name, weight.device)] = torch.as_tensor(layer.token_indices[name], device=weight.device)
-    delta = layer.trainable_tokens_delta[name].to(weight.dtype)
-    if isinstance(base, torch.nn.Embedding):
-        out = F.embedding(x, weight, padding_idx=base.padding_idx)
-        slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
-        slot[index] = torch.arange(len(index), device=weight.device)
-        rows = slot[x]
-        trained = F.embedding(rows.clamp(min=0), delta)
-        out = torch.where((rows >= 0).unsqueeze(-1), trained, out)
-        scale = layer._get_embed_scale()
-        return out * scale.to(out.dtype) if scale is not None else out
-    if isinstance(base, torch.nn.Linear):
-        out = F.linear(x, weight, base.bias)
-        out[..., index] = F.linear(x, delta, base.bias[index] if base.bias is not None else None)
-        return out
-    return layer._peft_forward_adapters(x, active_adapters, *args, **kwargs)
-
-
-def copy_free_token_rows(model: Any) -> int:
-    """Give every PEFT TrainableTokensLayer in `model` the copy-free forward; returns how many."""
-    import types
-
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TrainableTokensLayer) and not hasattr(module, "_peft_forward_adapters"):
-            module._peft_forward_adapters = module.forward_adapters
-            module.forward_adapters = types.MethodType(_rows_forward, module)
-            count += 1
-    return count
-
-
 # ----------------------------------------------------------------------------------------------
 # loading
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a peft.PeftModel
-    device: Any  # torch.device
-    dtype: Any  # compute dtype
-    info: dict[str, Any]  # derived params for MLflow: trainable_params, quantization, ...
-    cache_key: tuple | None = None  # set when the base model is kept for reuse
-
-
-# A warm worker (Ray reuses a trial's process for the next trial of the same resource shape) keeps
-# the last base model it loaded, keyed by everything that changes its weights or layout. A trial
-# that finds its base here only builds a fresh adapter and optimizer on it. "wrapped" is the PEFT
-# model currently built on the base, so that a trial that ended without release() (killed by
-# the scheduler, say) cannot leave its adapter behind for the next one.
-_BASE_CACHE: dict[tuple, dict[str, Any]] = {}
-
-
-def clear_base_cache() -> None:
-    import gc
-
-    import torch
-
-    _BASE_CACHE.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def strip_adapter(model: Any) -> Any:
-    """The base model exactly as it was before get_peft_model.
-
-    PeftModel.unload() removes the LoRA layers but keeps a modules_to_save wrapper's *trained* copy
-    in the base (it treats it as merged), which would leak one trial's embeddings into the next:
-    every wrapper is swapped back to its original module first.
-    """
-    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper | TrainableTokensWrapper):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, module.original_module)
-    base = model.unload()
-    for param in base.parameters():
-        param.requires_grad_(False)
-    return base
-
-
-def release(loaded: LoadedModel | None, keep_base: bool) -> None:
-    """End of a trial: strip the adapter off a cached base (kept for the next trial), or drop it."""
-    if loaded is None:
-        return
-    entry = _BASE_CACHE.get(loaded.cache_key) if loaded.cache_key else None
-    if keep_base and entry is not None:
-        if entry["wrapped"] is not None:
-            strip_adapter(entry["wrapped"])
-            entry["wrapped"] = None
-    else:
-        clear_base_cache()
 
 
 def _set_checkpointing(model: Any, on: bool) -> None:
@@ -400,91 +285,3 @@ def _load_base(model_id: str, train: TrainSection, revision: str | None, device:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-
-
-def load_model(
-    model_id: str,
-    train: TrainSection,
-    revision: str | None = None,
-    embeddings: str = "frozen",
-    template_ids: list[int] | None = None,
-    tokens_per_micro_batch: int = 0,
-    reuse_base: bool = False,
-) -> LoadedModel:
-    """The base model (4-bit NF4 for QLoRA) with a fresh LoRA adapter built from `train`'s values.
-
-    With `reuse_base`, a base model this process loaded for an earlier trial with the same model,
-    quantization, dtype and attention is reused (see release()); otherwise it is loaded anew.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    device, dtype = pick_device_and_dtype(train.dtype)
-    key = (resolve_model_path(model_id), revision, train.method, str(dtype), train.attn_implementation, str(device))
-    entry = _BASE_CACHE.get(key) if reuse_base else None
-    reused = entry is not None
-    if entry is None:
-        clear_base_cache()  # one base per worker: never hold two
-        model = _load_base(model_id, train, revision, device, dtype)
-        if reuse_base:
-            entry = _BASE_CACHE[key] = {"base": model, "wrapped": None}
-    else:
-        if entry["wrapped"] is not None:  # the previous trial ended without release()
-            strip_adapter(entry["wrapped"])
-            entry["wrapped"] = None
-        model = entry["base"]
-    checkpointing = resolve_checkpointing(train, model.config, tokens_per_micro_batch, device)
-    _set_checkpointing(model, checkpointing)
-
-    template_ids = list(template_ids or [])
-    policy, reason = resolve_embeddings(embeddings, model, template_ids)
-    lora = LoraConfig(
-        r=train.lora_r,
-        lora_alpha=train.lora_alpha,
-        lora_dropout=train.lora_dropout,
-        target_modules=lora_target_pattern(model, train.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-        **embedding_config(model, policy, template_ids),
-    )
-    # The adapter's initial weights depend only on the seed, never on what ran before.
-    torch.manual_seed(train.seed)
-    model = get_peft_model(model, lora)
-    if entry is not None:
-        entry["wrapped"] = model
-    if policy == "new_tokens":
-        copy_free_token_rows(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    info = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "quantization": "nf4-double-quant" if train.method == "qlora" else "none",
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "lora_targets": ",".join(target_names(train.target_modules)),
-        "lora_layers": sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A")),
-        "model_class": type(model.get_base_model()).__name__,
-        "embeddings": policy,
-        "embeddings_reason": reason,
-        "embedding_rows_trained": len(template_ids) if policy == "new_tokens" else ("all" if policy == "full" else 0),
-        "gradient_checkpointing": checkpointing,
-        "optimizer": resolve_optimizer(train),
-        "base_model_reused": reused,
-    }
-    return LoadedModel(model=model, device=device, dtype=dtype, info=info, cache_key=key if reuse_base else None)
-
-
-def adapter_state(model: Any) -> dict[str, Any]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
-
-
-def load_adapter_state(model: Any, state: dict[str, Any]) -> None:
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, state)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if re.search(r"lora_|trainable_tokens|modules_to_save", k)]
-    if unexpected:
-        raise RuntimeError(f"checkpoint holds adapter weights this model lacks: {unexpected[:5]}")

@@ -94,7 +94,7 @@ class StudySource:
         return out
 
     def _claim(self, method: str, allow_alone: bool) -> Any:
-        from trainable.cohort_worker import MemberTask
+        from core.request import TrialRequest
 
         claimed = self.work / "claimed"
         claimed.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ class StudySource:
                 continue
             target.unlink(missing_ok=True)
             entry.pop("method")
-            return MemberTask(**entry)
+            return TrialRequest(**entry)
         return None
 
     def _ticket(self) -> Path | None:
@@ -176,7 +176,7 @@ class StudySource:
         return task
 
     def _propose(self, worker: str) -> tuple[Any, str]:
-        from trainable.cohort_worker import MemberTask
+        from core.request import TrialRequest
 
         self.study.stream = self.study.stream or worker  # each worker draws its own sampler stream
 
@@ -191,7 +191,7 @@ class StudySource:
             return None, ""
         if proposal is None:
             return None, ""
-        return MemberTask(label=proposal.label, number=proposal.number, hyper=proposal.hyper), proposal.hyper.get("method", self.cfg.train.method)
+        return TrialRequest(label=proposal.label, number=proposal.number, hyper=proposal.hyper), proposal.hyper.get("method", self.cfg.train.method)
 
     def give_back(self, task: Any) -> None:
         self.enqueue(task, task.hyper.get("method", self.cfg.train.method))
@@ -257,7 +257,8 @@ class StudySource:
 
     def orphans(self, worker: str) -> list[Any]:
         """The members `worker` held when it died: open trials that name it, not waiting in the queue."""
-        from trainable.cohort_worker import MemberTask, latest_checkpoint
+        from core.request import TrialRequest
+        from trainable.cohort_worker import latest_checkpoint
 
         queued = {e["label"] for _, e in self._entries()}
         out = []
@@ -266,18 +267,18 @@ class StudySource:
             if t.user_attrs.get(ATTR_WORKER) != worker or not t.params or label in queued:
                 continue
             checkpoint = latest_checkpoint(self.sweep_dir / TRIALS_DIR / label)
-            out.append(MemberTask(label=label, number=t.number, hyper=self.study.hyper(t), checkpoint=checkpoint, attempt=int(t.user_attrs.get(ATTR_ATTEMPT, 1))))
+            out.append(TrialRequest(label=label, number=t.number, hyper=self.study.hyper(t), checkpoint=checkpoint, attempt=int(t.user_attrs.get(ATTR_ATTEMPT, 1))))
         return out
 
     def queued(self) -> list[Any]:
         """Members still waiting in the queue (taken out of it)."""
-        from trainable.cohort_worker import MemberTask
+        from core.request import TrialRequest
 
         out = []
         for path, entry in self._entries():
             path.unlink(missing_ok=True)
             entry.pop("method")
-            out.append(MemberTask(**entry))
+            out.append(TrialRequest(**entry))
         return out
 
     def retry(self, task: Any, error: str) -> None:

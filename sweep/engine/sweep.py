@@ -298,11 +298,12 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
     """Finish a sweep whose driver died or was stopped: the same study (its whole history), the
     same parent run; unfinished trials continue from their last checkpoint; finished ones never
     run again; new trials fill the rest of the budget."""
-    from sweep.folder.checks import before_resume
+    from core.request import TrialRequest
     from sweep.engine.recorder import SweepRun
     from sweep.engine.study import Study
     from sweep.folder import STOP, SweepFolder, claim, release
-    from trainable.cohort_worker import MemberTask, latest_checkpoint
+    from sweep.folder.checks import before_resume
+    from trainable.cohort_worker import latest_checkpoint
 
     folder = SweepFolder(sweep_dir)
     sweep_dir, meta = folder.path, folder.meta
@@ -326,7 +327,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
             if t.state.name == "RUNNING":
                 label = trial_label(t.number)
                 checkpoint = latest_checkpoint(sweep_dir / TRIALS_DIR / label)
-                resume.append(MemberTask(label=label, number=t.number, hyper=study.hyper(t), checkpoint=checkpoint, attempt=int(t.user_attrs.get(ATTR_ATTEMPT, 1))))
+                resume.append(TrialRequest(label=label, number=t.number, hyper=study.hyper(t), checkpoint=checkpoint, attempt=int(t.user_attrs.get(ATTR_ATTEMPT, 1))))
             elif ATTR_WORKER in t.user_attrs:
                 finished += 1
         budget = max(0, cfg.num_trials - finished - len(resume))
@@ -432,11 +433,10 @@ class Sweep:
         """What each worker runs and the resources it asks Ray for: the one place both are chosen."""
         from ray import tune
 
-        from trainable.cohort_worker import tune_cohort_worker
-        from trainable.train import TrialSpec
+        from trainable.cohort_worker import BaseSpec, tune_cohort_worker
 
         cfg, plan = self.cfg, self.plan
-        base = TrialSpec(
+        base = BaseSpec(
             model_id=cfg.model.id,
             revision=cfg.model.revision,
             data_dir=str(self.prepared.folder),

@@ -1,7 +1,7 @@
 """A cohort of trials on one base model (issue 15) trains each member as it would train alone.
 
-"Alone" is the real single-trial path: trainable.train.run with the member's own TrainSection (PEFT
-adapter, train_batches' data order, its optimizer and schedule), fp32 on the CPU, tiny Gemma 3.
+"Alone" is the member's trial as a plain PEFT model (tests/peft_reference.py: its own TrainSection,
+PEFT's adapter, train_batches' data order, its optimizer and schedule), fp32 on the CPU, tiny Gemma 3.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
 from trainable.cohort import Cohort
 from trainable.data import prepare
-from trainable.model import load_model, load_tokenizer
-from trainable.train import MemoryReporter, TrialSpec, run
+from tests.peft_reference import peft_model, summed_loss, train_alone
+from trainable.model import load_tokenizer
 
 SEQ = 128
 STEPS = 30
@@ -52,7 +52,7 @@ def test_a_member_starts_from_pefts_init(data_dir: str) -> None:
     c = cohort(data_dir)
     train = TrainSection(lora_r=4, lora_alpha=8, target_modules=("q_proj", "down_proj"), seed=3)
     member = c.members[c.add(train)]
-    peft = dict(load_model("tiny-gemma3", train).model.named_parameters())
+    peft = dict(peft_model("tiny-gemma3", train)[0].named_parameters())
     assert len(member.layers) == 4  # 2 layers x 2 targets
     for name, lora in member.layers.items():
         assert torch.equal(lora.lora_A, peft[f"base_model.model.{name}.lora_A.default.weight"]), name
@@ -65,15 +65,13 @@ def test_four_different_members_each_train_as_alone(data_dir: str) -> None:
     train_until(c, lambda: False)
     evals = c.evaluate()
     for slot, train in zip(slots, MEMBERS):
-        alone = MemoryReporter()
-        run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ), alone)
-        theirs = [h[1] for r in alone.reports for h in r["history"]]
+        theirs, their_eval = train_alone("tiny-gemma3", data_dir, train, max_seq_len=SEQ)
         ours = c.members[slot].losses()
         assert len(ours) == len(theirs) == STEPS
         assert theirs[-1] < 0.9 * theirs[0]  # it learned: the comparison means something
         for step, (a, b) in enumerate(zip(ours, theirs), start=1):
             assert a == pytest.approx(b, rel=1e-4), f"member {slot} step {step}: cohort {a:.6f}, alone {b:.6f}"
-        assert evals[slot] == pytest.approx(alone.reports[-1]["eval_loss"], rel=1e-4)
+        assert evals[slot] == pytest.approx(their_eval, rel=1e-4)
         assert c.members[slot].status == "completed"
 
 
@@ -218,7 +216,7 @@ def test_a_member_checkpoint_loads_with_plain_peft(data_dir: str, tmp_path: Path
     peft = PeftModel.from_pretrained(base, str(tmp_path / "m")).eval()
     assert any(p.abs().sum() > 0 for n, p in peft.named_parameters() if "lora_B" in n)  # trained weights, not PEFT's zeros
     from trainable.data import collate
-    from trainable.loss import loss_positions, summed_loss
+    from trainable.loss import loss_positions
 
     rows = list(range(4))
     batch = collate(c.eval_ds[rows], c.pad_id)
@@ -239,8 +237,6 @@ def test_embedding_policies_a_cohort_refuses(data_dir: str) -> None:
     assert "runs alone, not in a cohort" in str(err.value) and "no linear layer named qkv" in str(err.value)
     with pytest.raises(ValueError, match="this cohort's members train frozen embeddings"):
         c.add(TrainSection(), embeddings="new_tokens")
-    with pytest.raises(ValueError, match="runs alone, not in a cohort"):
-        Cohort("tiny-gemma3", data_dir, TrainSection(), max_seq_len=SEQ, embeddings="full")
 
 
 def template_ids(data_dir: str) -> tuple[int, ...]:
@@ -263,9 +259,7 @@ def test_new_tokens_members_each_train_their_own_rows_as_alone(data_dir: str) ->
     assert torch.equal(start[slots[0]], c.model.get_input_embeddings().weight[list(ids)].float())  # PEFT's init: the base rows
     train_until(c, lambda: False)
     for slot, train in zip(slots, members):
-        alone = MemoryReporter()
-        run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids), alone)
-        theirs = [h[1] for r in alone.reports for h in r["history"]]
+        theirs, _ = train_alone("tiny-gemma3", data_dir, train, max_seq_len=SEQ, embeddings="new_tokens", template_ids=ids)
         ours = c.members[slot].losses()
         assert len(ours) == len(theirs) == 8
         for step, (a, b) in enumerate(zip(ours, theirs), start=1):
@@ -281,7 +275,7 @@ def test_new_tokens_member_exports_and_restores(data_dir: str, tmp_path: Path) -
     from transformers import AutoModelForCausalLM
 
     from trainable.data import collate
-    from trainable.loss import loss_positions, summed_loss
+    from trainable.loss import loss_positions
     from trainable.model import resolve_model_path
 
     ids = template_ids(data_dir)
@@ -443,7 +437,7 @@ def test_compiled_cohort_trains_as_eager_and_members_coming_and_going_do_not_rec
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("LORA_SWEEP_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr("trainable.fast.COMPILE_BACKEND", "aot_eager")
     members = [t.model_copy(update={"max_steps": 4 + 2 * i, "eval_every": 4 + 2 * i}) for i, t in enumerate(MEMBERS)]
     curves, graphs = {}, []
     for compiled in (False, True):

@@ -1,6 +1,6 @@
-"""A cohort of ONE member is the lone trial: every trial runs as a cohort member, so a cohort of one
-must train as plain Hugging Face Trainer + PEFT does and as the lone-trial loop did
-(trainable.train.run), including what only a trial alone used to do:
+"""A cohort of ONE member is a trial alone: every trial runs as a cohort member, so a cohort of one
+must train as its plain PEFT model does (tests/peft_reference.py; tests/unit/test_reference.py ties
+that to Hugging Face Trainer and a plain cohort of one to both), including what only a trial alone did:
 - model.embeddings: full (a trainable copy of the whole embedding, tied to lm_head);
 - train.lora_dtype: float32 on a bf16 base (PEFT's fp32 adapter: x cast up, the update cast back).
 CPU, tiny Gemma 3, fp32 unless said otherwise.
@@ -16,10 +16,10 @@ import torch
 
 from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
-from tests.unit import test_reference as reference  # the module, not its names: its test is not collected again here
+from tests.peft_reference import summed_loss, train_alone
 from trainable.cohort import Cohort
 from trainable.data import collate, prepare
-from trainable.loss import loss_positions, summed_loss
+from trainable.loss import loss_positions
 from trainable.model import load_tokenizer, resolve_model_path
 
 SEQ = 128
@@ -35,12 +35,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def alone(model_id: str, data_dir: str, train: TrainSection, embeddings: str = "frozen") -> tuple[list[float], float]:
-    """(train losses, final eval loss) of the trial alone: trainable.train.run, PEFT underneath."""
-    from trainable.train import MemoryReporter, TrialSpec, run
-
-    reporter = MemoryReporter()
-    run(TrialSpec(model_id=model_id, revision=None, data_dir=data_dir, train=train, max_seq_len=SEQ, embeddings=embeddings), reporter)
-    return [h[1] for r in reporter.reports for h in r["history"]], reporter.reports[-1]["eval_loss"]
+    """(train losses, final eval loss) of the trial alone: its plain PEFT model."""
+    return train_alone(model_id, data_dir, train, max_seq_len=SEQ, embeddings=embeddings)
 
 
 def train_all(c: Cohort) -> None:
@@ -67,26 +63,6 @@ def eval_rows_loss(c: Cohort, slot: int, model: Any, rows: list[int]) -> tuple[f
     finally:
         c.eval_ds = full_eval
     return ours, theirs
-
-
-# ------------------------------------------------------------------------------------------------
-# the reference: plain Hugging Face Trainer + PEFT
-
-
-def test_a_cohort_of_one_trains_as_hf_trainer_and_peft(data_dir: str, tmp_path: Path) -> None:
-    """The first 30 training losses of a one-member cohort equal HF Trainer + PEFT's (same model,
-    adapter init, data order, optimizer and schedule: tests/unit/test_reference.py) within 1e-4."""
-    theirs = reference.reference_losses(data_dir, tmp_path)[:STEPS]  # a 50-step schedule, as the member's
-    torch.set_num_threads(1)
-    train = TrainSection(**reference.TRAIN)
-    c = Cohort("tiny-gemma3", data_dir, train, max_seq_len=SEQ)
-    slot = c.add(train)
-    while c.members[slot].step < STEPS:
-        c.step()
-    c.sync(slot)
-    ours = c.members[slot].losses()
-    assert ours[-1] < 0.8 * ours[0]  # it learned: the comparison means something
-    assert_same_losses(ours, theirs, 1e-4, "HF Trainer")
 
 
 # ------------------------------------------------------------------------------------------------

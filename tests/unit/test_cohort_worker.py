@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from core.schema import TrainSection
-from trainable.cohort_worker import MemberTask, WorkerSpec, latest_checkpoint, run_worker
+from core.request import TrialRequest
+from trainable.cohort_worker import BaseSpec, WorkerSpec, latest_checkpoint, run_worker
 from trainable.faults import FAULTS_ENV
-from trainable.train import TrialSpec
 
 TRAIN = TrainSection(max_steps=6, eval_every=2, log_every=1, lora_dropout=0.0, batch=(1, 1))
 
@@ -107,22 +107,22 @@ class FakeSource:
     """Hands out `hypers` in order; prunes what `prune(label, step)` says; records everything."""
 
     def __init__(self, hypers: list[dict], root: Path, prune: Any = None):
-        self.todo = [MemberTask(label=f"t{i:03d}", number=i, hyper=h) for i, h in enumerate(hypers)]
-        self.queue: list[MemberTask] = []
+        self.todo = [TrialRequest(label=f"t{i:03d}", number=i, hyper=h) for i, h in enumerate(hypers)]
+        self.queue: list[TrialRequest] = []
         self.root, self.prune = root, prune or (lambda label, step: False)
         self.begun: list[str] = []
         self.reports: list[tuple[str, int]] = []
         self.ended: dict[str, dict] = {}
         self.given_back: list[str] = []
 
-    def take(self, worker: str, method: str, members: int) -> MemberTask | None:
+    def take(self, worker: str, method: str, members: int) -> TrialRequest | None:
         for task in self.queue:
             if not task.alone or members == 0:
                 self.queue.remove(task)
                 return task
         return self.todo.pop(0) if self.todo else None
 
-    def give_back(self, task: MemberTask) -> None:
+    def give_back(self, task: TrialRequest) -> None:
         self.given_back.append(task.label)
         self.queue.append(task)
 
@@ -132,18 +132,18 @@ class FakeSource:
     def exhausted(self, method: str) -> bool:
         return not self.todo and not self.queue
 
-    def checkpoint_dir(self, task: MemberTask) -> str:
+    def checkpoint_dir(self, task: TrialRequest) -> str:
         return str(self.root / task.label)
 
-    def begin(self, task: MemberTask, params: dict) -> None:
+    def begin(self, task: TrialRequest, params: dict) -> None:
         self.begun.append(task.label)
         assert params["cohort"] == "w0" and params["cohort_size"] >= 1
 
-    def report(self, task: MemberTask, metrics: dict) -> bool:
+    def report(self, task: TrialRequest, metrics: dict) -> bool:
         self.reports.append((task.label, metrics["step"]))
         return self.prune(task.label, metrics["step"])
 
-    def end(self, task: MemberTask, metrics: dict) -> None:
+    def end(self, task: TrialRequest, metrics: dict) -> None:
         assert task.label not in self.ended, f"{task.label} ended twice"
         self.ended[task.label] = metrics
 
@@ -165,7 +165,7 @@ def work(tmp_path: Path, hypers: list[dict], capacity: int, halt: Any = None, bu
         made.append(spec)
         return cohort
 
-    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=capacity, poll_seconds=0.01, budget=budget)
+    spec = WorkerSpec(base=BaseSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=capacity, poll_seconds=0.01, budget=budget)
     run_worker(spec, source, lambda events: lines.extend(e["text"] for e in events), make_cohort=make)
     assert len(made) == 1  # the base is loaded once, whoever comes and goes
     return source, cohort, lines
@@ -225,9 +225,9 @@ def test_a_member_continues_from_its_checkpoint(tmp_path: Path) -> None:
     checkpoint = latest_checkpoint(tmp_path / "t000")
     assert checkpoint and checkpoint.endswith("step-000004")
     source = FakeSource([], tmp_path)
-    source.queue = [MemberTask(label="t000", number=0, hyper={"lora_r": 4}, checkpoint=checkpoint)]
+    source.queue = [TrialRequest(label="t000", number=0, hyper={"lora_r": 4}, checkpoint=checkpoint)]
     cohort = FakeCohort()
-    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=1, poll_seconds=0.01)
+    spec = WorkerSpec(base=BaseSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=1, poll_seconds=0.01)
     run_worker(spec, source, make_cohort=lambda s: cohort)
     assert source.reports == [("t000", 6)] and status(source) == {"t000": "completed"}
     assert [h[0] for h in source.ended["t000"]["history"]] == [1, 2, 3, 4, 5, 6]  # replayed once, then new steps
@@ -247,9 +247,9 @@ def test_a_stop_saves_every_member_at_its_current_step_and_ends_it_stopped(tmp_p
 
     # resume: each continues from that checkpoint, none of its steps run twice
     source = FakeSource([], tmp_path)
-    source.queue = [MemberTask(label=x, number=i, hyper={"lora_r": r}, checkpoint=latest_checkpoint(tmp_path / x)) for i, (x, r) in enumerate((("t000", 4), ("t001", 8)))]
+    source.queue = [TrialRequest(label=x, number=i, hyper={"lora_r": r}, checkpoint=latest_checkpoint(tmp_path / x)) for i, (x, r) in enumerate((("t000", 4), ("t001", 8)))]
     cohort = FakeCohort()
-    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
+    spec = WorkerSpec(base=BaseSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
     run_worker(spec, source, make_cohort=lambda s: cohort)
     assert status(source) == {"t000": "completed", "t001": "completed"} and cohort.sizes == [2, 2, 2]
     assert sorted(source.reports) == [("t000", 4), ("t000", 6), ("t001", 4), ("t001", 6)]
@@ -270,7 +270,7 @@ def test_at_the_time_budget_members_end_stopped_where_they_are(tmp_path: Path) -
 def test_a_worker_halted_before_it_starts_loads_nothing(tmp_path: Path) -> None:
     source = FakeSource([{"lora_r": 4}], tmp_path)
     source.halt_when = lambda s: "stop"
-    spec = WorkerSpec(base=TrialSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
+    spec = WorkerSpec(base=BaseSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
     assert run_worker(spec, source, make_cohort=lambda s: pytest.fail("loaded a base model after the stop")) == {}
     assert source.begun == [] and source.ended == {}
 

@@ -22,7 +22,7 @@ from core.estimate import (
     trial_shape,
     wants_checkpointing,
 )
-from core.request import RESERVED, Allocation, CohortRequest, TrialRequest, request_from_config
+from core.request import TrialRequest
 from core.schema import SEARCHABLE, TrainSection
 
 # ------------------------------------------------------------------------------------------------
@@ -80,51 +80,17 @@ def test_auto_checkpointing_above_a_quarter_of_the_device() -> None:
 # request
 
 
-def test_a_tune_config_splits_into_hyperparameters_placement_and_resume() -> None:
-    config = {"lora_r": 8, "batch": (2, 4), "resume_checkpoint": "/ckpt/3", "gpu_share": 0.35, "estimated_vram_gb": 4.2}
-    request = TrialRequest.from_config(config)
-    assert request.hyper == {"lora_r": 8, "batch": (2, 4)}
-    assert request.allocation == Allocation(gpu_share=0.35, estimated_vram_gb=4.2)
-    assert request.resume_checkpoint == "/ckpt/3"
-    assert request.to_config() == config and list(request.to_config()) == list(config)
-    assert request.params() == {"lora_r": 8, "batch": (2, 4), "gpu_share": 0.35, "estimated_vram_gb": 4.2}
-    plain = TrialRequest({"lora_r": 16})
-    assert plain.to_config() == {"lora_r": 16} and TrialRequest.from_config(plain.to_config()) == plain
-    assert request_from_config(config) == request
+def test_a_request_names_its_trial_and_travels_as_json() -> None:
+    import dataclasses
+    import json
 
-
-def test_a_request_is_frozen_and_checks_itself() -> None:
-    request = TrialRequest({"lora_r": 8})
-    with pytest.raises(AttributeError):
-        request.resume_checkpoint = "/x"  # type: ignore[misc]
-    with pytest.raises(ValueError, match="reserved"):
-        TrialRequest({"lora_r": 8, "gpu_share": 0.5})
-    with pytest.raises(ValueError, match="gpu_share"):
-        Allocation(gpu_share=-0.1)
-    assert not set(SEARCHABLE) & set(RESERVED)  # no hyperparameter can be mistaken for placement or resume data
-
-
-def test_a_cohort_carries_several_trials_on_one_placement() -> None:
-    a = TrialRequest({"lora_r": 8}, label="t000")
-    b = TrialRequest({"lora_r": 32, "learning_rate": 1e-3}, label="t001", resume_checkpoint="/ckpt/1")
-    cohort = CohortRequest((a, b), Allocation(gpu_share=0.5, estimated_vram_gb=9.0))
-    config = cohort.to_config()
-    assert config == {
-        "cohort": [{"lora_r": 8, "trial": "t000"}, {"lora_r": 32, "learning_rate": 1e-3, "trial": "t001", "resume_checkpoint": "/ckpt/1"}],
-        "gpu_share": 0.5,
-        "estimated_vram_gb": 9.0,
-    }
-    assert request_from_config(config) == cohort == CohortRequest.from_config(config) and len(cohort) == 2
-    with pytest.raises(ValueError, match="cohort"):
-        TrialRequest.from_config(config)
-    with pytest.raises(ValueError, match="label"):
-        CohortRequest((TrialRequest({"lora_r": 8}),))
-    with pytest.raises(ValueError, match="repeat"):
-        CohortRequest((a, a))
-    with pytest.raises(ValueError, match="allocation"):
-        CohortRequest((TrialRequest({"lora_r": 8}, Allocation(gpu_share=0.2), label="t002"),))
-    with pytest.raises(ValueError, match="at least one"):
-        CohortRequest(())
+    request = TrialRequest(label="t007", number=7, hyper={"lora_r": 8, "batch": [2, 4]}, checkpoint="/trials/t007/step-000040", attempt=2)
+    again = TrialRequest(**json.loads(json.dumps(dataclasses.asdict(request))))  # as the workers' queue files carry it
+    assert again == request
+    with pytest.raises(ValueError, match="trial label 't008' does not name trial number 7"):
+        TrialRequest(label="t008", number=7)
+    with pytest.raises(ValueError, match="expected attempt >= 1"):
+        TrialRequest(label="t007", number=7, attempt=0)
 
 
 # ------------------------------------------------------------------------------------------------

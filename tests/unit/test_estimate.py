@@ -118,7 +118,7 @@ def test_a_trial_caps_its_memory_to_its_share_of_the_planned_gpu(monkeypatch: py
     from types import SimpleNamespace
 
     from core.estimate import CONTEXT_BYTES
-    from trainable.train import cap_memory
+    from trainable.device import cap_memory
 
     device = 140 * GB
     caps: list[float] = []

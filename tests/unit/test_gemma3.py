@@ -13,11 +13,10 @@ import torch
 from sweep.config import DataSection, TrainSection, load_config
 from sweep.readback.estimate import TextShape, layer_activation_bytes, wants_checkpointing
 from tests.conftest import DEMO_DATA, MINIMAL, write_space
-from tests.unit.test_train import ListReporter
+from trainable.cohort import Cohort
 from trainable.data import IGNORE, encode, prepare
-from trainable.model import check_targets, load_model, load_tokenizer, resolve_embeddings, resolve_optimizer, untrained_rows
+from trainable.model import check_targets, load_tokenizer, resolve_embeddings, resolve_optimizer, untrained_rows
 from trainable.tiny import ensure_tiny
-from trainable.train import TrialSpec, run
 
 CHAT = [{"role": "user", "content": "Opposite of hot?"}, {"role": "assistant", "content": "The opposite of hot is cold."}]
 SOT, EOT = 5, 6  # <start_of_turn>, <end_of_turn> in the tiny vocabulary
@@ -59,28 +58,22 @@ def test_template_tokens_are_found_in_the_data(data_dir: tuple[str, list[int]]) 
     assert data_dir[1] == [SOT, EOT]
 
 
-def _lora_modules(model) -> list[str]:
-    return [name for name, _ in model.named_modules() if name.endswith(".lora_A")]
-
-
 @pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj"), "attention"])
-def test_lora_never_lands_on_the_vision_tower(targets) -> None:
-    loaded = load_model("tiny-gemma3-vision", TrainSection(lora_r=4, target_modules=targets))
-    base = loaded.model.get_base_model()
-    assert type(base).__name__ == "Gemma3ForConditionalGeneration"
-    vision_q = [n for n, _ in base.named_modules() if "vision_tower" in n and n.endswith("q_proj")]
+def test_lora_never_lands_on_the_vision_tower(targets, data_dir: tuple[str, list[int]]) -> None:
+    c = Cohort("tiny-gemma3-vision", data_dir[0], TrainSection(), max_seq_len=128)
+    assert type(c.model).__name__ == "Gemma3ForConditionalGeneration"
+    vision_q = [n for n, _ in c.model.named_modules() if "vision_tower" in n and n.endswith("q_proj")]
     assert vision_q, "the tiny vision model must have a SigLIP tower with q_proj layers"
-    modules = _lora_modules(loaded.model)
+    modules = list(c.members[c.add(TrainSection(lora_r=4, target_modules=targets))].layers)
     assert modules and not [m for m in modules if "vision" in m or "multi_modal" in m]
     assert all(".language_model.layers." in m for m in modules)
-    expected = 2 * (7 if targets == "all-linear" else 4 if targets == "attention" else 2)
-    assert len(modules) == expected == loaded.info["lora_layers"]
+    assert len(modules) == 2 * (7 if targets == "all-linear" else 4 if targets == "attention" else 2)
 
 
-def test_text_only_gemma3_keeps_working() -> None:
-    loaded = load_model("tiny-gemma3", TrainSection(lora_r=4))
-    assert type(loaded.model.get_base_model()).__name__ == "Gemma3ForCausalLM"
-    assert len(_lora_modules(loaded.model)) == 14
+def test_text_only_gemma3_keeps_working(data_dir: tuple[str, list[int]]) -> None:
+    c = Cohort("tiny-gemma3", data_dir[0], TrainSection(), max_seq_len=128)
+    assert type(c.model).__name__ == "Gemma3ForCausalLM"
+    assert len(c.members[c.add(TrainSection(lora_r=4))].layers) == 14
 
 
 def test_explicit_names_are_checked_against_the_language_model_only() -> None:
@@ -90,92 +83,59 @@ def test_explicit_names_are_checked_against_the_language_model_only() -> None:
 
 
 def test_a_multimodal_trial_trains(data_dir: tuple[str, list[int]]) -> None:
+    """Gemma3ForConditionalGeneration (a SigLIP tower beside the language model): a trial trains its
+    language model's projections only, and learns."""
     train = TrainSection(max_steps=4, eval_every=2, log_every=1, batch=(2, 1), learning_rate=1e-2, lora_r=4)
-    reporter = ListReporter()
-    last = run(TrialSpec(model_id="tiny-gemma3-vision", revision=None, data_dir=data_dir[0], train=train, max_seq_len=128), reporter)
-    assert last["trial_status"] == "completed" and last["eval_loss"] < reporter.reports[0]["eval_loss"] + 1
-    assert reporter.reports[0]["derived"]["model_class"] == "Gemma3ForConditionalGeneration"
+    c = Cohort("tiny-gemma3-vision", data_dir[0], TrainSection(), max_seq_len=128)
+    assert type(c.model).__name__ == "Gemma3ForConditionalGeneration"
+    slot = c.add(train)
+    before = c.evaluate([slot])[slot]
+    while c.running():
+        c.step()
+    assert c.evaluate([slot])[slot] < before
+    assert all(".language_model." in name for name in c.members[slot].layers)  # none in the vision tower
 
 
 # ---------------------------------------------------------------------------------------------
 # embedding policies
 
 
-def _train_steps(loaded, steps: int = 3) -> None:
-    model = loaded.model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    ids = torch.tensor([[2, SOT, 40, 41, EOT, SOT, 50, 51, 52, EOT]])
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
+def _train_steps(c: Cohort, steps: int = 3) -> None:
+    while c.running() and min(m.step for m in c.members.values()) < steps:
+        c.step()
 
 
 @pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-gemma3-vision"])
-def test_full_trains_one_tied_copy(model_id: str) -> None:
-    loaded = load_model(model_id, TrainSection(lora_r=4), embeddings="full", template_ids=[SOT, EOT])
-    model = loaded.model
-    base = model.get_base_model()
-    vocab, hidden = base.get_input_embeddings().weight.shape[0], base.config.get_text_config().hidden_size
-    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    assert loaded.info["trainable_params"] == lora + vocab * hidden  # one copy, not two
-    _train_steps(loaded)
-    emb = model.get_input_embeddings().modules_to_save["default"].weight
-    head = model.get_output_embeddings().modules_to_save["default"].weight
-    assert emb.data_ptr() == head.data_ptr()  # still tied after training
-    assert loaded.info["embeddings"] == "full" and loaded.info["embedding_rows_trained"] == "all"
+def test_full_trains_one_tied_copy(model_id: str, data_dir: tuple[str, list[int]]) -> None:
+    c = Cohort(model_id, data_dir[0], TrainSection(), max_seq_len=128, embeddings="full")
+    slot = c.add(TrainSection(lora_r=4, learning_rate=5e-2, batch=(2, 1)))
+    member = c.members[slot]
+    vocab, hidden = c.model.get_input_embeddings().weight.shape
+    lora = sum(p.numel() for lora in member.layers.values() for p in (lora.lora_A, lora.lora_B))
+    assert sum(p.numel() for p in member.params) == lora + vocab * hidden  # one copy, not two
+    _train_steps(c)
+    assert list(member.embedding) == ["embed"] and c.embeddings == "full"  # one trained copy serves lm_head through the tie
 
 
 @pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-gemma3-vision"])
-def test_new_tokens_trains_only_template_rows(model_id: str) -> None:
-    loaded = load_model(model_id, TrainSection(lora_r=4), embeddings="new_tokens", template_ids=[SOT, EOT])
-    model = loaded.model
-    hidden = model.get_base_model().config.get_text_config().hidden_size
-    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    assert loaded.info["trainable_params"] == lora + 2 * hidden
-    adapter = model.get_input_embeddings().token_adapter
-    base_weight = adapter.base_layer.weight.detach().clone()
-    _train_steps(loaded)
-    with torch.no_grad():
-        merged = adapter.get_merged_weights(["default"])
-    changed = (merged - base_weight).abs().sum(dim=1).nonzero().flatten().tolist()
-    assert changed == [SOT, EOT]  # only the template rows moved
-    assert torch.equal(adapter.base_layer.weight, base_weight)  # the 262k-row base is never copied or touched
-    head = model.get_output_embeddings()
-    assert type(head).__name__ == "TrainableTokensWrapper"  # the tied lm_head sees the same rows
-    assert head.token_adapter.tied_adapter is adapter
+def test_new_tokens_trains_only_template_rows(model_id: str, data_dir: tuple[str, list[int]]) -> None:
+    c = Cohort(model_id, data_dir[0], TrainSection(), max_seq_len=128, embeddings="new_tokens", template_ids=(SOT, EOT))
+    slot = c.add(TrainSection(lora_r=4, learning_rate=5e-2, batch=(2, 1)))
+    member = c.members[slot]
+    hidden = c.model.config.get_text_config().hidden_size
+    lora = sum(p.numel() for lora in member.layers.values() for p in (lora.lora_A, lora.lora_B))
+    assert sum(p.numel() for p in member.params) == lora + 2 * hidden
+    base_weight = c.model.get_input_embeddings().weight.detach().clone()
+    rows = member.token_rows["embed"].detach().clone()
+    _train_steps(c)
+    assert not torch.equal(member.token_rows["embed"], rows)  # its two rows moved ...
+    assert torch.equal(c.model.get_input_embeddings().weight, base_weight)  # ... the 262k-row base is never copied or touched
 
 
-@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-gemma3-vision"])
-def test_copy_free_rows_match_peft(model_id: str) -> None:
-    """Our forward for trainable token rows gives PEFT's values and gradients, without the copy."""
-    loaded = load_model(model_id, TrainSection(lora_r=4, lora_dropout=0.0), embeddings="new_tokens", template_ids=[SOT, EOT])
-    model = loaded.model
-    adapter = model.get_input_embeddings().token_adapter
-    with torch.no_grad():
-        adapter.trainable_tokens_delta["default"].add_(torch.randn_like(adapter.trainable_tokens_delta["default"]))
-    ids = torch.tensor([[2, SOT, 40, 41, EOT, SOT, 50, 51, 52, EOT]])
-
-    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        model.zero_grad()
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        return out.logits.detach(), out.loss.detach(), adapter.trainable_tokens_delta["default"].grad.clone()
-
-    ours = loss_and_grad()
-    layers = [m for m in model.modules() if hasattr(m, "_peft_forward_adapters")]
-    assert len(layers) == 2  # the embedding and the tied lm_head
-    for m in layers:
-        m.forward_adapters = m._peft_forward_adapters
-    peft = loss_and_grad()
-    for a, b in zip(ours, peft):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_frozen_trains_no_embedding() -> None:
-    loaded = load_model("tiny-gemma3", TrainSection(lora_r=4), embeddings="frozen", template_ids=[SOT, EOT])
-    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+def test_frozen_trains_no_embedding(data_dir: tuple[str, list[int]]) -> None:
+    c = Cohort("tiny-gemma3", data_dir[0], TrainSection(), max_seq_len=128, embeddings="frozen", template_ids=(SOT, EOT))
+    member = c.members[c.add(TrainSection(lora_r=4))]
+    assert member.token_rows == {} and member.params == [p for lora in member.layers.values() for p in (lora.lora_A, lora.lora_B)]
 
 
 def test_untrained_rows_are_detected() -> None:
@@ -187,9 +147,9 @@ def test_untrained_rows_are_detected() -> None:
     assert untrained_rows(weight.to(torch.bfloat16), [7, 8]) == []
 
 
-def test_auto_policy(tmp_path: Path) -> None:
-    loaded = load_model("tiny-gemma3", TrainSection(lora_r=4), embeddings="auto", template_ids=[SOT, EOT])
-    assert loaded.info["embeddings"] == "frozen" and "look trained" in loaded.info["embeddings_reason"]
+def test_auto_policy(tmp_path: Path, data_dir: tuple[str, list[int]]) -> None:
+    c = Cohort("tiny-gemma3", data_dir[0], TrainSection(), max_seq_len=128, embeddings="auto", template_ids=(SOT, EOT))
+    assert c.embeddings == "frozen" and "look trained" in c.embeddings_reason
     # a base model whose template tokens were never trained: their rows are near zero
     from safetensors.torch import load_file, save_file
 
@@ -199,19 +159,10 @@ def test_auto_policy(tmp_path: Path) -> None:
     key = next(k for k in weights if k.endswith("embed_tokens.weight"))
     weights[key][[SOT, EOT]] = 0.0
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    loaded = load_model(str(folder), TrainSection(lora_r=4), embeddings="auto", template_ids=[SOT, EOT])
-    assert loaded.info["embeddings"] == "new_tokens"
-    assert loaded.info["embeddings_reason"] == "auto: 2 of 2 template tokens look untrained (ids [5, 6])"
-    assert resolve_embeddings("new_tokens", loaded.model, []) == ("frozen", "new_tokens requested, but the data uses no special tokens beyond <bos>")
-
-
-def test_trial_logs_the_policy(data_dir: tuple[str, list[int]]) -> None:
-    train = TrainSection(max_steps=2, eval_every=2, log_every=1, batch=(2, 1), lora_r=4)
-    reporter = ListReporter()
-    spec = TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir[0], train=train, embeddings="new_tokens", template_ids=tuple(data_dir[1]))
-    run(spec, reporter)
-    derived = reporter.reports[0]["derived"]
-    assert derived["embeddings"] == "new_tokens" and derived["embedding_rows_trained"] == 2 and derived["trainable_params"] > 0
+    c = Cohort(str(folder), data_dir[0], TrainSection(), max_seq_len=128, embeddings="auto", template_ids=(SOT, EOT))
+    assert c.embeddings == "new_tokens"
+    assert c.embeddings_reason == "auto: 2 of 2 template tokens look untrained (ids [5, 6])"
+    assert resolve_embeddings("new_tokens", c.model, []) == ("frozen", "new_tokens requested, but the data uses no special tokens beyond <bos>")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Fast must stay right: our trainable (chunked loss, packing, our loop) against a plain Hugging Face
-Trainer + PEFT run of the same model, adapter init, data order, optimizer and schedule. The first 50
-training losses agree."""
+"""Fast must stay right: against a plain Hugging Face Trainer + PEFT run of the same model, adapter
+init, data order, optimizer and schedule, (1) a cohort of one member (how every trial trains) gives
+the same first 30 training losses within 1e-4, and (2) the plain PEFT loop the cohort's own tests
+compare every member with (tests/peft_reference.py) the same 50."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
 from trainable.data import load_split, prepare, train_batches
 from trainable.model import lora_target_pattern, load_tokenizer, resolve_model_path
-from trainable.train import MemoryReporter, TrialSpec, run
 
 STEPS = 50
 MICRO, ACCUM = 2, 2
@@ -53,14 +53,38 @@ def reference_losses(data_dir: str, tmp_path: Path) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_first_50_losses_match_hf_trainer(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     section = DataSection(train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"), max_seq_len=128)
-    data_dir = str(prepare(section, load_tokenizer("tiny-gemma3"), tmp_path / "data", seed=0, log=lambda s: None).folder)
-    reporter = MemoryReporter()
-    run(TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=TrainSection(**TRAIN), max_seq_len=128), reporter)
-    ours = [h[1] for r in reporter.reports for h in r["history"]]
-    theirs = reference_losses(data_dir, tmp_path)
-    assert len(ours) == len(theirs) == STEPS
-    assert ours[-1] < 0.8 * ours[0]  # it learned something, so the comparison means something
+    return str(prepare(section, load_tokenizer("tiny-gemma3"), tmp_path_factory.mktemp("data"), seed=0, log=lambda s: None).folder)
+
+
+@pytest.fixture(scope="module")
+def theirs(data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    return reference_losses(data_dir, tmp_path_factory.mktemp("hf"))
+
+
+def test_a_cohort_of_one_trains_as_hf_trainer_and_peft(data_dir: str, theirs: list[float]) -> None:
+    from trainable.cohort import Cohort
+
+    torch.set_num_threads(1)
+    train = TrainSection(**TRAIN)
+    c = Cohort("tiny-gemma3", data_dir, train, max_seq_len=128)
+    slot = c.add(train)
+    while c.members[slot].step < 30:
+        c.step()
+    c.sync(slot)
+    ours = c.members[slot].losses()
+    assert len(ours) == 30 and ours[-1] < 0.8 * ours[0]  # it learned, so the comparison means something
     for step, (a, b) in enumerate(zip(ours, theirs), start=1):
-        assert a == pytest.approx(b, rel=2e-3), f"step {step}: ours {a:.5f}, HF Trainer {b:.5f}"
+        assert a == pytest.approx(b, rel=1e-4), f"step {step}: cohort of one {a:.7f}, HF Trainer {b:.7f}"
+
+
+def test_the_plain_peft_reference_loop_is_hf_trainer(data_dir: str, theirs: list[float]) -> None:
+    from tests.peft_reference import train_alone
+
+    torch.set_num_threads(1)
+    ours, _ = train_alone("tiny-gemma3", data_dir, TrainSection(**TRAIN))
+    assert len(ours) == len(theirs) == STEPS
+    for step, (a, b) in enumerate(zip(ours, theirs), start=1):
+        assert a == pytest.approx(b, rel=1e-4), f"step {step}: PEFT loop {a:.7f}, HF Trainer {b:.7f}"

@@ -1,37 +1,25 @@
-"""One trial on CPU with the tiny model: metrics, resume, packing, OOM and NaN as results."""
+"""One trial on the CPU with the tiny model, through the real worker and cohort (no Ray): what it
+reports, how it continues from a checkpoint, OOM and NaN as results, QLoRA with 8-bit Adam and
+gradient checkpointing, packing, the target check and the tiny model itself."""
 
 from __future__ import annotations
 
 import math
-import shutil
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
+from core.request import TrialRequest
 from sweep.config import DataSection, TrainSection
 from tests.conftest import DEMO_DATA
+from trainable.cohort_worker import BaseSpec, WorkerSpec, run_worker
 from trainable.data import IGNORE, prepare
-from trainable.model import check_targets, load_model, load_tokenizer
-from trainable.train import TrialSpec, run
+from trainable.faults import FAULTS_ENV
+from trainable.model import check_targets, load_tokenizer
 
-
-class ListReporter:
-    def __init__(self, keep_dir: Path | None = None, restore_from: Path | None = None):
-        self.reports: list[dict[str, Any]] = []
-        self.keep_dir, self.restore_from = keep_dir, restore_from
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir and self.keep_dir:
-            shutil.copytree(checkpoint_dir, self.keep_dir / f"step{metrics['step']}")
-
-    @contextmanager
-    def restore(self) -> Iterator[str | None]:
-        yield str(self.restore_from) if self.restore_from else None
+BASE = TrainSection(max_steps=6, eval_every=2, log_every=1, batch=(2, 2), learning_rate=5e-3, lora_r=4, target_modules="attention", lora_dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -41,60 +29,116 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(prepare(section, tokenizer, tmp_path_factory.mktemp("data"), seed=0, log=lambda s: None).folder)
 
 
-def spec(data_dir: str, **train: Any) -> TrialSpec:
-    values = {"max_steps": 6, "eval_every": 2, "log_every": 1, "batch": (2, 2), "learning_rate": 5e-3, "lora_r": 4, "target_modules": "attention", **train}
-    return TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=TrainSection(**values))
+class Source:
+    """A worker's MemberSource for the trials given (trainable.cohort_worker.MemberSource), kept in lists."""
+
+    def __init__(self, root: Path, tasks: list[TrialRequest], halt_at: int | None = None):
+        self.root, self.todo, self.halt_at = root, list(tasks), halt_at
+        self.params: dict[str, dict] = {}
+        self.reports: list[dict] = []
+        self.ended: dict[str, dict] = {}
+        self.steps_seen = 0
+
+    def take(self, worker: str, method: str, members: int) -> TrialRequest | None:
+        return self.todo.pop(0) if self.todo else None
+
+    def give_back(self, task: TrialRequest) -> None:
+        self.todo.append(task)
+
+    def waiting_alone(self, method: str) -> bool:
+        return False
+
+    def exhausted(self, method: str) -> bool:
+        return not self.todo
+
+    def checkpoint_dir(self, task: TrialRequest) -> str:
+        return str(self.root / task.label)
+
+    def begin(self, task: TrialRequest, params: dict) -> None:
+        self.params[task.label] = params
+
+    def report(self, task: TrialRequest, metrics: dict) -> bool:
+        self.reports.append(metrics)
+        return False
+
+    def end(self, task: TrialRequest, metrics: dict) -> None:
+        self.ended[task.label] = metrics
+
+    def halt(self) -> str | None:
+        # "stop" once a report at halt_at has been made (the STOP file, between evaluations)
+        return "stop" if self.halt_at is not None and any(r["step"] >= self.halt_at for r in self.reports) else None
 
 
-def test_a_trial_reports_at_every_eval(data_dir: str) -> None:
-    reporter = ListReporter()
-    last = run(spec(data_dir), reporter)
-    steps = [r["step"] for r in reporter.reports]
-    assert steps == [2, 4, 6]
-    assert [r["trial_status"] for r in reporter.reports] == ["running", "running", "completed"]
-    for r in reporter.reports:
+def train_one(data_dir: str, root: Path, train: TrainSection = BASE, task: TrialRequest | None = None, halt_at: int | None = None,
+              embeddings: str = "frozen", method: str = "lora") -> Source:  # fmt: skip
+    torch.set_num_threads(1)
+    source = Source(root, [task or TrialRequest(label="t000", number=0)], halt_at)
+    base = BaseSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=train, max_seq_len=128, embeddings=embeddings, template_ids=(5, 6))
+    run_worker(WorkerSpec(base=base, method=method, capacity=1, poll_seconds=0.01), source)
+    return source
+
+
+def test_a_trial_reports_at_every_eval(data_dir: str, tmp_path: Path) -> None:
+    source = train_one(data_dir, tmp_path)
+    assert [r["step"] for r in source.reports] == [2, 4, 6]
+    assert [r["trial_status"] for r in source.reports] == ["running", "running", "completed"]
+    for r in source.reports:
         for key in ("eval_loss", "train_loss", "lr", "tokens_per_sec", "loss_tokens_per_sec", "peak_rss_gb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
             assert r[key] > 0 or (key == "lr" and r[key] == 0), key  # cosine ends at 0
         assert "learning_rate" not in r  # the hyperparameter's name; the scheduled rate is lr
-    assert [h[0] for r in reporter.reports for h in r["history"]] == [1, 2, 3, 4, 5, 6]
-    derived = reporter.reports[0]["derived"]
-    assert derived["effective_batch"] == 4 and derived["trainable_params"] > 0 and derived["quantization"] == "none"
-    assert "derived" not in reporter.reports[1]
-    assert last["train_seconds"] > 0 and last["load_seconds"] > 0
-    assert reporter.reports[-1]["eval_loss"] < reporter.reports[0]["eval_loss"]
+    assert [h[0] for r in source.reports for h in r["history"]] == [1, 2, 3, 4, 5, 6]
+    params = source.params["t000"]
+    assert params["effective_batch"] == 4 and params["trainable_params"] > 0 and params["quantization"] == "none"
+    assert params["loss"] == "chunked" and params["loss_reason"] == "auto: no CUDA: the chunked loss" and params["lora_dtype"] == "float32"
+    end = source.ended["t000"]
+    assert end["trial_status"] == "completed" and end["train_seconds"] > 0 and end["load_seconds"] > 0
+    assert source.reports[-1]["eval_loss"] < source.reports[0]["eval_loss"]
 
 
 @pytest.mark.parametrize("embeddings", ["frozen", "full", "new_tokens"])
-def test_resume_continues_exactly(data_dir: str, tmp_path: Path, embeddings: str) -> None:
-    full = ListReporter(keep_dir=tmp_path)
-    run(replace(spec(data_dir, lora_dropout=0.1), embeddings=embeddings, template_ids=(5, 6)), full)
-    assert (tmp_path / "step2" / "adapter_config.json").exists()
-    resumed = ListReporter(restore_from=tmp_path / "step2")
-    run(replace(spec(data_dir, lora_dropout=0.1), embeddings=embeddings, template_ids=(5, 6)), resumed)
+def test_a_trial_continues_exactly_from_its_checkpoint(data_dir: str, tmp_path: Path, embeddings: str) -> None:
+    """Stopped after its step-2 evaluation (`python -m sweep stop`), then continued by another worker
+    from its checkpoint: the same evaluations and losses as a run that was never stopped (dropout too)."""
+    from trainable.cohort_worker import latest_checkpoint
+
+    straight = train_one(data_dir, tmp_path / "a", embeddings=embeddings)
+    stopped = train_one(data_dir, tmp_path / "b", halt_at=2, embeddings=embeddings)
+    assert stopped.ended["t000"]["trial_status"] == "stopped"
+    checkpoint = latest_checkpoint(tmp_path / "b" / "t000")
+    assert checkpoint is not None and (Path(checkpoint) / "adapter_config.json").is_file()
+    resumed = train_one(data_dir, tmp_path / "b", task=TrialRequest(label="t000", number=0, checkpoint=checkpoint), embeddings=embeddings)
     assert [r["step"] for r in resumed.reports] == [4, 6]
-    for a, b in zip(full.reports[1:], resumed.reports):
+    for a, b in zip(straight.reports[1:], resumed.reports):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    assert [e["step"] for e in resumed.reports[0]["evals_replay"]] == [2]  # what it reported before, once more
 
 
-def test_a_trial_restored_from_its_final_checkpoint_reports_it_completed(data_dir: str, tmp_path: Path) -> None:
-    """The driver died between the trial's last checkpoint and recording its completion: the
-    resumed trial says again how it ended, instead of ending without a result (read as stopped)."""
-    full = ListReporter(keep_dir=tmp_path)
-    run(spec(data_dir), full)
-    resumed = ListReporter(restore_from=tmp_path / "step6")
-    last = run(spec(data_dir), resumed)
-    assert len(resumed.reports) == 1 and last["trial_status"] == "completed" and last["step"] == 6
-    assert last["eval_loss"] == full.reports[-1]["eval_loss"]
-    assert [e["step"] for e in last["evals_replay"]] == [2, 4, 6] and [h[0] for h in last["history"]] == [1, 2, 3, 4, 5, 6]
-    assert "derived" in last and last["train_seconds"] > 0
+def test_out_of_memory_and_a_non_finite_loss_are_results(data_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "oom@3:lora_r=4")
+    oom = train_one(data_dir, tmp_path / "oom").ended["t000"]
+    assert (oom["trial_status"], oom["step"]) == ("oom", 2) and "out of memory" in oom["error"]
+    monkeypatch.setenv(FAULTS_ENV, "nan@3:lora_r=4")
+    nan = train_one(data_dir, tmp_path / "nan").ended["t000"]
+    assert (nan["trial_status"], nan["step"]) == ("nan", 3) and nan["error"] == "train loss is not finite at step 3"
+
+
+def test_qlora_with_8bit_adam_and_gradient_checkpointing_on_cpu(data_dir: str, tmp_path: Path) -> None:
+    train = BASE.model_copy(update={"method": "qlora", "optimizer": "paged_adamw_8bit", "max_steps": 2, "gradient_checkpointing": True})
+    source = train_one(data_dir, tmp_path, train, method="qlora")
+    end, params = source.ended["t000"], source.params["t000"]
+    assert end["trial_status"] == "completed" and math.isfinite(end["eval_loss"]) and end["eval_loss"] > 0
+    assert params["quantization"] == "nf4-double-quant" and params["gradient_checkpointing"] is True and params["optimizer"] == "PagedAdamW8bit"
 
 
 def test_packing_does_not_leak_across_examples() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainable.model import resolve_model_path
+
     tokenizer = load_tokenizer("tiny-gemma3")
-    loaded = load_model("tiny-gemma3", TrainSection(lora_r=4, target_modules="attention"))
-    net = loaded.model.eval()
+    net = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-gemma3"), dtype=torch.float32).eval()
     a = torch.tensor([[2, 40, 41, 42, 43, 44]])
     b = torch.tensor([[2, 50, 51, 52]])
 
@@ -117,87 +161,6 @@ def test_packing_does_not_leak_across_examples() -> None:
     assert tokenizer.bos_token_id == 2
 
 
-def _poison(monkeypatch: pytest.MonkeyPatch, at_call: int, make: Any) -> None:
-    """Make the training loss misbehave from the n-th training micro-batch on."""
-    import trainable.train as train_module
-
-    real, calls = train_module.summed_batch_loss, {"n": 0}
-
-    def patched(model: Any, batch: Any, impl: str) -> Any:
-        calls["n"] += model.training  # count training micro-batches only
-        loss = real(model, batch, impl)
-        return make(loss) if calls["n"] >= at_call and model.training else loss
-
-    monkeypatch.setattr(train_module, "summed_batch_loss", patched)
-
-
-def test_out_of_memory_is_a_result(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(loss: Any) -> Any:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    _poison(monkeypatch, at_call=7, make=oom)  # 2 micro-batches per step: fails in step 4
-    reporter = ListReporter()
-    last = run(spec(data_dir), reporter)
-    assert last == {"step": 3, "trial_status": "oom", "error": "CUDA out of memory. Tried to allocate 20.00 GiB"}
-    assert [r["trial_status"] for r in reporter.reports] == ["running", "oom"]
-
-
-def test_non_finite_loss_stops_the_trial(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    _poison(monkeypatch, at_call=5, make=lambda loss: loss * float("nan"))
-    reporter = ListReporter()
-    last = run(spec(data_dir), reporter)
-    assert last["trial_status"] == "nan" and last["step"] == 3 and "train loss is nan at step 3" in last["error"]
-
-
-@pytest.mark.parametrize("embeddings", ["frozen", "new_tokens", "full"])
-@pytest.mark.parametrize("model_id", ["tiny-gemma3", "tiny-gemma3-vision"])
-def test_chunked_loss_matches_the_models_own(model_id: str, embeddings: str) -> None:
-    from trainable.data import collate
-    from trainable.loss import summed_loss
-
-    loaded = load_model(model_id, TrainSection(lora_r=4, lora_dropout=0.0), embeddings=embeddings, template_ids=[5, 6])
-    model = loaded.model
-    rows = {
-        "input_ids": [[2, 5, 40, 41, 6, 5, 50, 51, 52, 6, 2, 60, 61], [2, 70, 71, 72]],
-        "labels": [[IGNORE, IGNORE, IGNORE, 41, 6, IGNORE, IGNORE, 51, 52, 6, IGNORE, IGNORE, 61], [IGNORE, 70, IGNORE, 72]],
-        "position_ids": [list(range(10)) + [0, 1, 2], [0, 1, 2, 3]],
-    }
-    batch = collate(rows, pad_id=0)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads(fn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in params]
-
-    ours = loss_and_grads(lambda: summed_loss(model, batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["targets"], chunk_tokens=3))
-    theirs = loss_and_grads(lambda: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss)
-    assert batch["loss_tokens"] == 8
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(ours[1], theirs[1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_qlora_on_cpu(data_dir: str) -> None:
-    import bitsandbytes as bnb
-
-    loaded = load_model("tiny-gemma3", TrainSection(method="qlora", lora_r=4, target_modules="all-linear"))
-    base = loaded.model.get_base_model()
-    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
-    assert loaded.info["quantization"] == "nf4-double-quant"
-    reporter = ListReporter()
-    last = run(spec(data_dir, method="qlora", optimizer="paged_adamw_8bit", max_steps=2), reporter)
-    assert last["trial_status"] == "completed" and math.isfinite(last["eval_loss"]) and last["eval_loss"] > 0
-
-
-def test_gradient_checkpointing_and_8bit_adam(data_dir: str) -> None:
-    base = load_model("tiny-gemma3", TrainSection(gradient_checkpointing=True, lora_r=4)).model.get_base_model()
-    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
-    last = run(spec(data_dir, gradient_checkpointing=True, optimizer="adamw_8bit", max_steps=2), ListReporter())
-    assert last["trial_status"] == "completed"
-
-
 def test_target_check_names_the_missing_layers() -> None:
     assert check_targets("tiny-gemma3", ["all-linear", ("q_proj", "v_proj")]) == []
     (problem,) = check_targets("tiny-gemma3", [("q_proj", "qkv")])
@@ -213,48 +176,24 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_base_model_reuse_leaks_nothing(data_dir: str) -> None:
-    """A trial's result does not depend on what ran before it in the same worker."""
-    from trainable.model import clear_base_cache
+def test_a_worker_keeps_its_base_and_a_trial_does_not_depend_on_who_came_before(data_dir: str, tmp_path: Path) -> None:
+    """Three trials one after another on one worker (one base model load): the third is the first
+    again, and trains exactly as it did, whatever the second (another rank, a high rate) did."""
+    first = TrialRequest(label="t000", number=0, hyper={"lora_r": 4})
+    other = TrialRequest(label="t001", number=1, hyper={"lora_r": 8, "learning_rate": 5e-2})
+    again = TrialRequest(label="t002", number=2, hyper={"lora_r": 4})
+    torch.set_num_threads(1)
+    source = Source(tmp_path, [first, other, again])
+    loads: list[Any] = []
 
-    clear_base_cache()
-    a = replace(spec(data_dir, lora_dropout=0.1), embeddings="new_tokens", template_ids=(5, 6))
-    first = ListReporter()
-    run(a, first)
-    for other in (
-        replace(spec(data_dir, lora_r=8, learning_rate=5e-2, gradient_checkpointing=True, max_steps=2), embeddings="full"),
-        replace(spec(data_dir, lora_r=4, target_modules="all-linear", max_steps=2), embeddings="new_tokens", template_ids=(5, 6)),
-    ):
-        run(other, ListReporter())
-    again = ListReporter()
-    run(a, again)
-    assert first.reports[0]["derived"]["base_model_reused"] is False
-    assert again.reports[0]["derived"]["base_model_reused"] is True
-    assert again.reports[-1]["load_seconds"] < first.reports[-1]["load_seconds"]
-    for x, y in zip(first.reports, again.reports):
-        assert x["eval_loss"] == y["eval_loss"] and x["train_loss"] == y["train_loss"]
-        assert [h[1] for h in x["history"]] == [h[1] for h in y["history"]]
+    def counted(spec: WorkerSpec) -> Any:
+        from trainable.cohort_worker import _load_cohort
 
+        loads.append(spec)
+        return _load_cohort(spec)
 
-def test_a_trial_that_died_mid_way_leaves_no_adapter_behind(data_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainable import model as model_module
-    from trainable.model import clear_base_cache
-
-    clear_base_cache()
-    reference = ListReporter()
-    run(spec(data_dir, max_steps=2), reference)
-
-    # a trial killed between reports (as Tune stops one): no release() runs
-    def stop(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    broken = ListReporter()
-    monkeypatch.setattr(broken, "report", stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(replace(spec(data_dir, max_steps=2, lora_r=8), embeddings="full"), broken)
-    (entry,) = model_module._BASE_CACHE.values()
-    assert entry["wrapped"] is not None  # its adapter is still on the cached base
-    again = ListReporter()
-    run(spec(data_dir, max_steps=2), again)
-    assert again.reports[0]["derived"]["base_model_reused"] is True
-    assert again.reports[-1]["eval_loss"] == reference.reports[-1]["eval_loss"]
+    base = BaseSpec(model_id="tiny-gemma3", revision=None, data_dir=data_dir, train=BASE, max_seq_len=128)
+    run_worker(WorkerSpec(base=base, method="lora", capacity=1, poll_seconds=0.01), source, make_cohort=counted)
+    assert len(loads) == 1 and {m["trial_status"] for m in source.ended.values()} == {"completed"}
+    assert source.ended["t002"]["eval_loss"] == source.ended["t000"]["eval_loss"] != source.ended["t001"]["eval_loss"]
+    assert source.ended["t002"]["load_seconds"] < source.ended["t000"]["load_seconds"]  # only the first paid for the base
