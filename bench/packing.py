@@ -1,28 +1,34 @@
-"""One base model, many trials (issues 5 and 15): the same seeded trials one at a time, packed
-(`gpus_per_trial: auto`) and in cohorts (`resources.cohort`), on one GPU, side by side in one call.
+"""One base model, many trials (issues 5, 15, 29): the same seeded trials as the default sweep runs
+them (every worker a cohort on one loaded base) and one at a time, on one GPU, side by side.
 
     python3 bench/packing.py --size 1b --budget 540 --out results.json          # 16 x Gemma 3 1B LoRA
     python3 bench/packing.py --size 12b --budget 540 --out results.json         # 8 x Gemma 3 12B QLoRA
     python3 bench/packing.py --dry-run --out /tmp/p.json                        # CPU: tiny model, 1 logical GPU
 
+The reference of issue 29 (today's packed default before one engine: lone trials sharing the GPU
+by their memory estimates) is this script at commit 2a4a88a, run from a worktree of it with
+`--modes packed`: bench/BENCH.md gives the commands.
+
 Each mode is a real sweep as a user runs it (`python -m sweep run space.yaml`, attached to a local
 Ray this script starts with one GPU) on a random-weight Gemma 3 (bench/realsize.py). The trials are
 the same configurations in every mode (bench/sweepbench.py: seeded `points_to_evaluate`); every
-mode trains them with the same fixed settings (frozen embeddings, bf16 LoRA, as a cohort does).
+mode trains them with the same fixed settings (frozen embeddings; the train section's defaults:
+train.loss, lora_dtype and compile `auto`, as a user's sweep gets them; --settings old pins the
+settings the pre-29 runs used: bf16 LoRA, chunked loss, not compiled).
 nvidia-smi samples the GPU every 0.5 s. Read back from MLflow: every trial's status, start/end,
 load and train seconds, GPU, cohort, eval loss.
 
 Reported per mode: makespan (the sweep command's wall time), trials/hour, GPU mean utilisation
 and busy share (samples with utilisation > 0), trials lost to OOM, a per-GPU timeline PNG and its
-figures (bench/timeline.py); for lone trials, the start overhead with and without base-model
-reuse; for cohorts, the cohort's aggregate tokens/s and MFU. Each configuration's final eval loss
-in the cohort (and packed) run against the same configuration one at a time.
+figures (bench/timeline.py); the workers' aggregate tokens/s (every trial's tokens over the span
+its worker trained) and MFU. Each configuration's final eval loss in the default sweep against the
+same configuration one at a time.
 
-Targets (issue 15): cohort makespan <= 0.15x one-at-a-time and <= 0.4x packed; GPU mean
-utilisation >= 80% over the cohort sweep; each member's final eval loss within 1% of the same trial
-alone. (Issue 5: packed <= 0.35x one-at-a-time; no OOM.)
+Targets (issue 29): the default sweep's makespan <= 0.5x the packed default of commit 2a4a88a
+(measured side by side, from a worktree), GPU mean utilisation >= 80%. (Issue 15: <= 0.15x one at a
+time; each trial's eval loss within 1% of the same trial alone.)
 
-Modes run cheapest first (cohort, packed, serial) and each is written to --out as soon as it ends.
+Modes run cheapest first (default, serial) and each is written to --out as soon as it ends.
 --budget (seconds, whole call) is shared out between the modes still to run, and each sweep gets
 its share as `search.time_budget`; a one-at-a-time sweep cut by it has its makespan projected
 (wall + the missing trials at the completed ones' mean duration; marked `projected`).
@@ -52,7 +58,7 @@ SPACE = """\
 name: {name}
 model: {{id: {model}, embeddings: frozen}}
 data: {{train: {demo}/train.jsonl, eval: {demo}/eval.jsonl, max_seq_len: {seq}}}
-train: {{method: {method}, max_steps: {steps}, eval_every: {steps}, log_every: {log_every}, lora_dtype: bfloat16{train_extra}}}
+train: {{method: {method}, max_steps: {steps}, eval_every: {steps}, log_every: {log_every}{train_extra}}}
 search:
   algorithm: {algorithm}
   seed: 0
@@ -84,14 +90,15 @@ OVERSIZED = """\
   batch: [[1, 1], [64, 1]]"""
 # mode -> (resources, max_concurrent, budget weight: its expected share of the call's time)
 MODES = {
-    # cohort runs first and gets the largest share: on 2026-11-30 a 12B cohort given a sixth of the
-    # call ended before its first step (the base load alone takes ~30 s); what a mode leaves unused
-    # goes to the modes after it, and a one-at-a-time sweep cut short is projected
-    "cohort": ("{{gpus_per_trial: auto, cohort: {cohort}, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "auto", 2.5),
-    "packed": ("{{gpus_per_trial: auto, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "auto", 1.5),
-    "serial": ("{{gpus_per_trial: 1, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "1", 1.5),
-    "oom": ("{{gpus_per_trial: 0.5, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "2", 0.7),
+    # the default runs first and gets the largest share: on 2026-11-30 a 12B cohort given a sixth of
+    # the call ended before its first step (the base load alone takes ~30 s); what a mode leaves
+    # unused goes to the modes after it
+    "default": ("{{gpus_per_trial: auto, cohort: {cohort}, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "auto", 2.5),
+    "serial": ("{{gpus_per_trial: 1, cohort: 1, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "1", 1.5),
+    "oom": ("{{gpus_per_trial: 0.5, cohort: 1, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "2", 0.7),
 }
+# --settings: the fast step's switches in every mode ("defaults": the train section's auto ones)
+SETTINGS = {"defaults": "", "old": ", lora_dtype: bfloat16, loss: chunked, compile: false"}
 READBACK_S = 25  # after a sweep: stop Ray, read MLflow, draw (kept out of the next mode's share)
 
 
@@ -106,7 +113,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
         space, algorithm, n, extra, pts = OVERSIZED, "grid", 2, ", gradient_checkpointing: off, loss: model", "[]"
     else:
         space, algorithm, n, extra, pts = SPACE_DIMS.format(ranks=ranks, pairs=pairs), "random", trials, ", gradient_checkpointing: auto", json.dumps(points)
-        extra += ", compile: true" if args.compile else ""
+        extra += SETTINGS[args.settings] + (", compile: true" if args.compile else "")
         extra += f", lora_dropout: {args.dropout}" if args.dropout is not None else ""
     time_budget = max(30, int(share - READBACK_S))
     space_file = results / f"{name}.yaml"
@@ -128,27 +135,14 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
     result: dict[str, Any] = {
         "name": name, "mode": mode, "wall_seconds": round(wall, 1), "returncode": codes[0], "time_budget_s": time_budget, "trials_wanted": n,
         "by_status": {s: sum(1 for r in rows if r["status"] == s) for s in sorted({r["status"] or "?" for r in rows})},
-        "makespan": makespan(rows, n, wall, serial=mode == "serial"), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
+        "makespan": makespan(rows, n, wall, serial=False), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
         "oom": sum(1 for r in rows if r["status"] == "oom"), "gpu": sample_stats(samples, started, ended),
         "driver_log_tail": log_tail(log, 2500 if codes[0] else 1200), "driver_log": keep_log(log, out, mode),
     }  # fmt: skip
-    if mode in ("serial", "packed"):
-        result["overhead_fresh"] = overhead(rows, reused=False)
-        result["overhead_reused"] = overhead(rows, reused=True)
-    if mode == "cohort":
-        result["cohort"] = cohort_figures(rows, args)
+    result["workers"] = cohort_figures(rows, args)
     result["timeline"] = timeline(rows, samples, started, ended, out.with_name(f"{out.stem}-timeline-{mode}.png"), title=f"{name}: {args.stamp}")
     result["trials"] = rows
     return result
-
-
-def overhead(trials: list[dict], reused: bool) -> dict:
-    rows = [t for t in trials if t["reused"] == reused and t["load_seconds"] and t["train_seconds"]]
-    if not rows:
-        return {"n": 0}
-    load = sum(t["load_seconds"] for t in rows) / len(rows)
-    train = sum(t["train_seconds"] for t in rows) / len(rows)
-    return {"n": len(rows), "mean_load_seconds": round(load, 2), "mean_train_seconds": round(train, 2), "load_over_train": round(load / train, 3)}
 
 
 def cohort_figures(rows: list[dict], args: argparse.Namespace) -> dict[str, Any]:
@@ -171,25 +165,25 @@ def cohort_figures(rows: list[dict], args: argparse.Namespace) -> dict[str, Any]
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The issue's comparisons, from whatever modes finished."""
+    """The issue's comparisons, from whatever modes finished (the packed reference: --reference)."""
     modes = results["modes"]
 
     def span(mode: str) -> float | None:
         return (modes.get(mode) or {}).get("makespan", {}).get("seconds")
 
+    reference = results.get("reference") or {}
+    packed = reference.get("makespan", {}).get("seconds")
     out: dict[str, Any] = {
-        "cohort_over_serial_makespan": ratio(span("cohort"), span("serial")), "cohort_over_packed_makespan": ratio(span("cohort"), span("packed")),
-        "packed_over_serial_makespan": ratio(span("packed"), span("serial")),
-        "serial_makespan_projected": (modes.get("serial") or {}).get("makespan", {}).get("projected"),
-        "cohort_gpu_mean_util": (modes.get("cohort") or {}).get("gpu", {}).get("mean_util"),
-    }  # fmt: skip
-    for other in ("cohort", "packed"):
-        if other in modes and "serial" in modes:
-            out[f"eval_loss_{other}_vs_serial"] = compare_losses(modes["serial"]["trials"], modes[other]["trials"], 0.01)
-    if "cohort" in modes and "packed" in modes:
-        out["eval_loss_cohort_vs_packed"] = compare_losses(modes["packed"]["trials"], modes["cohort"]["trials"], 0.01)
-    out["targets"] = {"cohort_over_serial_makespan": "<= 0.15", "cohort_over_packed_makespan": "<= 0.4", "cohort_gpu_mean_util": ">= 0.80",
-                      "eval_loss_cohort_vs_serial": "every pair within 1%", "packed_over_serial_makespan": "<= 0.35 (issue 5)"}  # fmt: skip
+        "default_over_serial_makespan": ratio(span("default"), span("serial")),
+        "default_over_packed_2a4a88a_makespan": ratio(span("default"), packed),
+        "default_gpu_mean_util": (modes.get("default") or {}).get("gpu", {}).get("mean_util"),
+    }
+    if "default" in modes and "serial" in modes:
+        out["eval_loss_default_vs_serial"] = compare_losses(modes["serial"]["trials"], modes["default"]["trials"], 0.01)
+    if "default" in modes and reference.get("trials"):
+        out["eval_loss_default_vs_packed_2a4a88a"] = compare_losses(reference["trials"], modes["default"]["trials"], 0.01)
+    out["targets"] = {"default_over_packed_2a4a88a_makespan": "<= 0.5 (issue 29)", "default_gpu_mean_util": ">= 0.80",
+                      "default_over_serial_makespan": "<= 0.15 (issue 15)", "eval_loss_default_vs_serial": "every pair within 1%"}  # fmt: skip
     return out
 
 
@@ -237,8 +231,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None, help="default: 16 (1b), 8 (12b)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--modes", default="cohort,packed,serial", help="comma list, run in this order: cohort, packed, serial, oom")
-    ap.add_argument("--cohort", default="auto", help="resources.cohort of the cohort mode: auto or N")
+    ap.add_argument("--modes", default="default,serial", help="comma list, run in this order: default, serial, oom")
+    ap.add_argument("--cohort", default="auto", help="resources.cohort of the default mode: auto or N")
+    ap.add_argument("--settings", choices=tuple(SETTINGS), default="defaults", help="the fast step's switches: the train section's defaults, or the pre-29 runs' (old)")
+    ap.add_argument("--reference", default=None, help="the JSON of commit 2a4a88a's packing.py --modes packed on this machine: its packed mode is the makespan to beat")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole call (shared out between the modes)")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     ap.add_argument("--cpus-per-trial", type=float, default=2)
@@ -247,7 +243,7 @@ def main() -> None:
     ap.add_argument("--configs", default=None,
                     help="a JSON list of configurations (keys as in the result's configs: lora_r, lora_alpha_ratio, target_modules, learning_rate, batch) "
                          "instead of the seeded ones; e.g. one configuration at several micro-batch splits, run alone, for the run-to-run noise floor")  # fmt: skip
-    ap.add_argument("--compile", action="store_true", help="train.compile: true in every mode (cohorts compile around their adapters)")
+    ap.add_argument("--compile", action="store_true", help="train.compile: true in every mode (the workers compile around their adapters)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="train.lora_dropout in every mode (default: the train section's 0.05). 0 compares compiled with eager step for step: "
                          "compiled layers draw dropout masks from inductor's RNG, so with dropout the two are different random draws")  # fmt: skip
@@ -263,7 +259,6 @@ def main() -> None:
         args.trials, args.steps, args.seq = args.trials or 4, min(args.steps, 4), min(args.seq, 128)
         args.cpus, args.cpus_per_trial, args.gpu_gb = args.cpus or 2, 1, args.gpu_gb or 2.6
         args.cohort = 2 if args.cohort == "auto" else args.cohort  # auto on a GPU budget fills one worker; 2 makes two on CPU
-        os.environ["LORA_SWEEP_COMPILE_BACKEND"] = "aot_eager"  # --compile traces every layer without inductor's C++ builds on 2 CPUs (Ray starts after this)
     else:
         import torch
 
@@ -283,6 +278,8 @@ def main() -> None:
         points = seeded_configs(args.trials or trials, seed=0, ranks=ranks, ratios=[1, 2], targets=["attention", "all-linear"], lr=(5e-5, 1e-3), pairs=pairs)
     modes = [m for m in args.modes.split(",") if m]
     results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "modes": {}}
+    if args.reference:  # the packed default of commit 2a4a88a, run just before on this machine
+        results["reference"] = json.loads(Path(args.reference).read_text()).get("results", {}).get("modes", {}).get("packed")
     for i, mode in enumerate(modes):
         left = args.budget - (time.time() - t0)
         weights = [MODES[m][2] for m in modes[i:]]

@@ -29,7 +29,8 @@ against HF Trainer + PEFT on the same micro-batches, same init, bf16 on the GPU.
 The seed recipe, exactly as written: Hugging Face Trainer + PEFT LoRA (r=16, alpha=16, dropout 0.05,
 q/k/v/o/gate/up/down) + modules_to_save=['embed_tokens', 'lm_head'] + paged_adamw_8bit + gradient
 checkpointing + micro-batch 1 x 32 accumulation, eager attention, bf16; QLoRA adds NF4 with double
-quantization and bf16 compute. Ours: trainable.train.run, first with the seed's settings, then
+quantization and bf16 compute. Ours: a cohort of one (trainable.cohort: how every trial trains),
+first with the seed's settings, then
 with one switch more at a time (sdpa, new_tokens embeddings, chunked loss, a large micro-batch with
 checkpointing only if needed), so each switch is measured. Every run: random-weight real
 architecture (bench/realsize.py), seq 1024 packed rows, 32 sequences per optimizer step, --warmup
@@ -140,8 +141,7 @@ def label(kind: str, s: dict) -> str:
     ckpt = {True: "on", False: "off"}.get(s["gradient_checkpointing"], s["gradient_checkpointing"])
     optim = {"adamw": "torch fused AdamW"}.get(s["optimizer"], s["optimizer"])
     return (f"ours: mb {s['batch'][0]}x{s['batch'][1]}, {s['attn_implementation']}, ckpt {ckpt}, {optim}, emb {s['embeddings']}, "
-            f"LoRA {'bf16' if s['lora_dtype'] == 'bfloat16' else 'fp32'}, {s['loss']} loss{', compiled layers' if s['compile'] else ''}"
-            f"{', CUDA graphs' if s.get('cuda_graphs') else ''}")  # fmt: skip
+            f"LoRA {'bf16' if s['lora_dtype'] == 'bfloat16' else 'fp32'}, {s['loss']} loss{', compiled layers' if s['compile'] else ''}")  # fmt: skip
 
 
 def rows_for(size: str, ablations: bool) -> list[dict]:
@@ -182,10 +182,7 @@ def rows_for(size: str, ablations: bool) -> list[dict]:
             # 2026-12-02 profile of mb 16: sdpa's attention (cuDNN, head_dim 256, packed rows' mask) took 14% of the
             # GPU time at ~78 TFLOP/s; flex_attention skips the blocks the document mask removes
             dict(kind="ours", settings=o(batch=(32, 1), attn_implementation="flex_attention", **fast_all), steps=(fast[0] + 1, fast[1])),
-            # CUDA graphs (train.cuda_graphs): the fast row replayed, and the launch-bound micro-batch 1 with and without
-            dict(kind="ours", settings=o(cuda_graphs=True, **fast_all), steps=(fast[0] + 2, fast[1])),
             dict(kind="ours", settings=o(batch=(1, 32), **fast_all), steps=(2, 3)),
-            dict(kind="ours", settings=o(batch=(1, 32), cuda_graphs=True, **fast_all), steps=(3, 3)),
             dict(kind="ours", settings=dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit",
                                             lora_dtype="float32", compile=False, embeddings="full"), steps=slow),  # fmt: skip
         ]
@@ -305,7 +302,7 @@ def check_train(**changes):
 
     return TrainSection(max_steps=CHECK_STEPS, eval_every=CHECK_STEPS, log_every=1, batch=(CHECK_MICRO, CHECK_ACCUM), learning_rate=CHECK_LR,
                         warmup_ratio=0.1, lr_scheduler="cosine", optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0, lora_r=16, lora_alpha=16,
-                        lora_dropout=0.0, target_modules="all-linear", gradient_checkpointing=False, seed=0, reuse_base_model=False, **changes)  # fmt: skip
+                        lora_dropout=0.0, target_modules="all-linear", gradient_checkpointing=False, seed=0, **changes)  # fmt: skip
 
 
 def hf_losses(model_dir: str, data_dir: str, method: str) -> list[float]:
@@ -355,23 +352,28 @@ def losses_run(model_dir: str, data_dir: str, template_ids: list[int], method: s
 
     import torch
 
+    from trainable.cohort import Cohort
     from trainable.fast import liger_unavailable
-    from trainable.train import TrialSpec, run
 
-    variants = {"ours (fp32 LoRA, chunked loss)": check_train(), "ours (bf16 LoRA, chunked loss)": check_train(lora_dtype="bfloat16")}
+    variants = {"ours (fp32 LoRA, chunked loss)": check_train(lora_dtype="float32", loss="chunked"),
+                "ours (bf16 LoRA, chunked loss)": check_train(lora_dtype="bfloat16", loss="chunked")}  # fmt: skip
     liger_reason = liger_unavailable()
     if liger_reason is None:
         variants["ours (bf16 LoRA, liger loss)"] = check_train(lora_dtype="bfloat16", loss="liger")
-    if not torch.cuda.is_available():  # CPU: fp32 compute, so bf16 LoRA keeps fp32 (said in its derived info)
+    if not torch.cuda.is_available():  # CPU: fp32 compute, so bf16 LoRA runs in fp32 too
         variants = dict(list(variants.items())[:1])
     out: dict = {"steps": CHECK_STEPS, "micro_batch": CHECK_MICRO, "grad_accum": CHECK_ACCUM, "learning_rate": CHECK_LR, "rtol": CHECK_RTOL, "losses": {}}
     if liger_reason:
         out["liger_skipped"] = liger_reason
-    for name, train in variants.items():
-        reporter = _Reporter()
-        spec = TrialSpec(model_id=model_dir, revision=None, data_dir=data_dir, train=train, embeddings="frozen", template_ids=tuple(template_ids), max_seq_len=SEQ, threads=8)
-        run(spec, reporter)
-        out["losses"][name] = [h[1] for r in reporter.reports for h in r.get("history", [])]
+    for name, train in variants.items():  # a cohort of one: how every trial trains
+        c = Cohort(model_dir, data_dir, train.model_copy(update={"method": method, "compile": False}), max_seq_len=SEQ, max_rows=CHECK_MICRO,
+                   embeddings="frozen", template_ids=tuple(template_ids), fold_tokens=0)  # fmt: skip
+        slot = c.add(train.model_copy(update={"method": method}))
+        while c.running():
+            c.step()
+        c.sync(slot)
+        out["losses"][name] = c.members[slot].losses()
+        del c
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     theirs = out["losses"]["HF Trainer + PEFT"] = hf_losses(model_dir, data_dir, method)
@@ -385,46 +387,54 @@ def losses_run(model_dir: str, data_dir: str, template_ids: list[int], method: s
     return out
 
 
-class _Reporter:
-    def __init__(self) -> None:
-        self.reports: list = []
-
-    def report(self, metrics, checkpoint_dir):
-        self.reports.append(metrics)
-
-    def restore(self):
-        from contextlib import nullcontext
-
-        return nullcontext(None)
-
-
 def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str, settings: dict, warmup: int, timed: int,
              profile: bool = False) -> dict:
-    """trainable.train.run; its tokens/sec already leaves out the first logging window (= warm-up).
-    With `profile`, torch.profiler records the GPU's kernels over the timed steps and the result
-    says where that time went."""
+    """A cohort of one member (how every trial trains): `warmup` untimed optimizer steps, then
+    `timed` ones, timed from a device sync to a device sync after the last (its losses read). With
+    `profile`, torch.profiler records the GPU's kernels over the timed steps and the result says
+    where that time went."""
+    import torch
+
     from sweep.config import TrainSection
-    from trainable.train import TrialSpec, run
+    from trainable.cohort import Cohort
+    from trainable.device import peak_memory
 
     settings = dict(settings)
     embeddings = settings.pop("embeddings")
     steps = warmup + timed
     train = TrainSection(method=method, lora_r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", learning_rate=2e-4,
-                         max_steps=steps, eval_every=steps, log_every=warmup, lr_scheduler="constant", warmup_ratio=0.0, **settings)  # fmt: skip
-    spec = TrialSpec(model_id=model_dir, revision=None, data_dir=data_dir, train=train, embeddings=embeddings,
-                     template_ids=tuple(template_ids), max_seq_len=SEQ, threads=8)  # fmt: skip
-    profiler = KernelProfile(warmup, timed) if profile else None
-    if profiler is not None:  # the trial loop looks optimizer_step up at each call: the profile wraps the timed ones
-        import trainable.train
+                         max_steps=steps + 1, eval_every=steps + 1, log_every=steps + 1, lr_scheduler="constant", warmup_ratio=0.0, **settings)  # fmt: skip
+    torch.set_num_threads(8)
+    micro = train.batch[0]
+    c = Cohort(model_dir, data_dir, train, max_seq_len=SEQ, max_rows=micro, eval_batch_size=micro, embeddings=embeddings, template_ids=tuple(template_ids))
+    slot = c.add(train)
+    m = c.members[slot]
 
-        trainable.train.optimizer_step = profiler.around(trainable.train.optimizer_step)
-    reporter = _Reporter()
-    last = run(spec, reporter)
-    derived = reporter.reports[0].get("derived", {})
-    out = {k: v for k, v in last.items() if k not in ("history", "derived")}
+    def optimizer_step() -> None:
+        before = m.step
+        while m.step == before:
+            c.step()
+
+    profiler = KernelProfile(0, timed) if profile else None
+    step = profiler.around(optimizer_step) if profiler is not None else optimizer_step
+    for _ in range(warmup):
+        optimizer_step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    tick, tokens, loss_tokens = time.perf_counter(), m.tokens, m.loss_tokens
+    for _ in range(timed):
+        step()
+    c.sync(slot)  # the losses reach the host: every step has run
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - tick
+    out = {"trial_status": "completed", "step": m.step, "train_loss": m.losses()[-1], "train_seconds": seconds,
+           "tokens_per_sec": (m.tokens - tokens) / seconds, "loss_tokens_per_sec": (m.loss_tokens - loss_tokens) / seconds,
+           **peak_memory(c.device), "trainable_params": sum(p.numel() for p in m.params), "gradient_checkpointing": c.checkpointing,
+           "head_trains": embeddings == "full", "compiled_layers": c.compiled_layers, "loss": c.base_train.loss, "lora_dtype": c.base_train.lora_dtype}  # fmt: skip
     reply_only = settings["loss"] in ("chunked", "liger")  # only reply positions go through lm_head
-    out.update(trainable_params=derived.get("trainable_params"), gradient_checkpointing=derived.get("gradient_checkpointing"), derived=derived,
-               head_trains=embeddings == "full", lm_head_fraction=last["loss_tokens_per_sec"] / last["tokens_per_sec"] if reply_only else 1.0)  # fmt: skip
+    out["lm_head_fraction"] = out["loss_tokens_per_sec"] / out["tokens_per_sec"] if reply_only else 1.0
     if settings.get("compile"):
         out["dynamo_counters"] = dynamo_counters()
     if profiler is not None:
@@ -445,7 +455,7 @@ KERNEL_KINDS = [
 
 
 class KernelProfile:
-    """torch.profiler over the timed optimizer steps of a trial (after `warmup`, `timed` of them):
+    """torch.profiler over the timed optimizer steps (after `warmup`, `timed` of them):
     the sum of GPU kernel time by kind (GEMMs, NF4 dequantization, attention, Triton, optimizer,
     casts ...), the top kernels, and the window's wall time, so kernel time / wall time says how
     busy the GPU was. On CPU it profiles CPU ops."""
@@ -563,9 +573,7 @@ def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids:
         timed = args.timed
     if args.dry_run:
         warmup, timed = 1, 1
-        env_extra = {"LORA_SWEEP_COMPILE_BACKEND": "aot_eager"}  # traces every compiled layer without inductor's C++ builds on 2 CPUs
-    else:
-        env_extra = {}
+    env_extra: dict[str, str] = {}
     job = {"kind": row["kind"], "model_dir": str(folder), "data_dir": data_dir, "ids": ids, "method": method, "warmup": warmup, "timed": timed, "out": str(out)}
     if row["kind"] in ("seed", "hf"):
         job["recipe"] = dict(row["recipe"])

@@ -406,13 +406,22 @@ class Cohort:
             m.status = "completed"
 
     def _check(self, m: Member) -> None:
+        """The losses of the steps since the last check reach the host (one sync): any non-finite one
+        ends the member (nan); the history gets one entry per train.log_every window, [last step,
+        mean loss, its learning rate] (a window cut short by an evaluation or a checkpoint gets its
+        own entry: the next one starts after it)."""
         if not m.unchecked:
             return
         values = torch.stack([loss for _, loss, _ in m.unchecked]).tolist()
+        if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+            m.status = "nan"
+        every = max(1, m.train.log_every)
+        window: list[float] = []
         for (step, _, lr), value in zip(m.unchecked, values):
-            m.history.append([step, value, lr])
-            if value != value or value in (float("inf"), float("-inf")):
-                m.status = "nan"
+            window.append(value)
+            if step % every == 0 or step == m.unchecked[-1][0]:
+                m.history.append([step, sum(window) / len(window), lr])
+                window = []
         m.unchecked = []
 
     def forward_backward(self, rows: dict[int, list[int]], loss_tokens: dict[int, int]) -> dict[int, Any]:
