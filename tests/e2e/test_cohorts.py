@@ -74,7 +74,7 @@ def test_a_pruned_member_is_replaced_and_every_member_is_a_full_trial(tmp_path: 
         run = runs[label]
         status = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}[t.state.name]
         assert run.data.tags["trial_status"] == t.user_attrs["trial_status"] == status, (label, run.data.tags, t.user_attrs)
-        assert t.user_attrs["ray_trial_id"] == worker and t.user_attrs["cohort"] == worker
+        assert t.user_attrs["ray_trial_id"] == worker  # the worker (its Ray Tune trial) that trained it
         assert run.data.params["cohort"] == worker and run.data.params["cohort_size"] == "3"
         assert run.data.params["lora_r"] == str(t.params["lora_r"]) and run.data.params["effective_batch"] == "2"
         for metric in ("eval_loss", "train_loss", "tokens_per_sec", "loss_tokens_per_sec", "peak_rss_gb", "member_vram_share_gb"):
@@ -115,7 +115,7 @@ def test_kill_9_while_a_cohort_trains_then_resume(tmp_path: Path) -> None:
     for label, run in runs.items():
         assert run.data.tags["trial_status"] == "completed" and run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert steps == list(range(1, 21)), (label, steps)  # each step logged once, none missing
+        assert steps == [5, 10, 15, 20], (label, steps)  # each log_every window once, none missing
         assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [5, 10, 15, 20]
     assert meta["state"] == "finished"
 
@@ -154,7 +154,8 @@ def test_ctrl_c_stops_every_member_resumably_then_resume_finishes_them(tmp_path:
     for label, run in runs.items():
         assert (run.info.status, run.data.tags["trial_status"]) == ("FINISHED", "completed"), label
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert steps == list(range(1, 17)), (label, steps)  # each step logged once, none missing
+        # each log_every window once, none missing (the stop cut one window in two: its step too)
+        assert steps == sorted(set(steps)) and {4, 8, 12, 16} <= set(steps) and len(steps) <= 5, (label, steps)
     assert meta["state"] == "finished"
 
 
@@ -189,7 +190,7 @@ def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path
     assert len(per_worker) == 2 and min(per_worker.values()) >= 1, per_worker
     for label, run in runs.items():
         t = trials[int(label[1:])]
-        assert t.user_attrs["cohort"] == run.data.params["cohort"] and run.data.params["cohort_size"] == "3", (label, run.data.params)
+        assert t.user_attrs["ray_trial_id"] == run.data.params["cohort"] and run.data.params["cohort_size"] == "3", (label, run.data.params)
         assert t.value == pytest.approx(run.data.metrics["eval_loss"]) and run.info.status == "FINISHED"
         # the placement estimate each member was judged by, logged as a lone trial's (bench/packing reads it back)
         assert t.user_attrs["estimated_vram_gb"] > 0 and float(run.data.params["estimated_vram_gb"]) == pytest.approx(t.user_attrs["estimated_vram_gb"]), run.data.params
@@ -198,15 +199,16 @@ def test_two_cohort_workers_one_per_gpu_each_member_one_child_run(tmp_path: Path
 
 def test_the_time_budget_ends_every_member_stopped_and_the_sweep_on_time(tmp_path: Path) -> None:
     """search.time_budget with cohorts: members that would train for hours end `stopped` at the
-    budget (PRUNED in the study, as a lone trial's), no new member joins, and the sweep ends soon
-    after the budget with nothing reported as the best."""
+    budget (PRUNED in the study), no new member joins, and the sweep ends soon after the budget
+    with nothing reported as the best; no trial completed, so the command exits 1 and says why."""
     import time
 
     search = "{num_trials: 4, max_concurrent: 4, seed: 0, time_budget: 30s, scheduler: {type: none}}"
     start = time.monotonic()
     out = sweep_cli("run", str(space(tmp_path, 100000, 5, search, cohort=2)), cwd=tmp_path)
     wall = time.monotonic() - start
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.returncode == 1, out.stdout[-4000:] + out.stderr[-4000:]
+    assert re.search(r"no trial completed: \d+ stopped; the time budget \(search.time_budget: 30s\) ended every trial before it completed", out.stdout), out.stdout[-2000:]
     assert wall < 30 + 90, wall  # the budget, start-up and the members' last saves; not the 100,000 steps
     sweep_dir = Path(re.search(r"sweep folder: (\S+)", out.stdout).group(1))
     meta, trials, runs = stores(sweep_dir)
