@@ -279,7 +279,7 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "modes": {}}
     if args.reference:  # the packed default of commit 2a4a88a, run just before on this machine
-        results["reference"] = json.loads(Path(args.reference).read_text()).get("results", {}).get("modes", {}).get("packed")
+        results["reference"] = json.loads(Path(args.reference).read_text()).get("modes", {}).get("packed")
     for i, mode in enumerate(modes):
         left = args.budget - (time.time() - t0)
         weights = [MODES[m][2] for m in modes[i:]]

@@ -110,10 +110,21 @@ def render(pins: dict[str, str]) -> str:
 
 GPU_HEADER = """\
 # torch {torch} from PyPI (built for CUDA 13.0: needs an NVIDIA driver >= 580) and the CUDA packages
-# it brings, for CPython 3.11 on Linux x86_64; installed by docker/Dockerfile with --no-deps after
-# requirements.lock. Written by `python docker/make_lock.py --gpu` (pip's resolver against PyPI
-# with requirements.lock as constraints); do not edit by hand.
+# it brings, and the project's `gpu` extra (liger-kernel), for CPython 3.11 on Linux x86_64;
+# installed by docker/Dockerfile with --no-deps after requirements.lock. Written by
+# `python docker/make_lock.py --gpu` (pip's resolver against PyPI with requirements.lock as
+# constraints); do not edit by hand.
 """
+
+
+def _gpu_extra() -> list[str]:
+    """pyproject's `gpu` extra (liger-kernel): the GPU image installs the project with it."""
+    import tomllib
+
+    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"])
+
+
+GPU_EXTRA = _gpu_extra()
 
 
 def gpu_lock() -> str:
@@ -122,7 +133,7 @@ def gpu_lock() -> str:
         cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--quiet", "--dry-run", "--ignore-installed",
                "--only-binary=:all:", "--implementation", "cp", "--python-version", "3.11", "--target", str(Path(tmp) / "t"),
                *[arg for p in PLATFORMS for arg in ("--platform", p)],
-               "--report", str(report), "-c", str(LOCK), f"torch=={TORCH_VERSION}"]  # fmt: skip
+               "--report", str(report), "-c", str(LOCK), f"torch=={TORCH_VERSION}", *GPU_EXTRA]  # fmt: skip
         subprocess.run(cmd, check=True)
         installed = json.loads(report.read_text())["install"]
     locked = {canonicalize_name(line.split("==")[0]) for line in LOCK.read_text().splitlines() if "==" in line}

@@ -173,13 +173,6 @@ def resolve_auto(train: TrainSection, cuda: bool) -> tuple[TrainSection, dict[st
     return train.model_copy(update={"loss": loss, "lora_dtype": lora_dtype, "compile": compiled}), {"loss": loss_why, "lora_dtype": lora_why}
 
 
-def _grouped_setting() -> str:
-    """trainable.multi_lora.GROUPED (auto, on, off: LORA_SWEEP_GROUPED), for the members' params."""
-    from trainable import multi_lora
-
-    return str(multi_lora.GROUPED)
-
-
 def run_worker(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[dict]], None] | None = None,
                make_cohort: Callable[[WorkerSpec], Any] | None = None) -> dict[str, int]:  # fmt: skip
     """Train trials from `source` in one cohort until the source is exhausted or halts.
@@ -334,7 +327,6 @@ class _Worker:
             "embedding_rows_trained": sum(p.shape[0] for k, p in getattr(m, "token_rows", {}).items() if k == "embed"),
             "gradient_checkpointing": getattr(c, "checkpointing", False),
             "cohort_pass_tokens": getattr(c, "pass_tokens", None) or "one pass",  # at the member's start (re-decided as members come and go)
-            "cohort_lora_grouped": _grouped_setting(),
             "compiled_layers": getattr(c, "compiled_layers", 0),  # train.compile: decoder layers compiled around the adapters
             "loss": getattr(getattr(c, "base_train", None), "loss", "chunked"),
             "loss_reason": getattr(c, "auto_reasons", {}).get("loss", "as configured"),

@@ -104,7 +104,7 @@ class WorkerPlan:
         return min(len(self.configs) * self.capacity, max(1, self.trials))
 
     def describe(self) -> str:
-        limit = f"up to {self.capacity}" + (" (as many as its GPU's memory fits)" if self.judge is not None else "")
+        limit = f"up to {self.capacity}" + (" (as many as its GPU's memory fits)" if self.gpu_bytes is not None else "")
         gpu = f"{self.gpus:g} GPU + " if self.gpus else ""
         text = f"workers: {len(self.configs)} of {gpu}{self.cpus:g} CPU, each training {limit} trials on one loaded base model"
         methods = sorted({w["method"] for w in self.configs})
@@ -160,8 +160,8 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
         judge = replace(placement, embeddings="frozen" if embeddings == "new_tokens" else embeddings).judge
     else:
         per_worker = 0.0 if res.gpus_per_trial == "auto" else float(res.gpus_per_trial)
-        if per_worker > 0 and res.gpu_memory_gb != "auto":
-            memory = per_worker * res.gpu_memory_gb * GB
+        if per_worker > 0:  # a fixed GPU share per worker: its trials fill that share by their estimates
+            memory = per_worker * (res.gpu_memory_gb * GB if res.gpu_memory_gb != "auto" else gpu_bytes())
     device = (memory / per_worker) if memory is not None and per_worker > 0 else None
     budget = CohortBudget(profile=profile, max_seq_len=cfg.data.max_seq_len, fixed=fixed, gpu_bytes=memory, margin=res.memory_margin,
                           attn=cfg.train.attn_implementation, embeddings=embeddings)  # fmt: skip
@@ -171,7 +171,7 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
     methods = methods_of(cfg)
     # a member that trains the whole embedding matrix cannot share the base: one member per worker
     setting = 1 if embeddings == "full" else res.cohort
-    n, capacity = plan_workers(setting, memory is not None and judge is not None, fit, trials, cfg.search.max_concurrent, len(methods))
+    n, capacity = plan_workers(setting, memory is not None, fit, trials, cfg.search.max_concurrent, len(methods))
     configs = [{"worker": i, "method": methods[i % len(methods)]} for i in range(n)]
     notes = ["model.embeddings: full trains the whole embedding matrix per trial: one trial per worker"] if embeddings == "full" and res.cohort != 1 else []
     compiled, why = rules.compile_layers(cfg.train.compile, gpus > 0 and (per_worker > 0 or res.gpus_per_trial == "auto"), train_flops(cfg, profile, trials, n))

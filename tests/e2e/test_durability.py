@@ -1,6 +1,7 @@
 """A sweep survives the night: the driver killed (kill -9) at several points and resumed, a sweep
-stopped and resumed, a trial's worker killed and retried from its checkpoint, `status` throughout.
-Everything through the command line, as a user would do it."""
+stopped and resumed, a worker killed and its trials retried from their checkpoints, `status`
+throughout. Everything through the command line, as a user would do it; one worker trains two
+trials at a time (max_concurrent 2)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.e2e.conftest import mlflow_runs
 pytestmark = pytest.mark.e2e
 
 BODY = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 40, eval_every: 10, log_every: 5, batch: [2, 1]}").replace(
-    "search: {num_trials: 2}", "search: {num_trials: 3, max_concurrent: 1, seed: 0, scheduler: {type: none}}"
+    "search: {num_trials: 2}", "search: {num_trials: 3, max_concurrent: 2, seed: 0, scheduler: {type: none}}"
 ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-3, 2.0e-2]}\n")
 
 
@@ -109,10 +110,10 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path, point: str, pattern: 
 
     resumed = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    if point == "mid-trial":
-        assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.stdout), resumed.stdout
+    if point == "mid-trial":  # both trials the worker held continue from their own checkpoints
+        assert re.search(r"continuing 2 \(t000 from step-\d+, t00\d from step-\d+\)", resumed.stdout), resumed.stdout
     if point == "between trials":
-        assert "1 trials finished" in resumed.stdout, resumed.stdout
+        assert re.search(r"resuming \S+: [12] trials finished", resumed.stdout), resumed.stdout
     check_finished(sweep_dir)
     again = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
     assert again.returncode == 2 and "finished already" in again.stderr
@@ -128,22 +129,22 @@ def test_stop_checkpoints_and_resume_continues(tmp_path: Path) -> None:
     assert "stopped on request; continue with:" in driver.log.read_text()
 
     status = sweep_cli("status", str(sweep_dir), cwd=tmp_path)
-    assert f"{sweep_dir.name}: stopped" in status.stdout and "1 stopped" in status.stdout, status.stdout
+    assert f"{sweep_dir.name}: stopped" in status.stdout and "2 stopped" in status.stdout, status.stdout
     import json
 
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{sweep_dir}/optuna.db")
-    assert [t.state.name for t in study.trials] == ["RUNNING"]  # resumable, not pruned
+    assert [t.state.name for t in study.trials if t.user_attrs.get("trial_status") != "duplicate"] == ["RUNNING"] * 2  # resumable, not pruned
 
     resumed = sweep_cli("resume", str(sweep_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.stdout)
+    assert re.search(r"continuing 2 \(t000 from step-\d+, t00\d from step-\d+\)", resumed.stdout), resumed.stdout
     check_finished(sweep_dir)
     status = sweep_cli("status", str(sweep_dir), cwd=tmp_path)
     assert f"{sweep_dir.name}: finished" in status.stdout and "3 of 3 done; 3 completed" in status.stdout, status.stdout
 
 
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
+def test_the_trials_of_a_worker_that_dies_are_retried_from_their_checkpoints(tmp_path: Path) -> None:
     driver = Driver(write_space(tmp_path, BODY + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"), tmp_path)
     sweep_dir = driver.sweep_dir()
     driver.wait_for(r"t000 step\s+20/40")
@@ -155,4 +156,5 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path: Path
     histories = check_finished(sweep_dir)
     assert histories["t000"].data.tags.get("retries") == "1"
     log = driver.log.read_text()
-    assert "t000 failed" not in log and re.search(r"t000 worker died; attempt 2 from its checkpoint at step \d+", log), log[-3000:]
+    assert "t000 failed" not in log and re.search(r"t000 retrying  its worker died; attempt 2 continues from its checkpoint at step-\d+", log), log[-3000:]
+    assert len(re.findall(r"retrying  its worker died; attempt 2", log)) == 2  # both trials it held

@@ -32,7 +32,7 @@ STEPS = 12
 
 def space(tmp_path: Path, trials: int) -> Path:
     body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", f"train: {{max_steps: {STEPS}, eval_every: 3, log_every: 3, batch: [2, 1]}}").replace(
-        "search: {num_trials: 2}", f"search: {{num_trials: {trials}, max_concurrent: 1, seed: 0, scheduler: {{type: none}}}}"
+        "search: {num_trials: 2}", f"search: {{num_trials: {trials}, max_concurrent: 2, seed: 0, scheduler: {{type: none}}}}"
     ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-3, 2.0e-2]}\n")
     return write_space(tmp_path, body + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n")
 
@@ -133,11 +133,12 @@ def check_interrupted(command: Command, sweep_dir: Path, code: int, may_finish: 
     assert not ours_crashed(out), out[-3000:]
     meta, study, (parent, *children) = stores(sweep_dir)
     assert meta["state"] == "stopped" and parent.info.status == "KILLED"
-    ended = [([t.state.name for t in study], [(r.info.status, r.data.tags["trial_status"]) for r in children])]
-    allowed = [(["RUNNING"], [("KILLED", "stopped")])]  # resumable, not pruned
+    runs = {r.data.tags["trial"]: (r.info.status, r.data.tags["trial_status"]) for r in children}
+    ran = {f"t{t.number:03d}": t.state.name for t in study if t.user_attrs.get("trial_status") != "duplicate"}
+    allowed = {("RUNNING", ("KILLED", "stopped"))}  # resumable, not pruned
     if may_finish:
-        allowed.append((["COMPLETE"], [("FINISHED", "completed")]))
-    assert ended[0] in allowed, ended
+        allowed.add(("COMPLETE", ("FINISHED", "completed")))
+    assert set(ran) == set(runs) and all((state, runs[label]) in allowed for label, state in ran.items()), (ran, runs)
     assert not (sweep_dir / "driver.pid").exists()
 
 
@@ -152,7 +153,8 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
 
     resumed = Command(tmp_path, "resume", str(sweep_dir))
     assert resumed.wait_for(r"t000 step"), resumed.text()[-3000:]
-    assert re.search(r"continuing 1 \(t000 from checkpoint_\d+\)", resumed.text()), resumed.text()[-3000:]
+    # both trials the worker held (max_concurrent 2) continue, each from its own checkpoint
+    assert re.search(r"continuing 2 \(t000 from step-\d+, t00\d from step-\d+\)", resumed.text()), resumed.text()[-3000:]
     os.kill(resumed.proc.pid, signal.SIGTERM)
     check_interrupted(resumed, sweep_dir, 143, may_finish=True)
 

@@ -346,7 +346,9 @@ def test_the_other_locks_add_to_it_without_overlap() -> None:
     main = lock(DOCKER / "requirements.lock")
     gpu, dashboard = lock(DOCKER / "requirements-gpu.lock"), lock(DOCKER / "requirements-dashboard.lock")
     assert "torch" in gpu and not set(gpu) & set(main), set(gpu) & set(main)
-    assert all(n == "torch" or n.startswith(("nvidia-", "cuda-", "triton")) for n in gpu), sorted(gpu)
+    assert all(n in ("torch", "liger-kernel") or n.startswith(("nvidia-", "cuda-", "triton")) for n in gpu), sorted(gpu)
+    extra = [Requirement(r) for r in pyproject()["optional-dependencies"]["gpu"]]  # the GPU image's `gpu` extra
+    assert all(canonicalize_name(r.name) in gpu and r.specifier.contains(gpu[canonicalize_name(r.name)]) for r in extra), (extra, sorted(gpu))
     assert "optuna-dashboard" in dashboard and not set(dashboard) & set(main)
     assert "flask-wtf" in dashboard, "MLflow's basic-auth app needs Flask-WTF"
 
@@ -357,7 +359,8 @@ def test_dockerfiles_install_the_locks_exactly() -> None:
         for name in files:
             assert re.search(rf"pip install --no-deps [^&]*-r docker/{re.escape(name)}", runs), f"{path.name}: pip install --no-deps -r docker/{name}"
         assert "pip check" in runs, f"{path.name}: no pip check after installing"
-        assert re.search(r'pip install --no-deps[^&]* "?\./\[postgres\]"?', runs), f"{path.name}: the project with its postgres extra"
+        extras = "postgres,gpu" if path == GPU_DOCKERFILE else "postgres"
+        assert re.search(rf'pip install --no-deps[^&]* "?\./\[{extras}\]"?', runs), f"{path.name}: the project with its {extras} extras"
         assert installed_by(path) >= set(lock(DOCKER / "requirements.lock"))
 
 

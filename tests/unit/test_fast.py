@@ -53,7 +53,7 @@ def test_no_host_sync_from_our_code_inside_a_cohort_step(data_dir: str, monkeypa
         c = Cohort("tiny-gemma3", data_dir, base, max_seq_len=128, embeddings="new_tokens", template_ids=(5, 6))
         for r in (4, 8):
             c.add(TrainSection(lora_r=r, target_modules="all-linear", optimizer="adamw", lora_dropout=0.0, batch=(2, 2), log_every=50, max_steps=50, dtype=base.dtype))
-        c.step()  # the first step builds what is cached (the dropout generators' state, the grouped stacks)
+        c.step()  # the first step builds what is cached (the dropout generators' state)
         callers: list[str] = []
         for name in SYNCS:
             original = getattr(torch.Tensor, name)
