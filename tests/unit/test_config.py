@@ -91,7 +91,8 @@ def test_seed_settings_in_real_gpu_spaces() -> None:
         cfg = load_config(ROOT / "search_spaces" / name)
         point = cfg.search.points_to_evaluate[0]
         assert point["lora_r"] == 16 and point["lora_alpha_ratio"] == 1 and point["batch"] == [1, 32]
-        assert cfg.fixed_hyperparams.get("optimizer", "paged_adamw_8bit") == "paged_adamw_8bit"
+        # the optimizer is core.rules' auto: paged 8-bit AdamW for the QLoRA recipe, fused AdamW for 1B LoRA (memory is not its limit)
+        assert cfg.fixed_hyperparams.get("optimizer") == "auto" and cfg.train.gradient_checkpointing == "auto"
 
 
 # ---------------------------------------------------------------------------------------------
