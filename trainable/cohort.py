@@ -145,6 +145,7 @@ class Member:
     group_loss_tokens: int = 0
     step_loss: Any = None  # device tensor: this step's loss so far
     unchecked: list[tuple[int, Any, float]] = field(default_factory=list)  # steps whose loss is not yet on the host
+    window: list[list[float]] = field(default_factory=list)  # [step, loss, lr] on the host, of the log_every window in progress
     boundary_generator: Any = None  # the generator state after the last optimizer step
     token_rows: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # new_tokens: "embed" (and "head" if untied) -> rows
     embedding: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # full: "embed" (and "head" if untied) -> whole trained copy
@@ -342,8 +343,9 @@ class Cohort:
         self._seek(m)
 
     def sync(self, slot: int) -> None:
-        """Bring the member's history and status up to date (its losses read from the device)."""
-        self._check(self.members[slot])
+        """Bring the member's history and status up to date (its losses read from the device); the
+        log_every window in progress ends here (an evaluation's step is logged, as a trial logs it)."""
+        self._check(self.members[slot], flush=True)
 
     def _seek(self, member: Member) -> None:
         """Continue the member's data stream from its last optimizer step (train_batches' order)."""
@@ -405,24 +407,25 @@ class Cohort:
         if m.status == "running" and m.step >= m.train.max_steps:
             m.status = "completed"
 
-    def _check(self, m: Member) -> None:
+    def _check(self, m: Member, flush: bool = False) -> None:
         """The losses of the steps since the last check reach the host (one sync): any non-finite one
-        ends the member (nan); the history gets one entry per train.log_every window, [last step,
-        mean loss, its learning rate] (a window cut short by an evaluation or a checkpoint gets its
-        own entry: the next one starts after it)."""
-        if not m.unchecked:
-            return
-        values = torch.stack([loss for _, loss, _ in m.unchecked]).tolist()
-        if any(v != v or v in (float("inf"), float("-inf")) for v in values):
-            m.status = "nan"
-        every = max(1, m.train.log_every)
-        window: list[float] = []
-        for (step, _, lr), value in zip(m.unchecked, values):
-            window.append(value)
-            if step % every == 0 or step == m.unchecked[-1][0]:
-                m.history.append([step, sum(window) / len(window), lr])
-                window = []
-        m.unchecked = []
+        ends the member (nan). The history gets one entry per train.log_every window, [last step,
+        mean loss, its learning rate], at multiples of log_every and at max_steps; `flush` (an
+        evaluation) ends the window in progress there too. A checkpoint keeps a window in progress
+        (`window`), so a trial stopped and continued logs the steps an uninterrupted one does."""
+        if m.unchecked:
+            values = torch.stack([loss for _, loss, _ in m.unchecked]).tolist()
+            if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+                m.status = "nan"
+            m.window += [[step, value, lr] for (step, _, lr), value in zip(m.unchecked, values)]
+            m.unchecked = []
+        every, done = max(1, m.train.log_every), []
+        for entry in m.window:
+            done.append(entry)
+            if entry[0] % every == 0 or entry[0] >= m.train.max_steps or (flush and entry is m.window[-1]):
+                m.history.append([entry[0], sum(e[1] for e in done) / len(done), entry[2]])
+                done = []
+        m.window = done
 
     def forward_backward(self, rows: dict[int, list[int]], loss_tokens: dict[int, int]) -> dict[int, Any]:
         """One forward of every member's training rows together, and backward of
@@ -552,7 +555,7 @@ class Cohort:
         self._save_peft(m, adapter, folder)
         torch.save({"optimizer": m.optimizer.state_dict(), "schedule": m.schedule.state_dict(), "generator": m.boundary_generator}, folder / "optimizer.pt")
         state = {"name": m.name, "train": m.train.model_dump(mode="json"), "step": m.step, "rows_done": m.rows_done,
-                 "tokens": m.tokens, "loss_tokens": m.loss_tokens, "status": m.status, "history": m.history}  # fmt: skip
+                 "tokens": m.tokens, "loss_tokens": m.loss_tokens, "status": m.status, "history": m.history, "window": m.window}  # fmt: skip
         (folder / "member.json").write_text(json.dumps(state))
 
     def _save_peft(self, m: Member, adapter: dict[str, torch.Tensor], folder: Path) -> None:
@@ -617,6 +620,7 @@ class Cohort:
             m.boundary_generator = opt["generator"]
         for key in ("step", "rows_done", "tokens", "loss_tokens", "status", "history"):
             setattr(m, key, state[key])
+        m.window = state.get("window", [])  # the log_every window in progress when it was saved
         self._seek(m)
         return slot
 

@@ -213,6 +213,10 @@ def _load_failed(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[di
         emit([{"event": "end", "trial": task.label, "text": f"{task.label} {status}", "status": str(status), "metrics": {"step": 0, "trial_status": str(status), "error": error}}])
 
 
+class DriverLost(Exception):
+    """Reporting to the driver failed (tune.report: the driver or Ray went away)."""
+
+
 class _Worker:
     def __init__(self, spec: WorkerSpec, source: MemberSource, cohort: Any, load_seconds: float, emit: Any):
         self.spec, self.source, self.cohort, self.load_seconds, self.emit = spec, source, cohort, load_seconds, emit
@@ -245,11 +249,18 @@ class _Worker:
                     continue
                 self._step()
                 self._flush()
-        except BaseException as exc:
+        except DriverLost as lost:
+            # the driver (or Ray) went away: its members stay open in the study, for the driver's
+            # retry or `resume`, rather than end as failed for a fault of neither theirs nor ours
+            raise lost.__cause__ from None
+        except Exception as exc:  # the training itself failed: each member ends failed, with the error
             for slot in list(self.live):
                 m = self.cohort.members[slot]
-                self._end(slot, {"step": m.step, "trial_status": TrialStatus.FAILED, "error": f"cohort worker {self.spec.worker}: {exc!r}"[:1000]})
-            self._flush()
+                self._end(slot, {"step": m.step, "trial_status": TrialStatus.FAILED, "error": f"worker {self.spec.worker}: {exc!r}"[:1000]})
+            try:
+                self._flush()
+            except DriverLost:
+                pass
             raise
         self._flush()
         return dict(self.counts)
@@ -264,7 +275,10 @@ class _Worker:
                 self._say("note", text.split(" ", 1)[0] if text.startswith("t") else "", text)
             notes.clear()
         if self.events and self.emit is not None:
-            self.emit(self.events)
+            try:
+                self.emit(self.events)
+            except Exception as exc:
+                raise DriverLost() from exc
         self.events = []
 
     def _fill(self) -> None:

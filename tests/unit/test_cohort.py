@@ -198,6 +198,27 @@ def test_checkpoint_and_restore_one_member(data_dir: str, tmp_path: Path) -> Non
     assert other.members[slot].losses() == pytest.approx(reference.members[1].losses(), rel=1e-5)
 
 
+def test_a_checkpoint_keeps_the_log_window_in_progress(data_dir: str, tmp_path: Path) -> None:
+    """log_every 3: a member saved at step 5 (a stop between two logged steps) and continued logs
+    steps 3, 6, 9 with the losses of an uninterrupted run: the window in progress (steps 4 and 5)
+    travels in the checkpoint; no extra entry at the stop's step."""
+    train = MEMBERS[0].model_copy(update={"max_steps": 9, "log_every": 3})
+    straight = cohort(data_dir)
+    slot = straight.add(train)
+    train_until(straight, lambda: False)
+    assert [h[0] for h in straight.members[slot].history] == [3, 6, 9]
+    c = cohort(data_dir)
+    first = c.add(train)
+    train_until(c, lambda: c.members[first].step >= 5)
+    c.save(first, tmp_path / "m")
+    assert [h[0] for h in c.members[first].history] == [3] and [w[0] for w in c.members[first].window] == [4, 5]
+    other = cohort(data_dir)
+    again = other.restore(tmp_path / "m")
+    train_until(other, lambda: False)
+    assert [h[0] for h in other.members[again].history] == [3, 6, 9]
+    assert other.members[again].losses() == pytest.approx(straight.members[slot].losses(), rel=1e-5)
+
+
 def test_a_member_checkpoint_loads_with_plain_peft(data_dir: str, tmp_path: Path) -> None:
     """Cohort.save writes the adapter as PEFT does: PeftModel.from_pretrained on the base model
     computes what the member computes in the cohort (`best --export` of a cohort sweep uses it)."""

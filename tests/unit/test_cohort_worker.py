@@ -377,3 +377,29 @@ def test_the_worker_splits_micro_steps_into_passes_as_members_come_and_go(tmp_pa
     passes = dict(cohort.passes_by_size)
     assert passes[2] is None and passes[4] is not None and 2 * 8192 <= passes[4] < 3 * 8192, cohort.passes_by_size
     assert cohort.passes_by_size[-1] == (2, None) and not any(on for _, on in cohort.checkpointing_by_size)
+
+
+def test_a_worker_that_loses_its_driver_leaves_its_members_open(tmp_path: Path) -> None:
+    """tune.report failing (the driver or Ray went away): the worker stops, and its members stay open
+    in the study for a retry or `resume`, not ended as failed; a training error does end them failed."""
+    source = FakeSource([{"lora_r": 4}, {"lora_r": 8}], tmp_path)
+    calls = [0]
+
+    def emit(events: list) -> None:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise ConnectionError("GCS unreachable")
+
+    spec = WorkerSpec(base=BaseSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=2, poll_seconds=0.01)
+    with pytest.raises(ConnectionError, match="GCS unreachable"):
+        run_worker(spec, source, emit, make_cohort=lambda s: FakeCohort())
+    assert source.begun == ["t000", "t001"] and source.ended == {}
+
+    class Broken(FakeCohort):
+        def step(self) -> dict[int, int]:
+            raise ValueError("a bug in the step")
+
+    source = FakeSource([{"lora_r": 4}], tmp_path)
+    with pytest.raises(ValueError, match="a bug in the step"):
+        run_worker(spec, source, lambda events: None, make_cohort=lambda s: Broken())
+    assert status(source) == {"t000": "failed"} and "a bug in the step" in source.ended["t000"]["error"]
