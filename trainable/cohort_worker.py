@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from core.contract import CHECKPOINT_PREFIX, LEARNING_RATE, MEMBER_STATE, WORKER_STATE, TrialStatus, summary
+from core.contract import CHECKPOINT_PREFIX, ERROR, LEARNING_RATE, MEMBER_STATE, STATUS, STEP, WORKER_STATE, TrialStatus, summary
 from core.rules import COHORT_FOLD_TOKENS, cohort_fold
 from core.schema import TrainSection
 from core.request import TrialRequest
@@ -208,9 +208,9 @@ def _load_failed(spec: WorkerSpec, source: MemberSource, emit: Callable[[list[di
     status = TrialStatus.OOM if is_oom(exc) else TrialStatus.FAILED
     error = f"worker {spec.worker} could not load the base model: {exc!r}"[:1000]
     source.begin(task, {"cohort": spec.worker, "cohort_size": spec.capacity})  # its run, with its hyperparameters
-    source.end(task, {"step": 0, "trial_status": status, "error": error})
+    source.end(task, {STEP: 0, STATUS: status, ERROR: error})
     if emit is not None:
-        emit([{"event": "end", "trial": task.label, "text": f"{task.label} {status}", "status": str(status), "metrics": {"step": 0, "trial_status": str(status), "error": error}}])
+        emit([{"event": "end", "trial": task.label, "text": f"{task.label} {status}", "status": str(status), "metrics": {STEP: 0, STATUS: str(status), ERROR: error}}])
 
 
 class DriverLost(Exception):
@@ -256,7 +256,7 @@ class _Worker:
         except Exception as exc:  # the training itself failed: each member ends failed, with the error
             for slot in list(self.live):
                 m = self.cohort.members[slot]
-                self._end(slot, {"step": m.step, "trial_status": TrialStatus.FAILED, "error": f"worker {self.spec.worker}: {exc!r}"[:1000]})
+                self._end(slot, {STEP: m.step, STATUS: TrialStatus.FAILED, ERROR: f"worker {self.spec.worker}: {exc!r}"[:1000]})
             try:
                 self._flush()
             except DriverLost:
@@ -399,7 +399,7 @@ class _Worker:
             if lv.warm is None:
                 lv.warm = (m.tokens, m.loss_tokens, lv.seconds)
             if m.status == "nan":
-                self._end(slot, {"step": step, "trial_status": TrialStatus.NAN, "error": f"train loss is not finite at step {step}", **self._history(lv)})
+                self._end(slot, {STEP: step, STATUS: TrialStatus.NAN, ERROR: f"train loss is not finite at step {step}", **self._history(lv)})
                 continue
             if step % lv.train.eval_every == 0 or step >= lv.train.max_steps:
                 due.append(slot)
@@ -412,7 +412,7 @@ class _Worker:
             self.cohort.sync(slot)
             lv, m = self.live[slot], self.cohort.members[slot]
             if m.status == "nan":
-                self._end(slot, {"step": m.step, "trial_status": TrialStatus.NAN, "error": f"train loss is not finite at step {m.step}", **self._history(lv)})
+                self._end(slot, {STEP: m.step, STATUS: TrialStatus.NAN, ERROR: f"train loss is not finite at step {m.step}", **self._history(lv)})
                 continue
             self._report(slot, {"eval_loss": losses[slot]}, final=m.step >= lv.train.max_steps)
 
@@ -428,14 +428,14 @@ class _Worker:
             tokens, loss_tokens, seconds = m.tokens - lv.warm[0], m.loss_tokens - lv.warm[1], lv.seconds - lv.warm[2]
         seconds = max(seconds, 1e-9)
         out = {
-            "step": m.step,
+            STEP: m.step,
             "eval_loss": eval_loss,
             "train_loss": sum(h[1] for h in new) / len(new) if new else metrics.get("train_loss", float("nan")),
             LEARNING_RATE: new[-1][2] if new else metrics.get(LEARNING_RATE, float("nan")),
             "tokens_per_sec": metrics.get("tokens_per_sec", tokens / seconds),
             "loss_tokens_per_sec": metrics.get("loss_tokens_per_sec", loss_tokens / seconds),
             **peak_memory(getattr(self.cohort, "device", None) or _cpu()),
-            "trial_status": TrialStatus.COMPLETED if final else TrialStatus.RUNNING,
+            STATUS: TrialStatus.COMPLETED if final else TrialStatus.RUNNING,
             **self._history(lv),
         }
         budget = self.spec.budget
@@ -446,7 +446,7 @@ class _Worker:
             out["evals_replay"] = list(lv.evals)
             lv.replay = False
         if not math.isfinite(eval_loss):
-            self._end(slot, {**out, "trial_status": TrialStatus.NAN, "error": f"eval loss is {eval_loss} at step {m.step}"})
+            self._end(slot, {**out, STATUS: TrialStatus.NAN, ERROR: f"eval loss is {eval_loss} at step {m.step}"})
             return
         if not any(e["step"] == m.step for e in lv.evals):
             lv.evals.append({k: out[k] for k in ("step", "eval_loss", "tokens_per_sec", "loss_tokens_per_sec")})
@@ -457,7 +457,7 @@ class _Worker:
         if final:
             self._end(slot, out)
         elif pruned:
-            self._end(slot, {**out, "trial_status": TrialStatus.PRUNED, "history": []})
+            self._end(slot, {**out, STATUS: TrialStatus.PRUNED, "history": []})
 
     def _history(self, lv: _Live) -> dict[str, Any]:
         m = self.cohort.members[lv.slot]
@@ -486,7 +486,7 @@ class _Worker:
         # still shows its base load and training time (timelines drew no load bar without them)
         metrics = {"train_seconds": lv.seconds, "load_seconds": lv.load_seconds, **metrics}
         self.cohort.remove(slot)
-        status = str(metrics.get("trial_status"))
+        status = str(metrics.get(STATUS))
         self.counts[status] += 1
         self.source.end(lv.task, metrics)
         shown = {k: v for k, v in metrics.items() if k not in ("history", "evals_replay") and (isinstance(v, int | float | str) or v is None)}
@@ -508,7 +508,7 @@ class _Worker:
         if len(self.live) == 1:
             slot = next(iter(self.live))
             m = self.cohort.members[slot]
-            self._end(slot, {"step": m.step, "trial_status": TrialStatus.OOM, "error": message, **self._history(self.live[slot])})
+            self._end(slot, {STEP: m.step, STATUS: TrialStatus.OOM, ERROR: message, **self._history(self.live[slot])})
             self.capacity = self.spec.capacity  # alone it does not fit: the shrinking was its doing
             return
         victim = max(self.live, key=self._size)
@@ -529,7 +529,7 @@ class _Worker:
             lv, m = self.live[slot], self.cohort.members[slot]
             if why == "stop" and m.step > 0:
                 self._save(slot)
-            self._end(slot, {"step": m.step, "trial_status": TrialStatus.STOPPED, **self._history(lv)})
+            self._end(slot, {STEP: m.step, STATUS: TrialStatus.STOPPED, **self._history(lv)})
 
 
 def _cpu() -> Any:
@@ -568,8 +568,8 @@ def tune_cohort_worker(config: dict[str, Any], base: BaseSpec, source: MemberSou
 
     def emit(events: list[str]) -> None:
         reports[0] += 1
-        tune.report({"step": reports[0], "trial_status": TrialStatus.RUNNING, "events": list(events)})
+        tune.report({STEP: reports[0], STATUS: TrialStatus.RUNNING, "events": list(events)})
 
     spec = WorkerSpec(base=base, method=config.get("method", base.train.method), capacity=capacity, worker=worker, budget=budget)
     counts = run_worker(spec, source, emit)
-    tune.report({"step": reports[0] + 1, "trial_status": TrialStatus.COMPLETED, "events": [], "members": counts})
+    tune.report({STEP: reports[0] + 1, STATUS: TrialStatus.COMPLETED, "events": [], "members": counts})

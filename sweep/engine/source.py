@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from core.contract import (
     ATTR_ATTEMPT,
+    CHECKPOINT_PREFIX,
     ATTR_WORKER,
     ERROR,
     ESTIMATED_VRAM_GB,
@@ -293,7 +294,7 @@ class StudySource:
         queued when the sweep ended): stopped when the sweep was halted, else failed. Returns how."""
         halt = self.halt()
         status = TrialStatus.STOPPED if halt else TrialStatus.FAILED
-        step = int(Path(task.checkpoint).name.removeprefix("step-")) if task.checkpoint else 0
+        step = int(Path(task.checkpoint).name.removeprefix(CHECKPOINT_PREFIX)) if task.checkpoint else 0
         self.end(task, {STEP: step, STATUS: status, ERROR: None if halt == "stop" else error})
         return {"stop": "stopped (resume continues it)", "time": "stopped (time budget)"}.get(halt or "", f"failed: {error}")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.contract import ATTR_WARM_START, STATUS, TrialStatus
 from sweep.config import SEARCHABLE, ConfigError, SweepConfig
 from sweep.config.space import Ratio
 from sweep.folder import SweepFolder
@@ -92,7 +93,7 @@ def apply(study: Any, cfg: SweepConfig, folder: Path) -> WarmStart:
     for trial in previous.trials:
         if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or not trial.params:
             continue
-        if trial.user_attrs.get("trial_status") == "duplicate":  # a repeat of another trial's result (sweep.engine.study.close_duplicate)
+        if trial.user_attrs.get(STATUS) == TrialStatus.DUPLICATE:  # a repeat of another trial's result (sweep.engine.study.close_duplicate)
             continue
         values = _hyperparams(old, trial.params)
         mismatch = [k for k in SEARCHABLE if k not in cfg.space.names and values[k] != fixed_now[k]]
@@ -113,7 +114,7 @@ def apply(study: Any, cfg: SweepConfig, folder: Path) -> WarmStart:
                 value=trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
                 intermediate_values=trial.intermediate_values,
                 state=trial.state,
-                user_attrs={"warm_start_from": str(folder), "previous_trial": trial.number, "trial_status": trial.user_attrs.get("trial_status", trial.state.name.lower())},
+                user_attrs={ATTR_WARM_START: str(folder), "previous_trial": trial.number, STATUS: trial.user_attrs.get(STATUS, trial.state.name.lower())},
             )
         )
         report.carried += 1

@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from core.contract import trial_label
+
 
 @dataclass(frozen=True)
 class StudyTrial:
@@ -33,7 +35,7 @@ class StudyTrial:
 
     @property
     def label(self) -> str:
-        return f"t{self.number:03d}"
+        return trial_label(self.number)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import PEAK_VRAM_GB
+from core.contract import PEAK_VRAM_GB, STATUS, TAG_TRIAL, TrialStatus, trial_label
 from sweep.config import SEARCHABLE, SweepConfig
 from sweep.readback.estimate import GB, ModelProfile, corners, estimate, trial_shape
 
@@ -82,13 +82,13 @@ def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = p
     profile = load_profile(cfg)
     fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
     study = folder.study()
-    peaks = {r.data.tags.get("trial"): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
+    peaks = {r.data.tags.get(TAG_TRIAL): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []
     for trial in study.trials:
-        if not trial.params or trial.user_attrs.get("trial_status") == "duplicate":  # a repeated proposal never ran (sweep.engine.study.twin_of)
+        if not trial.params or trial.user_attrs.get(STATUS) == TrialStatus.DUPLICATE:  # a repeated proposal never ran (sweep.engine.study.twin_of)
             continue
         hyper = {**fixed, **cfg.space.decode(trial.params, cfg.fixed_hyperparams)}
-        row = {"trial": f"t{trial.number:03d}", **_row(cfg, profile, hyper, device_bytes)}
+        row = {"trial": trial_label(trial.number), **_row(cfg, profile, hyper, device_bytes)}
         row["measured_gb"] = peaks.get(row["trial"])
         rows.append(row)
     write(f"{sweep_dir.name}: {len(rows)} trials, estimate against measured peak allocated (peak_vram_gb)")

@@ -23,10 +23,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import EVAL_LOSS, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
+from core.contract import ATTR_WARM_START, EVAL_LOSS, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus, finite, rate_text as _rate
 from sweep.readback.results import SweepResult, open_sweep, pareto
 from sweep.folder import run_link
-from core.contract import finite, rate_text as _rate
 
 Write = Callable[[str], None]
 TOP_CURVES = 5
@@ -183,7 +182,7 @@ def own_study(study: Any) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     copy = optuna.create_study(directions=study.directions)
     ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)  # a running sweep's too
-    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if "warm_start_from" not in t.user_attrs and t.user_attrs.get(STATUS) != TrialStatus.DUPLICATE])
+    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if ATTR_WARM_START not in t.user_attrs and t.user_attrs.get(STATUS) != TrialStatus.DUPLICATE])
     return copy
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus, metric_name
 from sweep.config import SEARCHABLE, SweepConfig
-from core.contract import finite, summary
+from core.contract import ATTR_WARM_START, ATTR_WORKER, TAG_TRIAL, finite, summary, trial_label
 
 
 @dataclass
@@ -29,20 +29,20 @@ class SweepResult:
 def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, Any]]:
     """One row per trial of the whole sweep (every driver run): status and metrics from MLflow,
     the exact hyperparameters from the study."""
-    runs = {r.data.tags.get("trial"): r for r in children}
+    runs = {r.data.tags.get(TAG_TRIAL): r for r in children}
     fixed = cfg.fixed_hyperparams
     out = []
     for t in study.trials:
-        label = f"t{t.number:03d}"
+        label = trial_label(t.number)
         run = runs.get(label)
-        if run is None or "warm_start_from" in t.user_attrs or not t.params:
+        if run is None or ATTR_WARM_START in t.user_attrs or not t.params:
             continue
         config = cfg.space.decode(t.params, fixed)
         for key in PLACEMENT_KEYS:  # placement data: logged as params beside the hyperparameters
             if key in run.data.params:
                 config[key] = float(run.data.params[key])
         row = {
-            "trial_id": t.user_attrs.get("ray_trial_id", ""),
+            "trial_id": t.user_attrs.get(ATTR_WORKER, ""),
             "number": t.number,
             "label": label,
             "status": run.data.tags.get(STATUS, "?"),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, REPORTS_FILE, STATUS, STEP, TOKENS_PER_SEC, TRIALS_DIR, TrialStatus
+from core.contract import ATTR_WARM_START, EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, REPORTS_FILE, STATUS, STEP, TOKENS_PER_SEC, TRIALS_DIR, TrialStatus
 from sweep.folder.checks import quote
 from sweep.config import ConfigError
 from sweep.folder.studyfile import StudyTrial, StudyView, read_study
@@ -47,7 +47,7 @@ def trial_status(trial: StudyTrial, live: bool) -> str | None:
     the study that are no trial of this sweep (a warm start's, one asked but never launched, or a
 duplicate proposal).
     An open trial runs while the driver lives; without one it waits, stopped, for `resume`."""
-    if "warm_start_from" in trial.user_attrs or trial.user_attrs.get(STATUS) in (TrialStatus.LOST, TrialStatus.DUPLICATE):
+    if ATTR_WARM_START in trial.user_attrs or trial.user_attrs.get(STATUS) in (TrialStatus.LOST, TrialStatus.DUPLICATE):
         return None
     if trial.user_attrs.get(STATUS):
         return str(trial.user_attrs[STATUS])

@@ -103,3 +103,29 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     html = (sweep_dir / "report" / "report.html").read_text()
     assert html.count("<tr class=") == 8 and all(label in html for label in by_label)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html", "report/history.png"}
+
+
+def test_a_sweep_from_a_plain_folder_with_the_defaults(tmp_path: Path) -> None:
+    """A folder holding only a space file (no `tracking:` section) and its data, the command run from
+    it as a user would: the results go to ./sweeps, every worker (each trains a cohort: the default)
+    opens that folder's stores whatever Ray's own working directory is, every trial completes, one
+    MLflow child run each. (A relative results folder once sent the workers to a mlflow.db of their
+    own: every trial failed and the sweep said "0 trials" and exited 0.)"""
+    import shutil
+
+    shutil.copytree(ROOT / "search_spaces" / "data" / "demo", tmp_path / "data" / "demo")
+    text = (ROOT / "search_spaces" / "demo.yaml").read_text()
+    assert "tracking" not in text and "results_dir" not in text
+    (tmp_path / "space.yaml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "sweep", "run", "space.yaml", "search.num_trials=4", "train.max_steps=10", "search.scheduler={type: none}", "search.time_budget=null"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"workers: \d+ of 1 CPU, each training up to \d+ trials on one loaded base model", result.stdout), result.stdout[-3000:]
+    parent, children = mlflow_runs(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}", "demo")
+    assert len(children) == len({r.data.tags["trial"] for r in children}) == 4  # one child run per trial
+    assert {r.data.tags["trial_status"] for r in children} == {"completed"} and {r.info.status for r in children} == {"FINISHED"}
+    assert max(int(r.data.params["cohort_size"]) for r in children) > 1  # cohorts, not one trial per worker
+    assert not [p for p in tmp_path.rglob("mlflow.db") if p != tmp_path / "sweeps" / "mlflow.db"]  # no store of the workers' own

@@ -2,9 +2,10 @@
 images (and, without a registry, the stand-in base and PostgreSQL images), the stack comes up on
 loopback (PostgreSQL, the MLflow server with basic-auth, a Ray head, one CPU worker standing in
 for the GPU worker), a tiny sweep goes in with `python -m sweep submit --address`, and the stores
-hold its trials. Then the faults: the worker container killed during a trial (the trial is retried
-from its checkpoint once the worker is back), the MLflow container restarted mid-sweep (no run
-lost, none twice), `down` + `up` (the named volumes keep every finished trial).
+hold its trials. Its worker trains two trials at a time on one base model. Then the faults: the
+worker container killed during its trials (both are retried from their checkpoints once the worker
+is back), the MLflow container restarted mid-sweep (no run lost, none twice), `down` + `up` (the
+named volumes keep every finished trial).
 
 One long test, marked `docker` and `e2e` (`pytest -m docker`): on 2 cores about 7.5 min with
 the images cached, 12-13 with a cold build of both images, a few more the first time on a
@@ -44,7 +45,7 @@ name: {NAME}
 model: {{id: tiny-gemma3}}
 data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_seq_len: 128}}
 train: {{max_steps: 300, eval_every: 20, log_every: 10, batch: [2, 1]}}
-search: {{num_trials: 3, max_concurrent: 1, seed: 0, scheduler: {{type: none}}, max_retries: 2}}
+search: {{num_trials: 3, max_concurrent: 2, seed: 0, scheduler: {{type: none}}, max_retries: 2}}
 space:
   lora_r: [4, 8]
   learning_rate: {{loguniform: [1.0e-3, 2.0e-2]}}
@@ -243,9 +244,9 @@ def test_compose_stack_runs_a_sweep_through_worker_kill_mlflow_restart_and_down_
         if run(*docker, "inspect", "-f", "{{.State.Running}}", worker).stdout.strip() != "true":
             run(*docker, "start", worker)
             step("worker container started again (docker start: `docker kill` counts as a manual stop for restart: unless-stopped)")
-        retried = running_log(r"t000 worker died; attempt 2 from (its checkpoint at step (\d+)|the start)", timeout=600)
-        assert retried.group(2), f"t000 was retried {retried.group(1)}, not from its checkpoint"
-        step(f"t000 retried from its checkpoint at step {retried.group(2)} once the worker was back")
+        retried = running_log(r"t000 retrying  its worker died; attempt 2 continues from (its checkpoint at step-0*(\d+)|the start)", timeout=600)
+        assert retried.group(2), f"t000 was retried from {retried.group(1)}, not from its checkpoint"
+        step(f"t000 retried from its checkpoint at step {retried.group(2)} once the worker was back (with the other trial its worker held)")
 
         # ---- 6. fault: the MLflow container restarted mid-sweep ------------------------------
         running_log(r"t001 step\s+\d+/300")
