@@ -388,7 +388,7 @@ def losses_run(model_dir: str, data_dir: str, template_ids: list[int], method: s
 
 
 def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str, settings: dict, warmup: int, timed: int,
-             profile: bool = False) -> dict:
+             profile: bool = False, lora_dropout: float = 0.05) -> dict:
     """A cohort of one member (how every trial trains): `warmup` untimed optimizer steps, then
     `timed` ones, timed from a device sync to a device sync after the last (its losses read). With
     `profile`, torch.profiler records the GPU's kernels over the timed steps and the result says
@@ -402,7 +402,7 @@ def ours_run(model_dir: str, data_dir: str, template_ids: list[int], method: str
     settings = dict(settings)
     embeddings = settings.pop("embeddings")
     steps = warmup + timed
-    train = TrainSection(method=method, lora_r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", learning_rate=2e-4,
+    train = TrainSection(method=method, lora_r=16, lora_alpha=16, lora_dropout=lora_dropout, target_modules="all-linear", learning_rate=2e-4,
                          max_steps=steps + 1, eval_every=steps + 1, log_every=steps + 1, lr_scheduler="constant", warmup_ratio=0.0, **settings)  # fmt: skip
     torch.set_num_threads(8)
     micro = train.batch[0]
@@ -580,6 +580,7 @@ def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids:
     elif row["kind"] == "ours":
         job["settings"] = dict(row["settings"])
         job["profile"] = args.profile
+        job["lora_dropout"] = args.lora_dropout
     if args.dry_run and row["kind"] != "losses":  # tiny model, two micro-batches of one sequence per step
         if "recipe" in job:
             job["recipe"]["batch"] = (1, 2)
@@ -627,6 +628,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/seed-vs-ours")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 1 + 1 steps: exercise the code paths")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="'ours' rows' LoRA dropout (default: the seed's 0.05; 0 shows what the dropout masks cost)")
     ap.add_argument("--profile", action="store_true", help="'ours' rows record where the timed steps' GPU time goes (torch.profiler; "
                     "its overhead lowers their tokens/s: compare speeds from runs without it)")  # fmt: skip
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -642,7 +644,8 @@ def main() -> None:
             else:
                 job["settings"]["batch"] = tuple(job["settings"]["batch"])
                 result = ours_run(job["model_dir"], job["data_dir"], job["ids"], job["method"], job["settings"], job["warmup"], job["timed"],
-                                  profile=job.get("profile", False))  # fmt: skip
+                                  profile=job.get("profile", False), lora_dropout=job.get("lora_dropout", 0.05))  # fmt: skip
+                result["lora_dropout"] = job.get("lora_dropout", 0.05)
         except Exception as exc:  # the row's own failure, readable (a compile error's cause included), for the JSON
             oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
             Path(job["out"]).write_text(json.dumps({"trial_status": "oom" if oom else "error", "error": exception_text(exc)}, default=str))
