@@ -473,7 +473,7 @@ class Sweep:
                 search_alg=workers,
                 scheduler=FIFOScheduler(),  # Optuna's pruner judges the trials, inside the workers
                 num_samples=-1,  # the worker list says when it is done (workers that died are replaced)
-                max_concurrent_trials=len(self.plan.configs),
+                max_concurrent_trials=self.plan.at_once,
                 reuse_actors=False,
                 trial_dirname_creator=_worker_dirname,
             ),

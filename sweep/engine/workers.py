@@ -66,8 +66,12 @@ def plan_workers(setting: str | int, gpu_share: bool, fit: int, trials: int, max
     share of the trials, up to what memory admits: one worker taking every trial would leave the
     other GPUs idle. A worker still takes more as its members end, so no GPU waits on another. auto
     on CPUs: up to COHORT_AUTO_CPU members per worker. A number: that many members per worker, as
-    few workers as hold every trial. search.max_concurrent bounds the members training at once
-    (workers x members). Every method (lora, qlora) gets at least one worker."""
+    few workers as hold every trial, within the cluster as it is.
+
+    search.max_concurrent N: never more than N trials at once (members per worker at most N, and as
+    many workers as N allows), and not limited to the cluster as it is: workers beyond its present
+    resources wait for them, and a Ray autoscaler adds nodes for them. Every method (lora, qlora)
+    gets at least one worker (WorkerPlan.at_once then keeps the trials at once within N)."""
     trials = max(1, trials)
     capacity = int(setting) if setting != "auto" else (COHORT_AUTO_GPU_LIMIT if gpu_share else COHORT_AUTO_CPU)
     if setting == "auto" and gpu_share:
@@ -77,7 +81,7 @@ def plan_workers(setting: str | int, gpu_share: bool, fit: int, trials: int, max
         wanted = math.ceil(trials / capacity)
     if max_concurrent != "auto":
         capacity = min(capacity, int(max_concurrent))
-        wanted = min(wanted, math.ceil(int(max_concurrent) / capacity))
+        return max(methods, min(int(max_concurrent) // capacity, math.ceil(trials / capacity))), capacity
     return max(methods, min(max(1, fit), wanted)), capacity
 
 
@@ -97,11 +101,20 @@ class WorkerPlan:
     notes: list[str] = field(default_factory=list)  # what the plan decided and why, for the sweep's log
 
     trials: int = 0  # the trials this driver run is to finish
+    max_concurrent: int | None = None  # search.max_concurrent, when given
+
+    @property
+    def at_once(self) -> int:
+        """Workers Ray Tune runs at once: all of them, or as many as search.max_concurrent allows
+        (a second method's worker then waits for the first's to end)."""
+        if self.max_concurrent is None:
+            return len(self.configs)
+        return max(1, min(len(self.configs), self.max_concurrent // self.capacity))
 
     @property
     def concurrent(self) -> int:
         """Trials training at once, at most."""
-        return min(len(self.configs) * self.capacity, max(1, self.trials))
+        return min(self.at_once * self.capacity, max(1, self.trials))
 
     def describe(self) -> str:
         limit = f"up to {self.capacity}" + (" (as many as its GPU's memory fits)" if self.gpu_bytes is not None else "")
@@ -176,7 +189,8 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
     notes = ["model.embeddings: full trains the whole embedding matrix per trial: one trial per worker"] if embeddings == "full" and res.cohort != 1 else []
     compiled, why = rules.compile_layers(cfg.train.compile, gpus > 0 and (per_worker > 0 or res.gpus_per_trial == "auto"), train_flops(cfg, profile, trials, n))
     notes.append(f"train.compile: {'on' if compiled else 'off'} ({why})")
-    return WorkerPlan(configs, capacity, cpt, per_worker, memory, device, judge, budget, compiled, notes, trials)
+    limit = None if cfg.search.max_concurrent == "auto" else int(cfg.search.max_concurrent)
+    return WorkerPlan(configs, capacity, cpt, per_worker, memory, device, judge, budget, compiled, notes, trials, limit)
 
 
 def train_flops(cfg: Any, profile: Any, trials: int, workers: int) -> float:
