@@ -166,18 +166,30 @@ class TrainSection(Section):
 
 SEARCHABLE = (
     "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "batch",
-    "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "gradient_checkpointing", "max_grad_norm",
+    "weight_decay", "warmup_ratio", "lr_scheduler", "optimizer", "max_grad_norm",
 )  # fmt: skip
+# Fixed settings a search cannot vary: they change how fast a trial trains, not what it learns, and
+# a worker decides them once for every trial it trains together (trainable.cohort.COHORT_WIDE).
+NOT_SEARCHABLE = {
+    "gradient_checkpointing": "is decided once per worker for all the trials it trains together (it changes speed and memory, "
+    "not results; auto turns it on when activations would not fit); set train.gradient_checkpointing: on, off or auto instead",
+}
+# What a trial's hyperparameters hold (fixed and sampled): what the memory estimates and a trial's
+# MLflow params read.
+HYPERPARAMS = (*SEARCHABLE, *NOT_SEARCHABLE)
 
 
 class SchedulerSection(Section):
     type: Literal["asha", "hyperband", "median", "none"] = Field(
-        "asha", description="asha (async successive halving), hyperband (synchronous brackets; pauses and resumes trials), median (stop below the median of others at the same step) or none"
+        "asha",
+        description="Optuna's pruner, asked at each evaluation inside the workers: asha (successive halving: at each rung a trial goes on only in the best "
+        "1/reduction_factor of those that reached it), hyperband (successive halving in several brackets of different first rungs; nothing is paused), "
+        "median (stop a trial whose best so far is worse than the median of the others at the same step) or none",
     )
-    grace_period: int | None = Field(None, gt=0, description="training steps before a trial can be stopped (asha, median); default: train.eval_every")
-    reduction_factor: float = Field(3, gt=1, description="asha / hyperband keep 1/reduction_factor at each rung, > 1")
-    max_t: int | None = Field(None, gt=0, description="step of the last rung (asha, hyperband); default: train.max_steps")
-    min_samples: int = Field(3, gt=0, description="median: trials that must have reached a step before it judges there, > 0")
+    grace_period: int | None = Field(None, gt=0, description="training steps before a trial can be stopped (asha: the first rung; median); default: train.eval_every")
+    reduction_factor: int = Field(3, ge=2, description="asha / hyperband keep the best 1/reduction_factor at each rung; a whole number >= 2")
+    max_t: int | None = Field(None, gt=0, description="hyperband: the step of its largest budget; default: train.max_steps")
+    min_samples: int = Field(3, gt=0, description="median: trials that must have finished before it stops any, > 0")
 
 
 class SearchSection(Section):
@@ -191,7 +203,7 @@ class SearchSection(Section):
     )
     num_trials: int | None = Field(None, gt=0, description="number of trials, > 0 (grid: defaults to the grid size)")
     max_concurrent: int | Literal["auto"] = Field("auto", description="auto (as many as resources allow) or a positive integer")
-    scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="{type: asha, grace_period, reduction_factor, max_t}")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="{type: asha, grace_period, reduction_factor, max_t, min_samples}: Optuna's pruner")
     time_budget: Duration = Field(None, description="stop launching and end running trials after e.g. 8h, 45m")
     seed: int | None = Field(None, ge=0, description="sampler seed, >= 0")
     n_startup_trials: int | None = Field(None, gt=0, description="start-up trials before TPE models the space; default half the trials, at most 10 (at least 1)")

@@ -19,8 +19,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from core import rules
 from core.schema import (  # noqa: F401 - the sections and constants, importable from here as before
     DATA_SUFFIXES,
+    HYPERPARAMS,
     METRICS,
     NAME_PATTERN,
+    NOT_SEARCHABLE,
     SEARCHABLE,
     SECTIONS,
     TARGET_MODULES,
@@ -274,8 +276,9 @@ class SweepConfig:
 
     @property
     def fixed_hyperparams(self) -> dict[str, Any]:
-        """Train-section values of the hyperparameters that are not searched."""
-        return {k: getattr(self.train, k) for k in SEARCHABLE if k not in self.space.names}
+        """Train-section values of the hyperparameters that are not searched, and of the fixed
+        settings a trial's hyperparameters carry too (gradient_checkpointing: estimates read it)."""
+        return {k: getattr(self.train, k) for k in HYPERPARAMS if k not in self.space.names}
 
     @property
     def results_dir(self) -> Path:

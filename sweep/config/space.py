@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
+from core.schema import NOT_SEARCHABLE
+
 # A checker validates one candidate value of a hyperparameter: returns the normalised value, or
 # raises ValueError whose text says what is accepted.
 Checker = Callable[[Any], Any]
@@ -225,6 +227,9 @@ def parse_dimension(name: str, raw: Any, specs: dict[str, HyperparamSpec], error
     """Parse one `space.<name>` entry; append every problem to `errors` (path, bad value, what is accepted)."""
     path = f"space.{name}"
     spec = specs.get(name)
+    if spec is None and name in NOT_SEARCHABLE:
+        errors.append(f"{path}: not searchable: train.{name} {NOT_SEARCHABLE[name]}")
+        return None
     if spec is None:
         errors.append(f"{path}: unknown hyperparameter; searchable: {', '.join(sorted(specs))}")
         return None

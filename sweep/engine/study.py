@@ -78,9 +78,9 @@ def make_pruner(cfg: Any) -> Any:
 
     sched = cfg.search.scheduler
     if sched.type == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.grace_period, reduction_factor=max(2, round(sched.reduction_factor)))
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.grace_period, reduction_factor=sched.reduction_factor)
     if sched.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=cfg.train.eval_every, max_resource=cfg.max_t, reduction_factor=max(2, round(sched.reduction_factor)))
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.train.eval_every, max_resource=cfg.max_t, reduction_factor=sched.reduction_factor)
     if sched.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=sched.min_samples, n_warmup_steps=cfg.grace_period - 1)
     return optuna.pruners.NopPruner()

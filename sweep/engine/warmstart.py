@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.contract import ATTR_WARM_START, STATUS, TrialStatus
-from sweep.config import SEARCHABLE, ConfigError, SweepConfig
+from sweep.config import HYPERPARAMS, SEARCHABLE, ConfigError, SweepConfig
 from sweep.config.space import Ratio
 from sweep.folder import SweepFolder
 
@@ -52,7 +52,7 @@ class WarmStart:
 
 def _hyperparams(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
     """Every searchable hyperparameter's value in a trial: sampled ones decoded, the rest fixed."""
-    return {**{k: getattr(cfg.train, k) for k in SEARCHABLE}, **cfg.space.decode(params, cfg.fixed_hyperparams)}
+    return {**{k: getattr(cfg.train, k) for k in HYPERPARAMS}, **cfg.space.decode(params, cfg.fixed_hyperparams)}
 
 
 def _as_points(cfg: SweepConfig, values: dict[str, Any]) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
     from dataclasses import replace
 
     from core.estimate import CohortBudget, Placement
-    from sweep.config import SEARCHABLE, ConfigError
+    from sweep.config import HYPERPARAMS, ConfigError
     from sweep.readback.estimate import GB, corners
     from sweep.readback.memory import load_profile
 
@@ -150,7 +150,7 @@ def plan(cfg: Any, cluster: dict[str, float], trials: int, gpu_bytes: Callable[[
             problems.append(f"resources.gpus_per_trial: {gpt:g}; above 1 it must be a whole number of GPUs")
     if problems:
         raise ConfigError(str(cfg.source), problems)
-    fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
+    fixed = {k: getattr(cfg.train, k) for k in HYPERPARAMS}
     profile = load_profile(cfg)
     embeddings = cfg.model.embeddings
     judge, memory = None, None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import PEAK_VRAM_GB, STATUS, TAG_TRIAL, TrialStatus, trial_label
-from sweep.config import SEARCHABLE, SweepConfig
+from sweep.config import HYPERPARAMS, SweepConfig
 from sweep.readback.estimate import GB, ModelProfile, corners, estimate, trial_shape
 
 Write = Callable[[str], None]
@@ -65,7 +65,7 @@ def _table(rows: list[dict], device_bytes: float | None, write: Write, measured:
 
 
 def estimate_space(cfg: SweepConfig, profile: ModelProfile, device_bytes: float | None, write: Write = print) -> list[dict]:
-    fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
+    fixed = {k: getattr(cfg.train, k) for k in HYPERPARAMS}
     rows = sorted((_row(cfg, profile, hyper, device_bytes) for hyper in corners(cfg.space, fixed)), key=lambda r: r["estimate_gb"])
     gpu = f"{device_bytes / GB:.3g} GB GPU" if device_bytes else "no GPU memory given (--gpu-memory GB)"
     write(f"{cfg.model.id}: {len(rows)} corners of the space, seq {cfg.data.max_seq_len}, {gpu}")
@@ -80,7 +80,7 @@ def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = p
     folder = SweepFolder(sweep_dir)
     cfg = folder.config
     profile = load_profile(cfg)
-    fixed = {k: getattr(cfg.train, k) for k in SEARCHABLE}
+    fixed = {k: getattr(cfg.train, k) for k in HYPERPARAMS}
     study = folder.study()
     peaks = {r.data.tags.get(TAG_TRIAL): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus, metric_name
-from sweep.config import SEARCHABLE, SweepConfig
+from sweep.config import HYPERPARAMS, SweepConfig
 from core.contract import ATTR_WARM_START, ATTR_WORKER, TAG_TRIAL, finite, summary, trial_label
 
 
@@ -95,7 +95,7 @@ def hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
     """A trial's hyperparameters (fixed and sampled) as --where compares them: numbers, or text as
     trial names write it (target_modules q_proj+v_proj, batch 4x8, gradient_checkpointing on)."""
     out: dict[str, Any] = {}
-    for name in SEARCHABLE:
+    for name in HYPERPARAMS:
         if name not in values:
             continue
         value = values[name]
@@ -145,7 +145,7 @@ def check_where(constraints: list[Constraint], rows_: list[dict]) -> None:
     """Each constraint names a metric this sweep recorded or a hyperparameter, and compares it the
     way its values can be compared; otherwise a ValueError that lists what exists."""
     recorded = sorted({k for r in rows_ for k in r.get("metrics", {})})
-    hyper = [*SEARCHABLE, *DERIVED]
+    hyper = [*HYPERPARAMS, *DERIVED]
     for name, op, value in constraints:
         said = f"--where {name}{op}{value if isinstance(value, str) else f'{value:g}'}"
         if name in hyper:

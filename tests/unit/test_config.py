@@ -155,7 +155,8 @@ space:
         ("lora_r: []", "space.lora_r: got []; expected a non-empty list of choices"),
         ("lora_r: 8", "space.lora_r: got 8; expected a list of choices or a mapping"),
         ("lora_dropout: [0.0, 1.5]", "space.lora_dropout[1]: got 1.5; Input should be less than 1"),
-        ("gradient_checkpointing: [true, maybe]", "space.gradient_checkpointing[1]: got 'maybe'"),
+        ("gradient_checkpointing: [true, false]", "space.gradient_checkpointing: not searchable: train.gradient_checkpointing is decided once per worker"),
+        ("lr_scheduler: [cosine, sometimes]", "space.lr_scheduler[1]: got 'sometimes'"),
     ],
 )
 def test_space_errors(tmp_path: Path, space: str, message: str) -> None:

@@ -230,6 +230,10 @@ def test_workers_spread_over_every_gpu_and_max_concurrent_bounds_the_trials_at_o
     assert plan_workers("auto", False, fit=1, trials=16, max_concurrent="auto", methods=2) == (2, 4)
     assert plan_workers("auto", False, fit=2, trials=8, max_concurrent=1, methods=1) == (1, 1)  # one trial at a time
     assert plan_workers("auto", False, fit=2, trials=8, max_concurrent=3, methods=1) == (1, 3)
+    # an autoscaled cluster with one GPU now: cohort 2 and max_concurrent 8 plan four workers of two
+    # (three wait for GPUs the autoscaler adds), never more trials at once than 8
+    assert plan_workers(2, True, fit=1, trials=32, max_concurrent=8, methods=1) == (4, 2)
+    assert plan_workers(2, True, fit=1, trials=4, max_concurrent=8, methods=1) == (2, 2)
 
 
 def test_the_plan_on_a_cpu_cluster(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweep.config import SEARCHABLE, load_config
+from sweep.config import HYPERPARAMS, load_config
 from sweep.readback.estimate import GB, TrialShape, corners, estimate, trial_shape
 from tests.conftest import MINIMAL, ROOT, write_space
 from trainable.model import meta_model, profile_model
@@ -90,7 +90,7 @@ def test_corners_take_the_extremes(tmp_path: Path) -> None:
         "  batch: {pairs: [[1, 32], [4, 8], [8, 4]]}\n  target_modules: [attention, all-linear, [q_proj]]\n",
     )
     cfg = load_config(write_space(tmp_path, body))
-    rows = corners(cfg.space, {k: getattr(cfg.train, k) for k in SEARCHABLE})
+    rows = corners(cfg.space, {k: getattr(cfg.train, k) for k in HYPERPARAMS})
     assert len(rows) == 2 * 2 * 2 * 2  # learning rate never changes memory
     assert {r["lora_r"] for r in rows} == {4, 64} and {r["batch"] for r in rows} == {(1, 32), (8, 4)}
     assert {r["target_modules"] for r in rows} == {("q_proj",), "all-linear"}

@@ -181,11 +181,13 @@ def test_switches_are_fixed_or_searchable(tmp_path: Path) -> None:
     )
     cfg = load_config(write_space(tmp_path, body))
     assert cfg.train.gradient_checkpointing is False and cfg.space.dims[0].options == ("adamw", "adamw_8bit", "paged_adamw_8bit")
-    body = MINIMAL.replace("  lora_r: [4, 8]\n", '  gradient_checkpointing: [on, off, auto, "on"]\n')
+    body = MINIMAL.replace("  lora_r: [4, 8]\n", '  optimizer: [adamw, adamw_8bit, "adamw"]\n')
     with pytest.raises(Exception, match="duplicate choices"):
         load_config(write_space(tmp_path, body))
+    # a worker decides checkpointing for all the trials it trains together: searching it is refused
     body = MINIMAL.replace("  lora_r: [4, 8]\n", "  gradient_checkpointing: [on, auto]\n")
-    assert load_config(write_space(tmp_path, body)).space.dims[0].options == (True, "auto")
+    with pytest.raises(Exception, match=r"space.gradient_checkpointing: not searchable: train.gradient_checkpointing is decided once per worker"):
+        load_config(write_space(tmp_path, body))
     body = MINIMAL.replace("model: {id: tiny-gemma3}", "model: {id: tiny-gemma3, embeddings: some}")
     with pytest.raises(Exception, match="model.embeddings: Input should be 'auto', 'full', 'new_tokens' or 'frozen'"):
         load_config(write_space(tmp_path, body))
