@@ -12,7 +12,7 @@ raw files. Error = (estimate - measured) / measured: positive over-estimates (sa
 - out of sample: every other measured peak on the H200s of 2026-11-30 with a known configuration:
   bench/results-seed-vs-ours-*-h200*.json (HF Trainer rows and ours), the `alone` rows of
   bench/results-cohort-{1b,12b}-h200.json (single trials, bf16 LoRA), and
-  ../shared/measurements/2026-11-30-h200/{multi-gpu,packing}.json (sweep trials; identical repeats
+  ../shared/measurements/2026-11-30-h200/{multi-gpu,packing}.json (the trials of sweeps; identical repeats
   of a configuration are counted once). Reply-token fraction for the chunked loss: the one measured
   in the same run where the file has it, else 0.33 (the demo data's; placement itself assumes 0.5).
 

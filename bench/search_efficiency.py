@@ -1,31 +1,37 @@
 """How few trials does the search need? TPE+ASHA vs random search vs exhaustive grid (issue 6).
 
     python bench/search_efficiency.py --out bench/results-search-efficiency.json --plot bench/search-efficiency.png
-    # only the real sweeps (grid and replays taken from --out; ~4 min per seed on 2 cores):
+    # only the real sweeps (grid and replays taken from --out; a few minutes per seed on 2 cores):
     python bench/search_efficiency.py --out bench/results-search-efficiency.json --reuse-grid --real-seeds 0,1,2
 
 The demo task (tiny Gemma 3, CPU), one discrete space of 48 configurations
-(6 learning rates x 2 ranks x 2 target presets x 2 batch pairs), 60 steps each, eval every 10.
+(6 learning rates x 2 ranks x 2 target presets x 2 batch pairs), 60 steps each, eval every 10,
+2 trials at a time (search.max_concurrent).
 
-1. The exhaustive grid runs for real (`run_sweep`, grid, no scheduler): every configuration's
+1. The exhaustive grid runs for real (`run_sweep`, grid, no pruner): every configuration's
    eval-loss curve, and the grid's best final eval loss at 48 x 60 training steps.
 2. TPE+ASHA and random search (and random+ASHA, for reference) at several budgets (trials) and
-   seeds run through the real machinery (Ray Tune, this project's Optuna searcher and ASHA
-   scheduler), with a trainable that replays the recorded curve of whatever configuration it is
-   given instead of training it again. A trial's training is deterministic for its configuration
-   (fixed seed, data order and init), so the replay reports what training would; step 3 checks it.
+   seeds are replayed: the sweep's own study (sweep/engine/study.py: the start-up points, sampler,
+   Optuna pruner and duplicate rule a sweep builds from the same space file; asha is Optuna's
+   successive halving) proposes the trials, and each reports the recorded curve of its
+   configuration instead of training it again, 2 in flight, one evaluation at a time in turn. A
+   trial's training is deterministic for its configuration (fixed seed, data order, init and
+   dropout masks), so the replay reports what training would; step 3 checks it.
 3. Real TPE+ASHA sweeps (budget 16, seeds --real-seeds, default 0,1,2), each beside a fresh replay
    of the same seed: every real trial's reported losses must equal the grid's for the same
    configuration and step (training is deterministic), and the two are compared trial by trial.
 
-What the replay does not reproduce: with 2 trials at a time, which trial ASHA stops at a rung and what
-TPE suggests next depend on the order in which the two running trials report, and that order comes
-from their wall-clock durations (real training vs the replay's fixed 0.02 s per report). So a real
-sweep and the replay of its seed can try different configurations and spend different steps (seed 0
-on 2026-11-29: 840 real steps vs 800 replayed; the same real sweep on 2026-11-30: 800, the replay's
-trials exactly), and two real runs of one seed can differ too; only single trials' curves are exact. The replays
-measure the sampler and scheduler over many seeds cheaply; the real sweeps show how far the real
-runs land from them.
+What the replay does not reproduce: with 2 trials at a time, which trial the pruner stops at a rung
+and what TPE proposes next depend on the order in which the running trials report; the replay takes
+them in turn, a real sweep as its workers' steps come. So a real sweep and the replay of its seed
+can try different configurations and spend different steps, and two real runs of one seed can
+differ too; only single trials' curves are exact. The replays measure the sampler and pruner over
+many seeds cheaply; the real sweeps show how far the real runs land from them.
+
+The results of 2026-11-30 (bench/results-search-efficiency.json) came from the Ray Tune schedulers
+and lone trials before one engine: their replays are not reused (each replay row says `via`), and a
+reused grid of theirs is a landscape for the replays only (its curves are the lone trials', so real
+sweeps' losses differ from it: a warning says so).
 
 Reported per method and budget: best completed eval loss (median over seeds), training steps
 spent (sum of the steps each trial ran), and how many seeds came within 2% of the grid's best.
@@ -54,7 +60,7 @@ name: {name}
 model: {{id: tiny-gemma3}}
 data: {{train: {demo}/train.jsonl, eval: {demo}/eval.jsonl, max_seq_len: 256}}
 train: {{max_steps: 60, eval_every: 10, log_every: 10, warmup_ratio: 0.05}}
-search: {{algorithm: grid, scheduler: {{type: none}}, seed: 0}}
+search: {{algorithm: grid, scheduler: {{type: none}}, seed: 0, max_concurrent: {in_flight}}}
 space:
   learning_rate: [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2, 2.0e-2]
   lora_r: [8, 32]
@@ -63,6 +69,9 @@ space:
 resources: {{cpus_per_trial: 1}}
 tracking: {{results_dir: {results}}}
 """
+IN_FLIGHT = 2  # trials at a time, in the replays and the real sweeps alike
+VIA = "sweep.engine.study"  # what replays a row: the Tune replays of the earlier results are not reused
+GRID_TRAINER = "one engine (cohort workers)"  # what trained the grid's curves
 METHODS = {
     "tpe+asha": ["search.algorithm=tpe", "search.scheduler.type=asha", "search.scheduler.grace_period=20", "search.scheduler.reduction_factor=3"],
     "random": ["search.algorithm=random", "search.scheduler.type=none"],
@@ -92,47 +101,49 @@ def run_grid(space_file: Path) -> dict[str, Any]:
         curves[key(row["config"])] = sorted((m.step, m.value) for m in history)
     finals = {k: c[-1][1] for k, c in curves.items()}
     return {"curves": curves, "best": min(finals.values()), "best_config": min(finals, key=finals.get), "steps": 60 * len(curves),
-            "wall_seconds": time.perf_counter() - started, "trials": len(curves)}  # fmt: skip
-
-
-def replay_trial(config: dict, curves: dict) -> None:
-    import time as _time
-
-    from ray import tune
-
-    curve = curves[key(config)]
-    for step, loss in curve:
-        _time.sleep(0.02)  # let concurrent trials interleave their reports as real ones do
-        tune.report({"step": step, "eval_loss": loss, "trial_status": "completed" if step == curve[-1][0] else "running"})
+            "wall_seconds": time.perf_counter() - started, "trials": len(curves), "trainer": GRID_TRAINER}  # fmt: skip
 
 
 def run_replay(space_file: Path, method: str, budget: int, seed: int, curves: dict, workdir: Path, detail: bool = False) -> dict[str, Any]:
-    from ray import tune
-
+    """One replayed sweep: the sweep's own study (sweep.engine.study: its start-up points, sampler,
+    pruner and duplicate rule, built from the space file as a sweep builds them) proposes `budget`
+    trials, IN_FLIGHT at a time; each reports its recorded curve one evaluation at a time, in turn,
+    and stops where the pruner says."""
+    from core.contract import TrialStatus
     from sweep.config import load_config
-    from sweep.schedulers import make_scheduler
-    from sweep.engine.study import SweepSearch
-    from sweep.trials import Ledger
+    from sweep.engine.study import Spent, Study, create_study
 
     cfg = load_config(space_file, METHODS[method] + [f"search.seed={seed}", f"search.num_trials={budget}", f"name=replay-{method.replace('+', '-')}-{budget}-{seed}"])
-    ledger = Ledger()
-    folder = Path(tempfile.mkdtemp(dir=workdir))
-    search = SweepSearch(cfg, f"sqlite:///{folder}/optuna.db", ledger)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(replay_trial, curves=curves), {"cpu": 1}),
-        tune_config=tune.TuneConfig(search_alg=search, scheduler=make_scheduler(cfg, ledger), num_samples=budget, max_concurrent_trials=2),
-        run_config=tune.RunConfig(name="replay", storage_path=str(folder), verbose=0),
-    )
-    grid = tuner.fit()
-    steps, finals, trials = 0, [], []
-    for r in grid:
-        last = r.metrics or {}
-        steps += int(last.get("step", 0))
-        if last.get("trial_status") == "completed":
-            finals.append(last["eval_loss"])
-        if r.config:
-            trials.append([key(r.config), int(last.get("step", 0))])
-    row = {"method": method, "budget": budget, "seed": seed, "steps": steps, "best": min(finals) if finals else None, "completed": len(finals)}
+    storage = f"sqlite:///{tempfile.mkdtemp(dir=workdir)}/optuna.db"
+    create_study(cfg, storage, cfg.name)
+    study = Study(cfg, storage, cfg.name)
+    running: list[list[Any]] = []  # [proposal, curve, index of its next report]
+    asked, steps, finals, trials = 0, 0, [], []
+    while True:
+        while asked < budget and len(running) < IN_FLIGHT:
+            try:
+                proposal = study.propose()
+            except Spent:  # every proposal repeats a configuration that ran: the space is spent
+                asked = budget
+                break
+            asked += 1
+            running.append([proposal, curves[key(proposal.hyper)], 0])
+        if not running:
+            break
+        for item in list(running):
+            proposal, curve, i = item
+            step, loss = curve[i]
+            last = i == len(curve) - 1
+            pruned = study.report(proposal.number, [(step, loss)], running=not last)
+            if last or pruned:
+                study.end(proposal.number, TrialStatus.COMPLETED if last else TrialStatus.PRUNED, [loss] if last else None)
+                steps += int(step)
+                finals += [loss] if last else []
+                trials.append([key(proposal.hyper), int(step)])
+                running.remove(item)
+            else:
+                item[2] = i + 1
+    row = {"method": method, "budget": budget, "seed": seed, "steps": steps, "best": min(finals) if finals else None, "completed": len(finals), "via": VIA}
     return {**row, "trials": sorted(trials)} if detail else row
 
 
@@ -185,8 +196,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    import ray
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None, help="write the plot here (default: no plot)")
@@ -199,16 +208,19 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="search-efficiency-"))
     work.mkdir(parents=True, exist_ok=True)
     space_file = work / "space.yaml"
-    space_file.write_text(SPACE.format(name="grid", demo=ROOT / "search_spaces" / "data" / "demo", results=work / "sweeps"))
+    space_file.write_text(SPACE.format(name="grid", demo=ROOT / "search_spaces" / "data" / "demo", results=work / "sweeps", in_flight=IN_FLIGHT))
     out = Path(args.out)
     results: dict[str, Any] = json.loads(out.read_text()) if args.reuse_grid and out.exists() else {}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     if "grid" not in results:
         results["grid"] = run_grid(space_file)
         out.write_text(json.dumps(with_provenance(results), indent=2))
     grid = results["grid"]
+    if grid.get("trainer") != GRID_TRAINER:
+        print("warning: the grid's curves were trained before one engine (lone trials): the replays use them as a landscape, "
+              "but real sweeps' losses will not match them (their mismatches say so); run without --reuse-grid for a grid of today's training", flush=True)  # fmt: skip
     print(f"grid: best {grid['best']:.4f} ({grid['best_config']}), {grid['steps']} steps, {grid['wall_seconds']:.0f}s", flush=True)
     results.setdefault("replays", [])
+    results["replays"] = [r for r in results["replays"] if r.get("via") == VIA]  # the Tune replays before one engine are not reused
     done = {(r["method"], r["budget"], r["seed"]) for r in results["replays"]}  # --reuse-grid: an interrupted run goes on
     for method in METHODS:
         for budget in (int(b) for b in args.budgets.split(",")):
@@ -220,6 +232,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 out.write_text(json.dumps(with_provenance(results), indent=2))
     results.setdefault("real_sweeps", [])
+    results["real_sweeps"] = [r for r in results["real_sweeps"] if r.get("replay", {}).get("via") == VIA]  # likewise
     real_done = {r["seed"] for r in results["real_sweeps"]}
     for seed in (int(s) for s in args.real_seeds.split(",") if s != ""):
         if seed in real_done:

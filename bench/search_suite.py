@@ -3,7 +3,7 @@ find the best configuration on (nearly) every seed, on tasks and spaces the sear
 
     python bench/search_suite.py --out bench/results-search-suite.json --plot bench/figures/search-suite.png
     python bench/search_suite.py --tasks demo --seeds 3 --out /tmp/s.json          # a quick look
-    python bench/search_suite.py --dry-run --out /tmp/s.json                       # CPU smoke test (seconds)
+    python bench/search_suite.py --dry-run --out /tmp/s.json                       # CPU smoke test (no training; minutes)
 
 Tasks (tiny Gemma 3 on the CPU, 45 optimizer steps, eval every 5, sequence length 128):
 - demo: the demo data; 48 configurations: learning rate (6) x rank (2) x targets (2) x batch (2)
@@ -15,14 +15,18 @@ Each discrete space is first trained exhaustively (the grid): its best final eva
 reference a search is scored against, and `gap` = best found / grid best - 1.
 
 A search is Optuna's ask/tell with the sampler and pruner under test (the objects `search.algorithm`
-and `search.scheduler` build for a sweep: cohort sweeps drive Optuna exactly so). Its trials train
-for real, through trainable.train.run, with results memoised by configuration: training is
-deterministic for a configuration (seed, data order, initialisation; checked by `--check`, which
-trains a few configurations again), so a search that proposes a configuration trained before gets
-the losses that training would give. With `--in-flight N`, N trials are asked before any is told
-(as N parallel trials would be) and advance one eval at a time in turn. A search spends at most
-its budget of training steps (a trial is cut when the budget runs out: it counts as not completed);
-budgets are fractions of the grid's steps (default 20% and 30%).
+and `search.scheduler` build for a sweep: a sweep drives Optuna exactly so, sweep/engine/study.py).
+Its trials train for real, each as a sweep's worker trains a trial (a cohort of one:
+bench/cohort_of_one.py), with results memoised by configuration: training is deterministic for a
+configuration (seed, data order, initialisation, dropout masks; checked by `--check`, which trains
+a few configurations again), so a search that proposes a configuration trained before gets the
+losses that training would give. The memo (--curves) names the trainer that filled it: the curves
+of the lone-trial loop before one engine (bench/search-suite-curves.json, behind the suite's results
+of 2026-11-30 and 2026-12-01) differ from a cohort of one's (dropout masks are drawn per member
+now), and are never mixed with them. With N trials in flight (the diversity check: 1 and 4), N are
+asked before any is told (as N parallel trials would be) and advance one eval at a time in turn. A
+search spends at most its budget of training steps (a trial is cut when the budget runs out: it
+counts as not completed); budgets are fractions of the grid's steps (default 20% and 30%).
 
 Samplers (what Optuna ships): tpe (Optuna's defaults: 10 random start-up trials), tpe-mv
 (group: multivariate is always on in Optuna 5, where the flag is unused), tpe-sobol (10 scrambled
@@ -56,6 +60,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from provenance import with_provenance  # noqa: E402
 
+# what trained the memo's curves: a memo filled by anything else is refused (its curves differ)
+TRAINER = "cohort of one (trainable/cohort_worker.run_worker, capacity 1)"
 STEPS, EVAL_EVERY, SEQ = 45, 5, 128
 POINTS = STEPS // EVAL_EVERY  # evals in a full curve
 TASKS: dict[str, dict[str, list[Any]]] = {
@@ -92,16 +98,30 @@ def train_section(config: dict[str, Any]) -> Any:
 
 
 class Curves:
-    """Each configuration's eval-loss curve [(step, loss), ...], trained once (trainable.train.run)
-    and kept in a JSON file: training is deterministic per configuration."""
+    """Each configuration's eval-loss curve [(step, loss), ...], trained once (a cohort of one)
+    and kept in a JSON file, {"trainer": TRAINER, "curves": {task: {config: curve}}}: training is
+    deterministic per configuration."""
 
     def __init__(self, path: Path, data: dict[str, Path], workdir: Path, dry_run: bool = False):
         self.path, self.data, self.workdir, self.dry_run = path, data, workdir, dry_run
-        self.cache: dict[str, dict[str, list[list[float]]]] = json.loads(path.read_text()) if path.exists() else {}
+        self.cache: dict[str, dict[str, list[list[float]]]] = self.load(path)
         self.prepared: dict[str, str] = {}
         self.trained = 0
         self.trained_steps = 0
         self.prefix_mismatches = 0  # partial curves that the full run did not reproduce (should stay 0)
+
+    @staticmethod
+    def load(path: Path) -> dict[str, dict[str, list[list[float]]]]:
+        if not path.exists():
+            return {}
+        memo = json.loads(path.read_text())
+        if memo.get("trainer") != TRAINER:
+            raise SystemExit(f"--curves {path}: its curves were trained by {memo.get('trainer', 'the lone-trial loop before one engine')}, "
+                             f"not by a {TRAINER}; their losses differ, so they cannot stand in for training: give --curves a new file")  # fmt: skip
+        return memo["curves"]
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps({"trainer": TRAINER, "curves": self.cache}))
 
     def stats(self) -> dict[str, int]:
         return {"trained": self.trained, "trained_steps": self.trained_steps, "prefix_mismatches": self.prefix_mismatches}
@@ -122,7 +142,7 @@ class Curves:
             curves[key] = curve
             self.trained += 1
             self.trained_steps += curve[-1][0]
-            self.path.write_text(json.dumps(self.cache))
+            self.save()
         return curves[key]
 
     def train(self, task: str, config: dict[str, Any], points: int = POINTS) -> list[list[float]]:
@@ -130,27 +150,16 @@ class Curves:
             lr = math.log10(config["learning_rate"])
             floor = 2.0 + 0.3 * (lr + 2.5) ** 2 + 0.01 * config.get("lora_r", 16) / 8
             return [[s, floor + 3.0 * math.exp(-s / 12)] for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)][:points]
-        import torch
+        from cohort_of_one import train_one
+        from trainable.cohort_worker import BaseSpec
 
-        from trainable.train import MemoryReporter, TrialSpec, run
-
-        class Enough(Exception):
-            pass
-
-        class UpTo(MemoryReporter):  # stops the run after `points` evals: the full run's schedule, cut short
-            def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-                super().report(metrics, checkpoint_dir)
-                if sum("eval_loss" in m for m in self.reports) >= points:
-                    raise Enough
-
-        torch.set_num_threads(1)
-        spec = TrialSpec(model_id="tiny-gemma3", revision=None, data_dir=self.prepare(task), train=train_section(config), max_seq_len=SEQ)
-        reporter = UpTo()
-        try:
-            run(spec, reporter)
-        except Enough:
-            pass
-        return [[m["step"], m["eval_loss"]] for m in reporter.reports if "eval_loss" in m]
+        base = BaseSpec(model_id="tiny-gemma3", revision=None, data_dir=self.prepare(task), train=train_section(config), max_seq_len=SEQ, threads=1)
+        run = train_one(base, self.workdir, stop_after=points)  # after `points` evals: the full run's schedule, cut short
+        if run.end.get("trial_status") not in ("completed", "pruned"):
+            # a curve cut short would stand in for this configuration in every later search: none is kept
+            raise RuntimeError(f"{task} {config_key(config)}: the trial ended {run.end.get('trial_status')} ({run.end.get('error', 'no error given')}); "
+                               "no curve is memoised for it: fix the cause, or take the configuration out of the task's space, and run again")  # fmt: skip
+        return [[r["step"], r["eval_loss"]] for r in run.reports]
 
     def prepare(self, task: str) -> str:
         if task not in self.prepared:
@@ -184,7 +193,7 @@ def make_sampler(name: str, seed: int, budget_trials: int, in_flight: int) -> An
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(name.removeprefix("tpe-start")))
     if name == "tpe-mv":  # rank and learning rate modelled together (multivariate, group), Optuna's 10 start-up trials
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10, constant_liar=in_flight > 1)
-    if name == "tpe-sobol":  # the sweep's default: search() enqueues SOBOL_STARTUP Sobol points first (sweep.study.sobol_points)
+    if name == "tpe-sobol":  # the sweep's default: search() enqueues SOBOL_STARTUP Sobol points first (sweep.engine.study.sobol_points)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=SOBOL_STARTUP, constant_liar=in_flight > 1)
     if name == "tpe-multi10":  # multivariate with Optuna's 10 start-up trials
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10, constant_liar=in_flight > 1)
@@ -254,7 +263,7 @@ def dense_reference(task: str, points: int, curves: Curves) -> dict[str, Any]:
 def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, curves: Curves, in_flight: int = 1, dedupe: bool = False) -> dict[str, Any]:
     """One search: ask/tell until `budget_steps` training steps are spent. Returns its best
     completed final loss, the steps spent and the configurations it tried, in order. `dedupe`:
-    as a sweep does since 2026-12-01 (sweep.study.twin_of), a proposal equal to a trial that ran or
+    as a sweep does since 2026-12-01 (sweep.engine.study.twin_of), a proposal equal to a trial that ran or
     runs is closed as a duplicate and costs no steps; random proposals after 3 in a row; after 20
     in a row the space is spent and the search ends."""
     import optuna
@@ -264,7 +273,7 @@ def search(task: str, sampler: str, pruner: str, budget_steps: int, seed: int, c
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, budget_steps // STEPS, in_flight), pruner=make_pruner(pruner))
     space = TASKS.get(task) or CONTINUOUS[task]
-    if sampler == "tpe-sobol":  # exactly as a sweep starts its study (sweep.study.startup_points)
+    if sampler == "tpe-sobol":  # exactly as a sweep starts its study (sweep.engine.study.startup_points)
         from sweep.engine.study import sobol_points
 
         for point in sobol_points(lambda trial: suggest(trial, space), SOBOL_STARTUP, seed):
@@ -342,10 +351,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.2,0.3", help="fractions of the grid's training steps")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--dense", type=int, default=96, help="random configurations a continuous space's reference trains")
-    ap.add_argument("--curves", default=str(ROOT / "bench" / "search-suite-curves.json"), help="the memo of trained curves (kept between runs)")
+    ap.add_argument("--curves", default=str(ROOT / "bench" / "search-suite-curves-cohort.json"), help="the memo of trained curves (kept between runs; a new file starts one)")
     ap.add_argument("--check", type=int, default=2, help="configurations trained again to check that training is deterministic")
     ap.add_argument("--dry-run", action="store_true", help="a stand-in loss landscape instead of training (smoke test)")
-    ap.add_argument("--dedupe", action="store_true", help="a proposal that ran already costs nothing and another is drawn, as in a sweep (sweep.study.twin_of)")
+    ap.add_argument("--dedupe", action="store_true", help="a proposal that ran already costs nothing and another is drawn, as in a sweep (sweep.engine.study.twin_of)")
     args = ap.parse_args()
 
     from search_tasks import write
