@@ -281,7 +281,7 @@ def cohort_estimate(profile: ModelProfile, members: list[TrialShape], checkpoint
 
       weights      once, in the members' shared quantization (lora / qlora form separate cohorts)
       adapter      every member's LoRA A/B in fp32 + gradients + optimizer state
-      adapter_copies  its 16-bit compute copy and the grouped path's stacked copy
+      adapter_copies  its 16-bit compute copy (trainable/multi_lora.py)
       activations  the decoder's saved tensors for the concatenated micro-batches (the members'
                    micro_batch x seq_len tokens together); each targeted layer's input is saved
                    once for all members, in the compute dtype (multi_lora.py), plus each member's
@@ -302,8 +302,8 @@ def cohort_estimate(profile: ModelProfile, members: list[TrialShape], checkpoint
         targeted = [profile.linears[n] for n in m.targets if n in profile.linears]
         lora_params = sum(m.lora_r * (i + o) * n for i, o, n in targeted)
         parts["adapter"] += lora_params * (4 + 4 + _state_bytes(m.optimizer, 4))
-        # two 16-bit copies a member keeps in a cohort: the compute copy and the grouped path's stacked one (trainable/multi_lora.py)
-        parts["adapter_copies"] = parts.get("adapter_copies", 0.0) + lora_params * (2 + 2)
+        # the 16-bit compute copy a member keeps beside its fp32 weights (trainable/multi_lora.py)
+        parts["adapter_copies"] = parts.get("adapter_copies", 0.0) + lora_params * 2
     tokens = sum(m.micro_batch * m.seq_len for m in members)
     union = {n for m in members for n in m.targets if n in profile.linears}
     x_saved = sum(profile.linears[n][0] * profile.linears[n][2] for n in union) / t.layers * b  # per token and layer

@@ -2,7 +2,7 @@
 
 Each section is a frozen pydantic model that forbids unknown keys; a field's `description` is
 what `python -m sweep validate` and every error message say is accepted. Loading a file, applying
-overrides and turning pydantic's errors into ours stay in sweep/config.py.
+overrides and turning pydantic's errors into ours stay in sweep/config/.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-"""lora-sweep: LoRA / QLoRA hyperparameter sweeps. Ray Tune schedules, Optuna chooses, MLflow records."""
+"""lora-sweep: LoRA / QLoRA hyperparameter sweeps. Optuna chooses, Ray Tune places the workers that train the trials, MLflow records."""
 
 __version__ = "0.1.0"

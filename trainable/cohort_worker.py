@@ -1,9 +1,9 @@
-"""A cohort worker (issue 15): one loaded base model, its cohort kept full of trials.
+"""A worker: one loaded base model, its cohort kept full of trials (every trial of a sweep trains here).
 
     run_worker(WorkerSpec(base=trial_spec, method="lora", capacity=4, worker="w0"), source)
 
 The worker loads the base model once (trainable/cohort.py) and fills its free slots with the trials
-a `MemberSource` hands out (in a sweep: sweep/cohorts.py, which asks Optuna and writes MLflow). Each
+a `MemberSource` hands out (in a sweep: sweep/engine/source.py, which asks Optuna and writes MLflow). Each
 micro-step trains every member; at a member's eval steps it is evaluated, checkpointed to its own
 folder and reported, and the source answers whether it is pruned. A member that completes, is
 pruned, ends with a NaN or is stopped leaves, and its slot takes the next trial without reloading
@@ -15,7 +15,10 @@ Faults lose no member:
   shrinks by one and the others redo the step. Only a member that OOMs alone ends `oom` (the
   shrinking was its doing, so the worker's capacity comes back).
 - a non-finite loss ends that member only.
-Any other exception ends the members as failed and propagates (the worker fails, as a trial would).
+- the base model failing to load ends the first trial taken `failed` (or `oom`), with its error.
+- any other exception in training ends the members `failed`, with the error, and propagates.
+- losing the driver (the source cannot be reached: DriverLost) ends nothing: the members stay open,
+  and the sweep retries them (a worker that died, sweep.engine.workers) or `resume` continues them.
 
 Halts (the source's `halt()`, read before every micro-step): `stop` (`python -m sweep stop`, Ctrl-C,
 SIGTERM: the STOP file) saves every member at its current optimizer step and ends it `stopped`, to be
@@ -555,7 +558,7 @@ def _free_memory() -> None:
 
 def tune_cohort_worker(config: dict[str, Any], base: BaseSpec, source: MemberSource, capacity: int, budget: Any = None) -> None:
     """The Ray Tune trainable of a cohort worker: `config` names its method; members come from
-    `source` (Optuna ask/tell and MLflow, sweep/cohorts.py). Progress lines go to the driver
+    `source` (Optuna ask/tell and MLflow, sweep/engine/source.py). Progress lines go to the driver
     through tune.report (only ray.tune.* works inside a Tune trainable in Ray 2.60)."""
     import os
 

@@ -6,8 +6,10 @@ estimate, warm start).
         space.yaml      the space file as written (secrets redacted)
         resolved.yaml   the config as it ran
         optuna.db       the study (unless tracking.optuna_storage points elsewhere)
-        tune*/          Ray Tune's trial folders and checkpoints, one folder per driver run; a
-                        trial's is t003_<ray trial id> (run.TrialDirname)
+        trials/t003/    trial t003: its checkpoints (step-000040/: the PEFT adapter and the
+                        training state) and reports.jsonl (every report, for readback)
+        work/           the workers' queue: tickets of trials to continue, retry or run alone
+        tune*/          Ray Tune's folders of the workers (worker_<ray trial id>), one per driver run
         driver.pid      the live driver's pid and host, while one runs
         STOP            written by `python -m sweep stop`: trials checkpoint and stop
 """
