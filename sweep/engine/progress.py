@@ -86,6 +86,7 @@ class Progress(Callback):
         self.ended: dict[str, int] = {}
         self.best: float | None = None
         self.best_label = ""
+        self.worker_failures: list[str] = []  # "worker <id>: <its error>", for the summary when no trial ran
         self._bar: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -186,7 +187,9 @@ class Progress(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from sweep.engine.workers import error_text, last_line
 
-        self.say(f"worker {trial.trial_id} failed: {last_line(error_text(trial))[:300] or 'worker died'}")
+        why = last_line(error_text(trial))[:300] or "worker died"
+        self.worker_failures.append(f"worker {trial.trial_id}: {why}")
+        self.say(f"worker {trial.trial_id} failed: {why}")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.close()

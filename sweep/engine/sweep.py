@@ -523,7 +523,8 @@ class Sweep:
         study = self.source.study.optuna()
         result = collect(cfg, study, self.sweep_run.children())
         result.sweep_dir, result.parent_run_id = sweep_dir, self.sweep_run.run_id
-        result.failure = None if stopped or result.best is not None else nothing_completed(result, cfg, self.source.halt() == "time")
+        failed = self.progress.worker_failures if self.progress is not None else []
+        result.failure = None if stopped or result.best is not None else nothing_completed(result, cfg, self.source.halt() == "time", failed)
         self.sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
         self.heartbeat.beat(force=True, state="stopped" if stopped else "finished", experiment_id=self.sweep_run.experiment_id)
         release(sweep_dir)
@@ -555,8 +556,10 @@ class Sweep:
         return result
 
 
-def nothing_completed(result: SweepResult, cfg: SweepConfig, time_up: bool) -> str | None:
-    """Why no trial of the sweep completed (the command then exits 1), or None when one did."""
+def nothing_completed(result: SweepResult, cfg: SweepConfig, time_up: bool, worker_failures: list[str] = ()) -> str | None:
+    """Why no trial of the sweep completed (the command then exits 1), or None when one did.
+    `worker_failures`: the workers that failed, each with its error (one that failed before it took
+    a trial, e.g. unable to reach the Optuna store, leaves no trial to tell why)."""
     from core.contract import TrialStatus
 
     if any(r["status"] == TrialStatus.COMPLETED for r in result.trials):
@@ -565,7 +568,11 @@ def nothing_completed(result: SweepResult, cfg: SweepConfig, time_up: bool) -> s
     if time_up:
         return f"{counts}; the time budget (search.time_budget: {cfg.search.time_budget:g}s) ended every trial before it completed: give it more time, or fewer max_steps"
     errors = [f"{r['label']}: {r['error'].strip().splitlines()[-1][:300]}" for r in result.trials if r.get("error")]
-    return counts + (f"; first error: {errors[0]} (every trial's error is in MLflow and in the lines above)" if errors else "")
+    if errors:
+        return f"{counts}; first error: {errors[0]} (every trial's error is in MLflow and in the lines above)"
+    if worker_failures:
+        return f"{counts}; {len(worker_failures)} worker(s) failed, first: {worker_failures[0]} (its traceback is in the lines above)"
+    return counts
 
 
 def _worker_dirname(trial: Any) -> str:

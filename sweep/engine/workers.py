@@ -54,8 +54,13 @@ def error_text(trial: Any) -> str | None:
     return None
 
 
+# Lines libraries add after the exception itself (SQLAlchemy's link to its docs, Ray's hints)
+TRAILERS = re.compile(r"^\(Background on this error at:|^During handling of the above exception|^The above exception was the direct cause")
+
+
 def last_line(text: str | None) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    """The line of an error text that says what went wrong: its last, past the trailers libraries add."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip() and not TRAILERS.match(line.strip())]
     return lines[-1] if lines else ""
 
 

@@ -523,6 +523,8 @@ def test_secrets_are_only_references() -> None:
         # the sweep logs to the MLflow server as its admin, with the password the server was given
         assert svc[name]["environment"].get("MLFLOW_TRACKING_PASSWORD") == svc["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"], name
         assert svc[name]["environment"].get("MLFLOW_TRACKING_USERNAME") == svc["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_USERNAME"], name
+        # the driver and the workers open the Optuna study: libpq's password on every Ray node
+        assert svc[name]["environment"].get("PGPASSWORD") == svc["postgres"]["environment"]["SWEEP_DB_PASSWORD"], name
 
 
 def test_mlflow_server_runs_basic_auth() -> None:
@@ -644,6 +646,9 @@ def test_kuberay_secrets_come_from_secretkeyref() -> None:
                 else:
                     assert not SECRET_NAME.search(env["name"]), f"{pod}: {env['name']} has a plain value"
     assert refs >= 2
+    for pod, spec in pod_specs(raycluster()).items():  # the driver and the workers open the Optuna study
+        names = {e["name"] for c in spec["containers"] for e in c.get("env", [])}
+        assert "PGPASSWORD" in names, f"{pod}: no PGPASSWORD for the Optuna store"
     for secret in examples.values():
         assert all(v == "CHANGE-ME" for v in secret.get("stringData", {}).values()), "secret.example.yaml holds placeholders only"
         assert "data" not in secret

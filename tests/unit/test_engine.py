@@ -295,3 +295,29 @@ def test_the_fast_step_auto_rules() -> None:
     assert rules.compile_layers("auto", cuda=True, train_flops=rules.EAGER_TRAIN_FLOPS * rules.COMPILE_PAYS_AFTER_S)[0] is True
     assert rules.compile_layers("auto", cuda=True, train_flops=rules.EAGER_TRAIN_FLOPS * 10)[0] is False
     assert rules.compile_layers(True, cuda=False, train_flops=0) == (True, "as configured")
+
+
+# ------------------------------------------------------------------------------------------------
+# why nothing completed
+
+
+def test_a_worker_that_failed_before_any_trial_says_why(tmp_path: Path) -> None:
+    """The compose story's worker could not reach PostgreSQL: no trial ran, and the summary named the
+    worker's error, not SQLAlchemy's trailing link to its docs."""
+    from sweep.engine.sweep import nothing_completed
+    from sweep.engine.workers import last_line
+    from sweep.readback.results import SweepResult
+
+    error = (
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        "sqlalchemy.exc.OperationalError: (psycopg.OperationalError) connection failed: fe_sendauth: no password supplied\n"
+        "(Background on this error at: https://sqlalche.me/e/21/e3q8)\n"
+    )
+    assert last_line(error) == "sqlalchemy.exc.OperationalError: (psycopg.OperationalError) connection failed: fe_sendauth: no password supplied"
+    cfg = config(tmp_path, cohort="auto")
+    empty = SweepResult(sweep_dir=tmp_path, parent_run_id="r")
+    why = nothing_completed(empty, cfg, time_up=False, worker_failures=[f"worker 9163a32f: {last_line(error)}"])
+    assert why is not None and why.startswith("no trial ran; 1 worker(s) failed, first: worker 9163a32f: sqlalchemy.exc.OperationalError")
+    assert nothing_completed(empty, cfg, time_up=False) == "no trial ran"
+    done = SweepResult(sweep_dir=tmp_path, parent_run_id="r", trials=[{"status": TrialStatus.COMPLETED}])
+    assert nothing_completed(done, cfg, time_up=False, worker_failures=["worker w: boom"]) is None
