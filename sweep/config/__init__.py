@@ -268,6 +268,7 @@ class SweepConfig:
     overrides: tuple[str, ...] = ()
     study_points: tuple[dict[str, Any], ...] = field(default=())
     algorithm_reason: str = "as configured"  # why search.algorithm is what it is (auto: what it picked, and why)
+    results_dir_given: str | None = None  # tracking.results_dir as written (None: the default, ./sweeps), before it was made absolute
 
     @property
     def sha256(self) -> str:
@@ -548,6 +549,7 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
         overrides=overrides,
         study_points=sections.get("study_points", ()),
         algorithm_reason=sections.get("algorithm_reason", "as configured"),
+        results_dir_given=sections["tracking"].results_dir,
     )
 
 

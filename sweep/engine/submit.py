@@ -101,9 +101,15 @@ def stage(cfg: SweepConfig, folder: Path) -> list[str]:
 
 
 def _check_results_dir(cfg: SweepConfig) -> None:
-    if not cfg.tracking.results_dir:
+    """The sweep folder must be on the cluster's shared filesystem, named as the cluster sees it:
+    the default (./sweeps) or a relative path would land in the job's temporary folder."""
+    given = cfg.results_dir_given
+    if not given:
         raise ConfigError(str(cfg.source), ["tracking.results_dir: required to submit; give a folder on the cluster's shared filesystem, "
                                             "e.g. tracking.results_dir=/shared/sweeps (the default, ./sweeps, would be inside the job's temporary folder)"])  # fmt: skip
+    if not Path(given).expanduser().is_absolute():
+        raise ConfigError(str(cfg.source), [f"tracking.results_dir: {given!r} is relative; to submit give an absolute folder on the cluster's shared "
+                                            "filesystem, e.g. tracking.results_dir=/shared/sweeps (a relative one would be inside the job's temporary folder)"])  # fmt: skip
 
 
 def submit(cfg: SweepConfig, address: str, write: Write = print) -> str:

@@ -214,6 +214,12 @@ def train_flops(cfg: Any, profile: Any, trials: int, workers: int) -> float:
 # Tune's side
 
 
+# Tune pickles its searcher and callbacks into the sweep folder (tune*/tuner.pkl). Their classes
+# are defined inside functions (Ray is imported late), so cloudpickle writes them by value, closures
+# included: what they use (the study source, whose store URLs may hold a password) is kept on the
+# instance instead, and left out of the pickle (__getstate__). lora-sweep never restores Tune's state.
+
+
 def worker_list(configs: list[dict[str, Any]], halted: Callable[[], str | None]) -> Any:
     from ray.tune.search import Searcher
 
@@ -222,13 +228,16 @@ def worker_list(configs: list[dict[str, Any]], halted: Callable[[], str | None])
         retry (`replace`); finished once none is left to start and none runs. Nothing starts once
         the sweep is stopped or out of time."""
 
-        def __init__(self) -> None:
+        def __init__(self, configs: list[dict[str, Any]], halted: Callable[[], str | None]) -> None:
             super().__init__()
-            self.configs = list(configs)
+            self.configs, self.halted = list(configs), halted
             self.made, self.live = len(self.configs), 0
 
+        def __getstate__(self) -> dict:
+            return {k: v for k, v in self.__dict__.items() if k != "halted"}
+
         def suggest(self, trial_id: str) -> dict | None:
-            if self.configs and not halted():
+            if self.configs and not self.halted():
                 self.live += 1
                 return self.configs.pop(0)
             return None if self.live else Searcher.FINISHED
@@ -246,7 +255,7 @@ def worker_list(configs: list[dict[str, Any]], halted: Callable[[], str | None])
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-    return WorkerList()
+    return WorkerList(configs, halted)
 
 
 def orphans_callback(source: StudySource, workers: Any, max_retries: int, progress: Any) -> Any:
@@ -260,29 +269,32 @@ def orphans_callback(source: StudySource, workers: Any, max_retries: int, progre
         the time budget they end stopped. Members still queued when the sweep ends are closed the
         same way."""
 
+        def __init__(self, source: StudySource, workers: Any, max_retries: int, progress: Any) -> None:
+            self.source, self.workers, self.max_retries, self.progress = source, workers, max_retries, progress
+
         def __getstate__(self) -> dict:
-            return {}  # pickled by Tune into its experiment state, which lora-sweep never restores
+            return {}
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             error = error_text(trial) or NO_ERROR_TEXT
             retried = []
-            for task in source.orphans(trial.trial_id):
-                if source.halt() is None and should_retry(error, task.attempt, max_retries):
-                    source.retry(task, f"its worker {trial.trial_id} died")
+            for task in self.source.orphans(trial.trial_id):
+                if self.source.halt() is None and should_retry(error, task.attempt, self.max_retries):
+                    self.source.retry(task, f"its worker {trial.trial_id} died")
                     retried.append(task)
                     where = f"its checkpoint at {task.checkpoint.rsplit('/', 1)[-1]}" if task.checkpoint else "the start"
-                    progress.say(f"{task.label} retrying  its worker died; attempt {task.attempt} continues from {where}")
+                    self.progress.say(f"{task.label} retrying  its worker died; attempt {task.attempt} continues from {where}")
                 else:
                     self._close(task, f"its worker {trial.trial_id} died: {last_line(error)[:300]}")
             if retried:
-                workers.replace(trial.config.get("method", retried[0].hyper.get("method")))
+                self.workers.replace(trial.config.get("method", retried[0].hyper.get("method")))
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
-            for task in source.queued():
+            for task in self.source.queued():
                 self._close(task, "never continued: the sweep ended first")
 
         def _close(self, task: Any, error: str) -> None:
-            how = source.close(task, error)
-            progress.trial_ended(task.label, how.split(" ", 1)[0].rstrip(":"), f"{task.label} {how}")
+            how = self.source.close(task, error)
+            self.progress.trial_ended(task.label, how.split(" ", 1)[0].rstrip(":"), f"{task.label} {how}")
 
-    return Orphans()
+    return Orphans(source, workers, max_retries, progress)

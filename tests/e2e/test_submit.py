@@ -125,7 +125,7 @@ def test_submit_status_stop_resume(tmp_path: Path, head: tuple[str, dict]) -> No
         twice = cli(cluster_env, "resume", submission, "--address", address, cwd=tmp_path)
         assert twice.returncode == 2 and "is still driving it" in twice.stderr, twice.stdout + twice.stderr
         assert wait_job(jobs, resumed) == "SUCCEEDED", jobs.get_job_logs(resumed)[-3000:]
-        continued = re.search(r"resuming \S+: [01] trials finished; continuing 1 \((t\d{3}) from checkpoint_\d+\)", jobs.get_job_logs(resumed))
+        continued = re.search(r"resuming \S+: [01] trials finished; continuing 1 \((t\d{3}) from step-\d+\)", jobs.get_job_logs(resumed))
         assert continued, jobs.get_job_logs(resumed)[-3000:]
 
         final = cli(cluster_env, "status", submission, "--address", address, cwd=tmp_path)

@@ -309,3 +309,17 @@ def test_search_algorithm_auto_says_what_it_picked(tmp_path: Path) -> None:
     assert cfg.search.algorithm == "tpe" and cfg.algorithm_reason.startswith("auto: TPE")
     out = subprocess.run([sys.executable, "-m", "sweep", "validate", str(cfg.source)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "# search: tpe (auto: TPE" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_submit_needs_an_absolute_results_dir_as_written(tmp_path: Path) -> None:
+    """Loading makes every results folder absolute (the default too, ./sweeps here): submit still
+    knows whether the file or an override named one, and refuses the default and relative ones."""
+    from sweep.engine.submit import _check_results_dir
+
+    cfg = load_config(write_space(tmp_path, MINIMAL))
+    assert Path(cfg.tracking.results_dir).is_absolute() and cfg.results_dir_given is None
+    with pytest.raises(ConfigError, match="tracking.results_dir: required to submit"):
+        _check_results_dir(cfg)
+    with pytest.raises(ConfigError, match="tracking.results_dir: 'sweeps' is relative"):
+        _check_results_dir(load_config(write_space(tmp_path, MINIMAL), ["tracking.results_dir=sweeps"]))
+    _check_results_dir(load_config(write_space(tmp_path, MINIMAL), ["tracking.results_dir=/shared/sweeps"]))

@@ -321,3 +321,24 @@ def test_a_worker_that_failed_before_any_trial_says_why(tmp_path: Path) -> None:
     assert nothing_completed(empty, cfg, time_up=False) == "no trial ran"
     done = SweepResult(sweep_dir=tmp_path, parent_run_id="r", trials=[{"status": TrialStatus.COMPLETED}])
     assert nothing_completed(done, cfg, time_up=False, worker_failures=["worker w: boom"]) is None
+
+
+def test_what_tune_pickles_into_the_sweep_folder_holds_no_store_url() -> None:
+    """Tune writes its searcher and callbacks to tune*/tuner.pkl in the sweep folder; the study
+    source they use holds the store URLs, password included, and must not go with them."""
+    from ray import cloudpickle
+
+    from sweep.engine.workers import orphans_callback, worker_list
+
+    class Holder:
+        url = "postgresql://sweep:hunter2-secret@db/optuna"
+
+        def halt(self) -> None:
+            return None
+
+    holder = Holder()
+    workers = worker_list([{"worker": 0, "method": "lora"}], holder.halt)
+    orphans = orphans_callback(holder, workers, 2, holder)  # type: ignore[arg-type]
+    for thing in (workers, orphans):
+        assert b"hunter2-secret" not in cloudpickle.dumps(thing), type(thing).__name__
+    assert workers.suggest("t") == {"worker": 0, "method": "lora"} and workers.suggest("u") is None
