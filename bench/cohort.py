@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from provenance import with_provenance  # noqa: E402
 from realsize import ARCH, build_checkpoint, prepare_data  # noqa: E402
-from seed_vs_ours import PEAK_FLOPS, flops_per_token  # noqa: E402
+from seed_vs_ours import PEAK_FLOPS, KernelProfile, flops_per_token  # noqa: E402
+from sweepbench import seeded_configs  # noqa: E402
 
 SEQ = 1024
 DROPOUT = 0.05
@@ -71,6 +72,18 @@ PLAN = {
     "12b": {"rows": [(8, DROPOUT, "auto"), (8, 0.0, "auto"), (8, DROPOUT, False), (4, DROPOUT, "auto")],
             "members": MEMBERS_12B, "warmup": 2, "timed": 4, "budget": 540},
 }  # fmt: skip
+
+def packing_members(size: str, k: int) -> list[tuple]:
+    """bench/packing.py's seeded configurations (its 1B sweep's first `k` trials: ranks 8-64, alpha 1-2x
+    rank, attention or all-linear, micro-batch x accumulation = 8 sequences per step), as member specs.
+    The sixth element is lora_alpha's ratio to the rank (the mixed members' specs leave it out: 2)."""
+    from packing import SIZES
+
+    _, _, ranks, pairs = SIZES[size]
+    points = seeded_configs(k, seed=0, ranks=ranks, ratios=[1, 2], targets=["attention", "all-linear"], lr=(5e-5, 1e-3), pairs=pairs)
+    return [(p["lora_r"], p["target_modules"], p["batch"][0], p["batch"][1], p["learning_rate"], p["lora_alpha_ratio"]) for p in points]
+
+
 STEPS = 1000  # each member's max_steps: never reached (a row ends after its micro-steps); it shapes the LR schedule only
 
 
@@ -81,9 +94,9 @@ def config_key(rank: int, targets: Any, micro: int, accum: int) -> str:
 def member_train(spec: tuple, seed: int, method: str, dropout: float = DROPOUT) -> Any:
     from sweep.config import TrainSection
 
-    r, targets, micro, accum, lr = spec
+    r, targets, micro, accum, lr, *ratio = spec
     targets = tuple(targets) if isinstance(targets, list) else targets
-    return TrainSection(method=method, lora_r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, learning_rate=lr,
+    return TrainSection(method=method, lora_r=r, lora_alpha=(ratio[0] if ratio else 2) * r, lora_dropout=dropout, target_modules=targets, learning_rate=lr,
                         batch=(micro, accum), max_steps=STEPS, eval_every=STEPS, log_every=STEPS, seed=seed, warmup_ratio=0.1)  # fmt: skip
 
 
@@ -93,7 +106,7 @@ def write_row(out: Path, row: dict) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(with_provenance(rows + [row]), indent=2))
     tmp.replace(out)
-    print(json.dumps({k: v for k, v in row.items() if k not in ("members", "error")})[:600], flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("members", "error", "profile")})[:600], flush=True)
 
 
 def mfu(size: str, tokens_per_sec: float, lm_head_fraction: float, cuda: bool) -> float | None:
@@ -169,6 +182,14 @@ class Bench:
             done[s] = tuple(a - b for a, b in zip((m.tokens, m.loss_tokens, m.step), before[s]))
         return times, done
 
+    def profile(self) -> dict:
+        """torch.profiler over --timed more micro-steps: GPU kernel time by kind, the top kernels."""
+        profiler = KernelProfile(0, self.job["timed"])
+        step = profiler.around(self.cohort.step)
+        for _ in range(self.job["timed"]):
+            step()
+        return profiler.summary()
+
     def lm_head_fraction(self, tokens: int, loss_tokens: int) -> float:
         return 1.0 if self.cohort.base_train.loss == "model" else loss_tokens / max(tokens, 1)
 
@@ -194,17 +215,18 @@ def size_job(job: dict) -> None:
             break
         members = [(i, member_train(job["members"][i % len(job["members"])], seed=i, method=method, dropout=dropout)) for i in range(k)]
         what = {**common, "k": k, "dropout": dropout, "checkpointing_setting": checkpointing, "warmup_micro_steps": job["warmup"], "timed_micro_steps": job["timed"]}
-        cohort_row = cohort_run(bench, what, members)
+        cohort_row = cohort_run(bench, what, members, profile=job.get("profile", False))
         write_row(out, cohort_row)
-        if cohort_row["trial_status"] != "completed":
-            continue  # nothing to compare against
+        if cohort_row["trial_status"] != "completed" or not job.get("serial", True):
+            continue  # nothing to compare against, or not asked to
         serial_row = serial_run(bench, what, members, deadline)
         write_row(out, serial_row)
         write_row(out, compare(cohort_row, serial_row))
 
 
-def cohort_run(bench: Bench, what: dict, members: list[tuple[int, Any]]) -> dict:
-    """The K members in one cohort."""
+def cohort_run(bench: Bench, what: dict, members: list[tuple[int, Any]], profile: bool = False) -> dict:
+    """The K members in one cohort. With `profile`, the timed micro-steps run a second time under
+    torch.profiler (after the timed ones: the profiler's overhead never touches the figures)."""
     started = time.perf_counter()
     bench.clear()
     row = {**what, "run": "cohort"}
@@ -212,6 +234,8 @@ def cohort_run(bench: Bench, what: dict, members: list[tuple[int, Any]]) -> dict
         row["gradient_checkpointing"] = bench.start(members, what["checkpointing_setting"])
         row["rows_per_micro_step"] = bench.rows_per_micro_step()
         times, done = bench.run()
+        if profile:
+            row["profile"] = bench.profile()
     except Exception as exc:  # OOM or a bug: the row says so, the next row still runs
         row.update(trial_status="error", error=error_text(exc), **bench.peaks())
         bench.clear()
@@ -312,6 +336,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="seconds per size after which no new row or serial member starts (default: 480 s 1b, 540 s 12b)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 1 + 2 micro-steps: exercise the code paths")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default=None, help="K:dropout:checkpointing,... (e.g. 8:0.05:auto,8:0:auto) instead of the size's default rows")
+    ap.add_argument("--members", choices=("mixed", "packing"), default="mixed",
+                    help="mixed: the size's mixed members (micro-batches 1-8); packing: bench/packing.py's seeded configurations")
+    ap.add_argument("--no-serial", action="store_true", help="the cohort rows only (no one-at-a-time rows, no compare rows)")
+    ap.add_argument("--profile", action="store_true", help="each cohort row also runs its timed micro-steps again under torch.profiler")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -337,9 +366,13 @@ def main() -> None:
             if not (folder / "config.json").exists():
                 seconds = build_checkpoint(size, folder)
                 print(f"built {size} checkpoint in {seconds:.0f} s", flush=True)
+        if args.rows:
+            plan["rows"] = [parse_row(text) for text in args.rows.split(",")]
+        if args.members == "packing":
+            plan["members"] = packing_members("tiny" if args.dry_run else size, max(k for k, _, _ in plan["rows"]))
         data_dir, _ = prepare_data(folder, work / "data")
         job = {"size": size, "method": ARCH[size]["method"], "model_dir": str(folder), "data_dir": data_dir, "out": str(out), "deadline": time.time() + budget,
-               "rows": plan["rows"], "members": plan["members"], "warmup": plan["warmup"], "timed": plan["timed"]}  # fmt: skip
+               "rows": plan["rows"], "members": plan["members"], "warmup": plan["warmup"], "timed": plan["timed"], "serial": not args.no_serial, "profile": args.profile}  # fmt: skip
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
         print(proc.stdout, end="", flush=True)
@@ -347,6 +380,15 @@ def main() -> None:
             write_row(out, {"size": size, "run": "size", "trial_status": "error", "error": proc.stderr[-3000:]})
             print(proc.stderr[-1500:], flush=True)
     summary(json.loads(out.read_text())["results"] if out.exists() else [])
+
+
+def parse_row(text: str) -> tuple[int, float, Any]:
+    """`K:dropout:checkpointing` (checkpointing: auto, on or off) as a row of PLAN."""
+    try:
+        k, dropout, checkpointing = text.split(":")
+        return int(k), float(dropout), {"auto": "auto", "on": True, "off": False}[checkpointing]
+    except (ValueError, KeyError):
+        raise SystemExit(f"--rows: {text!r} is not K:dropout:checkpointing (e.g. 8:0.05:auto; checkpointing auto, on or off)") from None
 
 
 def summary(results: list[dict]) -> None:
@@ -363,6 +405,10 @@ def summary(results: list[dict]) -> None:
         m = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
         print(f"{r['size']:<4} {r['run']:<7} {r['k']:>3} {r['dropout']:>5} {str(r.get('gradient_checkpointing', '-'))[:5]:>5} {r['tokens_per_sec']:>9.0f} "
               f"{r['tokens_per_sec'] / r['k']:>12.0f} {step:>7.3f} {peak:>8.2f} {m:>6}")  # fmt: skip
+    for r in results:
+        if r.get("profile"):
+            prof = r["profile"]
+            print(f"{r['size']} K={r['k']} dropout={r['dropout']} profile: busy {prof.get('busy_fraction')}, by kind (s): {prof.get('by_kind_seconds')}")
     print(f"\n{'size':<4} {'K':>3} {'drop':>5} {'ckpt':>5} {'step ratio':>10} {'speedup':>8} {'cohort tok/s':>12} {'serial tok/s':>12} {'best alone':>10} {'same tokens':>11}  (ratio: cohort / one at a time)")
     for r in results:
         if r.get("run") != "compare":
