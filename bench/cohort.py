@@ -132,6 +132,8 @@ class Bench:
         torch.set_num_threads(8)
         # the settings a sweep's worker would train with here (liger or chunked loss, bf16 or fp32 LoRA)
         base, self.reasons = resolve_auto(TrainSection(method=job["method"]), self.cuda)
+        if job.get("compile"):
+            base = base.model_copy(update={"compile": True})
         started = time.perf_counter()
         self.cohort = Cohort(job["model_dir"], job["data_dir"], base, max_seq_len=SEQ)
         self.load_seconds = time.perf_counter() - started
@@ -156,6 +158,9 @@ class Bench:
         for i, train in members:
             self.cohort.add(train, name=f"m{i}")
         self.cohort.base_train = self.cohort.base_train.model_copy(update={"gradient_checkpointing": checkpointing})
+        self.cohort.pass_tokens = self.job.get("pass_tokens")
+        if self.cohort.pass_tokens:  # passes of at most that many tokens, each freed by its backward: checkpointing over one pass
+            return self.cohort.plan_checkpointing(min(self.rows_per_micro_step(), max(1, self.cohort.pass_tokens // SEQ)))
         return self.cohort.plan_checkpointing(self.rows_per_micro_step())
 
     def rows_per_micro_step(self) -> int:
@@ -207,7 +212,8 @@ def size_job(job: dict) -> None:
     """Every row of one size: the cohort, its members one after the other, the comparison."""
     bench = Bench(job)
     out, size, method, deadline = Path(job["out"]), job["size"], job["method"], job["deadline"]
-    common = {"size": size, "loss": bench.cohort.base_train.loss, "lora_dtype": bench.cohort.base_train.lora_dtype,
+    common = {"size": size, "loss": bench.cohort.base_train.loss, "lora_dtype": bench.cohort.base_train.lora_dtype, "compiled_layers": bench.cohort.compiled_layers,
+              "pass_tokens": job.get("pass_tokens"),
               "base_load_seconds": round(bench.load_seconds, 1), "base_vram_gb": bench.base_bytes / 2**30 if bench.cuda else None}  # fmt: skip
     for k, dropout, checkpointing in job["rows"]:
         if time.time() > deadline:
@@ -340,6 +346,9 @@ def main() -> None:
     ap.add_argument("--members", choices=("mixed", "packing"), default="mixed",
                     help="mixed: the size's mixed members (micro-batches 1-8); packing: bench/packing.py's seeded configurations")
     ap.add_argument("--no-serial", action="store_true", help="the cohort rows only (no one-at-a-time rows, no compare rows)")
+    ap.add_argument("--compile", action="store_true", help="compiled decoder layers (train.compile: true) in every row")
+    ap.add_argument("--pass-tokens", type=int, default=None, help="split each cohort micro-step into forward passes of at most this many tokens "
+                    "(a sweep's worker decides it from memory: core.estimate.CohortBudget.step_plan); checkpointing auto then decides over one pass")
     ap.add_argument("--profile", action="store_true", help="each cohort row also runs its timed micro-steps again under torch.profiler")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -372,7 +381,7 @@ def main() -> None:
             plan["members"] = packing_members("tiny" if args.dry_run else size, max(k for k, _, _ in plan["rows"]))
         data_dir, _ = prepare_data(folder, work / "data")
         job = {"size": size, "method": ARCH[size]["method"], "model_dir": str(folder), "data_dir": data_dir, "out": str(out), "deadline": time.time() + budget,
-               "rows": plan["rows"], "members": plan["members"], "warmup": plan["warmup"], "timed": plan["timed"], "serial": not args.no_serial, "profile": args.profile}  # fmt: skip
+               "rows": plan["rows"], "members": plan["members"], "warmup": plan["warmup"], "timed": plan["timed"], "serial": not args.no_serial, "profile": args.profile, "compile": args.compile, "pass_tokens": args.pass_tokens}  # fmt: skip
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
         print(proc.stdout, end="", flush=True)
