@@ -346,6 +346,7 @@ def main() -> None:
     ap.add_argument("--members", choices=("mixed", "packing"), default="mixed",
                     help="mixed: the size's mixed members (micro-batches 1-8); packing: bench/packing.py's seeded configurations")
     ap.add_argument("--no-serial", action="store_true", help="the cohort rows only (no one-at-a-time rows, no compare rows)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed micro-steps before the timed ones (default: the size's; more with --compile: the passes' shapes compile)")
     ap.add_argument("--compile", action="store_true", help="compiled decoder layers (train.compile: true) in every row")
     ap.add_argument("--pass-tokens", type=int, default=None, help="split each cohort micro-step into forward passes of at most this many tokens "
                     "(a sweep's worker decides it from memory: core.estimate.CohortBudget.step_plan); checkpointing auto then decides over one pass")
@@ -375,6 +376,8 @@ def main() -> None:
             if not (folder / "config.json").exists():
                 seconds = build_checkpoint(size, folder)
                 print(f"built {size} checkpoint in {seconds:.0f} s", flush=True)
+        if args.warmup is not None:
+            plan["warmup"] = args.warmup
         if args.rows:
             plan["rows"] = [parse_row(text) for text in args.rows.split(",")]
         if args.members == "packing":

@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
 # Issue 30's GPU measurements on one GPU, one after the other in one call, so every comparison is on
-# the same card: the Triton LoRA products (trainable/lora_kernels.py) against commit 9b13d9d's torch
-# products (the same tree with 9b13d9d's trainable/multi_lora.py), in an 8-member Gemma 3 1B cohort step (bench/packing.py's 8 seeded configurations, seq
-# 1024, dropout 0.05, compiled layers, passes of at most 24,576 tokens without checkpointing), with
-# HF Trainer tuned at micro-batch 32 as the anchor (liger, bf16 adapters, fused AdamW, sdpa).
-# On the GPU host, from the repository root, with the staged wheels and the old layer in .whl/
-# (git show 9b13d9d:trainable/multi_lora.py > .whl/old-multi_lora.py):
+# the same card: liger's fused lm_head + cross-entropy in chunks of ~2048 tokens (trainable/fast.py
+# LIGER_CHUNK_TOKENS) against liger's own sizing (~230 chunks a call: commit 9b13d9d's
+# trainable/fast.py in the same tree), in
+#   1. an 8-member Gemma 3 1B cohort step (bench/packing.py's 8 seeded configurations, seq 1024,
+#      dropout 0.05, compiled layers, passes of at most 24,576 tokens without checkpointing);
+#   2. a cohort of one at micro-batch 32 (bench/seed_vs_ours.py's fast row);
+# and HF Trainer tuned at micro-batch 32 as the anchor (liger, bf16 adapters, fused AdamW, sdpa;
+# ../shared/measurements/2026-12-06-h100/hf_trainer_tuned.py, copied into .whl/).
+# On the GPU host, from the repository root, with the staged wheels and the old file in .whl/
+# (git show 9b13d9d:trainable/fast.py > .whl/old-fast.py):
 #   bash bench/gpu_chain_30.sh "$OUT" COMMIT
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
 mkdir -p "$out" /tmp/old
 cp -r core sweep trainable bench search_spaces pyproject.toml /tmp/old/
-cp .whl/old-multi_lora.py /tmp/old/trainable/multi_lora.py && rm /tmp/old/trainable/lora_kernels.py
+cp .whl/old-fast.py /tmp/old/trainable/fast.py
 W=/tmp/w
-ROW="--sizes 1b --rows 8:0.05:off --members packing --no-serial --compile --pass-tokens 24576 --budget 200 --workdir $W"
+K8="--sizes 1b --rows 8:0.05:off --members packing --no-serial --compile --warmup 6 --pass-tokens 24576 --budget 200 --workdir $W"
+MB32="ours: mb 32x1, sdpa, ckpt off, torch fused AdamW, emb frozen, LoRA bf16, liger loss, compiled layers"
 step() { echo "== $(date +%T) $*"; }
 quiet() { grep -v "Saving\|Map\|it/s\]\|examples/s" | tail -n "$1"; }
 
-step "GPU kernel tests, $commit"
-python3 -m pytest tests/gpu/test_lora_kernels.py -q -p no:cacheprovider 2>&1 | tail -n 6
-step "LoRA products alone"
-python3 bench/lora_gemm.py --out "$out/lora-gemm.json" 2>&1 | quiet 80
-step "cohort of 8, $commit (Triton products)"
-LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py $ROW --profile --out "$out/cohort-1b-k8-new.json" 2>&1 | quiet 6
-step "cohort of 8, 9b13d9d (torch products)"
-(cd /tmp/old && LORA_SWEEP_GIT_COMMIT=9b13d9d python3 bench/cohort.py $ROW --out "$out/cohort-1b-k8-old.json" 2>&1 | quiet 6)
+step "liger loss test, $commit"
+python3 -m pytest tests/unit/test_cohort_losses.py -q -p no:cacheprovider 2>&1 | tail -n 3
+step "cohort of 8, $commit (chunks of ~2048 tokens)"
+LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py $K8 --profile --out "$out/cohort-1b-k8-new.json" 2>&1 | quiet 4
+step "cohort of 8, 9b13d9d's liger chunks"
+(cd /tmp/old && LORA_SWEEP_GIT_COMMIT=9b13d9d-fast python3 bench/cohort.py $K8 --out "$out/cohort-1b-k8-old.json" 2>&1 | quiet 4)
+step "cohort of one, mb 32, $commit"
+LORA_SWEEP_GIT_COMMIT=$commit python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-new.json" 2>&1 | grep -E "^1b  " | tail -n 3
+step "cohort of one, mb 32, 9b13d9d's liger chunks"
+(cd /tmp/old && LORA_SWEEP_GIT_COMMIT=9b13d9d-fast python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-old.json" 2>&1 | grep -E "^1b  " | tail -n 3)
 step "HF Trainer tuned, mb 32x1"
 OUT=$out timeout 200 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=32,ga=1,gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,steps=10" 2>&1 | grep RESULT
 step "done"

@@ -42,9 +42,13 @@ def liger_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "liger-kernel runs Triton kernels and needs a CUDA GPU; this machine has none (use loss: chunked)"
     try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: F401
+        import inspect
+
+        from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
     except Exception as exc:  # ImportError, or Triton failing to initialise
-        return f"liger-kernel is not importable ({type(exc).__name__}: {exc}); pip install liger-kernel, or use loss: chunked"
+        return f"liger-kernel is not importable ({type(exc).__name__}: {exc}); pip install 'lora-sweep[gpu]', or use loss: chunked"
+    if "chunk_mem_const" not in inspect.signature(LigerFusedLinearCrossEntropyFunction.forward).parameters:
+        return "this liger-kernel is older than 0.8.5 (no chunk_mem_const: its chunks would be a few tokens each); pip install 'lora-sweep[gpu]', or use loss: chunked"
     return None
 
 
@@ -65,21 +69,45 @@ def head_weight(lm_head: Any) -> Any:
     return lm_head.weight
 
 
-_LIGER: dict[float | None, Any] = {}
+# Tokens per chunk of liger's fused lm_head + cross-entropy. liger sizes its chunks so that the
+# transient logits stay near tokens x hidden values: for Gemma 3's 262k vocabulary that is ~230
+# chunks per call whatever the token count (16-token chunks for a cohort member's few thousand reply
+# tokens), and every chunk reads the whole lm_head weight twice (its logits, its input gradient).
+# A chunk of this many tokens holds its bf16 logits in 1 GiB at that vocabulary.
+LIGER_CHUNK_TOKENS = 2048
 
 
 def liger_sum(weight: Any, hidden: Any, targets: Any, softcap: float | None) -> Any:
     """Sum over rows of the cross-entropy of (hidden @ weight^T, softcapped) against `targets`,
-    fused by liger-kernel (the logits never exist whole); fp32. Call require_liger() first."""
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    fused by liger-kernel (the logits never exist whole, LIGER_CHUNK_TOKENS rows of them at a time);
+    fp32. Call require_liger() first."""
+    from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
 
     from trainable.loss import IGNORE
 
-    if softcap not in _LIGER:
-        _LIGER[softcap] = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", softcap=softcap)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
-    return _LIGER[softcap](weight, hidden, targets).float()
+    c = liger_chunk_const(weight.shape[0], weight.shape[1], hidden.shape[0])
+    loss = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden, weight, targets, None, None, IGNORE, 0.0, 0.0, "sum", softcap, False, None, False, False, False, None, None, c
+    )[0]  # fmt: skip
+    return loss.float()
+
+
+def liger_chunk_const(vocab: int, width: int, tokens: int) -> int:
+    """The largest chunk_mem_const whose chunks hold at most LIGER_CHUNK_TOKENS tokens (1, liger's
+    own, where even its chunks are larger: a small vocabulary)."""
+    c = max(1, -(-vocab // (width * max(1, -(-tokens // LIGER_CHUNK_TOKENS)))))
+    while c > 1 and liger_chunk(vocab, width, tokens, c) > LIGER_CHUNK_TOKENS:
+        c -= 1  # a step or two: liger's rounding (ceil, then the next power of two)
+    return c
+
+
+def liger_chunk(vocab: int, width: int, tokens: int, c: int) -> int:
+    """Tokens per chunk of liger-kernel's fused linear + cross-entropy (0.8.5,
+    ops/fused_linear_cross_entropy.py) at chunk_mem_const `c`."""
+    per = -(-tokens // -(-vocab // (c * width)))
+    return min(1 << (per - 1).bit_length(), tokens)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -136,18 +136,10 @@ class _MemberUpdates(torch.autograd.Function):
         tokens = x.shape[0] and x[0].numel() // x.shape[-1]  # positions per row
         x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         hs = []
-        kernels = _kernels(x)
-        if kernels is not None and x2.stride(-1) != 1:
-            x2 = x2.contiguous()
         for (start, stop, scaling, p, seed, compute), i in zip(plan, range(0, len(weights), 2)):
             a, b = compute
             xi = x2[start * tokens : stop * tokens]
             rows = out2[start * tokens : stop * tokens]
-            if kernels is not None and a.dtype == x.dtype:  # CUDA: dropout inside the down product (lora_kernels)
-                h = kernels.down(xi, a, p, seed, tokens, max_len)
-                rows.addmm_(h, b.t(), alpha=scaling / (1 - p))
-                hs.append(h)
-                continue
             if a.dtype != x.dtype:  # fp32 adapter on bf16 activations: PEFT's order (module docstring)
                 xi = xi.to(a.dtype)
             if p > 0:
@@ -170,9 +162,6 @@ class _MemberUpdates(torch.autograd.Function):
         x, *hs = ctx.saved_tensors
         tokens, plan = ctx.tokens, ctx.plan
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        kernels = _kernels(x)
-        if kernels is not None:
-            x2, g2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, g2))
         need_x = ctx.needs_input_grad[1]
         gx = torch.empty_like(x2) if need_x else None
         covered = 0
@@ -183,18 +172,8 @@ class _MemberUpdates(torch.autograd.Function):
                 gx[covered:lo].zero_()
             covered = max(covered, hi)
             gi, xi = g2[lo:hi], x2[lo:hi]
-            c = scaling / (1 - p)
-            if kernels is not None and a.dtype == x.dtype:  # CUDA: the forward's mask, drawn again inside the kernels
-                gh = kernels.down(gi, b.t().contiguous(), 0.0, 0).mul_(c)  # d loss / d h
-                grad_b = kernels.weight_grad(h, gi, 0.0, 0).t().mul_(c)
-                grad_a = kernels.weight_grad(gh, xi, p, seed, tokens, ctx.max_len)
-                if need_x:
-                    torch.mm(gh, a, out=gx[lo:hi])
-                    if p > 0:
-                        kernels.mask_(gx[lo:hi], p, seed, tokens, ctx.max_len)
-                grads += [grad_a.to(ctx.dtypes[i]), grad_b.to(ctx.dtypes[i + 1])]
-                continue
             keep = _keep_mask3(x2, stop - start, tokens, p, seed, ctx.max_len) if p > 0 else None
+            c = scaling / (1 - p)
             if a.dtype != x.dtype:  # fp32 adapter on bf16 activations, as autograd differentiates PEFT's forward
                 xi, gs = xi.to(a.dtype), gi.to(a.dtype) * c  # d loss / d (h B^T), fp32
                 gh = torch.mm(gs, b)
@@ -215,23 +194,6 @@ class _MemberUpdates(torch.autograd.Function):
         if need_x and covered < x2.shape[0]:
             gx[covered:].zero_()
         return (grad, gx.view_as(x) if need_x else None, None, None, *grads)
-
-
-_KERNELS: list[Any] = []
-
-
-def _kernels(x: torch.Tensor) -> Any:
-    """trainable.lora_kernels where they run (x on CUDA and Triton importable), else None (torch's
-    products: the CPU, and a CUDA machine without Triton)."""
-    if not x.is_cuda:
-        return None
-    if not _KERNELS:
-        try:
-            from trainable import lora_kernels
-        except ImportError:
-            lora_kernels = None
-        _KERNELS.append(lora_kernels)
-    return _KERNELS[0]
 
 
 def add_member_updates(out: torch.Tensor, x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, training: bool, layer_id: int = 0) -> torch.Tensor:

@@ -79,3 +79,18 @@ def test_flex_attention_matches_sdpa_on_packed_rows(data_dir: str) -> None:
         slot = c.add(TrainSection(lora_r=4, target_modules="attention", attn_implementation=attn))
         out[attn] = c.evaluate([slot], batch_size=2)[slot]
     assert out["flex_attention"] == pytest.approx(out["sdpa"], rel=1e-4)
+
+
+@pytest.mark.parametrize("vocab,width", [(262144, 1152), (262208, 3840), (32000, 4096)])
+@pytest.mark.parametrize("tokens", [16, 1000, 2048, 5000, 40000])
+def test_liger_chunks_hold_about_liger_chunk_tokens(vocab: int, width: int, tokens: int) -> None:
+    """liger's own sizing gives ~230 chunks of 16-32 tokens for a cohort member's few thousand reply
+    tokens at Gemma 3's vocabulary, each reading the whole lm_head weight; ours gives chunks of
+    LIGER_CHUNK_TOKENS/2 to LIGER_CHUNK_TOKENS (all tokens when fewer; liger's own where those are
+    larger, at a small vocabulary)."""
+    from trainable.fast import LIGER_CHUNK_TOKENS, liger_chunk, liger_chunk_const
+
+    chunk = liger_chunk(vocab, width, tokens, liger_chunk_const(vocab, width, tokens))
+    assert chunk == tokens or LIGER_CHUNK_TOKENS // 2 <= chunk <= LIGER_CHUNK_TOKENS or chunk == liger_chunk(vocab, width, tokens, 1) > LIGER_CHUNK_TOKENS
+    if vocab == 262144 and tokens == 5000:
+        assert liger_chunk(vocab, width, tokens, 1) == 32  # what liger's default made of it
