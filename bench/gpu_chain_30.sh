@@ -8,31 +8,39 @@
 #   2. a cohort of one at micro-batch 32 (bench/seed_vs_ours.py's fast row);
 # and HF Trainer tuned at micro-batch 32 as the anchor (liger, bf16 adapters, fused AdamW, sdpa;
 # ../shared/measurements/2026-12-06-h100/hf_trainer_tuned.py, copied into .whl/).
-# On the GPU host, from the repository root, with the staged wheels and the old file in .whl/
-# (git show 9b13d9d:trainable/fast.py > .whl/old-fast.py):
-#   bash bench/gpu_chain_30.sh "$OUT" COMMIT
+# On the GPU host, from the repository root, with the staged wheels and the old files in .whl/old/
+# (mkdir -p .whl/old/trainable && git show 9b13d9d:trainable/fast.py > .whl/old/trainable/fast.py):
+#   bash bench/gpu_chain_30.sh "$OUT" COMMIT OLD_COMMIT [STEPS]      # STEPS: any of k8 mb32 hf (default: all)
+# Fourth call: OLD_COMMIT 57d722b, .whl/old/ holding its trainable/cohort.py and trainable/data.py
+# (training rows padded to their longest, not to max_seq_len), STEPS k8.
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
+old=${3:?the commit whose files .whl/old/ holds}
+steps=${4:-k8 mb32 hf}
 mkdir -p "$out" /tmp/old
 cp -r core sweep trainable bench search_spaces pyproject.toml /tmp/old/
-cp .whl/old-fast.py /tmp/old/trainable/fast.py
+cp -r .whl/old/. /tmp/old/
 W=/tmp/w
 K8="--sizes 1b --rows 8:0.05:off --members packing --no-serial --compile --warmup 6 --pass-tokens 24576 --budget 200 --workdir $W"
 MB32="ours: mb 32x1, sdpa, ckpt off, torch fused AdamW, emb frozen, LoRA bf16, liger loss, compiled layers"
 step() { echo "== $(date +%T) $*"; }
 quiet() { grep -v "Saving\|Map\|it/s\]\|examples/s" | tail -n "$1"; }
 
-step "liger loss test, $commit"
-python3 -m pytest tests/unit/test_cohort_losses.py -q -p no:cacheprovider 2>&1 | tail -n 3
-step "cohort of 8, $commit (chunks of ~2048 tokens)"
-LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py $K8 --profile --out "$out/cohort-1b-k8-new.json" 2>&1 | quiet 4
-step "cohort of 8, 9b13d9d's liger chunks"
-(cd /tmp/old && LORA_SWEEP_GIT_COMMIT=9b13d9d-fast python3 bench/cohort.py $K8 --out "$out/cohort-1b-k8-old.json" 2>&1 | quiet 4)
-step "cohort of one, mb 32, $commit"
-LORA_SWEEP_GIT_COMMIT=$commit python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-new.json" 2>&1 | grep -E "^1b  " | tail -n 3
-step "cohort of one, mb 32, 9b13d9d's liger chunks"
-(cd /tmp/old && LORA_SWEEP_GIT_COMMIT=9b13d9d-fast python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-old.json" 2>&1 | grep -E "^1b  " | tail -n 3)
-step "HF Trainer tuned, mb 32x1"
-OUT=$out timeout 200 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=32,ga=1,gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,steps=10" 2>&1 | grep RESULT
+if [[ $steps == *k8* ]]; then
+  step "cohort of 8, $commit"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py $K8 --profile --out "$out/cohort-1b-k8-new.json" 2>&1 | quiet 4
+  step "cohort of 8, $old's files"
+  (cd /tmp/old && LORA_SWEEP_GIT_COMMIT=$old python3 bench/cohort.py $K8 --out "$out/cohort-1b-k8-old.json" 2>&1 | quiet 4)
+fi
+if [[ $steps == *mb32* ]]; then
+  step "cohort of one, mb 32, $commit"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-new.json" 2>&1 | grep -E "^1b  " | tail -n 3
+  step "cohort of one, mb 32, $old's files"
+  (cd /tmp/old && LORA_SWEEP_GIT_COMMIT=$old python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-old.json" 2>&1 | grep -E "^1b  " | tail -n 3)
+fi
+if [[ $steps == *hf* ]]; then
+  step "HF Trainer tuned, mb 32x1"
+  OUT=$out timeout 200 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=32,ga=1,gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,steps=10" 2>&1 | grep RESULT
+fi
 step "done"

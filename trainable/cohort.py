@@ -439,13 +439,23 @@ class Cohort:
             self.split.segments = ()
         return {s: (sums[s] / max(loss_tokens[s], 1)).detach() for s in rows}
 
+    def train_width(self, longest: int) -> int:
+        """The width a training forward's rows are padded to: on CUDA, max_seq_len when its longest
+        row is within an eighth of it (packed rows: the padding costs at most that); else the longest.
+        One width for packed rows keeps the compiled layers' shapes static (no recompiles as the
+        longest row changes) and makes each member's dropout mask, drawn over max_seq_len positions
+        a row (multi_lora), contiguous: as a strided view its multiply was the largest eager kernel
+        of an 8-member 1B step (bench/BENCH.md, issue 30)."""
+        return self.max_seq_len if self.device.type == "cuda" and 8 * longest >= 7 * self.max_seq_len else longest
+
     def _summed_losses(self, ds: Any, rows: dict[int, list[int]], grad: bool) -> tuple[dict[int, Any], dict[int, int]]:
         """({slot: sum of reply-token CE over its rows}, {slot: its reply tokens})."""
         from trainable.data import collate
         from trainable.loss import decoder_and_head, loss_positions
 
         slots = list(rows)
-        batch = collate(ds[[i for s in slots for i in rows[s]]], self.pad_id)
+        picked = ds[[i for s in slots for i in rows[s]]]
+        batch = collate(picked, self.pad_id, self.train_width(max(len(x) for x in picked["input_ids"])) if grad else 0)
         width = batch["input_ids"].shape[1] - 1
         segments, index, targets, counts = [], [], [], []
         start = 0

@@ -415,11 +415,12 @@ def load_split(folder: str | Path, split: str) -> Any:
     return datasets.load_from_disk(str(Path(folder) / split)).with_format("numpy")
 
 
-def collate(rows: dict[str, list], pad_id: int) -> dict[str, Any]:
-    """Right-pad rows to the longest; the pad tail gets its own positions so it is masked off."""
+def collate(rows: dict[str, list], pad_id: int, min_length: int = 0) -> dict[str, Any]:
+    """Right-pad rows to the longest (at least `min_length`); the pad tail gets its own positions so
+    it is masked off."""
     import torch
 
-    length = max(len(x) for x in rows["input_ids"])
+    length = max(min_length, *(len(x) for x in rows["input_ids"]))
     n = len(rows["input_ids"])
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), IGNORE, dtype=torch.long)

@@ -94,3 +94,15 @@ def test_liger_chunks_hold_about_liger_chunk_tokens(vocab: int, width: int, toke
     assert chunk == tokens or LIGER_CHUNK_TOKENS // 2 <= chunk <= LIGER_CHUNK_TOKENS or chunk == liger_chunk(vocab, width, tokens, 1) > LIGER_CHUNK_TOKENS
     if vocab == 262144 and tokens == 5000:
         assert liger_chunk(vocab, width, tokens, 1) == 32  # what liger's default made of it
+
+
+def test_packed_training_rows_are_padded_to_max_seq_len_on_cuda_only() -> None:
+    """One width for packed rows on a GPU (static shapes for the compiled layers, contiguous dropout
+    masks); short rows keep their own width; the CPU pads to the longest row, as a trial alone does."""
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(device=torch.device("cuda"), max_seq_len=1024)
+    assert Cohort.train_width(gpu, 1020) == 1024
+    assert Cohort.train_width(gpu, 896) == 1024
+    assert Cohort.train_width(gpu, 895) == 895
+    assert Cohort.train_width(SimpleNamespace(device=torch.device("cpu"), max_seq_len=1024), 1020) == 1020
