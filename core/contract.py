@@ -126,6 +126,17 @@ ATTR_DUPLICATE_OF = "duplicate_of"  # a duplicate proposal: the label of the tri
 ATTR_WARM_START = "warm_start_from"  # a previous sweep's trial carried into this study
 ATTR_USER_POINT = "point_to_evaluate"  # enqueued from search.points_to_evaluate: its index there
 
+
+def is_sweep_trial(trial: Any) -> bool:
+    """Whether an entry of a sweep's study is one of its trials: what run, status, list, best,
+    report and estimate count, and nothing else. An entry is one once it was sampled (it has
+    params: a start-up point still queued, Optuna's WAITING, or one asked and never sampled has
+    none), unless it is a warm start's (a previous sweep's trial, told to the sampler) or was
+    closed without running (lost, duplicate). `trial`: Optuna's FrozenTrial or
+    sweep.folder.studyfile.StudyTrial (anything with `params` and `user_attrs`)."""
+    attrs = trial.user_attrs
+    return bool(trial.params) and ATTR_WARM_START not in attrs and attrs.get(STATUS) not in (TrialStatus.LOST, TrialStatus.DUPLICATE)
+
 # MLflow tags of a trial's child run (beside STATUS and ERROR)
 TAG_TRIAL = "trial"  # its label
 TAG_PARENT = "mlflow.parentRunId"
