@@ -4,9 +4,9 @@ only read never write, and run, status, list, best, report and estimate count th
 
 The finished sweep is built by hand (sweep.json, an Optuna study and an MLflow store with a parent
 run and its trials), as tests/unit/test_morning_after.py does: three trials ran (t000, t001
-completed, t002 pruned); the study also holds what `run` leaves besides them: an entry asked but
-never sampled (its driver died in between) and two start-up points still queued (WAITING) when
-the sweep ended."""
+completed, t002 pruned); the study also holds what `run` leaves besides them: a proposal still
+waiting in the queue for a worker when the sweep ended (closed stopped), an entry asked but never
+sampled, and two start-up points still queued (WAITING)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from core.contract import EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
+from core.contract import ATTR_WORKER, EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
 from sweep.cli import main
 from sweep.config import load_config
 from tests.conftest import MINIMAL, write_space
@@ -55,6 +55,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         trial = study.ask()
         define(trial)
         trial.set_user_attr(STATUS, str(status))
+        trial.set_user_attr(ATTR_WORKER, "w0")  # taken by a worker, as every trial that ran
         run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: str(status)}).info.run_id
         client.log_metric(run, EVAL_LOSS, loss)
         client.log_metric(run, PEAK_VRAM_GB, 1.0 + number)
@@ -63,7 +64,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
             study.tell(trial, loss)
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    study.ask()  # asked, never sampled: RUNNING without params
+    queued = study.ask()  # proposed for a worker of another method, still in the queue when the sweep ended: closed, never run
+    define(queued)
+    queued.set_user_attr(STATUS, str(TrialStatus.STOPPED))
+    study.tell(queued, state=optuna.trial.TrialState.PRUNED)
+    study.ask()  # asked, never sampled (its driver died in between): RUNNING without params
     study.enqueue_trial({"lora_r": 4})  # start-up points the sweep never reached: WAITING
     study.enqueue_trial({"lora_r": 8})
     meta = {"name": "t", "space_file": str(space), "overrides": [], "mlflow_uri": mlflow_uri, "experiment": "t", "experiment_id": experiment,
@@ -182,10 +187,25 @@ def test_run_status_list_best_report_and_estimate_count_the_same_trials(sweep_di
     assert [row["trial"] for row in json.loads(capsys.readouterr().out)["trials"]] == ["t000", "t001", "t002"]
 
 
-def test_queued_points_do_not_run_while_the_driver_lives(sweep_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_only_trials_a_worker_took_run_while_the_driver_lives(sweep_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A live sweep: one trial trains, one waits in the queue for a worker of its method; the
+    queued start-up points and the entry never sampled wait too. One runs (not 5)."""
+    import optuna
+
+    from sweep.engine.study import DefineByRun
+
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    cfg = load_config(json.loads((sweep_dir / "sweep.json").read_text())["space_file"])
+    define = DefineByRun(cfg.space, cfg.fixed_hyperparams)
+    for worker in ("w1", None):
+        trial = study.ask()
+        define(trial)
+        if worker:
+            trial.set_user_attr(ATTR_WORKER, worker)
     as_live_driver(sweep_dir)
     assert main(["status", str(sweep_dir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["counts"] == RAN  # not "3 running" beside them
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"] == {**RAN, "running": 1} and len(info["trials"]) == 4
 
 
 # ----------------------------------------------------------------------------------------------
