@@ -126,6 +126,19 @@ ATTR_DUPLICATE_OF = "duplicate_of"  # a duplicate proposal: the label of the tri
 ATTR_WARM_START = "warm_start_from"  # a previous sweep's trial carried into this study
 ATTR_USER_POINT = "point_to_evaluate"  # enqueued from search.points_to_evaluate: its index there
 
+
+def is_sweep_trial(trial: Any) -> bool:
+    """Whether an entry of a sweep's study is one of its trials: what run, status, list, best,
+    report and estimate count, and nothing else. A trial is one once a worker took it (ATTR_WORKER),
+    or once placement refused it (infeasible: never trained, but recorded in MLflow); not a start-up
+    point still queued (Optuna's WAITING), one asked and never sampled, a duplicate proposal, one
+    waiting in the queue for a worker of its method (or closed there when the sweep ended), nor a
+    warm start's (a previous sweep's trial, told to the sampler). `trial`: Optuna's FrozenTrial or
+    sweep.folder.studyfile.StudyTrial (anything with `user_attrs`)."""
+    attrs = trial.user_attrs
+    return ATTR_WARM_START not in attrs and (ATTR_WORKER in attrs or attrs.get(STATUS) == TrialStatus.INFEASIBLE)
+
+
 # MLflow tags of a trial's child run (beside STATUS and ERROR)
 TAG_TRIAL = "trial"  # its label
 TAG_PARENT = "mlflow.parentRunId"

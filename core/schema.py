@@ -192,6 +192,13 @@ class SchedulerSection(Section):
     min_samples: int = Field(3, gt=0, description="median: trials that must have finished before it stops any, > 0")
 
 
+def _max_concurrent(value: Any) -> Any:
+    """auto | a positive integer: 0 or fewer trials at once would run nothing."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("expected auto or a positive number of trials at once")
+
+
 class SearchSection(Section):
     algorithm: Literal["auto", "tpe", "random", "grid", "nsga2"] = Field(
         "auto", description="auto (grid when num_trials covers a discrete space, else tpe: see validate's output), tpe, random, grid or nsga2 (multi-objective)"
@@ -202,7 +209,9 @@ class SearchSection(Section):
         None, description="several objectives instead of metric/mode, e.g. [{eval_loss: min}, {peak_vram_gb: min}]; the first also drives the scheduler"
     )
     num_trials: int | None = Field(None, gt=0, description="number of trials, > 0 (grid: defaults to the grid size)")
-    max_concurrent: int | Literal["auto"] = Field("auto", description="auto (as many as resources allow) or a positive integer")
+    max_concurrent: Annotated[Union[Literal["auto"], int], BeforeValidator(_max_concurrent, json_schema_input_type=Union[Literal["auto"], PositiveInt])] = Field(
+        "auto", description="auto (as many as resources allow) or a positive integer"
+    )
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection, description="{type: asha, grace_period, reduction_factor, max_t, min_samples}: Optuna's pruner")
     time_budget: Duration = Field(None, description="stop launching and end running trials after e.g. 8h, 45m")
     seed: int | None = Field(None, ge=0, description="sampler seed, >= 0")

@@ -357,12 +357,9 @@ def _rows_to_dataset(examples: list, packing: bool, max_seq_len: int, seed: int)
     return datasets.Dataset.from_dict(columns), stats
 
 
-def prepare(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int, log: Any = print) -> PreparedData:
-    """Tokenize (and pack) train and eval once; later calls with the same inputs reuse the cache."""
-    folder = cache_dir / cache_key(data, tokenizer, seed)
-    stats_file = folder / "stats.json"
-    if stats_file.exists():
-        return PreparedData(folder, json.loads(stats_file.read_text()))
+def _tokenized(data: DataSection, tokenizer: Any, seed: int, log: Any) -> tuple[tuple[list, dict], tuple[list, dict]]:
+    """(train examples, their stats), (eval examples, their stats): the data read and tokenized,
+    with every check `run` makes of it (DataError naming each problem)."""
     train_rows = read_rows(data.train, data.split)
     if data.eval:
         eval_rows = read_rows(data.eval, data.eval_split or data.split)
@@ -383,6 +380,27 @@ def prepare(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int, log: 
             raise DataError([f"{name}: no usable examples after tokenization: in every one the prompt fills data.max_seq_len ({data.max_seq_len}), "
                              f"leaving no reply token ({places(ex_stats['dropped_at'], ex_stats['dropped_no_reply_left'])}); "
                              "raise data.max_seq_len or shorten those prompts"])  # fmt: skip
+    return (train_ex, train_stats), (eval_ex, eval_stats)
+
+
+def check(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int) -> dict[str, Any]:
+    """What `prepare` checks, with nothing written (`validate`): the data's stats (for `notes`), from
+    the cached copy when there is one, else the data read and tokenized in memory; DataError as
+    prepare's."""
+    stats_file = cache_dir / cache_key(data, tokenizer, seed) / "stats.json"
+    if stats_file.exists():
+        return json.loads(stats_file.read_text())
+    (_, train_stats), (_, eval_stats) = _tokenized(data, tokenizer, seed, log=lambda line: None)
+    return {"max_seq_len": data.max_seq_len, "packing": data.packing, "train": train_stats, "eval": eval_stats}
+
+
+def prepare(data: DataSection, tokenizer: Any, cache_dir: Path, seed: int, log: Any = print) -> PreparedData:
+    """Tokenize (and pack) train and eval once; later calls with the same inputs reuse the cache."""
+    folder = cache_dir / cache_key(data, tokenizer, seed)
+    stats_file = folder / "stats.json"
+    if stats_file.exists():
+        return PreparedData(folder, json.loads(stats_file.read_text()))
+    (train_ex, train_stats), (eval_ex, eval_stats) = _tokenized(data, tokenizer, seed, log)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=folder.parent))
     try:

@@ -47,3 +47,36 @@ def redact(text: str) -> str:
         if value and len(value) >= 6:
             text = text.replace(value, MASK)
     return text
+
+
+# what lets a store's client connect without the password in its URL: PostgreSQL's libpq reads
+# PGPASSWORD or ~/.pgpass, MLflow's client MLFLOW_TRACKING_PASSWORD
+_PASSWORD_ELSEWHERE = {"postgresql": "PGPASSWORD", "http": "MLFLOW_TRACKING_PASSWORD", "https": "MLFLOW_TRACKING_PASSWORD"}
+
+
+def masked(url: str) -> bool:
+    """Whether a store URL's password is the mask redact() wrote: the real one is not in it."""
+    match = _URI_PASSWORD.search(url or "")
+    return bool(match) and match.group("password") == MASK
+
+
+def password_variable(url: str) -> str | None:
+    """The environment variable the client of this store URL reads its password from, if any."""
+    return _PASSWORD_ELSEWHERE.get(url.split("://", 1)[0].split("+", 1)[0])
+
+
+def unmasked(url: str) -> str | None:
+    """A URL whose password was masked, with the password taken out where its client finds it
+    elsewhere (the variable of _PASSWORD_ELSEWHERE is set, or ~/.pgpass exists); None otherwise.
+    PostgreSQL keeps its user (libpq matches ~/.pgpass by it); MLflow takes its user from
+    MLFLOW_TRACKING_USERNAME, so the whole user:password@ goes."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    variable = password_variable(url)
+    if variable is None:
+        return None
+    pgpass = scheme == "postgresql" and os.path.isfile(os.environ.get("PGPASSFILE", os.path.expanduser("~/.pgpass")))
+    if not (os.environ.get(variable) or pgpass):
+        return None
+    if scheme == "postgresql":
+        return _URI_PASSWORD.sub(lambda m: m.group("head")[:-1] + m.group("tail"), url, count=1)
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/\s@]+@", r"\1", url, count=1)

@@ -42,11 +42,31 @@ MEMBER_SHARE = "member_vram_share_gb"  # a trial's estimated share of its worker
 
 def preflight(cfg: SweepConfig, log: Log) -> Any:
     """Tokenizer, LoRA target check and the tokenized data (cached). Raises ConfigError / DataError."""
-    from sweep.config.space import Choice
     from trainable.data import notes, prepare
-    from trainable.model import check_targets, load_tokenizer
 
     download_model(cfg, log)
+    tokenizer = checked_tokenizer(cfg, log)
+    prepared = prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
+    for note in notes(prepared.stats):  # replies cut short by max_seq_len, and where
+        log(note)
+    return prepared
+
+
+def check_inputs(cfg: SweepConfig) -> list[str]:
+    """`validate`: what preflight checks (the tokenizer, the LoRA targets, every line of the data),
+    with nothing downloaded but the tokenizer and nothing written. Returns the data's notes
+    (replies cut short by max_seq_len); raises ConfigError / DataError as preflight does."""
+    from trainable.data import check, notes
+
+    tokenizer = checked_tokenizer(cfg, log=lambda line: None)
+    return notes(check(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed))
+
+
+def checked_tokenizer(cfg: SweepConfig, log: Log) -> Any:
+    """The model's tokenizer, after its LoRA target choices were checked against the model."""
+    from sweep.config.space import Choice
+    from trainable.model import check_targets, load_tokenizer
+
     log(f"model {cfg.model.id}: loading tokenizer ...")
     try:
         tokenizer = load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision)
@@ -61,10 +81,7 @@ def preflight(cfg: SweepConfig, log: Log) -> Any:
     if problems:
         where = "space.target_modules" if dim is not None else "train.target_modules"
         raise ConfigError(str(cfg.source), [f"{where}: {p}" for p in problems])
-    prepared = prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
-    for note in notes(prepared.stats):  # replies cut short by max_seq_len, and where
-        log(note)
-    return prepared
+    return tokenizer
 
 
 def download_model(cfg: SweepConfig, log: Log) -> None:

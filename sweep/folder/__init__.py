@@ -56,11 +56,51 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, folder / META)
 
 
+# what every sweep.json has held since the first version (the rest is read with defaults)
+META_TEXT = ("space_file", "mlflow_uri", "optuna_storage", "study_name", "parent_run_id")
+META_NUMBERS = ("num_trials", "concurrency", "elapsed_seconds")
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
+    """sweep.json, checked: every command that reads a sweep folder comes here, so a damaged file
+    is one clear ConfigError (exit 2) naming it and what is wrong, never a traceback."""
     path = folder / META
     if not path.is_file():
         raise ConfigError(str(folder), [f"{folder}: not a sweep folder (no {META}); give a folder made by `python -m sweep run`"])
-    return json.loads(path.read_text())
+    problem, meta = None, None
+    try:
+        text = path.read_text()
+        meta = json.loads(text)
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text (damaged?)"
+    except json.JSONDecodeError as exc:
+        problem = "is empty (0 bytes: truncated?)" if not text.strip() else f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}: truncated or edited?)"
+    except (ValueError, RecursionError) as exc:
+        problem = f"is not usable JSON ({type(exc).__name__})"
+    if problem is None:
+        problem = meta_problem(meta)
+    if problem:
+        raise ConfigError(str(path), [f"{path} {problem}; it says what the sweep is and where its stores are: restore it from a backup "
+                                      f"(the trials are still in the study and in MLflow)"])  # fmt: skip
+    return meta
+
+
+def meta_problem(meta: Any) -> str | None:
+    """What is wrong with sweep.json's content (None if nothing)."""
+    if not isinstance(meta, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false", type(None): "null"}.get(type(meta), type(meta).__name__)
+        return f"holds {kind}, not an object ({{...}})"
+    missing = [key for key in META_TEXT if key not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [f"{key} is {meta[key]!r}, not text" for key in META_TEXT if not isinstance(meta[key], str) or not meta[key]]
+    wrong += [f"{key} is {meta[key]!r}, not a number" for key in META_NUMBERS
+              if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], int | float))]  # fmt: skip
+    if not isinstance(meta.get("overrides", []), list) or not all(isinstance(o, str) for o in meta.get("overrides", [])):
+        wrong.append(f"overrides is {meta['overrides']!r}, not a list of key.path=value texts")
+    return "; ".join(wrong) or None
 
 
 def update_meta(folder: Path, **changes: Any) -> dict[str, Any]:
@@ -133,22 +173,29 @@ class SweepFolder:
         return self._stores
 
     def _resolve_stores(self) -> tuple[str, str]:
-        try:
-            return self.config.mlflow_uri, self.config.optuna_storage(self.path)
-        except ConfigError:
-            pass  # the space file no longer loads (moved data, an unset ${VAR}): sweep.json's copies
-        from sweep.config.secrets import MASK, expand_env
+        from sweep.config.secrets import expand_env, masked, password_variable, redact, unmasked
 
-        urls = []
-        for key in ("mlflow_uri", "optuna_storage"):
-            url = self.meta[key]
-            try:
-                url = expand_env(url)
-            except KeyError as exc:
-                raise ConfigError(str(self.path), [f"{META}: {key} refers to ${{{exc.args[0]}}}, which is not set in the environment; export it"]) from None
-            if MASK in url:
-                raise ConfigError(str(self.path), [f"{META}: {key} is recorded without its password and the space file no longer loads; restore {self.meta['space_file']}"])
-            urls.append(url)
+        try:
+            urls, given = [self.config.mlflow_uri, self.config.optuna_storage(self.path)], "on the command line"
+        except ConfigError:  # the space file no longer loads (moved data, an unset ${VAR}): sweep.json's copies
+            urls, given = [], f"in {self.meta['space_file']}, which no longer loads"
+            for key in ("mlflow_uri", "optuna_storage"):
+                try:
+                    urls.append(expand_env(self.meta[key]))
+                except KeyError as exc:
+                    raise ConfigError(str(self.path), [f"{META}: {key} refers to ${{{exc.args[0]}}}, which is not set in the environment; export it"]) from None
+        # A password given literally on the command line (or in a space file since moved) is
+        # recorded only as ***: never connect with that, but without it where the store's client
+        # finds the password itself (PGPASSWORD, ~/.pgpass, MLFLOW_TRACKING_PASSWORD).
+        for i, key in enumerate(("mlflow_uri", "optuna_storage")):
+            if masked(urls[i]):
+                url, variable = unmasked(urls[i]), password_variable(urls[i])
+                if url is None:
+                    export = f"export {variable} (the store's client reads it)" if variable else f"make {self.meta['space_file']} load again"
+                    raise ConfigError(str(self.path), [
+                        f"tracking.{key}: {redact(urls[i])} is recorded without its password: it was given literally ({given}) and the sweep "
+                        f"folder keeps only ***; {export}, then run this again (write passwords as ${{VAR}} to avoid this)"])  # fmt: skip
+                urls[i] = url
         return urls[0], urls[1]
 
     @property

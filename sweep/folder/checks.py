@@ -5,6 +5,7 @@
                    MLflow or the study start, so a problem costs seconds, not a started sweep
     check_stores   the sweep's Optuna study and MLflow store are there and readable, checked
                    without creating or changing them (a missing sqlite file is not made anew)
+    read_only_study  the study opened for a command that only reads it: nothing can be written
 
 Every problem is a ConfigError naming the path or address and what to do (exit code 2).
 """
@@ -66,7 +67,7 @@ def before_resume(cfg: SweepConfig, sweep_dir: Path, study_name: str, address: s
     before_start(cfg, address, new=False)
 
 
-def writable(folder: Path, key: str) -> list[str]:
+def writable(folder: Path, key: str, fix: str = "choose a folder this user can write (tracking.results_dir=PATH)") -> list[str]:
     """[] if `folder` exists or can be made, and files can be created in it; else the problem.
 
     Probed by creating (and removing) a file in the folder, or in its nearest existing parent when
@@ -86,7 +87,7 @@ def writable(folder: Path, key: str) -> list[str]:
         os.unlink(name)
     except OSError as exc:
         made = "write in" if probe_in == folder else f"create {folder} in"
-        return [f"{key}: cannot {made} {probe_in} ({exc.strerror or exc}); choose a folder this user can write (tracking.results_dir=PATH)"]
+        return [f"{key}: cannot {made} {probe_in} ({exc.strerror or exc}); {fix}"]
     return []
 
 
@@ -152,11 +153,11 @@ def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -
     study_db, mlflow_db = sqlite_file(storage), sqlite_file(mlflow_uri)
     ui = f"mlflow ui --backend-store-uri {quote(redact(mlflow_uri))}"
     if study_db is not None:
-        trouble = _sqlite_trouble(study_db, "SELECT 1 FROM studies WHERE study_name = ?", (study_name,), f"no study named {study_name!r}", integrity=True)
+        trouble = study_file_trouble(study_db, study_name)
         if trouble:
             problems.append(
                 f"{study_db}: the sweep's Optuna study {trouble}. MLflow still holds every trial (params, metrics, status: {ui}) and "
-                f"the trials' checkpoints are in {folder}/tune*/; status, report, best and resume need the study: restore the file from a backup"
+                f"the trials' checkpoints are in {folder}/trials/; status, report, best and resume need the study: restore the file from a backup"
             )
     if mlflow_db is not None:
         trouble = _sqlite_trouble(mlflow_db, "SELECT 1 FROM runs LIMIT 1", (), "no runs table")
@@ -167,6 +168,11 @@ def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -
             )
     if problems:
         raise ConfigError(str(folder), problems)
+
+
+def study_file_trouble(path: Path, study_name: str) -> str | None:
+    """None if the sqlite file holds the study `study_name` (read read-only); else what is wrong."""
+    return _sqlite_trouble(path, "SELECT 1 FROM studies WHERE study_name = ?", (study_name,), f"no study named {study_name!r}", integrity=True)
 
 
 def _sqlite_trouble(path: Path, query: str, args: tuple, empty: str, integrity: bool = False) -> str | None:
@@ -191,14 +197,55 @@ def _sqlite_trouble(path: Path, query: str, args: tuple, empty: str, integrity: 
 
 
 def load_study(folder: Path, mlflow_uri: str, storage: str, study_name: str) -> Any:
-    """optuna.load_study after check_stores; a study missing from a server store is a ConfigError too."""
-    import optuna
-
+    """The sweep's Optuna study for a command that only reads it (report, best, estimate): after
+    check_stores, opened read-only (read_only_study); a study missing from a server store is a
+    ConfigError too."""
     check_stores(folder, mlflow_uri, storage, study_name)
     try:
-        return optuna.load_study(study_name=study_name, storage=storage)
+        return read_only_study(folder, storage, study_name)
     except KeyError:
         from sweep.config.secrets import redact
 
         raise ConfigError(str(folder), [f"{redact(storage)}: holds no study named {study_name!r}; MLflow still holds every trial "
                                         f"(mlflow ui --backend-store-uri {quote(redact(mlflow_uri))})"]) from None  # fmt: skip
+
+
+READ_ONLY_POSTGRES = {"connect_args": {"options": "-c default_transaction_read_only=on"}}
+
+
+def read_only_study(folder: Path, storage: str, study_name: str) -> Any:
+    """optuna.load_study with the store opened read-only (KeyError without such a study). Optuna
+    creates its schema in whatever database it opens, an empty file or a fresh database included;
+    read-only, that fails instead: a sqlite file through a `mode=ro` URI (made by pathlib, so any
+    character of the path works; SQLAlchemy's own URL parsing cuts a path at '#'), PostgreSQL in
+    read-only transactions. A store that cannot be opened or read is a ConfigError naming it."""
+    import sqlalchemy.exc
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = sqlite_file(storage)
+    try:
+        if path is not None:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            store: Any = optuna.storages.RDBStorage(storage, engine_kwargs={"creator": lambda: sqlite3.connect(uri, uri=True, check_same_thread=False)})
+        elif storage.split("://", 1)[0] in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2"):  # libpq's `options`
+            store = optuna.storages.RDBStorage(storage, engine_kwargs=READ_ONLY_POSTGRES)
+        else:
+            store = storage
+        return optuna.load_study(study_name=study_name, storage=store)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as exc:
+        raise ConfigError(str(folder), [store_problem(storage, exc)]) from None
+
+
+def store_problem(storage: str, exc: BaseException) -> str:
+    """What went wrong opening a store, in a line: the database's own words (not SQLAlchemy's
+    wrapper, its SQL or its doc link), passwords redacted, and what to check."""
+    from sweep.config.secrets import redact
+
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy's DBAPIError wraps the driver's error
+    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip() and not line.startswith(("[SQL:", "(Background on")))
+    if "read-only transaction" in text or "readonly database" in text:  # Optuna tried to create its tables: there were none
+        return f"{redact(storage)}: holds no Optuna study (an empty or unrelated database); give the store the sweep ran with, or restore it from a backup"
+    return (f"{redact(storage)}: cannot read the sweep's Optuna study ({redact(text)[:300] or type(exc).__name__}); "
+            "check that the database server is up and reachable and that the store's password (its ${VAR}, or PGPASSWORD for PostgreSQL) is right")  # fmt: skip

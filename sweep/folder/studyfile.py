@@ -5,7 +5,8 @@ sqlite3, read-only: importing Optuna (SQLAlchemy, alembic) and opening its stora
 more than the whole command should take. The tables read are Optuna's RDB schema (studies,
 trials, trial_values, trial_params, trial_user_attributes, trial_intermediate_values,
 study_directions, study_system_attributes), unchanged since Optuna 3; a study on a server
-(PostgreSQL), or a file whose schema differs, is read through Optuna instead.
+(PostgreSQL), or a file whose schema differs, is read through Optuna instead, opened read-only
+(sweep.folder.checks.read_only_study): nothing is ever created or changed.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class StudyView:
         return self.directions[0] == "minimize"
 
 
-def read_study(storage: str, study_name: str) -> StudyView:
-    """The study `study_name` in `storage` (KeyError if it holds none)."""
+def read_study(storage: str, study_name: str, folder: Path) -> StudyView:
+    """The study `study_name` in `storage` (KeyError if it holds none), read-only: nothing is
+    created or changed, an empty or damaged file included (ConfigError naming the store, for the
+    sweep folder `folder`)."""
     from sweep.folder.checks import sqlite_file
 
     path = sqlite_file(storage)
@@ -61,7 +64,7 @@ def read_study(storage: str, study_name: str) -> StudyView:
             return _read_sqlite(path, study_name)
         except sqlite3.OperationalError:  # not the schema this reader knows: Optuna knows it
             pass
-    return _read_optuna(storage, study_name)
+    return _read_optuna(storage, study_name, folder)
 
 
 def _read_sqlite(path: Path, study_name: str) -> StudyView:
@@ -118,11 +121,10 @@ def _time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
-def _read_optuna(storage: str, study_name: str) -> StudyView:
-    import optuna
+def _read_optuna(storage: str, study_name: str, folder: Path) -> StudyView:
+    from sweep.folder.checks import read_only_study
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=storage)  # KeyError without such a study
+    study = read_only_study(folder, storage, study_name)  # KeyError without such a study
     trials = tuple(
         StudyTrial(number=t.number, state=t.state.name, values=tuple(t.values) if t.values else None, params=dict(t.params), user_attrs=dict(t.user_attrs),
                    intermediate=dict(sorted(t.intermediate_values.items())), started=t.datetime_start, completed=t.datetime_complete)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import EVAL_LOSS, TrialStatus
+from sweep.config import ConfigError
 from sweep.folder import META, driver, read_meta
 
 Write = Callable[[str], None]
@@ -50,10 +51,8 @@ def describe(folder: Path) -> dict[str, Any]:
         return entry
     try:
         meta = read_meta(folder)
-        if not isinstance(meta, dict):
-            raise ValueError(f"{META} holds no object")
-    except (OSError, ValueError) as exc:
-        entry.update(state="broken", problem=f"{META} unreadable ({exc})")
+    except ConfigError as exc:
+        entry.update(state="broken", problem=f"{META} unreadable: " + "; ".join(exc.problems))
         return entry
     state = str(meta.get("state", "?"))
     if state == "running" and driver(folder) is None:
@@ -61,6 +60,8 @@ def describe(folder: Path) -> dict[str, Any]:
     entry.update(name=meta.get("name"), state=state, metric=meta.get("metric", EVAL_LOSS), started=meta.get("started"), elapsed_seconds=meta.get("elapsed_seconds"))
     try:
         _read_study(folder, meta, entry)
+    except ConfigError as exc:  # a store it cannot open (a server down, a password it lacks)
+        entry["problem"] = "; ".join(exc.problems)
     except Exception as exc:  # noqa: BLE001 - a damaged store is reported, the listing goes on
         from sweep.config.secrets import redact
 
@@ -69,16 +70,20 @@ def describe(folder: Path) -> dict[str, Any]:
 
 
 def _read_study(folder: Path, meta: dict[str, Any], entry: dict[str, Any]) -> None:
-    from sweep.folder.checks import sqlite_file
+    from sweep.folder.checks import sqlite_file, study_file_trouble
     from sweep.readback.status import trial_status
     from sweep.folder.studyfile import read_study
 
     storage = _storage(folder, meta)
     path = sqlite_file(storage)
     if path is not None and not path.is_file():
-        entry["problem"] = f"its study is missing ({path})"  # optuna would create an empty one
+        entry["problem"] = f"its study is missing ({path})"
         return
-    study = read_study(storage, meta["study_name"])
+    trouble = study_file_trouble(path, meta["study_name"]) if path is not None else None
+    if trouble:  # read as status reads it: checked first, never opened for writing
+        entry["problem"] = f"study unreadable: {path} {trouble}"
+        return
+    study = read_study(storage, meta["study_name"], folder)
     if study.metric_names:
         entry["metric"] = study.metric_names[0]
     live = driver(folder) is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import PEAK_VRAM_GB, STATUS, TAG_TRIAL, TrialStatus, trial_label
+from core.contract import PEAK_VRAM_GB, TAG_TRIAL, is_sweep_trial, trial_label
 from sweep.config import HYPERPARAMS, SweepConfig
 from sweep.readback.estimate import GB, ModelProfile, corners, estimate, trial_shape
 
@@ -85,7 +85,7 @@ def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = p
     peaks = {r.data.tags.get(TAG_TRIAL): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []
     for trial in study.trials:
-        if not trial.params or trial.user_attrs.get(STATUS) == TrialStatus.DUPLICATE:  # a repeated proposal never ran (sweep.engine.study.twin_of)
+        if not is_sweep_trial(trial):
             continue
         hyper = {**fixed, **cfg.space.decode(trial.params, cfg.fixed_hyperparams)}
         row = {"trial": trial_label(trial.number), **_row(cfg, profile, hyper, device_bytes)}

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import ATTR_WARM_START, EVAL_LOSS, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus, finite, rate_text as _rate
+from core.contract import EVAL_LOSS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus, finite, is_sweep_trial, rate_text as _rate
 from sweep.readback.results import SweepResult, open_sweep, pareto
 from sweep.folder import run_link
 
@@ -174,15 +174,15 @@ def plot_parallel(result: SweepResult, metric: str, mode: str, path: Path) -> Pa
 
 
 def own_study(study: Any) -> Any:
-    """An in-memory copy of the study with the sweep's own trials (a warm start's are left out,
-    and duplicate proposals, which repeat a trial's result: sweep.engine.study.close_duplicate): what the
-    importance and Optuna's charts are computed from."""
+    """An in-memory copy of the study with the sweep's own ended trials (core.contract.is_sweep_trial:
+    a warm start's are left out, and duplicate proposals, which repeat a trial's result, and lost
+    ones): what the importance and Optuna's charts are computed from."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     copy = optuna.create_study(directions=study.directions)
     ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)  # a running sweep's too
-    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if ATTR_WARM_START not in t.user_attrs and t.user_attrs.get(STATUS) != TrialStatus.DUPLICATE])
+    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if is_sweep_trial(t)])
     return copy
 
 
@@ -395,10 +395,16 @@ p.warning{{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}}</
 
 
 def build_report(folder: Path, write: Write = print, log_to_mlflow: bool = True) -> Path:
+    from sweep.config import ConfigError
+    from sweep.folder.checks import writable
+
     folder = Path(folder).resolve()
     sweep = open_sweep(folder)
     cfg, meta, study, client, result = sweep.cfg, sweep.meta, sweep.study, sweep.client, sweep.result
     out = folder / "report"
+    problems = writable(out, "report", fix=f"make {folder} writable, or copy it to a folder you can write and run report on the copy")
+    if problems:  # a read-only sweep folder (a read-only mount, another user's sweep): before any plot is drawn
+        raise ConfigError(str(folder), problems)
     out.mkdir(exist_ok=True)
     metric, mode = cfg.search.metric, cfg.search.mode
     plots = {

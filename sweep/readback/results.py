@@ -12,7 +12,7 @@ from typing import Any
 
 from core.contract import PLACEMENT_KEYS, ROW_METRICS, STATUS, TrialStatus, metric_name
 from sweep.config import HYPERPARAMS, SweepConfig
-from core.contract import ATTR_WARM_START, ATTR_WORKER, TAG_TRIAL, finite, summary, trial_label
+from core.contract import ATTR_WORKER, TAG_TRIAL, finite, is_sweep_trial, summary, trial_label
 
 
 @dataclass
@@ -35,7 +35,7 @@ def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, An
     for t in study.trials:
         label = trial_label(t.number)
         run = runs.get(label)
-        if run is None or ATTR_WARM_START in t.user_attrs or not t.params:
+        if run is None or not is_sweep_trial(t):
             continue
         config = cfg.space.decode(t.params, fixed)
         for key in PLACEMENT_KEYS:  # placement data: logged as params beside the hyperparameters

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from core.contract import ATTR_WARM_START, EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, REPORTS_FILE, STATUS, STEP, TOKENS_PER_SEC, TRIALS_DIR, TrialStatus
+from core.contract import EVAL_LOSS, PEAK_RSS_GB, PEAK_VRAM_GB, REPORTS_FILE, STATUS, STEP, TOKENS_PER_SEC, TRIALS_DIR, TrialStatus, is_sweep_trial
 from sweep.folder.checks import quote
 from sweep.config import ConfigError
 from sweep.folder.studyfile import StudyTrial, StudyView, read_study
@@ -44,14 +44,14 @@ NOT_COUNTED = (TrialStatus.RUNNING, TrialStatus.RETRYING, TrialStatus.INFEASIBLE
 
 def trial_status(trial: StudyTrial, live: bool) -> str | None:
     """A trial's status as its MLflow run's tag says it, read from the study; None for entries of
-    the study that are no trial of this sweep (a warm start's, one asked but never launched, or a
-duplicate proposal).
+    the study that are no trial of this sweep (core.contract.is_sweep_trial: a warm start's, a
+    start-up point still queued, one asked but never launched, a duplicate proposal).
     An open trial runs while the driver lives; without one it waits, stopped, for `resume`."""
-    if ATTR_WARM_START in trial.user_attrs or trial.user_attrs.get(STATUS) in (TrialStatus.LOST, TrialStatus.DUPLICATE):
+    if not is_sweep_trial(trial):
         return None
     if trial.user_attrs.get(STATUS):
         return str(trial.user_attrs[STATUS])
-    if trial.state in ("RUNNING", "WAITING"):
+    if trial.state == "RUNNING":
         return str(TrialStatus.RUNNING if live else TrialStatus.STOPPED)
     return str(_STATES.get(trial.state, trial.state.lower()))
 
@@ -60,7 +60,7 @@ def study_of(sweep: SweepFolder) -> StudyView:
     """The sweep's study, after its stores were checked (nothing is created)."""
     sweep.check_stores()
     try:
-        return read_study(sweep.optuna_storage, sweep.study_name)
+        return read_study(sweep.optuna_storage, sweep.study_name, sweep.path)
     except KeyError:
         from sweep.config.secrets import redact
 
@@ -232,7 +232,13 @@ def stop_sweep(folder: Path, wait: float, write: Write = print) -> bool:
     if meta.get("state") == "finished":
         write(f"{folder.name}: finished already")
         return True
-    (folder / STOP).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    try:
+        (folder / STOP).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    except OSError as exc:  # a read-only folder: a driver cannot be told this way (without one, nothing needs telling)
+        holder = driver(folder)
+        if holder is not None:
+            raise ConfigError(str(folder), [f"{folder}: cannot write {STOP} there ({exc.strerror or exc}), which is how a stop is asked; make the folder "
+                                            f"writable, or send the driver SIGTERM (kill {holder['pid']} on {holder['host']}): it checkpoints and stops"]) from None  # fmt: skip
     holder = driver(folder)
     if holder is None:
         write(f"{folder.name}: no driver is running; it will resume with:  python -m sweep resume {quote(folder)}")

@@ -190,7 +190,8 @@ def test_printed_commands_are_shell_quoted(tmp_path: Path) -> None:
 
     folder = tmp_path / "my sweeps" / "t-1"
     folder.mkdir(parents=True)
-    (folder / "sweep.json").write_text(json.dumps({"state": "running"}))
+    stores = {"mlflow_uri": f"sqlite:///{folder.parent / 'mlflow.db'}", "optuna_storage": f"sqlite:///{folder / 'optuna.db'}"}
+    (folder / "sweep.json").write_text(json.dumps({"space_file": str(tmp_path / "space.yaml"), **stores, "study_name": "t", "parent_run_id": "p", "state": "running"}))
     lines: list[str] = []
     stop_sweep(folder, 0, write=lines.append)
     assert lines == [f"t-1: no driver is running; it will resume with:  python -m sweep resume '{folder}'"]

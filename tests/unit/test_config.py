@@ -164,6 +164,12 @@ def test_space_errors(tmp_path: Path, space: str, message: str) -> None:
     assert any(message in p for p in found), found
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "true", "many"])
+def test_max_concurrent_is_auto_or_a_positive_number(tmp_path: Path, value: str) -> None:
+    problem = one_problem(tmp_path, MINIMAL, (f"search.max_concurrent={value}",))
+    assert problem.startswith("search.max_concurrent: expected auto or a positive number of trials at once (got ")
+
+
 def test_grid_needs_discrete_dimensions_and_caps_trials(tmp_path: Path) -> None:
     body = MINIMAL.replace("search: {num_trials: 2}", "search: {algorithm: grid}").replace(
         "  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1e-5, 1e-3]}\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core.contract import EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
+from core.contract import ATTR_WORKER, EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
 from sweep.cli import main
 from sweep.config import load_config
 from tests.conftest import MINIMAL, ROOT, write_space
@@ -49,6 +49,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         trial = study.ask()
         define(trial)
         trial.set_user_attr(STATUS, str(status))
+        trial.set_user_attr(ATTR_WORKER, "w0")  # taken by a worker, as every trial that ran
         run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: str(status)}).info.run_id
         client.log_metric(run, EVAL_LOSS, loss)
         client.log_metric(run, PEAK_VRAM_GB, 1.0 + number)

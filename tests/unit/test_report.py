@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from core.contract import EVAL_LOSS, PEAK_VRAM_GB, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
+from core.contract import ATTR_WORKER, EVAL_LOSS, PEAK_VRAM_GB, STATUS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus
 from sweep.config import load_config
 from tests.conftest import MINIMAL, write_space
 
@@ -54,6 +54,7 @@ def build_sweep(base: Path, body: str, statuses: list[str], name: str = "r") -> 
         p = trial.params
         loss = 1.0 + abs(math.log10(p.get("learning_rate", 1e-3)) + 3) + (0.8 if p.get("target_modules") == "attention" else 0) + 0.01 * number
         trial.set_user_attr(STATUS, status)
+        trial.set_user_attr(ATTR_WORKER, "w0")  # taken by a worker, as every trial that ran
         run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: status, "last_step": "4"}).info.run_id
         for step in (2, 4):
             client.log_metric(run, EVAL_LOSS, loss + (4 - step) * 0.1, step=step)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from core.contract import ATTR_WORKER
 from sweep.config import load_config
 from sweep.readback.results import check_where, choose, collect, order, pareto, parse_where, rows, satisfies, value_of
 from tests.conftest import MINIMAL, write_space
@@ -26,7 +27,7 @@ def study_with(cfg, params: list[dict]) -> optuna.Study:
     study = optuna.create_study()
     dists = cfg.space.distributions()
     for p in params:
-        study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, value=1.0))
+        study.add_trial(optuna.trial.create_trial(params=p, distributions=dists, value=1.0, user_attrs={ATTR_WORKER: "w0"}))
     return study
 
 

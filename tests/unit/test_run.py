@@ -16,7 +16,8 @@ def test_elapsed_time_is_written_every_few_seconds(tmp_path: Path, monkeypatch: 
     its resume is not overstated."""
     now = [1000.0]
     monkeypatch.setattr(run.time, "monotonic", lambda: now[0])
-    write_meta(tmp_path, {"elapsed_seconds": 0.0, "state": "running"})
+    stores = {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "optuna_storage": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    write_meta(tmp_path, {"space_file": str(tmp_path / "space.yaml"), **stores, "study_name": "t", "parent_run_id": "p", "elapsed_seconds": 0.0, "state": "running"})
     beat = run.Heartbeat(tmp_path, elapsed_before=100.0)
     beat.beat(force=True)
     for _ in range(25):  # Tune's loop calls it about once a second

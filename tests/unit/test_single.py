@@ -80,7 +80,8 @@ def test_the_folder_of_a_train_run_reloads_as_the_same_configuration(tmp_path: P
     folder = tmp_path / "sweeps" / "t-20260101-000000"
     folder.mkdir(parents=True)
     shutil.copy(space, folder / "space.yaml")
-    (folder / "sweep.json").write_text(json.dumps({"space_file": str(space), "overrides": list(cfg.overrides), "command": "train"}))
+    stores = {"mlflow_uri": f"sqlite:///{folder.parent / 'mlflow.db'}", "optuna_storage": f"sqlite:///{folder / 'optuna.db'}", "study_name": "t", "parent_run_id": "p"}
+    (folder / "sweep.json").write_text(json.dumps({"space_file": str(space), "overrides": list(cfg.overrides), **stores, "command": "train"}))
     again = load_sweep_config(folder)
     assert again.space == cfg.space and again.num_trials == 1 and again.search.scheduler.type == "none"
 

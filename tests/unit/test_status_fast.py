@@ -87,9 +87,9 @@ def test_the_study_file_reads_as_optuna_reads_it(stopped: Path) -> None:
     from sweep.folder.studyfile import _read_optuna, read_study
 
     storage = f"sqlite:///{stopped / 'optuna.db'}"
-    assert read_study(storage, "t") == _read_optuna(storage, "t")
+    assert read_study(storage, "t", stopped) == _read_optuna(storage, "t", stopped)
     with pytest.raises(KeyError):
-        read_study(storage, "no-such-study")
+        read_study(storage, "no-such-study", stopped)
 
 
 def test_status_and_list_import_neither_mlflow_nor_ray_nor_torch(stopped: Path) -> None:

@@ -53,7 +53,9 @@ def test_without_the_variable_the_folder_says_which_one(previous: Path, monkeypa
         SweepFolder(previous).stores()
 
 
-def test_a_masked_password_is_never_used_to_connect(previous: Path) -> None:
+def test_a_masked_password_is_never_used_to_connect(previous: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGPASSWORD", raising=False)  # with it, PostgreSQL's client would be given the URL without a password
+    monkeypatch.setenv("PGPASSFILE", str(previous / "no-pgpass"))
     meta = json.loads((previous / "sweep.json").read_text())
     Path(meta["space_file"]).unlink()
     (previous / "space.yaml").write_text("not: [a space file")  # nothing left that knows the password
