@@ -207,6 +207,7 @@ def say(line: str) -> None:
 
 
 READ_ONLY = ("validate", "status", "list", "best", "report", "estimate", "schema", "dashboard")  # they read; `best --export` writes
+LIGHT = ("validate", "status", "list", "schema")  # they import no Optuna, MLflow or torch (half a second)
 
 
 class _Quiet:
@@ -223,9 +224,12 @@ class _Quiet:
     BARS = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     LOGGERS = ("optuna", "alembic", "mlflow", "datasets")
 
-    def __init__(self, no_bars: bool):
+    def __init__(self, no_bars: bool, optuna: bool = True):
         self.env = {**self.ENV, **(self.BARS if no_bars else {})}
         self.no_warnings = no_bars
+        # Optuna sets its own level (INFO) when first imported: it is told after that import, which
+        # `status`, `list` and `validate` skip (they answer in half a second without Optuna)
+        self.optuna = optuna
 
     def __enter__(self) -> None:
         import logging
@@ -235,6 +239,8 @@ class _Quiet:
         for key, value in self.env.items():
             os.environ.setdefault(key, value)
         self.levels = {name: logging.getLogger(name).level for name in self.LOGGERS}
+        if self.optuna:
+            import optuna  # noqa: F401  (it configures its logger on import; set the level after)
         for name in self.LOGGERS:  # a library that set up its logger already (imported before) is told too
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         self.warnings = warnings.catch_warnings()
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verbose:
         return _main(args)
-    with _Quiet(no_bars=args.command in READ_ONLY or bool(getattr(args, "export", None))):
+    with _Quiet(no_bars=args.command in READ_ONLY or bool(getattr(args, "export", None)), optuna=args.command not in LIGHT):
         return _main(args)
 
 

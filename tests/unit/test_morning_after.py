@@ -6,8 +6,13 @@ run and its trials), not run: milliseconds, not minutes."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 import sqlite3
+import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -273,3 +278,111 @@ def test_the_new_study_names_its_objectives(tmp_path: Path) -> None:
             create_study(cfg, storage, cfg.name)
         assert optuna.load_study(study_name="t", storage=storage).metric_names == names
         assert sqlite3.connect(folder / "optuna.db").execute("SELECT count(*) FROM studies").fetchone() == (1,)
+
+
+# ----------------------------------------------------------------------------------------------
+# part two: what a shell sees
+
+
+def test_options_and_arguments_in_any_order(finished: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """As users type them: an option before the overrides, --watch before the folder."""
+    space = write_space(tmp_path, MINIMAL)
+    assert main(["validate", str(space), "--json", "search.num_trials=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_trials"] == 3
+    assert main(["estimate", "--json", str(space), "--gpu-memory", "24", "search.num_trials=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpu_memory_gb"] == 24
+    folder, _ = finished
+    assert main(["status", "--watch", str(folder)]) == 0  # no driver runs it: drawn once
+    assert "t001" in capsys.readouterr().out
+    assert main(["-v", "best", "--json", str(folder)]) == 0 and json.loads(capsys.readouterr().out)["best"]["trial"] == "t001"
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(space), "--json", "--bogus"])
+    assert exit_.value.code == 2 and "usage: python -m sweep validate" in capsys.readouterr().err  # the command's own usage
+
+
+def test_the_installed_command_names_itself(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr("sys.argv", ["/usr/local/bin/lora-sweep", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "usage: lora-sweep " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["status", "--help"])
+    assert "usage: lora-sweep status" in capsys.readouterr().out
+
+
+def test_validate_json_of_an_invalid_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    space = write_space(tmp_path, MINIMAL.replace("num_trials: 2", "num_trials: zero"))
+    assert main(["validate", str(space), "--json"]) == 2
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)  # one JSON document, not nothing
+    assert info["valid"] is False and info["source"] == str(space)
+    assert any(p.startswith("search.num_trials: Input should be a valid integer") for p in info["problems"])
+    assert "search.num_trials" in captured.err  # the error still on stderr
+
+
+def test_quiet_by_default_and_verbose_on_request(tmp_path: Path) -> None:
+    """The libraries' INFO lines and progress bars stay out (MLflow creating its tables, datasets
+    saving a dataset, Optuna creating a study); -v brings them back."""
+    code = (
+        "import sys\n"
+        "from sweep.cli import _Quiet\n"
+        "def work():\n"
+        "    import datasets, optuna\n"
+        "    from mlflow import MlflowClient\n"
+        f"    MlflowClient('sqlite:///{tmp_path}/' + sys.argv[1] + '.db').search_experiments()\n"
+        f"    optuna.create_study(storage='sqlite:///{tmp_path}/' + sys.argv[1] + '-optuna.db')\n"
+        f"    datasets.Dataset.from_dict({{'a': list(range(50))}}).save_to_disk('{tmp_path}/' + sys.argv[1] + '-data')\n"
+        "if sys.argv[1] == 'quiet':\n"
+        "    with _Quiet(no_bars=False):\n"
+        "        work()\n"
+        "else:\n"
+        "    work()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for key in _quiet_env():
+        env.pop(key, None)
+    loud = subprocess.run([sys.executable, "-c", code, "loud"], capture_output=True, text=True, env=env, timeout=120)
+    quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert loud.returncode == 0 and quiet.returncode == 0, loud.stderr[-2000:] + quiet.stderr[-2000:]
+    for noise in ("INFO mlflow", "A new study created", "Saving the dataset"):  # noqa: the loud run shows each
+        assert noise in loud.stderr, noise  # what the libraries print on their own ...
+        assert noise not in quiet.stderr + quiet.stdout, noise  # ... and not under the CLI
+    from sweep.cli import parse_args
+
+    assert parse_args(["-v", "run", "x.yaml"]).verbose and parse_args(["run", "x.yaml", "--verbose"]).verbose and not parse_args(["run", "x.yaml"]).verbose
+
+
+def _quiet_env() -> list[str]:
+    from sweep.cli import _Quiet
+
+    return [*_Quiet.ENV, *_Quiet.BARS]
+
+
+def test_dashboard_serves_the_sweeps_study(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (the test extra has it)")
+    from sweep.readback.dashboard import dashboard
+
+    folder, _ = finished
+    served: dict = {}
+    dashboard(folder, "127.0.0.1", 8099, print, serve=lambda storage, host, port: served.update(storage=storage, host=host, port=port))
+    assert served == {"storage": f"sqlite:///{folder / 'optuna.db'}", "host": "127.0.0.1", "port": 8099}
+    assert re.search(r"optuna-dashboard of t-20260101-000000 \(study 't'\): http://127\.0\.0\.1:8099/dashboard/studies/\d+", capsys.readouterr().out)
+    # the app optuna-dashboard serves on that storage lists the study, its three trials
+    from optuna_dashboard import wsgi
+
+    app = wsgi(served["storage"])
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "QUERY_STRING": "", "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO(),
+               "SERVER_NAME": "x", "SERVER_PORT": "1", "wsgi.url_scheme": "http"}  # fmt: skip
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: None))
+    (study,) = json.loads(body)["study_summaries"]
+    assert study["study_name"] == "t"
+
+
+def test_dashboard_without_optuna_dashboard_says_what_to_install(finished: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    folder, _ = finished
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import optuna_dashboard raises ImportError
+    assert main(["dashboard", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert 'optuna-dashboard is not installed; install it with  pip install -e ".[dashboard]"' in err
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("optuna-dashboard") for r in extras["dashboard"])
