@@ -49,13 +49,16 @@ def _row(cfg: SweepConfig, profile: ModelProfile, hyper: dict, device_bytes: flo
 
 
 def _table(rows: list[dict], device_bytes: float | None, write: Write, measured: bool = False) -> None:
-    head = f"{'method':<6} {'r':>4} {'targets':<22} {'batch':>6} {'ckpt':>4} {'dropout':>7} {'optimizer':<16} {'estimate GB':>11}"
+    """The rows aligned; a sweep's trials (`measured`) begin with the trial's label."""
+    head = f"{'trial':<5} " if measured else ""
+    head += f"{'method':<6} {'r':>4} {'targets':<22} {'batch':>6} {'ckpt':>4} {'dropout':>7} {'optimizer':<16} {'estimate GB':>11}"
     head += f" {'measured GB':>11} {'error':>7}" if measured else ""
     head += "  fits" if device_bytes else ""
     write(head)
     write("-" * len(head))
     for r in rows:
-        line = f"{r['method']:<6} {r['r']:>4} {r['targets']:<22} {r['batch']:>6} {r['ckpt']:>4} {r['dropout']:>7.3g} {r['optimizer']:<16} {r['estimate_gb']:>11.2f}"
+        line = f"{r['trial']:<5} " if measured else ""
+        line += f"{r['method']:<6} {r['r']:>4} {r['targets']:<22} {r['batch']:>6} {r['ckpt']:>4} {r['dropout']:>7.3g} {r['optimizer']:<16} {r['estimate_gb']:>11.2f}"
         if measured:
             m = r.get("measured_gb")
             line += f" {m:>11.2f} {r['estimate_gb'] / m - 1:>+7.1%}" if m else f" {'-':>11} {'-':>7}"

@@ -93,13 +93,15 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     remaining = remaining_seconds(meta, finished, durations)
     links = mlflow_links(sweep.mlflow_uri, sweep.experiment_id())
     metric = meta.get("metric", EVAL_LOSS)
+    rows = trial_rows(sweep, own, metric)
     info = {"name": meta.get("name"), "folder": str(folder), "metric": metric, "mlflow": links, "state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
             "remaining_seconds": remaining, "best": {"trial": best.label, "value": best.values[0]} if best else None,
-            "trials": trial_rows(sweep, own, metric)}  # fmt: skip
+            "trials": rows}  # fmt: skip
     write(f"{folder.name}: {state}")
     write(f"trials: {finished} of {num_trials} done; " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started"))
     if best:
-        write(f"best so far: {best.label}  {metric} {best.values[0]:.4f}  {best.params}")
+        label = next(r["config"] for r in rows if r["trial"] == best.label)  # as `run`, `best` and MLflow name it
+        write(f"best so far: {best.label}  {metric} {best.values[0]:.4f}  ({label})")
     else:
         write("best so far: none completed")
     eta = f"; about {_duration(remaining)} left at the pace so far" if remaining is not None else ""

@@ -81,6 +81,8 @@ def test_status_prints_the_runs_table_link_and_json(finished: tuple[Path, str], 
     out = capsys.readouterr().out
     assert f"open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{folder.parent / 'mlflow.db'}" in out
     assert f"its runs:  {runs_link(experiment)}" in out
+    # the best as every other command labels a trial, not the study's dict of raw floats
+    assert re.search(r"^best so far: t001  eval_loss 1\.7500  \(lora r\d+ a\d+ lr\d+e-\d+ b\d+x\d+ \S+\)$", out, re.M), out
     assert main(["status", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)  # stdout is the JSON document and nothing else
     assert info["counts"] == {"completed": 2, "pruned": 1} and info["finished"] == 3 and info["num_trials"] == 3
@@ -181,7 +183,7 @@ def test_list_shows_each_sweep_and_each_broken_folder_with_its_problem(finished:
     by_folder = {Path(e["folder"]).name: e for e in listing["sweeps"]}
     assert sorted(by_folder) == ["broken", "notes", "t-20260101-000000", "t-damaged", "t-lost"]
     good = by_folder[folder.name]
-    assert good["trials"] == {"completed": 2, "pruned": 1} and good["best"] == 1.75 and good["metric"] == EVAL_LOSS
+    assert good["trials"] == {"completed": 2, "pruned": 1} and good["best"] == {"trial": "t001", "value": 1.75} and good["metric"] == EVAL_LOSS
     assert good["state"] == "finished" and good["started"] == "2026-01-01T00:00:00" and good["elapsed_seconds"] == 754.0 and good["problem"] is None
     assert by_folder["notes"]["problem"] == "no sweep.json" and by_folder["broken"]["problem"].startswith("sweep.json unreadable")
     assert by_folder["t-lost"]["problem"] == f"its study is missing ({lost / 'optuna.db'})" and not (lost / "optuna.db").exists()
@@ -191,7 +193,7 @@ def test_list_shows_each_sweep_and_each_broken_folder_with_its_problem(finished:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:6] == ["NAME", "STATE", "TRIALS", "BEST", "STARTED", "ELAPSED"]
     row = next(line for line in lines if line.endswith(str(results / folder.name)))
-    assert "finished" in row and "2 completed, 1 pruned" in row and "eval_loss 1.7500" in row and "12m34s" in row
+    assert "finished" in row and "2 completed, 1 pruned" in row and "t001  eval_loss 1.7500" in row and "12m34s" in row
 
 
 def test_list_of_a_missing_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -217,6 +219,9 @@ def test_estimate_json_of_a_finished_sweep(finished: tuple[Path, str], capsys: p
     info = json.loads(capsys.readouterr().out)
     assert [r["trial"] for r in info["trials"]] == ["t000", "t001", "t002"]
     assert [r["measured_gb"] for r in info["trials"]] == [1.0, 2.0, 3.0]
+    assert main(["estimate", str(folder), "--gpu-memory", "24"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["trial", "method"] and [line.split()[0] for line in lines[3:]] == ["t000", "t001", "t002"]  # whose row is whose
 
 
 def test_version_and_each_help_begins_with_what_the_command_does(capsys: pytest.CaptureFixture) -> None:
