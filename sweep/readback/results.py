@@ -61,6 +61,24 @@ def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, An
     return out
 
 
+def not_run(trials: list[Any]) -> list[tuple[str, str]]:
+    """(label, why) of each number the study used for no trial of the sweep: a duplicate proposal
+    (the sampler proposed a configuration that ran already; its twin's result is told again) or a
+    proposal lost with a killed driver. Their labels are the gaps between the trials (t004 between
+    t003 and t005); status, the sweep's end and the report say why. `trials`: Optuna's FrozenTrials
+    or sweep.folder.studyfile's, anything with `number` and `user_attrs`."""
+    from core.contract import ATTR_DUPLICATE_OF
+
+    out = []
+    for t in trials:
+        if t.user_attrs.get(STATUS) == TrialStatus.DUPLICATE:
+            twin = t.user_attrs.get(ATTR_DUPLICATE_OF)
+            out.append((trial_label(t.number), f"not run: the sampler proposed {twin or 'a trial'}'s configuration again" + (" (its result counts for it)" if twin else "")))
+        elif t.user_attrs.get(STATUS) == TrialStatus.LOST:
+            out.append((trial_label(t.number), "not run: proposed just before its driver was killed, never launched"))
+    return out
+
+
 def order(rows_: list[dict], metric: str, mode: str) -> list[dict]:
     sign = 1 if mode == "min" else -1
 
@@ -213,11 +231,11 @@ class FinishedSweep:
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
-    from sweep.folder import SweepFolder, mlflow_links
+    from sweep.folder import SweepFolder
 
     sweep = SweepFolder(folder)
     cfg = sweep.config
     study = sweep.study()  # never creates a missing store
     client = sweep.mlflow()
     result = collect(cfg, study, sweep.children(client))
-    return FinishedSweep(cfg, sweep.meta, study, client, result, mlflow_links(sweep.mlflow_uri, sweep.experiment_id(client)))
+    return FinishedSweep(cfg, sweep.meta, study, client, result, sweep.links(cfg.search.mode == "min", client))

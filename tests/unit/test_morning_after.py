@@ -71,35 +71,39 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return folder, experiment
 
 
-def runs_link(experiment: str) -> str:
-    return f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+def runs_link(experiment: str, folder: Path) -> str:
+    """The runs table of a sweep written before its view was an experiment tag: the URL sorts by the
+    objective and keeps the sweep's trials (MLflow 3 honours orderByKey, orderByAsc, searchFilter)."""
+    parent = json.loads((folder / "sweep.json").read_text())["parent_run_id"]
+    return (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+            f"&searchFilter=tags.mlflow.parentRunId%20%3D%20%27{parent}%27&orderByKey=metrics.%60eval_loss%60&orderByAsc=true")  # fmt: skip
 
 
 def test_status_prints_the_runs_table_link_and_json(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
     folder, experiment = finished
     assert main(["status", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert f"open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{folder.parent / 'mlflow.db'}" in out
-    assert f"its runs:  {runs_link(experiment)}" in out
+    assert f"open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{folder.parent / 'mlflow.db'} --port 5000" in out  # the link's port
+    assert f"its runs:  {runs_link(experiment, folder)}" in out
     # the best as every other command labels a trial, not the study's dict of raw floats
     assert re.search(r"^best so far: t001  eval_loss 1\.7500  \(lora r\d+ a\d+ lr\d+e-\d+ b\d+x\d+ \S+\)$", out, re.M), out
     assert main(["status", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)  # stdout is the JSON document and nothing else
     assert info["counts"] == {"completed": 2, "pruned": 1} and info["finished"] == 3 and info["num_trials"] == 3
     assert info["best"] == {"trial": "t001", "value": 1.75}
-    assert info["mlflow"]["runs"] == runs_link(experiment) and info["elapsed_seconds"] == 754.0
+    assert info["mlflow"]["runs"] == runs_link(experiment, folder) and info["elapsed_seconds"] == 754.0
 
 
 def test_best_prints_the_link_and_json(finished: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
     folder, experiment = finished
     assert main(["best", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "best trial: t001  eval_loss 1.7500" in out and f"its runs:  {runs_link(experiment)}" in out
+    assert "best trial: t001  eval_loss 1.7500" in out and f"its runs:  {runs_link(experiment, folder)}" in out
     assert main(["best", str(folder), "--json", "--where", "peak_vram_gb<=1.5"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["best"]["trial"] == "t000" and info["best"]["eval_loss"] == 2.5 and info["where"] == "peak_vram_gb<=1.5"
     assert info["best"]["space"]["name"] == "t-t000" and info["best"]["space"]["train"]["method"] == "lora"  # ready to run
-    assert info["mlflow"]["runs"] == runs_link(experiment)
+    assert info["mlflow"]["runs"] == runs_link(experiment, folder)
     assert main(["best", str(folder), "--json", "--where", "peak_vram_gb<=0.5"]) == 1
     info = json.loads(capsys.readouterr().out)
     assert info["best"] is None and info["counts"] == {"completed": 2, "pruned": 1}
@@ -138,7 +142,7 @@ def test_json_is_all_a_fresh_process_prints_on_stdout(finished: tuple[Path, str]
     folder, experiment = finished
     result = sweep("status", str(folder), "--json", cwd=folder.parent)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["mlflow"]["runs"] == runs_link(experiment)
+    assert json.loads(result.stdout)["mlflow"]["runs"] == runs_link(experiment, folder)
 
 
 def test_the_experiment_id_is_looked_up_when_sweep_json_lacks_it(finished: tuple[Path, str]) -> None:
@@ -152,11 +156,12 @@ def test_the_experiment_id_is_looked_up_when_sweep_json_lacks_it(finished: tuple
 
 
 def test_links_of_a_tracking_server() -> None:
-    from sweep.folder import mlflow_links
+    from sweep.folder import mlflow_links, run_link
 
     links = mlflow_links("https://user:secret@mlflow.example.com/", "7")
     assert links == {"command": None, "ui": "https://user:***@mlflow.example.com", "runs": "https://user:***@mlflow.example.com/#/experiments/7/runs?workflowType=machine_learning"}
-    assert mlflow_links("sqlite:////tmp/my runs/mlflow.db", None) == {"command": "mlflow ui --backend-store-uri 'sqlite:////tmp/my runs/mlflow.db'", "ui": "http://127.0.0.1:5000", "runs": None}
+    assert run_link(links, "abc") == "https://user:***@mlflow.example.com/#/experiments/7/runs/abc?workflowType=machine_learning"  # not MLflow's GenAI run page
+    assert mlflow_links("sqlite:////tmp/my runs/mlflow.db", None) == {"command": "mlflow ui --backend-store-uri 'sqlite:////tmp/my runs/mlflow.db' --port 5000", "ui": "http://127.0.0.1:5000", "runs": None}
 
 
 def test_list_shows_each_sweep_and_each_broken_folder_with_its_problem(finished: tuple[Path, str], capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
