@@ -207,14 +207,15 @@ def say(line: str) -> None:
 
 
 READ_ONLY = ("validate", "status", "list", "best", "report", "estimate", "schema", "dashboard")  # they read; `best --export` writes
-LIGHT = ("validate", "status", "list", "schema")  # they import no Optuna, MLflow or torch (half a second)
+LIGHT = ("validate", "status", "list", "schema", "best", "estimate")  # they read sqlite stores without Optuna or MLflow (under a second)
 
 
 class _Quiet:
     """While a command runs, unless -v: nothing from the libraries underneath that the user cannot
     act on. Every command: no datasets progress bars (tokenizing the data), no MLflow INFO lines
     (creating its tables), no Optuna or alembic INFO lines (a study created, a schema migrated), no
-    transformers notices; the environment carries it to local Ray workers. The commands that only
+    transformers notices, no bitsandbytes warning about CPU kernels; the environment carries it to
+    local Ray workers. The commands that only
     read and `best --export` also print no progress bars at all (transformers' "Loading weights",
     "Writing model shards") and no FutureWarning / DeprecationWarning; `run` keeps a hub
     download's progress bar. An explicit variable of the environment, -W or PYTHONWARNINGS is left
@@ -222,7 +223,8 @@ class _Quiet:
 
     ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error"}
     BARS = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    LOGGERS = ("optuna", "alembic", "mlflow", "datasets")
+    # logger -> the least level it shows: bitsandbytes warns on import that a CPU 4-bit kernel is not installed
+    LOGGERS = {"optuna": 30, "alembic": 30, "mlflow": 30, "datasets": 30, "bitsandbytes": 40}
 
     def __init__(self, no_bars: bool, optuna: bool = True):
         self.env = {**self.ENV, **(self.BARS if no_bars else {})}
@@ -241,8 +243,8 @@ class _Quiet:
         self.levels = {name: logging.getLogger(name).level for name in self.LOGGERS}
         if self.optuna:
             import optuna  # noqa: F401  (it configures its logger on import; set the level after)
-        for name in self.LOGGERS:  # a library that set up its logger already (imported before) is told too
-            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+        for name, level in self.LOGGERS.items():  # a library that set up its logger already (imported before) is told too
+            logging.getLogger(name).setLevel(max(level, logging.getLogger(name).level))
         self.warnings = warnings.catch_warnings()
         self.warnings.__enter__()
         if self.no_warnings and not sys.warnoptions:

@@ -218,16 +218,30 @@ def collect(cfg: SweepConfig, study: Any, children: list[Any]) -> SweepResult:
     return SweepResult(sweep_dir=Path(), parent_run_id="", trials=all_rows, best=choose(all_rows, cfg, []), counts=counts, pareto=front)
 
 
-@dataclass
 class FinishedSweep:
-    """Everything the morning-after commands (report, best) read from a sweep folder."""
+    """Everything the morning-after commands (report, best) read from a sweep folder. The Optuna
+    study and the MLflow client are opened when first asked for: `best` needs neither (its rows come
+    from the study's and the MLflow store's files where they are sqlite: seconds sooner)."""
 
-    cfg: SweepConfig
-    meta: dict[str, Any]
-    study: Any  # optuna.Study
-    client: Any  # mlflow.MlflowClient
-    result: SweepResult
-    mlflow_links: dict[str, Any] = field(default_factory=dict)  # sweepdir.mlflow_links: the UI, the runs table
+    def __init__(self, folder: Any, cfg: SweepConfig, result: SweepResult, mlflow_links: dict[str, Any]):
+        self.folder, self.cfg, self.result, self.mlflow_links = folder, cfg, result, mlflow_links  # mlflow_links: sweep.folder.mlflow_links
+        self.meta: dict[str, Any] = folder.meta
+        self._study: Any = None
+        self._client: Any = None
+
+    @property
+    def study(self) -> Any:
+        """The optuna.Study (importance and Optuna's charts need it)."""
+        if self._study is None:
+            self._study = self.folder.study()
+        return self._study
+
+    @property
+    def client(self) -> Any:
+        """An mlflow.MlflowClient of the sweep's store."""
+        if self._client is None:
+            self._client = self.folder.mlflow()
+        return self._client
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
@@ -235,7 +249,5 @@ def open_sweep(folder: Path) -> FinishedSweep:
 
     sweep = SweepFolder(folder)
     cfg = sweep.config
-    study = sweep.study()  # never creates a missing store
-    client = sweep.mlflow()
-    result = collect(cfg, study, sweep.children(client))
-    return FinishedSweep(cfg, sweep.meta, study, client, result, sweep.links(cfg.search.mode == "min", client))
+    result = collect(cfg, sweep.trials(), sweep.children())  # never creates a missing store
+    return FinishedSweep(sweep, cfg, result, sweep.links(cfg.search.mode == "min"))

@@ -396,3 +396,48 @@ def test_dashboard_without_optuna_dashboard_says_what_to_install(finished: tuple
     assert 'optuna-dashboard is not installed; install it with  pip install -e ".[dashboard]"' in err
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(r.startswith("optuna-dashboard") for r in extras["dashboard"])
+
+
+def test_the_store_files_read_as_mlflow_reads_them(finished: tuple[Path, str]) -> None:
+    """best and estimate read a sqlite MLflow store's runs without MLflow (sweep.folder.runsfile):
+    the same runs, tags, params and latest metrics as MlflowClient.search_runs gives."""
+    from sweep.folder import SweepFolder
+    from sweep.folder.runsfile import child_runs
+
+    folder, _ = finished
+    sweep = SweepFolder(folder)
+    fast = {r.info.run_id: r for r in child_runs(sweep.mlflow_uri, sweep.parent_run_id)}
+    slow = {r.info.run_id: r for r in sweep.children(sweep.mlflow())}
+    assert set(fast) == set(slow) and len(fast) == 3
+    for run_id, run in slow.items():
+        mine = fast[run_id]
+        assert (mine.info.status, mine.info.experiment_id) == (run.info.status, run.info.experiment_id)
+        assert mine.data.tags == run.data.tags and mine.data.params == run.data.params and mine.data.metrics == run.data.metrics
+    assert child_runs("http://mlflow-host:5000", sweep.parent_run_id) is None  # a server: read through MLflow
+
+
+def test_best_and_estimate_answer_without_mlflow_optuna_or_torch(finished: tuple[Path, str]) -> None:
+    """`best` took 4-6 s and `estimate` 8-12 s, most of it importing MLflow, Optuna, torch and
+    transformers' Gemma 3: sqlite stores are read from their files, the model's counts cached."""
+    folder, _ = finished
+    code = (
+        "import sys\n"
+        "from sweep.cli import main\n"
+        f"assert main(['best', {str(folder)!r}]) == 0\n"
+        f"assert main(['estimate', {str(folder)!r}, '--gpu-memory', '24']) == 0\n"  # the counts: cached by the fixture's estimates before
+        "print(sorted(m for m in ('mlflow', 'optuna', 'torch', 'transformers') if m in sys.modules))\n"
+    )
+    assert main(["estimate", str(folder), "--gpu-memory", "24"]) == 0  # fills the cache, as `run` does
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_the_model_counts_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainable.model
+    from sweep.readback.memory import load_profile
+
+    cfg = load_config(write_space(tmp_path, MINIMAL))
+    first = load_profile(cfg)
+    monkeypatch.setattr(trainable.model, "meta_model", lambda *a, **k: pytest.fail("built the model again"))
+    assert load_profile(cfg) == first
