@@ -117,7 +117,7 @@ def write_adapter(cfg: SweepConfig, checkpoint: Path, out: Path) -> dict[str, An
 def _copy_weights(checkpoint: Path, adapter: Path) -> None:
     """The checkpoint's adapter weights as adapter_model.safetensors (a legacy pickle converted)."""
     if (checkpoint / WEIGHTS_FILE).is_file():
-        shutil.copy2(checkpoint / WEIGHTS_FILE, adapter / WEIGHTS_FILE)
+        shutil.copyfile(checkpoint / WEIGHTS_FILE, adapter / WEIGHTS_FILE)  # not its mode: a checkpoint is private, an export is for sharing
         return
     import torch
     from safetensors.torch import save_file
