@@ -286,7 +286,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
         written.update(export_adapter(cfg, Path(checkpoint), export, merge))
         written["checkpoint"] = checkpoint
     command = f"python -m sweep train {quote(export / 'space.yaml')} train.max_steps={cfg.train.max_steps * 5}"
-    run_params = dict(sweep.client.get_run(row["run_id"]).data.params)
+    run_params = next((dict(r.data.params) for r in sweep.runs if r.info.run_id == row["run_id"]), {})
     card = model_card(cfg, folder, row, space, run_params, written, command, sweep.meta.get("mlflow_uri", ""), where)
     (export / "README.md").write_text(card)
     if written.get("adapter"):

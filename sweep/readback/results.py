@@ -223,8 +223,9 @@ class FinishedSweep:
     study and the MLflow client are opened when first asked for: `best` needs neither (its rows come
     from the study's and the MLflow store's files where they are sqlite: seconds sooner)."""
 
-    def __init__(self, folder: Any, cfg: SweepConfig, result: SweepResult, mlflow_links: dict[str, Any]):
+    def __init__(self, folder: Any, cfg: SweepConfig, result: SweepResult, mlflow_links: dict[str, Any], runs: list[Any] = ()):
         self.folder, self.cfg, self.result, self.mlflow_links = folder, cfg, result, mlflow_links  # mlflow_links: sweep.folder.mlflow_links
+        self.runs = list(runs)  # the trials' MLflow runs the rows were read from
         self.meta: dict[str, Any] = folder.meta
         self._study: Any = None
         self._client: Any = None
@@ -249,5 +250,6 @@ def open_sweep(folder: Path) -> FinishedSweep:
 
     sweep = SweepFolder(folder)
     cfg = sweep.config
-    result = collect(cfg, sweep.trials(), sweep.children())  # never creates a missing store
-    return FinishedSweep(sweep, cfg, result, sweep.links(cfg.search.mode == "min"))
+    runs = sweep.children()
+    result = collect(cfg, sweep.trials(), runs)  # never creates a missing store
+    return FinishedSweep(sweep, cfg, result, sweep.links(cfg.search.mode == "min"), runs)
