@@ -171,7 +171,11 @@ def summary(hyper: dict[str, Any]) -> str:
 
 
 def param_value(value: Any) -> str:
-    """MLflow params are strings: lists/tuples read as they were written in the space file."""
+    """MLflow params are strings: lists/tuples read as they were written in the space file; a float
+    to 4 significant digits (a learning rate of 2.0593557e-05 reads 2.059e-05, whole in a table
+    cell; the study keeps the exact value, and readback takes it from there)."""
     if isinstance(value, tuple | list):
-        return "[" + ", ".join(str(v) for v in value) + "]"
+        return "[" + ", ".join(param_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return str(value)

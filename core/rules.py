@@ -87,28 +87,31 @@ def cohort_passes(tokens: list[int], cap: int | None) -> list[list[int]]:
     return passes
 
 
-def search_algorithm(requested: str, objectives: int, grid_size: int | None, num_trials: int | None, startup: str = "sobol") -> tuple[str, str]:
-    """(the sampler to use, why) for search.algorithm. `auto` follows the search suite
-    (bench/search_suite.py, 3 discrete tasks and a continuous one, real training; bench/BENCH.md):
-    at 20% of an exhaustive grid's training steps, TPE with ASHA came within 2% of the grid's best
-    on more seeds than GP, QMC (Sobol) alone, CMA-ES and random search; with its 10 start-up trials
-    drawn as scrambled Sobol points (search.startup: sobol, sweep.engine.study.sobol_points) on 9-10 of 10
-    seeds per task (25-29 of 30), with Optuna's random ones on 8-9 (22-27 of 30); fewer start-up
-    trials (3-7) or more (14) did worse. Since repeated proposals are skipped with their result told
-    again (sweep.engine.study.close_duplicate): 59-60 of 60 seeds per task with Sobol start-up, 56-60 with
-    random start-up, 45-50 for random search. `grid_size`: the number of configurations when every
-    dimension is discrete, else None. `startup`: search.startup, named in the reason."""
+def search_algorithm(requested: str, objectives: int, grid_size: int | None, num_trials: int | None, startup: str = "sobol",
+                     n_startup_trials: int | None = None) -> tuple[str, str]:  # fmt: skip
+    """(the sampler to use, why, in one short line) for search.algorithm. `auto` follows the search
+    suite (bench/search_suite.py, 3 discrete tasks and a continuous one, real training;
+    bench/BENCH.md): at 20% of an exhaustive grid's training steps, TPE with ASHA came within 2% of
+    the grid's best on more seeds than GP, QMC (Sobol) alone, CMA-ES and random search; with its 10
+    start-up trials drawn as scrambled Sobol points (search.startup: sobol,
+    sweep.engine.study.sobol_points) on 9-10 of 10 seeds per task (25-29 of 30), with Optuna's random
+    ones on 8-9 (22-27 of 30); fewer start-up trials (3-7) or more (14) did worse. Since repeated
+    proposals are skipped with their result told again (sweep.engine.study.close_duplicate): 59-60 of
+    60 seeds per task with Sobol start-up, 56-60 with random start-up, 45-50 for random search.
+    `grid_size`: the number of configurations when every dimension is discrete, else None.
+    `startup`: search.startup; `n_startup_trials`: search.n_startup_trials (None: the default,
+    tpe_startup_trials); the reason says how many start-up trials this sweep runs."""
     if requested != "auto":
         return requested, "as configured"
     if grid_size is not None and num_trials is None:
         return "grid", f"auto: no search.num_trials and a discrete space: each of its {grid_size} configurations once (grid)"
     covered = f"; num_trials covers all {grid_size} configurations: algorithm: grid tries each once" if grid_size and num_trials and num_trials >= grid_size else ""
-    first = "Sobol (search.startup: sobol)" if startup == "sobol" else "random (search.startup: random)"
+    count = tpe_startup_trials(n_startup_trials, num_trials or grid_size or 0)
+    first = f"{count} {'Sobol' if startup == 'sobol' else 'random'} start-up trial{'s' if count != 1 else ''}"
+    source = "search.n_startup_trials" if n_startup_trials else "half the trials, at most 10"
     if objectives > 1:
-        return "tpe", f"auto: several objectives: TPE (multi-objective), {first} start-up trials; the search suite measured single objectives only" + covered
-    return "tpe", (f"auto: TPE after up to 10 {first} start-up trials (at most half the trials); best on the search suite at 20% of the grid's "
-                   "training steps (Sobol start-up, repeats skipped: 59-60 of 60 seeds within 2% on every task; random start-up 56-60; "
-                   "GP, QMC alone, CMA-ES, random search did worse: bench/BENCH.md)" + covered)
+        return "tpe", f"auto: several objectives: TPE (multi-objective) after {first} ({source})" + covered
+    return "tpe", f"auto: TPE after {first} ({source}), the search suite's best (bench/BENCH.md)" + covered
 
 
 def tpe_startup_trials(requested: int | None, num_trials: int) -> int:

@@ -1,6 +1,8 @@
-"""python -m sweep {validate,run,train,submit,resume,status,stop,report,best,estimate,list,schema} ...   (argv -> subcommands; no logic)
+"""python -m sweep {validate,run,train,submit,resume,status,stop,report,best,estimate,list,schema,dashboard} ...   (argv -> subcommands; no logic)
 (installed, the same CLI is the `lora-sweep` command)
 
+Options and arguments come in any order (`validate FILE --json key=val`, `status --watch DIR`).
+`-v` / `--verbose` lets the libraries underneath print their own logs and progress bars.
 `--json` (validate, status, best, estimate, list): one JSON document on stdout and nothing else;
 errors still go to stderr with the exit codes below.
 
@@ -19,6 +21,7 @@ import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 EXIT_INVALID = 2
@@ -59,10 +62,21 @@ def _version() -> str:
         return "unknown (not installed; pip install -e .)"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sweep", description="LoRA / QLoRA hyperparameter sweeps: Ray Tune + Optuna + MLflow.")
+def prog() -> str:
+    """How the user called the CLI: `lora-sweep` (the installed command) or `python -m sweep`."""
+    return "lora-sweep" if Path(sys.argv[0]).name == "lora-sweep" else "python -m sweep"
+
+
+VERBOSE_HELP = "also show the libraries' own logs and progress bars (Ray, MLflow, Optuna, datasets, transformers)"
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each command's parser by name."""
+    p = _Parser(prog=prog(), description="LoRA / QLoRA hyperparameter sweeps: Ray Tune + Optuna + MLflow.")
     p.add_argument("--version", action="version", version=f"lora-sweep {_version()}")
-    sub = _Sub(p.add_subparsers(dest="command", required=True))
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    subparsers = p.add_subparsers(dest="command", required=True)
+    sub = _Sub(subparsers)
     v = sub.add_parser("validate", help="check a space file; print the resolved config and the size of the space")
     v.add_argument("space", help="the space.yaml file")
     v.add_argument("overrides", nargs="*", metavar="key.path=value", help="override values, e.g. search.num_trials=4")
@@ -116,7 +130,44 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("results_dir", nargs="?", default="sweeps", metavar="RESULTS_DIR", help="the results folder (default: ./sweeps)")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
     sub.add_parser("schema", help="print the JSON Schema of a space file (for editors; search_spaces/space.schema.json is a copy)")
-    return p
+    s = sub.add_parser("dashboard", help="open the sweep's Optuna study in optuna-dashboard (pip install -e \".[dashboard]\")")
+    s.add_argument("sweep_dir", help="the sweep's results folder")
+    s.add_argument("--port", type=int, default=8080, help="the port to serve it on (default 8080)")
+    s.add_argument("--host", default="127.0.0.1", help="the address to serve it on (default 127.0.0.1: this machine only)")
+    commands = dict(subparsers.choices)
+    for command in commands.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    return p, commands
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its options and arguments in any order (`validate FILE --json key=val`,
+    `status --watch DIR`). argparse alone reads a subcommand's positionals only up to its first
+    option; each command's own parser reads them intermixed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = _parser()
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if at == len(argv) or argv[at] not in commands or any(a not in ("-v", "--verbose") for a in argv[:at]):
+        return parser.parse_args(argv)  # --help, --version, a missing or unknown command: argparse says it
+    command, rest = argv[at], argv[at + 1 :]
+    if command == "status":
+        rest = _watch_without_seconds(rest)
+    args = commands[command].parse_intermixed_args(rest)
+    args.command = command
+    args.verbose = bool(argv[:at]) or getattr(args, "verbose", False)
+    return args
+
+
+def _watch_without_seconds(rest: list[str]) -> list[str]:
+    """`--watch` takes an optional number: before a word that is none (`--watch DIR`), it has none."""
+    out = list(rest)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--watch":
+            try:
+                float(out[i + 1])
+            except ValueError:
+                out[i] = f"--watch={WATCH_EVERY}"
+    return out
 
 
 JSON_HELP = "print one JSON document on stdout instead of the text"
@@ -155,31 +206,57 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-READ_ONLY = ("validate", "status", "list", "best", "report", "estimate", "schema")  # they read; `best --export` writes
+READ_ONLY = ("validate", "status", "list", "best", "report", "estimate", "schema", "dashboard")  # they read; `best --export` writes
+LIGHT = ("validate", "status", "list", "schema", "best", "estimate")  # they read sqlite stores without Optuna or MLflow (under a second)
 
 
-class _QuietLibraries:
-    """While a read-only command runs: no third-party progress bars (transformers' "Writing model
-    shards" when estimate builds the tiny model, any tqdm) and no FutureWarning / DeprecationWarning
-    from the libraries underneath, which say nothing the user can act on. An explicit
-    TQDM_DISABLE / HF_HUB_DISABLE_PROGRESS_BARS or -W / PYTHONWARNINGS is left as it is."""
+class _Quiet:
+    """While a command runs, unless -v: nothing from the libraries underneath that the user cannot
+    act on. Every command: no datasets progress bars (tokenizing the data), no MLflow INFO lines
+    (creating its tables), no Optuna or alembic INFO lines (a study created, a schema migrated), no
+    transformers notices, no bitsandbytes warning about CPU kernels; the environment carries it to
+    local Ray workers. The commands that only
+    read and `best --export` also print no progress bars at all (transformers' "Loading weights",
+    "Writing model shards") and no FutureWarning / DeprecationWarning; `run` keeps a hub
+    download's progress bar. An explicit variable of the environment, -W or PYTHONWARNINGS is left
+    as it is."""
 
-    ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error"}
+    BARS = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    # logger -> the least level it shows: bitsandbytes warns on import that a CPU 4-bit kernel is not installed
+    LOGGERS = {"optuna": 30, "alembic": 30, "mlflow": 30, "datasets": 30, "bitsandbytes": 40}
+
+    def __init__(self, no_bars: bool, optuna: bool = True):
+        self.env = {**self.ENV, **(self.BARS if no_bars else {})}
+        self.no_warnings = no_bars
+        # Optuna sets its own level (INFO) when first imported: it is told after that import, which
+        # `status`, `list` and `validate` skip (they answer in half a second without Optuna)
+        self.optuna = optuna
 
     def __enter__(self) -> None:
+        import logging
         import warnings
 
-        self.saved = {k: os.environ.get(k) for k in self.ENV}
-        for key, value in self.ENV.items():
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        for key, value in self.env.items():
             os.environ.setdefault(key, value)
+        self.levels = {name: logging.getLogger(name).level for name in self.LOGGERS}
+        if self.optuna:
+            import optuna  # noqa: F401  (it configures its logger on import; set the level after)
+        for name, level in self.LOGGERS.items():  # a library that set up its logger already (imported before) is told too
+            logging.getLogger(name).setLevel(max(level, logging.getLogger(name).level))
         self.warnings = warnings.catch_warnings()
         self.warnings.__enter__()
-        if not sys.warnoptions:
+        if self.no_warnings and not sys.warnoptions:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
 
     def __exit__(self, *exc: Any) -> None:
+        import logging
+
         self.warnings.__exit__(*exc)
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
         for key, value in self.saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -188,10 +265,14 @@ class _QuietLibraries:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command in READ_ONLY and not getattr(args, "export", None):
-        with _QuietLibraries():
-            return _command(args)
+    args = parse_args(argv)
+    if args.verbose:
+        return _main(args)
+    with _Quiet(no_bars=args.command in READ_ONLY or bool(getattr(args, "export", None)), optuna=args.command not in LIGHT):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command in TRAINS and threading.current_thread() is threading.main_thread():
         # SIGTERM while starting or wrapping up ends the command as Ctrl-C does (its exit 143);
         # while trials run, sweep.engine.signals.Interrupt turns either into a resumable stop.
@@ -223,8 +304,6 @@ def _outside_trials(exc: KeyboardInterrupt, where: str) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sweep.config import ConfigError, load_config
 
     as_json = getattr(args, "json", False)
@@ -273,12 +352,25 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         return _train(args)
+    if args.command == "dashboard":
+        from sweep.readback.dashboard import MissingDashboard, dashboard
+
+        try:
+            dashboard(Path(args.sweep_dir), args.host, args.port, say)
+        except (ConfigError, MissingDashboard) as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_INVALID
+        except KeyboardInterrupt:
+            return 0  # Ctrl-C is how a dashboard is closed
+        return 0
     try:
         cfg = load_config(args.space, args.overrides)
     except ConfigError as exc:
         unset = [re.search(r"\$\{(\w+)\}, which is not set", p) for p in exc.problems]
         if args.command != "submit" or not all(unset):
             print(exc, file=sys.stderr)
+            if args.command == "validate" and as_json:  # the answer is "invalid": it is the document
+                print_json({"source": str(args.space), "valid": False, "problems": exc.problems})
             return EXIT_INVALID
         # submit: the ${VAR}s are read on the cluster, where the job runs; check the rest here
         for match in unset:
@@ -358,8 +450,6 @@ def _command(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """`train`: one configuration as a one-trial sweep (sweep/single.py)."""
-    from pathlib import Path
-
     from sweep.config import ConfigError
     from sweep.engine.single import exit_code, load_one, train_one
 
@@ -401,8 +491,6 @@ def _submitted_command(args: argparse.Namespace, address: str) -> int:
 
 
 def _folder_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sweep.config import ConfigError
     from trainable.data import DataError
 

@@ -504,7 +504,8 @@ def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], pr
                 sections["search"] = search = search.model_copy(update={"metric": first, "mode": direction})
         size = space.size()
         discrete = size if size and all(d.size() is not None for d in space.dims) else None
-        algorithm, why = rules.search_algorithm(search.algorithm, len(search.objectives or [search.metric]), discrete, search.num_trials, search.startup)
+        algorithm, why = rules.search_algorithm(search.algorithm, len(search.objectives or [search.metric]), discrete, search.num_trials, search.startup,
+                                                 search.n_startup_trials)
         if algorithm != search.algorithm:
             sections["search"] = search = search.model_copy(update={"algorithm": algorithm})
         sections["algorithm_reason"] = why

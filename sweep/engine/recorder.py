@@ -40,9 +40,19 @@ from core.contract import (
     param_value,
     summary,
 )
+from sweep.folder import RUN_COLORS
 
 MAX_TAG = 5000  # characters of an error kept in a tag
-FINISHED = (TrialStatus.COMPLETED, TrialStatus.PRUNED, TrialStatus.STOPPED)  # the run ends FINISHED; others FAILED
+# A trial's run ends FINISHED only when it completed (MLflow's green tick); pruned or stopped early,
+# KILLED (ended before its end, no error); otherwise FAILED. trial_status says which exactly.
+RUN_STATUS = {TrialStatus.COMPLETED: "FINISHED", TrialStatus.PRUNED: "KILLED", TrialStatus.STOPPED: "KILLED"}
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3 opens the experiment on model training, not GenAI
+TAG_COLOR = "mlflow.runColor"  # a run's colour in MLflow's table and charts
+
+
+def run_status(status: str) -> str:
+    """The MLflow run status a trial ends with (RUN_STATUS)."""
+    return RUN_STATUS.get(status, "FAILED")
 
 
 class Recorder(Protocol):
@@ -78,6 +88,12 @@ def git_commit() -> str:
         return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("LORA_SWEEP_GIT_COMMIT", "unknown")
+
+
+def color_of(label: str) -> str:
+    """A trial's colour while the sweep runs, by its number (at the end the best get distinct ones)."""
+    digits = label.lstrip("t")
+    return RUN_COLORS[int(digits) % len(RUN_COLORS) if digits.isdigit() else 0]
 
 
 def child_runs(client: Any, experiment_id: str, parent_run_id: str, label: str | None = None) -> list[Any]:
@@ -164,7 +180,8 @@ class MlflowRecorder:
             }
         else:
             name = f"{label} {summary({**self.fixed, **params})}"  # summary reads the hyperparameters among the params
-            run_id = client.create_run(self.experiment_id, run_name=name, tags={TAG_PARENT: self.parent_run_id, TAG_TRIAL: label}).info.run_id
+            tags = {TAG_PARENT: self.parent_run_id, TAG_TRIAL: label, TAG_COLOR: color_of(label)}
+            run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             have = set()
         self._runs[label] = run_id
         client.set_tag(run_id, STATUS, TrialStatus.RUNNING)
@@ -189,7 +206,7 @@ class MlflowRecorder:
             client.set_tag(run_id, "stopped_at_step", str(int(step)))
         if error:
             client.set_tag(run_id, ERROR, str(error)[-MAX_TAG:])
-        client.set_terminated(run_id, "KILLED" if resumable else ("FINISHED" if status in FINISHED else "FAILED"))
+        client.set_terminated(run_id, "KILLED" if resumable else run_status(status))
 
     def retrying(self, label: str, attempt: int, error: str) -> None:
         run_id = self.run_of(label)
@@ -211,7 +228,7 @@ class MlflowRecorder:
         run = client.create_run(
             self.experiment_id,
             run_name=f"{label} {summary({**self.fixed, **hyper})}",
-            tags={TAG_PARENT: self.parent_run_id, TAG_TRIAL: label, STATUS: TrialStatus.INFEASIBLE, ERROR: reason},
+            tags={TAG_PARENT: self.parent_run_id, TAG_TRIAL: label, STATUS: TrialStatus.INFEASIBLE, ERROR: reason, TAG_COLOR: color_of(label)},
         )
         log_params(client, run.info.run_id, {k: param_value(v) for k, v in hyper.items()})
         client.log_batch(run.info.run_id, metrics=[Metric(ESTIMATED_VRAM_GB, estimate_gb, int(time.time() * 1000), 0)])
@@ -234,9 +251,11 @@ class SweepRun:
             if mlflow_uri.startswith("sqlite:"):
                 # Without a server, keep artifacts beside the database instead of ./mlruns.
                 artifacts = (cfg.results_dir / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts)
+            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
         else:
             self.experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # one made by hand or an earlier version; a kind set on purpose stays
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         run = self.client.create_run(
             self.experiment_id,
             run_name=sweep_dir.name,
@@ -267,6 +286,19 @@ class SweepRun:
         }
         log_params(self.client, self.run_id, params)
         self.client.log_text(self.run_id, redact(cfg.source_text), "space.yaml")
+        self.show(cfg)
+
+    def show(self, cfg: Any) -> None:
+        """How MLflow's UI shows this sweep: the runs table of its trials, best first, with the
+        objectives, trial_status and the searched hyperparameters as columns, kept as an experiment
+        tag that sweep.folder.RunsView's link opens (sweep.folder.runs_view_state says what and why)."""
+        import json
+
+        from sweep.folder import VIEW_TAG, RunsView, runs_view_state
+
+        view = RunsView(self.run_id, cfg.search.metric, cfg.search.mode == "min", shared=True)
+        metrics = [m for m, _ in cfg.objectives] if cfg.multi_objective else [cfg.search.metric]
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + self.run_id, json.dumps(runs_view_state(view, metrics, list(cfg.space.names))))
 
     @classmethod
     def attach(cls, mlflow_uri: str, run_id: str) -> "SweepRun":
@@ -305,7 +337,7 @@ class SweepRun:
             self.client.set_tag(run.info.run_id, STATUS, str(status))
             if trial.intermediate_values:
                 self.client.set_tag(run.info.run_id, "last_step", str(max(trial.intermediate_values)))
-            self.client.set_terminated(run.info.run_id, "FINISHED" if status in FINISHED else "FAILED")
+            self.client.set_terminated(run.info.run_id, run_status(status))
             closed.append(run.data.tags[TAG_TRIAL])
         return sorted(closed)
 
@@ -323,3 +355,10 @@ class SweepRun:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
         self.client.set_terminated(self.run_id, status)
+
+    def color_by_rank(self, ranked: list[dict[str, Any]]) -> None:
+        """The trials' colours by rank (`ranked`: rows best first, with run_id): the best ones
+        distinct from each other, whatever their numbers."""
+        for row, color in zip(ranked, RUN_COLORS):
+            if row.get("run_id"):
+                self.client.set_tag(row["run_id"], TAG_COLOR, color)

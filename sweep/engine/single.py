@@ -12,8 +12,8 @@ never picks a value you did not choose. A file without `space:` trains its `trai
 It becomes ordinary overrides of the file (`space.lora_r=[16]`, `search.num_trials=1`,
 `search.scheduler={type: none}`, ...), recorded in sweep.json like any sweep's, so `resume` reloads
 exactly this configuration. The sweep's time budget does not apply (to completion means that), unless
-the command line gives one (`search.time_budget=2h`). At the end the adapter (PEFT format, with the
-tokenizer) is copied to SWEEP_DIR/adapter.
+the command line gives one (`search.time_budget=2h`). At the end the adapter is written to
+SWEEP_DIR/adapter in the format of `best --export` (sweep.readback.adapter).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from sweep.config.space import Choice, Ratio
 Log = Callable[[str], None]
 
 COMMAND = "train"  # sweep.json's "command" for a folder made by `python -m sweep train`
-ADAPTER = "adapter"  # SWEEP_DIR/adapter: the trained adapter and its tokenizer
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.bin", "adapter_model.safetensors")
+ADAPTER, BASE = "adapter", "base"  # SWEEP_DIR/adapter, SWEEP_DIR/base: as `best --export` writes them (sweep.readback.adapter)
 
 # A one-trial sweep: its one point (random search over one-value dimensions draws it), nothing
 # pruned, nothing queued or warm-started, no cohort, no time budget but the command line's.
@@ -141,8 +140,10 @@ def exit_code(status: str) -> int:
 
 
 def keep_adapter(result: Any, cfg: SweepConfig, log: Log = print) -> str:
-    """Copy the trained adapter (PEFT format) and the tokenizer to SWEEP_DIR/adapter once the trial
-    completed; return its status. A trial that did not complete says why and how to go on."""
+    """Write the trained adapter as `best --export` writes it (sweep.readback.adapter: SWEEP_DIR/adapter
+    in safetensors with the tokenizer, chat template and a generation config that stops at the end
+    of a turn; SWEEP_DIR/base where the base's own files would not) once the trial completed;
+    return its status. A trial that did not complete says why and how to go on."""
     from sweep.folder.checks import quote
     from sweep.folder import trial_checkpoint
 
@@ -157,16 +158,16 @@ def keep_adapter(result: Any, cfg: SweepConfig, log: Log = print) -> str:
     if checkpoint is None:
         log(f"{row['label']} completed but left no checkpoint in {sweep_dir} (was its folder cleaned up?): no adapter to keep")
         return str(TrialStatus.FAILED)
-    out = sweep_dir / ADAPTER
-    out.mkdir(exist_ok=True)
-    for name in ADAPTER_FILES:
-        if (Path(checkpoint) / name).is_file():
-            shutil.copy2(Path(checkpoint) / name, out / name)
-    from trainable.model import load_tokenizer
+    from sweep.readback.adapter import write_adapter
 
-    load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision).save_pretrained(str(out))
-    log(f"adapter (PEFT format, with its tokenizer): {out}")
-    log(f"load it:  from peft import AutoPeftModelForCausalLM; model = AutoPeftModelForCausalLM.from_pretrained({str(out)!r})")
+    for stale in (ADAPTER, BASE):  # a resumed `train` writes its adapter afresh
+        shutil.rmtree(sweep_dir / stale, ignore_errors=True)
+    written = write_adapter(cfg, Path(checkpoint), sweep_dir)
+    stops = ", ".join(f"{t} ({i})" for t, i in zip(written["eos_tokens"], written["eos_token_id"]))
+    log(f"adapter (PEFT format, safetensors, with its tokenizer, chat template and a generation config that stops at {stops}): {written['adapter']}")
+    if written.get("base"):
+        log(f"  its base: {written['base']} ({cfg.model.id}'s files, linked, with that generation config: the usual loaders take it from the base)")
+    log(f"load it:  from peft import AutoPeftModelForCausalLM; model = AutoPeftModelForCausalLM.from_pretrained({written['adapter']!r})")
     return status
 
 

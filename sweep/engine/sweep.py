@@ -29,7 +29,7 @@ import yaml
 
 from core.contract import ATTR_ATTEMPT, ATTR_WARM_START, ATTR_WORKER, TRIALS_DIR, WORK_DIR, trial_label
 from sweep.config import ConfigError, SweepConfig
-from sweep.readback.results import SweepResult, collect
+from sweep.readback.results import SweepResult, collect, not_run
 from sweep.engine.signals import Interrupt, Interrupted, Terminated, signals_raise, wrap_up
 
 Log = Callable[[str], None]
@@ -280,6 +280,7 @@ def run_sweep(
             "experiment": cfg.experiment,
             "parent_run_id": sweep_run.run_id,
             "experiment_id": sweep_run.experiment_id,  # for the runs-table link of status / best / list
+            "mlflow_view": True,  # the experiment holds this sweep's runs-table view (SweepRun.show): the link opens it
             "optuna_storage": redact(cfg.tracking.optuna_storage or storage),
             "study_name": study_name,
             "metric": cfg.search.metric,
@@ -355,6 +356,9 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
         try:
             plan = plan_workers_here(cfg, budget + len(resume), log)
             sweep_run = SweepRun.attach(folder.mlflow_uri, folder.parent_run_id)
+            if not meta.get("mlflow_view"):  # a sweep of an earlier version: its runs-table view now
+                sweep_run.show(cfg)
+                meta = update_meta(sweep_dir, mlflow_view=True)
             repaired = sweep_run.close_ended(study.optuna())
             if repaired:
                 log(f"MLflow: closed {', '.join(repaired)} as the study ended them (the driver was killed before it recorded their end)")
@@ -530,7 +534,7 @@ class Sweep:
     def finish(self) -> SweepResult:
         from sweep.folder.checks import quote
         from sweep.engine.progress import table
-        from sweep.folder import mlflow_links, release, say_mlflow
+        from sweep.folder import RunsView, mlflow_links, release, say_mlflow
 
         cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
         wrap_up()  # the trials have ended: a signal from here on waits for the sweep's end to be recorded
@@ -543,10 +547,13 @@ class Sweep:
         failed = self.progress.worker_failures if self.progress is not None else []
         result.failure = None if stopped or result.best is not None else nothing_completed(result, cfg, self.source.halt() == "time", failed)
         self.sweep_run.finish(result.counts, result.best, cfg.search.metric, status="KILLED" if stopped else "FINISHED", pareto=result.pareto)
+        self.sweep_run.color_by_rank(result.trials)
         self.heartbeat.beat(force=True, state="stopped" if stopped else "finished", experiment_id=self.sweep_run.experiment_id)
         release(sweep_dir)
         log("")
         table(result.trials, cfg.search.metric, log)
+        for label, why in not_run(study.trials):  # the gaps between the trials' numbers
+            log(f"{label} {why}")
         log("")
         counts = ", ".join(f"{n} {k}" for k, n in result.counts.items())
         log(f"{len(result.trials)} trials ({time.monotonic() - self.started:.0f}s in this run): {counts}")
@@ -569,7 +576,8 @@ class Sweep:
             log(f"stopped on request; continue with:  python -m sweep resume {quote(sweep_dir)}")
         elif result.failure:
             log(f"no trial completed: {result.failure}")
-        say_mlflow(mlflow_links(cfg.mlflow_uri, self.sweep_run.experiment_id), log)
+        view = RunsView(self.sweep_run.run_id, cfg.search.metric, cfg.search.mode == "min", shared=True)
+        say_mlflow(mlflow_links(cfg.mlflow_uri, self.sweep_run.experiment_id, view), log)
         return result
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -230,35 +231,116 @@ class SweepFolder:
             return str(self.meta["experiment_id"])
         return (client or self.mlflow()).get_run(self.parent_run_id).info.experiment_id
 
+    def runs_view(self, ascending: bool) -> RunsView:
+        """The sweep's trials in MLflow's runs table, sorted by its objective (`ascending`: minimised)."""
+        return RunsView(self.parent_run_id, self.meta.get("metric", "eval_loss"), ascending, shared=bool(self.meta.get("mlflow_view")))
+
+    def links(self, ascending: bool, client: Any = None) -> dict[str, str | None]:
+        """mlflow_links of this sweep: the command, the UI, its runs table."""
+        return mlflow_links(self.mlflow_uri, self.experiment_id(client), self.runs_view(ascending))
+
     def children(self, client: Any = None) -> list[Any]:
-        """The sweep's trial runs in MLflow (every driver run's)."""
+        """The sweep's trial runs in MLflow (every driver run's): from a sqlite store's file without
+        MLflow (sweep.folder.runsfile: seconds faster) unless a `client` is given or the store is elsewhere."""
+        if client is None:
+            from sweep.folder.runsfile import child_runs as read_children
+
+            runs = read_children(self.mlflow_uri, self.parent_run_id)
+            if runs is not None:
+                return runs
         client = client or self.mlflow()
         return child_runs(client, client.get_run(self.parent_run_id).info.experiment_id, self.parent_run_id)
 
+    def trials(self) -> Any:
+        """The study's trials, read as `status` reads them (sweep.folder.studyfile: no Optuna for a
+        sqlite study), after check_stores; `study()` is the Optuna study itself."""
+        from sweep.folder.studyfile import read_study
 
-MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+        self.check_stores()
+        try:
+            return read_study(self.optuna_storage, self.study_name)
+        except KeyError:
+            return self.study()  # no such study: load_study says so, naming what still holds the trials
 
 
-def mlflow_links(mlflow_uri: str, experiment_id: str | None) -> dict[str, str | None]:
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui --port 5000` serves (the command printed names the port)
+ML_WORKFLOW = "workflowType=machine_learning"  # MLflow 3's runs table and run pages of model training, not its GenAI views
+VIEW_TAG = "mlflow.sharedViewState."  # + key: an experiment tag holding a runs-table view; the UI opens it for ?viewStateShareKey=key
+# 20 colours far apart (Kelly's, less the near-white ones): MLflow's own, hashed from the run id, gave
+# the two best trials of the demo the same one
+RUN_COLORS = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324",
+    "#800000", "#808000", "#000075", "#dcbeff", "#ffe119", "#aaffc3", "#fabed4", "#a9a9a9", "#ffd8b1", "#000000",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunsView:
+    """What the runs-table link opens: one sweep's trials (its parent run's children), sorted by its
+    objective. `shared`: the experiment holds the view as a tag (runs_view_state: its columns too),
+    written when the sweep started; without it (a sweep of an earlier version) the link carries the
+    sort and the filter, which MLflow 3's URL honours (orderByKey, orderByAsc, searchFilter), but
+    no columns."""
+
+    parent_run_id: str
+    metric: str
+    ascending: bool
+    shared: bool = False
+
+    def query(self) -> str:
+        from urllib.parse import quote as url_quote
+
+        if self.shared:
+            return f"{ML_WORKFLOW}&viewStateShareKey={self.parent_run_id}"
+        facets = {"searchFilter": self.search_filter(), "orderByKey": f"metrics.`{self.metric}`", "orderByAsc": str(self.ascending).lower()}
+        return ML_WORKFLOW + "".join(f"&{k}={url_quote(v, safe='')}" for k, v in facets.items())
+
+    def search_filter(self) -> str:
+        return f"tags.mlflow.parentRunId = '{self.parent_run_id}'"
+
+
+def runs_view_state(view: RunsView, metrics: list[str], params: list[str]) -> dict[str, Any]:
+    """The runs table of a sweep as MLflow 3.17's UI reads a shared view (an experiment tag, see
+    VIEW_TAG): the sweep's trials only and flat (a sort by a metric lists child runs without their
+    parent), best first, and as columns the objectives, trial_status and the searched
+    hyperparameters, wide enough to read. The UI does not take the expanded rows or its assistant
+    panel from a view (nor from the URL): the assistant opens once per browser on a local server."""
+    from core.contract import STATUS
+
+    columns = [*(f"metrics.`{m}`" for m in metrics), f"tags.`{STATUS}`", *(f"params.`{p}`" for p in params)]
+    return {
+        "searchFilter": view.search_filter(),
+        "orderByKey": f"metrics.`{view.metric}`",
+        "orderByAsc": view.ascending,
+        "selectedColumns": columns,
+        "columnOrder": ["attributes.`Run Name`", *columns, "runDateAndNestInfo", "duration"],  # the UI applies widths to these only
+        "columnWidths": {"attributes.`Run Name`": 330, **{c: 130 for c in columns}},
+        "runsHiddenMode": "SHOW_ALL",  # every trial's curve in the charts, not the first 10
+    }
+
+
+def mlflow_links(mlflow_uri: str, experiment_id: str | None, view: RunsView | None = None) -> dict[str, str | None]:
     """Where to look at a sweep in MLflow: the command that serves a local store (None for a
-    tracking server), the UI's address and the experiment's runs table (None without an id)."""
+    tracking server), the UI's address and the experiment's runs table (None without an id), as
+    `view` shows it."""
     from sweep.folder.checks import quote
     from sweep.config.secrets import redact
 
     server = mlflow_uri.startswith(("http://", "https://"))
     ui = redact(mlflow_uri).rstrip("/") if server else MLFLOW_UI
+    query = view.query() if view is not None else ML_WORKFLOW
     return {
-        "command": None if server else f"mlflow ui --backend-store-uri {quote(redact(mlflow_uri))}",
+        "command": None if server else f"mlflow ui --backend-store-uri {quote(redact(mlflow_uri))} --port {MLFLOW_UI.rsplit(':', 1)[1]}",
         "ui": ui,
-        "runs": f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else None,
+        "runs": f"{ui}/#/experiments/{experiment_id}/runs?{query}" if experiment_id else None,
     }
 
 
 def run_link(links: dict[str, str | None], run_id: str) -> str | None:
     """One run's page in the MLflow UI, beside the runs table of `mlflow_links` (None without an
-    experiment id): `UI/#/experiments/ID/runs/RUN_ID`."""
+    experiment id): `UI/#/experiments/ID/runs/RUN_ID?workflowType=machine_learning`."""
     runs = links.get("runs")
-    return runs.split("?", 1)[0] + f"/{run_id}" if runs else None
+    return runs.split("?", 1)[0] + f"/{run_id}?{ML_WORKFLOW}" if runs else None
 
 
 def say_mlflow(links: dict[str, str | None], write: Any) -> None:

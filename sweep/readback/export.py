@@ -18,9 +18,8 @@ from sweep.config import SEARCHABLE, SweepConfig
 from sweep.readback.results import check_where, choose, open_sweep, parse_where, value_of
 from sweep.config.secrets import redact
 from sweep.folder import say_mlflow, trial_checkpoint
+from sweep.readback.adapter import END_OF_TURN, merge as merge_adapter, stop_token_ids, write_adapter  # noqa: F401  (END_OF_TURN, stop_token_ids: the export's words)
 from core.contract import finite
-
-END_OF_TURN = "<end_of_turn>"  # Gemma's chat format ends each turn with it, not with <eos>
 
 Write = Callable[[str], None]
 
@@ -51,53 +50,13 @@ def winner_space(cfg: SweepConfig, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stop_token_ids(tokenizer: Any, also: Any = None) -> list[int]:
-    """The token ids generation stops at: the tokenizer's eos, `<end_of_turn>` where the vocabulary
-    has it (a Gemma chat reply ends there; the model learned to write it, never <eos>), and any
-    eos ids `also` (the base model's generation config) names."""
-    ids: list[int] = []
-    for value in (also, tokenizer.eos_token_id, tokenizer.get_vocab().get(END_OF_TURN)):
-        for i in value if isinstance(value, list | tuple) else [value]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
-
-
 def export_adapter(cfg: SweepConfig, checkpoint: Path, out: Path, merge: bool) -> dict[str, Any]:
-    """The adapter in PEFT format (and the merged model) under `out`, each with the tokenizer and a
-    generation config that stops at `<end_of_turn>` as well as the tokenizer's eos."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from trainable.model import load_tokenizer, pick_device_and_dtype, resolve_model_path
-
-    _, dtype = pick_device_and_dtype(cfg.train.dtype)
-    # An unquantised base even for QLoRA: merging into 4-bit weights would round the adapter away.
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.id), dtype=dtype, revision=cfg.model.revision, trust_remote_code=False)
-    model = PeftModel.from_pretrained(base, str(checkpoint))
-    tokenizer = load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision)
-    generation = GenerationConfig.from_dict(base.generation_config.to_dict()) if base.generation_config is not None else GenerationConfig()
-    generation.eos_token_id = stop_token_ids(tokenizer, generation.eos_token_id)
-    generation.bos_token_id = tokenizer.bos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation._from_model_config = False  # else generate() may rebuild it from the model config, losing <end_of_turn>
-    written: dict[str, Any] = {}
-    adapter = out / "adapter"
-    model.save_pretrained(str(adapter))
-    tokenizer.save_pretrained(str(adapter))
-    generation.save_pretrained(str(adapter))
-    written["adapter"] = str(adapter)
+    """The adapter folder ready for inference under `out` (sweep.readback.adapter: the adapter in
+    safetensors, the tokenizer and chat template, a generation config that stops at the end of a
+    turn, and base/ where the base's own files would not), and with `merge` the merged model."""
+    written = write_adapter(cfg, checkpoint, out)
     if merge:
-        merged = out / "merged"
-        with torch.no_grad():
-            full = model.merge_and_unload()
-        full.generation_config = generation
-        full.save_pretrained(str(merged))
-        tokenizer.save_pretrained(str(merged))
-        written["merged"] = str(merged)
-    written["eos_token_id"] = generation.eos_token_id
-    written["eos_tokens"] = tokenizer.convert_ids_to_tokens(generation.eos_token_id)
+        written["merged"] = str(merge_adapter(cfg, Path(written["adapter"]), out / "merged"))
     return written
 
 
@@ -220,9 +179,32 @@ def model_card(cfg: SweepConfig, folder: Path, row: dict[str, Any], space: dict[
         parts += [
             "## Load it",
             "",
-            f"`adapter/` holds the adapter (PEFT format), the tokenizer and `generation_config.json`, whose `eos_token_id` "
-            f"is {eos}: generation stops at {stops}, so a chat reply ends at its turn's end."
+            f"`adapter/` holds the adapter (PEFT format, safetensors), the tokenizer with the chat template it was trained with, and "
+            f"`generation_config.json`, whose `eos_token_id` is {eos}: generation stops at {stops}, so a chat reply ends at its turn's end."
             + (" `merged/` holds the base model with the adapter merged in (unquantised), loadable without PEFT." if written.get("merged") else ""),
+            "",
+        ]
+        if written.get("base"):
+            parts += [
+                f"`adapter_config.json` names `base/` as its base: {model.id}'s config, and its weights linked from where they are on this "
+                "machine (not copied), with the tokenizer and generation config above. The usual loaders (`AutoPeftModelForCausalLM`, "
+                "`pipeline`) take the generation settings and the pipeline its tokenizer from the base the adapter names, never from "
+                f"the adapter's folder, and {model.id}'s own files would not stop at the end of a turn"
+                + (" or have this chat template" if model.chat_template_from else "") + ". "
+                f"To share the adapter alone (the Hub), set `base_model_name_or_path` in `adapter_config.json` back to `{model.id}` "
+                "and generate with `generation_config=GenerationConfig.from_pretrained(ADAPTER)`, as below.",
+                "",
+            ]
+        parts += [
+            "In one line (the base as the loaders load it: unquantised):",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            f"model = AutoPeftModelForCausalLM.from_pretrained({json.dumps(adapter)})",
+            "# or: transformers.pipeline(\"text-generation\", model=" + json.dumps(adapter) + ")",
+            "```",
+            "",
+            "As it was trained" + (" (a 4-bit NF4 base)" if hyper["method"] == "qlora" else "") + ":",
             "",
             "```python",
             load_snippet(cfg, hyper, adapter).rstrip(),
@@ -236,8 +218,17 @@ def model_card(cfg: SweepConfig, folder: Path, row: dict[str, Any], space: dict[
 
 
 def log_export(client: Any, run_id: str, export: Path) -> str:
-    """The export folder as artifacts of the trial's MLflow run (its status and times unchanged)."""
-    client.log_artifacts(run_id, str(export), "export")
+    """The export folder as artifacts of the trial's MLflow run (its status and times unchanged);
+    not base/, whose links would upload the base model's weights."""
+    from sweep.readback.adapter import BASE
+
+    for path in sorted(export.iterdir()):
+        if path.name == BASE:
+            continue
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), f"export/{path.name}")
+        else:
+            client.log_artifact(run_id, str(path), "export")
     return f"runs:/{run_id}/export"
 
 
@@ -251,7 +242,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     if log_model and export is None:
         raise ValueError("--log-model: it logs the exported folder; give --export DIR too")
     sweep = open_sweep(folder)
-    cfg, study, result = sweep.cfg, sweep.study, sweep.result
+    cfg, result = sweep.cfg, sweep.result
     check_where(constraints, result.trials)
     info = {} if info is None else info
     info.update(folder=str(folder), name=cfg.name, metric=cfg.search.metric, mode=cfg.search.mode, where=where, counts=result.counts,
@@ -270,8 +261,8 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
         say_mlflow(sweep.mlflow_links, write)
         return None
     metric = cfg.search.metric
-    extra = "  ".join(f"{name} {_cell(value_of(row, name))}" for name in dict.fromkeys(n for n, _, _ in constraints) if name != metric)
-    write(f"best trial{' with ' + where if where else ''}: {row['label']}  {metric} {row[metric]:.4f}  {extra}  ({row['summary']})")
+    extra = "".join(f"  {name} {_cell(value_of(row, name))}" for name in dict.fromkeys(n for n, _, _ in constraints) if name != metric)
+    write(f"best trial{' with ' + where if where else ''}: {row['label']}  {metric} {row[metric]:.4f}{extra}  ({row['summary']})")  # as `run` and `status` write it
     space = winner_space(cfg, row)
     text = yaml.safe_dump(space, sort_keys=False)
     info["best"] = {**_brief(row, cfg), "config": row["config"], "space": space}
@@ -295,7 +286,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
         written.update(export_adapter(cfg, Path(checkpoint), export, merge))
         written["checkpoint"] = checkpoint
     command = f"python -m sweep train {quote(export / 'space.yaml')} train.max_steps={cfg.train.max_steps * 5}"
-    run_params = dict(sweep.client.get_run(row["run_id"]).data.params)
+    run_params = next((dict(r.data.params) for r in sweep.runs if r.info.run_id == row["run_id"]), {})
     card = model_card(cfg, folder, row, space, run_params, written, command, sweep.meta.get("mlflow_uri", ""), where)
     (export / "README.md").write_text(card)
     if written.get("adapter"):
@@ -305,7 +296,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
                                                     metric: row[metric], **written}, indent=2))  # fmt: skip
     if log_model:
         written["mlflow_artifacts"] = log_export(sweep.client, row["run_id"], export)
-    for kind in ("space", "adapter", "merged", "model_card", "checkpoint", "mlflow_artifacts"):
+    for kind in ("space", "adapter", "base", "merged", "model_card", "checkpoint", "mlflow_artifacts"):
         if kind in written:
             write(f"  {kind}: {written[kind]}")
     if "eos_token_id" in written:

@@ -1,5 +1,5 @@
 """`python -m sweep list [RESULTS_DIR]`: every sweep in a results folder, one line each (or one
-JSON document): its state, trials by status, best value, when it started and how long it ran.
+JSON document): its state, trials by status, best trial and value, when it started and how long it ran.
 
 Cheap: it reads sweep.json and the study (a sqlite study straight from its file: sweep.folder.studyfile),
 never MLflow, and loads no space file unless a store URL needs a secret that sweep.json holds only
@@ -32,7 +32,7 @@ def list_sweeps(results_dir: Path, write: Write = print) -> list[dict[str, Any]]
     lines = [("NAME", "STATE", "TRIALS", "BEST", "STARTED", "ELAPSED", "FOLDER")]
     for e in entries:
         trials = ", ".join(f"{n} {s}" for s, n in sorted(e["trials"].items())) or "-"
-        best = f"{e['metric']} {e['best']:.4f}" if e["best"] is not None else "-"
+        best = f"{e['best']['trial']}  {e['metric']} {e['best']['value']:.4f}" if e["best"] is not None else "-"
         elapsed = _duration(e["elapsed_seconds"]) if e["elapsed_seconds"] is not None else "-"
         state = e["state"] if not e["problem"] else f"{e['state']}: {e['problem']}"
         lines.append((e["name"] or "?", state, trials, best, e["started"] or "-", elapsed, e["folder"]))
@@ -96,8 +96,8 @@ def _read_study(folder: Path, meta: dict[str, Any], entry: dict[str, Any]) -> No
         counts[status] = counts.get(status, 0) + 1
         if t.state == "COMPLETE" and t.values and status == TrialStatus.COMPLETED:
             value = t.values[0]
-            if best is None or (value < best if study.minimize else value > best):
-                best = value
+            if best is None or (value < best["value"] if study.minimize else value > best["value"]):
+                best = {"trial": t.label, "value": value}  # as `status --json` gives it
     entry.update(trials=counts, best=best)
 
 

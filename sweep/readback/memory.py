@@ -3,6 +3,11 @@ of a finished sweep beside what it measured."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,13 +19,62 @@ Write = Callable[[str], None]
 
 
 def load_profile(cfg: SweepConfig) -> ModelProfile:
-    """The model's parameter counts, from its config alone (meta device: no weights are loaded)."""
+    """The model's parameter counts, from its config alone (meta device: no weights are loaded).
+    Building the model costs seconds (torch, transformers): the counts are kept in the cache folder
+    (LORA_SWEEP_CACHE, ~/.cache/lora-sweep), keyed by the model's config.json, so `run` (which
+    plans with them) leaves them for `estimate`, and each estimate after the first is quick."""
     from trainable.model import meta_model, profile_model
 
-    return profile_model(meta_model(cfg.model.id, cfg.model.revision))
+    path = _profile_path(cfg)
+    if path is not None and path.is_file():
+        try:
+            return _profile_from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            pass  # written by another version: made again
+    profile = profile_model(meta_model(cfg.model.id, cfg.model.revision))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(profile)))
+        os.replace(tmp, path)  # whole or not at all: several processes may write it
+    return profile
+
+
+PROFILE_VERSION = 1  # of what the cached counts hold (core.estimate.ModelProfile)
+
+
+def _profile_path(cfg: SweepConfig) -> Path | None:
+    """Where the model's counts are cached: by the content of its config.json (a local folder's, or
+    the hub cache's copy); None when there is none here yet (the slow path loads it)."""
+    from trainable.model import resolve_model_path
+    from trainable.tiny import cache_root
+
+    path = Path(resolve_model_path(cfg.model.id)) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(cfg.model.id, "config.json", revision=cfg.model.revision)
+        except Exception:  # noqa: BLE001 - not a hub id, or no cache: no cached counts
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    digest = hashlib.sha256(path.read_bytes() + f"v{PROFILE_VERSION}".encode()).hexdigest()[:24]
+    return cache_root() / "profiles" / f"{digest}.json"
+
+
+def _profile_from_json(data: dict[str, Any]) -> ModelProfile:
+    from core.estimate import TextShape
+
+    return ModelProfile(**{**data, "text": TextShape(**data["text"]), "linears": {k: tuple(v) for k, v in data["linears"].items()}})
 
 
 def local_gpu_bytes() -> int | None:
+    """One GPU's memory here, None without one. A Linux machine without an NVIDIA or AMD driver has
+    none: said without importing torch (seconds)."""
+    if sys.platform == "linux" and not any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/kfd")):
+        return None
     try:
         import torch
 
@@ -49,13 +103,16 @@ def _row(cfg: SweepConfig, profile: ModelProfile, hyper: dict, device_bytes: flo
 
 
 def _table(rows: list[dict], device_bytes: float | None, write: Write, measured: bool = False) -> None:
-    head = f"{'method':<6} {'r':>4} {'targets':<22} {'batch':>6} {'ckpt':>4} {'dropout':>7} {'optimizer':<16} {'estimate GB':>11}"
+    """The rows aligned; a sweep's trials (`measured`) begin with the trial's label."""
+    head = f"{'trial':<5} " if measured else ""
+    head += f"{'method':<6} {'r':>4} {'targets':<22} {'batch':>6} {'ckpt':>4} {'dropout':>7} {'optimizer':<16} {'estimate GB':>11}"
     head += f" {'measured GB':>11} {'error':>7}" if measured else ""
     head += "  fits" if device_bytes else ""
     write(head)
     write("-" * len(head))
     for r in rows:
-        line = f"{r['method']:<6} {r['r']:>4} {r['targets']:<22} {r['batch']:>6} {r['ckpt']:>4} {r['dropout']:>7.3g} {r['optimizer']:<16} {r['estimate_gb']:>11.2f}"
+        line = f"{r['trial']:<5} " if measured else ""
+        line += f"{r['method']:<6} {r['r']:>4} {r['targets']:<22} {r['batch']:>6} {r['ckpt']:>4} {r['dropout']:>7.3g} {r['optimizer']:<16} {r['estimate_gb']:>11.2f}"
         if measured:
             m = r.get("measured_gb")
             line += f" {m:>11.2f} {r['estimate_gb'] / m - 1:>+7.1%}" if m else f" {'-':>11} {'-':>7}"
@@ -81,7 +138,7 @@ def estimate_sweep(sweep_dir: Path, device_bytes: float | None, write: Write = p
     cfg = folder.config
     profile = load_profile(cfg)
     fixed = {k: getattr(cfg.train, k) for k in HYPERPARAMS}
-    study = folder.study()
+    study = folder.trials()
     peaks = {r.data.tags.get(TAG_TRIAL): r.data.metrics.get(PEAK_VRAM_GB) for r in folder.children()}
     rows = []
     for trial in study.trials:

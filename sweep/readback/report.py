@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import EVAL_LOSS, TOKENS_PER_SEC, TRAIN_LOSS, TrialStatus, finite, is_sweep_trial, rate_text as _rate
-from sweep.readback.results import SweepResult, open_sweep, pareto
+from sweep.readback.results import SweepResult, not_run, open_sweep, pareto
 from sweep.folder import run_link
 
 Write = Callable[[str], None]
@@ -176,13 +176,16 @@ def plot_parallel(result: SweepResult, metric: str, mode: str, path: Path) -> Pa
 def own_study(study: Any) -> Any:
     """An in-memory copy of the study with the sweep's own ended trials (core.contract.is_sweep_trial:
     a warm start's are left out, and duplicate proposals, which repeat a trial's result, and lost
-    ones): what the importance and Optuna's charts are computed from."""
+    ones): what the importance and Optuna's charts are computed from. Each keeps its number (t008 is
+    trial 8 in the charts too): an entry left out leaves a FAIL entry in its place, which the charts skip."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     copy = optuna.create_study(directions=study.directions)
     ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)  # a running sweep's too
-    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=ended) if is_sweep_trial(t)])
+    gap = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        copy.add_trial(t if t.state in ended and is_sweep_trial(t) else gap)
     return copy
 
 
@@ -352,7 +355,39 @@ def _completed_warning(completed: int) -> str:
             "noise (and the other charts are anecdotes); read them as hints, not findings.</p>")  # fmt: skip
 
 
-def _html(cfg: Any, meta: dict, result: SweepResult, plots: dict[str, Path], charts: list[tuple[str, str]] | None, links: dict[str, Any]) -> str:
+def _mlflow_anchor(href: str, text: str, links: dict[str, Any]) -> str:
+    """A link into the MLflow UI; its address part follows the page's "MLflow UI at" field (UI_SCRIPT)."""
+    ui = links.get("ui") or ""
+    path = href[len(ui) :] if ui and href.startswith(ui) else ""
+    return f"<a class='mlflow' data-path='{html.escape(path)}' href='{html.escape(href)}' target='_blank'>{html.escape(text)}</a>"
+
+
+# The links to MLflow are written for the address `mlflow ui --port 5000` serves (or the tracking
+# server's). A UI served elsewhere: the field at the top changes every link (kept in the browser);
+# a page opened from MLflow's own artifact view takes that server's address.
+UI_SCRIPT = """<script>(function () {
+  var field = document.getElementById('mlflow-ui'), key = 'lora-sweep.mlflow-ui ' + field.defaultValue;
+  function apply(ui) {
+    ui = ui.replace(/\\/+$/, '');
+    document.querySelectorAll('a.mlflow').forEach(function (a) { if (a.dataset.path) a.href = ui + a.dataset.path; });
+  }
+  var served = /^blob:(https?:\\/\\/[^/]+)/.exec(location.href) || (/\\/(get-artifact|ajax-api)/.test(location.href) ? [0, location.origin] : null);
+  var saved = null;
+  try { saved = localStorage.getItem(key); } catch (e) {}
+  var ui = served ? served[1] : (saved || field.value);
+  field.value = ui; apply(ui);
+  field.addEventListener('change', function () { apply(field.value); try { localStorage.setItem(key, field.value); } catch (e) {} });
+})();</script>"""
+
+
+def _ui_field(links: dict[str, Any]) -> str:
+    command = html.escape(links.get("command") or "")
+    serve = f" (<code>{command}</code> serves it there)" if command else ""
+    return f"<p class='note'>MLflow UI at <input id='mlflow-ui' size='32' value='{html.escape(links.get('ui') or '')}'>{serve}; the links follow it.</p>"
+
+
+def _html(cfg: Any, meta: dict, result: SweepResult, plots: dict[str, Path], charts: list[tuple[str, str]] | None, links: dict[str, Any],
+          study_trials: list[Any] = ()) -> str:  # fmt: skip
     metric = cfg.search.metric
     memory = "peak_vram_gb" if any(finite(r.get("peak_vram_gb")) for r in result.trials) else "peak_rss_gb"
     numbers = [metric, TRAIN_LOSS, TOKENS_PER_SEC, memory]
@@ -360,7 +395,7 @@ def _html(cfg: Any, meta: dict, result: SweepResult, plots: dict[str, Path], cha
     lines = []
     for r in result.trials:
         link = run_link(links, r["run_id"]) if r.get("run_id") else None
-        label = f"<a href='{html.escape(link)}' target='_blank'>{html.escape(r['label'])}</a>" if link else html.escape(r["label"])
+        label = _mlflow_anchor(link, r["label"], links) if link else html.escape(r["label"])
         cells = [f"<td>{label}</td>", f"<td>{html.escape(str(r['status']))}</td>", f"<td class='num'>{r['step'] if r['step'] is not None else ''}</td>",
                  *(f"<td class='num'>{fmt(k, r.get(k))}</td>" for k in numbers),
                  f"<td>{html.escape(r['summary'])}</td>", f"<td>{html.escape((r.get('error') or '')[-160:])}</td>"]  # fmt: skip
@@ -374,8 +409,10 @@ def _html(cfg: Any, meta: dict, result: SweepResult, plots: dict[str, Path], cha
         names = [m for m, _ in cfg.objectives]
         pareto_line = "<p>Pareto set (" + html.escape(", ".join(f"{m} {d}" for m, d in cfg.objectives)) + "): " + html.escape(
             ", ".join(f"{r['label']} (" + ", ".join(fmt(m, r[m]) for m in names) + ")" for r in result.pareto) or "none") + "</p>"  # fmt: skip
-    runs = f" <a href='{html.escape(links['runs'])}' target='_blank'>The trials in MLflow</a>." if links.get("runs") else ""
+    runs = f" {_mlflow_anchor(links['runs'], 'The trials in MLflow', links)}." if links.get("runs") else ""
+    where = _ui_field(links) if links.get("runs") else ""
     warning = _completed_warning(result.counts.get(TrialStatus.COMPLETED, 0))
+    gaps = "".join(f"<p class='note'>{html.escape(label)} {html.escape(why)}.</p>" for label, why in not_run(study_trials))
     static = {name: p for name, p in plots.items() if charts is None or name not in INTERACTIVE}
     interactive = "" if charts is None else "".join(f"<h2>{html.escape(title)}</h2>{div}" for title, div in charts)
     note = f"<p class='note'>{NO_PLOTLY}</p>" if charts is None else ""
@@ -388,10 +425,11 @@ tr.pruned,tr.stopped{{color:#777}} tr.failed,tr.oom,tr.nan,tr.infeasible{{color:
 p.warning{{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}}</style></head>
 <body><h1>{html.escape(cfg.name)}</h1>
 <p>{html.escape(meta.get('started', ''))}; model {html.escape(cfg.model.id)}; {cfg.search.algorithm} search, {cfg.search.scheduler.type} scheduler;
-{len(result.trials)} trials: {html.escape(counts)}.{runs}</p><p><b>{best_line}</b></p>{pareto_line}
+{len(result.trials)} trials: {html.escape(counts)}.{runs}</p>{where}<p><b>{best_line}</b></p>{pareto_line}{gaps}
 {warning}{note}{interactive}
 {figures}
-<h2>All trials</h2><table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{''.join(lines)}</table></body></html>"""
+<h2>All trials</h2><table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{''.join(lines)}</table>
+{UI_SCRIPT if where else ''}</body></html>"""
 
 
 def build_report(folder: Path, write: Write = print, log_to_mlflow: bool = True) -> Path:
@@ -416,7 +454,7 @@ def build_report(folder: Path, write: Write = print, log_to_mlflow: bool = True)
     }
     charts = interactive_charts(study, cfg.multi_objective, metric)
     report = out / "report.html"
-    report.write_text(_html(cfg, meta, result, plots, charts, sweep.mlflow_links))
+    report.write_text(_html(cfg, meta, result, plots, charts, sweep.mlflow_links, study.get_trials(deepcopy=False)))
     if log_to_mlflow:
         client.log_artifacts(meta["parent_run_id"], str(out), "report")
     interactive = f"{len(charts)} interactive charts" if charts is not None else "no interactive charts (plotly is not installed)"

@@ -61,6 +61,24 @@ def rows(cfg: SweepConfig, study: Any, children: list[Any]) -> list[dict[str, An
     return out
 
 
+def not_run(trials: list[Any]) -> list[tuple[str, str]]:
+    """(label, why) of each number the study used for no trial of the sweep: a duplicate proposal
+    (the sampler proposed a configuration that ran already; its twin's result is told again) or a
+    proposal lost with a killed driver. Their labels are the gaps between the trials (t004 between
+    t003 and t005); status, the sweep's end and the report say why. `trials`: Optuna's FrozenTrials
+    or sweep.folder.studyfile's, anything with `number` and `user_attrs`."""
+    from core.contract import ATTR_DUPLICATE_OF
+
+    out = []
+    for t in trials:
+        if t.user_attrs.get(STATUS) == TrialStatus.DUPLICATE:
+            twin = t.user_attrs.get(ATTR_DUPLICATE_OF)
+            out.append((trial_label(t.number), f"not run: the sampler proposed {twin or 'a trial'}'s configuration again" + (" (its result counts for it)" if twin else "")))
+        elif t.user_attrs.get(STATUS) == TrialStatus.LOST:
+            out.append((trial_label(t.number), "not run: proposed just before its driver was killed, never launched"))
+    return out
+
+
 def order(rows_: list[dict], metric: str, mode: str) -> list[dict]:
     sign = 1 if mode == "min" else -1
 
@@ -200,24 +218,38 @@ def collect(cfg: SweepConfig, study: Any, children: list[Any]) -> SweepResult:
     return SweepResult(sweep_dir=Path(), parent_run_id="", trials=all_rows, best=choose(all_rows, cfg, []), counts=counts, pareto=front)
 
 
-@dataclass
 class FinishedSweep:
-    """Everything the morning-after commands (report, best) read from a sweep folder."""
+    """Everything the morning-after commands (report, best) read from a sweep folder. The Optuna
+    study and the MLflow client are opened when first asked for: `best` needs neither (its rows come
+    from the study's and the MLflow store's files where they are sqlite: seconds sooner)."""
 
-    cfg: SweepConfig
-    meta: dict[str, Any]
-    study: Any  # optuna.Study
-    client: Any  # mlflow.MlflowClient
-    result: SweepResult
-    mlflow_links: dict[str, Any] = field(default_factory=dict)  # sweepdir.mlflow_links: the UI, the runs table
+    def __init__(self, folder: Any, cfg: SweepConfig, result: SweepResult, mlflow_links: dict[str, Any], runs: list[Any] = ()):
+        self.folder, self.cfg, self.result, self.mlflow_links = folder, cfg, result, mlflow_links  # mlflow_links: sweep.folder.mlflow_links
+        self.runs = list(runs)  # the trials' MLflow runs the rows were read from
+        self.meta: dict[str, Any] = folder.meta
+        self._study: Any = None
+        self._client: Any = None
+
+    @property
+    def study(self) -> Any:
+        """The optuna.Study (importance and Optuna's charts need it)."""
+        if self._study is None:
+            self._study = self.folder.study()
+        return self._study
+
+    @property
+    def client(self) -> Any:
+        """An mlflow.MlflowClient of the sweep's store."""
+        if self._client is None:
+            self._client = self.folder.mlflow()
+        return self._client
 
 
 def open_sweep(folder: Path) -> FinishedSweep:
-    from sweep.folder import SweepFolder, mlflow_links
+    from sweep.folder import SweepFolder
 
     sweep = SweepFolder(folder)
     cfg = sweep.config
-    study = sweep.study()  # never creates a missing store
-    client = sweep.mlflow()
-    result = collect(cfg, study, sweep.children(client))
-    return FinishedSweep(cfg, sweep.meta, study, client, result, mlflow_links(sweep.mlflow_uri, sweep.experiment_id(client)))
+    runs = sweep.children()
+    result = collect(cfg, sweep.trials(), runs)  # never creates a missing store
+    return FinishedSweep(sweep, cfg, result, sweep.links(cfg.search.mode == "min"), runs)

@@ -19,6 +19,7 @@ from sweep.folder.checks import quote
 from sweep.config import ConfigError
 from sweep.folder.studyfile import StudyTrial, StudyView, read_study
 from sweep.folder import STOP, SweepFolder, driver, mlflow_links, read_meta, say_mlflow
+from sweep.readback.results import not_run
 
 Write = Callable[[str], None]
 
@@ -91,17 +92,22 @@ def sweep_status(folder: Path, write: Write = print) -> dict[str, Any]:
     finished = sum(n for s, n in counts.items() if s not in NOT_COUNTED)
     durations = [(t.completed - t.started).total_seconds() for t, status in own if status == TrialStatus.COMPLETED and t.started and t.completed]
     remaining = remaining_seconds(meta, finished, durations)
-    links = mlflow_links(sweep.mlflow_uri, sweep.experiment_id())
+    links = sweep.links(ascending=study.minimize)
     metric = meta.get("metric", EVAL_LOSS)
+    rows = trial_rows(sweep, own, metric)
+    gaps = not_run(study.trials)
     info = {"name": meta.get("name"), "folder": str(folder), "metric": metric, "mlflow": links, "state": state, "counts": counts, "finished": finished, "num_trials": num_trials, "elapsed_seconds": elapsed,
             "remaining_seconds": remaining, "best": {"trial": best.label, "value": best.values[0]} if best else None,
-            "trials": trial_rows(sweep, own, metric)}  # fmt: skip
+            "trials": rows, "not_run": [{"trial": label, "why": why} for label, why in gaps]}  # fmt: skip
     write(f"{folder.name}: {state}")
     write(f"trials: {finished} of {num_trials} done; " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none started"))
     if best:
-        write(f"best so far: {best.label}  {metric} {best.values[0]:.4f}  {best.params}")
+        label = next(r["config"] for r in rows if r["trial"] == best.label)  # as `run`, `best` and MLflow name it
+        write(f"best so far: {best.label}  {metric} {best.values[0]:.4f}  ({label})")
     else:
         write("best so far: none completed")
+    for label, why in gaps:  # the numbers missing between the trials, and why
+        write(f"{label} {why}")
     eta = f"; about {_duration(remaining)} left at the pace so far" if remaining is not None else ""
     if meta.get("state") == "finished" and finished < num_trials:
         eta = f"; ended after {finished} of {num_trials} trials (its time budget ran out, or the space had no more to try)"

@@ -34,6 +34,10 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert elapsed < 300, f"the demo took {elapsed:.0f}s"
+    # quiet: none of the libraries' own progress bars and INFO lines, and a one-line search rationale
+    for noise in ("Saving the dataset", "INFO mlflow", "A new study created", "Creating initial MLflow database tables"):
+        assert noise not in result.stderr + out, (noise, result.stderr[-2000:])
+    assert "search: tpe: auto: TPE after 4 Sobol start-up trials (search.n_startup_trials)" in out
 
     best = re.search(r"best trial: (t\d{3})\s+eval_loss ([0-9.]+)", out)
     assert best, out[-2000:]
@@ -48,7 +52,7 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     for run in children:
         status = run.data.tags["trial_status"]
         assert status in ("completed", "pruned"), (run.info.run_name, status, run.data.tags.get("error"))
-        assert run.info.status == "FINISHED"
+        assert run.info.status == ("FINISHED" if status == "completed" else "KILLED")  # MLflow's green tick for completed trials only
         assert re.match(r"t\d{3} (lora|qlora) r\d+ a[0-9.]+ lr\S+ b\dx\d \S+", run.info.run_name)
         for key in ("eval_loss", "train_loss", "tokens_per_sec", "peak_rss_gb", "lr"):
             assert math.isfinite(run.data.metrics[key]), (run.info.run_name, key)
@@ -88,6 +92,7 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     assert estimate.returncode == 0, estimate.stderr[-2000:]
     lines = estimate.stdout.splitlines()
     assert lines[0].startswith(f"{sweep_dir.name}: 8 trials") and len(lines) == 3 + 8
+    assert sorted(line.split()[0] for line in lines[3:]) == sorted(t.data.tags["trial"] for t in children)  # each row names its trial
     # the morning-after report of the demo sweep: generated here, never committed
     report = subprocess.run(
         [sys.executable, "-m", "sweep", "report", str(sweep_dir)],

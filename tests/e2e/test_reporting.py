@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def test_report(sweep: tuple) -> None:
     assert html.count("Plotly.newPlot(") == 4 and not re.search(r"<script[^>]+src=", html)  # ... Optuna's charts, plotly.js inline
     assert "Only 5 trials completed: with fewer than 10, hyperparameter importance is noise" in html
     for row in result.trials:  # each trial's label links to its MLflow run
-        assert re.search(rf"<a href='http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{row['run_id']}' target='_blank'>{row['label']}</a>", html)
+        assert re.search(rf"<a class='mlflow' data-path='/#/experiments/\d+/runs/{row['run_id']}\?workflowType=machine_learning' "
+                         rf"href='http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{row['run_id']}\?workflowType=machine_learning' target='_blank'>{row['label']}</a>", html)
     from mlflow import MlflowClient
 
     artifacts = {a.path for a in MlflowClient(cfg.mlflow_uri).list_artifacts(result.parent_run_id, "report")}
@@ -160,12 +162,15 @@ def test_export_is_ready_for_inference(sweep: tuple, tmp_path: Path) -> None:
     for name in SEARCHABLE:  # every hyperparameter
         assert re.search(rf"^\| {name}( \*searched\*)? \| ", card, re.M), name
     assert "BitsAndBytesConfig" not in card  # a LoRA winner loads on an unquantised base
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    exec(compile(code, str(export / "README.md"), "exec"), {})  # the card's load code runs: adapter on its base, one chat turn
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 2 and "AutoPeftModelForCausalLM.from_pretrained" in blocks[0]
+    for code in blocks:  # the card's load code runs: AutoPeft in one line; the adapter on its base as trained, one chat turn
+        exec(compile(code, str(export / "README.md"), "exec"), {})
+    assert "`adapter_config.json` names `base/` as its base" in card and (export / "base" / "model.safetensors").is_symlink()
 
     client = MlflowClient(cfg.mlflow_uri)
     logged = {a.path for a in client.list_artifacts(row["run_id"], "export")}
-    assert {"export/README.md", "export/adapter", "export/space.yaml", "export/export.json"} <= logged
+    assert {"export/README.md", "export/adapter", "export/space.yaml", "export/export.json"} <= logged and "export/base" not in logged  # not the base's weights
     assert client.get_run(row["run_id"]).info.status == "FINISHED"  # logged into the finished run, left as it was
 
 
@@ -191,11 +196,19 @@ def ui(sweep: tuple, tmp_path: Path) -> Iterator[str]:
         except OSError:
             time.sleep(1)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    # the server and its workers (its own session): asked to end, then made to (a loaded machine once kept it past 30 s)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
-def test_mlflow_ui_shows_the_trials_under_the_sweep(sweep: tuple, ui: str) -> None:
+def test_the_printed_link_opens_the_sweeps_trials_in_mlflow(sweep: tuple, ui: str) -> None:
+    """MLflow 3.17 in Chromium, at the link `status` prints: the runs table of model training with
+    the sweep's trials (not one folded parent row), best first by the objective, the objectives,
+    trial_status and the searched hyperparameters as columns, each trial its own colour."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if chromium is None:
@@ -204,35 +217,44 @@ def test_mlflow_ui_shows_the_trials_under_the_sweep(sweep: tuple, ui: str) -> No
     from mlflow import MlflowClient
 
     experiment = MlflowClient(ui).get_experiment_by_name(cfg.experiment).experiment_id
-    parent_name = result.sweep_dir.name
     # the link `status` (and `best`) print, served here on a free port instead of mlflow ui's 5000
     status = cli("status", str(result.sweep_dir), cwd=folder)
-    printed = re.search(r"its runs:  (http://127\.0\.0\.1:5000)(/#/experiments/(\d+)/runs\?workflowType=machine_learning)$", status.stdout, re.M)
+    printed = re.search(r"its runs:  (http://127\.0\.0\.1:5000)(/#/experiments/(\d+)/runs\?workflowType=machine_learning&viewStateShareKey=\w+)$", status.stdout, re.M)
     assert printed and printed.group(3) == experiment, status.stdout[-2000:]
+    assert "--port 5000" in status.stdout  # the command serves where the link points
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
     OUTPUT.mkdir(exist_ok=True)
+    ranked = sorted(result.trials, key=lambda r: r["eval_loss"])  # the objective, minimised
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page = browser.new_page(viewport={"width": 2400, "height": 1000})  # wide: the grid draws only the columns in view
         page.goto(ui + printed.group(2))
-        page.wait_for_selector(f"text={parent_name}", timeout=60_000)
+        page.wait_for_selector(f"text={ranked[0]['label']}", timeout=60_000)
+        page.wait_for_selector(".ag-header-cell[col-id='tags.`trial_status`']", timeout=30_000)
         text = page.inner_text("body")
         # the runs table of model training, not the GenAI view (its overview, traces, sessions, judges) MLflow 3 opens by default
         assert "workflowType=machine_learning" in page.url and "Run Name" in text and "Model registry" in text, text[:2000]
-        for genai in ("Sessions", "Judges", "Evaluation runs", "Training runs", "Token Usage"):
+        for genai in ("Sessions", "Judges", "Evaluation runs", "Token Usage"):
             assert genai not in text, (genai, text[:2000])
-        assert "t000" not in text  # trials are nested, folded under the sweep run
-        page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # unfold it
-        page.wait_for_selector("text=t000", timeout=30_000)
-        text = page.inner_text("body")
-        for row in result.trials:
-            assert row["label"] in text, row["label"]
+        # the trials themselves, flat (not folded under the sweep's run), best first by the objective
+        assert result.sweep_dir.name not in text  # the sweep's own run is not a row: its trials are
+        rows = page.locator(".ag-row[row-index]").evaluate_all("rows => rows.map(r => [Number(r.getAttribute('row-index')), r.innerText])")
+        order = list(dict.fromkeys(re.search(r"t\d{3}", t).group(0) for _, t in sorted(rows) if re.search(r"t\d{3}", t)))  # pinned and centre parts
+        assert order == [r["label"] for r in ranked], order
+        # the objectives, trial_status and the searched hyperparameters as columns
+        columns = page.locator(".ag-header-cell[col-id]").evaluate_all("cells => cells.map(c => c.getAttribute('col-id'))")
+        for column in ("metrics.`eval_loss`", "metrics.`tokens_per_sec`", "tags.`trial_status`", "params.`lora_r`", "params.`learning_rate`", "params.`target_modules`"):
+            assert column in columns, (column, columns)
         assert re.search(r"t\d{3} lora r\d+ a\d+ lr\S+ b2x1 (attention|all-linear)", text)
+        assert "completed" in text  # trial_status
+        # each trial its colour, the best ones distinct
+        colors = {r["label"]: MlflowClient(ui).get_run(r["run_id"]).data.tags["mlflow.runColor"] for r in ranked}
+        assert len(set(colors.values())) == len(colors), colors
         page.screenshot(path=str(OUTPUT / "mlflow-ui-runs.png"))
         print(f"screenshot: {OUTPUT / 'mlflow-ui-runs.png'}")
         # one trial's page: its metrics, with steps
         child = result.trials[0]
-        page.goto(f"{ui}/#/experiments/{experiment}/runs/{child['run_id']}")
+        page.goto(f"{ui}/#/experiments/{experiment}/runs/{child['run_id']}?workflowType=machine_learning")  # as the report links it
         page.wait_for_selector("text=eval_loss", timeout=60_000)
         text = page.inner_text("body")
         assert "train_loss" in text and "tokens_per_sec" in text and child["label"] in text

@@ -1,6 +1,6 @@
 """`python -m sweep train`: one configuration trained to completion on the tiny model, recorded as
 any sweep's trial (an MLflow parent and one child run, the study, a Tune folder named t000_...),
-its adapter kept in PEFT format in the folder."""
+its adapter in the folder as `best --export` writes one (tests/unit/test_export.py: the loaders stop at the turn's end)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_train_one_configuration(tmp_path: Path, ray_cluster: None, capsys: pyte
     code = main(["train", str(space), "train.lora_r=8", "train.learning_rate=5.0e-3", "train.max_steps=6", "--sweep-dir", str(folder)])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    assert f"adapter (PEFT format, with its tokenizer): {folder / 'adapter'}" in out
+    assert f"with its tokenizer, chat template and a generation config that stops at <eos> (1), <end_of_turn> (6)): {folder / 'adapter'}" in out
 
     meta = json.loads((folder / "sweep.json").read_text())
     assert meta["command"] == "train" and meta["state"] == "finished" and meta["num_trials"] == 1
@@ -44,10 +44,16 @@ def test_train_one_configuration(tmp_path: Path, ray_cluster: None, capsys: pyte
     adapter = folder / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer_config.json").is_file()
+    # the format of `best --export`: no pickle, the chat template, a generation config that stops at the turn's end, base/
+    assert not (adapter / "adapter_model.bin").exists() and (adapter / "chat_template.jinja").is_file()
+    assert config["base_model_name_or_path"] == str((folder / "base").resolve())
     import torch
     from peft import AutoPeftModelForCausalLM
+    from transformers import GenerationConfig
 
+    assert GenerationConfig.from_pretrained(adapter).eos_token_id == [1, 6]  # <eos>, <end_of_turn>
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+    assert model.generation_config.eos_token_id == [1, 6]  # what AutoPeft generates with: it stops at the turn's end
     trained = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert trained and any(p.abs().sum() > 0 for p in trained)  # B starts at zero: these were trained
     with torch.no_grad():

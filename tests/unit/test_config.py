@@ -306,13 +306,15 @@ def test_search_algorithm_auto_says_what_it_picked(tmp_path: Path) -> None:
     assert rules.search_algorithm("random", 1, 48, 10) == ("random", "as configured")
     assert rules.search_algorithm("auto", 1, 48, None)[0] == "grid" and "algorithm: grid tries each once" in rules.search_algorithm("auto", 1, 48, 48)[1]
     algorithm, why = rules.search_algorithm("auto", 1, 48, 20)
-    assert algorithm == "tpe" and "search suite" in why and "Sobol (search.startup: sobol)" in why
-    assert "random (search.startup: random)" in rules.search_algorithm("auto", 1, None, 20, startup="random")[1]
+    assert algorithm == "tpe" and "search suite" in why and "after 10 Sobol start-up trials (half the trials, at most 10)" in why
+    assert "after 3 random start-up trials (search.n_startup_trials)" in rules.search_algorithm("auto", 1, None, 20, startup="random", n_startup_trials=3)[1]
     assert rules.search_algorithm("auto", 1, None, 20)[0] == "tpe" and "several objectives" in rules.search_algorithm("auto", 2, None, 20)[1]
     assert [rules.tpe_startup_trials(None, n) for n in (1, 8, 20, 64)] == [1, 4, 10, 10] and rules.tpe_startup_trials(3, 64) == 3
 
     cfg = load_config(ROOT / "search_spaces" / "demo.yaml")
     assert cfg.search.algorithm == "tpe" and cfg.algorithm_reason.startswith("auto: TPE")
+    # the demo's own n_startup_trials, in one short line (it said "up to 10" in ~300 characters)
+    assert f"after {cfg.search.n_startup_trials} Sobol start-up trials (search.n_startup_trials)" in cfg.algorithm_reason and len(cfg.algorithm_reason) < 120
     out = subprocess.run([sys.executable, "-m", "sweep", "validate", str(cfg.source)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "# search: tpe (auto: TPE" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 

@@ -71,3 +71,126 @@ def test_log_model_needs_export(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="--log-model: it logs the exported folder; give --export DIR too"):
         best(tmp_path, None, None, False, log_model=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the adapter folder (sweep.readback.adapter): `best --export` and `train` write the same one, and
+# it stops at the end of a turn in the usual loaders, not only in the model card's code
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A trial checkpoint as the cohort writes one (adapter_config.json naming the tiny base's
+    folder, adapter_model.safetensors), its lora_B non-zero as after training."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainable.model import resolve_model_path
+
+    base = resolve_model_path("tiny-gemma3")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+class EndTurnAt:
+    """A logits processor that makes the model write <end_of_turn> as its `at`-th new token."""
+
+    def __init__(self, prompt_length: int, end: int, at: int = 3):
+        self.prompt_length, self.end, self.at = prompt_length, end, at
+
+    def __call__(self, input_ids, scores):  # type: ignore[no-untyped-def]
+        import torch
+
+        if input_ids.shape[1] - self.prompt_length == self.at - 1:
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.end] = 0.0
+        return scores
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from sweep.readback.adapter import write_adapter
+
+    base = tmp_path_factory.mktemp("adapter")
+    cfg = load_config(write_space(base, MINIMAL))
+    written = write_adapter(cfg, tiny_checkpoint(base / "checkpoint"), base / "out")
+    return base / "out", written
+
+
+def test_the_adapter_folder_is_safetensors_with_tokenizer_template_and_generation_config(adapter_dir: tuple[Path, dict]) -> None:
+    import json
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out, written = adapter_dir
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "adapter_model.bin").exists()  # no pickle
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert "<start_of_turn>" in tokenizer.chat_template and GenerationConfig.from_pretrained(adapter).eos_token_id == [tokenizer.eos_token_id, end]
+    # the tiny base stops at <eos> alone: the adapter names base/, the base with the stop tokens, its weights linked
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == written["base"] == str((out / "base").resolve())
+    assert (out / "base" / "model.safetensors").is_symlink() and GenerationConfig.from_pretrained(out / "base").eos_token_id == [tokenizer.eos_token_id, end]
+
+
+def test_the_usual_loaders_stop_at_the_end_of_a_turn(adapter_dir: tuple[Path, dict]) -> None:
+    """AutoPeftModelForCausalLM, pipeline and the model card's code each end the reply at the
+    <end_of_turn> the model writes (here forced as its third token), not at max_new_tokens."""
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList, pipeline
+
+    from trainable.model import resolve_model_path
+
+    out, _ = adapter_dir
+    adapter = str(out / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    messages = [{"role": "user", "content": "Hello!"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    length = inputs["input_ids"].shape[1]
+    force = LogitsProcessorList([EndTurnAt(length, end)])
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    with torch.no_grad():
+        new = model.generate(**inputs, max_new_tokens=30, do_sample=False, logits_processor=force)[0, length:].tolist()
+    assert new[-1] == end and len(new) == 3, new
+
+    pipe = pipeline("text-generation", model=adapter)
+    assert pipe.tokenizer.chat_template == tokenizer.chat_template  # the pipeline's tokenizer renders the trained chat format
+    reply = pipe(messages, max_new_tokens=30, do_sample=False, logits_processor=force, return_full_text=False)[0]["generated_text"]
+    assert len(pipe.tokenizer(reply, add_special_tokens=False)["input_ids"]) <= 3, reply
+
+    card = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-gemma3")), adapter).eval()  # the card's way
+    with torch.no_grad():
+        new = card.generate(**inputs, generation_config=GenerationConfig.from_pretrained(adapter, max_new_tokens=30, do_sample=False), logits_processor=force)
+    assert new[0, length:].tolist()[-1] == end and new.shape[1] - length == 3
+
+
+def test_a_base_that_stops_at_the_turn_already_is_named_as_it_is(tmp_path: Path) -> None:
+    """No base/ where the base's own generation config has the stop tokens (and the chat template
+    is its own): the adapter names the base itself, shareable as it is."""
+    import json
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from sweep.readback.adapter import write_adapter
+    from trainable.model import resolve_model_path
+
+    base = tmp_path / "gemma-it"
+    shutil.copytree(resolve_model_path("tiny-gemma3"), base)
+    from trainable.tiny import build_tokenizer
+
+    gemma = build_tokenizer()
+    GenerationConfig(bos_token_id=2, eos_token_id=[gemma.eos_token_id, gemma.convert_tokens_to_ids(END_OF_TURN)], pad_token_id=0).save_pretrained(base)
+    cfg = load_config(write_space(tmp_path, MINIMAL.replace("model: {id: tiny-gemma3}", f"model: {{id: {base}}}")))
+    written = write_adapter(cfg, tiny_checkpoint(tmp_path / "checkpoint"), tmp_path / "out")
+    assert "base" not in written and not (tmp_path / "out" / "base").exists()
+    assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == written["base_model"]

@@ -9,6 +9,7 @@ parent run and its trials), as in test_morning_after: milliseconds, not minutes.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -54,6 +55,10 @@ def build_sweep(base: Path, body: str, statuses: list[str], name: str = "r") -> 
         p = trial.params
         loss = 1.0 + abs(math.log10(p.get("learning_rate", 1e-3)) + 3) + (0.8 if p.get("target_modules") == "attention" else 0) + 0.01 * number
         trial.set_user_attr(STATUS, status)
+        if status == TrialStatus.DUPLICATE:  # a repeated proposal: no run, the previous trial's result told again
+            trial.set_user_attr("duplicate_of", f"t{number - 1:03d}")
+            study.tell(trial, study.trials[number - 1].value)
+            continue
         trial.set_user_attr(ATTR_WORKER, "w0")  # taken by a worker, as every trial that ran
         run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: status, "last_step": "4"}).info.run_id
         for step in (2, 4):
@@ -126,10 +131,36 @@ def test_each_trial_links_to_its_mlflow_run(report: str, many: tuple[Path, str])
 
     folder, experiment = many
     rows = open_sweep(folder).result.trials
-    for r in rows:
-        link = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{r['run_id']}"
-        assert re.search(rf"<tr class='[a-z]+'><td><a href='{re.escape(link)}'[^>]*>{r['label']}</a>", report), r["label"]
-    assert f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in report  # the runs table
+    for r in rows:  # MLflow's page of the run in its model-training view, not GenAI's
+        path = f"/#/experiments/{experiment}/runs/{r['run_id']}?workflowType=machine_learning"
+        anchor = f"<a class='mlflow' data-path='{path}' href='http://127.0.0.1:5000{path}' target='_blank'>{r['label']}</a>"
+        assert re.search(rf"<tr class='[a-z]+'><td>{re.escape(anchor)}", report), r["label"]
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning&amp;searchFilter=" in report  # the runs table
+    # not fixed to port 5000: a field sets the UI's address for every link, the command that serves the default beside it
+    assert "MLflow UI at <input id='mlflow-ui' size='32' value='http://127.0.0.1:5000'>" in report and "--port 5000</code>" in report
+    assert "document.querySelectorAll('a.mlflow')" in report
+
+
+def test_a_duplicate_proposal_leaves_a_gap_every_view_explains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """t003 repeated t002's configuration and never ran: status, the report and the charts say so,
+    and the charts number the trials as their labels do (t005 is trial 5, not 4)."""
+    import optuna.visualization as vis
+
+    from sweep.cli import main
+    from sweep.folder import SweepFolder
+    from sweep.readback.report import build_report, own_study
+
+    statuses = [TrialStatus.COMPLETED] * 3 + [TrialStatus.DUPLICATE] + [TrialStatus.COMPLETED] * 2
+    folder, _ = build_sweep(tmp_path, SPACE, statuses, name="g")
+    why = "t003 not run: the sampler proposed t002's configuration again (its result counts for it)"
+    assert main(["status", str(folder)]) == 0
+    assert why in capsys.readouterr().out
+    assert main(["status", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["not_run"] == [{"trial": "t003", "why": why.removeprefix("t003 ")}]
+    build_report(folder, write=lambda _: None, log_to_mlflow=False)
+    assert f"{html.escape(why)}." in (folder / "report" / "report.html").read_text()
+    history = vis.plot_optimization_history(own_study(SweepFolder(folder).study()))
+    assert list(history.data[0].x) == [0, 1, 2, 4, 5]  # Optuna's numbers are the trials' labels
 
 
 def test_categorical_hyperparameters_are_in_the_importance(many: tuple[Path, str]) -> None:

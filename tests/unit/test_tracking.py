@@ -39,7 +39,7 @@ def test_a_trial_is_one_child_run_with_its_metrics_by_step(sweep: SweepRun) -> N
     assert run.info.run_name == "t000 r4"  # the trial's values, not the fixed lora_r 16
     assert run.data.tags["trial_status"] == "completed" and run.data.tags["last_step"] == "4" and run.info.status == "FINISHED"
     assert run.data.tags["trial_id"] == "w0"
-    assert run.data.params == {"lora_r": "4", "estimated_vram_gb": "12.0", "trainable_params": "123"}
+    assert run.data.params == {"lora_r": "4", "estimated_vram_gb": "12", "trainable_params": "123"}
     history = sweep.client.get_metric_history(run.info.run_id, "eval_loss")
     assert [(m.step, m.value) for m in history] == [(2, 2.5), (4, 2.0)]
     assert [m.step for m in sweep.client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
@@ -69,9 +69,10 @@ def test_ends_stops_retries_and_infeasible_proposals(sweep: SweepRun) -> None:
     recorder.end("t005", TrialStatus.FAILED, 0, "never began")  # queued, never began: no run to close
     recorder.infeasible("t006", {"lora_r": 64}, 99.5, "needs 99.5 GB; one GPU has 80")
     by_label = runs_of(sweep)
-    assert (by_label["t001"].data.tags["trial_status"], by_label["t001"].info.status) == ("stopped", "FINISHED")
+    # MLflow's green tick (FINISHED) for completed trials only: stopped or pruned early, KILLED
+    assert (by_label["t001"].data.tags["trial_status"], by_label["t001"].info.status) == ("stopped", "KILLED")
     assert (by_label["t002"].data.tags["trial_status"], by_label["t002"].info.status) == ("stopped", "KILLED")
-    assert (by_label["t003"].data.tags["stopped_at_step"], by_label["t003"].info.status) == ("2", "FINISHED")
+    assert (by_label["t003"].data.tags["stopped_at_step"], by_label["t003"].info.status) == ("2", "KILLED")
     assert by_label["t004"].data.tags["trial_status"] == "retrying" and by_label["t004"].data.tags["retries"] == "1"
     assert by_label["t004"].data.tags["error"] == "attempt 1: its worker w0 died; retrying from step-000002"
     assert "t005" not in by_label
@@ -107,7 +108,7 @@ def test_resume_closes_runs_the_study_ended_before_the_driver_was_killed(sweep: 
     study.add_trial(optuna.trial.create_trial(params={"lora_r": 4}, distributions=dist, state=optuna.trial.TrialState.RUNNING, user_attrs={"ray_trial_id": "k3"}))
     assert sweep.close_ended(study) == ["t010", "t011"]
     state = {r.data.tags["trial"]: (r.info.status, r.data.tags["trial_status"], r.data.tags.get("last_step")) for r in sweep.children() if r.data.tags["trial"] in ("t010", "t011", "t012")}
-    assert state == {"t010": ("FINISHED", "completed", "4"), "t011": ("FINISHED", "pruned", "2"), "t012": ("RUNNING", "running", None)}
+    assert state == {"t010": ("FINISHED", "completed", "4"), "t011": ("KILLED", "pruned", "2"), "t012": ("RUNNING", "running", None)}
     assert sweep.close_ended(study) == []  # once
 
 
@@ -117,3 +118,32 @@ def test_the_recorder_travels_without_its_client(sweep: SweepRun) -> None:
     state = pickle.loads(pickle.dumps(recorder)).__dict__
     assert state["_client"] is None and state["_runs"] == {} and state["uri"] == sweep.uri
     assert isinstance(recorder, MlflowRecorder)
+
+
+def test_the_experiment_opens_on_the_sweeps_runs_table(sweep: SweepRun) -> None:
+    """MLflow's UI: the experiment is one of model training (not GenAI), and holds this sweep's view
+    (sorted by the objective, its trials only, the objective, trial_status and the searched
+    hyperparameters as columns) under the key the printed link names; each trial its own colour,
+    the best ones distinct from each other at the end."""
+    import json
+
+    from sweep.folder import RUN_COLORS, RunsView, mlflow_links
+
+    experiment = sweep.client.get_experiment(sweep.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{sweep.run_id}"])
+    assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{sweep.run_id}'"
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`eval_loss`", True)
+    assert view["selectedColumns"] == ["metrics.`eval_loss`", "tags.`trial_status`", "params.`lora_r`"]  # MINIMAL searches lora_r
+    assert set(view["columnWidths"]) <= set(view["columnOrder"])  # the UI sizes the ordered columns only
+    links = mlflow_links(sweep.uri, sweep.experiment_id, RunsView(sweep.run_id, "eval_loss", True, shared=True))
+    assert links["runs"].endswith(f"/#/experiments/{sweep.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={sweep.run_id}")
+
+    recorder = sweep.recorder({})
+    for label in ("t030", "t050"):  # 20 apart: the same colour by number while they run ...
+        recorder.begin(label, {"lora_r": 4}, worker="w0")
+    runs = runs_of(sweep)
+    assert runs["t030"].data.tags["mlflow.runColor"] == runs["t050"].data.tags["mlflow.runColor"] == RUN_COLORS[10]
+    sweep.color_by_rank([{"run_id": runs["t050"].info.run_id}, {"run_id": runs["t030"].info.run_id}])  # ... distinct by rank at the end
+    runs = runs_of(sweep)
+    assert (runs["t050"].data.tags["mlflow.runColor"], runs["t030"].data.tags["mlflow.runColor"]) == RUN_COLORS[:2]

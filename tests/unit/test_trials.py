@@ -10,4 +10,5 @@ def test_summary_and_params() -> None:
     assert summary({"learning_rate": 0.0151}) == "lr2e-2" and summary({"learning_rate": 1.0}) == "lr1e0"
     assert summary({"lora_alpha": 16.0}) == "a16"
     assert param_value((4, 8)) == "[4, 8]" and param_value("x") == "x"
+    assert param_value(2.0593557e-05) == "2.059e-05" and param_value(0.05) == "0.05" and param_value(16) == "16"  # whole in a table cell
     assert trial_label(7) == "t007" and trial_label(1234) == "t1234" and rate_text(3e-5) == "3e-5"
