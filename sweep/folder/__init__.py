@@ -258,7 +258,7 @@ class SweepFolder:
 
         self.check_stores()
         try:
-            return read_study(self.optuna_storage, self.study_name)
+            return read_study(self.optuna_storage, self.study_name, self.path)
         except KeyError:
             return self.study()  # no such study: load_study says so, naming what still holds the trials
 

@@ -250,6 +250,7 @@ def open_sweep(folder: Path) -> FinishedSweep:
 
     sweep = SweepFolder(folder)
     cfg = sweep.config
+    trials = sweep.trials()  # the study first: a missing or damaged one is the error to report, before MLflow opens
     runs = sweep.children()
-    result = collect(cfg, sweep.trials(), runs)  # never creates a missing store
+    result = collect(cfg, trials, runs)  # never creates a missing store
     return FinishedSweep(sweep, cfg, result, sweep.links(cfg.search.mode == "min"), runs)

@@ -179,7 +179,7 @@ def test_run_status_list_best_report_and_estimate_count_the_same_trials(sweep_di
     assert "trials: 3 of 3 done; 2 completed, 1 pruned" in capsys.readouterr().out
     assert main(["list", str(sweep_dir.parent), "--json"]) == 0
     (entry,) = json.loads(capsys.readouterr().out)["sweeps"]
-    assert entry["trials"] == RAN and entry["best"] == 1.75
+    assert entry["trials"] == RAN and entry["best"] == {"trial": "t001", "value": 1.75}
     assert main(["best", str(sweep_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"] == RAN
     assert open_sweep(sweep_dir).result.counts == RAN  # what report and run's summary count
