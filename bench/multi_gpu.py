@@ -14,7 +14,7 @@ bench/realsize.py), as two sweeps driven at once on one Ray cluster (a sweep has
 
 Each run starts its own Ray (in this process; the drivers attach to it), samples every GPU with
 nvidia-smi every 0.5 s, and reads the trials back from MLflow: trials per hour, training tokens per
-hour, how trials were spread over the GPUs (the `gpu_ids` param), and a timeline per GPU
+hour (the completed trials' counted tokens over the run's wall time), how trials were spread over the GPUs (the `gpu_ids` param), and a timeline per GPU
 (bench/timeline.py: trial bars with base-model loads, utilisation, idle gaps; a PNG per run and,
 in the result file, each GPU's busy fraction and idle gaps). Each trial's eval loss on N GPUs is
 compared with the same configuration's on one GPU.
@@ -114,8 +114,8 @@ def one_run(label: str, gpus: int, logical: bool, device_gb: float, models: dict
     return {
         "label": label, "ray_gpus": gpus, "logical": logical, "gpu_memory_gb": gpu_gb, "cohort": args.cohort, "driver_exit_codes": codes,
         "time_budget_s": time_budget, "wall_seconds": round(wall, 1), "trials": len(rows), "by_status": dict(Counter(r["status"] for r in rows)),
-        "trials_per_hour": round(len(completed) / wall * 3600, 1), "tokens_per_hour": round(sum(r["tokens"] for r in completed) / wall * 3600),
-        "makespan": {name: makespan([r for r in rows if r["sweep"] == name], len(points[name.rsplit("-", 1)[1]]), wall, serial=False) for name, _ in names},
+        "trials_per_hour": round(len(completed) / wall * 3600, 1), "tokens_per_hour": tokens_per_hour(completed, wall),
+        "makespan": {name: makespan([r for r in rows if r["sweep"] == name], len(points[name.rsplit("-", 1)[1]]), wall) for name, _ in names},
         "spread": {name: dict(Counter(r["gpu_ids"] for r in rows if r["sweep"] == name)) for name, _ in names},
         "oom": sum(1 for r in rows if r["status"] == "oom"),
         "gpu": tl["per_gpu"], "timeline": tl, "rows": rows,
@@ -124,12 +124,20 @@ def one_run(label: str, gpus: int, logical: bool, device_gb: float, models: dict
     }  # fmt: skip
 
 
+def tokens_per_hour(completed: list[dict[str, Any]], wall: float) -> int | None:
+    """The completed trials' tokens as counted (timeline.counted_tokens) per hour of the run's wall
+    time; None when a completed trial's count is missing (never tokens_per_sec x train_seconds)."""
+    if not wall or any(r.get("tokens") is None for r in completed):
+        return None
+    return round(sum(r["tokens"] for r in completed) / wall * 3600)
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     many, one = runs[0], runs[1]
     n = many["ray_gpus"]
     out: dict[str, Any] = {
         "n": n, "trials_per_hour": round(many["trials_per_hour"] / one["trials_per_hour"], 3) if one["trials_per_hour"] else None,
-        "tokens_per_hour": round(many["tokens_per_hour"] / one["tokens_per_hour"], 3) if one["tokens_per_hour"] else None,
+        "tokens_per_hour": round(many["tokens_per_hour"] / one["tokens_per_hour"], 3) if many["tokens_per_hour"] and one["tokens_per_hour"] else None,
         "busy_per_gpu": {g: v["busy_fraction"] for g, v in many["gpu"].items()},
         "util_busy_per_gpu": {g: v.get("util_busy_fraction") for g, v in many["gpu"].items()},
         "oom": many["oom"] + one["oom"],
@@ -216,7 +224,8 @@ def main() -> None:
         busy = " ".join(f"{g}:{v['busy_fraction']:.0%}/{util[g]}/{v['idle_seconds']:.0f}s" for g, v in r["gpu"].items())
         spread = "; ".join(f"{k}: {dict(sorted((str(a), b) for a, b in v.items()))}" for k, v in r["spread"].items())
         done = r["by_status"].get("completed", 0)
-        print(f"{r['label']:<10} {r['ray_gpus']:>4} {r['wall_seconds']:>7.0f} {r['trials']:>6} {done:>5} {r['oom']:>4} {r['trials_per_hour']:>8.1f} {r['tokens_per_hour'] / 1e6:>7.2f}  {busy} | {spread}")
+        mtok = "-" if r["tokens_per_hour"] is None else f"{r['tokens_per_hour'] / 1e6:.2f}"
+        print(f"{r['label']:<10} {r['ray_gpus']:>4} {r['wall_seconds']:>7.0f} {r['trials']:>6} {done:>5} {r['oom']:>4} {r['trials_per_hour']:>8.1f} {mtok:>7}  {busy} | {spread}")
     if "scaling" in result:
         s = result["scaling"]
         print(f"scaling {s['n']} vs 1: trials/h x{s['trials_per_hour']} (target {s['targets']['trials_per_hour']}), tokens/h x{s['tokens_per_hour']}; "

@@ -20,9 +20,9 @@ load and train seconds, GPU, cohort, eval loss.
 
 Reported per mode: makespan (the sweep command's wall time), trials/hour, GPU mean utilisation
 and busy share (samples with utilisation > 0), trials lost to OOM, a per-GPU timeline PNG and its
-figures (bench/timeline.py); the workers' aggregate tokens/s (every trial's tokens over the span
-its worker trained) and MFU. Each configuration's final eval loss in the default sweep against the
-same configuration one at a time.
+figures (bench/timeline.py); the workers' aggregate tokens/s (every trial's tokens as its member
+counted them, over the wall time its worker trained) and MFU. Each configuration's final eval loss
+in the default sweep against the same configuration one at a time.
 
 Targets (issue 29): the default sweep's makespan <= 0.5x the packed default of commit 2a4a88a
 (measured side by side, from a worktree), GPU mean utilisation >= 80%. (Issue 15: <= 0.15x one at a
@@ -30,8 +30,9 @@ time; each trial's eval loss within 1% of the same trial alone.)
 
 Modes run cheapest first (default, serial) and each is written to --out as soon as it ends.
 --budget (seconds, whole call) is shared out between the modes still to run, and each sweep gets
-its share as `search.time_budget`; a one-at-a-time sweep cut by it has its makespan projected
-(wall + the missing trials at the completed ones' mean duration; marked `projected`).
+its share as `search.time_budget`. A sweep cut by it has no makespan (`seconds` None, `cut_at`
+its wall time) and no ratio: one at a time is measured, never projected from the trials that
+finished.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
     result: dict[str, Any] = {
         "name": name, "mode": mode, "wall_seconds": round(wall, 1), "returncode": codes[0], "time_budget_s": time_budget, "trials_wanted": n,
         "by_status": {s: sum(1 for r in rows if r["status"] == s) for s in sorted({r["status"] or "?" for r in rows})},
-        "makespan": makespan(rows, n, wall, serial=False), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
+        "makespan": makespan(rows, n, wall), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
         "oom": sum(1 for r in rows if r["status"] == "oom"), "gpu": sample_stats(samples, started, ended),
         "driver_log_tail": log_tail(log, 2500 if codes[0] else 1200), "driver_log": keep_log(log, out, mode),
     }  # fmt: skip
@@ -146,21 +147,26 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
 
 
 def cohort_figures(rows: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    """Workers and their sizes; the cohort step's aggregate tokens/s (every member's tokens over the
-    span the worker trained) and its MFU by bench/seed_vs_ours.py's formula (H200 bf16 peak)."""
+    """Workers and their sizes; the workers' aggregate tokens/s: every trial's tokens as counted
+    (timeline.counted_tokens) over the wall time its worker trained (each worker's first member
+    start to its last member end, compile, evaluations and checkpoints included), and its MFU by
+    bench/seed_vs_ours.py's formula (dense bf16 peak). `tokens_exact` is False when a trial ended
+    without a final count (not completed: it trained more than its newest checkpoint holds, or left
+    none): the figures are then lower bounds."""
     workers: dict[str, list[dict]] = {}
     for r in rows:
         workers.setdefault(str(r.get("cohort")), []).append(r)
     out: dict[str, Any] = {"workers": len(workers), "cohort_size": sorted({str(r.get("cohort_size")) for r in rows})}
-    tokens = sum(r["tokens"] for r in rows if r["status"] == "completed")
-    loss_tokens = sum((r.get("loss_tokens_per_sec") or 0) * (r.get("train_seconds") or 0) for r in rows if r["status"] == "completed")
-    # the span members trained in each worker, from their runs' start (after the base load) to their end
+    tokens = sum(r.get("tokens") or 0 for r in rows)
+    loss_tokens = sum(r.get("loss_tokens") or 0 for r in rows)
+    uncounted = [r.get("trial") for r in rows if r.get("status") != "completed" or r.get("tokens") is None]
     span = sum(max(r["end"] for r in ws) - min(r["start"] for r in ws) for ws in workers.values())
-    out["tokens_per_sec"] = round(tokens / span, 1) if span else None
+    out.update(tokens=tokens, train_wall_seconds=round(span, 1), tokens_exact=not uncounted, trials_not_fully_counted=uncounted)
+    out["tokens_per_sec"] = round(tokens / span, 1) if span and tokens else None
     if out["tokens_per_sec"] and not args.dry_run:
         from seed_vs_ours import PEAK_FLOPS, flops_per_token
 
-        out["mfu"] = round(flops_per_token(args.size, loss_tokens / tokens if tokens else 1.0, False) * out["tokens_per_sec"] / PEAK_FLOPS, 4)
+        out["mfu"] = round(flops_per_token(args.size, loss_tokens / tokens, False) * out["tokens_per_sec"] / PEAK_FLOPS, 4)
     return out
 
 
@@ -191,13 +197,14 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'mode':<8} {'wall s':>7} {'makespan':>9} {'done':>5} {'trials/h':>8} {'util>0':>6} {'util':>6} {'oom':>4}  per-GPU busy (trial bars), idle s")
     for mode, r in results["modes"].items():
         g, ms = r.get("gpu", {}), r.get("makespan", {})
-        span = "-" if ms.get("seconds") is None else f"{ms['seconds']:.0f}{'*' if ms.get('projected') else ''}"
+        span = f"cut {ms['cut_at']:.0f}" if ms.get("seconds") is None and ms.get("cut_at") else "-" if ms.get("seconds") is None else f"{ms['seconds']:.0f}"
         lanes = " ".join(f"{k}:{v['busy_fraction']:.0%},{v['idle_seconds']:.0f}s" for k, v in r.get("timeline", {}).get("per_gpu", {}).items())
         util_busy = f"{g['util_busy_fraction']:.0%}" if "util_busy_fraction" in g else "-"
         util = f"{g['mean_util']:.0%}" if "mean_util" in g else "-"
         print(f"{mode:<8} {r['wall_seconds']:>7.0f} {span:>9} {ms.get('completed', 0):>5} {r.get('trials_per_hour') or 0:>8.1f} {util_busy:>6} {util:>6} {r.get('oom', 0):>4}  {lanes}")
     s = results.get("summary", {})
-    print("(* projected: the time budget cut the one-at-a-time sweep)")
+    if any(r.get("makespan", {}).get("cut_at") for r in results["modes"].values()):
+        print("(cut: the time budget stopped the sweep before every trial completed; no makespan, no ratio)")
     for key, target in s.get("targets", {}).items():
         value = s.get(key)
         if isinstance(value, dict):

@@ -1,28 +1,40 @@
-"""The seed's training recipe, Hugging Face's best plain settings and our trainable, side by side (issues 4, 16).
+"""The seed's training recipe, HF Trainer tuned and our trainable, side by side (issues 4, 16, 30).
 
     # two GPUs, one size each, at the same time (~8 min for 1B, ~9 min for 12B on H200s):
     CUDA_VISIBLE_DEVICES=0 python bench/seed_vs_ours.py --sizes 1b --out 1b.json &
     CUDA_VISIBLE_DEVICES=1 python bench/seed_vs_ours.py --sizes 12b --out 12b.json &
     python bench/seed_vs_ours.py --dry-run --out /tmp/dry.json      # CPU, tiny model: every code path
 
-Rows run in order of importance (seed, HF best, ours, ours fast, then one switch at a time, the
-50-loss check, then extras) and the JSON is rewritten after every row, so a run cut short keeps
-what finished. Each row's label names every setting (optimizer included); rows that cannot run
-here (liger-kernel without CUDA) are recorded as skipped, with the reason.
+Rows run in order of importance (seed, HF Trainer tuned, ours, ours fast, then one switch at a
+time, the 50-loss check, then the larger micro-batches, each with its HF Trainer tuned anchor) and
+the JSON is rewritten after every row, so a run cut short keeps what finished. Each row's label
+names every setting (optimizer included); rows that cannot run here (liger-kernel without CUDA:
+every HF Trainer tuned row on a CPU) are recorded as skipped, with the reason.
 
 Time budget (--budget-s, per size): a row starts only if the budget has room for its expected
-duration (expected_seconds: the 2026-11-30 H200 walls); a row still running at the limit is stopped
-and recorded as `skipped` with reason `time budget: ...` and the --start-row that resumes there, never
-as an error. A row that fails records the exception's last lines (the child writes them), not the
-stderr tail (progress bars). The `[liger unavailable]` fallback (the all-switches row measured with
-the chunked loss instead) happens only when liger-kernel cannot be imported for our own loss; a
+duration (expected_seconds); a row still running at the limit is stopped and recorded as `skipped`
+with reason `time budget: ...` and the --start-row that resumes there, never as an error. A row
+that fails records the exception's last lines (the child writes them), not the stderr tail
+(progress bars). The `[liger unavailable]` fallback (the all-switches row measured with the
+chunked loss instead) happens only when liger-kernel cannot be imported for our own loss; a
 failing HF Trainer + liger row is an error of that row alone. --only takes labels separated by `|`
-(labels contain commas): `--only "LoRA bf16, chunked loss|mb 16x2"`.
+(labels contain commas): `--only "LoRA bf16, chunked loss|mb 16x2"` (every row of a micro-batch,
+its HF Trainer tuned anchor included, contains "mb 16x2").
 
-HF best: Hugging Face Trainer + PEFT with the seed's LoRA at Trainer's best plain settings:
-micro-batch 8 (1B) / 4 (12B), sdpa, no gradient checkpointing (retried with it on OOM), torch's
-fused AdamW (adamw_torch_fused), frozen embeddings, packed rows with position_ids (as
-DataCollatorWithFlattening feeds them); "+ liger" adds TrainingArguments(use_liger_kernel=True).
+HF Trainer tuned, the anchor of every "x HF" ratio: Hugging Face Trainer + PEFT with the seed's
+LoRA and the settings a user tuning HF Trainer for speed would pick, at the micro-batch of the
+"ours" row it is compared with (one anchor per micro-batch an ours row uses): sdpa, no gradient
+checkpointing (retried with it on OOM), use_liger_kernel=True, bf16 adapters (PEFT's
+get_peft_model(..., autocast_adapter_dtype=False)), torch's fused AdamW (adamw_torch_fused), frozen
+embeddings, packed rows with position_ids (as DataCollatorWithFlattening feeds them),
+logging_nan_inf_filter=False and one log at the end (no per-step host sync). Beside it at the main
+micro-batches, the same with torch_compile=True; the anchor of a micro-batch is the faster of the
+two in the same run (`comparisons` names it). Where torch_compile does not compile the whole step
+(liger's Triton kernels run outside the graph) the row's `graph_breaks` says so.
+Timing, every row alike: the tokens trained in the timed steps (counted: non-padding tokens)
+over the wall time from the end of the last warm-up step to the end of the last timed step, with
+one device sync at each end.
+
 The 50-loss check (1B): our first 50 losses (fp32 LoRA; bf16 LoRA; liger loss where it runs)
 against HF Trainer + PEFT on the same micro-batches, same init, bf16 on the GPU.
 
@@ -40,9 +52,10 @@ untimed steps then --timed timed steps (per row: long mb-1 steps 1 + 2, 1B fast 
 MFU, per token: 4 x (decoder linear params) [frozen weights: forward + input gradient]
 + 6 x layers x seq x heads x head_dim [causal attention, QK^T and AV, forward + backward]
 + (4 or 6) x vocab x hidden x f [lm_head: 6 when its weight trains (the seed's modules_to_save),
-4 when frozen; f = fraction of tokens that go through it: 1 for the seed, the reply-token fraction
-for our chunked loss]; LoRA's own FLOPs and recomputation are not counted. Divided by the H200's
-dense bf16 peak, 989 TFLOP/s.
+4 when frozen; f = fraction of tokens that go through it: 1 for HF Trainer (liger's fused loss
+too computes lm_head at every position), the reply-token fraction for our chunked and liger
+losses]; LoRA's own FLOPs and recomputation are not counted. Divided by the dense bf16 peak of an
+H200 (an H100 SXM's is the same), 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -114,18 +127,19 @@ SEQS_PER_STEP = 32
 SEED_TARGETS = ["k_proj", "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
 
-def hf_recipe(size: str, **changes) -> dict:
-    """HF Trainer's best plain settings for this size (the fair reference), with `changes`."""
-    micro = 8 if size == "1b" else 4
-    base = dict(batch=(micro, SEQS_PER_STEP // micro), attn="sdpa", ckpt=False, optim="adamw_torch_fused", embeddings="frozen", liger=False, packed=True)
+def hf_recipe(micro: int, **changes) -> dict:
+    """HF Trainer tuned at micro-batch `micro` (the anchor of the ours rows at that micro-batch), with `changes`."""
+    base = dict(batch=(micro, SEQS_PER_STEP // micro), attn="sdpa", ckpt=False, optim="adamw_torch_fused", embeddings="frozen", liger=True,
+                packed=True, lora_dtype="bfloat16", compile=False)  # fmt: skip
     return {**base, **changes}
 
 
-SEED_RECIPE = dict(batch=(1, 32), attn="eager", ckpt=True, optim="paged_adamw_8bit", embeddings="full", liger=False, packed=False)
+SEED_RECIPE = dict(batch=(1, 32), attn="eager", ckpt=True, optim="paged_adamw_8bit", embeddings="full", liger=False, packed=False,
+                   lora_dtype="float32", compile=False)  # fmt: skip
 
 
 def ours_settings(size: str, **changes) -> dict:
-    """Our base row: the same split and attention as HF best, our loop and chunked loss, fp32 LoRA."""
+    """Our base row: the same split and attention as HF Trainer tuned, our loop and chunked loss, fp32 LoRA."""
     micro = 8 if size == "1b" else 4
     base = dict(batch=(micro, SEQS_PER_STEP // micro), attn_implementation="sdpa", gradient_checkpointing=False, loss="chunked",
                 optimizer="adamw", lora_dtype="float32", compile=False, embeddings="frozen")  # fmt: skip
@@ -135,9 +149,10 @@ def ours_settings(size: str, **changes) -> dict:
 def label(kind: str, s: dict) -> str:
     """Every setting of a row, named (so two rows' labels show all that differs)."""
     if kind in ("seed", "hf"):
-        name = "seed (HF Trainer)" if s == SEED_RECIPE else "HF best" + (" + liger" if s["liger"] else "")
+        name = "seed (HF Trainer)" if s == SEED_RECIPE else "HF Trainer tuned"
         return (f"{name}: mb {s['batch'][0]}x{s['batch'][1]}, {s['attn']}, ckpt {'on' if s['ckpt'] else 'off'}, {s['optim']}, "
-                f"emb {s['embeddings']}, LoRA fp32, {'liger' if s['liger'] else 'model'} loss, {'packed' if s['packed'] else 'no position_ids'}")  # fmt: skip
+                f"emb {s['embeddings']}, LoRA {'bf16' if s['lora_dtype'] == 'bfloat16' else 'fp32'}, {'liger' if s['liger'] else 'model'} loss, "
+                f"{'packed' if s['packed'] else 'no position_ids'}{', torch_compile' if s['compile'] else ''}")  # fmt: skip
     ckpt = {True: "on", False: "off"}.get(s["gradient_checkpointing"], s["gradient_checkpointing"])
     optim = {"adamw": "torch fused AdamW"}.get(s["optimizer"], s["optimizer"])
     return (f"ours: mb {s['batch'][0]}x{s['batch'][1]}, {s['attn_implementation']}, ckpt {ckpt}, {optim}, emb {s['embeddings']}, "
@@ -145,30 +160,31 @@ def label(kind: str, s: dict) -> str:
 
 
 def rows_for(size: str, ablations: bool) -> list[dict]:
-    """The rows of one size, most important first. warmup/timed: steps before / while timing."""
+    """The rows of one size, most important first. warmup/timed: steps before / while timing. Every
+    micro-batch an ours row uses gets its HF Trainer tuned anchor just before the first ours row
+    there (with_anchors); the main micro-batches also get the anchor with torch_compile."""
     slow, fast = (1, 2), ((2, 10) if size == "1b" else (1, 3))
     o = lambda **c: ours_settings(size, **c)  # noqa: E731
+    hf_compiled = lambda micro: dict(kind="hf", recipe=hf_recipe(micro, compile=True), steps=(fast[0] + 1, fast[1]))  # noqa: E731
     fast_all = dict(lora_dtype="bfloat16", loss="liger", compile=size == "1b")  # 12B QLoRA: compile is its own row (bnb 4-bit ops)
+    micro = 8 if size == "1b" else 4
     rows = [
         dict(kind="seed", recipe=SEED_RECIPE, steps=slow),
-        dict(kind="hf", recipe=hf_recipe(size), steps=fast),
         dict(kind="ours", settings=o(), steps=fast),
         dict(kind="ours", settings=o(**fast_all), steps=(fast[0] + int(fast_all["compile"]), fast[1])),
     ]
     if size == "1b":
         rows.append(dict(kind="losses"))
     if size != "1b":  # the memory target: <= 0.6x the seed's peak allocated at >= 3x its tokens/s
+        # micro-batch 2, then 4 (half the per-token cost of dequantizing the NF4 weights), then 4 with
+        # bnb's 8-bit AdamW (less optimizer state) and compiled layers: bench/BENCH.md, "Seed recipe vs
+        # HF Trainer's best vs ours on H200s" and "Cohorts with folding, two GPUs, ..." (third session)
         rows.append(dict(kind="ours", settings=o(batch=(2, 16), gradient_checkpointing=True, lora_dtype="bfloat16", loss="liger"), steps=fast))
-        # 2026-11-30: micro-batch 2 reached 0.53x the seed's peak at only 1.8x its speed; micro-batch 4
-        # halves the per-token cost of dequantizing the NF4 weights (estimated ~11.2 GB: at the 0.6x line)
         rows.append(dict(kind="ours", settings=o(batch=(4, 8), gradient_checkpointing=True, lora_dtype="bfloat16", loss="liger"), steps=fast))
-        # 2026-11-30 (third session): that row reached 11.41 GB (0.608x) at 3,075 tok/s (2.8x the 1,100 of
-        # the seed row of the first session); bnb's 8-bit AdamW keeps ~0.4 GB less optimizer state for
-        # its 65M LoRA parameters, and compiled layers made the 12B step 1.3x faster (6,824 vs 5,150 tok/s)
         rows.append(dict(kind="ours", settings=o(batch=(4, 8), gradient_checkpointing=True, lora_dtype="bfloat16", loss="liger", optimizer="adamw_8bit",
                                                  compile=True), steps=(fast[0] + 1, fast[1])))  # fmt: skip
     rows += [
-        dict(kind="hf", recipe=hf_recipe(size, liger=True), steps=fast),
+        hf_compiled(micro),
         dict(kind="ours", settings=o(lora_dtype="bfloat16"), steps=fast),
         dict(kind="ours", settings=o(loss="liger"), steps=fast),
         dict(kind="ours", settings=o(compile=True), steps=(fast[0] + 1, fast[1])),
@@ -177,10 +193,12 @@ def rows_for(size: str, ablations: bool) -> list[dict]:
         rows += [
             dict(kind="ours", settings=o(attn_implementation="flex_attention"), steps=(fast[0] + 1, fast[1])),
             dict(kind="ours", settings=o(batch=(16, 2), **fast_all), steps=(fast[0] + 1, fast[1])),
-            # micro-batch 32 (one micro-batch per step) for the MFU target: mb 16 reached 20.7% at 37 GB of 141
+            hf_compiled(16),
+            # micro-batch 32 (one micro-batch per step) for the MFU target
             dict(kind="ours", settings=o(batch=(32, 1), **fast_all), steps=(fast[0] + 1, fast[1])),
-            # 2026-12-02 profile of mb 16: sdpa's attention (cuDNN, head_dim 256, packed rows' mask) took 14% of the
-            # GPU time at ~78 TFLOP/s; flex_attention skips the blocks the document mask removes
+            hf_compiled(32),
+            # flex_attention skips the blocks the packed rows' document mask removes (sdpa's share of the
+            # step: bench/BENCH.md, "One H200: micro-batch 32, where the GPU time goes, ...")
             dict(kind="ours", settings=o(batch=(32, 1), attn_implementation="flex_attention", **fast_all), steps=(fast[0] + 1, fast[1])),
             dict(kind="ours", settings=o(batch=(1, 32), **fast_all), steps=(2, 3)),
             dict(kind="ours", settings=dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit",
@@ -190,9 +208,10 @@ def rows_for(size: str, ablations: bool) -> list[dict]:
         rows += [
             dict(kind="ours", settings=o(compile=True, lora_dtype="bfloat16", loss="liger"), steps=(fast[0] + 1, fast[1])),
             dict(kind="ours", settings=o(batch=(2, 16), gradient_checkpointing=True, lora_dtype="bfloat16"), steps=fast),
-            # micro-batch 8, where HF best's 80 GB at micro-batch 4 cannot go: each NF4 weight is
-            # dequantized once per micro-batch (forward and backward), so twice the tokens per dequant
+            # micro-batch 8: each NF4 weight is dequantized once per micro-batch (forward and backward),
+            # so twice the tokens per dequantization
             dict(kind="ours", settings=o(batch=(8, 4), compile=True, lora_dtype="bfloat16", loss="liger"), steps=(fast[0] + 1, fast[1])),
+            hf_compiled(8),
         ]
     if ablations:  # the issue-4 ladder at micro-batch 1, one switch more at a time
         ladder = dict(batch=(1, 32), attn_implementation="eager", gradient_checkpointing=True, loss="model", optimizer="paged_adamw_8bit",
@@ -200,9 +219,26 @@ def rows_for(size: str, ablations: bool) -> list[dict]:
         for change in (dict(attn_implementation="sdpa"), dict(embeddings="new_tokens"), dict(loss="chunked")):
             ladder = {**ladder, **change}
             rows.append(dict(kind="ours", settings=dict(ladder), steps=(1, 3)))
+    rows = with_anchors(rows, fast)
     for r in rows:
         r["name"] = "50-loss check: ours vs HF Trainer + PEFT" if r["kind"] == "losses" else label(r["kind"], r.get("recipe") or r["settings"])
     return rows
+
+
+def with_anchors(rows: list[dict], steps: tuple[int, int]) -> list[dict]:
+    """`rows` with an HF Trainer tuned row (no torch_compile) just before the first ours row of each
+    micro-batch that has none earlier: every ours row has its anchor at its own micro-batch."""
+    out: list[dict] = []
+    anchored: set[int] = set()
+    for row in rows:
+        if row["kind"] == "hf" and not row["recipe"]["compile"]:
+            anchored.add(row["recipe"]["batch"][0])
+        if row["kind"] == "ours" and row["settings"]["batch"][0] not in anchored:
+            micro = row["settings"]["batch"][0]
+            out.append(dict(kind="hf", recipe=hf_recipe(micro), steps=(2, 3) if micro == 1 else steps))
+            anchored.add(micro)
+        out.append(row)
+    return out
 
 
 def flops_per_token(size: str, lm_head_fraction: float, head_trains: bool) -> float:
@@ -227,24 +263,34 @@ def micro_batches(data_dir: str, micro: int, steps: int) -> list[dict]:
 
 
 def hf_run(model_dir: str, data_dir: str, method: str, recipe: dict, warmup: int, timed: int) -> dict:
-    """HF Trainer + PEFT with the seed's LoRA under `recipe`; times steps after `warmup` with CUDA syncs."""
+    """HF Trainer + PEFT with the seed's LoRA under `recipe`: the tokens of the timed steps (counted,
+    non-padding) over the wall time from the end of the last warm-up step to the end of the last
+    timed step, with a device sync at each end (StepWindow)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
-    kwargs: dict = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": recipe["attn"]}
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict = {"dtype": dtype, "attn_implementation": recipe["attn"]}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=kwargs["dtype"])  # fmt: skip
+                                                           bnb_4bit_compute_dtype=dtype)  # fmt: skip
         kwargs["device_map"] = {"": 0 if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if method != "qlora" and cuda:
         model.to("cuda")
     extra = {"modules_to_save": ["embed_tokens", "lm_head"]} if recipe["embeddings"] == "full" else {}
     config = LoraConfig(lora_alpha=16, lora_dropout=0.05, r=16, bias="none", task_type="CAUSAL_LM", target_modules=SEED_TARGETS, **extra)
-    model = get_peft_model(model, config)
+    adapters_bf16 = recipe["lora_dtype"] == "bfloat16"
+    # autocast_adapter_dtype=False: PEFT leaves the adapters in the dtype they were made in instead of
+    # upcasting them to fp32; on 4-bit layers they are made in fp32, so they are cast here, once
+    model = get_peft_model(model, config, autocast_adapter_dtype=not adapters_bf16)
+    if adapters_bf16:
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" in name:
+                param.data = param.data.to(dtype)
     load_seconds = time.perf_counter() - started
     micro, accum = recipe["batch"]
     steps = warmup + timed
@@ -258,39 +304,79 @@ def hf_run(model_dir: str, data_dir: str, method: str, recipe: dict, warmup: int
                 for i in range(micro):
                     yield {k: b[k][i] for k in keys}
 
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
+    window = StepWindow(warmup, timed, torch.cuda.synchronize if cuda else None)
     optim = recipe["optim"] if cuda else "adamw_torch"  # bitsandbytes' paged optimizer needs CUDA
+    tuned = recipe != SEED_RECIPE
     args = TrainingArguments(
         output_dir="/tmp/hf-run", per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-        bf16=cuda, gradient_checkpointing=recipe["ckpt"], optim=optim, use_liger_kernel=recipe["liger"],
-        gradient_checkpointing_kwargs=None if recipe == SEED_RECIPE or not recipe["ckpt"] else {"use_reentrant": False},
-        learning_rate=2e-4, max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda,
+        bf16=cuda, gradient_checkpointing=recipe["ckpt"], optim=optim, use_liger_kernel=recipe["liger"], torch_compile=recipe["compile"],
+        gradient_checkpointing_kwargs=None if not tuned or not recipe["ckpt"] else {"use_reentrant": False},
+        # tuned: no per-step NaN/Inf check and one log at the end (each log reads the loss: a host sync)
+        logging_nan_inf_filter=not tuned, logging_steps=steps if tuned else 1,
+        learning_rate=2e-4, max_steps=steps, save_strategy="no", report_to=[], use_cpu=not cuda,
         remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=cuda,
     )  # fmt: skip
     collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate, callbacks=[Clock()])
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate, callbacks=[window.callback()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    tokens, seconds = sum(step_tokens[warmup:]), sum(times[warmup:])
-    out = {"tokens_per_sec": tokens / seconds, "step_seconds": times, "load_seconds": load_seconds, "trial_status": "completed",
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "lm_head_fraction": 1.0,
-           "head_trains": recipe["embeddings"] == "full", "optimizer": optim, "recipe": recipe}  # fmt: skip
+    if window.seconds is None:
+        raise RuntimeError(f"HF Trainer ran {window.steps} optimizer steps, fewer than {warmup} warm-up + {timed} timed: no timed window")
+    tokens = sum(step_tokens[warmup:])
+    out = {"tokens_per_sec": tokens / window.seconds, "tokens": tokens, "train_seconds": window.seconds, "load_seconds": load_seconds,
+           "trial_status": "completed", "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "lm_head_fraction": 1.0,
+           "head_trains": recipe["embeddings"] == "full", "optimizer": optim, "recipe": recipe,
+           "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad and "lora_" in n})}  # fmt: skip
+    if recipe["compile"]:
+        out["dynamo_counters"] = dynamo_counters()
+        out["graph_breaks"] = sum(out["dynamo_counters"].get("graph_break", {}).values())
     if cuda:
         out.update(peak_vram_gb=torch.cuda.max_memory_allocated() / 2**30, peak_vram_reserved_gb=torch.cuda.max_memory_reserved() / 2**30)
     return out
+
+
+class StepWindow:
+    """The wall time of optimizer steps warmup+1 .. warmup+timed of an HF Trainer run: from the end of
+    the last warm-up step (the start of the first timed one, its batch's loading included) to the
+    end of the last timed step, with `sync` (the device's) at both ends and nowhere else. With no
+    warm-up it starts at the first step's beginning."""
+
+    def __init__(self, warmup: int, timed: int, sync=None, clock=time.perf_counter) -> None:
+        self.warmup, self.timed, self.sync, self.clock = warmup, timed, sync, clock
+        self.steps = 0
+        self.started: float | None = None
+        self.seconds: float | None = None
+
+    def _mark(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return self.clock()
+
+    def step_begin(self) -> None:
+        if self.warmup == 0 and self.steps == 0:
+            self.started = self._mark()
+
+    def step_end(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.started = self._mark()
+        elif self.steps == self.warmup + self.timed and self.started is not None:
+            self.seconds = self._mark() - self.started
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        window = self
+
+        class Window(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                window.step_begin()
+
+            def on_step_end(self, args, state, control, **kw):
+                window.step_end()
+
+        return Window()
 
 
 # the 50-loss check: the test in tests/unit/test_reference.py, at real size on the GPU
@@ -531,19 +617,30 @@ class KernelProfile:
 
 
 def dynamo_counters() -> dict[str, dict[str, int]]:
-    """torch._dynamo's counters after a compiled row (one row per process): graphs captured,
-    recompiles, CUDA graph skips and re-recordings. The 2026-12-01 row with CUDA graphs ran 1.8x
-    slower than without them; these say whether it recorded again and again or fell back."""
+    """torch._dynamo's counters after a compiled row (one row per process): frames and graphs
+    captured, recompiles, graph breaks (`graph_break`), and inductor's matmul shapes (`aten_mm_info`:
+    a symbolic size such as `8*s29` means the graph was compiled for varying shapes)."""
     from torch._dynamo.utils import counters
 
     return {group: {str(k): int(v) for k, v in c.items()} for group, c in counters.items() if c}
 
 
 def liger_reason(row: dict) -> str | None:
-    """Why this row's liger loss cannot run here: liger-kernel not importable for our loss, or no
-    CUDA (None: it can, or the row does not use liger). Checked in this process, once per row; a
-    failure inside a row (HF Trainer's own liger patching) is that row's error, nothing more."""
-    if not ((row.get("recipe") or {}).get("liger") or (row.get("settings") or {}).get("loss") == "liger"):
+    """Why this row's liger cannot run here (None: it can, or the row does not use liger): for our
+    loss, liger-kernel not importable or no CUDA; for HF Trainer's use_liger_kernel, no CUDA or no
+    liger-kernel. Checked in this process, once per row; a failure inside a row (HF Trainer's own
+    liger patching) is that row's error, nothing more."""
+    if (row.get("recipe") or {}).get("liger"):
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return "HF Trainer's use_liger_kernel runs liger-kernel's Triton kernels and needs a CUDA GPU; this machine has none"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "HF Trainer's use_liger_kernel needs liger-kernel: pip install 'lora-sweep[gpu]'"
+        return None
+    if (row.get("settings") or {}).get("loss") != "liger":
         return None
     from trainable.fast import liger_unavailable
 
@@ -593,6 +690,8 @@ def run_row(row: dict, size: str, method: str, folder: Path, data_dir: str, ids:
     out.unlink(missing_ok=True)
     limit = max(1.0, args.deadline - time.perf_counter()) if getattr(args, "deadline", None) else None
     result = {"size": size, "method": method, "run": row["name"], "kind": row["kind"], "warmup_steps": warmup, "timed_steps": timed}
+    if row["kind"] != "losses":
+        result["micro_batch"] = (row.get("recipe") or row["settings"])["batch"][0]  # as planned: the anchor's key (comparisons)
     try:
         proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env=env, timeout=limit)
     except subprocess.TimeoutExpired as exc:  # the size's time budget ran out in this row: not an error of the row
@@ -701,14 +800,14 @@ def main() -> None:
             else:
                 result = run_row(row, size, method, folder, data_dir, ids, work, args)
                 if result["trial_status"] == "oom" and row["kind"] == "hf" and not row["recipe"]["ckpt"]:
-                    rows.append(result)  # HF best does not fit without checkpointing: measure it with
+                    rows.append(result)  # HF Trainer tuned does not fit without checkpointing: measure it with
                     row = {**row, "recipe": {**row["recipe"], "ckpt": True}}
                     row["name"] = label("hf", row["recipe"])
                     result = run_row(row, size, method, folder, data_dir, ids, work, args)
             result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
             rows.append(result)
-            Path(args.out).write_text(json.dumps(with_provenance({"build_seconds": build_seconds, "rows": rows}), indent=2, default=str))
-            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "step_seconds", "recipe", "stderr_tail", "dynamo_counters", "profile")}, default=str)[:600], flush=True)
+            Path(args.out).write_text(json.dumps(with_provenance({"build_seconds": build_seconds, "rows": rows, "comparisons": comparisons(rows)}), indent=2, default=str))
+            print(json.dumps({k: v for k, v in result.items() if k not in ("error", "derived", "losses", "recipe", "stderr_tail", "dynamo_counters", "profile")}, default=str)[:600], flush=True)
             if result.get("profile"):
                 print(json.dumps({k: v for k, v in result["profile"].items() if k != "top"}), flush=True)
             if result.get("trial_status") in ("error", "oom"):
@@ -716,19 +815,44 @@ def main() -> None:
     summary(rows, args.sizes.split(","))
 
 
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Every measured row against the same run's seed row and its HF Trainer tuned anchor: the faster
+    of the HF Trainer tuned rows (with or without torch_compile) at the row's own micro-batch and
+    size. No anchor measured at that micro-batch: no "x HF" (None), never another micro-batch's."""
+    out = []
+    for r in rows:
+        if not r.get("tokens_per_sec"):
+            continue
+        size, micro = r["size"], micro_batch(r)
+        seed = next((x for x in rows if x["size"] == size and x["kind"] == "seed" and x.get("tokens_per_sec")), None)
+        tuned = [x for x in rows if x["size"] == size and x["kind"] == "hf" and x.get("tokens_per_sec") and micro_batch(x) == micro]
+        anchor = max(tuned, key=lambda x: x["tokens_per_sec"], default=None)
+        out.append({"size": size, "run": r["run"], "micro_batch": micro, "tokens_per_sec": r["tokens_per_sec"],
+                    "x_seed": r["tokens_per_sec"] / seed["tokens_per_sec"] if seed else None,
+                    "x_hf": r["tokens_per_sec"] / anchor["tokens_per_sec"] if anchor else None, "hf_anchor": anchor["run"] if anchor else None,
+                    "peak_vram_gb": r.get("peak_vram_gb"), "x_seed_peak": r["peak_vram_gb"] / seed["peak_vram_gb"] if seed and seed.get("peak_vram_gb") and r.get("peak_vram_gb") else None,
+                    "peak_vram_reserved_gb": r.get("peak_vram_reserved_gb"), "mfu": r.get("mfu")})  # fmt: skip
+    return out
+
+
+def micro_batch(row: dict) -> int:
+    """The micro-batch of a result row as planned (run_row records it; a dry run trains 1 x 2 under
+    every label); rows of older result files: the one their label names."""
+    if row.get("micro_batch"):
+        return int(row["micro_batch"])
+    return int(row["run"].split("mb ", 1)[1].split("x", 1)[0])
+
+
 def summary(rows: list[dict], sizes: list[str]) -> None:
+    nan = float("nan")
+    show = lambda v, f: format(v, f) if v is not None else format(nan, f)  # noqa: E731
     print(f"\n{'size':<4} {'run':<100} {'tok/s':>8} {'x seed':>7} {'x HF':>6} {'alloc GB':>9} {'x seed':>7} {'resv GB':>8} {'MFU':>6}")
+    print("x HF: against the faster HF Trainer tuned row (torch_compile or not) at the row's own micro-batch, this run")
+    table = comparisons(rows)
     for size in sizes:
-        group = [r for r in rows if r["size"] == size and r.get("tokens_per_sec")]
-        seed = next((r for r in group if r["kind"] == "seed"), None)
-        hf = next((r for r in group if r["kind"] == "hf"), None)
-        nan = float("nan")
-        for r in group:
-            speed = r["tokens_per_sec"] / seed["tokens_per_sec"] if seed else nan
-            vs_hf = r["tokens_per_sec"] / hf["tokens_per_sec"] if hf else nan
-            mem = r.get("peak_vram_gb", nan) / seed["peak_vram_gb"] if seed and seed.get("peak_vram_gb") else nan
-            print(f"{size:<4} {r['run'][:100]:<100} {r['tokens_per_sec']:>8.0f} {speed:>7.2f} {vs_hf:>6.2f} {r.get('peak_vram_gb', nan):>9.2f} {mem:>7.2f} "
-                  f"{r.get('peak_vram_reserved_gb', nan):>8.2f} {r['mfu']:>6.1%}")  # fmt: skip
+        for c in (c for c in table if c["size"] == size):
+            print(f"{size:<4} {c['run'][:100]:<100} {c['tokens_per_sec']:>8.0f} {show(c['x_seed'], '>7.2f')} {show(c['x_hf'], '>6.2f')} "
+                  f"{show(c['peak_vram_gb'], '>9.2f')} {show(c['x_seed_peak'], '>7.2f')} {show(c['peak_vram_reserved_gb'], '>8.2f')} {show(c['mfu'], '>6.1%')}")  # fmt: skip
         for r in rows:
             if r["size"] == size and r["kind"] == "losses" and r.get("max_rel_diff"):
                 for name, diff in r["max_rel_diff"].items():

@@ -96,18 +96,15 @@ def compare_losses(reference: list[dict[str, Any]], other: list[dict[str, Any]],
             "only_in_reference": len(ref.keys() - oth.keys()), "only_in_other": len(oth.keys() - ref.keys()), "per_config": pairs}  # fmt: skip
 
 
-def makespan(rows: list[dict[str, Any]], wanted: int, wall: float, serial: bool) -> dict[str, Any]:
-    """The sweep's wall time, or, when the time budget cut it before all `wanted` trials completed:
-    for a one-at-a-time run (`serial`) a projection, wall + each missing trial at the completed
-    ones' mean duration (run start to end), marked `projected`; for a concurrent one, no figure
-    (`seconds` None: trials/hour over the wall time is what remains comparable)."""
+def makespan(rows: list[dict[str, Any]], wanted: int, wall: float) -> dict[str, Any]:
+    """The sweep's wall time when all `wanted` trials completed; when the time budget cut it first,
+    no figure (`seconds` None, `cut_at` its wall time): a cut sweep is not projected from the trials
+    that finished (their mean carried the first trial's cold base load and start-up into every
+    missing one), and trials/hour over the wall time is what remains comparable."""
     done = [r for r in rows if r.get("status") == "completed"]
     if len(done) >= wanted:
-        return {"seconds": round(wall, 1), "projected": False, "completed": len(done)}
-    if not done or not serial:
-        return {"seconds": None, "projected": False, "completed": len(done), "cut_at": round(wall, 1)}
-    mean = sum(r["end"] - r["start"] for r in done) / len(done)
-    return {"seconds": round(wall + (wanted - len(done)) * mean, 1), "projected": True, "completed": len(done), "mean_trial_seconds": round(mean, 1)}
+        return {"seconds": round(wall, 1), "completed": len(done)}
+    return {"seconds": None, "completed": len(done), "cut_at": round(wall, 1)}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

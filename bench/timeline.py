@@ -166,15 +166,22 @@ def summarise(rows: list[dict[str, Any]], samples: dict[str, list[dict]], start:
 
 
 def read_rows(mlflow_uri: str, experiment: str) -> list[dict[str, Any]]:
-    """Every child run of the experiment's sweeps: what the timeline and the benchmarks read."""
+    """Every child run of the experiment's sweeps: what the timeline and the benchmarks read. A trial's
+    `tokens` / `loss_tokens` are the tokens it trained, counted (non-padding input tokens; reply
+    tokens), as its newest checkpoint in the sweep folder holds them (counted_tokens); None when it
+    left none. They are never tokens_per_sec x train_seconds: a trial's tokens_per_sec leaves out
+    its first step (a compiled trial's compile) and train_seconds does not, so that product counted
+    more tokens than were trained."""
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:  # the driver failed before it started the sweep (its log says why)
         return []
+    runs = client.search_runs([exp.experiment_id], max_results=10_000)
+    sweep_dirs = {r.info.run_id: r.data.tags.get("sweep_dir") for r in runs if "mlflow.parentRunId" not in r.data.tags}
     rows = []
-    for r in client.search_runs([exp.experiment_id], max_results=10_000):
+    for r in runs:
         if "mlflow.parentRunId" not in r.data.tags:
             continue
         m, p, t = r.data.metrics, r.data.params, r.data.tags
@@ -188,8 +195,28 @@ def read_rows(mlflow_uri: str, experiment: str) -> list[dict[str, Any]]:
             "learning_rate": p.get("learning_rate"), "batch": p.get("batch"),
             **{k: m.get(k) for k in ("eval_loss", "load_seconds", "train_seconds", "tokens_per_sec", "loss_tokens_per_sec", "peak_vram_gb", "peak_vram_reserved_gb", "member_vram_share_gb")},
         })  # fmt: skip
-        rows[-1]["tokens"] = (rows[-1]["tokens_per_sec"] or 0) * (rows[-1]["train_seconds"] or 0)
+        rows[-1].update(counted_tokens(sweep_dirs.get(t["mlflow.parentRunId"]), t.get("trial")))
     return sorted(rows, key=lambda x: (x["start"], x["trial"] or ""))
+
+
+def counted_tokens(sweep_dir: str | None, trial: str | None) -> dict[str, Any]:
+    """The tokens a trial trained as counted by its cohort member (trainable/cohort.py adds every
+    micro-batch's non-padding tokens) and saved with its newest checkpoint,
+    <sweep_dir>/trials/<trial>/step-N/member.json, with N, the step they were counted at. A
+    completed trial's last checkpoint is its last step's (its final evaluation saves one), so its
+    count is every token it trained; a trial stopped between evaluations trained more than its
+    count. No checkpoint (or no sweep folder): None."""
+    out: dict[str, Any] = {"tokens": None, "loss_tokens": None, "tokens_at_step": None}
+    if not sweep_dir or not trial:
+        return out
+    from core.contract import MEMBER_STATE, TRIALS_DIR
+    from trainable.cohort_worker import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(sweep_dir) / TRIALS_DIR / trial)
+    if checkpoint is None:
+        return out
+    state = json.loads((Path(checkpoint) / MEMBER_STATE).read_text())
+    return {"tokens": state.get("tokens"), "loss_tokens": state.get("loss_tokens"), "tokens_at_step": state.get("step")}
 
 
 def _float(value: Any) -> float | None:

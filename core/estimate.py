@@ -18,9 +18,10 @@ the end of the forward pass, when every saved activation and the loss's logits c
                chunked loss: the same for one chunk of at most 4096 reply tokens
 
 It answers "peak allocated" (torch.cuda.max_memory_allocated). Calibrated on an H200 against
-bench/results-*.json (see bench/BENCH.md); the CUDA context (~0.5 GB) is not in that figure.
-Accuracy: within 6% of every measurement in bench/results-gemma3-policies-h200.json (1B/4B LoRA,
-12B QLoRA, each embedding policy; worst +5.1%), well inside placement's default 20% margin.
+bench/results-*.json; the CUDA context and allocator slack (CONTEXT_BYTES, which placement adds)
+are not in that figure. Its error against every measurement, in sample and out of sample:
+bench/BENCH.md, "VRAM estimator: in-sample and out-of-sample error (issue 16)" (placement adds
+resources.memory_margin on top).
 
 Placement (`resources.gpus_per_trial: auto`) turns the estimate into the share of a GPU a trial
 asks Ray for: the estimated peak plus a safety margin, plus what the process holds outside

@@ -15,7 +15,8 @@ TARGET_MODULES: dict[str, tuple[str, ...]] = {
 TARGET_PRESETS = tuple(TARGET_MODULES)
 CHECKPOINTING_SHARE = 0.25  # auto checkpointing: activations above this share of the device
 # In a cohort, a member's micro-batches go through one forward together, up to this many tokens
-# (see cohort_fold): 16k tokens is where a 1B-12B forward stops being launch-bound on an H200.
+# (see cohort_fold): forwards of a few rows each left the cohort step launch-bound (bench/BENCH.md,
+# "Cohort sweeps vs packed vs one at a time, and two GPUs with cohorts (issues 15, 17)").
 COHORT_FOLD_TOKENS = 16384
 # The smallest forward pass worth splitting a cohort's micro-step into (core.estimate.CohortBudget.
 # step_plan): below it a pass is launch-bound, and one checkpointed pass of every member is faster.
@@ -52,9 +53,10 @@ def cohort_fold(micro_batch: int, grad_accum: int, seq_len: int, max_tokens: int
     optimizer step, so its gradient is the same sum whether its rows go through in `grad_accum`
     forwards or fewer; it still steps when its accumulation completes. It changes the number of
     forwards: a member with micro-batch 1 x accumulation 8 took 8 cohort forwards per step, and
-    the cohort as many steps as its slowest member (on an H200, 16 x 1B members ran at 4.7% MFU,
-    most forwards carrying a few rows). It depends on the member alone, so its dropout masks (one
-    seed per forward) do not depend on who else is in the cohort."""
+    the cohort as many steps as its slowest member, most forwards carrying a few rows (bench/BENCH.md,
+    "Cohort sweeps vs packed vs one at a time, and two GPUs with cohorts (issues 15, 17)", item 1).
+    It depends on the member alone, so its dropout masks (one seed per forward) do not depend on
+    who else is in the cohort."""
     best = 1
     for f in range(1, max(1, grad_accum) + 1):
         if grad_accum % f == 0 and micro_batch * f * seq_len <= max_tokens:
@@ -71,8 +73,9 @@ def cohort_passes(tokens: list[int], cap: int | None) -> list[list[int]]:
     normaliser, so a member's gradient is the same whether the others run in its pass or in
     another. It changes memory: a pass's activations are freed by its backward before the next
     pass, so members that do not fit one forward without gradient checkpointing can still train
-    without it (on an H200, 16 x 1B members in one checkpointed pass of 128 rows made 16.8k tok/s,
-    one lone trial of 8 rows without checkpointing 30.7k)."""
+    without it: one checkpointed pass of every member recomputes its forward and was slower than a
+    lone trial without checkpointing (bench/BENCH.md, "Cohorts with folding, two GPUs, grouped
+    LoRA, the fast step's missing rows (issues 15, 16, 17)", item 1)."""
     if cap is None or not tokens:
         return [list(range(len(tokens)))] if tokens else []
     passes: list[list[int]] = []
@@ -90,17 +93,17 @@ def cohort_passes(tokens: list[int], cap: int | None) -> list[list[int]]:
 def search_algorithm(requested: str, objectives: int, grid_size: int | None, num_trials: int | None, startup: str = "sobol",
                      n_startup_trials: int | None = None) -> tuple[str, str]:  # fmt: skip
     """(the sampler to use, why, in one short line) for search.algorithm. `auto` follows the search
-    suite (bench/search_suite.py, 3 discrete tasks and a continuous one, real training;
-    bench/BENCH.md): at 20% of an exhaustive grid's training steps, TPE with ASHA came within 2% of
-    the grid's best on more seeds than GP, QMC (Sobol) alone, CMA-ES and random search; with its 10
-    start-up trials drawn as scrambled Sobol points (search.startup: sobol,
-    sweep.engine.study.sobol_points) on 9-10 of 10 seeds per task (25-29 of 30), with Optuna's random
-    ones on 8-9 (22-27 of 30); fewer start-up trials (3-7) or more (14) did worse. Since repeated
-    proposals are skipped with their result told again (sweep.engine.study.close_duplicate): 59-60 of
-    60 seeds per task with Sobol start-up, 56-60 with random start-up, 45-50 for random search.
-    `grid_size`: the number of configurations when every dimension is discrete, else None.
-    `startup`: search.startup; `n_startup_trials`: search.n_startup_trials (None: the default,
-    tpe_startup_trials); the reason says how many start-up trials this sweep runs."""
+    suite (bench/search_suite.py, 3 discrete tasks and a continuous one, real training): at 20% of an
+    exhaustive grid's training steps, TPE with ASHA came within 2% of the grid's best on more seeds
+    than GP, QMC (Sobol) alone, CMA-ES and random search, best with its start-up trials drawn as
+    scrambled Sobol points (search.startup: sobol, sweep.engine.study.sobol_points) and repeated
+    proposals skipped with their result told again (sweep.engine.study.close_duplicate). The
+    figures: bench/BENCH.md, "Search suite: which sampler and pruner win on small budgets (issue
+    18)", "Sobol start-up trials for TPE: the sweep's new default (issue 18)" and "Search suite:
+    repeated proposals skipped, their results told again". `grid_size`: the number of
+    configurations when every dimension is discrete, else None. `startup`: search.startup;
+    `n_startup_trials`: search.n_startup_trials (None: the default, tpe_startup_trials); the reason
+    says how many start-up trials this sweep runs."""
     if requested != "auto":
         return requested, "as configured"
     if grid_size is not None and num_trials is None:
@@ -116,19 +119,24 @@ def search_algorithm(requested: str, objectives: int, grid_size: int | None, num
 
 def tpe_startup_trials(requested: int | None, num_trials: int) -> int:
     """Random trials before TPE models the space: as configured, else half the trials, at most 10
-    (the search suite: 10 beat 3, 5, 7 and 14 at ~20 trials)."""
+    (the search suite's best count at ~20 trials: bench/BENCH.md, "Search suite: which sampler and
+    pruner win on small budgets (issue 18)")."""
     return requested or max(1, min(10, num_trials // 2))
 
 
 # ----------------------------------------------------------------------------------------------
 # the fast step's `auto` settings (train.loss, train.lora_dtype, train.compile)
 
-# train.compile: auto. Compiling a worker's decoder layers took ~30-60 s on an H200 (1B and 12B,
-# dynamic shapes, bench/BENCH.md) and made the cohort step 13-18% faster: it repays itself once a
-# worker trains for about COMPILE_PAYS_AFTER_S seconds (45 s / 0.15).
+# train.compile: auto. Compiling a worker's decoder layers costs a fixed time once and makes every
+# later cohort step faster: it repays itself once a worker trains for about COMPILE_PAYS_AFTER_S
+# seconds (the compile time over the step's gain). The compile times and gains it was set from:
+# bench/BENCH.md, "Two GPUs uncut, compiled cohorts, the fast rows side by side (issues 16, 17)";
+# the issue 30 audit there found those gains counted wrongly (a rerun is to set this again).
 COMPILE_PAYS_AFTER_S = 300.0
-# the rate a worker's eager step reaches, to estimate how long it trains: ~25% of an H100's bf16
-# peak, what the 1B and 12B eager cohort steps reached (bench/BENCH.md)
+# the rate a worker's eager step is taken to reach, to estimate how long it trains: a quarter of
+# the dense bf16 peak of an H100 / H200. The eager cohort steps measured so far reached less
+# (bench/BENCH.md, "Cohort passes and grouped LoRA in a sweep, the 12B memory row, ..."), so the
+# estimate errs towards short trials: towards not compiling.
 EAGER_TRAIN_FLOPS = 2.5e14
 
 
@@ -164,5 +172,5 @@ def compile_layers(requested: bool | str, cuda: bool, train_flops: float) -> tup
         return False, "auto: no GPU"
     seconds = train_flops / EAGER_TRAIN_FLOPS
     if seconds >= COMPILE_PAYS_AFTER_S:
-        return True, f"auto: each worker trains for about {seconds / 60:.0f} min, which repays a compile of about a minute (~15% faster steps)"
-    return False, f"auto: each worker trains for about {seconds:.0f} s, too short to repay a compile of about a minute"
+        return True, f"auto: each worker trains for about {seconds / 60:.0f} min, long enough to repay compiling its decoder layers"
+    return False, f"auto: each worker trains for about {seconds:.0f} s, too short to repay compiling its decoder layers"

@@ -207,8 +207,9 @@ def _field_info(cls: type[BaseModel], loc: tuple) -> Any:
 
 # keys earlier versions accepted: what to do instead of "unknown key"
 REMOVED = {
-    "train.cuda_graphs": "was removed: replaying the compiled layers as CUDA graphs measured slower everywhere it ran (bench/BENCH.md), and a "
-    "cohort whose members come and go changes shape; delete the key (train.compile still compiles the layers)",
+    "train.cuda_graphs": "was removed: replaying the compiled layers as CUDA graphs measured slower everywhere it ran (bench/BENCH.md, \"One H200: "
+    "12B at micro-batch 8, CUDA graphs, ...\"), and the layers' shapes vary (rows are padded per micro-batch to their longest row; cohort members "
+    "come and go); delete the key (train.compile still compiles the layers)",
     "train.reuse_base_model": "was removed: every worker keeps its base model loaded for all the trials it trains; delete the key",
 }
 

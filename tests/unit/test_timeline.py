@@ -103,8 +103,49 @@ def test_compare_losses_matches_by_configuration() -> None:
     assert out["only_in_reference"] == 1 and out["only_in_other"] == 1
 
 
-def test_makespan_projects_only_a_cut_serial_sweep() -> None:
+def test_makespan_is_measured_never_projected() -> None:
+    """A sweep the time budget cut has no makespan (issue 30: the projections carried the first
+    trial's cold base load into every missing trial)."""
     rows = [{"status": "completed", "start": 0, "end": 30}, {"status": "completed", "start": 30, "end": 50}, {"status": "stopped", "start": 50, "end": 60}]
-    assert makespan(rows, 2, 61.0, serial=True) == {"seconds": 61.0, "projected": False, "completed": 2}
-    assert makespan(rows, 4, 61.0, serial=True) == {"seconds": 111.0, "projected": True, "completed": 2, "mean_trial_seconds": 25.0}
-    assert makespan(rows, 4, 61.0, serial=False)["seconds"] is None
+    assert makespan(rows, 2, 61.0) == {"seconds": 61.0, "completed": 2}
+    assert makespan(rows, 4, 61.0) == {"seconds": None, "completed": 2, "cut_at": 61.0}
+
+
+def test_counted_tokens_are_read_from_the_trials_newest_checkpoint(tmp_path) -> None:
+    """Issue 30: a trial's tokens are the ones its member counted, never tokens_per_sec x
+    train_seconds (which counted a compiled trial's compile time as training, 1.2-1.9x too many)."""
+    import json
+
+    from timeline import counted_tokens
+
+    trial = tmp_path / "trials" / "t003"
+    for step, tokens in ((5, 4_000), (10, 8_100)):
+        (trial / f"step-{step:06d}").mkdir(parents=True)
+        (trial / f"step-{step:06d}" / "member.json").write_text(json.dumps({"step": step, "tokens": tokens, "loss_tokens": tokens // 4}))
+    (trial / "step-000015").mkdir()  # incomplete: no member.json yet
+    assert counted_tokens(str(tmp_path), "t003") == {"tokens": 8_100, "loss_tokens": 2_025, "tokens_at_step": 10}
+    empty = {"tokens": None, "loss_tokens": None, "tokens_at_step": None}
+    assert counted_tokens(str(tmp_path), "t004") == empty  # no checkpoint
+    assert counted_tokens(None, "t003") == empty  # no sweep folder known
+
+
+def test_cohort_tokens_per_sec_is_counted_tokens_over_the_workers_wall_time() -> None:
+    from argparse import Namespace
+
+    from packing import cohort_figures
+
+    member = lambda trial, start, end, tokens, status="completed": {  # noqa: E731
+        "trial": trial, "status": status, "cohort": "w0", "cohort_size": "2", "start": start, "end": end, "tokens": tokens, "loss_tokens": tokens // 2,
+        "tokens_per_sec": 1e9, "train_seconds": 1e9}  # fmt: skip
+    args = Namespace(dry_run=True, size="tiny")
+    out = cohort_figures([member("t0", 100.0, 150.0, 30_000), member("t1", 102.0, 160.0, 30_000)], args)
+    assert out["tokens"] == 60_000 and out["train_wall_seconds"] == 60.0 and out["tokens_per_sec"] == 1_000.0 and out["tokens_exact"]
+    cut = cohort_figures([member("t0", 100.0, 150.0, 30_000), member("t1", 102.0, 160.0, 10_000, status="stopped")], args)
+    assert cut["tokens_per_sec"] == round(40_000 / 60, 1) and not cut["tokens_exact"] and cut["trials_not_fully_counted"] == ["t1"]
+
+
+def test_tokens_per_hour_is_none_when_a_completed_trials_count_is_missing() -> None:
+    from multi_gpu import tokens_per_hour
+
+    assert tokens_per_hour([{"tokens": 1_000}, {"tokens": 2_000}], 3.6) == 3_000_000
+    assert tokens_per_hour([{"tokens": 1_000}, {"tokens": None}], 3.6) is None
