@@ -31,8 +31,10 @@ backward, one autograd node per layer for all members, a loop over the members):
   compiled one (bench/BENCH.md, issue 29's profile).
 
 (A grouped path, torch's grouped GEMM for all members at once, measured slower in a real sweep than
-this loop, 47.3 s against 45.1 s for 16 x 1B on an H200 (bench/BENCH.md, 2026-11-30): its forward
-passes carry thousands of tokens per member, where the loop is no longer launch-bound. It was removed.)
+this loop (bench/BENCH.md, "Cohort passes and grouped LoRA in a sweep"): its forward passes carry
+thousands of tokens per member, where the loop is no longer launch-bound. It was removed. So were
+Triton kernels for the members' down products and weight gradients with dropout drawn inside:
+cuBLAS was faster at every shape measured (bench/BENCH.md, issue 30).)
 """
 
 from __future__ import annotations

@@ -96,10 +96,9 @@ def sobol_points(define: Callable[[Any], Any], n: int, seed: int | None) -> list
 
     A point may repeat an earlier one (several Sobol points fall on one configuration of a small
     discrete space): it stays in the list, and the sweep closes it as a duplicate when it comes up
-    (`twin_of`). That happened to 7-19 of 300 points on the suite's 48-point spaces, fewer than
-    random draws repeat (~28 expected); drawing other points in their place shifts the sequence
-    off its balanced blocks, and measured, it did no better (spelling 26 of 30 seeds within 2%
-    against 27)."""
+    (`twin_of`). On the search suite's small spaces that happened less often than random draws
+    repeat; drawing other points in their place shifts the sequence off its balanced blocks, and
+    measured, it did no better (bench/BENCH.md, "Sobol start-up trials for TPE")."""
     import warnings
 
     import optuna
@@ -201,9 +200,9 @@ def twin_of(study: Any, trial: Any) -> Any:
 def close_duplicate(study: Any, trial: Any, twin: Any) -> None:
     """A proposal equal to `twin`, never trained (trial_status=duplicate, duplicate_of). A
     completed twin's result is known: told again as this trial's (COMPLETE, its values), so the
-    sampler learns what a run would have taught it at no cost (on the search suite at 20% of the
-    grid's steps, TPE within 2% of the best on 59, 60, 60 of 60 seeds per task, against 53, 49, 58
-    when duplicates were only closed and 46, 57, 56 when they ran: bench/BENCH.md). Any other
+    sampler learns what a run would have taught it at no cost (better on the search suite than
+    closing duplicates only or running them: bench/BENCH.md, "Search suite: repeated proposals
+    skipped, their results told again"). Any other
     twin's result is unknown or no result (running, pruned, failed): FAIL, which samplers skip.
     Reports and `best` read MLflow's runs, where a duplicate has none."""
     import optuna
