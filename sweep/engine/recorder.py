@@ -218,6 +218,25 @@ class MlflowRecorder:
         client.set_terminated(run.info.run_id, "FAILED")
 
 
+def experiment_id(client: Any, name: str, artifacts: str | None) -> str:
+    """The id of the MLflow experiment `name`, made if new (`artifacts`: where its artifacts go; a
+    sqlite store keeps them beside the database instead of ./mlruns). Two sweeps of one name that
+    start at once on one tracking server both find no experiment: the second one's create is
+    refused (RESOURCE_ALREADY_EXISTS), and it takes the one the first made."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:  # refused for another reason: that one is the error to show
+            raise
+        return experiment.experiment_id
+
+
 class SweepRun:
     """The sweep's parent run (the driver's)."""
 
@@ -228,15 +247,7 @@ class SweepRun:
 
         self.uri = mlflow_uri
         self.client = MlflowClient(tracking_uri=mlflow_uri)
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            artifacts = None
-            if mlflow_uri.startswith("sqlite:"):
-                # Without a server, keep artifacts beside the database instead of ./mlruns.
-                artifacts = (cfg.results_dir / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts)
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = experiment_id(self.client, cfg.experiment, (cfg.results_dir / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None)
         run = self.client.create_run(
             self.experiment_id,
             run_name=sweep_dir.name,

@@ -113,11 +113,20 @@ _reaper: Any = None  # the watcher of the local Ray this driver started (sweep.e
 
 def connect_ray(address: str | None, log: Log) -> bool:
     """Attach to `address` / RAY_ADDRESS, or start a local Ray. True when we started it."""
+    import sys
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray serves this machine only, so every server it starts (GCS, raylet, object store,
+    # agents) listens on loopback: Ray's switch for "no cluster" (what it uses on macOS and
+    # Windows), an environment variable Ray reads when it is imported. The CLI imports Ray nowhere
+    # before this; --address is how to use a cluster.
+    loopback_by_env = not address and "ray" not in sys.modules
+    if loopback_by_env:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     log(f"ray: {'attaching to ' + address if address else 'starting a local instance'} ...")
     if address:
         try:
@@ -126,12 +135,10 @@ def connect_ray(address: str | None, log: Log) -> bool:
             raise ConfigError(address, [f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0][:200]}); give the head's "
                                         "GCS address (`ray start --head` prints it, port 6379 by default), or leave --address out for a local Ray"]) from None  # fmt: skip
     else:
-        # A local Ray serves this machine only, so every server it starts (GCS, raylet, object
-        # store) listens on loopback. Ray picks the node's address from its own "no cluster" switch
-        # (what it uses on macOS and Windows); --address is how to use a cluster.
-        from ray._private import ray_constants
+        if not loopback_by_env:  # Ray was imported before (a caller of this function, not the CLI): the switch as Ray read it
+            from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+            ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         except SystemExit as exc:
@@ -235,7 +242,7 @@ def run_sweep(
     sweep.json. `live`: stdout is a terminal, the sweep's progress is a bar drawn in place."""
     from sweep.folder.checks import before_start, quote
     from sweep.engine.recorder import SweepRun
-    from sweep.engine.study import create_study
+    from sweep.engine.study import create_study, new_study_name
     from sweep.config.secrets import redact
     from sweep.folder import release, update_meta, write_meta
 
@@ -254,7 +261,7 @@ def run_sweep(
         (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         mlflow_uri, storage = cfg.mlflow_uri, cfg.optuna_storage(sweep_dir)
         sweep_run = SweepRun(cfg, sweep_dir, mlflow_uri)
-        study_name = cfg.name
+        study_name = new_study_name(sweep_dir)  # its own study, also on a store other sweeps of this name share
         meta = {
             "name": cfg.name,
             "space_file": str(cfg.source),
@@ -493,12 +500,14 @@ class Sweep:
     # -- run ----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        from sweep.config.secrets import KeptFromTune
         from sweep.folder import release
 
         self.started = time.monotonic()
         self.interrupt = Interrupt(Path(self.stop.path), f"python -m sweep resume {shlex.quote(str(self.sweep_dir))}").install()
         try:
-            self.tuner.fit()
+            with KeptFromTune():  # no credential in the runtime env of the workers (Ray logs it)
+                self.tuner.fit()
         except BaseException:
             self.interrupt.restore()
             if self.progress is not None:
