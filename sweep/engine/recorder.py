@@ -320,6 +320,17 @@ class SweepRun:
             closed.append(run.data.tags[TAG_TRIAL])
         return sorted(closed)
 
+    def close_running(self) -> list[str]:
+        """Child runs still RUNNING after the trials' workers ended with their Ray (they could not
+        record their stop): stopped and resumable (KILLED), as a stop leaves them. Their labels."""
+        closed = []
+        for run in self.children():
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, STATUS, str(TrialStatus.STOPPED))
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.data.tags.get(TAG_TRIAL, run.info.run_id))
+        return sorted(closed)
+
     def finish(self, counts: dict[str, int], best: dict[str, Any] | None, metric: str, status: str = "FINISHED", pareto: list[dict] | None = None) -> None:
         from mlflow.entities import Metric
 

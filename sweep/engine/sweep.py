@@ -16,6 +16,7 @@ whatever its own working directory is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -30,10 +31,11 @@ import yaml
 from core.contract import ATTR_ATTEMPT, ATTR_WARM_START, ATTR_WORKER, TRIALS_DIR, WORK_DIR, trial_label
 from sweep.config import ConfigError, SweepConfig
 from sweep.readback.results import SweepResult, collect
-from sweep.engine.signals import Interrupt, Interrupted, Terminated, signals_raise, wrap_up
+from sweep.engine.signals import Interrupt, Interrupted, Terminated, held, received_signal, signals_raise, wrap_up
 
 Log = Callable[[str], None]
 MEMBER_SHARE = "member_vram_share_gb"  # a trial's estimated share of its worker's memory (not a measurement)
+WORKERS_STOP_S = 6.0  # s: after Ray's servers ended, how long the workers that live on get to checkpoint and stop their trials
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ def new_sweep_dir(cfg: SweepConfig, wanted: Path | None = None) -> Path:
 
 
 _reaper: Any = None  # the watcher of the local Ray this driver started (sweep.engine.reaper)
+_watch: Any = None  # the driver's thread that notices that Ray's servers ended (sweep.engine.raywatch)
 
 
 def connect_ray(address: str | None, log: Log) -> bool:
@@ -151,18 +154,46 @@ def connect_ray(address: str | None, log: Log) -> bool:
         # If this driver is killed (kill -9, a second Ctrl-C), its Ray's agents and idle workers
         # would outlive it by a minute or more: a small watcher ends them at once.
         from sweep.engine import reaper
+        from sweep.engine.raywatch import RayWatch
 
-        global _reaper
+        global _reaper, _watch
         _reaper = reaper.start()
+        # Its GCS and raylet share this driver's process group: a signal to the group (`timeout`,
+        # a scheduler) ends them with it, and Ray's driver would wait a minute, then exit 1 with
+        # nothing recorded. The watch notices within a second (sweep.engine.raywatch).
+        _watch = RayWatch.start()
     signals_raise()  # over Ray's SIGTERM handler, which would exit with status 15
     return True
 
 
+def on_ray_lost(handler: Callable[[list[str]], None] | None) -> None:
+    """What the driver does if its local Ray's servers end, from now on: `handler(names)` records
+    the sweep's state, says so and ends the process (sweep.engine.raywatch.lost); None while
+    wrapping up (the driver no longer needs Ray). Nothing to do for an attached cluster."""
+    if _watch is not None:
+        _watch.set(handler)
+
+
+def before_trials(what: Callable[[], str]) -> Callable[[list[str]], None]:
+    """The handler while the sweep starts: `what()` records what there is to record and returns
+    what to tell the user; the exit code is the signal's that came with Ray's end, if any."""
+    from sweep.engine import raywatch
+
+    def handler(names: list[str]) -> None:
+        raywatch.lost(names, raywatch.signal_with(received_signal), what())
+
+    return handler
+
+
 def shutdown_ray() -> None:
-    """Stop the local Ray this driver started, and its watcher."""
+    """Stop the local Ray this driver started, and its watchers."""
     import ray
 
-    global _reaper
+    global _reaper, _watch
+    if _watch is not None:
+        _watch.set(None)  # (a handler already running ends the process first)
+        _watch.stop()
+        _watch = None
     ray.shutdown()
     if _reaper is not None:
         _reaper.done()
@@ -240,11 +271,7 @@ def run_sweep(
     """A new sweep: preflight, the workers planned, a new results folder, study and parent run, then
     the trials. `command` (run, or train for one configuration: sweep.engine.single) is recorded in
     sweep.json. `live`: stdout is a terminal, the sweep's progress is a bar drawn in place."""
-    from sweep.folder.checks import before_start, quote
-    from sweep.engine.recorder import SweepRun
-    from sweep.engine.study import create_study, new_study_name
-    from sweep.config.secrets import redact
-    from sweep.folder import release, update_meta, write_meta
+    from sweep.folder.checks import before_start
 
     clock = time.perf_counter()
     before_start(cfg, address, Path(sweep_dir).resolve() if sweep_dir else None)  # folders writable, cluster reachable: before anything starts
@@ -254,9 +281,45 @@ def run_sweep(
     started_ray = connect_ray(address, log)
     phases["Ray attached" if address or os.environ.get("RAY_ADDRESS") else "Ray started"] = time.perf_counter() - mark
     try:
+        on_ray_lost(before_trials(lambda: "nothing was made yet: run the command again"))
         mark = time.perf_counter()
         plan = plan_workers_here(cfg, cfg.num_trials, log)
-        sweep_dir = new_sweep_dir(cfg, Path(sweep_dir).resolve() if sweep_dir else None)
+        made: tuple[Path, Any, str] | None = None
+        try:
+            with held(), (_watch.hold if _watch is not None else contextlib.nullcontext()):  # a signal, or Ray's end, waits for sweep.json
+                made = new_sweep(cfg, prepared, plan, Path(sweep_dir).resolve() if sweep_dir else None, command, log)
+                on_ray_lost(before_trials(lambda: stopped_before_trials(cfg, *made[:2])))
+            sweep = Sweep(cfg, made[0], made[2], made[1], prepared, plan, [], cfg.num_trials, 0.0, log, live=live)
+            sweep.setup()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
+            if made is not None:
+                stopped_before_trials(cfg, *made[:2])
+            raise
+        phases["results folder, MLflow, study"] = time.perf_counter() - mark
+        log(f"start-up: {time.perf_counter() - clock:.1f}s before Ray Tune starts the workers ({describe_phases(phases)})")
+        sweep.run()
+        return sweep.finish()
+    finally:
+        if started_ray:
+            shutdown_ray()
+
+
+def new_sweep(cfg: SweepConfig, prepared: Any, plan: Any, wanted: Path | None, command: str, log: Log) -> tuple[Path, Any, str]:
+    """A new sweep's folder (the space file, the resolved config), its MLflow parent run, its own
+    study, then sweep.json naming them: (folder, parent run, study name). A failure before
+    sweep.json takes back what was made (the folder, which holds copies only; the parent run ends
+    FAILED): no folder is left that no command can read or resume."""
+    import shutil
+
+    from sweep.config.secrets import redact
+    from sweep.engine.recorder import SweepRun
+    from sweep.engine.study import create_study, new_study_name
+    from sweep.folder import write_meta
+    from sweep.folder.checks import quote
+
+    sweep_dir = new_sweep_dir(cfg, wanted)
+    sweep_run = None
+    try:
         (sweep_dir / "space.yaml").write_text(redact(cfg.source_text))
         (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         mlflow_uri, storage = cfg.mlflow_uri, cfg.optuna_storage(sweep_dir)
@@ -283,22 +346,28 @@ def run_sweep(
         }
         create_study(cfg, storage, study_name)  # before sweep.json names it
         write_meta(sweep_dir, meta)
-        log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
-        sweep = Sweep(cfg, sweep_dir, study_name, sweep_run, prepared, plan, [], cfg.num_trials, 0.0, log, live=live)
-        try:
-            sweep.setup()
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
-            sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
-            update_meta(sweep_dir, state="stopped")
-            release(sweep_dir)  # setup claimed it
-            raise
-        phases["results folder, MLflow, study"] = time.perf_counter() - mark
-        log(f"start-up: {time.perf_counter() - clock:.1f}s before Ray Tune starts the workers ({describe_phases(phases)})")
-        sweep.run()
-        return sweep.finish()
-    finally:
-        if started_ray:
-            shutdown_ray()
+    except BaseException:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        if sweep_run is not None:
+            try:
+                sweep_run.client.set_terminated(sweep_run.run_id, "FAILED")
+            except Exception:  # the store that failed may be this one: its error is the one to show
+                pass
+        raise
+    log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
+    return sweep_dir, sweep_run, study_name
+
+
+def stopped_before_trials(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any) -> str:
+    """A sweep stopped (a signal, or its Ray gone) before any trial ran: recorded as a stop that
+    `resume` continues; what to tell the user."""
+    from sweep.folder import release, update_meta
+    from sweep.folder.checks import quote
+
+    sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
+    update_meta(sweep_dir, state="stopped")
+    release(sweep_dir)  # setup claims it
+    return f"the sweep stopped before its trials started; continue with:  python -m sweep resume {quote(sweep_dir)}"
 
 
 def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, live: bool = False) -> SweepResult:
@@ -343,13 +412,24 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
         log(f"resuming {sweep_dir.name}: {finished} trials finished; continuing {len(resume)} ({continuing or 'none'}); {budget} new to run")
         started_ray = connect_ray(address, log)
         try:
+
+            def nothing_ran() -> str:
+                release(sweep_dir)
+                return f"nothing ran; continue with:  python -m sweep resume {shlex.quote(str(sweep_dir))}"
+
+            on_ray_lost(before_trials(nothing_ran))
             plan = plan_workers_here(cfg, budget + len(resume), log)
             sweep_run = SweepRun.attach(folder.mlflow_uri, folder.parent_run_id)
+            on_ray_lost(before_trials(lambda: stopped_before_trials(cfg, sweep_dir, sweep_run)))
             repaired = sweep_run.close_ended(study.optuna())
             if repaired:
                 log(f"MLflow: closed {', '.join(repaired)} as the study ended them (the driver was killed before it recorded their end)")
             sweep = Sweep(cfg, sweep_dir, folder.study_name, sweep_run, prepared, plan, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log, live=live)
-            sweep.setup()
+            try:
+                sweep.setup()
+            except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: stopped again, as it was
+                stopped_before_trials(cfg, sweep_dir, sweep_run)
+                raise
             sweep.run()
             return sweep.finish()
         finally:
@@ -505,10 +585,12 @@ class Sweep:
 
         self.started = time.monotonic()
         self.interrupt = Interrupt(Path(self.stop.path), f"python -m sweep resume {shlex.quote(str(self.sweep_dir))}").install()
+        on_ray_lost(self.ray_lost)
         try:
             with KeptFromTune():  # no credential in the runtime env of the workers (Ray logs it)
                 self.tuner.fit()
         except BaseException:
+            on_ray_lost(None)
             self.interrupt.restore()
             if self.progress is not None:
                 self.progress.close()
@@ -516,6 +598,34 @@ class Sweep:
             self.heartbeat.beat(force=True, state="failed")
             release(self.sweep_dir)
             raise
+
+    def ray_lost(self, names: list[str]) -> None:
+        """The local Ray's servers ended while the trials ran (sweep.engine.raywatch), a signal
+        to the whole process group with them, most often. Ray Tune waits on them for good, so this
+        runs in the watch's thread: the workers that live on (they have process groups of their
+        own) checkpoint and stop their trials as on `stop`, the sweep is recorded stopped, and the
+        process ends with the resume command, within seconds."""
+        from sweep.engine import raywatch
+        from sweep.folder import release
+
+        signum = raywatch.signal_with(lambda: self.interrupt.signum)
+        try:
+            if not os.path.exists(self.stop.path):
+                Path(self.stop.path).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} Ray's servers ended ({', '.join(names)})")
+            deadline = time.monotonic() + WORKERS_STOP_S
+            while time.monotonic() < deadline and any(r.info.status == "RUNNING" for r in self.sweep_run.children()):
+                time.sleep(0.5)
+            closed = self.sweep_run.close_running()
+            self.sweep_run.finish({}, None, self.cfg.search.metric, status="KILLED")
+            self.heartbeat.beat(force=True, state="stopped")
+            release(self.sweep_dir)
+            if self.progress is not None:
+                self.progress.close()
+            what = (f"the trials checkpointed and stopped ({', '.join(closed)} at their last checkpoint: their workers ended with Ray)" if closed
+                    else "the trials checkpointed and stopped")  # fmt: skip
+        except Exception as exc:  # a store out of reach too: `resume` repairs what is left
+            what = f"the sweep's end could not be recorded ({exc!r:.200}); its trials keep their checkpoints"
+        raywatch.lost(names, signum, f"{what}; continue with:  {self.interrupt.resume}")
 
     # -- finish -------------------------------------------------------------------------------
 
@@ -525,6 +635,7 @@ class Sweep:
         from sweep.folder import mlflow_links, release, say_mlflow
 
         cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
+        on_ray_lost(None)  # the trials have ended: the sweep's end is recorded without Ray
         wrap_up()  # the trials have ended: a signal from here on waits for the sweep's end to be recorded
         if self.progress is not None:
             self.progress.close()  # the bar ends above the table

@@ -197,12 +197,14 @@ CHAOS_SEED = int(os.environ.get("LORA_SWEEP_CHAOS_SEED", "13"))
 
 
 def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) -> None:
-    """SIGINT, SIGTERM, kill -9 of the driver and kill -9 of a trial's worker, in a seeded random
-    order at seeded random points, a resume after each; then the sweep's invariants."""
+    """SIGINT, SIGTERM, SIGTERM to the whole process group (what `timeout` and schedulers send: it
+    takes Ray's GCS and raylet down with the driver), kill -9 of the driver, kill -9 of a trial's
+    worker, and a worker killed just before the driver, in a seeded random order at seeded random
+    points, a resume after each; then the sweep's invariants."""
     rng = random.Random(CHAOS_SEED)
-    actions = ["SIGINT", "SIGTERM", "kill driver", "kill worker"]
+    actions = ["SIGINT", "SIGTERM", "SIGTERM group", "kill driver", "kill worker", "kill worker, then driver"]
     rng.shuffle(actions)
-    trials = 6  # room for every action before the sweep ends by itself (each waits 1-3 evaluations, 4 per trial)
+    trials = 8  # room for every action before the sweep ends by itself (each waits 1-3 evaluations, 4 per trial)
     spec = space(tmp_path, trials)
     cmd = Command(tmp_path, "run", str(spec))
     sweep_dir = cmd.sweep_dir()
@@ -214,22 +216,27 @@ def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) 
         if not cmd.wait_for(r"t\d{3} step", count=seen + rng.randint(1, 3)):
             break  # the sweep finished first: the rest is checked as it is
         time.sleep(rng.uniform(0, 1.0))
-        if action == "kill worker":
+        if action.startswith("kill worker"):
             workers = trial_workers(cmd.proc.pid)
             if not workers:
                 continue  # between trials: nothing to kill here
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
-            done.append(action)
-            continue  # the driver retries the trial from its checkpoint by itself
+            if action == "kill worker":
+                done.append(action)
+                continue  # the driver retries the trial from its checkpoint by itself
         ray = ray_processes(cmd.proc.pid)
-        os.kill(cmd.proc.pid, {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "kill driver": signal.SIGKILL}[action])
+        signalled = time.monotonic()
+        if action == "SIGTERM group":
+            os.killpg(cmd.proc.pid, signal.SIGTERM)  # Command starts its own session: the group is the driver's and its Ray's
+        else:
+            os.kill(cmd.proc.pid, {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}.get(action, signal.SIGKILL))
         code = cmd.end(120)
         if code == 0 or WRAPPING_UP in cmd.text():
             break  # it had finished on its own just then (the signal came while it wrapped up)
-        assert code == {"SIGINT": 130, "SIGTERM": 143, "kill driver": -9}[action], (action, cmd.text()[-3000:])
+        assert code == {"SIGINT": 130, "SIGTERM": 143, "SIGTERM group": 143}.get(action, -9), (action, cmd.text()[-3000:])
         done.append(action)
-        if action == "kill driver":
+        if action.endswith("driver"):
             # its Ray goes with it within seconds (not a minute later), and its time was counted
             deadline = time.monotonic() + 15
             while [p for p in ray if alive(p)] and time.monotonic() < deadline:
@@ -237,13 +244,25 @@ def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) 
             assert not [p for p in ray if alive(p)], "Ray processes outlived the killed driver"
             assert json.loads((sweep_dir / "sweep.json").read_text())["elapsed_seconds"] > 0
         else:  # like `stop`: the interrupted trial stays open in the study, its run is resumable
-            meta, study, (_, *children) = stores(sweep_dir)
-            assert meta["state"] == "stopped" and "PRUNED" not in [t.state.name for t in study]
+            assert time.monotonic() - signalled < 15, (action, "the stop took longer than 15 s")
+            if action == "SIGTERM group":  # Ray's servers went with the driver: it says so and how to go on, at once
+                assert "Ray's own processes ended" in cmd.text() and "SIGTERM came to the whole process group" in cmd.text(), cmd.text()[-3000:]
+            out = cmd.text()
+            assert f"continue with:  python -m sweep resume {shlex.quote(str(sweep_dir))}" in out and not ours_crashed(out), out[-3000:]
+            meta, study, (parent, *children) = stores(sweep_dir)
+            assert meta["state"] == "stopped" and parent.info.status == "KILLED" and not (sweep_dir / "driver.pid").exists()
+            assert "PRUNED" not in [t.state.name for t in study]
             assert "RUNNING" not in [r.info.status for r in children]
+        # every open trial with a complete checkpoint continues from it, never from step 0
+        meta, study, _ = stores(sweep_dir)
+        saved = {f"t{t.number:03d}" for t in study if t.state.name == "RUNNING" and list((sweep_dir / "trials" / f"t{t.number:03d}").glob("step-*/member.json"))}
         cmd = Command(tmp_path, "resume", str(sweep_dir))
+        assert cmd.wait_for(r"resuming \S+: .*; \d+ new to run"), cmd.text()[-3000:]
+        continuing = dict(re.findall(r"(t\d{3}) from (step-\d+|the start)", cmd.text().split("resuming ", 1)[1].splitlines()[0]))
+        assert all(continuing.get(label, "").startswith("step-") for label in saved), (action, saved, continuing)
     code = cmd.end(400)
     # a signal while it wrapped up: the exit code of that signal; the sweep is whole all the same
     assert code == 0 or (code in (130, 143) and WRAPPING_UP in cmd.text()), cmd.text()[-3000:]
     print(f"chaos seed {CHAOS_SEED}: {', '.join(done)} in {time.monotonic() - started:.0f}s")
-    assert len(done) >= 3, (done, cmd.text()[-3000:])
+    assert len(done) >= 4, (done, cmd.text()[-3000:])
     check_whole(sweep_dir, trials)
