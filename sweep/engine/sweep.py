@@ -143,7 +143,9 @@ def connect_ray(address: str | None, log: Log) -> bool:
 
             ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            with SignalsSeen() as seen:
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+                signals_raise()  # at once, over Ray's SIGTERM handler, which would exit with status 15
         except SystemExit as exc:
             # SIGTERM while Ray starts: ray.init's own handler exits with status 15. Stop what
             # it started, and end as SIGTERM does elsewhere outside the trials (exit 143).
@@ -151,6 +153,11 @@ def connect_ray(address: str | None, log: Log) -> bool:
                 raise
             ray.shutdown()
             raise Terminated() from None
+        if seen.signals & {signal.SIGINT, signal.SIGTERM}:
+            # the signal's exception was raised where ray.init caught it (the sweep went on with a
+            # half-started Ray, whose first worker died): it is acted on all the same
+            ray.shutdown()
+            raise Terminated() if signal.SIGTERM in seen.signals else KeyboardInterrupt()
         # If this driver is killed (kill -9, a second Ctrl-C), its Ray's agents and idle workers
         # would outlive it by a minute or more: a small watcher ends them at once.
         from sweep.engine import reaper
@@ -164,6 +171,38 @@ def connect_ray(address: str | None, log: Log) -> bool:
         _watch = RayWatch.start()
     signals_raise()  # over Ray's SIGTERM handler, which would exit with status 15
     return True
+
+
+class SignalsSeen:
+    """`with SignalsSeen() as seen:` the signals that reached this process inside, in
+    `seen.signals`, whatever became of them (a handler's exception caught by the library it landed
+    in). Python's wakeup fd: the C-level handler writes each signal's number to it. Main thread only;
+    elsewhere nothing is seen."""
+
+    def __enter__(self) -> "SignalsSeen":
+        import threading
+
+        self.signals: set[int] = set()
+        self._fds: tuple[int, int] | None = None
+        if threading.current_thread() is threading.main_thread():
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            self._previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            self._fds = (read, write)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fds is None:
+            return
+        read, write = self._fds
+        signal.set_wakeup_fd(self._previous)
+        try:
+            self.signals = set(os.read(read, 256))
+        except BlockingIOError:  # none came
+            pass
+        os.close(read)
+        os.close(write)
 
 
 def on_ray_lost(handler: Callable[[list[str]], None] | None) -> None:
@@ -230,19 +269,37 @@ class Heartbeat:
     INTERVAL = 2.0  # s; a beat is one small atomic file write
 
     def __init__(self, sweep_dir: Path, elapsed_before: float):
+        import threading
+
         self.sweep_dir, self.elapsed_before = sweep_dir, elapsed_before
         self.started = time.monotonic()
         self.last = 0.0
+        self.lock = threading.Lock()  # a beat reads and writes sweep.json: one at a time (Sweep.ray_lost beats from its own thread)
+        self.final = False
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks (this one's beat) into the sweep folder: never the lock."""
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state, lock=threading.Lock())
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
 
-    def beat(self, force: bool = False, **changes: Any) -> None:
+    def beat(self, force: bool = False, final: bool = False, **changes: Any) -> None:
+        """`final`: the last beat of this driver (no later one writes over its state)."""
         from sweep.folder import update_meta
 
-        if force or time.monotonic() - self.last >= self.INTERVAL:
-            self.last = time.monotonic()
-            update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
+        with self.lock:
+            if self.final:
+                return
+            self.final = final
+            if force or time.monotonic() - self.last >= self.INTERVAL:
+                self.last = time.monotonic()
+                update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
 
     def callback(self) -> Any:
         from ray.tune import Callback
@@ -292,6 +349,7 @@ def run_sweep(
             sweep = Sweep(cfg, made[0], made[2], made[1], prepared, plan, [], cfg.num_trials, 0.0, log, live=live)
             sweep.setup()
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
+            on_ray_lost(None)  # recorded here (a handler already running ends the process first)
             if made is not None:
                 stopped_before_trials(cfg, *made[:2])
             raise
@@ -428,6 +486,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
             try:
                 sweep.setup()
             except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: stopped again, as it was
+                on_ray_lost(None)
                 stopped_before_trials(cfg, sweep_dir, sweep_run)
                 raise
             sweep.run()
@@ -617,7 +676,7 @@ class Sweep:
                 time.sleep(0.5)
             closed = self.sweep_run.close_running()
             self.sweep_run.finish({}, None, self.cfg.search.metric, status="KILLED")
-            self.heartbeat.beat(force=True, state="stopped")
+            self.heartbeat.beat(force=True, final=True, state="stopped")
             release(self.sweep_dir)
             if self.progress is not None:
                 self.progress.close()

@@ -30,8 +30,8 @@ pytestmark = pytest.mark.e2e
 STEPS = 12
 
 
-def space(tmp_path: Path, trials: int) -> Path:
-    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", f"train: {{max_steps: {STEPS}, eval_every: 3, log_every: 3, batch: [2, 1]}}").replace(
+def space(tmp_path: Path, trials: int, steps: int = STEPS) -> Path:
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", f"train: {{max_steps: {steps}, eval_every: 3, log_every: 3, batch: [2, 1]}}").replace(
         "search: {num_trials: 2}", f"search: {{num_trials: {trials}, max_concurrent: 2, seed: 0, scheduler: {{type: none}}}}"
     ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-3, 2.0e-2]}\n")
     return write_space(tmp_path, body + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n")
@@ -96,7 +96,7 @@ def stores(sweep_dir: Path) -> tuple[dict, list, list]:
     return meta, study.trials, [parent, *children]
 
 
-def check_whole(sweep_dir: Path, trials: int) -> None:
+def check_whole(sweep_dir: Path, trials: int, steps: int = STEPS) -> None:
     """The sweep ended as if nothing had happened: every trial ran once, to the end."""
     meta, study, (parent, *children) = stores(sweep_dir)
     assert meta["state"] == "finished" and parent.info.status == "FINISHED"
@@ -112,8 +112,8 @@ def check_whole(sweep_dir: Path, trials: int) -> None:
     assert {(r.info.status, r.data.tags["trial_status"]) for r in children} == {("FINISHED", "completed")}
     client = MlflowClient(meta["mlflow_uri"])
     for run in children:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert steps == list(range(3, STEPS + 1, 3)), (run.data.tags["trial"], steps)  # each logged once
+        logged = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert logged == list(range(3, steps + 1, 3)), (run.data.tags["trial"], logged)  # each logged once
 
 
 def ours_crashed(out: str) -> bool:
@@ -143,9 +143,13 @@ def check_interrupted(command: Command, sweep_dir: Path, code: int, may_finish: 
 
 
 def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_path: Path) -> None:
-    """Ctrl-C to `run` (exit 130), then SIGTERM, as a scheduler preempting it sends, to the
-    `resume` that continues it (exit 143), then a `resume` that finishes it."""
-    driver = Command(tmp_path, "run", str(space(tmp_path, 2)))
+    """Ctrl-C to `run` (exit 130); SIGTERM to the whole process group of the `resume` that
+    continues it, as `timeout` or a scheduler sends it, which takes the local Ray's GCS and raylet
+    down with the driver (exit 143 within seconds, saying so: it waited a minute for the GCS, then
+    exited 1 with the sweep `running`); SIGTERM to the next `resume`'s driver alone (exit 143);
+    then a `resume` that finishes it."""
+    steps = 24
+    driver = Command(tmp_path, "run", str(space(tmp_path, 2, steps)))
     sweep_dir = driver.sweep_dir()
     assert driver.wait_for(r"t000 step\s+3/"), driver.text()[-3000:]  # a trial has reported
     os.kill(driver.proc.pid, signal.SIGINT)
@@ -155,12 +159,20 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
     assert resumed.wait_for(r"t000 step"), resumed.text()[-3000:]
     # both trials the worker held (max_concurrent 2) continue, each from its own checkpoint
     assert re.search(r"continuing 2 \(t000 from step-\d+, t00\d from step-\d+\)", resumed.text()), resumed.text()[-3000:]
-    os.kill(resumed.proc.pid, signal.SIGTERM)
-    check_interrupted(resumed, sweep_dir, 143, may_finish=True)
+    signalled = time.monotonic()
+    os.killpg(resumed.proc.pid, signal.SIGTERM)  # Command starts its own session: the driver's group, its Ray's servers in it
+    check_interrupted(resumed, sweep_dir, 143)
+    assert time.monotonic() - signalled < 15
+    assert "Ray's own processes ended (" in resumed.text() and "SIGTERM came to the whole process group" in resumed.text(), resumed.text()[-3000:]
+
+    again = Command(tmp_path, "resume", str(sweep_dir))
+    assert again.wait_for(r"t000 step"), again.text()[-3000:]
+    os.kill(again.proc.pid, signal.SIGTERM)
+    check_interrupted(again, sweep_dir, 143, may_finish=True)
 
     final = Command(tmp_path, "resume", str(sweep_dir))
     assert final.end(400) == 0, final.text()[-3000:]
-    check_whole(sweep_dir, 2)
+    check_whole(sweep_dir, 2, steps)
 
 
 WRAPPING_UP = "wrapping up (no trial was running)"

@@ -212,3 +212,31 @@ def test_a_failure_while_the_sweeps_folder_is_made_leaves_no_folder(tmp_path: Pa
     assert not list((tmp_path / "out").glob("t-*"))
     (run,) = mlflow.MlflowClient(cfg.mlflow_uri).search_runs([mlflow.MlflowClient(cfg.mlflow_uri).get_experiment_by_name("t").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_a_sigterm_that_ray_init_swallows_still_ends_the_command(handlers: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init raises SIGTERM's exception from its own handler (SystemExit), and a part of it may
+    catch it: the sweep then went on with a half-started Ray, whose first worker died (exit 1)."""
+    import ray
+    from ray._private import ray_constants
+
+    from sweep.engine import sweep as engine
+
+    def init(**kwargs: object) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init does
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.2)
+        except SystemExit:
+            pass  # caught inside ray.init
+
+    stopped = []
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(Terminated):
+        engine.connect_ray(None, lambda line: None)
+    assert stopped == [True]
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd it used is gone again
