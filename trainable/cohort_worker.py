@@ -472,7 +472,14 @@ class _Worker:
         lv, m = self.live[slot], self.cohort.members[slot]
         root = Path(self.source.checkpoint_dir(lv.task))
         folder = root / f"{CHECKPOINT_PREFIX}{m.step:06d}"
-        if folder.exists():
+        if (folder / MEMBER_STATE).exists():
+            # saved at this step already (a continued member stopped or shed before its next
+            # optimizer step): that checkpoint holds this very state. Writing it again would
+            # remove it first, and a worker killed in between left the trial no checkpoint at all
+            # (its resume then started it again from step 0).
+            lv.task.checkpoint = str(folder)
+            return str(folder)
+        if folder.exists():  # begun and never completed (its worker died while writing it)
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         (folder / WORKER_STATE).write_text(json.dumps({"seconds": lv.seconds, "warm": lv.warm, "evals": lv.evals, "worker": self.spec.worker}))

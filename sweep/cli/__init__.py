@@ -8,8 +8,9 @@ errors still go to stderr with the exit codes below.
 
 Exit codes: 0 done; 2 the space file, its overrides or the data are invalid, or a folder, the
 cluster or a sweep's store fails its check (nothing was started or changed); 1 the sweep ran but no
-trial completed (it says why; train: its trial did not complete); 130 / 143 interrupted by SIGINT
-(Ctrl-C) / SIGTERM: trials checkpointed and stopped, `resume` continues.
+trial completed (it says why; train: its trial did not complete), or its local Ray's servers ended
+(killed: it says so; `resume` continues); 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM, to
+the driver or its whole process group: trials checkpointed and stopped, `resume` continues.
 """
 
 from __future__ import annotations

@@ -80,3 +80,23 @@ def unmasked(url: str) -> str | None:
     if scheme == "postgresql":
         return _URI_PASSWORD.sub(lambda m: m.group("head")[:-1] + m.group("tail"), url, count=1)
     return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/\s@]+@", r"\1", url, count=1)
+
+
+# Ray Tune copies these from the driver's environment into the runtime env of every trainable
+# (ray.tune.execution.class_cache), which Ray's runtime-env agent then logs in clear text into its
+# session folder (/tmp/ray/session_*/logs/runtime_env_agent.log, readable by every user). The
+# workers need none of them (they write no artifacts); a local Ray's workers inherit the driver's
+# environment anyway, and a cluster's nodes have their own.
+SHIPPED_BY_TUNE = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+class KeptFromTune:
+    """`with KeptFromTune():` the variables Ray Tune would ship to its trainables are out of this
+    process's environment inside (Tune reads them as it starts each worker), back as they were after."""
+
+    def __enter__(self) -> "KeptFromTune":
+        self.saved = {name: os.environ.pop(name) for name in SHIPPED_BY_TUNE if name in os.environ}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.environ.update(self.saved)

@@ -235,6 +235,26 @@ class MlflowRecorder:
         client.set_terminated(run.info.run_id, "FAILED")
 
 
+def experiment_id(client: Any, name: str, artifacts: str | None) -> str:
+    """The id of the MLflow experiment `name`, made if new (`artifacts`: where its artifacts go; a
+    sqlite store keeps them beside the database instead of ./mlruns). Two sweeps of one name that
+    start at once on one tracking server both find no experiment: the second one's create is
+    refused (RESOURCE_ALREADY_EXISTS), and it takes the one the first made."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:  # refused for another reason: that one is the error to show
+                raise
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # one made by hand or an earlier version; a kind set on purpose stays
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 class SweepRun:
     """The sweep's parent run (the driver's)."""
 
@@ -245,17 +265,7 @@ class SweepRun:
 
         self.uri = mlflow_uri
         self.client = MlflowClient(tracking_uri=mlflow_uri)
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            artifacts = None
-            if mlflow_uri.startswith("sqlite:"):
-                # Without a server, keep artifacts beside the database instead of ./mlruns.
-                artifacts = (cfg.results_dir / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
-        else:
-            self.experiment_id = experiment.experiment_id
-            if EXPERIMENT_KIND[0] not in experiment.tags:  # one made by hand or an earlier version; a kind set on purpose stays
-                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+        self.experiment_id = experiment_id(self.client, cfg.experiment, (cfg.results_dir / "mlartifacts").as_uri() if mlflow_uri.startswith("sqlite:") else None)
         run = self.client.create_run(
             self.experiment_id,
             run_name=sweep_dir.name,
@@ -339,6 +349,17 @@ class SweepRun:
                 self.client.set_tag(run.info.run_id, "last_step", str(max(trial.intermediate_values)))
             self.client.set_terminated(run.info.run_id, run_status(status))
             closed.append(run.data.tags[TAG_TRIAL])
+        return sorted(closed)
+
+    def close_running(self) -> list[str]:
+        """Child runs still RUNNING after the trials' workers ended with their Ray (they could not
+        record their stop): stopped and resumable (KILLED), as a stop leaves them. Their labels."""
+        closed = []
+        for run in self.children():
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, STATUS, str(TrialStatus.STOPPED))
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.data.tags.get(TAG_TRIAL, run.info.run_id))
         return sorted(closed)
 
     def finish(self, counts: dict[str, int], best: dict[str, Any] | None, metric: str, status: str = "FINISHED", pareto: list[dict] | None = None) -> None:

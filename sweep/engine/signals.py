@@ -8,6 +8,9 @@
                   the sweep's end (study, parent run, sweep.json, a `train` adapter), then the
                   command exits 128 + the signal; a second exits at once
 
+While a new sweep's folder is made (held()), a signal waits the second or two until its sweep.json
+is written, then raises as while starting.
+
 Each signal is also noted (`_received`): a raise that lands inside a garbage-collector callback
 (SQLAlchemy has some) is printed by Python as "Exception ignored" and lost; the note is acted on
 as the trials start (Interrupt.install) or when the command ends (command_ended).
@@ -15,18 +18,20 @@ as the trials start (Interrupt.install) or when the command ends (command_ended)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[int] = []  # signals noted since the command started
 _wrapping_up = False  # wrap_up() was called: signals wait for the command's end
+_holding: int | None = None  # inside held(): the signals noted before it; signals wait for the end of the step
 
 
 class Terminated(KeyboardInterrupt):
@@ -69,8 +74,32 @@ def _raise_signal(signum: int, frame: Any) -> None:
     if _wrapping_up:
         _while_wrapping_up(signum)
         return
+    if _holding is not None:
+        name = signal.Signals(signum).name
+        if len(_received) > _holding:
+            say(f"\n{name} again: exiting now; `python -m sweep status DIR` shows where the sweep stands\n")
+            os._exit(128 + signum)
+        _received.append(signum)
+        say(f"\n{name}: the sweep's folder is being made; stopping once it is (send it again to exit at once) ...\n")
+        return
     _received.append(signum)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A step no signal cuts in half (a new sweep's folder, its study and parent run, and the
+    sweep.json that names them: cut before sweep.json, it left a folder nothing could read or
+    resume). A signal inside is noted and raised at the end, as signals_raise() raises it; a
+    second one exits at once. The step waits on no Ray call, so it ends in seconds."""
+    global _holding
+    earlier = _holding = len(_received)
+    try:
+        yield
+    finally:
+        _holding = None
+    if len(_received) > earlier:
+        raise Terminated() if _received[earlier] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def signals_raise() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from core.contract import ATTR_DUPLICATE_OF, ATTR_USER_POINT, ATTR_WARM_START, ERROR, ESTIMATED_VRAM_GB, STATUS, TrialStatus, trial_label
@@ -132,6 +133,16 @@ def startup_points(cfg: Any) -> list[dict[str, Any]]:
         if wanted > 0:
             points += sobol_points(DefineByRun(cfg.space, cfg.fixed_hyperparams), wanted, search.seed)
     return points
+
+
+def new_study_name(sweep_dir: Any) -> str:
+    """A new sweep's study name: its folder's name (the sweep's name and start time) and a random
+    id. A store shared by several machines (PostgreSQL) holds many sweeps, often of one name, even
+    started the same second: each gets a study of its own, never another sweep's (whose start-up
+    points, trials and counts it would otherwise take over)."""
+    import uuid
+
+    return f"{Path(sweep_dir).name}-{uuid.uuid4().hex[:8]}"
 
 
 def create_study(cfg: Any, storage: str, study_name: str) -> None:
@@ -372,19 +383,36 @@ class Study:
         study keeps no intermediate values, and prunes nothing."""
         if len(self.objectives) > 1:
             return False
+        import optuna
+
         trial = self.trial(number)
         have = set(self.frozen(number).intermediate_values)
-        for step, value in evaluations:
-            if step not in have:
-                trial.report(float(value), step=int(step))
-                have.add(step)
-        return running and bool(trial.should_prune())
+        new = sorted({int(step): float(value) for step, value in evaluations if int(step) not in have}.items())
+        last = max((int(step) for step, _ in evaluations), default=None)
+        for step, value in new:
+            trial.report(value, step=step)
+            # Each new step is judged as it was reached: a continued trial re-sends evaluations the
+            # study never got (its worker saved the checkpoint and died before reporting), and
+            # judged only at its latest step, with its latest value, it passed a rung the
+            # uninterrupted sweep pruned it at. The last one is judged while the trial runs on.
+            if (running or step != last) and trial.should_prune():
+                # Told at once, not when the worker ends it: a worker or driver killed in between
+                # leaves a pruned trial, never one that `resume` or a retry continues past its rung
+                # (the pruner has recorded the rung as passed and would not stop it there again).
+                trial.set_user_attr(STATUS, str(TrialStatus.PRUNED))
+                tell(self.optuna(), trial, None, optuna.trial.TrialState.PRUNED)
+                self._trials.pop(number, None)
+                return True
+        return False
 
     def end(self, number: int, status: TrialStatus, values: list[float] | None = None, error: str | None = None) -> None:
         """Tell the study how the trial ended: completed -> COMPLETE (its objective values), pruned or
         stopped -> PRUNED (its intermediate values stay), anything else -> FAIL."""
         import optuna
 
+        if self.frozen(number).state.is_finished():  # pruned already: the study was told as the pruner decided (report)
+            self._trials.pop(number, None)
+            return
         trial = self.trial(number)
         trial.set_user_attr(STATUS, str(status))
         if error:

@@ -16,6 +16,7 @@ whatever its own working directory is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -30,10 +31,11 @@ import yaml
 from core.contract import ATTR_ATTEMPT, ATTR_WARM_START, ATTR_WORKER, TRIALS_DIR, WORK_DIR, trial_label
 from sweep.config import ConfigError, SweepConfig
 from sweep.readback.results import SweepResult, collect, not_run
-from sweep.engine.signals import Interrupt, Interrupted, Terminated, signals_raise, wrap_up
+from sweep.engine.signals import Interrupt, Interrupted, Terminated, held, received_signal, signals_raise, wrap_up
 
 Log = Callable[[str], None]
 MEMBER_SHARE = "member_vram_share_gb"  # a trial's estimated share of its worker's memory (not a measurement)
+WORKERS_STOP_S = 6.0  # s: after Ray's servers ended, how long the workers that live on get to checkpoint and stop their trials
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,15 +128,25 @@ def new_sweep_dir(cfg: SweepConfig, wanted: Path | None = None) -> Path:
 
 
 _reaper: Any = None  # the watcher of the local Ray this driver started (sweep.engine.reaper)
+_watch: Any = None  # the driver's thread that notices that Ray's servers ended (sweep.engine.raywatch)
 
 
 def connect_ray(address: str | None, log: Log) -> bool:
     """Attach to `address` / RAY_ADDRESS, or start a local Ray. True when we started it."""
+    import sys
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray serves this machine only, so every server it starts (GCS, raylet, object store,
+    # agents) listens on loopback: Ray's switch for "no cluster" (what it uses on macOS and
+    # Windows), an environment variable Ray reads when it is imported. The CLI imports Ray nowhere
+    # before this; --address is how to use a cluster.
+    loopback_by_env = not address and "ray" not in sys.modules
+    if loopback_by_env:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     log(f"ray: {'attaching to ' + address if address else 'starting a local instance'} ...")
     if address:
         try:
@@ -143,14 +155,14 @@ def connect_ray(address: str | None, log: Log) -> bool:
             raise ConfigError(address, [f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0][:200]}); give the head's "
                                         "GCS address (`ray start --head` prints it, port 6379 by default), or leave --address out for a local Ray"]) from None  # fmt: skip
     else:
-        # A local Ray serves this machine only, so every server it starts (GCS, raylet, object
-        # store) listens on loopback. Ray picks the node's address from its own "no cluster" switch
-        # (what it uses on macOS and Windows); --address is how to use a cluster.
-        from ray._private import ray_constants
+        if not loopback_by_env:  # Ray was imported before (a caller of this function, not the CLI): the switch as Ray read it
+            from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+            ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            with SignalsSeen() as seen:
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+                signals_raise()  # at once, over Ray's SIGTERM handler, which would exit with status 15
         except SystemExit as exc:
             # SIGTERM while Ray starts: ray.init's own handler exits with status 15. Stop what
             # it started, and end as SIGTERM does elsewhere outside the trials (exit 143).
@@ -158,21 +170,86 @@ def connect_ray(address: str | None, log: Log) -> bool:
                 raise
             ray.shutdown()
             raise Terminated() from None
+        if seen.signals & {signal.SIGINT, signal.SIGTERM}:
+            # the signal's exception was raised where ray.init caught it (the sweep went on with a
+            # half-started Ray, whose first worker died): it is acted on all the same
+            ray.shutdown()
+            raise Terminated() if signal.SIGTERM in seen.signals else KeyboardInterrupt()
         # If this driver is killed (kill -9, a second Ctrl-C), its Ray's agents and idle workers
         # would outlive it by a minute or more: a small watcher ends them at once.
         from sweep.engine import reaper
+        from sweep.engine.raywatch import RayWatch
 
-        global _reaper
+        global _reaper, _watch
         _reaper = reaper.start()
+        # Its GCS and raylet share this driver's process group: a signal to the group (`timeout`,
+        # a scheduler) ends them with it, and Ray's driver would wait a minute, then exit 1 with
+        # nothing recorded. The watch notices within a second (sweep.engine.raywatch).
+        _watch = RayWatch.start()
     signals_raise()  # over Ray's SIGTERM handler, which would exit with status 15
     return True
 
 
+class SignalsSeen:
+    """`with SignalsSeen() as seen:` the signals that reached this process inside, in
+    `seen.signals`, whatever became of them (a handler's exception caught by the library it landed
+    in). Python's wakeup fd: the C-level handler writes each signal's number to it. Main thread only;
+    elsewhere nothing is seen."""
+
+    def __enter__(self) -> "SignalsSeen":
+        import threading
+
+        self.signals: set[int] = set()
+        self._fds: tuple[int, int] | None = None
+        if threading.current_thread() is threading.main_thread():
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            self._previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            self._fds = (read, write)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fds is None:
+            return
+        read, write = self._fds
+        signal.set_wakeup_fd(self._previous)
+        try:
+            self.signals = set(os.read(read, 256))
+        except BlockingIOError:  # none came
+            pass
+        os.close(read)
+        os.close(write)
+
+
+def on_ray_lost(handler: Callable[[list[str]], None] | None) -> None:
+    """What the driver does if its local Ray's servers end, from now on: `handler(names)` records
+    the sweep's state, says so and ends the process (sweep.engine.raywatch.lost); None while
+    wrapping up (the driver no longer needs Ray). Nothing to do for an attached cluster."""
+    if _watch is not None:
+        _watch.set(handler)
+
+
+def before_trials(what: Callable[[], str]) -> Callable[[list[str]], None]:
+    """The handler while the sweep starts: `what()` records what there is to record and returns
+    what to tell the user; the exit code is the signal's that came with Ray's end, if any."""
+    from sweep.engine import raywatch
+
+    def handler(names: list[str]) -> None:
+        raywatch.lost(names, raywatch.signal_with(received_signal), what())
+
+    return handler
+
+
 def shutdown_ray() -> None:
-    """Stop the local Ray this driver started, and its watcher."""
+    """Stop the local Ray this driver started, and its watchers."""
     import ray
 
-    global _reaper
+    global _reaper, _watch
+    if _watch is not None:
+        _watch.set(None)  # (a handler already running ends the process first)
+        _watch.stop()
+        _watch = None
     ray.shutdown()
     if _reaper is not None:
         _reaper.done()
@@ -209,19 +286,37 @@ class Heartbeat:
     INTERVAL = 2.0  # s; a beat is one small atomic file write
 
     def __init__(self, sweep_dir: Path, elapsed_before: float):
+        import threading
+
         self.sweep_dir, self.elapsed_before = sweep_dir, elapsed_before
         self.started = time.monotonic()
         self.last = 0.0
+        self.lock = threading.Lock()  # a beat reads and writes sweep.json: one at a time (Sweep.ray_lost beats from its own thread)
+        self.final = False
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks (this one's beat) into the sweep folder: never the lock."""
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state, lock=threading.Lock())
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
 
-    def beat(self, force: bool = False, **changes: Any) -> None:
+    def beat(self, force: bool = False, final: bool = False, **changes: Any) -> None:
+        """`final`: the last beat of this driver (no later one writes over its state)."""
         from sweep.folder import update_meta
 
-        if force or time.monotonic() - self.last >= self.INTERVAL:
-            self.last = time.monotonic()
-            update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
+        with self.lock:
+            if self.final:
+                return
+            self.final = final
+            if force or time.monotonic() - self.last >= self.INTERVAL:
+                self.last = time.monotonic()
+                update_meta(self.sweep_dir, elapsed_seconds=round(self.elapsed(), 1), **changes)
 
     def callback(self) -> Any:
         from ray.tune import Callback
@@ -250,11 +345,7 @@ def run_sweep(
     """A new sweep: preflight, the workers planned, a new results folder, study and parent run, then
     the trials. `command` (run, or train for one configuration: sweep.engine.single) is recorded in
     sweep.json. `live`: stdout is a terminal, the sweep's progress is a bar drawn in place."""
-    from sweep.folder.checks import before_start, quote
-    from sweep.engine.recorder import SweepRun
-    from sweep.engine.study import create_study
-    from sweep.config.secrets import redact
-    from sweep.folder import release, update_meta, write_meta
+    from sweep.folder.checks import before_start
 
     clock = time.perf_counter()
     before_start(cfg, address, Path(sweep_dir).resolve() if sweep_dir else None)  # folders writable, cluster reachable: before anything starts
@@ -264,14 +355,51 @@ def run_sweep(
     started_ray = connect_ray(address, log)
     phases["Ray attached" if address or os.environ.get("RAY_ADDRESS") else "Ray started"] = time.perf_counter() - mark
     try:
+        on_ray_lost(before_trials(lambda: "nothing was made yet: run the command again"))
         mark = time.perf_counter()
         plan = plan_workers_here(cfg, cfg.num_trials, log)
-        sweep_dir = new_sweep_dir(cfg, Path(sweep_dir).resolve() if sweep_dir else None)
+        made: tuple[Path, Any, str] | None = None
+        try:
+            with held(), (_watch.hold if _watch is not None else contextlib.nullcontext()):  # a signal, or Ray's end, waits for sweep.json
+                made = new_sweep(cfg, prepared, plan, Path(sweep_dir).resolve() if sweep_dir else None, command, log)
+                on_ray_lost(before_trials(lambda: stopped_before_trials(cfg, *made[:2])))
+            sweep = Sweep(cfg, made[0], made[2], made[1], prepared, plan, [], cfg.num_trials, 0.0, log, live=live)
+            sweep.setup()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
+            on_ray_lost(None)  # recorded here (a handler already running ends the process first)
+            if made is not None:
+                stopped_before_trials(cfg, *made[:2])
+            raise
+        phases["results folder, MLflow, study"] = time.perf_counter() - mark
+        log(f"start-up: {time.perf_counter() - clock:.1f}s before Ray Tune starts the workers ({describe_phases(phases)})")
+        sweep.run()
+        return sweep.finish()
+    finally:
+        if started_ray:
+            shutdown_ray()
+
+
+def new_sweep(cfg: SweepConfig, prepared: Any, plan: Any, wanted: Path | None, command: str, log: Log) -> tuple[Path, Any, str]:
+    """A new sweep's folder (the space file, the resolved config), its MLflow parent run, its own
+    study, then sweep.json naming them: (folder, parent run, study name). A failure before
+    sweep.json takes back what was made (the folder, which holds copies only; the parent run ends
+    FAILED): no folder is left that no command can read or resume."""
+    import shutil
+
+    from sweep.config.secrets import redact
+    from sweep.engine.recorder import SweepRun
+    from sweep.engine.study import create_study, new_study_name
+    from sweep.folder import write_meta
+    from sweep.folder.checks import quote
+
+    sweep_dir = new_sweep_dir(cfg, wanted)
+    sweep_run = None
+    try:
         (sweep_dir / "space.yaml").write_text(redact(cfg.source_text))
         (sweep_dir / "resolved.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         mlflow_uri, storage = cfg.mlflow_uri, cfg.optuna_storage(sweep_dir)
         sweep_run = SweepRun(cfg, sweep_dir, mlflow_uri)
-        study_name = cfg.name
+        study_name = new_study_name(sweep_dir)  # its own study, also on a store other sweeps of this name share
         meta = {
             "name": cfg.name,
             "space_file": str(cfg.source),
@@ -294,22 +422,28 @@ def run_sweep(
         }
         create_study(cfg, storage, study_name)  # before sweep.json names it
         write_meta(sweep_dir, meta)
-        log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
-        sweep = Sweep(cfg, sweep_dir, study_name, sweep_run, prepared, plan, [], cfg.num_trials, 0.0, log, live=live)
-        try:
-            sweep.setup()
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: a stop that `resume` continues
-            sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
-            update_meta(sweep_dir, state="stopped")
-            release(sweep_dir)  # setup claimed it
-            raise
-        phases["results folder, MLflow, study"] = time.perf_counter() - mark
-        log(f"start-up: {time.perf_counter() - clock:.1f}s before Ray Tune starts the workers ({describe_phases(phases)})")
-        sweep.run()
-        return sweep.finish()
-    finally:
-        if started_ray:
-            shutdown_ray()
+    except BaseException:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        if sweep_run is not None:
+            try:
+                sweep_run.client.set_terminated(sweep_run.run_id, "FAILED")
+            except Exception:  # the store that failed may be this one: its error is the one to show
+                pass
+        raise
+    log(f"sweep folder: {sweep_dir}   (if the driver dies: python -m sweep resume {quote(sweep_dir)})")
+    return sweep_dir, sweep_run, study_name
+
+
+def stopped_before_trials(cfg: SweepConfig, sweep_dir: Path, sweep_run: Any) -> str:
+    """A sweep stopped (a signal, or its Ray gone) before any trial ran: recorded as a stop that
+    `resume` continues; what to tell the user."""
+    from sweep.folder import release, update_meta
+    from sweep.folder.checks import quote
+
+    sweep_run.finish({}, None, cfg.search.metric, status="KILLED")
+    update_meta(sweep_dir, state="stopped")
+    release(sweep_dir)  # setup claims it
+    return f"the sweep stopped before its trials started; continue with:  python -m sweep resume {quote(sweep_dir)}"
 
 
 def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, live: bool = False) -> SweepResult:
@@ -354,8 +488,15 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
         log(f"resuming {sweep_dir.name}: {finished} trials finished; continuing {len(resume)} ({continuing or 'none'}); {budget} new to run")
         started_ray = connect_ray(address, log)
         try:
+
+            def nothing_ran() -> str:
+                release(sweep_dir)
+                return f"nothing ran; continue with:  python -m sweep resume {shlex.quote(str(sweep_dir))}"
+
+            on_ray_lost(before_trials(nothing_ran))
             plan = plan_workers_here(cfg, budget + len(resume), log)
             sweep_run = SweepRun.attach(folder.mlflow_uri, folder.parent_run_id)
+            on_ray_lost(before_trials(lambda: stopped_before_trials(cfg, sweep_dir, sweep_run)))
             if not meta.get("mlflow_view"):  # a sweep of an earlier version: its runs-table view now
                 sweep_run.show(cfg)
                 meta = update_meta(sweep_dir, mlflow_view=True)
@@ -363,7 +504,12 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
             if repaired:
                 log(f"MLflow: closed {', '.join(repaired)} as the study ended them (the driver was killed before it recorded their end)")
             sweep = Sweep(cfg, sweep_dir, folder.study_name, sweep_run, prepared, plan, resume, budget, float(meta.get("elapsed_seconds", 0.0)), log, live=live)
-            sweep.setup()
+            try:
+                sweep.setup()
+            except KeyboardInterrupt:  # Ctrl-C / SIGTERM before any trial ran: stopped again, as it was
+                on_ray_lost(None)
+                stopped_before_trials(cfg, sweep_dir, sweep_run)
+                raise
             sweep.run()
             return sweep.finish()
         finally:
@@ -514,13 +660,17 @@ class Sweep:
     # -- run ----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        from sweep.config.secrets import KeptFromTune
         from sweep.folder import release
 
         self.started = time.monotonic()
         self.interrupt = Interrupt(Path(self.stop.path), f"python -m sweep resume {shlex.quote(str(self.sweep_dir))}").install()
+        on_ray_lost(self.ray_lost)
         try:
-            self.tuner.fit()
+            with KeptFromTune():  # no credential in the runtime env of the workers (Ray logs it)
+                self.tuner.fit()
         except BaseException:
+            on_ray_lost(None)
             self.interrupt.restore()
             if self.progress is not None:
                 self.progress.close()
@@ -528,6 +678,34 @@ class Sweep:
             self.heartbeat.beat(force=True, state="failed")
             release(self.sweep_dir)
             raise
+
+    def ray_lost(self, names: list[str]) -> None:
+        """The local Ray's servers ended while the trials ran (sweep.engine.raywatch), a signal
+        to the whole process group with them, most often. Ray Tune waits on them for good, so this
+        runs in the watch's thread: the workers that live on (they have process groups of their
+        own) checkpoint and stop their trials as on `stop`, the sweep is recorded stopped, and the
+        process ends with the resume command, within seconds."""
+        from sweep.engine import raywatch
+        from sweep.folder import release
+
+        signum = raywatch.signal_with(lambda: self.interrupt.signum)
+        try:
+            if not os.path.exists(self.stop.path):
+                Path(self.stop.path).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} Ray's servers ended ({', '.join(names)})")
+            deadline = time.monotonic() + WORKERS_STOP_S
+            while time.monotonic() < deadline and any(r.info.status == "RUNNING" for r in self.sweep_run.children()):
+                time.sleep(0.5)
+            closed = self.sweep_run.close_running()
+            self.sweep_run.finish({}, None, self.cfg.search.metric, status="KILLED")
+            self.heartbeat.beat(force=True, final=True, state="stopped")
+            release(self.sweep_dir)
+            if self.progress is not None:
+                self.progress.close()
+            what = (f"the trials checkpointed and stopped ({', '.join(closed)} at their last checkpoint: their workers ended with Ray)" if closed
+                    else "the trials checkpointed and stopped")  # fmt: skip
+        except Exception as exc:  # a store out of reach too: `resume` repairs what is left
+            what = f"the sweep's end could not be recorded ({exc!r:.200}); its trials keep their checkpoints"
+        raywatch.lost(names, signum, f"{what}; continue with:  {self.interrupt.resume}")
 
     # -- finish -------------------------------------------------------------------------------
 
@@ -537,6 +715,7 @@ class Sweep:
         from sweep.folder import RunsView, mlflow_links, release, say_mlflow
 
         cfg, sweep_dir, log = self.cfg, self.sweep_dir, self.log
+        on_ray_lost(None)  # the trials have ended: the sweep's end is recorded without Ray
         wrap_up()  # the trials have ended: a signal from here on waits for the sweep's end to be recorded
         if self.progress is not None:
             self.progress.close()  # the bar ends above the table

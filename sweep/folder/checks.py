@@ -52,7 +52,7 @@ def before_start(cfg: SweepConfig, address: str | None = None, sweep_dir: Path |
             problems += writable(sweep_dir.parent, "--sweep-dir")
     ray = sys.modules.get("ray")
     if not (ray is not None and ray.is_initialized()):  # connect_ray attaches to nothing then
-        problems += reachable(address or os.environ.get("RAY_ADDRESS"))
+        problems += ray_address_problems(address or os.environ.get("RAY_ADDRESS"), "--address" if address else "RAY_ADDRESS")
     if problems:
         raise ConfigError(str(cfg.source), problems)
 
@@ -91,25 +91,109 @@ def writable(folder: Path, key: str, fix: str = "choose a folder this user can w
     return []
 
 
-def reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> list[str]:
-    """[] if something accepts a TCP connection at the address's host:port (Ray's GCS, the Ray
-    client server or the dashboard); else why not. `auto`, `local` and addresses without a port
-    are left to Ray. Without this, ray.init waits about a minute for a GCS that is not there."""
+def reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S, flag: str = "--address") -> list[str]:
+    """[] if a Ray cluster answers at `address` (as `flag` gave it: --address or RAY_ADDRESS); else
+    what is wrong and what to give instead, within about 2 x `timeout` seconds. Checked in the
+    order a problem shows: the form (a GCS HOST:PORT, ray://HOST:PORT, or for `submit` and a
+    submitted sweep's commands a dashboard URL http://HOST:8265), a TCP connection, then a reply
+    in Ray's protocol (gRPC from the GCS or the Ray client server, Ray's version answer from a
+    dashboard). Without these, ray.init waits a minute for a GCS that is not there, hangs for good
+    on a port that accepts and never answers, and ends in a traceback for a URL or a missing port.
+    `auto` (a cluster started on this machine: ray.init says at once if there is none) and `local`
+    are left to Ray."""
     if not address or address in ("auto", "local"):
         return []
-    host, port = host_port(address)
-    if host is None or port is None:
-        return []
+    form = address_form(address, flag)
+    if isinstance(form, str):
+        return [form]
+    kind, host, port = form
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        if address.startswith(("http://", "https://")):
+        if kind == "dashboard":
             hint = "is the head node's dashboard (its job server, port 8265 by default) running there, and the port open?"
         else:
             hint = "is the Ray head running there (`ray start --head` prints its address) and the port open? Without --address (and RAY_ADDRESS) a local Ray starts"
-        return [f"--address {address}: cannot reach {host}:{port} ({reason}, tried for up to {timeout:g}s); {hint}"]
+        return [f"{flag} {address}: cannot reach {host}:{port} ({reason}, tried for up to {timeout:g}s); {hint}"]
+    trouble = _dashboard_trouble(address, timeout) if kind == "dashboard" else _grpc_trouble(host, port, kind, timeout)
+    if trouble:
+        what = {"gcs": "a Ray head's GCS port (`ray start --head` prints HEAD:PORT, 6379 by default)", "client": "a Ray client server (ray://HEAD:10001)",
+                "dashboard": "a Ray dashboard (http://HEAD:8265)"}[kind]  # fmt: skip
+        return [f"{flag} {address}: {host}:{port} accepts connections but {trouble}: it is not {what}; check the host and port"]
     return []
+
+
+# What a Ray cluster answers: a GCS and a Ray client server speak gRPC. The method asked is one each
+# serves in this Ray version (a cluster must run the driver's Ray version); any reply but "no such
+# method" counts, an auth refusal included (ray.init then presents the token). A unit test checks
+# that this Ray still names them so.
+GCS_METHOD = "/ray.rpc.NodeInfoGcsService/CheckAlive"
+CLIENT_METHOD = "/ray.rpc.RayletDriver/ClusterInfo"
+
+
+def address_form(address: str, flag: str = "--address") -> tuple[str, str, int] | str:
+    """(kind, host, port) of an address: kind gcs (HOST:PORT), client (ray://HOST:PORT) or
+    dashboard (http(s)://HOST[:PORT]); else the problem with its form."""
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme not in ("", "ray", "http", "https"):
+        return f"{flag} {address}: unknown scheme {scheme}://; give the head's GCS address HOST:PORT (`ray start --head` prints it), or ray://HOST:10001"
+    host, port = host_port(address)
+    if not host:
+        return f"{flag} {address}: no host in it; give HOST:PORT, e.g. 10.0.0.5:6379"
+    if port is None:
+        return f"{flag} {address}: no port; give {host}:PORT, the port `ray start --head` prints (6379 by default), or ray://{host}:10001 for the Ray client"
+    return ({"": "gcs", "ray": "client"}.get(scheme, "dashboard"), host, port)
+
+
+def ray_address_problems(address: str | None, flag: str = "--address") -> list[str]:
+    """`run`, `train`, `resume` attach to a cluster's GCS or Ray client: the checks of `reachable`,
+    and a dashboard URL (what `submit` takes) refused, saying what to give instead."""
+    if address and address.lower().startswith(("http://", "https://")):
+        host, _ = host_port(address)
+        return [f"{flag} {address}: a dashboard URL is for `python -m sweep submit` (a sweep sent to the cluster as a Ray job); to run the "
+                f"workers on that cluster from here give its GCS address, {host}:6379 by default (`ray start --head` prints it), or ray://{host}:10001"]  # fmt: skip
+    return reachable(address, flag=flag)
+
+
+def _grpc_trouble(host: str, port: int, kind: str, timeout: float) -> str | None:
+    """None if a Ray GCS (kind gcs) or Ray client server (client) answers at host:port; else what happened."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None  # a TLS cluster: its certificates are Ray's business; the TCP check stands
+    import grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            channel.unary_unary(GCS_METHOD if kind == "gcs" else CLIENT_METHOD)(b"", timeout=timeout)  # an empty request: bytes in, bytes out
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return f"gives no reply in Ray's protocol (gRPC) within {timeout:g}s"
+            if code == grpc.StatusCode.UNAVAILABLE:  # it answered, not in HTTP/2: a web server, a proxy, ...
+                return "does not answer in Ray's protocol (gRPC)"
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return "answers gRPC without Ray's methods (another service, or a cluster of another Ray version)"
+    return None
+
+
+def _dashboard_trouble(url: str, timeout: float) -> str | None:
+    """None if a Ray dashboard answers at `url` (its /api/version, or an auth refusal); else what happened."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/version", timeout=timeout) as reply:
+            body = reply.read(4096)
+    except urllib.error.HTTPError as exc:
+        return None if exc.code in (401, 403) else f"answers HTTP {exc.code} where a Ray dashboard answers its version"
+    except (OSError, ValueError) as exc:  # a timeout, a reset, not HTTP
+        return f"gives no answer a Ray dashboard gives ({getattr(exc, 'reason', exc)})"
+    try:
+        return None if "ray_version" in json.loads(body) else "answers without a Ray version"
+    except ValueError:
+        return "answers something other than a Ray dashboard (not its JSON)"
 
 
 def host_port(address: str) -> tuple[str | None, int | None]:

@@ -38,7 +38,11 @@ def mlflow_runs(uri: str, experiment: str) -> tuple[Any, list[Any]]:
     return parents[0], children
 
 
-def study_trials(sweep_dir: Path, name: str) -> list[Any]:
+def study_trials(sweep_dir: Path) -> list[Any]:
+    """The trials of the sweep's own study (sweep.json names it: the sweep's name is not enough)."""
+    import json
+
     import optuna
 
+    name = json.loads((Path(sweep_dir) / "sweep.json").read_text())["study_name"]
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/optuna.db").trials

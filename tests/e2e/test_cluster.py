@@ -94,7 +94,7 @@ def test_sweep_spreads_over_two_nodes_and_survives_losing_one(tmp_path: Path, tw
     _, children = mlflow_runs(meta["mlflow_uri"], meta["experiment"])
     # the four trials that ran, each once; every other entry of the study is a repeated proposal
     # of one of them, closed without a run
-    trials = study_trials(sweep_dir, meta["study_name"])
+    trials = study_trials(sweep_dir)
     ran = [f"t{t.number:03d}" for t in trials if t.user_attrs.get("trial_status") != "duplicate"]
     assert sorted(r.data.tags["trial"] for r in children) == ran and len(ran) == 4, ran
     assert all(t.user_attrs["duplicate_of"] in ran for t in trials if t.user_attrs.get("trial_status") == "duplicate")

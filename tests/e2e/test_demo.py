@@ -74,7 +74,7 @@ def test_demo_sweep_end_to_end(tmp_path: Path) -> None:
     (sweep_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
     # TPE's first proposal after its start-up repeats the one completed trial exactly (seen on this
     # space): that entry is a duplicate, never run (sweep.engine.study.close_duplicate)
-    trials = [t for t in study_trials(sweep_dir, "demo") if t.user_attrs.get("trial_status") != "duplicate"]
+    trials = [t for t in study_trials(sweep_dir) if t.user_attrs.get("trial_status") != "duplicate"]
     assert len(trials) == 8
     by_label = {r.data.tags["trial"]: r.data.tags["trial_status"] for r in children}
     for t in trials:

@@ -270,14 +270,15 @@ def test_compose_stack_runs_a_sweep_through_worker_kill_mlflow_restart_and_down_
             assert len(trials) == len(set(trials)) == 3, f"MLflow child runs {trials}: one per trial, none twice"
             assert {r.data.tags.get("trial_status") for r in children} == {"completed"}, [r.data.tags for r in children]
             assert {r.info.status for r in children} == {"FINISHED"}
-            study = optuna.load_study(study_name=NAME, storage=storage)
+            (name,) = [n for n in optuna.get_all_study_names(storage) if n.startswith(f"{NAME}-")]  # the sweep's own study: NAME-<time>-<id>
+            study = optuna.load_study(study_name=name, storage=storage)
             states = [(t.number, t.state.name) for t in study.trials]
             assert [s for _, s in states].count("COMPLETE") == 3, states
             return {r.data.tags["trial"]: r.info.run_id for r in children} | {"retries t000": next(r.data.tags.get("retries") for r in children if r.data.tags["trial"] == "t000")}, states
 
         before, states = stored()
         assert before["retries t000"] == "1", before
-        step(f"MLflow (through basic-auth) holds 3 finished child runs, t000 with retries=1; Optuna study {NAME!r} in PostgreSQL: {states}")
+        step(f"MLflow (through basic-auth) holds 3 finished child runs, t000 with retries=1; its Optuna study in PostgreSQL: {states}")
 
         # ---- 8. down + up keeps every finished trial -------------------------------------------
         t0 = time.monotonic()

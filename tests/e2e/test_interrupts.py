@@ -30,8 +30,8 @@ pytestmark = pytest.mark.e2e
 STEPS = 12
 
 
-def space(tmp_path: Path, trials: int) -> Path:
-    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", f"train: {{max_steps: {STEPS}, eval_every: 3, log_every: 3, batch: [2, 1]}}").replace(
+def space(tmp_path: Path, trials: int, steps: int = STEPS) -> Path:
+    body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", f"train: {{max_steps: {steps}, eval_every: 3, log_every: 3, batch: [2, 1]}}").replace(
         "search: {num_trials: 2}", f"search: {{num_trials: {trials}, max_concurrent: 2, seed: 0, scheduler: {{type: none}}}}"
     ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8]\n  learning_rate: {loguniform: [1.0e-3, 2.0e-2]}\n")
     return write_space(tmp_path, body + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n")
@@ -96,7 +96,7 @@ def stores(sweep_dir: Path) -> tuple[dict, list, list]:
     return meta, study.trials, [parent, *children]
 
 
-def check_whole(sweep_dir: Path, trials: int) -> None:
+def check_whole(sweep_dir: Path, trials: int, steps: int = STEPS) -> None:
     """The sweep ended as if nothing had happened: every trial ran once, to the end."""
     meta, study, (parent, *children) = stores(sweep_dir)
     assert meta["state"] == "finished" and parent.info.status == "FINISHED"
@@ -112,8 +112,8 @@ def check_whole(sweep_dir: Path, trials: int) -> None:
     assert {(r.info.status, r.data.tags["trial_status"]) for r in children} == {("FINISHED", "completed")}
     client = MlflowClient(meta["mlflow_uri"])
     for run in children:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert steps == list(range(3, STEPS + 1, 3)), (run.data.tags["trial"], steps)  # each logged once
+        logged = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert logged == list(range(3, steps + 1, 3)), (run.data.tags["trial"], logged)  # each logged once
 
 
 def ours_crashed(out: str) -> bool:
@@ -143,9 +143,13 @@ def check_interrupted(command: Command, sweep_dir: Path, code: int, may_finish: 
 
 
 def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_path: Path) -> None:
-    """Ctrl-C to `run` (exit 130), then SIGTERM, as a scheduler preempting it sends, to the
-    `resume` that continues it (exit 143), then a `resume` that finishes it."""
-    driver = Command(tmp_path, "run", str(space(tmp_path, 2)))
+    """Ctrl-C to `run` (exit 130); SIGTERM to the whole process group of the `resume` that
+    continues it, as `timeout` or a scheduler sends it, which takes the local Ray's GCS and raylet
+    down with the driver (exit 143 within seconds, saying so: it waited a minute for the GCS, then
+    exited 1 with the sweep `running`); SIGTERM to the next `resume`'s driver alone (exit 143);
+    then a `resume` that finishes it."""
+    steps = 24
+    driver = Command(tmp_path, "run", str(space(tmp_path, 2, steps)))
     sweep_dir = driver.sweep_dir()
     assert driver.wait_for(r"t000 step\s+3/"), driver.text()[-3000:]  # a trial has reported
     os.kill(driver.proc.pid, signal.SIGINT)
@@ -155,12 +159,20 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
     assert resumed.wait_for(r"t000 step"), resumed.text()[-3000:]
     # both trials the worker held (max_concurrent 2) continue, each from its own checkpoint
     assert re.search(r"continuing 2 \(t000 from step-\d+, t00\d from step-\d+\)", resumed.text()), resumed.text()[-3000:]
-    os.kill(resumed.proc.pid, signal.SIGTERM)
-    check_interrupted(resumed, sweep_dir, 143, may_finish=True)
+    signalled = time.monotonic()
+    os.killpg(resumed.proc.pid, signal.SIGTERM)  # Command starts its own session: the driver's group, its Ray's servers in it
+    check_interrupted(resumed, sweep_dir, 143)
+    assert time.monotonic() - signalled < 15
+    assert "Ray's own processes ended (" in resumed.text() and "SIGTERM came to the whole process group" in resumed.text(), resumed.text()[-3000:]
+
+    again = Command(tmp_path, "resume", str(sweep_dir))
+    assert again.wait_for(r"t000 step"), again.text()[-3000:]
+    os.kill(again.proc.pid, signal.SIGTERM)
+    check_interrupted(again, sweep_dir, 143, may_finish=True)
 
     final = Command(tmp_path, "resume", str(sweep_dir))
     assert final.end(400) == 0, final.text()[-3000:]
-    check_whole(sweep_dir, 2)
+    check_whole(sweep_dir, 2, steps)
 
 
 WRAPPING_UP = "wrapping up (no trial was running)"
@@ -197,12 +209,14 @@ CHAOS_SEED = int(os.environ.get("LORA_SWEEP_CHAOS_SEED", "13"))
 
 
 def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) -> None:
-    """SIGINT, SIGTERM, kill -9 of the driver and kill -9 of a trial's worker, in a seeded random
-    order at seeded random points, a resume after each; then the sweep's invariants."""
+    """SIGINT, SIGTERM, SIGTERM to the whole process group (what `timeout` and schedulers send: it
+    takes Ray's GCS and raylet down with the driver), kill -9 of the driver, kill -9 of a trial's
+    worker, and a worker killed just before the driver, in a seeded random order at seeded random
+    points, a resume after each; then the sweep's invariants."""
     rng = random.Random(CHAOS_SEED)
-    actions = ["SIGINT", "SIGTERM", "kill driver", "kill worker"]
+    actions = ["SIGINT", "SIGTERM", "SIGTERM group", "kill driver", "kill worker", "kill worker, then driver"]
     rng.shuffle(actions)
-    trials = 6  # room for every action before the sweep ends by itself (each waits 1-3 evaluations, 4 per trial)
+    trials = 8  # room for every action before the sweep ends by itself (each waits 1-3 evaluations, 4 per trial)
     spec = space(tmp_path, trials)
     cmd = Command(tmp_path, "run", str(spec))
     sweep_dir = cmd.sweep_dir()
@@ -214,22 +228,27 @@ def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) 
         if not cmd.wait_for(r"t\d{3} step", count=seen + rng.randint(1, 3)):
             break  # the sweep finished first: the rest is checked as it is
         time.sleep(rng.uniform(0, 1.0))
-        if action == "kill worker":
+        if action.startswith("kill worker"):
             workers = trial_workers(cmd.proc.pid)
             if not workers:
                 continue  # between trials: nothing to kill here
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
-            done.append(action)
-            continue  # the driver retries the trial from its checkpoint by itself
+            if action == "kill worker":
+                done.append(action)
+                continue  # the driver retries the trial from its checkpoint by itself
         ray = ray_processes(cmd.proc.pid)
-        os.kill(cmd.proc.pid, {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "kill driver": signal.SIGKILL}[action])
+        signalled = time.monotonic()
+        if action == "SIGTERM group":
+            os.killpg(cmd.proc.pid, signal.SIGTERM)  # Command starts its own session: the group is the driver's and its Ray's
+        else:
+            os.kill(cmd.proc.pid, {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}.get(action, signal.SIGKILL))
         code = cmd.end(120)
         if code == 0 or WRAPPING_UP in cmd.text():
             break  # it had finished on its own just then (the signal came while it wrapped up)
-        assert code == {"SIGINT": 130, "SIGTERM": 143, "kill driver": -9}[action], (action, cmd.text()[-3000:])
+        assert code == {"SIGINT": 130, "SIGTERM": 143, "SIGTERM group": 143}.get(action, -9), (action, cmd.text()[-3000:])
         done.append(action)
-        if action == "kill driver":
+        if action.endswith("driver"):
             # its Ray goes with it within seconds (not a minute later), and its time was counted
             deadline = time.monotonic() + 15
             while [p for p in ray if alive(p)] and time.monotonic() < deadline:
@@ -237,13 +256,25 @@ def test_chaos_one_sweep_interrupted_every_way_still_ends_whole(tmp_path: Path) 
             assert not [p for p in ray if alive(p)], "Ray processes outlived the killed driver"
             assert json.loads((sweep_dir / "sweep.json").read_text())["elapsed_seconds"] > 0
         else:  # like `stop`: the interrupted trial stays open in the study, its run is resumable
-            meta, study, (_, *children) = stores(sweep_dir)
-            assert meta["state"] == "stopped" and "PRUNED" not in [t.state.name for t in study]
+            assert time.monotonic() - signalled < 15, (action, "the stop took longer than 15 s")
+            if action == "SIGTERM group":  # Ray's servers went with the driver: it says so and how to go on, at once
+                assert "Ray's own processes ended" in cmd.text() and "SIGTERM came to the whole process group" in cmd.text(), cmd.text()[-3000:]
+            out = cmd.text()
+            assert f"continue with:  python -m sweep resume {shlex.quote(str(sweep_dir))}" in out and not ours_crashed(out), out[-3000:]
+            meta, study, (parent, *children) = stores(sweep_dir)
+            assert meta["state"] == "stopped" and parent.info.status == "KILLED" and not (sweep_dir / "driver.pid").exists()
+            assert "PRUNED" not in [t.state.name for t in study]
             assert "RUNNING" not in [r.info.status for r in children]
+        # every open trial with a complete checkpoint continues from it, never from step 0
+        meta, study, _ = stores(sweep_dir)
+        saved = {f"t{t.number:03d}" for t in study if t.state.name == "RUNNING" and list((sweep_dir / "trials" / f"t{t.number:03d}").glob("step-*/member.json"))}
         cmd = Command(tmp_path, "resume", str(sweep_dir))
+        assert cmd.wait_for(r"resuming \S+: .*; \d+ new to run"), cmd.text()[-3000:]
+        continuing = dict(re.findall(r"(t\d{3}) from (step-\d+|the start)", cmd.text().split("resuming ", 1)[1].splitlines()[0]))
+        assert all(continuing.get(label, "").startswith("step-") for label in saved), (action, saved, continuing)
     code = cmd.end(400)
     # a signal while it wrapped up: the exit code of that signal; the sweep is whole all the same
     assert code == 0 or (code in (130, 143) and WRAPPING_UP in cmd.text()), cmd.text()[-3000:]
     print(f"chaos seed {CHAOS_SEED}: {', '.join(done)} in {time.monotonic() - started:.0f}s")
-    assert len(done) >= 3, (done, cmd.text()[-3000:])
+    assert len(done) >= 4, (done, cmd.text()[-3000:])
     check_whole(sweep_dir, trials)

@@ -47,7 +47,7 @@ def test_oom_and_nan_are_results(tmp_path: Path, fake_gpu_cluster: None) -> None
     tags = {r.data.params["lora_r"]: r.data.tags for r in children}
     assert tags["8"]["trial_status"] == "oom" and "out of memory" in tags["8"]["error"]
     assert tags["32"]["trial_status"] == "nan" and tags["4"]["trial_status"] == "completed"
-    study = {t.params["lora_r"]: t for t in study_trials(result.sweep_dir, cfg.name)}
+    study = {t.params["lora_r"]: t for t in study_trials(result.sweep_dir)}
     assert study[4].state.name == "COMPLETE"
     assert study[8].state.name == "FAIL" and study[8].user_attrs["trial_status"] == "oom" and "injected" in study[8].user_attrs["error"]
     assert study[32].state.name == "FAIL" and study[32].user_attrs["trial_status"] == "nan"
@@ -72,7 +72,7 @@ def test_auto_placement_shares_the_gpu_and_never_launches_infeasible_configs(tmp
     assert statuses["t000"] == "infeasible" and list(statuses.values()).count("completed") == 2
     estimates = {r.data.params.get("estimated_vram_gb") for r in children if r.data.tags["trial_status"] == "completed"}
     assert len(estimates) == 1 and float(estimates.pop()) > 0  # each logged the estimate it was admitted by
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs["trial_status"] == "infeasible"
     assert {t.state.name for t in trials if t.user_attrs.get("trial_status") != "infeasible"} == {"COMPLETE"}
 

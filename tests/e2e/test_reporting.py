@@ -49,7 +49,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_multi_objective_sweep_reports_its_pareto_set(sweep: tuple) -> None:
     cfg, result, out, _ = sweep
     assert result.counts == {"completed": 5}, out
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     assert all(len(t.values) == 2 for t in trials)
     front = {r["label"] for r in result.pareto}
     assert front and "Pareto set (eval_loss min / tokens_per_sec max): " in out

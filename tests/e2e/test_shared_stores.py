@@ -25,6 +25,7 @@ from tests.conftest import MINIMAL, ROOT, write_space
 pytestmark = pytest.mark.e2e
 needs_postgres = pytest.mark.skipif(not os.environ.get("LORA_SWEEP_TEST_PG"), reason="LORA_SWEEP_TEST_PG is not set (no PostgreSQL server)")
 FAKE_TOKEN = "hf_FAKE0123456789abcdefTOKEN"
+FAKE_AWS = "FAKEawsSECRET0123456789abcdefghijklmnop"
 
 
 def free_port() -> int:
@@ -78,9 +79,13 @@ def test_sweep_on_mlflow_server_and_postgres_keeps_secrets(tmp_path: Path, mlflo
     password = optuna_url.split(":")[2].split("@")[0]
     body = MINIMAL + f"tracking: {{mlflow_uri: '{mlflow_server}', optuna_storage: '{optuna_url}', results_dir: {tmp_path / 'out'}, experiment: shared}}\n"
     space = write_space(tmp_path, body)
-    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    result = subprocess.run([sys.executable, "-m", "sweep", "run", str(space)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "AWS_SECRET_ACCESS_KEY": FAKE_AWS, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", "run", str(space)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=600)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # the local Ray's session folder (logs, runtime envs), named after the driver that started it
+    (ray_session,) = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray").glob(f"session_*_{proc.pid}")
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("shared")
@@ -91,17 +96,17 @@ def test_sweep_on_mlflow_server_and_postgres_keeps_secrets(tmp_path: Path, mlflo
     assert len(children) == 2 and set(statuses.values()) <= {"completed", "pruned"}
     assert all(r.data.metrics["eval_loss"] > 0 for r in children)
     (sweep_dir,) = (tmp_path / "out").glob("t-*")
-    study = optuna.load_study(study_name="t", storage=optuna_url)
+    study = optuna.load_study(study_name=json.loads((sweep_dir / "sweep.json").read_text())["study_name"], storage=optuna_url)
     # the trials that ran (a proposal repeating one is closed as a duplicate, with no child run)
     ran = {f"t{t.number:03d}": t.state.name for t in study.trials if t.user_attrs.get("trial_status") != "duplicate"}
     assert ran == {label: {"completed": "COMPLETE", "pruned": "PRUNED"}[status] for label, status in statuses.items()}, (ran, statuses)
     assert not (sweep_dir / "optuna.db").exists()
 
-    # the secrets: nowhere in what the sweep printed, wrote, or logged to MLflow
-    for secret in (password, FAKE_TOKEN):
+    # the secrets: nowhere in what the sweep printed, wrote, or logged to MLflow, nor in what its Ray wrote
+    for secret in (password, FAKE_TOKEN, FAKE_AWS):
         assert secret not in result.stdout and secret not in result.stderr
-        for path in sweep_dir.rglob("*"):
-            if path.is_file():
+        for path in [*sweep_dir.rglob("*"), *ray_session.rglob("*")]:
+            if path.is_file() and not path.is_socket():
                 assert secret.encode() not in path.read_bytes(), path
         for run in runs:
             texts = list(run.data.params.values()) + list(run.data.tags.values())
@@ -115,14 +120,64 @@ def test_sweep_on_mlflow_server_and_postgres_keeps_secrets(tmp_path: Path, mlflo
     assert status.returncode == 0 and "2 of 2 done;" in status.stdout, status.stdout + status.stderr
 
 
+@needs_postgres
+def test_sweeps_of_one_name_on_one_store_keep_their_own_trials(tmp_path: Path, mlflow_server: str) -> None:
+    """Three sweeps named `t` on one PostgreSQL study store and one MLflow server: the first alone,
+    then two at once (separate results folders, as on two machines, started the same second). Each
+    has a study of its own and a parent run of its own, holding its own two trials only, and its
+    `status` counts them alone. (They shared the study `t`: the second failed, or took the first's
+    queued start-up points and trials.)"""
+    import optuna
+    from mlflow import MlflowClient
+
+    optuna_url = create_database(os.environ["LORA_SWEEP_TEST_PG"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+    def start(n: int) -> tuple[subprocess.Popen, Path]:
+        results = tmp_path / f"machine{n}"
+        body = MINIMAL + f"tracking: {{mlflow_uri: '{mlflow_server}', optuna_storage: '{optuna_url}', results_dir: {results}, experiment: shared}}\n"
+        space = write_space(tmp_path, body, f"space{n}.yaml")
+        log = open(tmp_path / f"sweep{n}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "sweep", "run", str(space)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), results
+
+    def finished(proc: subprocess.Popen, results: Path, n: int) -> Path:
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"sweep{n}.log").read_text()[-3000:]
+        (folder,) = results.glob("t-*")
+        return folder
+
+    folders = [finished(*start(0), 0)]
+    at_once = [start(1), start(2)]
+    folders += [finished(proc, results, n) for n, (proc, results) in enumerate(at_once, 1)]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("shared").experiment_id
+    metas = [json.loads((folder / "sweep.json").read_text()) for folder in folders]
+    assert len({m["study_name"] for m in metas}) == 3 and len({m["parent_run_id"] for m in metas}) == 3, metas
+    assert sorted(optuna.get_all_study_names(optuna_url)) == sorted(m["study_name"] for m in metas)  # one study per sweep, no other
+    for folder, meta in zip(folders, metas):
+        study = optuna.load_study(study_name=meta["study_name"], storage=optuna_url)
+        ran = sorted(f"t{t.number:03d}" for t in study.trials if t.user_attrs.get("trial_status") != "duplicate")
+        assert len(ran) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials if f"t{t.number:03d}" in ran), (folder.name, ran)
+        children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{meta['parent_run_id']}'")
+        assert sorted(r.data.tags["trial"] for r in children) == ran, folder.name  # its own trials' runs, and no other sweep's
+        status = subprocess.run([sys.executable, "-m", "sweep", "status", str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and "2 of 2 done;" in status.stdout, status.stdout + status.stderr
+    assert len(client.search_runs([experiment])) == 3 + 6  # three parents, two children each
+
+
 def test_a_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Every port the local Ray's processes listen on (GCS, raylet, object manager, agents, workers)."""
     code = (
-        "from sweep.engine.sweep import connect_ray; import ray; connect_ray(None, print); "
-        "node = ray._private.worker.global_worker.node; print('GCS', node.gcs_address, 'NODE', node.node_ip_address); ray.shutdown()"
+        "import os, psutil; from sweep.engine.sweep import connect_ray, shutdown_ray; from sweep.engine.reaper import ray_processes; "
+        "connect_ray(None, print); import ray; print('GCS', ray.get_runtime_context().gcs_address); "
+        "pids = set(ray_processes(os.getpid())); "
+        "print('LISTEN', *sorted({c.laddr.ip for c in psutil.net_connections('inet') if c.status == 'LISTEN' and c.pid in pids})); shutdown_ray()"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert "GCS 127.0.0.1:" in out.stdout and "NODE 127.0.0.1" in out.stdout, out.stdout + out.stderr
+    assert "GCS 127.0.0.1:" in out.stdout, out.stdout + out.stderr
+    listening = out.stdout.split("LISTEN", 1)[1].splitlines()[0].split()
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
 
 @needs_postgres

@@ -134,7 +134,7 @@ def test_submit_status_stop_resume(tmp_path: Path, head: tuple[str, dict]) -> No
         _, children = mlflow_runs(f"sqlite:///{results}/mlflow.db", "t")
         # the two trials that ran, not always t000 and t001: a proposal repeating one that ran takes a
         # number and is closed without a run (sweep.engine.study.twin_of)
-        trials = study_trials(sweep_dir, "t")
+        trials = study_trials(sweep_dir)
         ran = [f"t{t.number:03d}" for t in trials if t.user_attrs.get("trial_status") != "duplicate"]
         assert sorted(r.data.tags["trial"] for r in children) == ran and len(ran) == 2 and continued.group(1) in ran, ran
         assert all(t.user_attrs["duplicate_of"] in ran for t in trials if t.user_attrs.get("trial_status") == "duplicate")

@@ -38,7 +38,7 @@ def test_asha_prunes_a_poor_trial_and_everyone_agrees(tmp_path: Path, ray_cluste
     tags = {r.data.tags["trial"]: r.data.tags for r in children}
     assert tags["t000"]["trial_status"] == "completed"
     assert tags["t001"]["trial_status"] == "pruned" and tags["t001"]["stopped_at_step"] == "2"
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
     assert list(trials[1].intermediate_values) == [2]  # reported by training step
     assert list(trials[0].intermediate_values) == [2, 4, 6]
@@ -75,7 +75,7 @@ def test_a_spent_space_ends_the_sweep_without_training_anything_twice(tmp_path: 
     assert sorted(r["config"]["lora_r"] for r in result.trials) == [4, 8]
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     assert len(children) == 2  # duplicates get no MLflow run: they never ran
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
     by_label = {f"t{t.number:03d}": t for t in trials}
     assert len(duplicates) >= 20 and all(t.user_attrs["duplicate_of"] in out for t in duplicates)
@@ -94,7 +94,7 @@ def test_time_budget_stops_running_trials(tmp_path: Path, ray_cluster: None) -> 
     assert {r.data.tags["trial_status"] for r in children} == {"stopped"}
     # lora_r 4 or 8: a proposal repeating a running trial is closed as a duplicate, FAIL (its twin's
     # result unknown: sweep.study.close_duplicate); every trial that ran was stopped (PRUNED)
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     duplicates = [t for t in trials if t.user_attrs.get("trial_status") == "duplicate"]
     assert {t.state.name for t in trials if t not in duplicates} == {"PRUNED"} and {t.state.name for t in duplicates} <= {"FAIL"}
     assert "best trial: none completed" in out
@@ -110,7 +110,7 @@ def test_a_trial_that_raises_is_recorded_as_failed(tmp_path: Path, ray_cluster: 
     _, (child,) = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     assert child.data.tags["trial_status"] == "failed" and child.info.status == "FAILED"
     assert "flash" in child.data.tags["error"].lower()
-    assert [t.state.name for t in study_trials(result.sweep_dir, cfg.name)] == ["FAIL"]
+    assert [t.state.name for t in study_trials(result.sweep_dir)] == ["FAIL"]
     assert "t000 failed" in out
 
 
@@ -121,7 +121,7 @@ def _agree(cfg, result) -> dict[str, str]:
     """MLflow's trial_status and the study's state, trial by trial; returns label -> status."""
     _, children = mlflow_runs(cfg.mlflow_uri, cfg.experiment)
     status = {r.data.tags["trial"]: r.data.tags["trial_status"] for r in children}
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     assert len(trials) == len(status)
     for t in trials:
         assert STATE_OF[status[f"t{t.number:03d}"]] == t.state.name, (t.number, status, t.state)
@@ -183,7 +183,7 @@ def test_warm_start_feeds_the_sampler_and_runs_the_best_first(tmp_path: Path, ra
     ).replace("  lora_r: [4, 8]\n", "  lora_r: [4, 8, 16]\n  learning_rate: [1.0e-2, 2.0e-2]\n")
     cfg, result, out = sweep(tmp_path / "b", body)
     assert "2 finished trials carried over, skipped: 2 outside this space (learning_rate)" in out, out
-    trials = study_trials(result.sweep_dir, cfg.name)
+    trials = study_trials(result.sweep_dir)
     warm = [t for t in trials if "warm_start_from" in t.user_attrs]
     assert len(warm) == 2 and {t.params["learning_rate"] for t in warm} == {1e-2}
     assert all(t.state.name == "COMPLETE" for t in warm)

@@ -37,7 +37,7 @@ def test_train_one_configuration(tmp_path: Path, ray_cluster: None, capsys: pyte
     assert child.data.tags["trial"] == "t000" and child.data.tags["trial_status"] == "completed"
     assert child.data.params["lora_r"] == "8" and float(child.data.params["learning_rate"]) == pytest.approx(5e-3)
     assert child.data.tags["last_step"] == "6" and child.data.metrics["eval_loss"] > 0
-    (trial,) = study_trials(folder, "t")
+    (trial,) = study_trials(folder)
     assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(child.data.metrics["eval_loss"])
     assert (folder / "trials" / "t000").is_dir() and trial.user_attrs["ray_trial_id"]  # its checkpoints, under its label
 

@@ -7,17 +7,32 @@ OS refusal simulated at the one call that probes."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import socket
 import sqlite3
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from sweep.folder import checks
-from sweep.folder.checks import before_start, check_stores, host_port, reachable, writable
+from sweep.folder.checks import (
+    CLIENT_METHOD,
+    CONNECT_TIMEOUT_S,
+    GCS_METHOD,
+    before_start,
+    check_stores,
+    host_port,
+    ray_address_problems,
+    reachable,
+    writable,
+)
 from sweep.config import ConfigError, load_config
 from tests.conftest import MINIMAL, write_space
 
@@ -74,13 +89,95 @@ def test_an_address_where_nothing_listens_fails_at_once() -> None:
     assert "dashboard" in problem
 
 
-def test_an_address_that_answers_passes() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        assert reachable(f"127.0.0.1:{port}") == [] and reachable(f"ray://127.0.0.1:{port}") == []
-    assert reachable(None) == [] and reachable("auto") == [] and reachable("somehost") == []
+@contextlib.contextmanager
+def fake_ray(method: str) -> Iterator[int]:
+    """A gRPC server on loopback that answers `method` (and nothing else), as a Ray GCS answers its own."""
+    from concurrent import futures
+
+    import grpc
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: b"") if details.method == method else None
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
+
+
+def test_a_ray_gcs_or_client_server_passes_and_other_grpc_services_do_not() -> None:
+    with fake_ray(GCS_METHOD) as port:
+        assert reachable(f"127.0.0.1:{port}") == [] and ray_address_problems(f"127.0.0.1:{port}") == []
+        (problem,) = reachable(f"ray://127.0.0.1:{port}")  # a GCS is no Ray client server
+        assert "answers gRPC without Ray's methods" in problem and "not a Ray client server (ray://HEAD:10001)" in problem
+    with fake_ray(CLIENT_METHOD) as port:
+        assert reachable(f"ray://127.0.0.1:{port}") == []
+    assert reachable(None) == [] and reachable("auto") == [] and reachable("local") == []
+
+
+def test_the_methods_asked_are_this_rays() -> None:
+    """A Ray upgrade that renames them fails here, not every --address of the users."""
+    import importlib.util
+
+    generated = Path(importlib.util.find_spec("ray").submodule_search_locations[0]) / "core" / "generated"
+    assert f"'{GCS_METHOD}'" in (generated / "gcs_service_pb2_grpc.py").read_text()
+    assert f"'{CLIENT_METHOD}'" in (generated / "ray_client_pb2_grpc.py").read_text()
+
+
+def test_a_port_that_accepts_and_never_answers_or_answers_http_fails_in_seconds() -> None:
+    """ray.init hung for good on the first and took 26 s on the second (a proxy), then failed."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        (problem,) = ray_address_problems(f"127.0.0.1:{port}")
+        assert time.monotonic() - started < CONNECT_TIMEOUT_S + 3
+        assert f"127.0.0.1:{port} accepts connections but gives no reply in Ray's protocol (gRPC) within" in problem and "GCS port" in problem
+        (problem,) = reachable(f"http://127.0.0.1:{port}", timeout=1)  # a dashboard URL: `submit`'s
+        assert "gives no answer a Ray dashboard gives" in problem
+
+    class Web(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>a proxy</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Web)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        started = time.monotonic()
+        (problem,) = ray_address_problems(f"127.0.0.1:{port}")
+        assert "does not answer in Ray's protocol (gRPC)" in problem and time.monotonic() - started < 3
+        (problem,) = reachable(f"http://127.0.0.1:{port}")
+        assert "answers something other than a Ray dashboard" in problem
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [("http://head:8265", "a dashboard URL is for `python -m sweep submit`"), ("https://head", "give its GCS address, head:6379"),
+     ("head", "--address head: no port; give head:PORT"), ("ray://head", "no port"), ("grpc://head:6379", "unknown scheme grpc://")],
+)  # fmt: skip
+def test_address_forms_ray_cannot_take_are_refused_with_what_to_give(address: str, says: str) -> None:
+    (problem,) = ray_address_problems(address)  # no connection tried: nothing to wait for
+    assert says in problem, problem
+
+
+def test_an_address_from_the_environment_is_named_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    cfg = load_config(write_space(tmp_path, MINIMAL + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+    with pytest.raises(ConfigError, match=r"RAY_ADDRESS http://head:8265: a dashboard URL is for"):
+        before_start(cfg, None)
 
 
 @pytest.mark.parametrize(

@@ -80,10 +80,16 @@ def test_unusable_folders_and_an_unreachable_cluster_fail_before_anything_starts
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens once closed
     space = write_space(tmp_path, MINIMAL)
+    silent = socket.socket()  # accepts (the kernel does), never answers: ray.init waited on it for good
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
     cases = {
         ("tracking.results_dir=afile/sweeps",): f"tracking.results_dir: {tmp_path}/afile/sweeps cannot be a folder: {tmp_path}/afile is a file",
         ("--sweep-dir", str(tmp_path / "taken")): f"--sweep-dir {tmp_path}/taken: exists already",
         ("--address", f"127.0.0.1:{port}"): f"--address 127.0.0.1:{port}: cannot reach 127.0.0.1:{port} (Connection refused",
+        ("--address", f"127.0.0.1:{silent.getsockname()[1]}"): "accepts connections but gives no reply in Ray's protocol (gRPC)",
+        ("--address", "http://127.0.0.1:8265"): "--address http://127.0.0.1:8265: a dashboard URL is for `python -m sweep submit`",
+        ("--address", "127.0.0.1"): "--address 127.0.0.1: no port; give 127.0.0.1:PORT",
     }
     for args, message in cases.items():
         started = time.monotonic()
@@ -92,6 +98,7 @@ def test_unusable_folders_and_an_unreachable_cluster_fail_before_anything_starts
         assert message in result.stderr and "Traceback" not in result.stderr
         assert result.stdout == ""  # no tokenizer, no Ray, no MLflow
         assert time.monotonic() - started < 30
+    silent.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "space.yaml", "taken"]
 
 

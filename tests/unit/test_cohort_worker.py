@@ -234,6 +234,27 @@ def test_a_member_continues_from_its_checkpoint(tmp_path: Path) -> None:
     assert [e["step"] for e in source.ended["t000"]["evals_replay"]] == [2, 4]
 
 
+def test_a_continued_member_saved_again_at_the_same_step_keeps_its_checkpoint(tmp_path: Path) -> None:
+    """A member continued from step N and saved again at N before its next optimizer step (here:
+    saved at its last step, its end never recorded; also a stop mid-accumulation, or a shed)
+    keeps the step-N checkpoint as it is. It was removed and written again, and a worker killed
+    in between (here: the write fails) left the trial no checkpoint: `resume` started it over."""
+    work(tmp_path, [{"lora_r": 4}], capacity=1)  # completes: its checkpoint at its last step, 6
+    checkpoint = latest_checkpoint(tmp_path / "t000")
+    assert checkpoint and checkpoint.endswith("step-000006")
+    source = FakeSource([], tmp_path)
+    source.queue = [TrialRequest(label="t000", number=0, hyper={"lora_r": 4}, checkpoint=checkpoint)]
+    cohort = FakeCohort()
+
+    def killed(slot: int, folder: Path) -> None:
+        raise RuntimeError("the worker was killed while it wrote the checkpoint")
+
+    cohort.save = killed  # type: ignore[method-assign]
+    spec = WorkerSpec(base=BaseSpec(model_id="fake", revision=None, data_dir="-", train=TRAIN), method="lora", capacity=1, poll_seconds=0.01)
+    run_worker(spec, source, make_cohort=lambda s: cohort)
+    assert status(source) == {"t000": "completed"} and latest_checkpoint(tmp_path / "t000") == checkpoint
+
+
 def test_a_stop_saves_every_member_at_its_current_step_and_ends_it_stopped(tmp_path: Path) -> None:
     """`python -m sweep stop` / Ctrl-C / SIGTERM (the STOP file): between evals (step 3, evals at
     2, 4, 6), each member is checkpointed where it is and ends stopped; no new trial starts."""

@@ -342,3 +342,7 @@ def test_what_tune_pickles_into_the_sweep_folder_holds_no_store_url() -> None:
     for thing in (workers, orphans):
         assert b"hunter2-secret" not in cloudpickle.dumps(thing), type(thing).__name__
     assert workers.suggest("t") == {"worker": 0, "method": "lora"} and workers.suggest("u") is None
+    from sweep.engine.sweep import Heartbeat
+
+    beat = cloudpickle.loads(cloudpickle.dumps(Heartbeat(Path("/nonexistent"), 0.0).callback()))  # its lock stays behind, a new one comes
+    assert beat is not None

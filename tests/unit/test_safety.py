@@ -82,3 +82,24 @@ def test_an_installed_copy_reports_the_commit_it_was_built_from(monkeypatch: pyt
     monkeypatch.setenv("LORA_SWEEP_GIT_COMMIT", "abc123")
     monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repository"))
     assert tracking.git_commit() == "abc123"
+
+
+def test_no_credential_reaches_the_runtime_env_ray_tune_gives_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Tune copies AWS credentials from the driver into each trainable's runtime env, and Ray's
+    runtime-env agent logged them in clear text (7 times) into its world-readable session folder.
+    While the trials run (Sweep.run), Tune finds none; after, the driver has them back."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from sweep.config.secrets import SECRET_ENV, SHIPPED_BY_TUNE, KeptFromTune
+
+    secrets = {name: f"secret-value-of-{name}" for name in (*SECRET_ENV, *SHIPPED_BY_TUNE)}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+
+    class Trainable:  # what Tune registers for the sweep's workers
+        pass
+
+    with KeptFromTune():
+        runtime_env = json.dumps(_ActorClassCache().get(Trainable)._default_options.get("runtime_env"))
+    assert not [name for name, value in secrets.items() if value in runtime_env], runtime_env
+    assert all(os.environ[name] == value for name, value in secrets.items())

@@ -155,3 +155,88 @@ def test_tunes_save_race_on_an_early_stop_is_not_logged_but_other_save_failures_
     finally:
         log.removeHandler(handler)
     assert [type(r.exc_info[1]).__name__ for r in records] == ["PermissionError"]
+
+
+def test_a_signal_while_the_sweeps_folder_is_made_waits_for_its_sweep_json(tmp_path: Path, handlers: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as the new sweep's folder, parent run and study are made (here: inside create_study)
+    waits until sweep.json names them, then stops the sweep as before any trial ran: a folder
+    `resume` continues. It left a folder with no sweep.json, which nothing could read or resume."""
+    import json
+
+    import mlflow
+
+    from sweep.config import load_config
+    from sweep.engine import study as study_module
+    from sweep.engine import sweep as engine
+    from tests.conftest import MINIMAL, write_space
+
+    cfg = load_config(write_space(tmp_path, MINIMAL + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+    monkeypatch.setattr(engine, "preflight", lambda cfg, log: types.SimpleNamespace(folder=tmp_path / "data"))
+    monkeypatch.setattr(engine, "connect_ray", lambda address, log: False)
+    monkeypatch.setattr(engine, "plan_workers_here", lambda cfg, trials, log: types.SimpleNamespace(concurrent=1))
+    real = study_module.create_study
+
+    def interrupted(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.2)  # a bytecode boundary: the handler runs here
+        real(*args)
+
+    monkeypatch.setattr(study_module, "create_study", interrupted)
+    signals_raise()
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_sweep(cfg, log=lines.append)
+    (folder,) = (tmp_path / "out").glob("t-*")
+    meta = json.loads((folder / "sweep.json").read_text())
+    assert meta["state"] == "stopped" and any(line.startswith(f"sweep folder: {folder}") for line in lines)
+    assert mlflow.MlflowClient(cfg.mlflow_uri).get_run(meta["parent_run_id"]).info.status == "KILLED"
+
+
+def test_a_failure_while_the_sweeps_folder_is_made_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its copies of the space file go; its parent run ends FAILED; the error is the one shown."""
+    import mlflow
+
+    from sweep.config import load_config
+    from sweep.engine import study as study_module
+    from sweep.engine import sweep as engine
+    from tests.conftest import MINIMAL, write_space
+
+    cfg = load_config(write_space(tmp_path, MINIMAL + f"tracking: {{results_dir: {tmp_path / 'out'}}}\n"))
+
+    def unreachable(*args: object) -> None:
+        raise ConnectionError("the study's store refused the connection")
+
+    monkeypatch.setattr(study_module, "create_study", unreachable)
+    with pytest.raises(ConnectionError, match="refused"):
+        engine.new_sweep(cfg, types.SimpleNamespace(folder=tmp_path / "data"), types.SimpleNamespace(concurrent=1), None, "run", print)
+    assert not list((tmp_path / "out").glob("t-*"))
+    (run,) = mlflow.MlflowClient(cfg.mlflow_uri).search_runs([mlflow.MlflowClient(cfg.mlflow_uri).get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_a_sigterm_that_ray_init_swallows_still_ends_the_command(handlers: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init raises SIGTERM's exception from its own handler (SystemExit), and a part of it may
+    catch it: the sweep then went on with a half-started Ray, whose first worker died (exit 1)."""
+    import ray
+    from ray._private import ray_constants
+
+    from sweep.engine import sweep as engine
+
+    def init(**kwargs: object) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init does
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.2)
+        except SystemExit:
+            pass  # caught inside ray.init
+
+    stopped = []
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(Terminated):
+        engine.connect_ray(None, lambda line: None)
+    assert stopped == [True]
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd it used is gone again

@@ -140,6 +140,36 @@ def test_each_end_reaches_the_study_as_its_state(tmp_path: Path) -> None:
     assert tb.intermediate_values == {2: 3.5} and tc.user_attrs["error"] == "CUDA out of memory"
 
 
+ASHA = SPACE.replace("ALGO", "random").replace("max_steps: 4,", "max_steps: 8,").replace("n_startup_trials: 5}", "n_startup_trials: 5, scheduler: {type: asha, grace_period: 2, reduction_factor: 2}}")
+
+
+def test_a_continued_trial_is_judged_at_each_step_it_re_sends(tmp_path: Path) -> None:
+    """ASHA rungs at steps 2, 4, 8. Trial b passes rung 2 and is worse than a at rung 4, where the
+    uninterrupted sweep prunes it. Its worker saved its step-4 checkpoint and died before reporting
+    step 4; continued, it reports step 4 (re-sent) with step 6: pruned at 4, as without the fault
+    (judged at step 6 alone, with its better value there, it passed rung 4 and ran to the end)."""
+    study = study_of(tmp_path, ASHA)
+    a, b = (study.propose().number for _ in range(2))
+    assert not study.report(a, [(2, 1.0)], running=True) and not study.report(a, [(4, 0.5)], running=True)
+    assert not study.report(b, [(2, 1.0)], running=True)
+    assert study.report(b, [(2, 1.0), (4, 0.9), (6, 0.3)], running=True) is True
+    trial = study.frozen(b)
+    assert trial.state.name == "PRUNED" and trial.intermediate_values == {2: 1.0, 4: 0.9}
+
+
+def test_a_pruned_trial_is_pruned_in_the_study_before_its_worker_ends_it(tmp_path: Path) -> None:
+    """Pruned in the study as the pruner decides: a worker (or driver) killed before it ended the
+    trial leaves it pruned, not running, so neither `resume` nor a retry continues it past its
+    rung (the pruner records the rung as judged and would let it through the next time)."""
+    study = study_of(tmp_path, ASHA)
+    a, b = (study.propose().number for _ in range(2))
+    study.report(a, [(2, 1.0), (4, 0.5)], running=True)
+    assert study.report(b, [(2, 1.0), (4, 0.9)], running=True) is True
+    assert [t.number for t in opened(study.cfg, study.url).trials(("RUNNING",))] == [a]  # as `resume` finds them
+    study.end(b, TrialStatus.PRUNED)  # the worker's end, when it comes, changes nothing
+    assert states(study)[1] == ("PRUNED", "pruned")
+
+
 def test_a_trial_reopens_by_its_number_in_another_process(tmp_path: Path) -> None:
     """A worker proposes it; the driver (another Study object: another process) ends it."""
     cfg = load_config(write_space(tmp_path, SPACE.replace("ALGO", "random")))

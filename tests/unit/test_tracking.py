@@ -147,3 +147,28 @@ def test_the_experiment_opens_on_the_sweeps_runs_table(sweep: SweepRun) -> None:
     sweep.color_by_rank([{"run_id": runs["t050"].info.run_id}, {"run_id": runs["t030"].info.run_id}])  # ... distinct by rank at the end
     runs = runs_of(sweep)
     assert (runs["t050"].data.tags["mlflow.runColor"], runs["t030"].data.tags["mlflow.runColor"]) == RUN_COLORS[:2]
+
+
+def test_two_sweeps_of_one_name_starting_at_once_share_the_experiment_the_first_made(tmp_path) -> None:
+    """Both find no experiment; the second one's create is refused as the first's exists by then."""
+    from mlflow import MlflowClient
+
+    from sweep.engine.recorder import experiment_id
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    class Late:
+        """The client of the second sweep: its look-up came before the first sweep's create."""
+
+        def __init__(self) -> None:
+            self.looked = 0
+
+        def get_experiment_by_name(self, name: str):
+            self.looked += 1
+            return None if self.looked == 1 else client.get_experiment_by_name(name)
+
+        def create_experiment(self, name: str, artifact_location=None, tags=None) -> str:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
+
+    first = experiment_id(client, "same", None)
+    assert experiment_id(Late(), "same", None) == first
