@@ -20,15 +20,15 @@ backward, one autograd node per layer for all members, a loop over the members):
   Either way gradients come back to the fp32 parameters (what the optimizer steps).
 - saved for backward: x once per layer (shared by all members) and x A^T ([tokens, r], small).
   No fp32 copy of x (the fp32-compute path casts a member's rows again in backward), no dropout mask.
-- dropout: a member's mask at a layer is drawn from (its seed for this micro-step, the layer) over
-  `max_len` positions by one cached generator, and drawn again in backward instead of being kept.
-  So a member's masks depend neither on who else is in the cohort nor on the padded width, and
-  recomputation (gradient checkpointing) and backward see the same mask. Dropout 0: no mask.
-- per member, forward [bernoulli, mul,] mm, addmm (scale and add fused); backward 2-3 mm/addmm,
-  [bernoulli, mul, mul,] and a cast of the two small gradients on a bf16 base. The adapters'
+- dropout (trainable/dropout.py): whether an element of a member's rows is kept is a hash of (its
+  seed for this micro-step and layer, its row and position, the feature), computed again in
+  backward instead of kept; on CUDA one Triton kernel draws and applies it. So a member's masks
+  depend neither on who else is in the cohort nor on the padded width, and recomputation
+  (gradient checkpointing) and backward see the same mask. Dropout 0: no mask.
+- per member, forward [dropout,] mm, addmm (scale and add fused); backward 2-3 mm/addmm,
+  [dropout twice,] and a cast of the two small gradients on a bf16 base. The adapters'
   compute copies (`MemberLora.compute`, refreshed after each optimizer step) are what it multiplies
-  by. On the GPU the dropout kernels are most of what a cohort step spends beyond a lone trial's
-  compiled one (bench/BENCH.md, issue 29's profile).
+  by.
 
 (A grouped path, torch's grouped GEMM for all members at once, measured slower in a real sweep than
 this loop (bench/BENCH.md, "Cohort passes and grouped LoRA in a sweep"): its forward passes carry
@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from trainable.dropout import dropped
 
 
 @dataclass
@@ -91,39 +93,6 @@ def refresh_all(loras: list[MemberLora]) -> None:
             torch._foreach_copy_([c for c, _ in pairs], [p for _, p in pairs])
 
 
-_GENERATORS: dict[Any, torch.Generator] = {}
-_MASK_DTYPE: dict[str, Any] = {}
-
-
-def _keep_mask3(x2: torch.Tensor, rows: int, width: int, p: float, seed: int, max_len: int) -> torch.Tensor:
-    """The keep mask ([rows, width, features]: a view, not contiguous when max_len > width) for `rows`
-    rows of `width` positions of x2, from `seed` alone: drawn over max(max_len, width) positions per
-    row, so it does not depend on the padded width."""
-    gen = _GENERATORS.get(x2.device)
-    if gen is None:
-        gen = _GENERATORS[x2.device] = torch.Generator(device=x2.device)
-    gen.manual_seed(seed)
-    full = max(width, max_len)
-    dtype = _MASK_DTYPE.get(x2.device.type, torch.bool)
-    try:
-        keep = torch.empty((rows, full, x2.shape[1]), device=x2.device, dtype=dtype).bernoulli_(1 - p, generator=gen)
-    except RuntimeError:  # a backend without bool bernoulli: draw in x's dtype
-        _MASK_DTYPE[x2.device.type] = dtype = x2.dtype
-        gen.manual_seed(seed)
-        keep = torch.empty((rows, full, x2.shape[1]), device=x2.device, dtype=dtype).bernoulli_(1 - p, generator=gen)
-    return keep if full == width else keep[:, :width]
-
-
-def _masked(rows2: torch.Tensor, keep3: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """rows2 ([rows * width, features]) times a `_keep_mask3` mask, in rows2's 2-D layout. The
-    product is taken in 3-D: the mask is a strided view (drawn over max_len positions a row), and
-    reshaping it to 2-D would copy it (a kernel and a mask's worth of traffic per layer and member)."""
-    rows3 = rows2.view(keep3.shape)
-    if out is not None:
-        return torch.mul(rows3, keep3, out=out.view(keep3.shape)).view_as(rows2)
-    return (rows3 * keep3).view_as(rows2)
-
-
 def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * a @ b in one kernel (beta=0: the empty input is never read)."""
     return torch.mm(a, b) if alpha == 1 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha)
@@ -145,7 +114,7 @@ class _MemberUpdates(torch.autograd.Function):
             if a.dtype != x.dtype:  # fp32 adapter on bf16 activations: PEFT's order (module docstring)
                 xi = xi.to(a.dtype)
             if p > 0:
-                xi = _masked(xi, _keep_mask3(x2, stop - start, tokens, p, seed, max_len))
+                xi = dropped(xi, stop - start, tokens, p, seed, max_len)
             h = torch.mm(xi, a.t())
             if a.dtype != x.dtype:
                 update = torch.mm(h, b.t()).mul_(scaling / (1 - p))
@@ -174,7 +143,7 @@ class _MemberUpdates(torch.autograd.Function):
                 gx[covered:lo].zero_()
             covered = max(covered, hi)
             gi, xi = g2[lo:hi], x2[lo:hi]
-            keep = _keep_mask3(x2, stop - start, tokens, p, seed, ctx.max_len) if p > 0 else None
+            keep = (stop - start, tokens, p, seed, ctx.max_len) if p > 0 else None  # dropped()'s arguments
             c = scaling / (1 - p)
             if a.dtype != x.dtype:  # fp32 adapter on bf16 activations, as autograd differentiates PEFT's forward
                 xi, gs = xi.to(a.dtype), gi.to(a.dtype) * c  # d loss / d (h B^T), fp32
@@ -183,15 +152,15 @@ class _MemberUpdates(torch.autograd.Function):
             else:
                 gh = _mm(gi, b, c)  # d loss / d h, [tokens, r]
                 grad_b = _mm(gi.t(), h, c)
-            grad_a = torch.mm(gh.t(), xi if keep is None else _masked(xi, keep))
+            grad_a = torch.mm(gh.t(), xi if keep is None else dropped(xi, *keep))
             if need_x:
                 if a.dtype != x.dtype:
                     gxi = torch.mm(gh, a)
-                    gx[lo:hi].copy_(gxi if keep is None else _masked(gxi, keep, out=gxi))  # rounded back to x's dtype once
+                    gx[lo:hi].copy_(gxi if keep is None else dropped(gxi, *keep, out=gxi))  # rounded back to x's dtype once
                 else:
                     torch.mm(gh, a, out=gx[lo:hi])
                     if keep is not None:
-                        _masked(gx[lo:hi], keep, out=gx[lo:hi])
+                        dropped(gx[lo:hi], *keep, out=gx[lo:hi])
             grads += [grad_a.to(ctx.dtypes[i]), grad_b.to(ctx.dtypes[i + 1])]
         if need_x and covered < x2.shape[0]:
             gx[covered:].zero_()
