@@ -13,6 +13,9 @@
 #   bash bench/gpu_chain_30.sh "$OUT" COMMIT OLD_COMMIT [STEPS]      # STEPS: any of k8 mb32 hf (default: all)
 # Fourth call: OLD_COMMIT 57d722b, .whl/old/ holding its trainable/cohort.py and trainable/data.py
 # (training rows padded to their longest, not to max_seq_len), STEPS k8.
+# Fifth call (twelfth session): OLD_COMMIT 700a74a, .whl/old/ holding its trainable/multi_lora.py
+# (dropout masks drawn by torch's bernoulli and multiplied in: trainable/dropout.py's kernel against
+# them), STEPS "test k8 mb32 hf" (test: the dropout kernel's GPU test first).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -27,6 +30,10 @@ MB32="ours: mb 32x1, sdpa, ckpt off, torch fused AdamW, emb frozen, LoRA bf16, l
 step() { echo "== $(date +%T) $*"; }
 quiet() { grep -v "Saving\|Map\|it/s\]\|examples/s" | tail -n "$1"; }
 
+if [[ $steps == *test* ]]; then
+  step "the dropout kernel against its reference"
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_dropout_kernel.py 2>&1 | tail -n 3
+fi
 if [[ $steps == *k8* ]]; then
   step "cohort of 8, $commit"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py $K8 --profile --out "$out/cohort-1b-k8-new.json" 2>&1 | quiet 4
