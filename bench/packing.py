@@ -1,8 +1,10 @@
-"""One base model, many trials (issues 5, 15, 29): the same seeded trials as the default sweep runs
-them (every worker a cohort on one loaded base) and one at a time, on one GPU, side by side.
+"""One base model, many trials (issues 5, 15, 29, 30): the same seeded trials as the default sweep
+runs them (every worker a cohort on one loaded base), one at a time, and one at a time with HF
+Trainer tuned (mode hf), on one GPU, side by side.
 
     python3 bench/packing.py --size 1b --budget 540 --out results.json          # 16 x Gemma 3 1B LoRA
     python3 bench/packing.py --size 12b --budget 540 --out results.json         # 8 x Gemma 3 12B QLoRA
+    python3 bench/packing.py --modes default,hf --size 1b --steps 60 --out r.json   # issue 30: ours vs HF Trainer tuned
     python3 bench/packing.py --dry-run --out /tmp/p.json                        # CPU: tiny model, 1 logical GPU
 
 The reference of issue 29 (today's packed default before one engine: lone trials sharing the GPU
@@ -15,6 +17,14 @@ the same configurations in every mode (bench/sweepbench.py: seeded `points_to_ev
 mode trains them with the same fixed settings (frozen embeddings; the train section's defaults:
 train.loss, lora_dtype and compile `auto`, as a user's sweep gets them; --settings old pins the
 settings the pre-29 runs used: bf16 LoRA, chunked loss, not compiled).
+
+Mode hf is not a sweep: the sweep a Ray Tune + HF Trainer user runs, the same configurations one
+after the other, each a fresh Hugging Face Trainer + PEFT run tuned for speed (sdpa, bf16
+adapters, adamw_torch_fused, use_liger_kernel, no per-step NaN check, no checkpoints, not
+compiled), on the same rows our pipeline prepared, in our row order (bench/hf_serial.py, in its
+own process; its docstring names every setting). Its makespan runs from that process's start to
+the last trial's end.
+
 nvidia-smi samples the GPU every 0.5 s. Read back from MLflow: every trial's status, start/end,
 load and train seconds, GPU, cohort, eval loss.
 
@@ -26,13 +36,17 @@ in the default sweep against the same configuration one at a time.
 
 Targets (issue 29): the default sweep's makespan <= 0.5x the packed default of commit 2a4a88a
 (measured side by side, from a worktree), GPU mean utilisation >= 80%. (Issue 15: <= 0.15x one at a
-time; each trial's eval loss within 1% of the same trial alone.)
+time; each trial's eval loss within 1% of the same trial alone.) Issue 30: the default sweep's
+makespan <= 0.15x the same trials one at a time with HF Trainer tuned (mode hf), every
+configuration trained on the same counted tokens; each configuration's eval loss against HF's is
+information only (HF draws its LoRA dropout masks from another RNG).
 
-Modes run cheapest first (default, serial) and each is written to --out as soon as it ends.
+Modes run in the order --modes gives (cheapest first: default, serial, hf) and each is written to
+--out as soon as it ends.
 --budget (seconds, whole call) is shared out between the modes still to run, and each sweep gets
-its share as `search.time_budget`. A sweep cut by it has no makespan (`seconds` None, `cut_at`
-its wall time) and no ratio: one at a time is measured, never projected from the trials that
-finished.
+its share as `search.time_budget` (hf: no trial starts once its share is spent). A mode cut by it
+has no makespan (`seconds` None, `cut_at` its wall time) and no ratio: one at a time is measured,
+never projected from the trials that finished.
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from provenance import with_provenance  # noqa: E402
-from sweepbench import GpuSampler, compare_losses, keep_log, log_tail, makespan, ratio, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
+from sweepbench import GpuSampler, compare_losses, config_key, keep_log, log_tail, makespan, ratio, seeded_configs, start_driver, start_ray, stop_ray, wait_drivers  # noqa: E402
 from timeline import read_rows, sample_stats, timeline  # noqa: E402
 
 DEMO = ROOT / "search_spaces" / "data" / "demo"
@@ -98,12 +112,18 @@ MODES = {
     "serial": ("{{gpus_per_trial: 1, cohort: 1, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "1", 1.5),
     "oom": ("{{gpus_per_trial: 0.5, cohort: 1, cpus_per_trial: {cpt}, gpu_memory_gb: {gpu_gb}}}", "2", 0.7),
 }
+# budget weights of every mode: the sweeps' and hf (not a sweep: bench/hf_serial.py in its own
+# process; a fresh Trainer and base load per trial, like serial's cohorts of one)
+WEIGHTS = {**{mode: weight for mode, (_, _, weight) in MODES.items()}, "hf": 1.5}
+HF_GRACE_S = 90  # past its deadline (no trial starts after it) the trial in progress may finish
 # --settings: the fast step's switches in every mode ("defaults": the train section's auto ones)
 SETTINGS = {"defaults": "", "old": ", lora_dtype: bfloat16, loss: chunked, compile: false"}
 READBACK_S = 25  # after a sweep: stop Ray, read MLflow, draw (kept out of the next mode's share)
 
 
 def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points: list[dict], share: float, out: Path) -> dict[str, Any]:
+    if mode == "hf":
+        return run_hf(args, work, model, points, share, out)
     trials, method, ranks, pairs = SIZES[args.size]
     trials = args.trials or trials
     name = f"{mode}-{args.size}"
@@ -146,13 +166,65 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, model: str, points
     return result
 
 
-def cohort_figures(rows: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+def run_hf(args: argparse.Namespace, work: Path, model: str, points: list[dict], share: float, out: Path) -> dict[str, Any]:
+    """The same configurations one at a time, each a fresh HF Trainer + PEFT run tuned for speed
+    (bench/hf_serial.py, in its own process so that the GPU's memory is all given back). Its
+    makespan runs from that process's start (what a user's driver pays too: imports, data
+    preparation) to the last trial's end; no trial starts once its share of --budget is spent, and a
+    mode cut that way has no makespan (cut_at), like a cut sweep."""
+    import subprocess
+
+    _, method, _, _ = SIZES[args.size]
+    name = f"hf-{args.size}"
+    results = work / f"sweeps-{args.size}-{args.stamp}"
+    results.mkdir(parents=True, exist_ok=True)
+    trials_json, log = results / f"{name}.json", results / f"{name}.log"
+    time_budget = max(30, int(share - READBACK_S))
+    sampler = GpuSampler()
+    sampler.start()
+    started = time.time()
+    cmd = [sys.executable, str(ROOT / "bench" / "hf_serial.py"), "--model", model, "--configs", json.dumps(points), "--steps", str(args.steps),
+           "--seq", str(args.seq), "--method", method, "--log-every", str(max(1, args.steps // 2)), "--deadline", str(started + time_budget),
+           "--cache", str(work / "hf-data"), "--out", str(trials_json)]  # fmt: skip
+    if args.dropout is not None:
+        cmd += ["--dropout", str(args.dropout)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    codes = wait_drivers([proc], deadline=started + time_budget + HF_GRACE_S, grace=15)
+    ended = time.time()
+    samples = sampler.finish()
+    child = json.loads(trials_json.read_text()) if trials_json.exists() else {}
+    rows = child.get("trials", [])
+    for r in rows:
+        r["cohort"] = r["config"]  # every trial its own worker (cohort_figures)
+    done = [r for r in rows if r["status"] == "completed"]
+    wall = ended - started
+    # all done: from the process's start to the last trial's end; else the mode's wall time (cut_at)
+    span = max(r["end"] for r in done) - started if len(done) == len(points) else wall
+    result: dict[str, Any] = {
+        "name": name, "mode": "hf", "wall_seconds": round(wall, 1), "returncode": codes[0], "time_budget_s": time_budget, "trials_wanted": len(points),
+        "by_status": {s: sum(1 for r in rows if r["status"] == s) for s in sorted({r["status"] for r in rows})},
+        "makespan": makespan(rows, len(points), span), "trials_per_hour": round(len(done) / wall * 3600, 1) if wall else None,
+        "oom": sum(1 for r in rows if r["status"] == "oom"), "gpu": sample_stats(samples, started, ended),
+        "driver_log_tail": log_tail(log, 2500 if codes[0] else 1200), "driver_log": keep_log(log, out, "hf"),
+        "versions": child.get("versions"), "prepare_seconds": child.get("prepare_seconds"), "data_stats": child.get("data_stats"),
+        "liger": sorted({r["liger"] for r in done}) if done else None,
+        "liger_note": "use_liger_kernel only on CUDA: liger-kernel's kernels need it (a CPU dry run trains without)",
+    }  # fmt: skip
+    # HF Trainer with liger computes lm_head at every position (bench/seed_vs_ours.py's MFU note)
+    result["workers"] = cohort_figures([r for r in rows if r.get("start")], args, lm_head_fraction=1.0)
+    result["trials"] = rows
+    return result
+
+
+def cohort_figures(rows: list[dict], args: argparse.Namespace, lm_head_fraction: float | None = None) -> dict[str, Any]:
     """Workers and their sizes; the workers' aggregate tokens/s: every trial's tokens as counted
     (timeline.counted_tokens) over the wall time its worker trained (each worker's first member
     start to its last member end, compile, evaluations and checkpoints included), and its MFU by
     bench/seed_vs_ours.py's formula (dense bf16 peak). `tokens_exact` is False when a trial ended
     without a final count (not completed: it trained more than its newest checkpoint holds, or left
-    none): the figures are then lower bounds."""
+    none): the figures are then lower bounds. `lm_head_fraction`: the share of tokens that go
+    through lm_head (default: the reply tokens' share, as our losses compute it)."""
     workers: dict[str, list[dict]] = {}
     for r in rows:
         workers.setdefault(str(r.get("cohort")), []).append(r)
@@ -166,7 +238,8 @@ def cohort_figures(rows: list[dict], args: argparse.Namespace) -> dict[str, Any]
     if out["tokens_per_sec"] and not args.dry_run:
         from seed_vs_ours import PEAK_FLOPS, flops_per_token
 
-        out["mfu"] = round(flops_per_token(args.size, loss_tokens / tokens, False) * out["tokens_per_sec"] / PEAK_FLOPS, 4)
+        fraction = loss_tokens / tokens if lm_head_fraction is None else lm_head_fraction
+        out["mfu"] = round(flops_per_token(args.size, fraction, False) * out["tokens_per_sec"] / PEAK_FLOPS, 4)
     return out
 
 
@@ -182,15 +255,33 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "default_over_serial_makespan": ratio(span("default"), span("serial")),
         "default_over_packed_2a4a88a_makespan": ratio(span("default"), packed),
+        "makespan_default_vs_hf": ratio(span("default"), span("hf")),
         "default_gpu_mean_util": (modes.get("default") or {}).get("gpu", {}).get("mean_util"),
     }
     if "default" in modes and "serial" in modes:
         out["eval_loss_default_vs_serial"] = compare_losses(modes["serial"]["trials"], modes["default"]["trials"], 0.01)
+    if "default" in modes and "hf" in modes:
+        out["eval_loss_default_vs_hf"] = compare_losses(modes["hf"]["trials"], modes["default"]["trials"], 0.01)
+        out["tokens_default_vs_hf"] = same_tokens(modes["hf"]["trials"], modes["default"]["trials"])
     if "default" in modes and reference.get("trials"):
         out["eval_loss_default_vs_packed_2a4a88a"] = compare_losses(reference["trials"], modes["default"]["trials"], 0.01)
     out["targets"] = {"default_over_packed_2a4a88a_makespan": "<= 0.5 (issue 29)", "default_gpu_mean_util": ">= 0.80",
-                      "default_over_serial_makespan": "<= 0.15 (issue 15)", "eval_loss_default_vs_serial": "every pair within 1%"}  # fmt: skip
+                      "default_over_serial_makespan": "<= 0.15 (issue 15)", "eval_loss_default_vs_serial": "every pair within 1%",
+                      "makespan_default_vs_hf": "<= 0.15 (issue 30: HF Trainer tuned, one trial at a time)",
+                      "eval_loss_default_vs_hf": "none, information (HF draws its dropout masks from another RNG)",
+                      "tokens_default_vs_hf": "every pair the same tokens"}  # fmt: skip
     return out
+
+
+def same_tokens(reference: list[dict], other: list[dict]) -> dict[str, Any]:
+    """Configurations completed in both runs whose counted tokens are equal (the same rows trained)."""
+
+    def counted(rows: list[dict]) -> dict[str, int]:
+        return {config_key(r): r["tokens"] for r in rows if r.get("status") == "completed" and isinstance(r.get("tokens"), int)}
+
+    ref, oth = counted(reference), counted(other)
+    both = sorted(ref.keys() & oth.keys())
+    return {"pairs": len(both), "same": sum(ref[k] == oth[k] for k in both), "differ": {k: [ref[k], oth[k]] for k in both if ref[k] != oth[k]}}
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -207,8 +298,10 @@ def print_table(results: dict[str, Any]) -> None:
         print("(cut: the time budget stopped the sweep before every trial completed; no makespan, no ratio)")
     for key, target in s.get("targets", {}).items():
         value = s.get(key)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "within" in value:
             value = f"{value['within']}/{value['pairs']} within 1%, max |diff| {value['max_abs_rel_diff']}"
+        elif isinstance(value, dict) and "same" in value:
+            value = f"{value['same']}/{value['pairs']} the same"
         print(f"  {key}: {value}  (target {target})")
 
 
@@ -238,7 +331,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None, help="default: 16 (1b), 8 (12b)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--modes", default="default,serial", help="comma list, run in this order: default, serial, oom")
+    ap.add_argument("--modes", default="default,serial", help="comma list, run in this order: default, serial, oom, hf (HF Trainer tuned, one at a time)")
     ap.add_argument("--cohort", default="auto", help="resources.cohort of the default mode: auto or N")
     ap.add_argument("--settings", choices=tuple(SETTINGS), default="defaults", help="the fast step's switches: the train section's defaults, or the pre-29 runs' (old)")
     ap.add_argument("--reference", default=None, help="the JSON of commit 2a4a88a's packing.py --modes packed on this machine: its packed mode is the makespan to beat")
@@ -284,12 +377,14 @@ def main() -> None:
     else:
         points = seeded_configs(args.trials or trials, seed=0, ranks=ranks, ratios=[1, 2], targets=["attention", "all-linear"], lr=(5e-5, 1e-3), pairs=pairs)
     modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - set(WEIGHTS):
+        ap.error(f"--modes: {args.modes!r}: give a comma list of {', '.join(WEIGHTS)}")
     results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "configs": points, "modes": {}}
     if args.reference:  # the packed default of commit 2a4a88a, run just before on this machine
         results["reference"] = json.loads(Path(args.reference).read_text()).get("modes", {}).get("packed")
     for i, mode in enumerate(modes):
         left = args.budget - (time.time() - t0)
-        weights = [MODES[m][2] for m in modes[i:]]
+        weights = [WEIGHTS[m] for m in modes[i:]]
         share = left * weights[0] / sum(weights)
         if share < 60:
             results["modes"][mode] = {"mode": mode, "skipped": f"time budget: {left:.0f}s left of --budget {args.budget:.0f}"}
