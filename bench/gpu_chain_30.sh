@@ -16,6 +16,11 @@
 # Fifth call (twelfth session): OLD_COMMIT 700a74a, .whl/old/ holding its trainable/multi_lora.py
 # (dropout masks drawn by torch's bernoulli and multiplied in: trainable/dropout.py's kernel against
 # them), STEPS "test k8 mb32 hf" (test: the dropout kernel's GPU test first).
+# Sixth call: STEPS "sweep 12b", in the background from a copy of the tree in /tmp (.whl/on-gpu):
+#   sweep: bench/packing.py's 8 seeded 1B trials x 60 steps: our default sweep, the same trials one
+#          at a time with HF Trainer tuned (mode hf), and one at a time on our engine (serial);
+#   12b:   a 12B QLoRA cohort of 4 (packing's 12B configurations), compiled layers, profiled; it
+#          waits (up to 5 min) for bitsandbytes in /tmp/site (carried by the next call).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -49,5 +54,14 @@ fi
 if [[ $steps == *hf* ]]; then
   step "HF Trainer tuned, mb 32x1"
   OUT=$out timeout 200 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=32,ga=1,gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,steps=10" 2>&1 | grep RESULT
+fi
+if [[ $steps == *sweep* ]]; then
+  step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time, our engine one at a time"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf,serial --budget 1100 --workdir $W --out "$out/pack-1b.json" 2>&1 | quiet 30
+fi
+if [[ $steps == *12b* ]]; then
+  for _ in $(seq 60); do python3 -c "import bitsandbytes" 2>/dev/null && break; sleep 5; done
+  step "12B QLoRA cohort of 4"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:auto --members packing --no-serial --compile --profile --budget 420 --workdir $W --out "$out/cohort-12b-k4.json" 2>&1 | quiet 8
 fi
 step "done"
