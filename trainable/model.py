@@ -35,18 +35,19 @@ def resolve_model_path(model_id: str) -> str:
     return model_id
 
 
-def load_tokenizer(model_id: str, chat_template_from: str | None = None, revision: str | None = None) -> Any:
+def load_tokenizer(model_id: str, chat_template_from: str | None = None, revision: str | None = None, local_files_only: bool = False) -> Any:
     """The base model's tokenizer; with `chat_template_from`, the instruct model's chat template.
 
     The seed's rule for instruction-tuning a -pt model: keep the base tokenizer (its vocabulary and
-    special tokens), take only the template from the -it model.
+    special tokens), take only the template from the -it model. `local_files_only`: from local
+    folders and the HF cache only, never the hub (where it is known to be unreachable).
     """
     from transformers import AutoTokenizer
 
     # Never run code shipped with a checkpoint: a space file names models, it must not execute them.
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id), revision=revision, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id), revision=revision, trust_remote_code=False, local_files_only=local_files_only)
     if chat_template_from:
-        source = AutoTokenizer.from_pretrained(resolve_model_path(chat_template_from), trust_remote_code=False)
+        source = AutoTokenizer.from_pretrained(resolve_model_path(chat_template_from), trust_remote_code=False, local_files_only=local_files_only)
         if not source.chat_template:
             raise ValueError(f"model.chat_template_from: {chat_template_from} has no chat template")
         tokenizer.chat_template = source.chat_template
@@ -86,12 +87,12 @@ def lora_target_pattern(model: Any, target_modules: str | tuple[str, ...]) -> st
     return rf"^{re.escape(decoder_prefix(model))}\..*\.({names})$"
 
 
-def meta_model(model_id: str, revision: str | None = None) -> Any:
+def meta_model(model_id: str, revision: str | None = None, local_files_only: bool = False) -> Any:
     """The model built from its config on the meta device: its structure, without weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model_id), revision=revision, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(resolve_model_path(model_id), revision=revision, trust_remote_code=False, local_files_only=local_files_only)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -136,9 +137,9 @@ def profile_model(model: Any) -> Any:
     )
 
 
-def check_targets(model_id: str, choices: list[str | tuple[str, ...]], revision: str | None = None) -> list[str]:
+def check_targets(model_id: str, choices: list[str | tuple[str, ...]], revision: str | None = None, local_files_only: bool = False) -> list[str]:
     """Problems with target module choices for this model's language model (empty when all match)."""
-    available = language_linear_names(meta_model(model_id, revision))
+    available = language_linear_names(meta_model(model_id, revision, local_files_only))
     problems = []
     for choice in choices:
         missing = [n for n in target_names(choice) if n not in available]

@@ -384,25 +384,30 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "validate":
         import yaml
 
-        from sweep.engine.sweep import check_inputs
+        from sweep.engine.sweep import HubUnreachable, check_inputs
         from trainable.data import DataError
 
+        deferred: list[dict[str, Any]] = []
         try:
             notes = check_inputs(cfg)  # what `run` checks before it starts: the model's tokenizer and targets, the data
+        except HubUnreachable as exc:  # the space alone is checked here; what needs the model's files waits for them
+            notes, deferred = [], [exc.deferred()]
         except (ConfigError, DataError) as exc:
             print(exc, file=sys.stderr)
             return EXIT_INVALID
         if as_json:
             print_json({"source": str(cfg.source), "valid": True, "config": cfg.resolved(), "space": cfg.space.describe_size(),
                         "num_trials": cfg.num_trials, "max_steps": cfg.train.max_steps,
-                        "search": {"algorithm": cfg.search.algorithm, "why": cfg.algorithm_reason}, "notes": notes})  # fmt: skip
+                        "search": {"algorithm": cfg.search.algorithm, "why": cfg.algorithm_reason}, "notes": notes, "deferred": deferred})  # fmt: skip
             return 0
         print(yaml.safe_dump(cfg.resolved(), sort_keys=False), end="")
         print(f"# space: {cfg.space.describe_size()}")
         print(f"# search: {cfg.search.algorithm} ({cfg.algorithm_reason})")
         for note in notes:
             print(f"# {note}")
-        print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid")
+        for d in deferred:
+            print(f"# deferred: the {', '.join(d['checks'])} checks of {d['model']} ({d['reason']}); {d['todo']}")
+        print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid" + (" (the space alone: checks deferred, above)" if deferred else ""))
         return 0
 
     if args.command == "estimate":

@@ -29,29 +29,19 @@ import threading
 import time
 from typing import Callable
 
+from sweep.engine.reaper import proc_stat
+
 SERVERS = ("gcs_server", "raylet")
 WATCH_INTERVAL = 0.5  # s
 SIGNAL_GRACE = 1.0  # s: a signal to the process group reaches the driver with its Ray; its handler notes it within this
-
-
-def _state(pid: int) -> tuple[int, int, str, str] | None:
-    """(parent pid, start time, name, state letter) of a process, or None when there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    name = text[text.index("(") + 1 : text.rindex(")")]
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), int(fields[19]), name, fields[0]
 
 
 def servers_of(driver: int) -> dict[int, tuple[str, int]]:
     """The Ray servers this driver started (its children named gcs_server, raylet): pid -> (name, start time)."""
     found = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (s := _state(int(entry))) is not None and s[0] == driver and s[2] in SERVERS:
-            found[int(entry)] = (s[2], s[1])
+        if entry.isdigit() and (s := proc_stat(int(entry))) is not None and s.ppid == driver and s.name in SERVERS:
+            found[int(entry)] = (s.name, s.start)
     return found
 
 
@@ -89,8 +79,8 @@ class RayWatch:
         """The watched servers that have ended (a zombie has: Ray reaps its children late)."""
         out = set()
         for pid, (name, started) in self.servers.items():
-            s = _state(pid)
-            if s is None or s[1] != started or s[3] in "ZX":
+            s = proc_stat(pid)
+            if s is None or s.start != started or s.state in "ZX":
                 out.add(name)
         if self.gcs_address and "gcs_server" not in out and _refused(self.gcs_address):
             out.add("gcs_server")

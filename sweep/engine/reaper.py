@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 INTERVAL = 1.0
 DONE = b"done\n"
@@ -60,16 +61,26 @@ def start(driver_pid: int | None = None) -> Reaper | None:
     return Reaper(proc, write)
 
 
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(parent pid, start time, name) of a live process, or None."""
+class ProcStat(NamedTuple):
+    """What /proc/<pid>/stat says of a process that the reaper and the driver's Ray watch use."""
+
+    ppid: int
+    start: int  # clock ticks after boot: with the pid, names this process and not a later one with its pid
+    name: str  # the executable's name (comm), at most 15 characters
+    state: str  # one letter: R running, S sleeping, Z zombie (ended, not yet reaped), X dead, ...
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """The process `pid` as /proc/<pid>/stat describes it, or None when there is none (or no /proc)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read().decode(errors="replace")
     except OSError:
         return None
+    # the name sits in parentheses and may itself hold spaces and parentheses: the last ")" ends it
     name = text[text.index("(") + 1 : text.rindex(")")]
     fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), int(fields[19]), name
+    return ProcStat(ppid=int(fields[1]), start=int(fields[19]), name=name, state=fields[0])
 
 
 def _cmdline(pid: int) -> str:
@@ -82,27 +93,27 @@ def _cmdline(pid: int) -> str:
 
 def ray_processes(root: int) -> dict[int, int]:
     """Ray's processes below `root` (pid -> start time): its servers, agents and workers."""
-    stats = {}
+    stats: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (s := _stat(int(entry))) is not None:
+        if entry.isdigit() and (s := proc_stat(int(entry))) is not None:
             stats[int(entry)] = s
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, s in stats.items():
+        children.setdefault(s.ppid, []).append(pid)
     found, todo = {}, list(children.get(root, []))
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         if pid == os.getpid():
             continue
-        if "ray" in stats[pid][2].lower() or "/ray/" in _cmdline(pid) or "ray::" in _cmdline(pid):
-            found[pid] = stats[pid][1]
+        if "ray" in stats[pid].name.lower() or "/ray/" in _cmdline(pid) or "ray::" in _cmdline(pid):
+            found[pid] = stats[pid].start
     return found
 
 
 def _end(procs: dict[int, int]) -> None:
     """SIGTERM, then SIGKILL after 3 s, to each process still the one that was noted."""
-    alive = lambda: {p: t for p, t in procs.items() if (s := _stat(p)) is not None and s[1] == t}  # noqa: E731
+    alive = lambda: {p: t for p, t in procs.items() if (s := proc_stat(p)) is not None and s.start == t}  # noqa: E731
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
         for pid in alive():
             try:

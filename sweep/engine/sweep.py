@@ -35,6 +35,7 @@ from sweep.engine.signals import Interrupt, Interrupted, Terminated, held, recei
 
 Log = Callable[[str], None]
 MEMBER_SHARE = "member_vram_share_gb"  # a trial's estimated share of its worker's memory (not a measurement)
+HUB_PROBE_S = 5.0  # s: the one look at the hub before loading a model from it (sweep.engine.sweep.unreachable_hub)
 WORKERS_STOP_S = 6.0  # s: after Ray's servers ended, how long the workers that live on get to checkpoint and stop their trials
 
 
@@ -46,8 +47,9 @@ def preflight(cfg: SweepConfig, log: Log) -> Any:
     """Tokenizer, LoRA target check and the tokenized data (cached). Raises ConfigError / DataError."""
     from trainable.data import notes, prepare
 
-    download_model(cfg, log)
-    tokenizer = checked_tokenizer(cfg, log)
+    offline = unreachable_hub(cfg)
+    download_model(cfg, log, offline)
+    tokenizer = checked_tokenizer(cfg, log, offline)
     prepared = prepare(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed, log=log)
     for note in notes(prepared.stats):  # replies cut short by max_seq_len, and where
         log(note)
@@ -57,28 +59,88 @@ def preflight(cfg: SweepConfig, log: Log) -> Any:
 def check_inputs(cfg: SweepConfig) -> list[str]:
     """`validate`: what preflight checks (the tokenizer, the LoRA targets, every line of the data),
     with nothing downloaded but the tokenizer and nothing written. Returns the data's notes
-    (replies cut short by max_seq_len); raises ConfigError / DataError as preflight does."""
+    (replies cut short by max_seq_len); raises ConfigError / DataError as preflight does, and
+    HubUnreachable where the model's files are neither on a reachable hub nor in the HF cache."""
     from trainable.data import check, notes
 
-    tokenizer = checked_tokenizer(cfg, log=lambda line: None)
+    tokenizer = checked_tokenizer(cfg, log=lambda line: None, offline=unreachable_hub(cfg))
     return notes(check(cfg.data, tokenizer, cfg.results_dir / ".cache" / "data", cfg.train.seed))
 
 
-def checked_tokenizer(cfg: SweepConfig, log: Log) -> Any:
-    """The model's tokenizer, after its LoRA target choices were checked against the model."""
+class HubUnreachable(ConfigError):
+    """The model's files are neither on a reachable hub nor in the local HF cache: nothing that needs
+    them (its tokenizer, its LoRA targets, the tokenized data) can be checked on this machine now."""
+
+    CHECKS = ("tokenizer", "target_modules", "data")
+    TODO = ("run it where huggingface.co (or your HF_ENDPOINT) is reachable, or with the model in the HF cache "
+            "(HF_HOME) and HF_HUB_OFFLINE=1, or point model.id at a local copy")  # fmt: skip
+
+    def __init__(self, source: str, model_id: str, reason: str):
+        self.model_id, self.reason = model_id, reason
+        super().__init__(source, [f"model: cannot load the tokenizer of {model_id}: {reason}; {self.TODO}"])
+
+    def deferred(self) -> dict[str, Any]:
+        """What `validate` could not check, why, and what to do (its --json `deferred` entry)."""
+        return {"checks": list(self.CHECKS), "model": self.model_id, "reason": self.reason, "todo": self.TODO.replace("run it", "run validate")}
+
+
+def unreachable_hub(cfg: SweepConfig) -> str | None:
+    """Why the hub cannot serve this config's models now; None where it can or no model comes from it.
+
+    One quick look (HUB_PROBE_S) before loading: an unreachable hub otherwise costs the hub client's
+    retries, about 23 s per file. Any answer, an error status included, means it is reachable."""
+    from sweep.config import TINY_MODELS
+
+    if all(m in TINY_MODELS or Path(m).exists() for m in (cfg.model.id, cfg.model.chat_template_from) if m):
+        return None
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_S)
+    except Exception as exc:  # no answer at all: no network, no name resolution, refused, timed out
+        return f"{constants.ENDPOINT} unreachable ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})"
+    return None
+
+
+def _not_on_hub_nor_cached(exc: BaseException) -> bool:
+    """The hub client's own word, somewhere in the chain transformers raises: it could not reach the
+    hub (or was told not to) and the file is not cached. Not: no such repo, gated, a broken local folder."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def checked_tokenizer(cfg: SweepConfig, log: Log, offline: str | None = None) -> Any:
+    """The model's tokenizer, after its LoRA target choices were checked against the model.
+    `offline` (why the hub is unreachable): from local folders and the HF cache only."""
     from sweep.config.space import Choice
     from trainable.model import check_targets, load_tokenizer
 
-    log(f"model {cfg.model.id}: loading tokenizer ...")
+    log(f"model {cfg.model.id}: loading tokenizer" + (f" from the HF cache ({offline})" if offline else "") + " ...")
+    local = offline is not None
     try:
-        tokenizer = load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision)
+        tokenizer = load_tokenizer(cfg.model.id, cfg.model.chat_template_from, cfg.model.revision, local_files_only=local)
     except (OSError, ValueError) as exc:
+        if _not_on_hub_nor_cached(exc):
+            raise HubUnreachable(str(cfg.source), cfg.model.id, (offline or str(exc).splitlines()[0]) + ", and not in the HF cache") from None
         raise ConfigError(str(cfg.source), [f"model: cannot load the tokenizer of {cfg.model.id}: {str(exc).splitlines()[0]}"]) from None
     dim = next((d for d in cfg.space.dims if d.name == "target_modules"), None)
     choices = list(dim.options) if isinstance(dim, Choice) else [cfg.train.target_modules]
     try:
-        problems = check_targets(cfg.model.id, choices, cfg.model.revision)
+        problems = check_targets(cfg.model.id, choices, cfg.model.revision, local_files_only=local)
     except (OSError, ValueError) as exc:
+        if _not_on_hub_nor_cached(exc):
+            raise HubUnreachable(str(cfg.source), cfg.model.id, (offline or str(exc).splitlines()[0]) + ", and its config is not in the HF cache") from None
         raise ConfigError(str(cfg.source), [f"model.id: cannot read the config of {cfg.model.id}: {str(exc).splitlines()[0]}"]) from None
     if problems:
         where = "space.target_modules" if dim is not None else "train.target_modules"
@@ -86,20 +148,24 @@ def checked_tokenizer(cfg: SweepConfig, log: Log) -> Any:
     return tokenizer
 
 
-def download_model(cfg: SweepConfig, log: Log) -> None:
+def download_model(cfg: SweepConfig, log: Log, offline: str | None = None) -> None:
     """A hub model is fetched here, once, with a progress bar, rather than silently by the first
     worker (workers on this machine then read the local cache). Local folders and the tiny models
-    need nothing; without network, loading the tokenizer reports the problem."""
+    need nothing; without network (`offline` says why), loading the tokenizer from the HF cache
+    reports what is missing."""
     from sweep.config import TINY_MODELS
 
     if cfg.model.id in TINY_MODELS or Path(cfg.model.id).exists():
+        return
+    if offline:
+        log(f"model {cfg.model.id}: not downloaded ({offline}); the HF cache must hold it")
         return
     try:
         from huggingface_hub import snapshot_download
 
         log(f"model {cfg.model.id}: downloading (or checking the local cache) ...")
         snapshot_download(cfg.model.id, revision=cfg.model.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
-    except Exception as exc:  # offline, gated, no such repo: the tokenizer load says so clearly
+    except Exception as exc:  # gated, no such repo, the network gone since: the tokenizer load says so clearly
         log(f"model {cfg.model.id}: not downloaded ({str(exc).splitlines()[0][:200]})")
 
 

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.conftest import MINIMAL, ROOT, write_space
 
 
-def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+def sweep(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, "-m", "sweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once closed
+
+
+def hub_env(tmp_path: Path, endpoint: str, offline: bool = False) -> dict[str, str]:
+    """The hub at `endpoint` and an HF cache of this test's own (empty unless the test fills it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN")}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint, **({"HF_HUB_OFFLINE": "1"} if offline else {})}
 
 
 def test_validate_prints_the_resolved_config_and_space_size(tmp_path: Path) -> None:
@@ -72,13 +88,9 @@ def test_bytes_that_are_not_utf8_exit_2_naming_file_and_line(tmp_path: Path) -> 
 
 def test_unusable_folders_and_an_unreachable_cluster_fail_before_anything_starts(tmp_path: Path) -> None:
     """Root-proof: a results folder below a regular file cannot be made whatever the permissions."""
-    import socket
-
     (tmp_path / "afile").write_text("x")
     (tmp_path / "taken").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens once closed
+    port = closed_port()
     space = write_space(tmp_path, MINIMAL)
     silent = socket.socket()  # accepts (the kernel does), never answers: ray.init waited on it for good
     silent.bind(("127.0.0.1", 0))
@@ -107,3 +119,94 @@ def test_pathological_overrides_exit_2(tmp_path: Path) -> None:
     result = sweep("validate", str(space), "search.num_trials=" + "[" * 50_000, "search.num_trials=" + "9" * 5000, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "2 problems" in result.stderr and "nested too deeply" in result.stderr and "Exceeds the limit (4300 digits)" in result.stderr
+
+
+GEMMA = ROOT / "search_spaces" / "gemma3-1b-lora.yaml"  # names google/gemma-3-1b-pt (and -it's chat template)
+
+
+def test_validate_without_the_hub_checks_the_space_alone_and_says_what_was_deferred(tmp_path: Path) -> None:
+    """Unreachable (refused at once) or HF_HUB_OFFLINE, the model not cached: validate checks the
+    space, exits 0 and names what waits for the model's files; run cannot go on without them. No
+    wait through the hub client's retries (about 23 s per file)."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    for env, reason in ((hub_env(tmp_path, endpoint), f"{endpoint} unreachable ("), (hub_env(tmp_path, endpoint, offline=True), "HF_HUB_OFFLINE is set")):
+        started = time.monotonic()
+        result = sweep("validate", str(GEMMA), cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        (line,) = [x for x in result.stdout.splitlines() if x.startswith("# deferred:")]
+        assert line.startswith(f"# deferred: the tokenizer, target_modules, data checks of google/gemma-3-1b-pt ({reason}")
+        assert "not in the HF cache" in line and "run validate where huggingface.co" in line and "HF_HUB_OFFLINE=1" in line
+        assert result.stdout.rstrip().endswith("is valid (the space alone: checks deferred, above)")
+        assert "# space: 4 x 3 x 2 x 4 = 96 discrete combinations" in result.stdout  # the space itself was checked
+        as_json = json.loads(sweep("validate", "--json", str(GEMMA), cwd=tmp_path, env=env).stdout)
+        assert as_json["valid"] is True and as_json["notes"] == []
+        (deferred,) = as_json["deferred"]
+        assert deferred["checks"] == ["tokenizer", "target_modules", "data"] and deferred["model"] == "google/gemma-3-1b-pt"
+        assert deferred["reason"].startswith(reason)
+        run = sweep("run", str(GEMMA), "tracking.results_dir=out", cwd=tmp_path, env=env)
+        assert run.returncode == 2, run.stderr
+        assert f"model: cannot load the tokenizer of google/gemma-3-1b-pt: {reason}" in run.stderr and "Traceback" not in run.stderr
+        assert time.monotonic() - started < 60  # three commands
+    assert not (tmp_path / "out").exists()
+    # the space is still checked: a bad one is invalid, deferred checks or not
+    result = sweep("validate", str(GEMMA), "search.num_trials=zero", cwd=tmp_path, env=hub_env(tmp_path, endpoint))
+    assert result.returncode == 2 and "search.num_trials" in result.stderr and result.stdout == ""
+
+
+def test_local_models_that_are_missing_or_broken_are_invalid_without_the_hub_too(tmp_path: Path) -> None:
+    env = hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}", offline=True)
+    (tmp_path / "empty-model").mkdir()
+    for model, message in (("./no-such-model", "model.id: './no-such-model' not found"),
+                           ("./empty-model", f"model: cannot load the tokenizer of {tmp_path}/empty-model")):  # fmt: skip
+        space = write_space(tmp_path, MINIMAL.replace("tiny-gemma3", model))
+        result = sweep("validate", str(space), cwd=tmp_path, env=env)
+        assert result.returncode == 2, result.stdout
+        assert message in result.stderr and "deferred" not in result.stdout + result.stderr
+
+
+def test_hub_that_answers_no_such_repo_or_gated_is_invalid_not_deferred(tmp_path: Path) -> None:
+    """A hub that answers (a stand-in on loopback): its refusal is the user's problem to fix, at once."""
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            gated = "gated-model" in self.path
+            self.send_response(401 if gated else 404)
+            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+            self.send_header("X-Error-Message", "Access to this model is restricted" if gated else "Repository not found")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = hub_env(tmp_path, f"http://127.0.0.1:{server.server_address[1]}")
+        for model, answer in (("acme/no-such-model", "acme/no-such-model is not a local folder and is not a valid model identifier"), ("acme/gated-model", "You are trying to access a gated repo")):
+            space = write_space(tmp_path, MINIMAL.replace("tiny-gemma3", model))
+            started = time.monotonic()
+            result = sweep("validate", str(space), cwd=tmp_path, env=env)
+            assert result.returncode == 2, result.stdout
+            assert f"model: cannot load the tokenizer of {model}: {answer}" in result.stderr
+            assert "deferred" not in result.stdout + result.stderr
+            assert time.monotonic() - started < 30
+    finally:
+        server.shutdown()
+
+
+def test_a_cached_model_is_checked_in_full_without_the_hub(tmp_path: Path) -> None:
+    """The hub unreachable, the model in the HF cache: the full check, from the cache, at once."""
+    from trainable.tiny import ensure_tiny
+
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(ensure_tiny("tiny-gemma3"), snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    space = write_space(tmp_path, MINIMAL.replace("tiny-gemma3", "acme/tiny"))
+    started = time.monotonic()
+    result = sweep("validate", str(space), cwd=tmp_path, env=hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}"))
+    assert result.returncode == 0, result.stderr
+    assert "deferred" not in result.stdout and result.stdout.rstrip().endswith("space.yaml is valid")
+    assert time.monotonic() - started < 30

@@ -9,12 +9,13 @@ import subprocess
 import threading
 import time
 
-from sweep.engine.raywatch import WATCH_INTERVAL, RayWatch, _state
+from sweep.engine.raywatch import WATCH_INTERVAL, RayWatch
+from sweep.engine.reaper import proc_stat
 
 
 def server(name: str) -> tuple[subprocess.Popen, dict[int, tuple[str, int]]]:
     proc = subprocess.Popen(["sleep", "60"])
-    return proc, {proc.pid: (name, _state(proc.pid)[1])}
+    return proc, {proc.pid: (name, proc_stat(proc.pid).start)}
 
 
 def called(watch: RayWatch, within: float) -> list[list[str]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from sweep.engine.reaper import proc_stat
 from tests.conftest import ROOT
 
 # A "driver" that starts the watcher, then a long-lived child that looks like one of Ray's
@@ -24,11 +26,25 @@ time.sleep(120)
 
 
 def alive(pid: int) -> bool:
+    return (s := proc_stat(pid)) is not None and s.state != "Z"  # a zombie is dead, only not yet reaped
+
+
+def test_proc_stat_reads_a_name_with_spaces_and_parentheses_and_a_zombie(tmp_path: Path) -> None:
+    sleep = tmp_path / "a) (b c"  # the name sits in parentheses in /proc/<pid>/stat
+    shutil.copy(shutil.which("sleep"), sleep)
+    proc = subprocess.Popen([str(sleep), "60"])
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
-    except OSError:
-        return False
+        time.sleep(0.2)
+        s = proc_stat(proc.pid)
+        assert s is not None and (s.ppid, s.name, s.state) == (os.getpid(), "a) (b c", "S")
+        assert s.start >= proc_stat(os.getpid()).start  # started after this test's process
+        proc.kill()  # not reaped yet: a zombie, with its start time kept
+        time.sleep(0.2)
+        assert proc_stat(proc.pid) == s._replace(state="Z")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc_stat(proc.pid) is None  # reaped: no such process
 
 
 def test_a_killed_drivers_ray_processes_end_within_seconds(tmp_path: Path) -> None:
