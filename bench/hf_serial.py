@@ -40,7 +40,6 @@ import json
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,20 +47,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from provenance import versions  # noqa: E402
 from sweepbench import point_key  # noqa: E402
 
 DEMO = ROOT / "search_spaces" / "data" / "demo"
 TRAIN_KEYS = ("input_ids", "labels", "position_ids")
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "bitsandbytes"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def train_defaults() -> dict[str, Any]:
@@ -106,7 +96,8 @@ def run_trial(model_path: str, data_dir: str, config: dict[str, Any], steps: int
     """One configuration, start to end, as its own Trainer + PEFT run (see the module docstring)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
+    from realsize import load_frozen_base
+    from transformers import Trainer, TrainingArguments
 
     from trainable.data import collate, load_split, row_order
     from trainable.model import lora_target_pattern
@@ -118,15 +109,7 @@ def run_trial(model_path: str, data_dir: str, config: dict[str, Any], steps: int
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     dtype = torch.bfloat16 if cuda else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if method == "qlora":
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
-                      device_map={"": 0 if cuda else "cpu"})  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if method != "qlora" and cuda:
-        model.to("cuda")
-    for param in model.parameters():  # frozen embeddings (and base)
-        param.requires_grad_(False)
+    model = load_frozen_base(model_path, method)  # embeddings frozen with the base
     lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_r"] * config["lora_alpha_ratio"], lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                       target_modules=lora_target_pattern(model, config["target_modules"]))  # fmt: skip
     torch.manual_seed(defaults["seed"])

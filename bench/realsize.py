@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +61,24 @@ def prepare_data(folder: Path, cache: Path) -> tuple[str, list[int]]:
     section = DataSection(train=str(demo / "train.jsonl"), eval=str(demo / "eval.jsonl"), max_seq_len=1024, packing=True)
     prepared = prepare(section, load_tokenizer(str(folder)), cache, seed=0, log=lambda s: None)
     return str(prepared.folder), list(prepared.stats["template_tokens"].values())
+
+
+def load_frozen_base(model_dir: str, method: str) -> Any:
+    """The base as the HF Trainer rows load it (bf16 on CUDA, fp32 on a CPU, sdpa; NF4 with double
+    quantisation for qlora), every parameter frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if method == "qlora":
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+                      device_map={"": 0 if cuda else "cpu"})  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method != "qlora" and cuda:
+        model.to("cuda")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+

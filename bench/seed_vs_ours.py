@@ -395,21 +395,14 @@ def hf_losses(model_dir: str, data_dir: str, method: str) -> list[float]:
     """HF Trainer + PEFT fed our micro-batches in our order, with our adapter init and schedule."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from trainable.model import lora_target_pattern
 
+    from realsize import load_frozen_base
+
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if method == "qlora":
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
-                      device_map={"": 0 if cuda else "cpu"})  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if method != "qlora" and cuda:
-        model.to("cuda")
-    for param in model.parameters():
-        param.requires_grad_(False)
+    model = load_frozen_base(model_dir, method)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=lora_target_pattern(model, "all-linear"), bias="none", task_type="CAUSAL_LM"))
     batches = micro_batches(data_dir, CHECK_MICRO, CHECK_STEPS * CHECK_ACCUM * CHECK_MICRO // SEQS_PER_STEP + 1)[: CHECK_STEPS * CHECK_ACCUM]
