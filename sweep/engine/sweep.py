@@ -468,6 +468,7 @@ def new_sweep(cfg: SweepConfig, prepared: Any, plan: Any, wanted: Path | None, c
         study_name = new_study_name(sweep_dir)  # its own study, also on a store other sweeps of this name share
         meta = {
             "name": cfg.name,
+            "sweep_dir": str(sweep_dir.resolve()),  # where the stores' URLs were made absolute: a moved or copied folder reads its own (sweep.folder.relocate)
             "space_file": str(cfg.source),
             "overrides": [redact(o) for o in cfg.overrides],
             "mlflow_uri": redact(cfg.tracking.mlflow_uri or mlflow_uri),

@@ -2,7 +2,8 @@
 estimate, warm start).
 
     <results_dir>/<name>-<timestamp>/
-        sweep.json      what the sweep is and where its stores are (secrets redacted), its state
+        sweep.json      what the sweep is, where it ran (sweep_dir) and where its stores are (secrets
+                        redacted), its state; moved or copied, the folder reads its own stores (relocate)
         space.yaml      the space file as written (secrets redacted)
         resolved.yaml   the config as it ran
         optuna.db       the study (unless tracking.optuna_storage points elsewhere)
@@ -111,6 +112,49 @@ def update_meta(folder: Path, **changes: Any) -> dict[str, Any]:
     return meta
 
 
+def recorded_dir(folder: Path, meta: dict[str, Any]) -> Path | None:
+    """Where the sweep folder was when the sweep ran (its stores' URLs were made absolute there):
+    sweep.json's `sweep_dir`; for a sweep.json of an earlier version, which lacks it, the folder of
+    its default study (sqlite:///X/optuna.db with X named as `folder` is the default layout's).
+    None when it cannot be told (the stores are then read as recorded)."""
+    from sweep.folder.checks import sqlite_file
+
+    if isinstance(meta.get("sweep_dir"), str) and Path(meta["sweep_dir"]).is_absolute():
+        return Path(meta["sweep_dir"])
+    study = sqlite_file(str(meta.get("optuna_storage", "")))
+    if study is not None and study.is_absolute() and study.name == "optuna.db" and study.parent.name == Path(folder).name:
+        return study.parent
+    return None
+
+
+def relocate(url: str, folder: Path, recorded: Path | None) -> str:
+    """`url` for the sweep folder where it is now (`folder`), when it ran at `recorded` and has been
+    moved or copied since: a sqlite file inside the old folder (optuna.db) or directly in the old
+    results folder beside it (mlflow.db) is the same file at the new place; the copy reads and
+    writes its own stores, never the original's. Any other store (a server, s3, a sqlite file
+    elsewhere) is as recorded."""
+    prefix = "sqlite:///"
+    if recorded is None or not url.startswith(prefix):
+        return url
+    raw = url[len(prefix) :].split("?", 1)[0]
+    moved = relocate_path(Path(raw), folder, recorded)
+    return url if moved is None else prefix + str(moved) + url[len(prefix) + len(raw) :]
+
+
+def relocate_path(path: Path, folder: Path, recorded: Path | None, in_results: bool = False) -> Path | None:
+    """`path` at the sweep folder's new place (relocate), or None where it does not move: it is not
+    inside the old folder, nor directly in the old results folder (`in_results`: anywhere under
+    it, as MLflow's artifact folder mlartifacts/ is)."""
+    folder = Path(folder)
+    if recorded is None or recorded == folder or not path.is_absolute():
+        return None
+    if path.is_relative_to(recorded):
+        return folder / path.relative_to(recorded)
+    if path.parent == recorded.parent or (in_results and path.is_relative_to(recorded.parent)):
+        return folder.parent / path.relative_to(recorded.parent)
+    return None
+
+
 def load_sweep_config(folder: Path) -> SweepConfig:
     """The sweep's config: the original space file if it is still where it was (it may hold
     secrets the redacted copy lacks), else the copy, with paths relative to the original's folder."""
@@ -122,11 +166,13 @@ def load_sweep_config(folder: Path) -> SweepConfig:
     # (the default, ./sweeps, depends on where `run` was started).
     overrides = [*meta.get("overrides", []), f"tracking.results_dir={folder.resolve().parent}"]
     # a store given as a relative sqlite path was made absolute against the directory `run` started
-    # in (sweep.config): the recorded URL, not one resolved against today's directory. The default
-    # stores follow the folders (they may have moved together).
-    defaults = {f"sqlite:///{folder.resolve().parent / 'mlflow.db'}", f"sqlite:///{folder.resolve() / 'optuna.db'}"}
-    overrides += [f"tracking.{key}={meta[key]}" for key in ("mlflow_uri", "optuna_storage")
-                  if str(meta.get(key, "")).startswith("sqlite:////") and meta[key] not in defaults]  # fmt: skip
+    # in (sweep.config): the recorded URL, not one resolved against today's directory. A sqlite file
+    # in the folder or beside it (the default stores, or given there) follows the folder: read where
+    # the folder is now if it was moved or copied (relocate), never at its old place.
+    here, was = folder.resolve(), recorded_dir(folder, meta)
+    defaults = {f"sqlite:///{here.parent / 'mlflow.db'}", f"sqlite:///{here / 'optuna.db'}"}
+    pinned = {key: relocate(str(meta[key]), here, was) for key in ("mlflow_uri", "optuna_storage") if str(meta.get(key, "")).startswith("sqlite:////")}
+    overrides += [f"tracking.{key}={url}" for key, url in pinned.items() if url not in defaults]
     if original.is_file() and redact(original.read_text()) == (folder / "space.yaml").read_text():
         return load_config(original, overrides)
     return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
@@ -197,7 +243,12 @@ class SweepFolder:
                         f"tracking.{key}: {redact(urls[i])} is recorded without its password: it was given literally ({given}) and the sweep "
                         f"folder keeps only ***; {export}, then run this again (write passwords as ${{VAR}} to avoid this)"])  # fmt: skip
                 urls[i] = url
-        return urls[0], urls[1]
+        here, was = self.path, recorded_dir(self.path, self.meta)
+        return relocate(urls[0], here, was), relocate(urls[1], here, was)
+
+    def recorded_uri(self, key: str) -> str:
+        """sweep.json's `key` (mlflow_uri, optuna_storage; redacted, to show) at the folder's place now (relocate)."""
+        return relocate(str(self.meta.get(key, "")), self.path, recorded_dir(self.path, self.meta))
 
     @property
     def mlflow_uri(self) -> str:
@@ -223,6 +274,27 @@ class SweepFolder:
         from mlflow import MlflowClient
 
         return MlflowClient(self.mlflow_uri)
+
+    def log_artifacts(self, client: Any, run_id: str, local: Path, artifact_path: str) -> None:
+        """`local` (a file or a folder) as artifacts of the MLflow run `run_id`, under `artifact_path`.
+        A local MLflow store keeps each run's artifact folder as an absolute path: in a moved or
+        copied results folder that is the old place, so they go to the same place under the new
+        one (the copy's own artifacts), never to the original's."""
+        from urllib.parse import unquote, urlparse
+
+        uri = client.get_run(run_id).info.artifact_uri
+        parsed = urlparse(uri)
+        moved = None
+        if self.mlflow_uri.startswith("sqlite:") and parsed.scheme in ("", "file") and not parsed.netloc:
+            moved = relocate_path(Path(unquote(parsed.path)), self.path, recorded_dir(self.path, self.meta), in_results=True)
+        if moved is None:
+            log = client.log_artifacts if Path(local).is_dir() else client.log_artifact
+            log(run_id, str(local), artifact_path)
+            return
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        repo = LocalArtifactRepository(moved.as_uri())
+        (repo.log_artifacts if Path(local).is_dir() else repo.log_artifact)(str(local), artifact_path)
 
     def experiment_id(self, client: Any = None) -> str:
         """The sweep's MLflow experiment id: from sweep.json (recorded since the sweep started),

@@ -242,16 +242,39 @@ def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -
             problems.append(
                 f"{study_db}: the sweep's Optuna study {trouble}. MLflow still holds every trial (params, metrics, status: {ui}) and "
                 f"the trials' checkpoints are in {folder}/trials/; status, report, best and resume need the study: restore the file from a backup"
+                + _moved_hint(folder, study_db)
             )
     if mlflow_db is not None:
         trouble = _sqlite_trouble(mlflow_db, "SELECT 1 FROM runs LIMIT 1", (), "no runs table")
         if trouble:
             problems.append(
                 f"{mlflow_db}: the sweep's MLflow store {trouble}. The Optuna study still holds every trial's params and results "
-                f"({redact(storage)}, study {study_name!r}); restore the MLflow file from a backup"
+                f"({redact(storage)}, study {study_name!r}); restore the MLflow file from a backup" + _moved_hint(folder, mlflow_db)
             )
     if problems:
         raise ConfigError(str(folder), problems)
+
+
+def _moved_hint(folder: Path, store: Path) -> str:
+    """For a store file missing from a sweep folder that was moved or copied (sweep.folder.relocate
+    reads its stores at its new place, never the old one): where the file was, and where to put it."""
+    from sweep.folder import read_meta, recorded_dir
+
+    here = Path(folder).resolve()
+    try:
+        was = recorded_dir(here, read_meta(here))
+    except ConfigError:
+        return ""
+    if was is None or was == here or store.exists():
+        return ""
+    if store.is_relative_to(here):
+        old = was / store.relative_to(here)
+    elif store.parent == here.parent:
+        old = was.parent / store.name
+    else:
+        return ""
+    return (f" (the sweep ran in {was}; this folder is a move or copy of it, and reads and writes its own stores, never the old ones: "
+            f"copy {old} to {store}, or move or copy the whole results folder {was.parent} with the sweep)")  # fmt: skip
 
 
 def study_file_trouble(path: Path, study_name: str) -> str | None:

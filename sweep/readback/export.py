@@ -217,18 +217,15 @@ def model_card(cfg: SweepConfig, folder: Path, row: dict[str, Any], space: dict[
     return "\n".join(parts)
 
 
-def log_export(client: Any, run_id: str, export: Path) -> str:
+def log_export(folder: Any, client: Any, run_id: str, export: Path) -> str:
     """The export folder as artifacts of the trial's MLflow run (its status and times unchanged);
-    not base/, whose links would upload the base model's weights."""
+    not base/, whose links would upload the base model's weights. `folder`: the SweepFolder."""
     from sweep.readback.adapter import BASE
 
     for path in sorted(export.iterdir()):
         if path.name == BASE:
             continue
-        if path.is_dir():
-            client.log_artifacts(run_id, str(path), f"export/{path.name}")
-        else:
-            client.log_artifact(run_id, str(path), "export")
+        folder.log_artifacts(client, run_id, path, f"export/{path.name}" if path.is_dir() else "export")
     return f"runs:/{run_id}/export"
 
 
@@ -287,7 +284,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
         written["checkpoint"] = checkpoint
     command = f"python -m sweep train {quote(export / 'space.yaml')} train.max_steps={cfg.train.max_steps * 5}"
     run_params = next((dict(r.data.params) for r in sweep.runs if r.info.run_id == row["run_id"]), {})
-    card = model_card(cfg, folder, row, space, run_params, written, command, sweep.meta.get("mlflow_uri", ""), where)
+    card = model_card(cfg, folder, row, space, run_params, written, command, sweep.folder.recorded_uri("mlflow_uri"), where)
     (export / "README.md").write_text(card)
     if written.get("adapter"):
         (Path(written["adapter"]) / "README.md").write_text(card)  # in place of PEFT's blank template: the folder one uploads
@@ -295,7 +292,7 @@ def best(folder: Path, where: str | None, export: Path | None, merge: bool, writ
     (export / "export.json").write_text(json.dumps({"trial": row["label"], "sweep": cfg.name, "sweep_dir": str(folder), "run_id": row["run_id"],
                                                     metric: row[metric], **written}, indent=2))  # fmt: skip
     if log_model:
-        written["mlflow_artifacts"] = log_export(sweep.client, row["run_id"], export)
+        written["mlflow_artifacts"] = log_export(sweep.folder, sweep.client, row["run_id"], export)
     for kind in ("space", "adapter", "base", "merged", "model_card", "checkpoint", "mlflow_artifacts"):
         if kind in written:
             write(f"  {kind}: {written[kind]}")

@@ -115,7 +115,10 @@ def _storage(folder: Path, meta: dict[str, Any]) -> str:
         from sweep.folder import SweepFolder
 
         return SweepFolder(folder).optuna_storage
-    return url
+    from sweep.folder import recorded_dir, relocate
+
+    here = folder.resolve()
+    return relocate(url, here, recorded_dir(here, meta))
 
 
 def _duration(seconds: float) -> str:

@@ -456,7 +456,7 @@ def build_report(folder: Path, write: Write = print, log_to_mlflow: bool = True)
     report = out / "report.html"
     report.write_text(_html(cfg, meta, result, plots, charts, sweep.mlflow_links, study.get_trials(deepcopy=False)))
     if log_to_mlflow:
-        client.log_artifacts(meta["parent_run_id"], str(out), "report")
+        sweep.folder.log_artifacts(client, meta["parent_run_id"], out, "report")
     interactive = f"{len(charts)} interactive charts" if charts is not None else "no interactive charts (plotly is not installed)"
     write(f"report: {report}  ({len(result.trials)} trials, {len(plots)} plots, {interactive}; also in MLflow, run {meta['parent_run_id']}, artifacts/report)")
     return report

@@ -362,3 +362,106 @@ def test_validate_passes_good_data_writing_nothing(tmp_path: Path, capsys: pytes
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("longer than data.max_seq_len (32) lose the end of their reply" in note for note in notes)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# a moved or copied sweep folder
+
+
+def tree(folder: Path) -> dict[str, int]:
+    """Every file under `folder` with its size: what a command wrote there shows."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(params=["recorded", "earlier version"])
+def original(built: Path, sweep_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """The finished sweep where it ran: sweep.json records the folder (`sweep_dir`), or, as one of an
+    earlier version, does not (its place is told from the default study's path). Its MLflow
+    artifact folders are its results folder's, as a sweep that ran there has them."""
+    with sqlite3.connect(sweep_dir.parent / "mlflow.db") as db:
+        old, new = built.parent.as_uri(), sweep_dir.parent.as_uri()
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    if request.param == "recorded":
+        meta = json.loads((sweep_dir / "sweep.json").read_text())
+        (sweep_dir / "sweep.json").write_text(json.dumps({**meta, "sweep_dir": str(sweep_dir.resolve())}))
+    return sweep_dir
+
+
+def read_commands_work(folder: Path, capsys: pytest.CaptureFixture) -> None:
+    """status, best, list, estimate and report on `folder`, each reading its trials."""
+    assert main(["status", str(folder), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["counts"] == RAN and status["best"] == {"trial": "t001", "value": 1.75}
+    assert main(["best", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"] == RAN
+    assert main(["list", str(folder.parent), "--json"]) == 0
+    (entry,) = [e for e in json.loads(capsys.readouterr().out)["sweeps"] if e["folder"] == str(folder)]
+    assert entry["trials"] == RAN and entry["best"] == {"trial": "t001", "value": 1.75}
+    assert main(["estimate", str(folder), "--gpu-memory", "24", "--json"]) == 0
+    assert [row["trial"] for row in json.loads(capsys.readouterr().out)["trials"]] == ["t000", "t001", "t002"]
+    assert main(["report", str(folder)]) == 0
+    assert "(3 trials" in capsys.readouterr().out and (folder / "report" / "report.html").is_file()
+
+
+def test_a_moved_sweep_folder_reads_its_stores_at_its_new_place(original: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """mv results/ elsewhere/: every read command finds the study and the MLflow store where they are now."""
+    moved = tmp_path / "elsewhere" / "kept"
+    moved.parent.mkdir()
+    shutil.move(original.parent, moved)
+    read_commands_work(moved / original.name, capsys)
+
+
+def test_a_copied_sweep_folder_reads_and_writes_its_own_stores(original: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """cp -r results/ laptop/: the copy's commands read the copy's stores, even once the original's
+    are gone, and what they write (the report, logged to MLflow too) goes to the copy, never to the
+    original; resume's config connects to the copy's stores."""
+    from sweep.folder import SweepFolder
+
+    copy = tmp_path / "laptop" / "sweeps"
+    shutil.copytree(original.parent, copy)
+    before = tree(original.parent)
+    read_commands_work(copy / original.name, capsys)
+    assert main(["best", str(copy / original.name), "--export", str(tmp_path / "export"), "--log-model"]) == 0
+    assert "export/" in capsys.readouterr().out
+    assert any(p.name == "export.json" for p in copy.rglob("*")), "the export logged to the copy's MLflow artifacts"
+    assert tree(original.parent) == before  # nothing written to the original (the report's and export's MLflow artifacts included)
+    folder = SweepFolder(copy / original.name)
+    ours = (f"sqlite:///{copy.resolve() / 'mlflow.db'}", f"sqlite:///{folder.path / 'optuna.db'}")
+    assert folder.stores() == ours and (folder.config.mlflow_uri, folder.config.optuna_storage(folder.path)) == ours  # what resume connects to
+    (original / "optuna.db").unlink()
+    (original.parent / "mlflow.db").unlink()
+    read_commands_work(copy / original.name, capsys)
+
+
+def test_a_store_missing_from_a_copied_folder_is_named_never_created(original: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """cp -r results/SWEEP laptop/ (the sweep folder alone): its MLflow store, beside it in the
+    results folder, did not come along. best says which file is missing and where to copy it from
+    (exit 2), never reads the original's nor makes an empty one; so does status for the study."""
+    copy = tmp_path / "laptop" / original.name
+    shutil.copytree(original, copy)
+    assert main(["best", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy.parent / 'mlflow.db'}: the sweep's MLflow store is missing" in err
+    assert f"copy {original.parent.resolve() / 'mlflow.db'} to {copy.parent / 'mlflow.db'}" in err
+    assert not (copy.parent / "mlflow.db").exists()
+    shutil.copy(original.parent / "mlflow.db", copy.parent / "mlflow.db")
+    (copy / "optuna.db").unlink()
+    assert main(["status", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy / 'optuna.db'}: the sweep's Optuna study is missing" in err and f"copy {original.resolve() / 'optuna.db'} to {copy / 'optuna.db'}" in err
+    assert not (copy / "optuna.db").exists()
+
+
+def test_stores_outside_a_moved_folder_are_read_as_recorded(tmp_path: Path) -> None:
+    """Only sqlite files in the sweep folder or directly beside it follow it: a server, s3 or a
+    sqlite file elsewhere that the user gave are the same store wherever the folder is."""
+    from sweep.folder import relocate
+
+    was, here = Path("/data/sweeps/s-1"), Path("/laptop/kept/s-1")
+    assert relocate("sqlite:////data/sweeps/s-1/optuna.db", here, was) == "sqlite:////laptop/kept/s-1/optuna.db"
+    assert relocate("sqlite:////data/sweeps/mlflow.db?timeout=30", here, was) == "sqlite:////laptop/kept/mlflow.db?timeout=30"
+    for url in ("sqlite:////data/shared/mlflow.db", "sqlite:////data/mlflow.db", "postgresql://u@db:5432/optuna", "http://mlflow:5000", "s3://b/x"):
+        assert relocate(url, here, was) == url
+    assert relocate("sqlite:////data/sweeps/s-1/optuna.db", was, was) == "sqlite:////data/sweeps/s-1/optuna.db"
+    assert relocate("sqlite:////data/sweeps/s-1/optuna.db", here, None) == "sqlite:////data/sweeps/s-1/optuna.db"
