@@ -520,7 +520,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
     from core.request import TrialRequest
     from sweep.engine.recorder import SweepRun
     from sweep.engine.study import Study
-    from sweep.folder import STOP, SweepFolder, claim, release
+    from sweep.folder import STOP, SweepFolder, claim, recorded_dir, release
     from sweep.folder.checks import before_resume
     from trainable.cohort_worker import latest_checkpoint
 
@@ -529,7 +529,7 @@ def resume_sweep(sweep_dir: Path, address: str | None = None, log: Log = print, 
     if meta.get("state") == "finished":
         raise ConfigError(str(sweep_dir), [f"{sweep_dir.name}: finished already; nothing to resume"])
     cfg = folder.config
-    before_resume(cfg, sweep_dir, folder.study_name, address)  # stores present, folders writable, cluster reachable
+    before_resume(cfg, sweep_dir, folder.study_name, address, recorded_dir(sweep_dir, meta))  # stores present, folders writable, cluster reachable
     claim(sweep_dir)
     try:
         prepared = preflight(cfg, log)

@@ -262,13 +262,13 @@ class SweepFolder:
         """Both stores there and readable (ConfigError otherwise); nothing created."""
         from sweep.folder.checks import check_stores
 
-        check_stores(self.path, *self.stores(), self.study_name)
+        check_stores(self.path, *self.stores(), self.study_name, recorded_dir(self.path, self.meta))
 
     def study(self) -> Any:
         """The sweep's Optuna study, after check_stores (a missing store is never created)."""
         from sweep.folder.checks import load_study
 
-        return load_study(self.path, *self.stores(), self.study_name)
+        return load_study(self.path, *self.stores(), self.study_name, recorded_dir(self.path, self.meta))
 
     def mlflow(self) -> Any:
         from mlflow import MlflowClient

@@ -57,10 +57,10 @@ def before_start(cfg: SweepConfig, address: str | None = None, sweep_dir: Path |
         raise ConfigError(str(cfg.source), problems)
 
 
-def before_resume(cfg: SweepConfig, sweep_dir: Path, study_name: str, address: str | None = None) -> None:
+def before_resume(cfg: SweepConfig, sweep_dir: Path, study_name: str, address: str | None = None, moved_from: Path | None = None) -> None:
     """`resume`: the checks of `run`, the sweep folder writable, and both stores there (a missing
-    study is reported, not recreated empty)."""
-    check_stores(sweep_dir, cfg.mlflow_uri, cfg.optuna_storage(sweep_dir), study_name)
+    study is reported, not recreated empty; `moved_from`: see check_stores)."""
+    check_stores(sweep_dir, cfg.mlflow_uri, cfg.optuna_storage(sweep_dir), study_name, moved_from)
     problems = writable(sweep_dir, "the sweep folder")
     if problems:
         raise ConfigError(str(sweep_dir), problems)
@@ -227,10 +227,11 @@ def sqlite_file(url: str | None) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -> None:
+def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str, moved_from: Path | None = None) -> None:
     """The sweep's study and MLflow store exist and are readable: ConfigError otherwise, saying
     what is lost and what can still be read. Opens sqlite files read-only, so nothing is created or
-    changed (optuna and MLflow would create an empty store at a missing path)."""
+    changed (optuna and MLflow would create an empty store at a missing path). `moved_from`: where
+    the sweep ran (sweep.folder.recorded_dir), to say which file to copy into a moved or copied folder."""
     from sweep.config.secrets import redact
 
     problems = []
@@ -242,29 +243,24 @@ def check_stores(folder: Path, mlflow_uri: str, storage: str, study_name: str) -
             problems.append(
                 f"{study_db}: the sweep's Optuna study {trouble}. MLflow still holds every trial (params, metrics, status: {ui}) and "
                 f"the trials' checkpoints are in {folder}/trials/; status, report, best and resume need the study: restore the file from a backup"
-                + _moved_hint(folder, study_db)
+                + _moved_hint(folder, study_db, moved_from)
             )
     if mlflow_db is not None:
         trouble = _sqlite_trouble(mlflow_db, "SELECT 1 FROM runs LIMIT 1", (), "no runs table")
         if trouble:
             problems.append(
                 f"{mlflow_db}: the sweep's MLflow store {trouble}. The Optuna study still holds every trial's params and results "
-                f"({redact(storage)}, study {study_name!r}); restore the MLflow file from a backup" + _moved_hint(folder, mlflow_db)
+                f"({redact(storage)}, study {study_name!r}); restore the MLflow file from a backup" + _moved_hint(folder, mlflow_db, moved_from)
             )
     if problems:
         raise ConfigError(str(folder), problems)
 
 
-def _moved_hint(folder: Path, store: Path) -> str:
+def _moved_hint(folder: Path, store: Path, was: Path | None) -> str:
     """For a store file missing from a sweep folder that was moved or copied (sweep.folder.relocate
-    reads its stores at its new place, never the old one): where the file was, and where to put it."""
-    from sweep.folder import read_meta, recorded_dir
-
+    reads its stores at its new place, never the old one; `was`: where it ran): where the file was,
+    and where to put it."""
     here = Path(folder).resolve()
-    try:
-        was = recorded_dir(here, read_meta(here))
-    except ConfigError:
-        return ""
     if was is None or was == here or store.exists():
         return ""
     if store.is_relative_to(here):
@@ -303,11 +299,11 @@ def _sqlite_trouble(path: Path, query: str, args: tuple, empty: str, integrity: 
     return None if found else f"holds {empty} (an empty or unrelated database)"
 
 
-def load_study(folder: Path, mlflow_uri: str, storage: str, study_name: str) -> Any:
+def load_study(folder: Path, mlflow_uri: str, storage: str, study_name: str, moved_from: Path | None = None) -> Any:
     """The sweep's Optuna study for a command that only reads it (report, best, estimate): after
     check_stores, opened read-only (read_only_study); a study missing from a server store is a
     ConfigError too."""
-    check_stores(folder, mlflow_uri, storage, study_name)
+    check_stores(folder, mlflow_uri, storage, study_name, moved_from)
     try:
         return read_only_study(folder, storage, study_name)
     except KeyError:
