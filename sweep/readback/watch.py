@@ -9,7 +9,9 @@ driver (finished, stopped, crashed) is drawn once.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +25,10 @@ CLEAR = "\033[H\033[2J"  # cursor home, clear screen
 def watch(folder: Path, every: float, out: TextIO | None = None) -> None:
     """Draw until the driver is gone (a finished, stopped or crashed sweep: once); Ctrl-C ends it quietly."""
     out = out or sys.stdout
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C leaves even where the shell or parent started us with SIGINT ignored (inherited
+        # across exec, and then Python installs no KeyboardInterrupt handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     view = _RichView(out) if _rich_wanted(out) else _PlainView(out)
     try:
         while True:

@@ -122,8 +122,10 @@ def test_watch_redraws_while_the_driver_lives_and_ctrl_c_exits_0(stopped: Path, 
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the "driver"
     try:
         (folder / "driver.pid").write_text(json.dumps({"pid": stand_in.pid, "host": socket.gethostname()}))
+        # started with SIGINT ignored, as a parent that ignores it leaves it (inherited across exec): Ctrl-C still leaves
         watch = subprocess.Popen([sys.executable, "-m", "sweep", "status", str(folder), "--watch", "0.2"], cwd=tmp_path, env=ENV,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
         seen, deadline = [], time.monotonic() + 180  # generous: CI shares 2 cores with other work
         while sum("TRIAL  STATUS" in line for line in seen) < 2 and time.monotonic() < deadline:
             seen.append(watch.stdout.readline())
