@@ -146,11 +146,14 @@ def test_median_stopping_prunes_by_training_step(tmp_path: Path, ray_cluster: No
 def test_hyperband_prunes_in_its_brackets(tmp_path: Path, ray_cluster: None) -> None:
     """search.scheduler hyperband: Optuna's Hyperband pruner (brackets of successive halving, each
     trial in one by its number) judges the trials at their evaluations; none is paused. Whatever it
-    prunes, the study, MLflow and the rows agree, and every trial's history is whole."""
+    prunes, the study, MLflow and the rows agree, and every trial's history is whole. One trial at a
+    time: a bracket's pruning depends on the order its trials reach a rung, which concurrent
+    trials' timing would decide."""
     body = MINIMAL.replace("train: {max_steps: 4, eval_every: 2, log_every: 1}", "train: {max_steps: 4, eval_every: 2, log_every: 1, batch: [2, 1]}").replace(
         "search: {num_trials: 2}",
         """search:
   num_trials: 6
+  max_concurrent: 1
   seed: 1
   scheduler: {type: hyperband, reduction_factor: 2}
   points_to_evaluate: [{learning_rate: 2.0e-2}, {learning_rate: 1.0e-6}, {learning_rate: 1.0e-2},
