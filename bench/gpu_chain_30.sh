@@ -21,6 +21,9 @@
 #          at a time with HF Trainer tuned (mode hf), and one at a time on our engine (serial);
 #   12b:   a 12B QLoRA cohort of 4 (packing's 12B configurations), compiled layers, profiled; it
 #          waits (up to 5 min) for bitsandbytes in /tmp/site (carried by the next call).
+# Thirteenth session, first call: STEPS "hfsmall 12b", the wheels without ray and with bitsandbytes
+# carried (.whlq/, linked as .whl on the host):
+#   hfsmall: HF Trainer tuned at micro-batches 1x8 and 2x4, liger on and off (its best switch there).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -51,9 +54,16 @@ if [[ $steps == *mb32* ]]; then
   step "cohort of one, mb 32, $old's files"
   (cd /tmp/old && LORA_SWEEP_GIT_COMMIT=$old python3 bench/seed_vs_ours.py --sizes 1b --workdir $W --budget-s 200 --only "$MB32" --out "$out/svo-1b-mb32-old.json" 2>&1 | grep -E "^1b  " | tail -n 3)
 fi
-if [[ $steps == *hf* ]]; then
+if [[ " $steps " == *" hf "* ]]; then
   step "HF Trainer tuned, mb 32x1"
   OUT=$out timeout 200 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=32,ga=1,gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,steps=10" 2>&1 | grep RESULT
+fi
+if [[ $steps == *hfsmall* ]]; then
+  # HF Trainer's best switch at micro-batches 1-2 (the sweep's 1x8 and 2x4 trials): liger on or off
+  for bs in 1 2; do for liger in 1 0; do
+    step "HF Trainer tuned, mb ${bs}x$((8 / bs)), liger $liger"
+    OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
+  done; done
 fi
 if [[ $steps == *sweep* ]]; then
   step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time, our engine one at a time"
