@@ -62,7 +62,7 @@ if [[ $steps == *hfsmall* ]]; then
   # HF Trainer's best switch at micro-batches 1-2 (the sweep's 1x8 and 2x4 trials): liger on or off
   for bs in 1 2; do for liger in 1 0; do
     step "HF Trainer tuned, mb ${bs}x$((8 / bs)), liger $liger"
-    OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
+    mkdir -p $out/hf-mb$bs-liger$liger; OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
   done; done
 fi
 if [[ $steps == *sweep* ]]; then
