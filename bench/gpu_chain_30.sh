@@ -24,6 +24,11 @@
 # Thirteenth session, first call: STEPS "hfsmall 12b", the wheels without ray and with bitsandbytes
 # carried (.whlq/, linked as .whl on the host):
 #   hfsmall: HF Trainer tuned at micro-batches 1x8 and 2x4, liger on and off (its best switch there).
+# Second call: OLD_COMMIT 69d9396, .whl/old/ holding its trainable/{multi_lora,dropout,dropout_kernel}.py
+# (the base projection and the members' updates as two autograd nodes; bf16 weight gradients cast to
+# fp32), STEPS "test k8 bigpass hf qlorapass mb32":
+#   bigpass:   the 8-member cohort with passes of at most 32,768 tokens;
+#   qlorapass: the 12B QLoRA cohort of 4 without checkpointing, in passes of 4,096 and 8,192 tokens.
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -39,8 +44,8 @@ step() { echo "== $(date +%T) $*"; }
 quiet() { grep -v "Saving\|Map\|it/s\]\|examples/s" | tail -n "$1"; }
 
 if [[ $steps == *test* ]]; then
-  step "the dropout kernel against its reference"
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_dropout_kernel.py 2>&1 | tail -n 3
+  step "the GPU tests (the dropout kernel against its reference, the trials on CUDA, LoRA and QLoRA)"
+  python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -n 8
 fi
 if [[ $steps == *k8* ]]; then
   step "cohort of 8, $commit"
@@ -73,5 +78,15 @@ if [[ $steps == *12b* ]]; then
   for _ in $(seq 60); do python3 -c "import bitsandbytes" 2>/dev/null && break; sleep 5; done
   step "12B QLoRA cohort of 4"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:auto --members packing --no-serial --compile --profile --budget 420 --workdir $W --out "$out/cohort-12b-k4.json" 2>&1 | quiet 8
+fi
+if [[ " $steps " == *" bigpass "* ]]; then
+  step "cohort of 8, $commit, passes <= 32,768 tokens (two a micro-step instead of three)"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py ${K8/--pass-tokens 24576/--pass-tokens 32768} --out "$out/cohort-1b-k8-pass32k.json" 2>&1 | quiet 4
+fi
+if [[ " $steps " == *" qlorapass "* ]]; then
+  for pass in 4096 8192; do
+    step "12B QLoRA cohort of 4 without checkpointing, passes <= $pass tokens"
+    LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --pass-tokens $pass --members packing --no-serial --compile --profile --budget 300 --workdir $W --out "$out/cohort-12b-k4-pass$pass.json" 2>&1 | quiet 8
+  done
 fi
 step "done"
