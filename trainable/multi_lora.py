@@ -8,14 +8,8 @@ backward has run: recomputation under gradient checkpointing reads it again).
 Row i of the batch depends only on row i's own tokens (attention, norms and MLP work per sequence),
 so a member's loss, and hence its gradients, depend only on its rows and its own adapter.
 
-`_MemberUpdates` holds the per-member arithmetic in one place (forward and backward, one autograd
-node per layer for all members, a loop over the members). On a plain frozen nn.Linear with adapters
-computing in x's dtype it runs the frozen projection too (`linear_with_members`): its backward
-writes the projection's input gradient and adds each member's part into that member's rows, where
-two nodes (base layer, adapters) would leave autograd an add of two x-sized gradients per projection
-and rows to zero-fill. On a 4-bit base, or with fp32 adapters on bf16 x (PEFT's rounding order,
-which includes autograd's sum of the two gradients), the base layer runs first and
-`add_member_updates` adds the updates to its output.
+`add_member_updates` holds the per-member arithmetic in one place (`_MemberUpdates`: forward and
+backward, one autograd node per layer for all members, a loop over the members):
 - compute dtype = each adapter's `compute_dtype` (the cohort's train.lora_dtype):
   - the activations' dtype (bf16 on a bf16 or NF4-with-bf16-compute base with lora_dtype bfloat16;
     fp32 on an fp32 base, exact): x is never cast, the update is added in place;
@@ -31,10 +25,8 @@ which includes autograd's sum of the two gradients), the base layer runs first a
   backward instead of kept; on CUDA one Triton kernel draws and applies it. So a member's masks
   depend neither on who else is in the cohort nor on the padded width, and recomputation
   (gradient checkpointing) and backward see the same mask. Dropout 0: no mask.
-- per member, forward [dropout,] mm, addmm (scale and add fused); backward 4 mm/addmm, [dropout
-  twice, the second one adding into x's gradient]; on a bf16 base the two parameter gradients come
-  out of cuBLAS in fp32 (addmm's out_dtype form, where torch has it on this device; else a cast of
-  each). The adapters'
+- per member, forward [dropout,] mm, addmm (scale and add fused); backward 2-3 mm/addmm,
+  [dropout twice,] and a cast of the two small gradients on a bf16 base. The adapters'
   compute copies (`MemberLora.compute`, refreshed after each optimizer step) are what it multiplies
   by.
 
