@@ -68,17 +68,12 @@ def keep_mask(rows: int, width: int, features: int, p: float, seed: int, max_len
     return h >= threshold(p)
 
 
-def dropped(rows2: torch.Tensor, rows: int, width: int, p: float, seed: int, max_len: int, out: torch.Tensor | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
+def dropped(rows2: torch.Tensor, rows: int, width: int, p: float, seed: int, max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """rows2 ([rows * width, features], contiguous) with the dropped elements zeroed (not rescaled),
-    into `out` (may be rows2 itself) or a new tensor; or, with `add_to` (contiguous, rows2's shape
-    and dtype), added to it in place (add_to += rows2 * keep) and add_to returned."""
-    if add_to is not None and (add_to.shape != rows2.shape or add_to.dtype != rows2.dtype or not add_to.is_contiguous()):
-        raise ValueError(f"dropped(add_to=...): {tuple(add_to.shape)} {add_to.dtype} (contiguous: {add_to.is_contiguous()}) for rows {tuple(rows2.shape)} {rows2.dtype}")
+    into `out` (may be rows2 itself) or a new tensor."""
     if rows2.is_cuda:
-        return _dropped_cuda(rows2, rows, width, p, seed, max_len, out, add_to)
+        return _dropped_cuda(rows2, rows, width, p, seed, max_len, out)
     keep = keep_mask(rows, width, rows2.shape[1], p, seed, max_len, rows2.device)
-    if add_to is not None:
-        return add_to.add_(rows2 * keep)
     if out is None:
         return rows2 * keep
     return torch.mul(rows2, keep, out=out)
@@ -88,12 +83,12 @@ def dropped(rows2: torch.Tensor, rows: int, width: int, p: float, seed: int, max
 # the CUDA kernel (trainable/dropout_kernel.py: Triton is imported only where CUDA runs)
 
 
-def _dropped_cuda(rows2: torch.Tensor, rows: int, width: int, p: float, seed: int, max_len: int, out: torch.Tensor | None, add_to: torch.Tensor | None = None) -> torch.Tensor:
+def _dropped_cuda(rows2: torch.Tensor, rows: int, width: int, p: float, seed: int, max_len: int, out: torch.Tensor | None) -> torch.Tensor:
     from trainable.dropout_kernel import launch
 
     if not rows2.is_contiguous():
         rows2 = rows2.contiguous()
-    dst = add_to if add_to is not None else torch.empty_like(rows2) if out is None else out
+    dst = torch.empty_like(rows2) if out is None else out
     if rows2.numel():
-        launch(rows2, dst, width, max(width, max_len), seed32(seed), threshold(p), accumulate=add_to is not None)
+        launch(rows2, dst, width, max(width, max_len), seed32(seed), threshold(p))
     return dst

@@ -18,7 +18,7 @@ def _mix(h):  # lowbias32 on uint32 words (the multiplications wrap as the host'
 
 
 @triton.jit
-def _dropped(src, dst, features, width, full, seed, thresh, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+def _dropped(src, dst, features, width, full, seed, thresh, BLOCK: tl.constexpr):
     # one program: one position of one row (a token), BLOCK of its features
     rowpos = tl.program_id(0)
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -29,15 +29,11 @@ def _dropped(src, dst, features, width, full, seed, thresh, BLOCK: tl.constexpr,
     pos = (row * full + rowpos - row * width).to(tl.uint32)
     key = _mix(seed.to(tl.uint32) ^ (pos * 0x9E3779B9))
     h = _mix(key ^ (f.to(tl.uint32) * 0x85EBCA6B))
-    kept = tl.where(h >= thresh.to(tl.uint32), x, tl.zeros_like(x))
-    if ACCUMULATE:  # dst += kept, summed in fp32 and rounded to dst's dtype once (as torch's add)
-        kept = (tl.load(dst + offs, mask=inside).to(tl.float32) + kept.to(tl.float32)).to(x.dtype)
-    tl.store(dst + offs, kept, mask=inside)
+    tl.store(dst + offs, tl.where(h >= thresh.to(tl.uint32), x, tl.zeros_like(x)), mask=inside)
 
 
-def launch(src: torch.Tensor, dst: torch.Tensor, width: int, full: int, seed: int, thresh: int, accumulate: bool = False) -> None:
-    """dst = src with the dropped elements zeroed (accumulate: dst += that); src, dst: [rows * width,
-    features], contiguous, one dtype."""
+def launch(src: torch.Tensor, dst: torch.Tensor, width: int, full: int, seed: int, thresh: int) -> None:
+    """dst = src with the dropped elements zeroed; src, dst: [rows * width, features], contiguous."""
     features = src.shape[1]
     block = min(1024, triton.next_power_of_2(features))
-    _dropped[(src.shape[0], triton.cdiv(features, block))](src, dst, features, width, full, seed, thresh, BLOCK=block, ACCUMULATE=accumulate)
+    _dropped[(src.shape[0], triton.cdiv(features, block))](src, dst, features, width, full, seed, thresh, BLOCK=block)

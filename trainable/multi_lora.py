@@ -98,53 +98,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.mm(a, b) if alpha == 1 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha)
 
 
-_MM_TO: dict[str, bool] = {}  # per device type: whether addmm's out_dtype form works there (probed once)
-
-
-def _mm_to(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    """alpha * a @ b in `dtype` (a parameter's gradient: fp32 from bf16 factors). On CUDA cuBLAS
-    writes fp32 straight from its fp32 accumulators (addmm's out_dtype form: one kernel, no bf16
-    rounding, no cast kernel); where that form is missing (CPU, older torch), the product in the
-    factors' dtype, then a cast."""
-    if a.dtype == dtype:
-        return _mm(a, b, alpha)
-    kind = a.device.type
-    if _MM_TO.get(kind) is None:
-        _MM_TO[kind] = _mm_to_works(a.device, a.dtype, dtype)
-    if _MM_TO[kind]:
-        return torch.addmm(a.new_empty((), dtype=dtype), a, b, dtype, beta=0, alpha=alpha)
-    return _mm(a, b, alpha).to(dtype)
-
-
-def _mm_to_works(device: torch.device, src: torch.dtype, dtype: torch.dtype) -> bool:
-    """Whether addmm's out_dtype form runs here and agrees with the product computed in fp32."""
-    if device.type != "cuda":
-        return False  # CPU has no kernel for it (torch 2.13)
-    try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        a = torch.randn(37, 24, generator=g).to(device, src)
-        b = torch.randn(24, 5, generator=g).to(device, src)
-        got = torch.addmm(a.new_empty((), dtype=dtype), a.t().contiguous().t(), b, dtype, beta=0, alpha=0.5)
-        want = (a.float() @ b.float()) * 0.5
-        return got.dtype == dtype and torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3)
-    except (RuntimeError, TypeError):
-        return False
-
-
 class _MemberUpdates(torch.autograd.Function):
     """out[rows of m] += c_m * (x[rows of m] * keep_m) A_m^T B_m^T for each member m (c = scaling / (1-p)),
     in place on `out`; one autograd node for all members of the layer."""
 
     @staticmethod
-    def forward(ctx: Any, out: torch.Tensor | None, x: torch.Tensor, base: tuple, plan: tuple, max_len: int, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, plan: tuple, max_len: int, *weights: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0] and x[0].numel() // x.shape[-1]  # positions per row
-        x2 = x.reshape(-1, x.shape[-1])
-        if out is None:  # the frozen projection is ours to run: x W^T (+ bias)
-            out = torch.nn.functional.linear(x, *base)  # what the base layer computes, kernel for kernel
-            out2 = out.view(-1, out.shape[-1])
-        else:
-            out2 = out.view(-1, out.shape[-1])
-            ctx.mark_dirty(out)
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         hs = []
         for (start, stop, scaling, p, seed, compute), i in zip(plan, range(0, len(weights), 2)):
             a, b = compute
@@ -161,8 +122,9 @@ class _MemberUpdates(torch.autograd.Function):
             else:
                 rows.addmm_(h, b.t(), alpha=scaling / (1 - p))
             hs.append(h)
+        ctx.mark_dirty(out)
         ctx.save_for_backward(x, *hs)
-        ctx.plan, ctx.max_len, ctx.tokens, ctx.base = plan, max_len, tokens, base
+        ctx.plan, ctx.max_len, ctx.tokens = plan, max_len, tokens
         ctx.dtypes = [w.dtype for w in weights]
         return out
 
@@ -172,16 +134,12 @@ class _MemberUpdates(torch.autograd.Function):
         tokens, plan = ctx.tokens, ctx.plan
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         need_x = ctx.needs_input_grad[1]
-        gx = None
-        if need_x and ctx.base:  # the frozen projection's input gradient; the members' parts are added to it
-            gx = torch.mm(g2, ctx.base[0])
-        elif need_x:
-            gx = torch.empty_like(x2)
+        gx = torch.empty_like(x2) if need_x else None
         covered = 0
         grads: list[torch.Tensor | None] = []
         for (start, stop, scaling, p, seed, (a, b)), h, i in zip(plan, hs, range(0, 2 * len(plan), 2)):
             lo, hi = start * tokens, stop * tokens
-            if need_x and not ctx.base and covered < lo:
+            if need_x and covered < lo:
                 gx[covered:lo].zero_()
             covered = max(covered, hi)
             gi, xi = g2[lo:hi], x2[lo:hi]
@@ -193,61 +151,26 @@ class _MemberUpdates(torch.autograd.Function):
                 grad_b = torch.mm(gs.t(), h)
             else:
                 gh = _mm(gi, b, c)  # d loss / d h, [tokens, r]
-                grad_b = _mm_to(gi.t(), h, c, ctx.dtypes[i + 1])
-            grad_a = _mm_to(gh.t(), xi if keep is None else dropped(xi, *keep), 1.0, ctx.dtypes[i])
+                grad_b = _mm(gi.t(), h, c)
+            grad_a = torch.mm(gh.t(), xi if keep is None else dropped(xi, *keep))
             if need_x:
                 if a.dtype != x.dtype:
                     gxi = torch.mm(gh, a)
-                    if keep is not None:
-                        dropped(gxi, *keep, out=gxi)
-                    if ctx.base:
-                        gx[lo:hi] += gxi.to(x.dtype)  # rounded to x's dtype, then summed in it: autograd's order
-                    else:
-                        gx[lo:hi].copy_(gxi)  # rounded back to x's dtype once
-                elif keep is None and ctx.base:
-                    gx[lo:hi].addmm_(gh, a)
-                elif ctx.base:
-                    dropped(torch.mm(gh, a), *keep, add_to=gx[lo:hi])
+                    gx[lo:hi].copy_(gxi if keep is None else dropped(gxi, *keep, out=gxi))  # rounded back to x's dtype once
                 else:
                     torch.mm(gh, a, out=gx[lo:hi])
                     if keep is not None:
                         dropped(gx[lo:hi], *keep, out=gx[lo:hi])
-            grads += [grad_a, grad_b.to(ctx.dtypes[i + 1])]
-        if need_x and not ctx.base and covered < x2.shape[0]:
+            grads += [grad_a.to(ctx.dtypes[i]), grad_b.to(ctx.dtypes[i + 1])]
+        if need_x and covered < x2.shape[0]:
             gx[covered:].zero_()
-        return (None if ctx.base else grad, gx.view_as(x) if need_x else None, None, None, None, *grads)
+        return (grad, gx.view_as(x) if need_x else None, None, None, *grads)
 
 
 def add_member_updates(out: torch.Tensor, x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, training: bool, layer_id: int = 0) -> torch.Tensor:
     """out[rows of member m] += B_m(A_m(dropout_m(x[rows of m]))) * scaling_m, for every member that
     has an adapter on this layer, in x's dtype, or in fp32 for an fp32 adapter on lower-precision x
     (module docstring). In place on `out` (the frozen layer's fresh output)."""
-    plan, weights = _plan(x, split, adapters, training, layer_id)
-    if not plan:
-        return out
-    return _MemberUpdates.apply(out, x, (), plan, split.max_len, *weights)
-
-
-def linear_with_members(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, split: RowSplit, adapters: nn.ModuleDict, training: bool, layer_id: int = 0) -> torch.Tensor:
-    """x W^T (+ bias) for a frozen plain linear, with every member's update added to its rows: one
-    autograd node for the projection and its adapters. Its backward writes the frozen projection's
-    input gradient and adds each member's part into it, where the base layer and the adapters as two
-    nodes left autograd to add two input gradients of x's full size (a bf16 add per projection: the
-    third-largest eager kernel of an 8-member 1B step, bench/BENCH.md issue 30) and the rows of
-    members without an adapter to be zero-filled."""
-    plan, weights = _plan(x, split, adapters, training, layer_id)
-    if not plan:
-        return torch.nn.functional.linear(x, weight, bias)
-    if any(compute[0].dtype != x.dtype for *_, compute in plan):
-        # fp32 adapters on bf16 x (lora_dtype float32): PEFT's arithmetic, rounding for rounding, which
-        # includes autograd summing x's gradients of the base layer and of each adapter one by one
-        return _MemberUpdates.apply(torch.nn.functional.linear(x, weight, bias), x, (), plan, split.max_len, *weights)
-    return _MemberUpdates.apply(None, x, (weight, bias), plan, split.max_len, *weights)
-
-
-def _plan(x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, training: bool, layer_id: int) -> tuple[tuple, list[torch.Tensor]]:
-    """The members with an adapter on this layer and rows in this forward: (start, stop, scaling,
-    dropout, seed, compute tensors) each, and their parameters (what autograd hands gradients to)."""
     plan, weights = [], []
     for slot, start, stop in split.segments:
         adapter = adapters[str(slot)] if str(slot) in adapters else None
@@ -260,7 +183,9 @@ def _plan(x: torch.Tensor, split: RowSplit, adapters: nn.ModuleDict, training: b
             compute = (adapter.lora_A.detach().to(x.dtype), adapter.lora_B.detach().to(x.dtype))
         plan.append((start, stop, adapter.scaling, p, seed, compute))
         weights += [adapter.lora_A, adapter.lora_B]
-    return tuple(plan), weights
+    if not plan:
+        return out
+    return _MemberUpdates.apply(out, x, tuple(plan), split.max_len, *weights)
 
 
 def _upcasts(compute_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
@@ -282,11 +207,9 @@ class MultiLoraLinear(nn.Module):
         self.plain = type(base) is nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not any(str(slot) in self.adapters for slot, _, _ in self.split.segments):
-            return self.base(x)
-        if self.plain and not self.base.weight.requires_grad:
-            return linear_with_members(x, self.base.weight, self.base.bias, self.split, self.adapters, self.training, self.layer_id)
         out = self.base(x)
+        if not any(str(slot) in self.adapters for slot, _, _ in self.split.segments):
+            return out
         if not self.plain:
             out = out.clone()  # as PEFT does for 4-bit layers: never update bitsandbytes' output in place
         return add_member_updates(out, x, self.split, self.adapters, self.training, self.layer_id)

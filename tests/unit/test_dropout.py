@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from trainable.dropout import dropped, keep_mask
@@ -38,14 +37,3 @@ def test_dropped_zeroes_the_dropped_elements_in_place_or_not() -> None:
     assert torch.equal(dropped(x, 2, 6, 0.4, 5, 6), torch.where(keep, x, 0))
     y = x.clone()
     assert dropped(y, 2, 6, 0.4, 5, 6, out=y) is y and torch.equal(y, torch.where(keep, x, 0))
-
-
-def test_dropped_adds_into_a_tensor_and_refuses_a_mismatched_one() -> None:
-    x, acc = torch.randn(2 * 6, 10, dtype=torch.float64), torch.randn(2 * 6, 10, dtype=torch.float64)
-    keep = keep_mask(2, 6, 10, 0.4, 5, 6)
-    want = acc + torch.where(keep, x, 0)
-    assert dropped(x, 2, 6, 0.4, 5, 6, add_to=acc) is acc and torch.equal(acc, want)
-    with pytest.raises(ValueError, match=r"dropped\(add_to=...\): \(12, 9\) torch.float64"):
-        dropped(x, 2, 6, 0.4, 5, 6, add_to=torch.zeros(12, 9, dtype=torch.float64))
-    with pytest.raises(ValueError, match="contiguous: False"):
-        dropped(x, 2, 6, 0.4, 5, 6, add_to=torch.zeros(10, 12, dtype=torch.float64).t())
