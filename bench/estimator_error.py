@@ -17,11 +17,14 @@ raw files. Error = (estimate - measured) / measured: positive over-estimates (sa
   in the same run where the file has it, else 0.33 (the demo data's; placement itself assumes 0.5).
 
 The estimator does not model some settings; such points are estimated anyway and flagged
-(`not_modelled`): bf16 LoRA (it counts fp32 adapter weights and fp32 copies of LoRA inputs), the
-liger loss (estimated as the chunked loss: a chunk of logits at a time), compiled layers, and HF
-Trainer's own step (the seed's `modules_to_save` trains two copies, embed_tokens and lm_head, where
-the estimator counts one tied copy). Cohort rows (bench/results-cohort-*-h200.json, current step)
-are compared with core.estimate.cohort_estimate, apart from the single-trial figures.
+(`not_modelled`): bf16 LoRA (it counts fp32 adapter weights and fp32 copies of LoRA inputs),
+compiled layers, and HF Trainer's own step (the seed's `modules_to_save` trains two copies,
+embed_tokens and lm_head, where the estimator counts one tied copy; its liger patch sizes liger's
+chunks itself). The liger loss is modelled since 2026-12-06 (one chunk of at most
+rules.LIGER_CHUNK_TOKENS reply tokens' bf16 logits: core.estimate.loss_bytes); before, it was
+estimated as the chunked loss. Cohort rows (bench/results-cohort-*-h200.json, current step, and
+issue 30's bench/results-30-cohort-*-h100.json, in passes) are compared with
+core.estimate.cohort_estimate, apart from the single-trial figures.
 The multi-GPU rows do not record target_modules: the preset is taken as the one whose estimate
 equals the estimate the sweep logged for that trial (same formula, reply fraction 0.5), and said so.
 """
@@ -100,16 +103,16 @@ def seed_vs_ours() -> list[dict]:
                 loss = "liger" if s["liger"] else "model"
                 shape = dict(method=r["method"], lora_r=16, targets=tuple(SEED_TARGETS), lora_dropout=0.05, embeddings=s["embeddings"],
                              optimizer="adamw" if s["optim"].startswith("adamw") else s["optim"], micro_batch=s["batch"][0],
-                             checkpointing=s["ckpt"], attn=s["attn"], loss="chunked" if loss == "liger" else "model", reply_fraction=1.0)  # fmt: skip
-                flags = ["HF Trainer step"] + (["liger loss (as chunked, all tokens)"] if s["liger"] else [])
+                             checkpointing=s["ckpt"], attn=s["attn"], loss=loss, reply_fraction=1.0)  # fmt: skip
+                flags = ["HF Trainer step"] + (["liger loss (HF's patch: liger's own chunk sizing)"] if s["liger"] else [])
                 if s["embeddings"] == "full":
                     flags.append("modules_to_save: two trained copies (embed_tokens, lm_head); estimator counts one tied copy")
             else:
                 s = planned[r["run"]]["settings"]
                 shape = dict(method=r["method"], lora_r=16, targets=ALL, lora_dropout=0.05, embeddings=s["embeddings"], optimizer=s["optimizer"],
                              micro_batch=s["batch"][0], checkpointing=bool(r.get("gradient_checkpointing", s["gradient_checkpointing"])),
-                             attn=s["attn_implementation"], loss="chunked" if s["loss"] == "liger" else s["loss"], reply_fraction=fraction)  # fmt: skip
-                flags = (["bf16 LoRA"] if s["lora_dtype"] == "bfloat16" else []) + (["liger loss (as chunked)"] if s["loss"] == "liger" else [])
+                             attn=s["attn_implementation"], loss=s["loss"], reply_fraction=fraction)  # fmt: skip
+                flags = ["bf16 LoRA"] if s["lora_dtype"] == "bfloat16" else []
                 flags += ["compiled layers"] if s["compile"] else []
             key = (size, r["run"], round(r["peak_vram_gb"], 3))
             if key in seen:  # the 12B extra call re-ran rows: one point per configuration and peak
@@ -167,6 +170,40 @@ def cohorts(profs: dict) -> list[dict]:
                    "error": (est.gb - r["peak_vram_gb"]) / r["peak_vram_gb"]}  # fmt: skip
             if r["trial_status"] != "completed":  # an OOM: the figure is what was allocated when it failed, not a peak
                 row.update(oom=True, note=f"OOM at {r['peak_vram_gb']:.1f} GB allocated on a 139.8 GB GPU: the estimate should exceed the GPU")
+            out.append(row)
+    return out
+
+
+def cohorts_h100(profs: dict) -> list[dict]:
+    """Issue 30's cohort rows on an H100 (bench/results-30-cohort-*-h100.json: compiled layers, bf16
+    LoRA, the liger loss, in passes of at most `pass_tokens` tokens without checkpointing, or one
+    checkpointed pass) against cohort_estimate with only one pass's activations alive, as
+    core.estimate.CohortBudget counts passes when it picks their size."""
+    from core.estimate import TrialShape, cohort_estimate
+    from core.rules import cohort_fold, target_names
+
+    out = []
+    for path in sorted((ROOT / "bench").glob("results-30-cohort-*-h100.json")):
+        for r in json.loads(path.read_text())["results"]:
+            if r.get("run") != "cohort" or not r.get("peak_vram_gb") or not r.get("members"):
+                continue
+            size, ckpt, passes = r["size"], bool(r["gradient_checkpointing"]), r.get("pass_tokens")
+            method = "qlora" if size == "12b" else "lora"
+            members = [TrialShape(method=method, lora_r=m["rank"], targets=tuple(target_names(tuple(m["targets"]) if isinstance(m["targets"], list) else m["targets"])),
+                                  lora_dropout=r["dropout"], embeddings="frozen", optimizer="paged_adamw_8bit" if method == "qlora" else "adamw",
+                                  micro_batch=m["micro_batch"] * cohort_fold(m["micro_batch"], m["grad_accum"], SEQ), seq_len=SEQ, checkpointing=ckpt,
+                                  loss=r.get("loss", "chunked"), reply_fraction=DEMO_REPLY_FRACTION)
+                       for m in r["members"]]  # fmt: skip
+            est = cohort_estimate(profs[size], members, checkpointing=ckpt)
+            tokens = sum(m.micro_batch * m.seq_len for m in members)
+            if passes and not ckpt and passes < tokens:  # only one pass's activations alive at a time
+                est.parts["activations"] *= passes / tokens
+            name = f"{size} cohort K={r['k']} ckpt {'on' if ckpt else 'off'}, passes <= {passes or tokens} tokens, compiled {r.get('compiled_layers', 0) > 0}"
+            row = {"source": path.name, "name": name, "size": size, "measured_gb": r["peak_vram_gb"], "estimate_gb": est.gb,
+                   "parts_gb": {k: round(v / 2**30, 3) for k, v in est.parts.items()}, "not_modelled": ["bf16 LoRA"] + (["compiled layers"] if r.get("compiled_layers") else []),
+                   "cohort": True, "error": (est.gb - r["peak_vram_gb"]) / r["peak_vram_gb"]}  # fmt: skip
+            if r.get("trial_status") != "completed":
+                row.update(oom=True, note=f"OOM at {r['peak_vram_gb']:.1f} GB allocated on a 79.2 GB GPU: the estimate should exceed the GPU")
             out.append(row)
     return out
 
@@ -234,7 +271,8 @@ def packing(profs: dict) -> list[dict]:
 def proposed(profile, shape, parts: dict, flags: list[str]) -> float | None:
     """What two corrections this benchmark suggests would give (not in core.estimate; the sweep does
     not use them): bf16 LoRA saves its layers' inputs in bf16, not fp32 (2 bytes less per value);
-    the liger loss keeps no chunk of logits (its chunks are a few rows). None: neither applies."""
+    HF Trainer's liger patch keeps no chunk of logits to speak of (liger's own chunks are a few
+    rows). None: neither applies."""
     from core.estimate import GB
 
     bf16, liger = any(f.startswith("bf16 LoRA") for f in flags), any(f.startswith("liger loss") for f in flags)
@@ -283,7 +321,7 @@ def main() -> None:
     profs = profiles()
     inside = evaluate(in_sample(), profs)
     outside = evaluate(seed_vs_ours() + cohort_alone() + multi_gpu(profs) + packing(profs), profs)
-    cohort = cohorts(profs)
+    cohort = cohorts(profs) + cohorts_h100(profs)
     measured_cohort = [p for p in cohort if not p.get("oom")]
     modelled = [p for p in outside if not p["not_modelled"]]
     corrected = [{**p, "error": p["proposed_error"]} for p in outside if "proposed_error" in p]

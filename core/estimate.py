@@ -15,7 +15,9 @@ the end of the forward pass, when every saved activation and the loss's logits c
                keeps for backward; eager attention's score matrices; QLoRA's dequantised weight
   logits       model loss: every token's logits in bf16 (kept by the model's output), the fp32
                log-softmax and its gradient, ~12 bytes per token and vocabulary entry;
-               chunked loss: the same for one chunk of at most 4096 reply tokens
+               chunked loss: the same for one chunk of at most 4096 reply tokens;
+               liger loss: one chunk of at most rules.LIGER_CHUNK_TOKENS reply tokens' logits in
+               bf16 (liger writes their gradient in place and keeps no fp32 copy)
 
 It answers "peak allocated" (torch.cuda.max_memory_allocated). Calibrated on an H200 against
 bench/results-*.json; the CUDA context and allocator slack (CONTEXT_BYTES, which placement adds)
@@ -184,10 +186,20 @@ def estimate(profile: ModelProfile, trial: TrialShape) -> Estimate:
         biggest = max((i * o for i, o, _ in profile.linears.values()), default=0)
         parts["dequantized"] = 2 * biggest * b
 
-    through_head = tokens if trial.loss == "model" else min(tokens * trial.reply_fraction, LOSS_CHUNK)
-    parts["logits"] = through_head * t.vocab * (b + 10)
+    parts["logits"] = loss_bytes(trial.loss, tokens, tokens * trial.reply_fraction, t.vocab, b)
     parts["overhead"] = OVERHEAD
     return Estimate(parts)
+
+
+def loss_bytes(loss: str, tokens: float, reply_tokens: float, vocab: int, dtype_bytes: int) -> float:
+    """The loss's logits at the peak (module docstring): the model's over every token, ~12 bytes a
+    value; the chunked loss's over one chunk of reply tokens, the same; liger's one chunk of reply
+    tokens in the compute dtype."""
+    if loss == "model":
+        return tokens * vocab * (dtype_bytes + 10)
+    if loss == "liger":
+        return min(reply_tokens, rules.LIGER_CHUNK_TOKENS) * vocab * dtype_bytes
+    return min(reply_tokens, LOSS_CHUNK) * vocab * (dtype_bytes + 10)
 
 
 def trial_shape(
@@ -288,7 +300,8 @@ def cohort_estimate(profile: ModelProfile, members: list[TrialShape], checkpoint
                    once for all members, in the compute dtype (multi_lora.py), plus each member's
                    [tokens, r] product; dropout masks are redrawn in backward, never kept
       dequantized  QLoRA: one layer's weight at a time, once
-      logits       one chunk of at most 4096 reply tokens of the whole cohort (the cohort's loss)
+      logits       one chunk of the cohort's loss (chunked: at most 4096 reply tokens; liger: at
+                   most rules.LIGER_CHUNK_TOKENS, in bf16)
 
     `checkpointing`: the cohort's decision (it decides for everyone); default: any member's.
     """
@@ -317,8 +330,8 @@ def cohort_estimate(profile: ModelProfile, members: list[TrialShape], checkpoint
         parts["activations"] = t.layers * tokens * t.hidden * b + per_layer + attn_scores
     else:
         parts["activations"] = t.layers * (per_layer + attn_scores)
-    through_head = min(sum(m.micro_batch * m.seq_len * m.reply_fraction for m in members), LOSS_CHUNK)
-    parts["logits"] = through_head * t.vocab * (b + 10)
+    # the cohort's loss goes member by member (each has its own normaliser), one chunk at a time
+    parts["logits"] = loss_bytes(first.loss if first.loss == "liger" else "chunked", tokens, sum(m.micro_batch * m.seq_len * m.reply_fraction for m in members), t.vocab, b)
     return Estimate(parts)
 
 

@@ -21,6 +21,10 @@ COHORT_FOLD_TOKENS = 16384
 # The smallest forward pass worth splitting a cohort's micro-step into (core.estimate.CohortBudget.
 # step_plan): below it a pass is launch-bound, and one checkpointed pass of every member is faster.
 COHORT_PASS_MIN_TOKENS = 8192
+# Tokens per chunk of liger-kernel's fused lm_head + cross-entropy (train.loss: liger; trainable/fast.py
+# sizes liger's chunks to at most this many, core.estimate counts one chunk of bf16 logits). liger's
+# own sizing makes ~230 chunks per call at Gemma 3's vocabulary, each reading the whole lm_head twice.
+LIGER_CHUNK_TOKENS = 2048
 
 
 def target_names(target_modules: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

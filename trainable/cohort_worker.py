@@ -34,7 +34,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -222,6 +222,12 @@ class DriverLost(Exception):
 
 class _Worker:
     def __init__(self, spec: WorkerSpec, source: MemberSource, cohort: Any, load_seconds: float, emit: Any):
+        loss = getattr(cohort, "loss", None)
+        if spec.budget is not None and isinstance(loss, str) and loss != spec.budget.loss:
+            # the memory budget counts the loss this worker runs: the driver planned for the
+            # configured one (auto: the chunked loss's chunk of fp32 logits, not knowing whether the
+            # worker would have liger, whose chunk is a tenth of that: core.estimate.loss_bytes)
+            spec = replace(spec, budget=replace(spec.budget, loss=loss))
         self.spec, self.source, self.cohort, self.load_seconds, self.emit = spec, source, cohort, load_seconds, emit
         self.live: dict[int, _Live] = {}
         self.capacity = spec.capacity

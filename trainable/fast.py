@@ -69,12 +69,7 @@ def head_weight(lm_head: Any) -> Any:
     return lm_head.weight
 
 
-# Tokens per chunk of liger's fused lm_head + cross-entropy. liger sizes its chunks so that the
-# transient logits stay near tokens x hidden values: for Gemma 3's 262k vocabulary that is ~230
-# chunks per call whatever the token count (16-token chunks for a cohort member's few thousand reply
-# tokens), and every chunk reads the whole lm_head weight twice (its logits, its input gradient).
-# A chunk of this many tokens holds its bf16 logits in 1 GiB at that vocabulary.
-LIGER_CHUNK_TOKENS = 2048
+from core.rules import LIGER_CHUNK_TOKENS  # noqa: E402 - tokens per chunk of liger's loss (why: core/rules.py)
 
 
 def liger_sum(weight: Any, hidden: Any, targets: Any, softcap: float | None) -> Any:

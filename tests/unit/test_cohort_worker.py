@@ -424,3 +424,21 @@ def test_a_worker_that_loses_its_driver_leaves_its_members_open(tmp_path: Path) 
     with pytest.raises(ValueError, match="a bug in the step"):
         run_worker(spec, source, lambda events: None, make_cohort=lambda s: Broken())
     assert status(source) == {"t000": "failed"} and "a bug in the step" in source.ended["t000"]["error"]
+
+
+def test_the_worker_budgets_for_the_loss_it_runs(tmp_path: Path) -> None:
+    """The driver plans with the configured loss (auto: it cannot know whether a worker has liger);
+    the worker's budget counts the one its cohort resolved, and leaves a budget alone otherwise."""
+    from trainable.cohort_worker import _Worker
+
+    budget = _budget_fitting_two_without_checkpointing()
+    assert budget.loss == "chunked"
+
+    class Resolved:
+        loss = "liger"
+
+    spec = WorkerSpec(base=BaseSpec(model_id="m", revision=None, data_dir=str(tmp_path), train=TRAIN, max_seq_len=512), method="lora", capacity=2, budget=budget)
+    worker = _Worker(spec, FakeSource([], tmp_path), Resolved(), 0.0, lambda *a: None)
+    assert worker.spec.budget.loss == "liger" and worker.spec.budget.gpu_bytes == budget.gpu_bytes
+    assert worker.spec.budget.need([{}] * 2) < budget.need([{}] * 2)
+    assert _Worker(spec, FakeSource([], tmp_path), FakeCohort(), 0.0, lambda *a: None).spec.budget is budget  # a cohort without a resolved loss

@@ -130,3 +130,29 @@ def test_a_trial_caps_its_memory_to_its_share_of_the_planned_gpu(monkeypatch: py
     assert cap_memory(0.5, 35 * GB) == pytest.approx((17.5 * GB - CONTEXT_BYTES) / device)
     assert cap_memory(1.0) is None and cap_memory(1.0, 200 * GB) is None and cap_memory(None) is None  # a whole device: no cap
     assert len(caps) == 3
+
+
+def test_the_liger_loss_counts_one_chunk_of_bf16_logits(profiles: dict) -> None:
+    """liger-kernel's fused loss keeps one chunk of at most rules.LIGER_CHUNK_TOKENS reply tokens'
+    logits in bf16 (their gradient written in place), not the chunked loss's 4096 tokens at ~12
+    bytes a value: 1 GiB at Gemma 3's vocabulary instead of 12. Measured: the 1B fp32-LoRA liger
+    row of results-seed-vs-ours-1b-h200-all.json, +23.6% over before, +0.9% now
+    (bench/estimator_error.py)."""
+    from core.estimate import cohort_estimate, loss_bytes
+    from core.rules import LIGER_CHUNK_TOKENS
+
+    p = profiles["1b"]
+    shape = TrialShape(method="lora", micro_batch=8, checkpointing=False, loss="liger", reply_fraction=0.5)
+    liger, chunked = estimate(p, shape), estimate(p, replace(shape, loss="chunked"))
+    assert liger.parts["logits"] == LIGER_CHUNK_TOKENS * 262144 * 2 == 2**30
+    assert chunked.parts["logits"] - liger.parts["logits"] > 10 * GB and liger.parts["activations"] == chunked.parts["activations"]
+    assert loss_bytes("liger", 1024, 300, 262144, 2) == 300 * 262144 * 2  # fewer reply tokens than a chunk: all of them
+    members = [shape, replace(shape, lora_r=64)]
+    assert cohort_estimate(p, members).parts["logits"] == 2**30
+    assert cohort_estimate(p, [replace(m, loss="chunked") for m in members]).parts["logits"] > 11 * GB
+    # so a cohort running liger trains in larger passes on the same GPU
+    from core.estimate import CohortBudget
+
+    fixed = {"method": "lora", "lora_r": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "batch": (2, 4), "optimizer": "auto", "gradient_checkpointing": "auto"}
+    plans = {loss: CohortBudget(profile=p, max_seq_len=1024, fixed=fixed, gpu_bytes=79 * GB, loss=loss).step_plan([{}] * 8) for loss in ("chunked", "liger")}
+    assert plans["chunked"][0] is plans["liger"][0] is False and plans["liger"][1] > plans["chunked"][1] + 4096, plans
