@@ -29,6 +29,12 @@
 # fp32), STEPS "test k8 bigpass hf qlorapass mb32":
 #   bigpass:   the 8-member cohort with passes of at most 32,768 tokens;
 #   qlorapass: the 12B QLoRA cohort of 4 without checkpointing, in passes of 4,096 and 8,192 tokens.
+# (bea51ec was reverted after that call: bench/BENCH.md.) Ready for the next session (fourteenth):
+#   call 1: STEPS "hfsmall hfmid hfcompile k8" with OLD_COMMIT bea51ec and .whl/old/ holding its
+#           trainable/{multi_lora,dropout,dropout_kernel}.py: HF's liger switch at 1-8, HF with
+#           torch_compile at 32 and 8 (issue 30 item 2), the one-node projection again, second this time;
+#   call 2 (background, collected by a third): STEPS "hfsmall hfmid sweepfair": the 8-trial sweep
+#           against HF one at a time at its best liger switch (~1000 s).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -70,7 +76,38 @@ if [[ $steps == *hfsmall* ]]; then
     mkdir -p $out/hf-mb$bs-liger$liger; OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
   done; done
 fi
-if [[ $steps == *sweep* ]]; then
+if [[ " $steps " == *" hfmid "* ]]; then
+  # the same at micro-batches 4x2 and 8x1: where liger starts to win for HF Trainer (sweepfair uses it)
+  for bs in 4 8; do for liger in 1 0; do
+    step "HF Trainer tuned, mb ${bs}x$((8 / bs)), liger $liger"
+    mkdir -p $out/hf-mb$bs-liger$liger; OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
+  done; done
+fi
+if [[ " $steps " == *" hfcompile "* ]]; then
+  # issue 30 item 2: HF Trainer tuned with torch_compile=True, beside the same without, at mb 32 and 8
+  for bs in 32 8; do for c in 1 0; do
+    step "HF Trainer tuned, mb ${bs}x$((32 / bs)), liger, torch_compile $c"
+    mkdir -p $out/hf-mb$bs-compile$c; OUT=$out/hf-mb$bs-compile$c timeout 300 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((32 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,compile=$c,steps=10" 2>&1 | grep -E "RESULT|Error" | tail -n 2
+  done; done
+fi
+if [[ " $steps " == *" sweepfair "* ]]; then
+  # the 8-trial sweep against HF Trainer one at a time at its best liger switch per micro-batch: the
+  # smallest of 1, 2, 4, 8 from which liger was faster in hfsmall/hfmid (this call's figures)
+  from=$(python3 - "$out" <<'PY'
+import json, sys
+def tps(mb, liger):
+    try:
+        return json.load(open(f"{sys.argv[1]}/hf-mb{mb}-liger{liger}/baseline.json"))[-1]["tokens_per_s"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+wins = [mb for mb in (1, 2, 4, 8) if tps(mb, 1) and tps(mb, 0) and tps(mb, 1) >= tps(mb, 0)]
+print(min(wins) if wins else 16)
+PY
+)
+  step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch $from"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf --hf-liger-from "$from" --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
+fi
+if [[ $steps == *sweep* && " $steps " != *" sweepfair "* ]]; then
   step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time, our engine one at a time"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf,serial --budget 1100 --workdir $W --out "$out/pack-1b.json" 2>&1 | quiet 30
 fi

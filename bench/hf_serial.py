@@ -9,7 +9,8 @@ get_peft_model(LoraConfig(r, alpha, the sweep's dropout, our target pattern for 
 all-linear), autocast_adapter_dtype=False) (bf16 adapters), frozen embeddings, Trainer with
 per_device_train_batch_size x gradient_accumulation_steps = the trial's batch, max_steps, its
 learning rate, the train section's schedule, warm-up, weight decay and clipping,
-adamw_torch_fused, use_liger_kernel, logging_nan_inf_filter=False, no checkpoints, no reporting,
+adamw_torch_fused, use_liger_kernel from micro-batch LIGER_FROM up (HF Trainer's best switch:
+below it liger is slower), logging_nan_inf_filter=False, no checkpoints, no reporting,
 no gradient checkpointing (retried once with it when a trial runs out of memory, as a user would).
 On a CPU (the dry run): fp32, adamw_torch, no liger (liger-kernel's kernels need CUDA).
 
@@ -91,8 +92,21 @@ class Counter:
         return sum(t for t, _ in done), sum(n for _, n in done)
 
 
+# HF Trainer tuned turns liger on from this micro-batch: at 1 and 2 (seq 1024, Gemma 3 1B) it ran 1.50x
+# and 1.46x faster without (bench/BENCH.md, issue 30, thirteenth session: liger's own chunk sizing
+# makes ~128 chunks of 8 tokens a forward at that vocabulary); at 32 liger is the faster (the issue's
+# anchor); 4 and 8 were not measured either way. The twelfth session's run had liger everywhere (1).
+LIGER_FROM = 4
+
+
+def liger_on(micro: int, liger_from: int, cuda: bool) -> bool:
+    """Whether a trial at micro-batch `micro` runs HF Trainer's use_liger_kernel (CUDA only: its
+    kernels are Triton's)."""
+    return cuda and micro >= liger_from
+
+
 def run_trial(model_path: str, data_dir: str, config: dict[str, Any], steps: int, method: str, dropout: float, log_every: int,
-              checkpointing: bool) -> dict[str, Any]:  # fmt: skip
+              checkpointing: bool, liger_from: int = LIGER_FROM) -> dict[str, Any]:  # fmt: skip
     """One configuration, start to end, as its own Trainer + PEFT run (see the module docstring)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -139,7 +153,7 @@ def run_trial(model_path: str, data_dir: str, config: dict[str, Any], steps: int
         per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps, learning_rate=config["learning_rate"],
         lr_scheduler_type=scheduler, warmup_steps=int(round(defaults["warmup_ratio"] * steps)), weight_decay=defaults["weight_decay"],
         max_grad_norm=defaults["max_grad_norm"], seed=defaults["seed"], bf16=cuda, use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch", use_liger_kernel=cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch", use_liger_kernel=liger_on(micro, liger_from, cuda),
         # named only when on: transformers 5.x renames it (activation_checkpointing) and warns at every mention
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if checkpointing else {}),
         torch_compile=False, logging_nan_inf_filter=False, logging_steps=log_every, save_strategy="no", eval_strategy="no", report_to=[],
@@ -200,7 +214,8 @@ def free_memory() -> None:
 
 
 def run_trials(model_path: str, data_dir: str, configs: list[dict[str, Any]], steps: int, seq: int, method: str = "lora", dropout: float | None = None,
-               log_every: int | None = None, deadline: float | None = None, on_trial: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+               log_every: int | None = None, deadline: float | None = None, on_trial: Callable[[list[dict]], None] | None = None,
+               liger_from: int = LIGER_FROM) -> list[dict[str, Any]]:  # fmt: skip
     """Every configuration one after the other (see the module docstring); a record per trial, with
     its config key (sweepbench.point_key) and the params compare_losses reads. No trial starts after
     `deadline` (epoch seconds): those are recorded as `not_started`. `on_trial` gets the records
@@ -216,21 +231,21 @@ def run_trials(model_path: str, data_dir: str, configs: list[dict[str, Any]], st
         if deadline is not None and time.time() >= deadline:
             records.append({**record, "status": "not_started", "error": "the mode's time budget was spent before this trial"})
         else:
-            records.append(run_one(model_path, data_dir, config, record, steps, method, dropout, log_every))
+            records.append(run_one(model_path, data_dir, config, record, steps, method, dropout, log_every, liger_from))
         if on_trial is not None:
             on_trial(records)
     return records
 
 
 def run_one(model_path: str, data_dir: str, config: dict[str, Any], record: dict[str, Any], steps: int, method: str, dropout: float,
-            log_every: int) -> dict[str, Any]:  # fmt: skip
+            log_every: int, liger_from: int = LIGER_FROM) -> dict[str, Any]:  # fmt: skip
     """`record` completed by one trial: without gradient checkpointing, then with it if that ran out of memory."""
     import torch
 
     started = time.time()
     for checkpointing in (False, True):
         try:
-            record.update(run_trial(model_path, data_dir, config, steps, method, dropout, log_every, checkpointing))
+            record.update(run_trial(model_path, data_dir, config, steps, method, dropout, log_every, checkpointing, liger_from))
             record.pop("error", None)
             break
         except torch.OutOfMemoryError as e:
@@ -256,6 +271,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=None, help="logging_steps (default: steps // 2, as bench/packing.py's sweeps log)")
     ap.add_argument("--deadline", type=float, default=None, help="epoch seconds after which no trial starts")
     ap.add_argument("--cache", default="/tmp/hf-serial-data", help="our prepared-data cache")
+    ap.add_argument("--liger-from", type=int, default=LIGER_FROM, help=f"use_liger_kernel at micro-batches >= this, off below (default {LIGER_FROM}: see LIGER_FROM; 1: everywhere)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     try:
@@ -276,7 +292,7 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2))
 
     write([])
-    run_trials(model_path, data_dir, configs, args.steps, args.seq, args.method, args.dropout, args.log_every, args.deadline, on_trial=write)
+    run_trials(model_path, data_dir, configs, args.steps, args.seq, args.method, args.dropout, args.log_every, args.deadline, on_trial=write, liger_from=args.liger_from)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ def run_hf(args: argparse.Namespace, work: Path, model: str, points: list[dict],
            "--cache", str(work / "hf-data"), "--out", str(trials_json)]  # fmt: skip
     if args.dropout is not None:
         cmd += ["--dropout", str(args.dropout)]
+    if args.hf_liger_from is not None:
+        cmd += ["--liger-from", str(args.hf_liger_from)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     codes = wait_drivers([proc], deadline=started + time_budget + HF_GRACE_S, grace=15)
@@ -344,6 +346,7 @@ def main() -> None:
                     help="a JSON list of configurations (keys as in the result's configs: lora_r, lora_alpha_ratio, target_modules, learning_rate, batch) "
                          "instead of the seeded ones; e.g. one configuration at several micro-batch splits, run alone, for the run-to-run noise floor")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="train.compile: true in every mode (the workers compile around their adapters)")
+    ap.add_argument("--hf-liger-from", type=int, default=None, help="mode hf: HF Trainer's use_liger_kernel from this micro-batch up (default: bench/hf_serial.py's LIGER_FROM; 1: everywhere)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="train.lora_dropout in every mode (default: the train section's 0.05). 0 compares compiled with eager step for step: "
                          "compiled layers draw dropout masks from inductor's RNG, so with dropout the two are different random draws")  # fmt: skip

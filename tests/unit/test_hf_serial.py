@@ -72,8 +72,9 @@ def test_a_trial_out_of_memory_is_retried_once_with_checkpointing_and_an_error_i
 
     calls: list[bool] = []
 
-    def fake(model_path, data_dir, config, steps, method, dropout, log_every, checkpointing):  # noqa: ANN001, ANN202
+    def fake(model_path, data_dir, config, steps, method, dropout, log_every, checkpointing, liger_from):  # noqa: ANN001, ANN202
         calls.append(checkpointing)
+        assert liger_from == 2  # run_trials' setting reaches every trial
         if config["lora_r"] == 8:
             raise ValueError("broken")
         if not checkpointing:
@@ -82,7 +83,16 @@ def test_a_trial_out_of_memory_is_retried_once_with_checkpointing_and_an_error_i
 
     monkeypatch.setattr(hf_serial, "run_trial", fake)
     monkeypatch.setattr(hf_serial, "free_memory", lambda: None)
-    records = hf_serial.run_trials("m", "d", CONFIGS, steps=2, seq=128)
+    records = hf_serial.run_trials("m", "d", CONFIGS, steps=2, seq=128, liger_from=2)
     assert calls == [False, True, False]  # the second configuration's error is not retried
     assert records[0]["status"] == "completed" and records[0]["gradient_checkpointing"] and "error" not in records[0]
     assert records[1]["status"] == "error" and "broken" in records[1]["error"] and records[1]["end"] >= records[1]["start"]
+
+
+def test_liger_runs_from_its_micro_batch_up_and_only_on_cuda() -> None:
+    """HF Trainer tuned at its own best switch: liger off below LIGER_FROM (slower there, measured),
+    on from it; never without CUDA."""
+    from hf_serial import LIGER_FROM, liger_on
+
+    assert [liger_on(m, LIGER_FROM, True) for m in (1, 2, 4, 8, 32)] == [False, False, True, True, True]
+    assert all(liger_on(m, 1, True) for m in (1, 2)) and not liger_on(32, 1, False)
