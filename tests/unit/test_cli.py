@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -210,3 +211,10 @@ def test_a_cached_model_is_checked_in_full_without_the_hub(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert "deferred" not in result.stdout and result.stdout.rstrip().endswith("space.yaml is valid")
     assert time.monotonic() - started < 30
+    # and a run trains it: its workers load from the cache too, told so (HF_HUB_OFFLINE), not
+    # through the hub client's retries (~23 s a file: from_pretrained took 48 s before)
+    run = sweep("run", str(space), "tracking.results_dir=out", "search.num_trials=1", cwd=tmp_path, env=hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}"))
+    assert run.returncode == 0, run.stderr
+    assert "model acme/tiny: the workers load it from the HF cache (HF_HUB_OFFLINE=1: http://127.0.0.1:" in run.stdout
+    (loaded,) = re.findall(r"from_pretrained ([0-9.]+)s", run.stdout)
+    assert float(loaded) < 20 and "1 completed" in run.stdout, run.stdout
