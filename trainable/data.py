@@ -39,6 +39,15 @@ class DataError(Exception):
         super().__init__("data: " + str(len(problems)) + " problem(s)\n" + "\n".join(f"  - {p}" for p in shown) + more)
 
 
+class HubDataUnreachable(DataError):
+    """A hub dataset that cannot be read here: the hub is unreachable (the run went offline:
+    sweep.engine.sweep.work_offline) and the dataset is not in the HF cache."""
+
+    def __init__(self, source: str, split: str, reason: str):
+        self.source, self.split, self.reason = source, split, reason
+        super().__init__([f"{source}: cannot load split {split!r}: the hub is unreachable and it is not in the HF cache ({reason})"])
+
+
 # ----------------------------------------------------------------------------------------------
 # reading rows
 
@@ -52,9 +61,13 @@ def read_rows(source: str, split: str) -> list[tuple[str, Any]]:
     if not is_local(source):
         import datasets
 
+        from huggingface_hub import constants
+
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as exc:  # the hub / datasets error text is the useful part
+            if constants.HF_HUB_OFFLINE:  # from the cache only, and it is not there
+                raise HubDataUnreachable(source, split, (str(exc).splitlines() or [type(exc).__name__])[0][:300]) from None
             raise DataError([f"{source}: cannot load split {split!r} from the hub: {exc}"]) from None
         return [(f"{source}[{split}] row {i}", row) for i, row in enumerate(ds)]
     path = Path(source)

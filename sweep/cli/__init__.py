@@ -406,8 +406,9 @@ def _command(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"# {note}")
         for d in deferred:
-            print(f"# deferred: the {', '.join(d['checks'])} checks of {d['model']} ({d['reason']}); {d['todo']}")
-        print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid" + (" (the space alone: checks deferred, above)" if deferred else ""))
+            print(f"# deferred: the {', '.join(d['checks'])} checks of {d.get('model') or d.get('dataset')} ({d['reason']}); {d['todo']}")
+        which = "" if not deferred else " (the space alone: checks deferred, above)" if any("model" in d for d in deferred) else " (the data check deferred, above)"
+        print(f"# {cfg.num_trials} trials of {cfg.train.max_steps} steps; {cfg.source} is valid{which}")
         return 0
 
     if args.command == "estimate":

@@ -154,6 +154,32 @@ def test_validate_without_the_hub_checks_the_space_alone_and_says_what_was_defer
     assert result.returncode == 2 and "search.num_trials" in result.stderr and result.stdout == ""
 
 
+def test_a_hub_dataset_without_the_hub_defers_the_data_check_and_stops_the_run(tmp_path: Path) -> None:
+    """data.train a hub dataset, the hub unreachable (refused at once), the dataset not cached: the
+    one quick look at the hub covers datasets too; validate checks everything else (the tiny model's
+    tokenizer and targets), defers the data check and exits 0; run exits 2 naming the dataset. No
+    wait through the hub client's retries (five, ~28 s, before)."""
+    space = write_space(tmp_path, MINIMAL.replace("train: DEMO/train.jsonl, eval: DEMO/eval.jsonl", "train: acme/chat"))
+    env = hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}")
+    started = time.monotonic()
+    result = sweep("validate", str(space), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("# deferred:")]
+    assert line.startswith("# deferred: the data checks of acme/chat (http://127.0.0.1:") and "and not in the HF cache" in line
+    assert "with the dataset in the HF cache (HF_HOME) and HF_HUB_OFFLINE=1, or point data.train / data.eval at local files" in line
+    assert result.stdout.rstrip().endswith("is valid (the data check deferred, above)")
+    (deferred,) = json.loads(sweep("validate", "--json", str(space), cwd=tmp_path, env=env).stdout)["deferred"]
+    assert deferred["checks"] == ["data"] and deferred["dataset"] == "acme/chat" and "model" not in deferred
+    run = sweep("run", str(space), "tracking.results_dir=out", cwd=tmp_path, env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "data: cannot load the hub dataset acme/chat: http://127.0.0.1:" in run.stderr and "and not in the HF cache" in run.stderr
+    assert time.monotonic() - started < 60  # three commands
+    # a bad model beside it is still found: the model's checks ran
+    broken = write_space(tmp_path, MINIMAL.replace("train: DEMO/train.jsonl, eval: DEMO/eval.jsonl", "train: acme/chat").replace("tiny-gemma3", "./no-such-model"))
+    result = sweep("validate", str(broken), cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "model.id: './no-such-model' not found" in result.stderr
+
+
 def test_local_models_that_are_missing_or_broken_are_invalid_without_the_hub_too(tmp_path: Path) -> None:
     env = hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}", offline=True)
     (tmp_path / "empty-model").mkdir()
@@ -215,6 +241,6 @@ def test_a_cached_model_is_checked_in_full_without_the_hub(tmp_path: Path) -> No
     # through the hub client's retries (~23 s a file: from_pretrained took 48 s before)
     run = sweep("run", str(space), "tracking.results_dir=out", "search.num_trials=1", cwd=tmp_path, env=hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}"))
     assert run.returncode == 0, run.stderr
-    assert "model acme/tiny: the workers load it from the HF cache (HF_HUB_OFFLINE=1: http://127.0.0.1:" in run.stdout
+    assert "hub unreachable (http://127.0.0.1:" in run.stdout and "this run and its workers read the hub's files from the HF cache only (HF_HUB_OFFLINE=1)" in run.stdout
     (loaded,) = re.findall(r"from_pretrained ([0-9.]+)s", run.stdout)
     assert float(loaded) < 20 and "1 completed" in run.stdout, run.stdout
