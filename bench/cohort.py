@@ -135,7 +135,8 @@ class Bench:
         if job.get("compile"):
             base = base.model_copy(update={"compile": True})
         started = time.perf_counter()
-        self.cohort = Cohort(job["model_dir"], job["data_dir"], base, max_seq_len=SEQ)
+        fold = {"fold_tokens": job["fold_tokens"]} if job.get("fold_tokens") is not None else {}  # default: core.rules.COHORT_FOLD_TOKENS
+        self.cohort = Cohort(job["model_dir"], job["data_dir"], base, max_seq_len=SEQ, **fold)
         self.load_seconds = time.perf_counter() - started
         self.base_bytes = torch.cuda.memory_allocated() if self.cuda else 0
 
@@ -213,7 +214,7 @@ def size_job(job: dict) -> None:
     bench = Bench(job)
     out, size, method, deadline = Path(job["out"]), job["size"], job["method"], job["deadline"]
     common = {"size": size, "loss": bench.cohort.base_train.loss, "lora_dtype": bench.cohort.base_train.lora_dtype, "compiled_layers": bench.cohort.compiled_layers,
-              "pass_tokens": job.get("pass_tokens"),
+              "pass_tokens": job.get("pass_tokens"), "fold_tokens": job.get("fold_tokens"),
               "base_load_seconds": round(bench.load_seconds, 1), "base_vram_gb": bench.base_bytes / 2**30 if bench.cuda else None}  # fmt: skip
     for k, dropout, checkpointing in job["rows"]:
         if time.time() > deadline:
@@ -348,6 +349,8 @@ def main() -> None:
     ap.add_argument("--no-serial", action="store_true", help="the cohort rows only (no one-at-a-time rows, no compare rows)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed micro-steps before the timed ones (default: the size's; more with --compile: the passes' shapes compile)")
     ap.add_argument("--compile", action="store_true", help="compiled decoder layers (train.compile: true) in every row")
+    ap.add_argument("--fold-tokens", type=int, default=None, help="most tokens of a member's micro-batches one forward folds together "
+                    "(default: core.rules.COHORT_FOLD_TOKENS; 0: one micro-batch per forward): with --pass-tokens, forwards small enough to skip checkpointing")
     ap.add_argument("--pass-tokens", type=int, default=None, help="split each cohort micro-step into forward passes of at most this many tokens "
                     "(a sweep's worker decides it from memory: core.estimate.CohortBudget.step_plan); checkpointing auto then decides over one pass")
     ap.add_argument("--profile", action="store_true", help="each cohort row also runs its timed micro-steps again under torch.profiler")
@@ -384,7 +387,7 @@ def main() -> None:
             plan["members"] = packing_members("tiny" if args.dry_run else size, max(k for k, _, _ in plan["rows"]))
         data_dir, _ = prepare_data(folder, work / "data")
         job = {"size": size, "method": ARCH[size]["method"], "model_dir": str(folder), "data_dir": data_dir, "out": str(out), "deadline": time.time() + budget,
-               "rows": plan["rows"], "members": plan["members"], "warmup": plan["warmup"], "timed": plan["timed"], "serial": not args.no_serial, "profile": args.profile, "compile": args.compile, "pass_tokens": args.pass_tokens}  # fmt: skip
+               "rows": plan["rows"], "members": plan["members"], "warmup": plan["warmup"], "timed": plan["timed"], "serial": not args.no_serial, "profile": args.profile, "compile": args.compile, "pass_tokens": args.pass_tokens, "fold_tokens": args.fold_tokens}  # fmt: skip
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", json.dumps(job)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
         print(proc.stdout, end="", flush=True)

@@ -33,8 +33,9 @@
 #   call 1: STEPS "hfsmall hfmid hfcompile k8" with OLD_COMMIT bea51ec and .whl/old/ holding its
 #           trainable/{multi_lora,dropout,dropout_kernel}.py: HF's liger switch at 1-8, HF with
 #           torch_compile at 32 and 8 (issue 30 item 2), the one-node projection again, second this time;
-#   call 2 (background, collected by a third): STEPS "hfsmall hfmid sweepfair": the 8-trial sweep
-#           against HF one at a time at its best liger switch (~1000 s).
+#   call 2 (background, collected by a third): STEPS "hfsmall hfmid sweepfair qlorafold": the 8-trial
+#           sweep against HF one at a time at its best liger switch (~1000 s), then the 12B QLoRA
+#           cohort of 4 without checkpointing in 4,096-token forwards (carry bitsandbytes: .whlq/).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -125,5 +126,11 @@ if [[ " $steps " == *" qlorapass "* ]]; then
     step "12B QLoRA cohort of 4 without checkpointing, passes <= $pass tokens"
     LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --pass-tokens $pass --members packing --no-serial --compile --profile --budget 300 --workdir $W --out "$out/cohort-12b-k4-pass$pass.json" 2>&1 | quiet 8
   done
+fi
+if [[ " $steps " == *" qlorafold "* ]]; then
+  # a member's micro-batches folded into forwards of at most 4,096 tokens, so that passes of 4,096
+  # tokens fit an 80 GB card without checkpointing (8,192 did not: out of memory, thirteenth session)
+  step "12B QLoRA cohort of 4 without checkpointing, forwards and passes <= 4096 tokens"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --fold-tokens 4096 --pass-tokens 4096 --members packing --no-serial --compile --profile --budget 360 --workdir $W --out "$out/cohort-12b-k4-fold4096.json" 2>&1 | quiet 8
 fi
 step "done"
