@@ -70,7 +70,10 @@ def keep_mask(rows: int, width: int, features: int, p: float, seed: int, max_len
 
 def dropped(rows2: torch.Tensor, rows: int, width: int, p: float, seed: int, max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """rows2 ([rows * width, features], contiguous) with the dropped elements zeroed (not rescaled),
-    into `out` (may be rows2 itself) or a new tensor."""
+    into `out` (contiguous, rows2's shape and dtype; may be rows2 itself) or a new tensor."""
+    if out is not None and (out.shape != rows2.shape or out.dtype != rows2.dtype or not out.is_contiguous()):
+        # the CUDA kernel writes `out` as one dense block: a strided view would be written wrong
+        raise ValueError(f"dropped(out=...): {tuple(out.shape)} {out.dtype} (contiguous: {out.is_contiguous()}) for rows {tuple(rows2.shape)} {rows2.dtype}")
     if rows2.is_cuda:
         return _dropped_cuda(rows2, rows, width, p, seed, max_len, out)
     keep = keep_mask(rows, width, rows2.shape[1], p, seed, max_len, rows2.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainable.dropout import dropped, keep_mask
@@ -37,3 +38,13 @@ def test_dropped_zeroes_the_dropped_elements_in_place_or_not() -> None:
     assert torch.equal(dropped(x, 2, 6, 0.4, 5, 6), torch.where(keep, x, 0))
     y = x.clone()
     assert dropped(y, 2, 6, 0.4, 5, 6, out=y) is y and torch.equal(y, torch.where(keep, x, 0))
+
+
+def test_dropped_refuses_an_out_it_would_write_wrong() -> None:
+    """The CUDA kernel writes `out` as one dense block: a strided view or another shape is refused
+    on every device, by the same words."""
+    x = torch.randn(2 * 6, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dropped\(out=...\): \(12, 10\) torch.float64 \(contiguous: False\)"):
+        dropped(x, 2, 6, 0.4, 5, 6, out=torch.zeros(10, 12, dtype=torch.float64).t())
+    with pytest.raises(ValueError, match=r"\(12, 9\)"):
+        dropped(x, 2, 6, 0.4, 5, 6, out=torch.zeros(12, 9, dtype=torch.float64))
