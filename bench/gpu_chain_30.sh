@@ -29,7 +29,12 @@
 # fp32), STEPS "test k8 bigpass hf qlorapass mb32":
 #   bigpass:   the 8-member cohort with passes of at most 32,768 tokens;
 #   qlorapass: the 12B QLoRA cohort of 4 without checkpointing, in passes of 4,096 and 8,192 tokens.
-# (bea51ec was reverted after that call: bench/BENCH.md.) Ready for the next session (fourteenth):
+# (bea51ec was reverted after that call: bench/BENCH.md.) The carried wheels for a call that needs
+# bitsandbytes (the 64 MiB carry limit: everything staged but ray, plus the bitsandbytes wheel),
+# made here once per session and carried as .whlq (link it as .whl on the host):
+#   mkdir -p .whlq/old/trainable && for f in .whl/*.whl; do case $f in *ray-*) ;; *) ln -f $f .whlq/;; esac; done
+#   cp .whlbnb/*.whl .whl/on-gpu .whl/hf_trainer_tuned.py .whlq/; echo /.whlq/ >> .git/info/exclude
+# Ready for the next session (fourteenth):
 #   call 1: STEPS "hfsmall hfmid hfcompile k8" with OLD_COMMIT bea51ec and .whl/old/ holding its
 #           trainable/{multi_lora,dropout,dropout_kernel}.py: HF's liger switch at 1-8, HF with
 #           torch_compile at 32 and 8 (issue 30 item 2), the one-node projection again, second this time;
