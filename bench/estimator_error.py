@@ -141,14 +141,25 @@ def cohort_alone() -> list[dict]:
     return out
 
 
+def member_shape(m: dict, method: str, dropout: float, ckpt: bool, loss: str, rows: int) -> Any:
+    """A cohort row's member (bench/cohort.py's `members` entry) as the estimator sees it, with
+    `rows` sequences in its forward."""
+    from core.estimate import TrialShape
+    from core.rules import target_names
+
+    targets = tuple(target_names(tuple(m["targets"]) if isinstance(m["targets"], list) else m["targets"]))
+    return TrialShape(method=method, lora_r=m["rank"], targets=targets, lora_dropout=dropout, embeddings="frozen",
+                      optimizer="paged_adamw_8bit" if method == "qlora" else "adamw", micro_batch=rows, seq_len=SEQ,
+                      checkpointing=ckpt, loss=loss, reply_fraction=DEMO_REPLY_FRACTION)  # fmt: skip
+
+
 def cohorts(profs: dict) -> list[dict]:
     """Cohort rows (bench/results-cohort-*-h200.json, the current cohort step) against
     core.estimate.cohort_estimate, where core.estimate has it (a formula added on 2026-11-30)."""
     try:
-        from core.estimate import TrialShape, cohort_estimate
+        from core.estimate import cohort_estimate
     except ImportError:
         return []
-    from core.rules import target_names
 
     out = []
     for size in ("1b", "12b"):
@@ -159,10 +170,7 @@ def cohorts(profs: dict) -> list[dict]:
             if r.get("run") != "cohort" or r.get("trial_status") not in ("completed", "error") or not r.get("peak_vram_gb") or r["k"] not in by_k:
                 continue
             ckpt = bool(r["gradient_checkpointing"])
-            members = [TrialShape(method=method, lora_r=m["rank"], targets=tuple(target_names(tuple(m["targets"]) if isinstance(m["targets"], list) else m["targets"])),
-                                  lora_dropout=r["dropout"], embeddings="frozen", optimizer="paged_adamw_8bit" if method == "qlora" else "adamw",
-                                  micro_batch=m["micro_batch"], seq_len=SEQ, checkpointing=ckpt, loss="chunked", reply_fraction=DEMO_REPLY_FRACTION)
-                       for m in r.get("members") or by_k[r["k"]]]  # fmt: skip
+            members = [member_shape(m, method, r["dropout"], ckpt, "chunked", m["micro_batch"]) for m in r.get("members") or by_k[r["k"]]]
             est = cohort_estimate(profs[size], members, checkpointing=ckpt)
             name = f"{size} cohort K={r['k']} dropout {r['dropout']} ckpt {'on' if ckpt else 'off'}"
             row = {"source": f"results-cohort-{size}-h200.json", "name": name, "size": size, "measured_gb": r["peak_vram_gb"], "estimate_gb": est.gb,
@@ -179,8 +187,8 @@ def cohorts_h100(profs: dict) -> list[dict]:
     LoRA, the liger loss, in passes of at most `pass_tokens` tokens without checkpointing, or one
     checkpointed pass) against cohort_estimate with only one pass's activations alive, as
     core.estimate.CohortBudget counts passes when it picks their size."""
-    from core.estimate import TrialShape, cohort_estimate
-    from core.rules import cohort_fold, target_names
+    from core.estimate import cohort_estimate
+    from core.rules import cohort_fold
 
     out = []
     for path in sorted((ROOT / "bench").glob("results-30-cohort-*-h100.json")):
@@ -189,10 +197,7 @@ def cohorts_h100(profs: dict) -> list[dict]:
                 continue
             size, ckpt, passes = r["size"], bool(r["gradient_checkpointing"]), r.get("pass_tokens")
             method = "qlora" if size == "12b" else "lora"
-            members = [TrialShape(method=method, lora_r=m["rank"], targets=tuple(target_names(tuple(m["targets"]) if isinstance(m["targets"], list) else m["targets"])),
-                                  lora_dropout=r["dropout"], embeddings="frozen", optimizer="paged_adamw_8bit" if method == "qlora" else "adamw",
-                                  micro_batch=m["micro_batch"] * cohort_fold(m["micro_batch"], m["grad_accum"], SEQ), seq_len=SEQ, checkpointing=ckpt,
-                                  loss=r.get("loss", "chunked"), reply_fraction=DEMO_REPLY_FRACTION)
+            members = [member_shape(m, method, r["dropout"], ckpt, r.get("loss", "chunked"), m["micro_batch"] * cohort_fold(m["micro_batch"], m["grad_accum"], SEQ))
                        for m in r["members"]]  # fmt: skip
             est = cohort_estimate(profs[size], members, checkpointing=ckpt)
             tokens = sum(m.micro_batch * m.seq_len for m in members)

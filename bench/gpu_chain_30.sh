@@ -75,19 +75,17 @@ if [[ " $steps " == *" hf "* ]]; then
   step "HF Trainer tuned, mb 32x1"
   OUT=$out timeout 200 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=32,ga=1,gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=1,abf16=1,steps=10" 2>&1 | grep RESULT
 fi
-if [[ $steps == *hfsmall* ]]; then
-  # HF Trainer's best switch at micro-batches 1-2 (the sweep's 1x8 and 2x4 trials): liger on or off
-  for bs in 1 2; do for liger in 1 0; do
+hf_liger() {  # HF Trainer tuned at 8 sequences a step, at micro-batches "$@", liger on and off
+  for bs in "$@"; do for liger in 1 0; do
     step "HF Trainer tuned, mb ${bs}x$((8 / bs)), liger $liger"
     mkdir -p $out/hf-mb$bs-liger$liger; OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
   done; done
+}
+if [[ $steps == *hfsmall* ]]; then
+  hf_liger 1 2  # HF Trainer's best switch at micro-batches 1-2 (the sweep's 1x8 and 2x4 trials)
 fi
 if [[ " $steps " == *" hfmid "* ]]; then
-  # the same at micro-batches 4x2 and 8x1: where liger starts to win for HF Trainer (sweepfair uses it)
-  for bs in 4 8; do for liger in 1 0; do
-    step "HF Trainer tuned, mb ${bs}x$((8 / bs)), liger $liger"
-    mkdir -p $out/hf-mb$bs-liger$liger; OUT=$out/hf-mb$bs-liger$liger timeout 240 python3 .whl/hf_trainer_tuned.py "1b-lora:bs=$bs,ga=$((8 / bs)),gc=0,attn=sdpa,optim=adamw_torch_fused,emb=0,liger=$liger,abf16=1,steps=10" 2>&1 | grep RESULT
-  done; done
+  hf_liger 4 8  # the same at 4x2 and 8x1: where liger starts to win for HF Trainer (sweepfair uses it)
 fi
 if [[ " $steps " == *" hfcompile "* ]]; then
   # issue 30 item 2: HF Trainer tuned with torch_compile=True, beside the same without, at mb 32 and 8

@@ -78,7 +78,7 @@ def work_offline() -> bool:
     """From here on, read the hub's files from the HF cache only: in this process (the hub client's
     and datasets' switches, read when they were imported) and in the workers it starts (a local
     Ray inherits the environment). Without it every from_pretrained and load_dataset waits through
-    the hub client's retries first (a worker's from_pretrained: 48 s instead of 1 s, measured).
+    the hub client's retries first (a worker's from_pretrained: 48 s instead of 2 s, bench/BENCH.md).
     Returns whether it changed anything."""
     import sys
 
@@ -112,17 +112,17 @@ class HubUnreachable(ConfigError):
     CHECKS = ("tokenizer", "target_modules", "data")
     TODO = ("run it where huggingface.co (or your HF_ENDPOINT) is reachable, or with the model in the HF cache "
             "(HF_HOME) and HF_HUB_OFFLINE=1, or point model.id at a local copy")  # fmt: skip
+    DATASET_TODO = ("run it where huggingface.co (or your HF_ENDPOINT) is reachable, or with the dataset in the HF cache "
+                    "(HF_HOME) and HF_HUB_OFFLINE=1, or point data.train / data.eval at local files")  # fmt: skip
 
     def __init__(self, source: str, model_id: str, reason: str, kind: str = "model"):
         self.model_id, self.reason, self.kind = model_id, reason, kind
         if kind == "dataset":  # a hub dataset (data.train / data.eval): only the data check waits for it
-            self.checks = ("data",)
-            todo = self.TODO.replace("with the model in the HF cache", "with the dataset in the HF cache").replace("point model.id at a local copy", "point data.train / data.eval at local files")
-            super().__init__(source, [f"data: cannot load the hub dataset {model_id}: {reason}; {todo}"])
-            self.todo = todo
+            self.checks, self.todo = ("data",), self.DATASET_TODO
+            super().__init__(source, [f"data: cannot load the hub dataset {model_id}: {reason}; {self.todo}"])
         else:
             self.checks, self.todo = self.CHECKS, self.TODO
-            super().__init__(source, [f"model: cannot load the tokenizer of {model_id}: {reason}; {self.TODO}"])
+            super().__init__(source, [f"model: cannot load the tokenizer of {model_id}: {reason}; {self.todo}"])
 
     def deferred(self) -> dict[str, Any]:
         """What `validate` could not check, why, and what to do (its --json `deferred` entry: the
@@ -270,10 +270,8 @@ def connect_ray(address: str | None, log: Log) -> bool:
             raise ConfigError(address, [f"--address {address}: no Ray cluster answers there ({str(exc).splitlines()[0][:200]}); give the head's "
                                         "GCS address (`ray start --head` prints it, port 6379 by default), or leave --address out for a local Ray"]) from None  # fmt: skip
     else:
-        if not loopback_by_env:  # Ray was imported before (a caller of this function, not the CLI): the switch as Ray read it
-            from ray._private import ray_constants
-
-            ray_constants.ENABLE_RAY_CLUSTER = False
+        if not loopback_by_env:  # Ray was imported before (a caller of this function, not the CLI): it read its switch then
+            log("ray: imported before the sweep started it: the local instance listens where Ray decides (the CLI keeps it on loopback)")
         try:
             with SignalsSeen() as seen:
                 ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)

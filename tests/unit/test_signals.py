@@ -218,7 +218,6 @@ def test_a_sigterm_that_ray_init_swallows_still_ends_the_command(handlers: None,
     """ray.init raises SIGTERM's exception from its own handler (SystemExit), and a part of it may
     catch it: the sweep then went on with a half-started Ray, whose first worker died (exit 1)."""
     import ray
-    from ray._private import ray_constants
 
     from sweep.engine import sweep as engine
 
@@ -234,7 +233,6 @@ def test_a_sigterm_that_ray_init_swallows_still_ends_the_command(handlers: None,
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(Terminated):
         engine.connect_ray(None, lambda line: None)
