@@ -43,6 +43,35 @@ pullable() { have "$1" || timeout 120 "$docker" pull -q "$1" >/dev/null 2>&1; }
 sha() { cat "$@" | sha256sum | cut -c1-12; }
 human() { "$docker" image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}'; }
 
+# ---- room on the engine's disk ----------------------------------------------------------------
+# With the vfs storage driver (the one that runs anywhere, CI's) every layer is a full copy of the
+# image below it: rebuilding the GPU image after a code change took ~21 GB more at its peak (the
+# new layer, and BuildKit's snapshot of it) on top of what the images hold. A build that runs out
+# of room leaves the disk full for everything else on the machine, so check first, and drop what
+# earlier builds left: our images no tag names any more (one a container used when its tag moved).
+vfs=0
+[ "$("$docker" info -f '{{.Driver}}' 2>/dev/null)" = vfs ] && vfs=1
+for title in "lora-sweep (CPU)" "lora-sweep (GPU)"; do
+  "$docker" image prune -f --filter "label=org.opencontainers.image.title=$title" >/dev/null 2>&1 || true
+done
+need_gb=${LORA_SWEEP_DOCKER_NEED_GB:-$(( vfs ? 25 : 8 ))}
+root_dir="$("$docker" info -f '{{.DockerRootDir}}' 2>/dev/null || true)"
+free_gb="$(df -P -BG "$root_dir" 2>/dev/null | awk 'NR == 2 {sub("G", "", $4); print $4}' || true)"
+if [ -n "$free_gb" ] && [ "$free_gb" -lt "$need_gb" ]; then
+  echo "build.sh: $free_gb GB free on $root_dir (Docker's data), a build here needs about $need_gb GB" \
+       "(the vfs driver copies the whole image for every layer). Free some: docker builder prune -af," \
+       "docker image prune, docker container prune; or set LORA_SWEEP_DOCKER_NEED_GB to build anyway." >&2
+  exit 1
+fi
+# A build that fails keeps its steps' snapshots: drop the cache no step of this run touched, as a
+# build that succeeds does (below).
+prune_stale_cache() {
+  if [ "$vfs" = 1 ]; then
+    "$docker" builder prune -af --filter "until=$(( $(date +%s) - start ))s" >/dev/null 2>&1 || true
+  fi
+}
+trap 'status=$?; [ $status = 0 ] || prune_stale_cache' EXIT
+
 # ---- the base -------------------------------------------------------------------------------
 if [ -z "${BASE_IMAGE:-}" ]; then
   if pullable "$official_base"; then BASE_IMAGE="$official_base"; else
@@ -137,8 +166,6 @@ done
 # to that step: the cache of the builds before a code change (two 6 GB copies for the GPU image)
 # is what filled the disk, not the images. Keep what this run built or reused (the next build of
 # the same locks starts from it) and drop the cache no step of this run touched.
-if [ "$("$docker" info -f '{{.Driver}}' 2>/dev/null)" = vfs ]; then
-  "$docker" builder prune -af --filter "until=$(( $(date +%s) - start ))s" >/dev/null 2>&1 || true
-fi
+prune_stale_cache
 echo "BASE_IMAGE=$BASE_IMAGE"
 [ -z "${POSTGRES_IMAGE:-}" ] || echo "POSTGRES_IMAGE=$POSTGRES_IMAGE"

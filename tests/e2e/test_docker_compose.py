@@ -90,6 +90,34 @@ def docker_or_skip() -> tuple[list[str], list[str]]:
     return [docker], compose
 
 
+PROJECT_PREFIX = "lora-sweep-e2e-"
+
+
+def remove_stale_projects(docker: list[str]) -> list[str]:
+    """Remove the containers, volumes and networks of earlier runs of this test whose pytest is gone
+    (killed before its `down -v`): with the vfs storage driver a stopped container pins its image, a
+    full copy of it, and such leftovers filled CI's disk once. Returns the projects removed."""
+    def listed(kind: list[str], field: str) -> list[tuple[str, str]]:
+        out = run(*docker, *kind, "--filter", "label=com.docker.compose.project",
+                  "--format", f'{{{{.{field}}}}} {{{{.Label "com.docker.compose.project"}}}}', check=False).stdout
+        return [tuple(line.split(" ", 1)) for line in out.splitlines() if " " in line]  # type: ignore[misc]
+
+    def stale(project: str) -> bool:
+        pid = project.removeprefix(PROJECT_PREFIX)
+        return project.startswith(PROJECT_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists()
+
+    containers = [(c, p) for c, p in listed(["ps", "-a"], "ID") if stale(p)]
+    volumes = [(v, p) for v, p in listed(["volume", "ls"], "Name") if stale(p)]
+    networks = [(n, p) for n, p in listed(["network", "ls"], "Name") if stale(p)]
+    if containers:
+        run(*docker, "rm", "-f", "-v", *[c for c, _ in containers], check=False)
+    if volumes:
+        run(*docker, "volume", "rm", "-f", *[v for v, _ in volumes], check=False)
+    if networks:
+        run(*docker, "network", "rm", *[n for n, _ in networks], check=False)
+    return sorted({p for _, p in containers + volumes + networks})
+
+
 def engine_nofile(docker: list[str]) -> int:
     """The open-files hard limit containers may get: that of dockerd (here, the test's own)."""
     pid = subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True).stdout.strip()
@@ -139,6 +167,9 @@ def ray_job(address: str, token: str, submission: str, what: str = "") -> dict:
 def test_compose_stack_runs_a_sweep_through_worker_kill_mlflow_restart_and_down_up(tmp_path: Path) -> None:
     docker, compose_cmd = docker_or_skip()
     t_start = time.monotonic()
+    stale = remove_stale_projects(docker)
+    if stale:
+        step(f"removed what earlier, killed runs of this test left: {', '.join(stale)}")
 
     # ---- 1. build ---------------------------------------------------------------------------
     # the GPU image too (it cannot run here, but it must build; LORA_SWEEP_DOCKER_GPU=0 skips it)
@@ -151,7 +182,7 @@ def test_compose_stack_runs_a_sweep_through_worker_kill_mlflow_restart_and_down_
     assert images.keys() == {"BASE_IMAGE", "POSTGRES_IMAGE"}, built.stdout
 
     # ---- 2. the stack on loopback -----------------------------------------------------------
-    project = f"lora-sweep-e2e-{os.getpid()}"
+    project = f"{PROJECT_PREFIX}{os.getpid()}"
     pg_port, mlflow_port, ray_port = free_port(), free_port(), free_port()
     secrets_ = {k: secrets.token_hex(16) for k in ("POSTGRES_PASSWORD", "SWEEP_DB_PASSWORD", "RAY_AUTH_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY")}
     env_file = tmp_path / "compose.env"
