@@ -244,3 +244,46 @@ def test_a_cached_model_is_checked_in_full_without_the_hub(tmp_path: Path) -> No
     assert "hub unreachable (http://127.0.0.1:" in run.stdout and "this run and its workers read the hub's files from the HF cache only (HF_HUB_OFFLINE=1)" in run.stdout
     (loaded,) = re.findall(r"from_pretrained ([0-9.]+)s", run.stdout)
     assert float(loaded) < 20 and "1 completed" in run.stdout, run.stdout
+
+
+def cache_hub_dataset(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Put a hub dataset into the HF datasets cache as an earlier online `load_dataset(repo_id)`
+    leaves it (HF_HOME/datasets/<namespace>___<name>/default/0.0.0/<hash>/<name>-<split>.arrow and
+    its dataset_info.json), built here from local json lines: no hub is reachable in tests."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    namespace, name = repo_id.split("/")
+    cache = hf_home / "datasets"
+    builder = Json(cache_dir=str(cache), dataset_name=f"{namespace}___{name}", data_files={s: str(p) for s, p in files.items()}, hash="0" * 16)
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)  # .../<namespace>___<name>/default-<data files' hash>/0.0.0/<hash>
+    final = cache / f"{namespace}___{name}" / "default" / built.parent.name / built.name
+    final.parent.mkdir(parents=True)
+    built.rename(final)
+    for split in files:  # a hub load names the files after the dataset, not namespace___name
+        (final / f"{namespace}___{name}-{split}.arrow").rename(final / f"{name}-{split}.arrow")
+    shutil.rmtree(built.parent.parent)
+    assert datasets.__version__ and final.is_dir()
+    return final
+
+
+def test_a_cached_hub_dataset_is_checked_in_full_and_trains_without_the_hub(tmp_path: Path) -> None:
+    """data.train / data.eval hub datasets, the hub unreachable, both splits in the HF cache: the
+    data check runs on the cached rows (not deferred) and a run trains on them."""
+    from tests.conftest import DEMO_DATA
+
+    cache_hub_dataset(tmp_path / "hf", "acme/chat", {"train": DEMO_DATA / "train.jsonl", "eval": DEMO_DATA / "eval.jsonl"})
+    rows = {s: sum(1 for line in (DEMO_DATA / f"{s}.jsonl").read_text().splitlines() if line.strip()) for s in ("train", "eval")}
+    space = write_space(tmp_path, MINIMAL.replace("train: DEMO/train.jsonl, eval: DEMO/eval.jsonl", "train: acme/chat, eval: acme/chat, eval_split: eval"))
+    env = hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}")
+    started = time.monotonic()
+    result = sweep("validate", str(space), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "deferred" not in result.stdout and result.stdout.rstrip().endswith("space.yaml is valid"), result.stdout
+    assert time.monotonic() - started < 30
+    run = sweep("run", str(space), "tracking.results_dir=out", "search.num_trials=1", cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "this run and its workers read the hub's files from the HF cache only (HF_HUB_OFFLINE=1)" in run.stdout
+    assert f"tokenizing {rows['train']} train and {rows['eval']} eval examples" in run.stdout  # both splits, from the cache
+    assert "1 completed" in run.stdout, run.stdout
