@@ -34,13 +34,20 @@
 # made here once per session and carried as .whlq (link it as .whl on the host):
 #   mkdir -p .whlq/old/trainable && for f in .whl/*.whl; do case $f in *ray-*) ;; *) ln -f $f .whlq/;; esac; done
 #   cp .whlbnb/*.whl .whl/on-gpu .whl/hf_trainer_tuned.py .whlq/; echo /.whlq/ >> .git/info/exclude
-# Ready for the next session (fourteenth):
-#   call 1: STEPS "hfsmall hfmid hfcompile k8" with OLD_COMMIT bea51ec and .whl/old/ holding its
-#           trainable/{multi_lora,dropout,dropout_kernel}.py: HF's liger switch at 1-8, HF with
-#           torch_compile at 32 and 8 (issue 30 item 2), the one-node projection again, second this time;
-#   call 2 (background, collected by a third): STEPS "hfsmall hfmid sweepfair qlorafold": the 8-trial
-#           sweep against HF one at a time at its best liger switch (~1000 s), then the 12B QLoRA
-#           cohort of 4 without checkpointing in 4,096-token forwards (carry bitsandbytes: .whlq/).
+# The fourteenth session had no device time (205 s left of the budget: no machine could start).
+# Ready for the next session, one background run started by the first call and collected by the
+# next ones (each ~570 s), the most wanted first, ~25 min of device time in all:
+#   rm -rf /tmp/repo && cp -r . /tmp/repo && cd /tmp/repo && ln -sfn .whlq .whl && bash .whl/on-gpu setup \
+#   && bash .whl/on-gpu start 0 c30 bash -c 'for s in "hfmid hfcompile" qlorafold sweepfair k8; do
+#        bash bench/gpu_chain_30.sh /tmp/res COMMIT bea51ec "$s"; done' && bash .whl/on-gpu wait 560 $OUT; cp -r /tmp/res $OUT/
+#   hfmid:     HF's liger switch at micro-batches 4 and 8 (1-2: liger off, thirteenth session; sweepfair
+#              reads this call's figures, so unmeasured 1-2 count as liger off);
+#   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2);
+#   qlorafold: the 12B QLoRA cohort of 4 without checkpointing in 4,096-token forwards (needs .whlq's
+#              bitsandbytes);
+#   sweepfair: the 8-trial sweep against HF one at a time at its best liger switch (~11 min);
+#   k8:        the one-node projection (bea51ec, .whl/old/) again, second this time (its first
+#              comparison ran it first and it lost; it stays reverted unless it wins here too).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
