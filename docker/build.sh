@@ -45,8 +45,8 @@ human() { "$docker" image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", 
 
 # ---- room on the engine's disk ----------------------------------------------------------------
 # With the vfs storage driver (the one that runs anywhere, CI's) every layer is a full copy of the
-# image below it: rebuilding the GPU image after a code change took ~21 GB more at its peak (the
-# new layer, and BuildKit's snapshot of it) on top of what the images hold. A build that runs out
+# image below it: rebuilding the CPU and GPU images after a code change took 17.5 GiB more at its
+# peak (the new layers, and BuildKit's snapshots of them) on top of what the images hold (bench/BENCH.md). A build that runs out
 # of room leaves the disk full for everything else on the machine, so check first, and drop what
 # earlier builds left: our images no tag names any more (one a container used when its tag moved).
 vfs=0
@@ -58,7 +58,7 @@ need_gb=${LORA_SWEEP_DOCKER_NEED_GB:-$(( vfs ? 25 : 8 ))}
 root_dir="$("$docker" info -f '{{.DockerRootDir}}' 2>/dev/null || true)"
 free_gb="$(df -P -BG "$root_dir" 2>/dev/null | awk 'NR == 2 {sub("G", "", $4); print $4}' || true)"
 if [ -n "$free_gb" ] && [ "$free_gb" -lt "$need_gb" ]; then
-  echo "build.sh: $free_gb GB free on $root_dir (Docker's data), a build here needs about $need_gb GB" \
+  echo "build.sh: $free_gb GiB free on $root_dir (Docker's data), a build here needs about $need_gb GiB" \
        "(the vfs driver copies the whole image for every layer). Free some: docker builder prune -af," \
        "docker image prune, docker container prune; or set LORA_SWEEP_DOCKER_NEED_GB to build anyway." >&2
   exit 1
