@@ -8,8 +8,9 @@ with a safe loader: python tags are refused, never executed; duplicate keys are 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -179,6 +180,16 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> Non
             node = child
         else:
             node[keys[-1]] = value
+
+
+def yaml_scalar(value: str) -> str:
+    """`value` as an override's YAML text: as is where YAML reads it back unchanged, else quoted."""
+    try:
+        if parse_yaml(value, "path") == value:
+            return value
+    except ConfigError:
+        pass
+    return json.dumps(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,15 +377,21 @@ def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list
     what = "a local folder, a hub id (org/name)" + (f" or {' / '.join(TINY_MODELS)}" if kind == "model" else "")
     if kind == "data":
         what = f"a {'/'.join(DATA_SUFFIXES)} file or a hub dataset id (org/name)"
-    problems.append(f"{path}: {value!r} not found (looked for {candidate}); expected {what}")
+    where = "" if str(candidate) == value else f" (looked for {candidate})"  # an absolute path: once
+    problems.append(f"{path}: {value!r} not found{where}; expected {what}")
     return None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> SweepConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None, overrides_dir: str | Path | None = None,
+) -> SweepConfig:  # fmt: skip
     """Read, validate and resolve a space file; raise ConfigError listing every problem.
 
-    Relative paths resolve against the file's folder, or `base_dir` (for a copy of a space file
-    kept in a sweep folder, whose paths are relative to where the original was).
+    Relative paths in the file resolve against the file's folder, or `base_dir` (for a copy of a
+    space file kept in a sweep folder, whose paths are relative to where the original was). Relative
+    paths in `overrides` (the command line's key=value) resolve against the directory the command
+    runs in, as the shell completes them, or `overrides_dir`; the config keeps those overrides with
+    the paths made absolute (sweep.json records them so: `resume` reads the same files from anywhere).
     """
     source = Path(path)
     label = str(source)
@@ -390,8 +407,40 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), b
     if not isinstance(raw, dict):
         raise ConfigError(label, [f"the file holds {type(raw).__name__}; expected a mapping with keys: {', '.join(TOP_KEYS)}"])
     problems: list[str] = []
-    apply_overrides(raw, list(overrides), problems)
-    return _validate(raw, source.resolve(), text, tuple(overrides), problems, label, Path(base_dir).resolve() if base_dir else None)
+    anchored = anchor_overrides(overrides, Path(overrides_dir) if overrides_dir else Path.cwd())
+    apply_overrides(raw, anchored, problems)
+    cfg = _validate(raw, source.resolve(), text, tuple(anchored), problems, label, Path(base_dir).resolve() if base_dir else None)
+    written = [item.partition("=")[2] for item in overrides if item.partition("=")[0].strip() == "tracking.results_dir"]
+    if written:  # as the user wrote it (submit refuses a relative one: it would name a folder of the job's)
+        cfg = replace(cfg, results_dir_given=str(parse_yaml(written[-1], "tracking.results_dir")))
+    return cfg
+
+
+# Keys whose values are local paths (or, for sources, a hub id): given in an override, a relative
+# one resolves against the directory the command runs in, not the space file's folder.
+PATH_KEYS = ("model.id", "model.chat_template_from", "data.train", "data.eval", "tracking.results_dir", "search.warm_start")
+
+
+def anchor_overrides(overrides: list[str] | tuple[str, ...], cwd: Path) -> list[str]:
+    """`overrides` with each relative local path of a PATH_KEYS key made absolute against `cwd`.
+    A source (model, data) is a local path when it exists there or looks like one (starts with '.'
+    or '~', or has a data file's suffix); otherwise it is left as given: a hub id, or a tiny model's
+    name. Anything that does not parse is left for apply_overrides to report."""
+    anchored = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if sep and key.strip() in PATH_KEYS:
+            try:
+                value = parse_yaml(text, f"override {item!r}")
+            except ConfigError:
+                value = None
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and value not in TINY_MODELS:
+                local = key.strip() in ("tracking.results_dir", "search.warm_start") or (cwd / value).exists() \
+                    or value.startswith((".", "~")) or Path(value).suffix in DATA_SUFFIXES
+                if local:
+                    item = f"{key}={yaml_scalar(str((cwd / Path(value).expanduser()).resolve()))}"
+        anchored.append(item)
+    return anchored
 
 
 def _validate(raw: dict, source: Path, text: str, overrides: tuple[str, ...], problems: list[str], label: str, base: Path | None = None) -> SweepConfig:

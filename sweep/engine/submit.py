@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from sweep.config import TINY_MODELS, ConfigError, SweepConfig
+from sweep.config import TINY_MODELS, ConfigError, SweepConfig, yaml_scalar
 
 Write = Callable[[str], None]
 UPLOAD_LIMIT = 400 * 2**20  # Ray refuses working directories near 512 MiB; stay well below
@@ -75,9 +75,11 @@ def _value(cfg: SweepConfig, key: str) -> str | None:
     return getattr(getattr(cfg, section), name)
 
 
-def stage(cfg: SweepConfig, folder: Path) -> list[str]:
+def stage(cfg: SweepConfig, folder: Path, dest: Path) -> list[str]:
     """Copy the space file and the local sources it names into `folder`; the overrides that point
-    the job at the copies. Refuses (ConfigError) what is too large to travel."""
+    the job at the copies once `folder` is copied to `dest` (absolute: the job's run resolves a
+    relative override against its temporary working folder). Refuses (ConfigError) what is too
+    large to travel."""
     shutil.copy2(cfg.source, folder / "space.yaml")
     overrides, problems, total = [], [], 0
     for i, key in enumerate(SOURCES):
@@ -94,7 +96,7 @@ def stage(cfg: SweepConfig, folder: Path) -> list[str]:
         target = Path("inputs") / f"{i}-{source.name}"
         (folder / "inputs").mkdir(exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, folder / target)
-        overrides.append(f"{key}={target}")
+        overrides.append(f"{key}={yaml_scalar(str(dest / target))}")
     if problems:
         raise ConfigError(str(cfg.source), problems)
     return overrides
@@ -122,8 +124,8 @@ def submit(cfg: SweepConfig, address: str, write: Write = print) -> str:
     submission = _free_id(taken, (f"{cfg.name}-{stamp}" + (f"-{n}" if n > 1 else "") for n in range(1, 1000)))
     sweep_dir, inputs = results / submission, results / ".submitted" / submission
     with tempfile.TemporaryDirectory(prefix="lora-sweep-submit-") as tmp:
-        overrides = stage(cfg, Path(tmp))
-        run = ["python", "-m", "sweep", "run", str(inputs / "space.yaml"), *cfg.overrides, *overrides, f"tracking.results_dir={results}", "--sweep-dir", str(sweep_dir)]
+        overrides = stage(cfg, Path(tmp), inputs)
+        run = ["python", "-m", "sweep", "run", str(inputs / "space.yaml"), *cfg.overrides, *overrides, f"tracking.results_dir={yaml_scalar(str(results))}", "--sweep-dir", str(sweep_dir)]
         entrypoint = f"mkdir -p {shlex.quote(str(inputs))} && cp -R . {shlex.quote(str(inputs))}/ && exec {shlex.join(run)}"
         jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env={"working_dir": tmp},
                         metadata={"lora_sweep": "run", "sweep_dir": str(sweep_dir), "name": cfg.name})  # fmt: skip

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep.config import ConfigError, SweepConfig, load_config
+from sweep.config import ConfigError, SweepConfig, load_config, yaml_scalar
 
 META = "sweep.json"
 STOP = "STOP"
@@ -164,7 +164,7 @@ def load_sweep_config(folder: Path) -> SweepConfig:
     original = Path(meta["space_file"])
     # The results folder is where this sweep folder lies, whatever the current directory is now
     # (the default, ./sweeps, depends on where `run` was started).
-    overrides = [*meta.get("overrides", []), f"tracking.results_dir={folder.resolve().parent}"]
+    overrides = [*meta.get("overrides", []), f"tracking.results_dir={yaml_scalar(str(folder.resolve().parent))}"]
     # a store given as a relative sqlite path was made absolute against the directory `run` started
     # in (sweep.config): the recorded URL, not one resolved against today's directory. A sqlite file
     # in the folder or beside it (the default stores, or given there) follows the folder: read where
@@ -172,10 +172,12 @@ def load_sweep_config(folder: Path) -> SweepConfig:
     here, was = folder.resolve(), recorded_dir(folder, meta)
     defaults = {f"sqlite:///{here.parent / 'mlflow.db'}", f"sqlite:///{here / 'optuna.db'}"}
     pinned = {key: relocate(str(meta[key]), here, was) for key in ("mlflow_uri", "optuna_storage") if str(meta.get(key, "")).startswith("sqlite:////")}
-    overrides += [f"tracking.{key}={url}" for key, url in pinned.items() if url not in defaults]
+    overrides += [f"tracking.{key}={yaml_scalar(url)}" for key, url in pinned.items() if url not in defaults]
+    # The recorded overrides hold absolute paths (sweep.config.anchor_overrides); a sweep made before
+    # they did recorded relative ones, which were read against the space file's folder then.
     if original.is_file() and redact(original.read_text()) == (folder / "space.yaml").read_text():
-        return load_config(original, overrides)
-    return load_config(folder / "space.yaml", overrides, base_dir=original.parent)
+        return load_config(original, overrides, overrides_dir=original.parent)
+    return load_config(folder / "space.yaml", overrides, base_dir=original.parent, overrides_dir=original.parent)
 
 
 class SweepFolder:

@@ -331,3 +331,61 @@ def test_submit_needs_an_absolute_results_dir_as_written(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="tracking.results_dir: 'sweeps' is relative"):
         _check_results_dir(load_config(write_space(tmp_path, MINIMAL), ["tracking.results_dir=sweeps"]))
     _check_results_dir(load_config(write_space(tmp_path, MINIMAL), ["tracking.results_dir=/shared/sweeps"]))
+
+
+def test_paths_on_the_command_line_resolve_where_the_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """key=value paths resolve against the current directory (as the shell completes them); the
+    file's own paths against the file's folder; the config keeps the overrides with absolute paths."""
+    import shutil
+
+    project, here = tmp_path / "project", tmp_path / "here"
+    (project / "data").mkdir(parents=True)
+    (here / "data").mkdir(parents=True)
+    shutil.copy(DEMO_DATA / "train.jsonl", here / "data" / "mine.jsonl")
+    shutil.copy(DEMO_DATA / "train.jsonl", project / "data" / "theirs.jsonl")
+    space = write_space(project, MINIMAL.replace("train: DEMO/train.jsonl", "train: data/theirs.jsonl"))
+    monkeypatch.chdir(here)
+    cfg = load_config(space, ["tracking.results_dir=out", "data.eval=data/mine.jsonl", "model.id=tiny-gemma3", "search.num_trials=3"])
+    assert cfg.tracking.results_dir == str(here / "out")
+    assert cfg.data.eval == str(here / "data" / "mine.jsonl")
+    assert cfg.data.train == str(project / "data" / "theirs.jsonl")  # in the file: the file's folder
+    assert cfg.model.id == "tiny-gemma3" and cfg.num_trials == 3
+    assert cfg.overrides == (f"tracking.results_dir={here / 'out'}", f"data.eval={here / 'data' / 'mine.jsonl'}", "model.id=tiny-gemma3", "search.num_trials=3")
+    assert cfg.results_dir_given == "out"  # as written: submit refuses a relative one
+    # a path of the file's folder given on the command line is looked for here, and the error says where
+    with pytest.raises(ConfigError) as info:
+        load_config(space, ["data.train=data/theirs.jsonl"])
+    assert info.value.problems == [f"data.train: {str(here / 'data' / 'theirs.jsonl')!r} not found; expected a .jsonl/.json/.parquet file or a hub dataset id (org/name)"]
+    # a hub id stays a hub id; an odd directory name is quoted so that YAML reads it back
+    odd = tmp_path / "a: b #c"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    cfg = load_config(space, ["model.id=google/gemma-3-1b-pt", "tracking.results_dir=out"])
+    assert cfg.model.id == "google/gemma-3-1b-pt" and cfg.tracking.results_dir == str(odd / "out")
+
+
+def test_a_resumed_sweep_reads_its_overrides_paths_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sweep.json records the overrides with absolute paths; one recorded before that (relative,
+    read against the space file's folder then) is still read so."""
+    import json
+    import shutil
+
+    from sweep.folder import load_sweep_config
+
+    project, there, elsewhere = tmp_path / "project", tmp_path / "there", tmp_path / "elsewhere"
+    for folder in (project, there, elsewhere):
+        folder.mkdir()
+    shutil.copy(DEMO_DATA / "eval.jsonl", there / "e.jsonl")
+    shutil.copy(DEMO_DATA / "eval.jsonl", project / "e.jsonl")
+    space = write_space(project, MINIMAL)
+    monkeypatch.chdir(there)
+    cfg = load_config(space, ["data.eval=e.jsonl"])
+    for recorded, expected in ((list(cfg.overrides), there / "e.jsonl"), (["data.eval=e.jsonl"], project / "e.jsonl")):
+        folder = tmp_path / "results" / "t-1"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shutil.copy(space, folder / "space.yaml")
+        stores = {"mlflow_uri": f"sqlite:///{folder.parent / 'mlflow.db'}", "optuna_storage": f"sqlite:///{folder / 'optuna.db'}", "study_name": "t", "parent_run_id": "p"}
+        (folder / "sweep.json").write_text(json.dumps({"space_file": str(space), "overrides": recorded, **stores}))
+        monkeypatch.chdir(elsewhere)
+        assert load_sweep_config(folder).data.eval == str(expected)
