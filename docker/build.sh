@@ -46,9 +46,10 @@ human() { "$docker" image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", 
 # ---- room on the engine's disk ----------------------------------------------------------------
 # With the vfs storage driver (the one that runs anywhere, CI's) every layer is a full copy of the
 # image below it: rebuilding the CPU and GPU images after a code change took 17.5 GiB more at its
-# peak (the new layers, and BuildKit's snapshots of them) on top of what the images hold (bench/BENCH.md). A build that runs out
-# of room leaves the disk full for everything else on the machine, so check first, and drop what
-# earlier builds left: our images no tag names any more (one a container used when its tag moved).
+# peak (the new layers, and BuildKit's snapshots of them) on top of what the images hold
+# (bench/BENCH.md). A build that runs out of room leaves the disk full for everything else on the
+# machine, so check first, and drop what earlier builds left: our images no tag names any more (one
+# a container used when its tag moved).
 vfs=0
 [ "$("$docker" info -f '{{.Driver}}' 2>/dev/null)" = vfs ] && vfs=1
 for title in "lora-sweep (CPU)" "lora-sweep (GPU)"; do

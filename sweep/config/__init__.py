@@ -358,6 +358,12 @@ class SweepConfig:
         return out
 
 
+def _looks_local(value: str) -> bool:
+    """A path, not a hub id, even where nothing is there: it starts with '.', '/' or '~', or has a
+    data file's suffix."""
+    return value.startswith((".", "/", "~")) or Path(value).suffix in DATA_SUFFIXES
+
+
 def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list[str]) -> str | None:
     """A local path (made absolute, relative to the space file) or a hub id; else a problem."""
     if kind == "model" and value in TINY_MODELS:
@@ -371,8 +377,7 @@ def _resolve_source(value: str, base: Path, path: str, kind: str, problems: list
             problems.append(f"{path}: {candidate} is a folder; expected a {'/'.join(DATA_SUFFIXES)} file or a hub dataset id")
             return None
         return str(candidate)
-    looks_local = value.startswith((".", "/", "~")) or Path(value).suffix in DATA_SUFFIXES
-    if _HUB_ID.match(value) and not looks_local:
+    if _HUB_ID.match(value) and not _looks_local(value):
         return value
     what = "a local folder, a hub id (org/name)" + (f" or {' / '.join(TINY_MODELS)}" if kind == "model" else "")
     if kind == "data":
@@ -423,8 +428,8 @@ PATH_KEYS = ("model.id", "model.chat_template_from", "data.train", "data.eval", 
 
 def anchor_overrides(overrides: list[str] | tuple[str, ...], cwd: Path) -> list[str]:
     """`overrides` with each relative local path of a PATH_KEYS key made absolute against `cwd`.
-    A source (model, data) is a local path when it exists there or looks like one (starts with '.'
-    or '~', or has a data file's suffix); otherwise it is left as given: a hub id, or a tiny model's
+    A source (model, data) is a local path when it exists there or looks like one (_looks_local);
+    otherwise it is left as given: a hub id, or a tiny model's
     name. Anything that does not parse is left for apply_overrides to report."""
     anchored = []
     for item in overrides:
@@ -435,8 +440,7 @@ def anchor_overrides(overrides: list[str] | tuple[str, ...], cwd: Path) -> list[
             except ConfigError:
                 value = None
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and value not in TINY_MODELS:
-                local = key.strip() in ("tracking.results_dir", "search.warm_start") or (cwd / value).exists() \
-                    or value.startswith((".", "~")) or Path(value).suffix in DATA_SUFFIXES
+                local = key.strip() in ("tracking.results_dir", "search.warm_start") or (cwd / value).exists() or _looks_local(value)
                 if local:
                     item = f"{key}={yaml_scalar(str((cwd / Path(value).expanduser()).resolve()))}"
         anchored.append(item)
