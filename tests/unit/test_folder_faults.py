@@ -2,8 +2,8 @@
 command says which file is wrong and what is wrong (exit 2, never a traceback), the commands that
 only read never write, and run, status, list, best, report and estimate count the same trials.
 
-The finished sweep is built by hand (sweep.json, an Optuna study and an MLflow store with a parent
-run and its trials), as tests/unit/test_morning_after.py does: three trials ran (t000, t001
+The finished sweep is tests/finished_sweep.py's (sweep.json, an Optuna study and an MLflow store with a
+parent run and its trials, built by hand): three trials ran (t000, t001
 completed, t002 pruned); the study also holds what `run` leaves besides them: a proposal still
 waiting in the queue for a worker when the sweep ended (closed stopped), an entry asked but never
 sampled, and two start-up points still queued (WAITING)."""
@@ -21,61 +21,29 @@ from pathlib import Path
 
 import pytest
 
-from core.contract import ATTR_WORKER, EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
+from core.contract import ATTR_WORKER, STATUS, TrialStatus
 from sweep.cli import main
 from sweep.config import load_config
+from tests.finished_sweep import build_finished_sweep
 from tests.conftest import MINIMAL, write_space
 
-LOSSES = {0: (TrialStatus.COMPLETED, 2.5), 1: (TrialStatus.COMPLETED, 1.75), 2: (TrialStatus.PRUNED, 3.0)}
 RAN = {"completed": 2, "pruned": 1}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import optuna
-    from mlflow import MlflowClient
 
-    from sweep.engine.study import DefineByRun
-
-    base = tmp_path_factory.mktemp("faults")
-    space = write_space(base, MINIMAL)
-    cfg = load_config(space)
-    results = base / "sweeps"
-    folder = results / "t-20260101-000000"
-    folder.mkdir(parents=True)
-    (folder / "space.yaml").write_text(space.read_text())
-    storage, mlflow_uri = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{results / 'mlflow.db'}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="t", storage=storage, direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
-    client = MlflowClient(mlflow_uri)
-    experiment = client.create_experiment("t", artifact_location=(results / "artifacts").as_uri())
-    parent = client.create_run(experiment, run_name=folder.name).info.run_id
-    define = DefineByRun(cfg.space, cfg.fixed_hyperparams)
-    for number, (status, loss) in LOSSES.items():
-        trial = study.ask()
-        define(trial)
-        trial.set_user_attr(STATUS, str(status))
-        trial.set_user_attr(ATTR_WORKER, "w0")  # taken by a worker, as every trial that ran
-        run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: str(status)}).info.run_id
-        client.log_metric(run, EVAL_LOSS, loss)
-        client.log_metric(run, PEAK_VRAM_GB, 1.0 + number)
-        client.set_terminated(run)
-        if status == TrialStatus.COMPLETED:
-            study.tell(trial, loss)
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    sweep = build_finished_sweep(tmp_path_factory.mktemp("faults"), concurrency=2, elapsed_seconds=60.0)
+    study = sweep.study
     queued = study.ask()  # proposed for a worker of another method, still in the queue when the sweep ended: closed, never run
-    define(queued)
+    sweep.define(queued)
     queued.set_user_attr(STATUS, str(TrialStatus.STOPPED))
     study.tell(queued, state=optuna.trial.TrialState.PRUNED)
     study.ask()  # asked, never sampled (its driver died in between): RUNNING without params
     study.enqueue_trial({"lora_r": 4})  # start-up points the sweep never reached: WAITING
     study.enqueue_trial({"lora_r": 8})
-    meta = {"name": "t", "space_file": str(space), "overrides": [], "mlflow_uri": mlflow_uri, "experiment": "t", "experiment_id": experiment,
-            "parent_run_id": parent, "optuna_storage": storage, "study_name": "t", "metric": EVAL_LOSS, "num_trials": 3, "concurrency": 2,
-            "started": "2026-01-01T00:00:00", "elapsed_seconds": 60.0, "state": "finished"}  # fmt: skip
-    (folder / "sweep.json").write_text(json.dumps(meta))
-    return folder
+    return sweep.folder
 
 
 @pytest.fixture()

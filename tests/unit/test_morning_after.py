@@ -1,8 +1,8 @@
 """The morning-after commands without friction: the MLflow runs-table link, `--json` on status /
 best / estimate / validate, `list`, named study objectives, `--version`, `--help`, the console script.
 
-The finished sweep is built by hand (sweep.json, an Optuna study and an MLflow store with a parent
-run and its trials), not run: milliseconds, not minutes."""
+The finished sweep is tests/finished_sweep.py's (sweep.json, an Optuna study and an MLflow store with a
+parent run and its trials), built by hand, not run: milliseconds, not minutes."""
 
 from __future__ import annotations
 
@@ -16,60 +16,29 @@ import sys
 import tomllib
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from core.contract import ATTR_WORKER, EVAL_LOSS, PEAK_VRAM_GB, STATUS, TrialStatus
+from core.contract import EVAL_LOSS, PEAK_VRAM_GB
 from sweep.cli import main
 from sweep.config import load_config
+from tests.finished_sweep import build_finished_sweep
 from tests.conftest import MINIMAL, ROOT, write_space
 
-LOSSES = {0: (TrialStatus.COMPLETED, 2.5), 1: (TrialStatus.COMPLETED, 1.75), 2: (TrialStatus.PRUNED, 3.0)}
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(a finished sweep's folder, its MLflow experiment id): three trials, t001 the best; written
     before the scheduled learning rate's metric was renamed `lr` (it is `learning_rate` here)."""
-    import optuna
-    from mlflow import MlflowClient
 
-    from sweep.engine.study import DefineByRun
-
-    base = tmp_path_factory.mktemp("morning")
-    space = write_space(base, MINIMAL)
-    cfg = load_config(space)
-    results = base / "sweeps"
-    folder = results / "t-20260101-000000"
-    folder.mkdir(parents=True)
-    (folder / "space.yaml").write_text(space.read_text())
-    storage, mlflow_uri = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{results / 'mlflow.db'}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="t", storage=storage, direction="minimize", sampler=optuna.samplers.RandomSampler(seed=0))
-    client = MlflowClient(mlflow_uri)
-    experiment = client.create_experiment("t", artifact_location=(results / "artifacts").as_uri())  # `report` logs there, not in ./mlruns
-    parent = client.create_run(experiment, run_name=folder.name).info.run_id
-    define = DefineByRun(cfg.space, cfg.fixed_hyperparams)
-    for number, (status, loss) in LOSSES.items():
-        trial = study.ask()
-        define(trial)
-        trial.set_user_attr(STATUS, str(status))
-        trial.set_user_attr(ATTR_WORKER, "w0")  # taken by a worker, as every trial that ran
-        run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "trial": f"t{number:03d}", STATUS: str(status)}).info.run_id
-        client.log_metric(run, EVAL_LOSS, loss)
-        client.log_metric(run, PEAK_VRAM_GB, 1.0 + number)
+    def old_rate_metric(client: Any, run: str) -> None:
         for step, rate in ((1, 2e-4), (2, 3.6e-6)):  # written before the rename: the scheduled rate under the param's name
             client.log_metric(run, "learning_rate", rate, step=step)
-        client.set_terminated(run)
-        if status == TrialStatus.COMPLETED:
-            study.tell(trial, loss)
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    meta = {"name": "t", "space_file": str(space), "overrides": [], "mlflow_uri": mlflow_uri, "experiment": "t", "experiment_id": experiment,
-            "parent_run_id": parent, "optuna_storage": storage, "study_name": "t", "metric": EVAL_LOSS, "num_trials": 3, "concurrency": 1,
-            "started": "2026-01-01T00:00:00", "elapsed_seconds": 754.0, "state": "finished"}  # fmt: skip
-    (folder / "sweep.json").write_text(json.dumps(meta))
-    return folder, experiment
+
+    sweep = build_finished_sweep(tmp_path_factory.mktemp("morning"), concurrency=1, elapsed_seconds=754.0, log_more=old_rate_metric)
+    return sweep.folder, sweep.experiment
 
 
 def runs_link(experiment: str, folder: Path) -> str:
