@@ -35,19 +35,21 @@
 #   mkdir -p .whlq/old/trainable && for f in .whl/*.whl; do case $f in *ray-*) ;; *) ln -f $f .whlq/;; esac; done
 #   cp .whlbnb/*.whl .whl/on-gpu .whl/hf_trainer_tuned.py .whlq/; echo /.whlq/ >> .git/info/exclude
 # The fourteenth session had no device time (205 s left of the budget: no machine could start).
-# Ready for the next session, one background run started by the first call and collected by the
-# next ones (each ~570 s), the most wanted first, ~25 min of device time in all:
-#   rm -rf /tmp/repo && cp -r . /tmp/repo && cd /tmp/repo && ln -sfn .whlq .whl && bash .whl/on-gpu setup \
-#   && bash .whl/on-gpu start 0 c30 bash -c 'for s in "hfmid hfcompile" qlorafold sweepfair k8; do
-#        bash bench/gpu_chain_30.sh /tmp/res COMMIT bea51ec "$s"; done' && bash .whl/on-gpu wait 560 $OUT; cp -r /tmp/res $OUT/
-#   hfmid:     HF's liger switch at micro-batches 4 and 8 (1-2: liger off, thirteenth session; sweepfair
-#              reads this call's figures, so unmeasured 1-2 count as liger off);
-#   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2);
-#   qlorafold: the 12B QLoRA cohort of 4 without checkpointing in 4,096-token forwards (needs .whlq's
-#              bitsandbytes);
-#   sweepfair: the 8-trial sweep against HF one at a time at its best liger switch (~11 min);
+# Fifteenth session (one call, commit 6d64543, .whlq carried): hfcompile and hfmid ran (bench/BENCH.md);
+# sweepfair did not (.whlq has no ray: it now skips with that message), qlorafold and k8 were not
+# reached (the device budget: seven starts found no machine first).
+# Ready for the next session: sweepfair first (HF's liger from micro-batch 8: hf_serial.LIGER_FROM,
+# measured), with ray, i.e. .whl carried (~11 min, one background run, collected by the next call):
+#   rm -rf /tmp/repo && cp -r . /tmp/repo && cd /tmp/repo && bash .whl/on-gpu setup \
+#   && bash .whl/on-gpu start 0 c30 bash bench/gpu_chain_30.sh /tmp/res COMMIT bea51ec sweepfair \
+#   && bash .whl/on-gpu wait 540 $OUT; cp -r /tmp/res $OUT/          # next call: cd /tmp/repo && bash .whl/on-gpu wait 540 $OUT; cp -r /tmp/res $OUT/
+# then, with .whlq carried (bitsandbytes) and linked as .whl:
+#   qlorafold: the 12B QLoRA cohort of 4 without checkpointing in 4,096-token forwards;
 #   k8:        the one-node projection (bea51ec, .whl/old/) again, second this time (its first
 #              comparison ran it first and it lost; it stays reverted unless it wins here too).
+# Steps of the fourteenth session's plan that ran in the fifteenth:
+#   hfmid:     HF's liger switch at micro-batches 4 and 8;
+#   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
 set -u
 out=${1:?a folder for the results}
 commit=${2:?the commit of this tree}
@@ -103,7 +105,11 @@ if [[ " $steps " == *" hfcompile "* ]]; then
 fi
 if [[ " $steps " == *" sweepfair "* ]]; then
   # the 8-trial sweep against HF Trainer one at a time at its best liger switch per micro-batch: the
-  # smallest of 1, 2, 4, 8 from which liger was faster in hfsmall/hfmid (this call's figures)
+  # smallest of 1, 2, 4, 8 from which liger was faster in this run's hfsmall/hfmid figures, else
+  # bench/hf_serial.py's LIGER_FROM (measured: 8). Ray must be carried (.whl, not .whlq).
+  if ! python3 -c "import ray" 2>/dev/null; then
+    echo "sweepfair: skipped: ray is not importable (carry .whl, the staged wheels with ray, not .whlq)"
+  else
   from=$(python3 - "$out" <<'PY'
 import json, sys
 def tps(mb, liger):
@@ -111,12 +117,14 @@ def tps(mb, liger):
         return json.load(open(f"{sys.argv[1]}/hf-mb{mb}-liger{liger}/baseline.json"))[-1]["tokens_per_s"]
     except (OSError, ValueError, IndexError, KeyError):
         return None
-wins = [mb for mb in (1, 2, 4, 8) if tps(mb, 1) and tps(mb, 0) and tps(mb, 1) >= tps(mb, 0)]
-print(min(wins) if wins else 16)
+measured = [mb for mb in (1, 2, 4, 8) if tps(mb, 1) and tps(mb, 0)]
+wins = [mb for mb in measured if tps(mb, 1) >= tps(mb, 0)]
+print(min(wins) if wins else (16 if measured else ""))
 PY
 )
-  step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch $from"
-  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf --hf-liger-from "$from" --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
+  step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch ${from:-LIGER_FROM}"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf ${from:+--hf-liger-from "$from"} --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
+  fi
 fi
 if [[ $steps == *sweep* && " $steps " != *" sweepfair "* ]]; then
   step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time, our engine one at a time"
