@@ -110,7 +110,7 @@ if [[ " $steps " == *" sweepfair "* ]]; then
   if ! python3 -c "import ray" 2>/dev/null; then
     echo "sweepfair: skipped: ray is not importable (carry .whl, the staged wheels with ray, not .whlq)"
   else
-  from=$(python3 - "$out" <<'PY'
+    from=$(python3 - "$out" <<'PY'
 import json, sys
 def tps(mb, liger):
     try:
@@ -122,8 +122,8 @@ wins = [mb for mb in measured if tps(mb, 1) >= tps(mb, 0)]
 print(min(wins) if wins else (16 if measured else ""))
 PY
 )
-  step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch ${from:-LIGER_FROM}"
-  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf ${from:+--hf-liger-from "$from"} --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
+    step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch ${from:-LIGER_FROM}"
+    LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf ${from:+--hf-liger-from "$from"} --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
   fi
 fi
 if [[ $steps == *sweep* && " $steps " != *" sweepfair "* ]]; then

@@ -24,8 +24,8 @@ import pytest
 from core.contract import ATTR_WORKER, STATUS, TrialStatus
 from sweep.cli import main
 from sweep.config import load_config
-from tests.finished_sweep import build_finished_sweep
 from tests.conftest import MINIMAL, write_space
+from tests.finished_sweep import build_finished_sweep
 
 RAN = {"completed": 2, "pruned": 1}
 

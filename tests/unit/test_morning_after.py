@@ -23,8 +23,8 @@ import pytest
 from core.contract import EVAL_LOSS, PEAK_VRAM_GB
 from sweep.cli import main
 from sweep.config import load_config
-from tests.finished_sweep import build_finished_sweep
 from tests.conftest import MINIMAL, ROOT, write_space
+from tests.finished_sweep import build_finished_sweep
 
 
 
