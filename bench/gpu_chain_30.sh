@@ -47,6 +47,9 @@
 #   qlorafold: the 12B QLoRA cohort of 4 without checkpointing in 4,096-token forwards;
 #   k8:        the one-node projection (bea51ec, .whl/old/) again, second this time (its first
 #              comparison ran it first and it lost; it stays reverted unless it wins here too).
+# Sixteenth session: STEPS "sweepfair qlorafold" in one background run, .whl carried by the first call
+# and .whlq by the second, which installs bitsandbytes into /tmp/site while sweepfair runs:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
@@ -148,6 +151,8 @@ fi
 if [[ " $steps " == *" qlorafold "* ]]; then
   # a member's micro-batches folded into forwards of at most 4,096 tokens, so that passes of 4,096
   # tokens fit an 80 GB card without checkpointing (8,192 did not: out of memory, thirteenth session)
+  # bitsandbytes may come with a later call (the 64 MiB carry holds ray or it, not both): wait for it
+  for _ in $(seq 60); do python3 -c "import bitsandbytes" 2>/dev/null && break; sleep 5; done
   step "12B QLoRA cohort of 4 without checkpointing, forwards and passes <= 4096 tokens"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --fold-tokens 4096 --pass-tokens 4096 --members packing --no-serial --compile --profile --budget 360 --workdir $W --out "$out/cohort-12b-k4-fold4096.json" 2>&1 | quiet 8
 fi
