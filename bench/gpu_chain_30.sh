@@ -50,6 +50,8 @@
 # Sixteenth session: STEPS "sweepfair qlorafold" in one background run, .whl carried by the first call
 # and .whlq by the second, which installs bitsandbytes into /tmp/site while sweepfair runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
+# (Ten starts found no machine; with 704 s of device time left, sweepfair ran with SWEEP_STEPS=40 in
+# one call: 40-step trials, so that both modes fit the budget.)
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
@@ -125,8 +127,8 @@ wins = [mb for mb in measured if tps(mb, 1) >= tps(mb, 0)]
 print(min(wins) if wins else (16 if measured else ""))
 PY
 )
-    step "8 trials x 60 steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch ${from:-LIGER_FROM}"
-    LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf ${from:+--hf-liger-from "$from"} --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
+    step "8 trials x ${SWEEP_STEPS:-60} steps: default sweep, HF Trainer tuned one at a time with liger from micro-batch ${from:-LIGER_FROM}"
+    LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps "${SWEEP_STEPS:-60}" --modes default,hf ${from:+--hf-liger-from "$from"} --budget 1000 --workdir $W --out "$out/pack-1b-fair.json" 2>&1 | quiet 30
   fi
 fi
 if [[ $steps == *sweep* && " $steps " != *" sweepfair "* ]]; then
