@@ -50,8 +50,8 @@
 # Sixteenth session: STEPS "sweepfair qlorafold" in one background run, .whl carried by the first call
 # and .whlq by the second, which installs bitsandbytes into /tmp/site while sweepfair runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
-# (Eleven starts found no machine; with 599 s of device time left, sweepfair ran with SWEEP_STEPS=30 in
-# one call: 30-step trials, so that both modes fit the budget.)
+# (Twelve starts found no machine; with 509 s of device time left, sweepfair ran with SWEEP_STEPS=20 in
+# one call: 20-step trials, so that both modes fit the budget.)
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
