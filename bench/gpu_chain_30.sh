@@ -47,11 +47,12 @@
 #   qlorafold: the 12B QLoRA cohort of 4 without checkpointing in 4,096-token forwards;
 #   k8:        the one-node projection (bea51ec, .whl/old/) again, second this time (its first
 #              comparison ran it first and it lost; it stays reverted unless it wins here too).
-# Sixteenth session: STEPS "sweepfair qlorafold" in one background run, .whl carried by the first call
-# and .whlq by the second, which installs bitsandbytes into /tmp/site while sweepfair runs:
+# Sixteenth session: no device time used for a measurement: fourteen starts (00:52-02:09) found no
+# machine, ~90 s each, until too little of the budget was left for the sweep. SWEEP_STEPS (default 60)
+# sets sweepfair's steps a trial, for a budget too short for 60; the measurement wanted is at 60.
+# The plan, unchanged for the next session: STEPS "sweepfair qlorafold" in one background run, .whl
+# carried by the first call and .whlq by the second, which installs bitsandbytes while sweepfair runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
-# (Twelve starts found no machine; with 509 s of device time left, sweepfair ran with SWEEP_STEPS=20 in
-# one call: 20-step trials, so that both modes fit the budget.)
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
