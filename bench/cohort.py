@@ -139,6 +139,7 @@ class Bench:
         self.cohort = Cohort(job["model_dir"], job["data_dir"], base, max_seq_len=SEQ, **fold)
         self.load_seconds = time.perf_counter() - started
         self.base_bytes = torch.cuda.memory_allocated() if self.cuda else 0
+        self.warmup_seconds: list[float] = []
 
     def sync(self) -> None:
         if self.cuda:
@@ -171,10 +172,15 @@ class Bench:
 
     def run(self) -> tuple[list[float], dict[int, tuple[int, int, int]]]:
         """--warmup untimed micro-steps, then --timed ones, each timed from a sync to a sync.
-        Returns the timed micro-steps' seconds and each member's (tokens, loss tokens, steps) in them."""
+        Returns the timed micro-steps' seconds and each member's (tokens, loss tokens, steps) in them.
+        The warm-up micro-steps' seconds (compiled layers compile in them) are kept in
+        `warmup_seconds`: a compiled run's against an eager one's is the compile's cost."""
+        self.warmup_seconds = []
         for _ in range(self.job["warmup"]):
+            tick = time.perf_counter()
             self.cohort.step()
-        self.sync()
+            self.sync()
+            self.warmup_seconds.append(time.perf_counter() - tick)
         before = {s: (m.tokens, m.loss_tokens, m.step) for s, m in self.cohort.members.items()}
         times = []
         for _ in range(self.job["timed"]):
@@ -265,6 +271,7 @@ def cohort_run(bench: Bench, what: dict, members: list[tuple[int, Any]], profile
         timed_seconds=seconds,
         micro_step_seconds=seconds / len(times),
         micro_step_seconds_all=[round(t, 4) for t in times],
+        warmup_seconds_all=[round(t, 4) for t in bench.warmup_seconds],
         mfu=mfu(what["size"], tokens / seconds, bench.lm_head_fraction(tokens, loss_tokens), bench.cuda),
         **peaks,
         peak_vram_gb_per_row=(peaks["peak_vram_gb"] - what["base_vram_gb"]) / row["rows_per_micro_step"] if bench.cuda else None,

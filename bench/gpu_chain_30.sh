@@ -50,9 +50,12 @@
 # Sixteenth session: no device time used for a measurement: fourteen starts (00:52-02:09) found no
 # machine, ~90 s each, until too little of the budget was left for the sweep. SWEEP_STEPS (default 60)
 # sets sweepfair's steps a trial, for a budget too short for 60; the measurement wanted is at 60.
-# The plan, unchanged for the next session: STEPS "sweepfair qlorafold" in one background run, .whl
-# carried by the first call and .whlq by the second, which installs bitsandbytes while sweepfair runs:
+# The plan for the next session: STEPS "sweepfair compilepay qlorafold" in one background run (they
+# run in that order), .whl carried by the first call and .whlq by the second, which installs
+# bitsandbytes (qlorafold waits for it) while sweepfair runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
+#   compilepay: the 8-member cohort eager and compiled, warm-ups timed: the compile's cost over the
+#              step's gain, for core.rules.COMPILE_PAYS_AFTER_S (set from the audited, wrong gains).
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
@@ -150,6 +153,23 @@ if [[ " $steps " == *" qlorapass "* ]]; then
     step "12B QLoRA cohort of 4 without checkpointing, passes <= $pass tokens"
     LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --pass-tokens $pass --members packing --no-serial --compile --profile --budget 300 --workdir $W --out "$out/cohort-12b-k4-pass$pass.json" 2>&1 | quiet 8
   done
+fi
+if [[ " $steps " == *" compilepay "* ]]; then
+  # core.rules.COMPILE_PAYS_AFTER_S from counted figures: the 8-member cohort eager, then compiled,
+  # the same passes; the compile's cost is the compiled warm-up's seconds over the eager one's
+  step "cohort of 8, eager, passes <= 24,576 tokens, 6 warm-up micro-steps timed"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py ${K8/--compile /} --out "$out/cohort-1b-k8-eager.json" 2>&1 | quiet 4
+  step "cohort of 8, compiled, the same"
+  LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py $K8 --out "$out/cohort-1b-k8-compiled.json" 2>&1 | quiet 4
+  python3 - "$out" <<'PY'
+import json, sys
+rows = {c: json.load(open(f"{sys.argv[1]}/cohort-1b-k8-{c}.json"))["results"][0] for c in ("eager", "compiled")}
+e, c = rows["eager"], rows["compiled"]
+extra = sum(c["warmup_seconds_all"]) - sum(e["warmup_seconds_all"])
+gain = 1 - c["micro_step_seconds"] / e["micro_step_seconds"]
+pays = f"pays after {extra / gain:.0f} s of eager training" if gain > 0 else "never pays"
+print(f"compile: +{extra:.1f} s of warm-up; micro-step {e['micro_step_seconds']:.3f} s eager, {c['micro_step_seconds']:.3f} s compiled ({gain:+.1%}); {pays}")
+PY
 fi
 if [[ " $steps " == *" qlorafold "* ]]; then
   # a member's micro-batches folded into forwards of at most 4,096 tokens, so that passes of 4,096

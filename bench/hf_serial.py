@@ -15,9 +15,9 @@ no gradient checkpointing (retried once with it when a trial runs out of memory,
 On a CPU (the dry run): fp32, adamw_torch, no liger (liger-kernel's kernels need CUDA).
 
 Compile is off: a 10-60-step trial would pay its compile again in every trial (each one a fresh
-model), and a user gets torch_compile only when they ask for it. Measured (bench/BENCH.md, issue 30,
-fifteenth session): torch_compile=True took ~107 s more from start to end than without at 8x4 for
-+7.3% per step after it, and at 32x1 was 2% slower per step.
+model), and a user gets torch_compile only when they ask for it. The measurement behind it (its
+compile time against its gain per step, at 8x4 and 32x1): bench/BENCH.md, "HF Trainer tuned with
+torch_compile, and its liger switch at micro-batches 4 and 8 (issue 30)".
 
 Same data, same tokens as ours: the demo chat data prepared by our pipeline (trainable/data.py
 `prepare` with the model's tokenizer, max_seq_len --seq, packed rows with position_ids restarting
@@ -94,12 +94,11 @@ class Counter:
         return sum(t for t, _ in done), sum(n for _, n in done)
 
 
-# HF Trainer tuned turns liger on from this micro-batch (seq 1024, Gemma 3 1B, one H100; bench/BENCH.md,
-# issue 30): without it, micro-batches 1, 2 and 4 ran 1.50x, 1.46x (thirteenth session) and 1.59x
-# (fifteenth) faster (liger's own chunk sizing makes ~128 chunks of 8 tokens a forward at that
-# vocabulary); at 8 the two ran level (liger 26,560 tok/s, without 26,394) and liger held 19.5 GiB
-# against 48.5; at 32 liger is the faster (the issue's anchor). The twelfth session's run had liger
-# everywhere (1).
+# HF Trainer tuned turns liger on from this micro-batch (seq 1024, Gemma 3 1B, one H100): below it,
+# liger's own chunk sizing makes ~128 chunks of 8 tokens a forward at Gemma's vocabulary and the
+# step is faster without liger; from 8 up liger is as fast or faster and holds far less memory.
+# Measured at 1, 2, 4, 8 and 32: bench/BENCH.md, issue 30's sections of the thirteenth and
+# fifteenth sessions. The twelfth session's sweep had liger at every micro-batch (1).
 LIGER_FROM = 8
 
 

@@ -45,6 +45,8 @@ def test_cohort_bench_compares_a_cohort_with_its_members_one_at_a_time_on_the_sa
         assert len(cohort["members"]) == len(serial["members"]) == cohort["k"]
         assert compare["same_tokens"] and cohort["tokens"] == serial["tokens"]
         assert compare["step_ratio"] == pytest.approx(cohort["timed_seconds"] / serial["timed_seconds"])
+        # each warm-up micro-step timed (a compiled run's against an eager one's: the compile's cost)
+        assert len(cohort["warmup_seconds_all"]) == cohort["warmup_micro_steps"] and min(cohort["warmup_seconds_all"]) > 0
 
 
 def test_step_profile_times_a_cohort_of_one(tmp_path: Path) -> None:
