@@ -50,12 +50,12 @@
 # Sixteenth session: no device time used for a measurement: fourteen starts (00:52-02:09) found no
 # machine, ~90 s each, until too little of the budget was left for the sweep. SWEEP_STEPS (default 60)
 # sets sweepfair's steps a trial, for a budget too short for 60; the measurement wanted is at 60.
+# New step: compilepay: the 8-member cohort eager and compiled, warm-ups timed: the compile's cost
+#   over the step's gain, for core.rules.COMPILE_PAYS_AFTER_S (set from the audited, wrong gains).
 # The plan for the next session: STEPS "sweepfair compilepay qlorafold" in one background run (they
 # run in that order), .whl carried by the first call and .whlq by the second, which installs
 # bitsandbytes (qlorafold waits for it) while sweepfair runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
-#   compilepay: the 8-member cohort eager and compiled, warm-ups timed: the compile's cost over the
-#              step's gain, for core.rules.COMPILE_PAYS_AFTER_S (set from the audited, wrong gains).
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
@@ -156,7 +156,8 @@ if [[ " $steps " == *" qlorapass "* ]]; then
 fi
 if [[ " $steps " == *" compilepay "* ]]; then
   # core.rules.COMPILE_PAYS_AFTER_S from counted figures: the 8-member cohort eager, then compiled,
-  # the same passes; the compile's cost is the compiled warm-up's seconds over the eager one's
+  # the same passes; the compile's cost is the compiled warm-up's seconds over the eager one's (net of
+  # what the warm-up's compiled steps already gained), paid back by the gain of every step after it
   step "cohort of 8, eager, passes <= 24,576 tokens, 6 warm-up micro-steps timed"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py ${K8/--compile /} --out "$out/cohort-1b-k8-eager.json" 2>&1 | quiet 4
   step "cohort of 8, compiled, the same"
