@@ -56,6 +56,14 @@
 # run in that order), .whl carried by the first call and .whlq by the second, which installs
 # bitsandbytes (qlorafold waits for it) while sweepfair runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whlq/bitsandbytes-*.whl
+# Seventeenth session: no machine again: fourteen starts (04:01-05:14, H100 and H200) found none, ~90 s
+# each, until too little of the budget was left to start one. The plan stands. The first call's form
+# that brings back whatever finished if the device budget cuts the call (packing.py writes its JSON
+# after each mode; the loop copies it into $OUT every 15 s):
+#   rm -rf /tmp/repo && cp -r . /tmp/repo && cd /tmp/repo && bash .whl/on-gpu setup \
+#   && bash .whl/on-gpu start 0 c30 bash bench/gpu_chain_30.sh /tmp/res COMMIT bea51ec "sweepfair compilepay qlorafold" \
+#   && (while sleep 15; do mkdir -p $OUT/res $OUT/runs; cp -r /tmp/res/. $OUT/res/; cp /tmp/runs/*.log $OUT/runs/; done 2>/dev/null) & \
+#   sleep 5; cd /tmp/repo && bash .whl/on-gpu wait 520 $OUT; mkdir -p $OUT/res; cp -r /tmp/res/. $OUT/res/
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).
