@@ -589,3 +589,19 @@ def tune_cohort_worker(config: dict[str, Any], base: BaseSpec, source: MemberSou
     spec = WorkerSpec(base=base, method=config.get("method", base.train.method), capacity=capacity, worker=worker, budget=budget)
     counts = run_worker(spec, source, emit)
     tune.report({STEP: reports[0] + 1, STATUS: TrialStatus.COMPLETED, "events": [], "members": counts})
+
+
+def bound_tune_worker(base: BaseSpec, source: MemberSource, capacity: int, budget: Any = None) -> Callable[[dict[str, Any]], None]:
+    """tune_cohort_worker with its arguments bound, the trainable a sweep gives Ray Tune. The
+    arguments travel inside the trainable (pickled into Tune's registry in the GCS), not as
+    tune.with_parameters' objects in Ray's object store: objects the driver owns there are lost
+    with the local raylet, and the driver's attempt to mark them lost writes to a store that is
+    gone, which ends the driver at once with status 1 (Ray's core worker: "The connection to the
+    plasma store is failed. Terminate the process"), before it can record the sweep's stop. That
+    is what a signal to the driver's process group, or the raylet killed alone, did (CI saw it)."""
+
+    def worker(config: dict[str, Any]) -> None:
+        tune_cohort_worker(config, base, source, capacity, budget)
+
+    worker.__name__ = "tune_cohort_worker"  # Tune names the trials after it, as before
+    return worker

@@ -714,7 +714,7 @@ class Sweep:
         """What each worker runs and the resources it asks Ray for: the one place both are chosen."""
         from ray import tune
 
-        from trainable.cohort_worker import BaseSpec, tune_cohort_worker
+        from trainable.cohort_worker import BaseSpec, bound_tune_worker
 
         cfg, plan = self.cfg, self.plan
         base = BaseSpec(
@@ -733,7 +733,8 @@ class Sweep:
             gpu_bytes=int(plan.device_bytes) if plan.device_bytes is not None else None,
             stop_file=self.stop.path,  # the worker reads the file itself: it checkpoints its members before stopping
         )
-        worker = tune.with_parameters(tune_cohort_worker, base=base, source=self.source, capacity=self.plan.capacity, budget=self.plan.budget)
+        # bound into the trainable, not tune.with_parameters: objects the driver puts in Ray's object store end it with its raylet (bound_tune_worker)
+        worker = bound_tune_worker(base, self.source, self.plan.capacity, self.plan.budget)
         return tune.with_resources(worker, {"cpu": plan.cpus, "gpu": plan.gpus})
 
     def make_tuner(self) -> Any:

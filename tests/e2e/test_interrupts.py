@@ -20,6 +20,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from sweep.engine.raywatch import servers_of
 from sweep.engine.reaper import ray_processes
 from tests.conftest import MINIMAL, write_space
 from tests.e2e.conftest import mlflow_runs
@@ -147,8 +148,10 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
     continues it, as `timeout` or a scheduler sends it, which takes the local Ray's GCS and raylet
     down with the driver (exit 143 within seconds, saying so: it waited a minute for the GCS, then
     exited 1 with the sweep `running`); SIGTERM to the next `resume`'s driver alone (exit 143);
-    then a `resume` that finishes it."""
-    steps = 24
+    the next `resume`'s raylet killed alone (exit 1 within seconds, saying so, the sweep recorded
+    stopped: it exited 1 at once, silently, with the sweep `running`, when tune.with_parameters
+    had put objects of the driver in the raylet's object store); then a `resume` that finishes it."""
+    steps = 30
     driver = Command(tmp_path, "run", str(space(tmp_path, 2, steps)))
     sweep_dir = driver.sweep_dir()
     assert driver.wait_for(r"t000 step\s+3/"), driver.text()[-3000:]  # a trial has reported
@@ -169,6 +172,15 @@ def test_sigint_and_sigterm_stop_the_sweep_resumably_and_resume_finishes_it(tmp_
     assert again.wait_for(r"t000 step"), again.text()[-3000:]
     os.kill(again.proc.pid, signal.SIGTERM)
     check_interrupted(again, sweep_dir, 143, may_finish=True)
+
+    lone = Command(tmp_path, "resume", str(sweep_dir))
+    assert lone.wait_for(r"t000 step"), lone.text()[-3000:]
+    (raylet,) = [pid for pid, (name, _) in servers_of(lone.proc.pid).items() if name == "raylet"]
+    signalled = time.monotonic()
+    os.kill(raylet, signal.SIGTERM)  # the trials' workers end with it (their owner's node is gone)
+    check_interrupted(lone, sweep_dir, 1, may_finish=True)
+    assert time.monotonic() - signalled < 20
+    assert "Ray's own processes ended (raylet: killed, or out of memory?)" in lone.text(), lone.text()[-3000:]
 
     final = Command(tmp_path, "resume", str(sweep_dir))
     assert final.end(400) == 0, final.text()[-3000:]
