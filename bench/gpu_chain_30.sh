@@ -188,4 +188,14 @@ if [[ " $steps " == *" qlorafold "* ]]; then
   step "12B QLoRA cohort of 4 without checkpointing, forwards and passes <= 4096 tokens"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --fold-tokens 4096 --pass-tokens 4096 --members packing --no-serial --compile --profile --budget 360 --workdir $W --out "$out/cohort-12b-k4-fold4096.json" 2>&1 | quiet 8
 fi
+if [[ " $steps " == *" swcompile "* ]]; then
+  # core.rules.COMPILE_PAYS_AFTER_S in a real sweep: the 8 trials' default sweep (eager: each worker
+  # trains ~90 s at EAGER_TRAIN_FLOPS, under the old 300 s) beside the same with train.compile: true
+  # (what the new threshold picks for it), same call. Ray may come with a later call: wait for it.
+  for _ in $(seq 90); do python3 -c "import ray" 2>/dev/null && break; sleep 5; done
+  for c in eager compiled; do
+    step "8 trials x ${SWEEP_STEPS:-60} steps: our default sweep, $c layers"
+    LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps "${SWEEP_STEPS:-60}" --modes default $([[ $c == compiled ]] && echo --compile) --budget 600 --workdir $W --out "$out/pack-1b-$c.json" 2>&1 | quiet 12
+  done
+fi
 step "done"
