@@ -64,6 +64,11 @@
 #   && bash .whl/on-gpu start 0 c30 bash bench/gpu_chain_30.sh /tmp/res COMMIT bea51ec "sweepfair compilepay qlorafold" \
 #   && (while sleep 15; do mkdir -p $OUT/res $OUT/runs; cp -r /tmp/res/. $OUT/res/; cp /tmp/runs/*.log $OUT/runs/; done 2>/dev/null) & \
 #   sleep 5; cd /tmp/repo && bash .whl/on-gpu wait 520 $OUT; mkdir -p $OUT/res; cp -r /tmp/res/. $OUT/res/
+# Nineteenth session (bench/BENCH.md, its section): host 1 ran "sweepfair compilepay qlorafold" (the
+# first call carried .whl without bitsandbytes: ray, bitsandbytes and the tree together pass the
+# 64 MiB carry; the second carried bitsandbytes alone), host 2 "12b qlorafold swcompile" (the first
+# call carried the wheels without ray but with bitsandbytes, the second ray's wheel alone).
+# swcompile: the default sweep eager, then compiled, to test COMPILE_PAYS_AFTER_S in a real sweep.
 # Steps of the fourteenth session's plan that ran in the fifteenth:
 #   hfmid:     HF's liger switch at micro-batches 4 and 8;
 #   hfcompile: HF Trainer tuned with torch_compile at mb 32 and 8 beside the same without (issue 30 item 2).

@@ -133,11 +133,12 @@ def tpe_startup_trials(requested: int | None, num_trials: int) -> int:
 
 # train.compile: auto. Compiling a worker's decoder layers costs a fixed time once and makes every
 # later cohort step faster: it repays itself once a worker trains for about COMPILE_PAYS_AFTER_S
-# seconds (the compile time over the step's gain). The compile times and gains it was set from:
-# bench/BENCH.md, "Two GPUs uncut, compiled cohorts, the fast rows side by side (issues 16, 17)";
-# the issue 30 audit there found those gains counted wrongly. The rerun that is to set it again from
-# counted figures (the compiled warm-up's seconds over the eager one's, the step's gain): bench/
-# gpu_chain_30.sh's `compilepay` step (ready, not yet run on a GPU: bench/BENCH.md "Not yet run").
+# seconds (the compile's cost over the step's gain), as EAGER_TRAIN_FLOPS estimates the training.
+# Set from counted figures in a real sweep, where the compile cost more than in a static cohort
+# (not profiled; a sweep's evals run other shapes through the compiled layers): bench/BENCH.md, "The 8-trial sweep against HF
+# Trainer at its best switches, what the compile costs in a sweep, ...", "What a compile costs".
+# A static cohort's cost alone (bench/gpu_chain_30.sh's `compilepay`) would set it lower and
+# compile sweeps that lose by it (measured there).
 COMPILE_PAYS_AFTER_S = 300.0
 # the rate a worker's eager step is taken to reach, to estimate how long it trains: a quarter of
 # the dense bf16 peak of an H100 / H200. The eager cohort steps measured so far reached less
