@@ -85,6 +85,8 @@ K8="--sizes 1b --rows 8:0.05:off --members packing --no-serial --compile --warmu
 MB32="ours: mb 32x1, sdpa, ckpt off, torch fused AdamW, emb frozen, LoRA bf16, liger loss, compiled layers"
 step() { echo "== $(date +%T) $*"; }
 quiet() { grep -v "Saving\|Map\|it/s\]\|examples/s" | tail -n "$1"; }
+# a package a later call may carry (the 64 MiB carry holds ray or bitsandbytes, not both): wait up to $2 x 5 s for it
+wait_import() { for _ in $(seq "$2"); do python3 -c "import $1" 2>/dev/null && return; sleep 5; done; }
 
 if [[ $steps == *test* ]]; then
   step "the GPU tests (the dropout kernel against its reference, the trials on CUDA, LoRA and QLoRA)"
@@ -153,7 +155,7 @@ if [[ $steps == *sweep* && " $steps " != *" sweepfair "* ]]; then
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps 60 --modes default,hf,serial --budget 1100 --workdir $W --out "$out/pack-1b.json" 2>&1 | quiet 30
 fi
 if [[ $steps == *12b* ]]; then
-  for _ in $(seq 60); do python3 -c "import bitsandbytes" 2>/dev/null && break; sleep 5; done
+  wait_import bitsandbytes 60
   step "12B QLoRA cohort of 4"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:auto --members packing --no-serial --compile --profile --budget 420 --workdir $W --out "$out/cohort-12b-k4.json" 2>&1 | quiet 8
 fi
@@ -189,15 +191,15 @@ if [[ " $steps " == *" qlorafold "* ]]; then
   # a member's micro-batches folded into forwards of at most 4,096 tokens, so that passes of 4,096
   # tokens fit an 80 GB card without checkpointing (8,192 did not: out of memory, thirteenth session)
   # bitsandbytes may come with a later call (the 64 MiB carry holds ray or it, not both): wait for it
-  for _ in $(seq 60); do python3 -c "import bitsandbytes" 2>/dev/null && break; sleep 5; done
+  wait_import bitsandbytes 60
   step "12B QLoRA cohort of 4 without checkpointing, forwards and passes <= 4096 tokens"
   LORA_SWEEP_GIT_COMMIT=$commit python3 bench/cohort.py --sizes 12b --rows 4:0.05:off --fold-tokens 4096 --pass-tokens 4096 --members packing --no-serial --compile --profile --budget 360 --workdir $W --out "$out/cohort-12b-k4-fold4096.json" 2>&1 | quiet 8
 fi
 if [[ " $steps " == *" swcompile "* ]]; then
   # core.rules.COMPILE_PAYS_AFTER_S in a real sweep: the 8 trials' default sweep (eager: each worker
-  # trains ~90 s at EAGER_TRAIN_FLOPS, under the old 300 s) beside the same with train.compile: true
-  # (what the new threshold picks for it), same call. Ray may come with a later call: wait for it.
-  for _ in $(seq 90); do python3 -c "import ray" 2>/dev/null && break; sleep 5; done
+  # trains ~66 s at EAGER_TRAIN_FLOPS, under 300 s) beside the same with train.compile: true (what
+  # compilepay's static-cohort threshold would pick for it), same call.
+  wait_import ray 90
   for c in eager compiled; do
     step "8 trials x ${SWEEP_STEPS:-60} steps: our default sweep, $c layers"
     LORA_SWEEP_GIT_COMMIT=$commit python3 bench/packing.py --size 1b --trials 8 --steps "${SWEEP_STEPS:-60}" --modes default $([[ $c == compiled ]] && echo --compile) --budget 600 --workdir $W --out "$out/pack-1b-$c.json" 2>&1 | quiet 12

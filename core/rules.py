@@ -135,8 +135,9 @@ def tpe_startup_trials(requested: int | None, num_trials: int) -> int:
 # later cohort step faster: it repays itself once a worker trains for about COMPILE_PAYS_AFTER_S
 # seconds (the compile's cost over the step's gain), as EAGER_TRAIN_FLOPS estimates the training.
 # Set from counted figures in a real sweep, where the compile cost more than in a static cohort
-# (not profiled; a sweep's evals run other shapes through the compiled layers): bench/BENCH.md, "The 8-trial sweep against HF
-# Trainer at its best switches, what the compile costs in a sweep, ...", "What a compile costs".
+# (not profiled; a sweep's evals run other shapes through the compiled layers): bench/BENCH.md,
+# "The 8-trial sweep against HF Trainer at its best switches, what the compile costs in a sweep,
+# ...", "What a compile costs".
 # A static cohort's cost alone (bench/gpu_chain_30.sh's `compilepay`) would set it lower and
 # compile sweeps that lose by it (measured there).
 COMPILE_PAYS_AFTER_S = 300.0
